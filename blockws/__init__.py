@@ -1,0 +1,83 @@
+"""blockws: a WebSocket client for threads, scripts and game loops.
+
+Background threads do the I/O; your callbacks run when you call
+``ws.update()`` (once per frame in a game), or you use the blocking helpers::
+
+    import blockws
+
+    with blockws.connect("wss://example.com/ws") as ws:
+        ws.send("hello")
+        print(ws.receive(timeout=5))
+
+See :class:`WebSocket` for options and README.md for the design.
+"""
+
+from __future__ import annotations
+
+from .buffers import BufferPool, BufferSegment
+from .exceptions import (
+    BlockwsError,
+    CloseTimeout,
+    ConnectError,
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    ConnectionLost,
+    HandshakeError,
+    HeadersTooLarge,
+    InvalidHeader,
+    InvalidPayload,
+    InvalidState,
+    InvalidStatus,
+    InvalidURL,
+    MessageTooBig,
+    NegotiationError,
+    OpenTimeout,
+    PingTimeout,
+    ProtocolError,
+    SegmentReleasedTwice,
+    TLSError,
+    TransportError,
+)
+from .extensions import Extension
+from .handshake import Headers, Request
+from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .websocket import WebSocket, connect, update_all, wait
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "WebSocket",
+    "connect",
+    "update_all",
+    "wait",
+    "BufferPool",
+    "BufferSegment",
+    "Extension",
+    "Headers",
+    "Request",
+    "DEFAULT_MAX_FRAGMENT_SIZE",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "BlockwsError",
+    "CloseTimeout",
+    "ConnectError",
+    "ConnectionClosed",
+    "ConnectionClosedError",
+    "ConnectionClosedOK",
+    "ConnectionLost",
+    "HandshakeError",
+    "HeadersTooLarge",
+    "InvalidHeader",
+    "InvalidPayload",
+    "InvalidState",
+    "InvalidStatus",
+    "InvalidURL",
+    "MessageTooBig",
+    "NegotiationError",
+    "OpenTimeout",
+    "PingTimeout",
+    "ProtocolError",
+    "SegmentReleasedTwice",
+    "TLSError",
+    "TransportError",
+]

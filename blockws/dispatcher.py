@@ -1,0 +1,114 @@
+"""Marshalling callbacks onto the thread that calls ``update()``.
+
+Background threads never call user code. They :meth:`Dispatcher.post`
+``(function, argument)`` pairs onto a socket's dispatcher, and
+:meth:`Dispatcher.run` -- behind ``ws.update()`` -- calls them on the calling
+thread, in the order they were posted, never two at once.
+
+Costs were the design constraint: a game calls ``update()`` every frame, so
+with nothing pending it is one method call and an empty-deque test.
+Posting is a ``deque.append`` (atomic under the GIL) plus a notify only when
+a thread is actually waiting in :meth:`Dispatcher.wait` or in the global
+:func:`wait`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Tuple
+
+__all__ = ["Dispatcher", "wait"]
+
+Item = Tuple[Callable[[Any], None], Any]
+
+# Global wake-up for blockws.wait(): any post on any dispatcher notifies it.
+_global_cond = threading.Condition(threading.Lock())
+_global_waiters = 0
+
+
+class Dispatcher:
+    """A FIFO of pending callbacks, run by whichever thread calls :meth:`run`."""
+
+    __slots__ = ("pending", "_cond", "_waiters", "_run_lock", "_running_in")
+
+    def __init__(self) -> None:
+        self.pending: Deque[Item] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiters = 0
+        self._run_lock = threading.Lock()
+        self._running_in: int | None = None
+
+    def post(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Queue ``fn(arg)``; thread-safe, never blocks on the consumer."""
+        self.pending.append((fn, arg))
+        # A waiter registers itself before checking `pending`, so reading the
+        # counters after the append cannot miss one (see wait()).
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+        if _global_waiters:
+            with _global_cond:
+                _global_cond.notify_all()
+
+    def run(self) -> int:
+        """Run every pending callback on this thread; returns how many ran.
+
+        A callback that raises stops the run: the exception propagates to the
+        caller, and the callbacks after it stay queued for the next call. A
+        call from inside a callback (re-entrant) returns 0 at once; a call
+        from another thread waits for the running one to finish.
+        """
+        pending = self.pending
+        if not pending:
+            return 0
+        me = threading.get_ident()
+        if self._running_in == me:
+            return 0
+        with self._run_lock:
+            self._running_in = me
+            count = 0
+            try:
+                while pending:
+                    fn, arg = pending.popleft()
+                    count += 1
+                    fn(arg)
+            finally:
+                self._running_in = None
+            return count
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a callback is pending or ``timeout`` passes; True if pending."""
+        if self.pending:
+            return True
+        with self._cond:
+            self._waiters += 1
+            try:
+                if self.pending:
+                    return True
+                self._cond.wait(timeout)
+            finally:
+                self._waiters -= 1
+        return bool(self.pending)
+
+
+def wait(dispatchers: Callable[[], list[Dispatcher]], timeout: float | None = None) -> bool:
+    """Block until any dispatcher returned by ``dispatchers()`` has work."""
+    global _global_waiters
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with _global_cond:
+        _global_waiters += 1
+        try:
+            while True:
+                if any(d.pending for d in dispatchers()):
+                    return True
+                if deadline is None:
+                    _global_cond.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    _global_cond.wait(left)
+        finally:
+            _global_waiters -= 1

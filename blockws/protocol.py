@@ -1,0 +1,589 @@
+"""The sans-I/O WebSocket protocol (RFC 6455 sections 5-7), for either role.
+
+No sockets, threads or clocks live here: bytes go in through
+:meth:`Protocol.receive_data` and come out as events; messages go in through
+the ``encode_*`` methods and come out as bytes for the caller to write.
+
+State rules (RFC 6455 section 7), kept in one table, :data:`TRANSITIONS`::
+
+    OPEN ──send close──▶ CLOSE_SENT ──receive close──▶ CLOSED
+      │                                                  ▲
+      └──receive close──▶ CLOSE_RECEIVED ──send close────┘
+
+* "We sent close" and "they sent close" are separate states. Receiving a
+  close in ``OPEN`` queues the reply in :meth:`data_to_send` at once, so the
+  state passes through ``CLOSE_RECEIVED`` to ``CLOSED`` within one call
+  unless the caller asked to reply itself (``auto_close_reply=False``).
+* *Failing* the connection (a protocol error from the peer) queues a close
+  frame with the error's code, moves to ``CLOSE_SENT`` (or ``CLOSED``),
+  stops parsing, and reports a :class:`Failure` event after the events that
+  came before the bad bytes. Checks run as early as the bytes allow: RSV
+  bits, opcodes and lengths when the header arrives, UTF-8 as each chunk of a
+  text frame arrives, so a bad message fails before its end is received.
+* Data frames received after a close frame are discarded.
+
+Threading contract (the caller's, since there are no locks here):
+:meth:`receive_data` runs on one thread (the reader), :meth:`encode_data`
+may run concurrently on another (the writer) because it reads only
+configuration and the extensions' sending state, and every call that changes
+the close state (``encode_close``, ``receive_data``, ``data_to_send``) is
+serialized by the caller.
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+from typing import Callable, Sequence, Union
+
+from .exceptions import InvalidPayload, InvalidState, MessageTooBig, ProtocolError
+from .extensions import Extension
+from .frames import (
+    CLOSE_NO_STATUS,
+    FIN,
+    RSV1,
+    RSV2,
+    RSV3,
+    MaskKeys,
+    Opcode,
+    apply_mask,
+    encode_header,
+    pack_close,
+    parse_close,
+)
+
+__all__ = [
+    "Role",
+    "State",
+    "TRANSITIONS",
+    "Protocol",
+    "Event",
+    "TextMessage",
+    "BinaryMessage",
+    "Ping",
+    "Pong",
+    "CloseReceived",
+    "Failure",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_FRAGMENT_SIZE",
+]
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+#: Default bound on one incoming message, in bytes (16 MiB). A larger message
+#: fails the connection with 1009 as soon as a frame header announces it.
+#: Large enough for game assets and snapshots, small enough that a hostile
+#: server cannot make a client allocate without limit.
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: Default size above which outgoing messages are split into frames.
+DEFAULT_MAX_FRAGMENT_SIZE = 32768
+
+
+class Role(enum.Enum):
+    CLIENT = "client"  # masks what it sends, requires unmasked frames
+    SERVER = "server"  # sends unmasked frames, requires masked frames
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    CLOSE_SENT = "close_sent"
+    CLOSE_RECEIVED = "close_received"
+    CLOSED = "closed"
+
+
+#: ``(state, what happened) -> next state``; anything missing is not allowed.
+TRANSITIONS: dict[tuple[State, str], State] = {
+    (State.OPEN, "send_close"): State.CLOSE_SENT,
+    (State.OPEN, "receive_close"): State.CLOSE_RECEIVED,
+    (State.CLOSE_SENT, "receive_close"): State.CLOSED,
+    (State.CLOSE_RECEIVED, "send_close"): State.CLOSED,
+}
+
+
+# -- events -------------------------------------------------------------------
+
+
+class Event:
+    """Base class of what :meth:`Protocol.receive_data` reports."""
+
+    __slots__ = ()
+
+
+class TextMessage(Event):
+    """A whole text message, decoded."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"TextMessage({self.text[:40]!r}{'...' if len(self.text) > 40 else ''})"
+
+
+class BinaryMessage(Event):
+    """A whole binary message: the first ``length`` bytes of ``data``.
+
+    ``data`` came from the protocol's ``allocate`` function, so it may be
+    pooled memory larger than the message.
+    """
+
+    __slots__ = ("data", "length")
+
+    def __init__(self, data: bytearray, length: int) -> None:
+        self.data = data
+        self.length = length
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.data[: self.length])
+
+    def __repr__(self) -> str:
+        return f"BinaryMessage(<{self.length} bytes>)"
+
+
+class Ping(Event):
+    """A ping arrived; the pong is already queued in ``data_to_send``."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+class Pong(Event):
+    """A pong arrived."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+class CloseReceived(Event):
+    """The peer sent a close frame: ``code`` is 1005 when it carried none."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"CloseReceived({self.code}, {self.reason!r})"
+
+
+class Failure(Event):
+    """The peer broke the protocol; a close with ``error.close_code`` is queued."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ProtocolError) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Failure({self.error!r})"
+
+
+# -- the protocol ---------------------------------------------------------------
+
+_RSV_ALL = RSV1 | RSV2 | RSV3
+_HEADER, _PAYLOAD, _DONE = 0, 1, 2
+_new_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def _default_allocate(size: int) -> bytearray:
+    return bytearray(size)
+
+
+class Protocol:
+    """One WebSocket connection's protocol state, after the opening handshake.
+
+    ``max_message_size`` bounds incoming messages (``None`` for no bound).
+    ``extensions`` are the negotiated ones, in the order of the server's
+    answer. ``allocate(n)`` returns a bytearray of at least ``n`` bytes for an
+    incoming binary message (a buffer pool plugs in here). ``mask_keys``
+    supplies 4-byte masking keys (tests pass a fixed one).
+    """
+
+    def __init__(
+        self,
+        role: Role = Role.CLIENT,
+        *,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        max_fragment_size: int = DEFAULT_MAX_FRAGMENT_SIZE,
+        extensions: Sequence[Extension] = (),
+        allocate: Callable[[int], bytearray] | None = None,
+        mask_keys: Callable[[], bytes] | None = None,
+        auto_close_reply: bool = True,
+    ) -> None:
+        self.role = role
+        self.state = State.OPEN
+        self.max_message_size = max_message_size
+        self.max_fragment_size = max_fragment_size
+        self.extensions = list(extensions)
+        self.auto_close_reply = auto_close_reply
+        #: The close the peer sent, once it arrived: ``(code, reason)``.
+        self.close_received: tuple[int, str] | None = None
+        #: The close this side sent or queued: ``(code or None, reason)``.
+        self.close_sent: tuple[int | None, str] | None = None
+        #: The error that failed the connection, if one did.
+        self.failure: ProtocolError | None = None
+
+        self._allocate = allocate or _default_allocate
+        self._mask_keys = (mask_keys or MaskKeys()) if role is Role.CLIENT else None
+        # Client receives unmasked frames; server requires masked ones.
+        self._expect_mask = 0x80 if role is Role.SERVER else 0
+        self._allowed_rsv = 0
+        for ext in self.extensions:
+            self._allowed_rsv |= ext.rsv_bits
+        self._outgoing: list[bytes] = []
+
+        # Receive state: unconsumed bytes, the frame being read, the message.
+        self._buf = b""
+        self._phase = _HEADER
+        self._f_opcode = 0
+        self._f_fin = False
+        self._f_remaining = 0
+        self._f_key: bytes | None = None
+        self._f_key_pos = 0
+        self._control = b""
+        self._m_opcode = 0  # 0: no data message in progress
+        self._m_buf: bytearray | None = None
+        self._m_len = 0
+        self._m_text: list[str] = []
+        self._m_decoder: codecs.IncrementalDecoder | None = None
+        self._m_ext: list[Extension] = []
+
+    # -- state ------------------------------------------------------------------
+
+    def _transition(self, what: str) -> None:
+        try:
+            self.state = TRANSITIONS[(self.state, what)]
+        except KeyError:
+            raise InvalidState(f"cannot {what.replace('_', ' ')} in state {self.state.value}") from None
+
+    def data_to_send(self) -> list[bytes]:
+        """Frames the protocol produced itself (pongs, close replies); drains them."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    # -- sending ------------------------------------------------------------------
+
+    def encode_data(self, opcode: int, payload: BytesLike, *, compress: bool = True) -> list[bytes]:
+        """Frames for one data message (``Opcode.TEXT`` or ``Opcode.BINARY``).
+
+        Runs the extensions' ``encode`` (unless ``compress`` is False), then
+        splits the result into frames of at most ``max_fragment_size`` bytes
+        of payload, masking each in the client role. Does not check the state:
+        the caller stops sending data once it has sent a close.
+        """
+        rsv = 0
+        if compress and self.extensions:
+            data = bytes(payload)
+            for ext in self.extensions:
+                data, bits = ext.encode(opcode, data)
+                rsv |= bits
+            payload = data
+        size = len(payload)
+        limit = self.max_fragment_size
+        keys = self._mask_keys
+        if size <= limit:
+            key = keys() if keys is not None else None
+            header = encode_header(FIN | rsv | opcode, size, key)
+            if key is None:
+                return [header, bytes(payload)]
+            return [header + apply_mask(payload, key)]
+        frames: list[bytes] = []
+        view = memoryview(payload)
+        first = opcode | rsv
+        for start in range(0, size, limit):
+            chunk = view[start : start + limit]
+            fin = FIN if start + limit >= size else 0
+            key = keys() if keys is not None else None
+            header = encode_header(fin | first, len(chunk), key)
+            if key is None:
+                frames.append(header)
+                frames.append(bytes(chunk))
+            else:
+                frames.append(header + apply_mask(chunk, key))
+            first = Opcode.CONT
+        return frames
+
+    def encode_control(self, opcode: int, payload: BytesLike = b"") -> bytes:
+        """A ping or pong frame; the payload is at most 125 bytes."""
+        if opcode not in (Opcode.PING, Opcode.PONG):
+            raise ValueError("encode_control takes Opcode.PING or Opcode.PONG")
+        if len(payload) > 125:
+            raise ValueError("control frame payload longer than 125 bytes")
+        return self._frame(opcode, payload)
+
+    def encode_close(self, code: int | None = 1000, reason: str = "") -> bytes:
+        """The close frame to send, and the move to ``CLOSE_SENT``/``CLOSED``.
+
+        Raises ``ValueError`` for a code or reason RFC 6455 forbids, and
+        ``InvalidState`` when a close was already sent.
+        """
+        payload = pack_close(code, reason)
+        self._transition("send_close")
+        self.close_sent = (code, reason)
+        return self._frame(Opcode.CLOSE, payload)
+
+    def _frame(self, opcode: int, payload: BytesLike) -> bytes:
+        key = self._mask_keys() if self._mask_keys is not None else None
+        header = encode_header(FIN | opcode, len(payload), key)
+        if key is None:
+            return header + bytes(payload)
+        return header + apply_mask(payload, key)
+
+    # -- receiving ------------------------------------------------------------------
+
+    def receive_data(self, data: BytesLike) -> list[Event]:
+        """Feed bytes from the peer; returns the events they complete, in order.
+
+        After a :class:`Failure` or once both closes are exchanged, further
+        data is ignored.
+        """
+        events: list[Event] = []
+        if self._phase == _DONE or not data:
+            return events
+        buf = self._buf + data if self._buf else bytes(data)
+        try:
+            pos = self._parse(buf, events)
+        except ProtocolError as exc:
+            self._fail(exc, events)
+            self._buf = b""
+            return events
+        self._buf = buf[pos:] if pos < len(buf) else b""
+        return events
+
+    def fail(self, error: ProtocolError) -> list[Event]:
+        """Fail the connection because of ``error`` found outside the parser."""
+        events: list[Event] = []
+        self._fail(error, events)
+        return events
+
+    def _fail(self, exc: ProtocolError, events: list[Event]) -> None:
+        self.failure = exc
+        self._phase = _DONE
+        self._m_buf = None
+        self._m_text = []
+        if self.state in (State.OPEN, State.CLOSE_RECEIVED):
+            self._outgoing.append(self.encode_close(exc.close_code, ""))
+        events.append(Failure(exc))
+
+    def _parse(self, buf: bytes, events: list[Event]) -> int:
+        """Consume frames from ``buf``; returns how many bytes were used."""
+        pos = 0
+        end = len(buf)
+        while pos < end:
+            if self._phase == _HEADER:
+                hdr = self._read_header(buf, pos, end)
+                if hdr < 0:
+                    break
+                pos = hdr
+                if end - pos >= self._f_remaining:
+                    # The whole payload is here: the common, fast case.
+                    n = self._f_remaining
+                    self._f_remaining = 0
+                    self._frame_data(buf[pos : pos + n], events, True)
+                    pos += n
+                    continue
+                self._phase = _PAYLOAD
+            if self._phase == _PAYLOAD:
+                n = min(self._f_remaining, end - pos)
+                if self._f_opcode >= 8 and n < self._f_remaining:
+                    break  # control frames are handled whole (at most 125 bytes)
+                self._f_remaining -= n
+                self._frame_data(buf[pos : pos + n], events, self._f_remaining == 0)
+                pos += n
+                if self._f_remaining == 0:
+                    self._phase = _HEADER
+            if self._phase == _DONE:
+                return end
+        return pos
+
+    def _read_header(self, buf: bytes, pos: int, end: int) -> int:
+        """Parse and check a header at ``pos``; returns its end, or -1 if incomplete."""
+        if end - pos < 2:
+            return -1
+        b0 = buf[pos]
+        b1 = buf[pos + 1]
+        opcode = b0 & 0x0F
+        fin = b0 & FIN
+        rsv = b0 & _RSV_ALL
+        # Checks that need only the first two bytes come first: fail fast.
+        if opcode > 2:
+            if opcode < 8 or opcode > 10:
+                raise ProtocolError(f"reserved opcode {opcode:#x}")
+            if not fin:
+                raise ProtocolError("fragmented control frame")
+            if rsv:
+                raise ProtocolError("RSV bits set on a control frame")
+        elif opcode == 0:
+            if not self._m_opcode:
+                raise ProtocolError("continuation frame with no message to continue")
+        elif self._m_opcode:
+            raise ProtocolError("new data frame while a fragmented message is in progress")
+        if rsv and (rsv & ~self._allowed_rsv):
+            raise ProtocolError(f"RSV bits {rsv >> 4:#05b} set without an extension that uses them")
+        if (b1 & 0x80) != self._expect_mask:
+            if self._expect_mask:
+                raise ProtocolError("unmasked frame from a client")
+            raise ProtocolError("masked frame from a server")
+        length = b1 & 0x7F
+        p = pos + 2
+        if length >= 126:
+            if opcode >= 8:
+                raise ProtocolError("control frame payload longer than 125 bytes")
+            if length == 126:
+                if end - p < 2:
+                    return -1
+                length = (buf[p] << 8) | buf[p + 1]
+                p += 2
+            else:
+                if end - p < 8:
+                    return -1
+                length = int.from_bytes(buf[p : p + 8], "big")
+                if length >> 63:
+                    raise ProtocolError("64-bit payload length has its top bit set")
+                p += 8
+        if self._expect_mask:
+            if end - p < 4:
+                return -1
+            self._f_key = buf[p : p + 4]
+            self._f_key_pos = 0
+            p += 4
+        else:
+            self._f_key = None
+        self._f_opcode = opcode
+        self._f_fin = bool(fin)
+        self._f_remaining = length
+        if opcode < 8:
+            self._start_data_frame(opcode, rsv, length)
+        else:
+            self._control = b""
+        return p
+
+    def _start_data_frame(self, opcode: int, rsv: int, length: int) -> None:
+        if opcode:  # first frame of a message
+            self._m_opcode = opcode
+            self._m_len = 0
+            self._m_ext = (
+                [e for e in self.extensions if e.begin_message(opcode, rsv)] if self.extensions else []
+            )
+            if rsv and not self._m_ext:
+                raise ProtocolError("RSV bits set but no extension claimed the message")
+            if opcode == Opcode.TEXT:
+                self._m_decoder = None
+                self._m_text = []
+            else:
+                self._m_buf = None
+        elif rsv:
+            raise ProtocolError("RSV bits set on a continuation frame")
+        limit = self.max_message_size
+        if not self._m_ext and limit is not None and self._m_len + length > limit:
+            raise MessageTooBig(
+                f"message of at least {self._m_len + length} bytes exceeds max_message_size={limit}"
+            )
+
+    def _frame_data(self, chunk: bytes, events: list[Event], frame_end: bool) -> None:
+        """Handle a chunk of the current frame's payload (the whole rest if ``frame_end``)."""
+        if self._f_key is not None and chunk:
+            # Unmask in the server role, continuing the key where the last chunk ended.
+            k = self._f_key_pos
+            key = self._f_key[k:] + self._f_key[:k]
+            self._f_key_pos = (k + len(chunk)) & 3
+            chunk = apply_mask(chunk, key)
+        opcode = self._f_opcode
+        if opcode >= 8:
+            self._control_frame(opcode, chunk, events)
+            return
+        message_end = frame_end and self._f_fin
+        if self.state is State.CLOSE_RECEIVED or self.state is State.CLOSED:
+            if message_end:
+                self._m_opcode = 0
+            return  # data after the peer's close is discarded (RFC 6455 5.5.1)
+        if self._m_ext:
+            limit = self.max_message_size
+            room = (limit - self._m_len) if limit is not None else 1 << 62
+            for ext in reversed(self._m_ext):
+                chunk = ext.decode(chunk, message_end, room)
+            if limit is not None and self._m_len + len(chunk) > limit:
+                raise MessageTooBig(f"decoded message exceeds max_message_size={limit}")
+        if self._m_opcode == Opcode.TEXT:
+            self._text_data(chunk, message_end, events)
+        else:
+            self._binary_data(chunk, message_end, frame_end, events)
+        if message_end:
+            self._m_opcode = 0
+
+    def _text_data(self, chunk: bytes, message_end: bool, events: list[Event]) -> None:
+        if message_end and self._m_decoder is None:
+            # The whole message is in one chunk: decode it in one call.
+            try:
+                text = chunk.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidPayload(f"text message is not valid UTF-8: {exc.reason}") from None
+            events.append(TextMessage(text))
+            return
+        decoder = self._m_decoder
+        if decoder is None:
+            decoder = self._m_decoder = _new_utf8_decoder()
+        try:
+            part = decoder.decode(chunk, message_end)
+        except UnicodeDecodeError as exc:
+            raise InvalidPayload(f"text message is not valid UTF-8: {exc.reason}") from None
+        self._m_len += len(chunk)
+        if part:
+            self._m_text.append(part)
+        if message_end:
+            events.append(TextMessage("".join(self._m_text)))
+            self._m_text = []
+            self._m_decoder = None
+
+    def _binary_data(
+        self, chunk: bytes, message_end: bool, frame_end: bool, events: list[Event]
+    ) -> None:
+        n = len(chunk)
+        buf = self._m_buf
+        if buf is None:
+            if message_end:
+                buf = self._allocate(n)
+                buf[:n] = chunk
+                events.append(BinaryMessage(buf, n))
+                return
+            # The message continues: size the buffer for this whole frame.
+            size = n + self._f_remaining
+            buf = self._m_buf = self._allocate(max(size, 1))
+            self._m_len = 0
+        need = self._m_len + n
+        if need > len(buf):
+            grown = self._allocate(max(need, 2 * len(buf)))
+            grown[: self._m_len] = memoryview(buf)[: self._m_len]
+            buf = self._m_buf = grown
+        buf[self._m_len : need] = chunk
+        self._m_len = need
+        if message_end:
+            events.append(BinaryMessage(buf, need))
+            self._m_buf = None
+            self._m_len = 0
+
+    def _control_frame(self, opcode: int, payload: bytes, events: list[Event]) -> None:
+        if opcode == Opcode.PING:
+            if self.state is State.OPEN:
+                self._outgoing.append(self._frame(Opcode.PONG, payload))
+            events.append(Ping(payload))
+        elif opcode == Opcode.PONG:
+            events.append(Pong(payload))
+        else:
+            code, reason = parse_close(payload)
+            self.close_received = (code, reason)
+            self._transition("receive_close")
+            events.append(CloseReceived(code, reason))
+            if self.state is State.CLOSED:
+                self._phase = _DONE
+            elif self.auto_close_reply:
+                # Echo the code (RFC 6455 5.5.1); an empty close gets an empty reply.
+                reply = None if code == CLOSE_NO_STATUS else code
+                self._outgoing.append(self.encode_close(reply, ""))
+                self._phase = _DONE

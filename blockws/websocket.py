@@ -1,0 +1,913 @@
+"""The :class:`WebSocket`: the seed API on top of the sans-I/O core.
+
+Data flow, from the network to your callback::
+
+    socket ─▶ reader thread: Transport.run ─▶ Protocol.receive_data ─▶ events
+          ─▶ Dispatcher.post ─▶ ws.update() on your thread ─▶ on_message(ws, text)
+
+and back::
+
+    ws.send() on any thread ─▶ send queue (lock-guarded; buffered_amount)
+          ─▶ writer thread: Protocol.encode_data ─▶ Transport.write ─▶ socket
+
+Threads, per socket: ``blockws-<id>-reader`` connects, performs the opening
+handshake and then reads; ``blockws-<id>-writer`` drains the send queue. The
+process-wide ``blockws-timer`` thread sends pings and enforces timeouts. The
+reader thread, the last to finish, closes the transport, joins the writer,
+and queues ``on_closed``; the thread that runs ``on_closed`` joins the reader
+first, so once ``on_closed`` has run, none of the socket's threads remain.
+
+``self._lock`` guards the send queue, ``buffered_amount``, the lifecycle
+phase and every call into the protocol that can change its close state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, MutableMapping, Sequence, Union
+from weakref import WeakSet
+
+from . import dispatcher as _dispatcher
+from .buffers import BufferPool, BufferSegment
+from .exceptions import (
+    BlockwsError,
+    CloseTimeout,
+    ConnectionClosed,
+    ConnectionClosedError,
+    ConnectionClosedOK,
+    ConnectionLost,
+    InvalidHeader,
+    InvalidState,
+    OpenTimeout,
+    PingTimeout,
+)
+from .extensions import Extension
+from .frames import CLOSE_ABNORMAL, Opcode
+from .handshake import (
+    Headers,
+    HeadersLike,
+    Request,
+    ResponseReader,
+    build_request,
+    new_key,
+    parse_url,
+    redact_url,
+    validate_response,
+)
+from .log import ContextAdapter
+from .protocol import (
+    DEFAULT_MAX_FRAGMENT_SIZE,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    BinaryMessage,
+    CloseReceived,
+    Failure,
+    Pong,
+    Protocol,
+    Role,
+    State,
+    TextMessage,
+)
+from .timer import Job, timer
+from .transport import Connector, Deadline, Transport, default_ssl_context
+
+__all__ = ["WebSocket", "connect", "update_all", "wait"]
+
+BytesLike = Union[bytes, bytearray, memoryview]
+OnOpen = Callable[["WebSocket"], Any]
+OnMessage = Callable[["WebSocket", str], Any]
+OnBinary = Callable[["WebSocket", BufferSegment], Any]
+OnClosed = Callable[["WebSocket", int, str], Any]
+OnRequest = Callable[["WebSocket", Request], Any]
+
+# Lifecycle phases (``_phase``).
+_NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = range(5)
+
+#: Bytes the writer encodes and writes per batch before it looks for control
+#: frames (pongs, a close reply) to slip in between a big message's fragments.
+_WRITE_BATCH = 256 * 1024
+
+_ids = itertools.count(1)
+_live: WeakSet[WebSocket] = WeakSet()
+_live_lock = threading.Lock()
+_ping_struct = struct.Struct("!Q")
+
+
+class WebSocket:
+    """A WebSocket client with background I/O and callbacks pumped by ``update()``.
+
+    ``open()`` returns at once; a reader thread connects, and callbacks run
+    when you call :meth:`update` (once per frame in a game), in the order the
+    events happened. ``send*`` and ``close`` may be called from any thread and
+    never block on the network.
+
+    Options, keyword-only, by concern:
+
+    * WebSocket: ``subprotocols``, ``extensions``, ``max_fragment_size``,
+      ``max_message_size`` (default 16 MiB; a larger incoming message fails
+      the connection with 1009).
+    * HTTP: ``headers`` (added to the upgrade request), ``origin``.
+    * TLS: ``ssl_context`` (default: certifi's CA bundle, hostname checked),
+      ``server_hostname`` (SNI and certificate name, default the URL's host).
+    * Timeouts (seconds): ``open_timeout`` (connect + handshake, default 10),
+      ``close_timeout`` (closing handshake, default 5), ``send_pings``,
+      ``ping_frequency`` (default 10, at least 0.1), ``close_after_no_message``
+      (default 2).
+    * Callbacks: ``on_open``, ``on_message``, ``on_binary``, ``on_closed``,
+      ``on_internal_request_created``.
+    * Memory and logging: ``buffer_pool`` (default ``BufferPool.default``),
+      ``context`` (extra fields for the logging context).
+
+    Raises :class:`~blockws.exceptions.InvalidURL` (a ``ValueError``) for a
+    URL that is not ``ws://`` or ``wss://``, before any I/O.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        # WebSocket
+        subprotocols: Sequence[str] | None = None,
+        extensions: Sequence[Extension] | None = None,
+        max_fragment_size: int = DEFAULT_MAX_FRAGMENT_SIZE,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        # HTTP
+        headers: HeadersLike | None = None,
+        origin: str | None = None,
+        # TLS
+        ssl_context: Any = None,
+        server_hostname: str | None = None,
+        # timeouts and keepalive
+        open_timeout: float | None = 10.0,
+        close_timeout: float | None = 5.0,
+        send_pings: bool = False,
+        ping_frequency: float = 10.0,
+        close_after_no_message: float = 2.0,
+        # callbacks
+        on_open: OnOpen | None = None,
+        on_message: OnMessage | None = None,
+        on_binary: OnBinary | None = None,
+        on_closed: OnClosed | None = None,
+        on_internal_request_created: OnRequest | None = None,
+        # memory and logging
+        buffer_pool: BufferPool | None = None,
+        context: MutableMapping[str, Any] | None = None,
+    ) -> None:
+        self._url = parse_url(url)
+        if max_fragment_size < 1:
+            raise ValueError("max_fragment_size must be at least 1")
+        if max_message_size is not None and max_message_size < 1:
+            raise ValueError("max_message_size must be at least 1 (or None)")
+        self.id = next(_ids)
+        self.context: MutableMapping[str, Any] = {"id": self.id, "url": redact_url(url)}
+        if context:
+            self.context.update(context)
+        self.log = ContextAdapter(self.context)
+
+        self.on_open = on_open
+        self.on_message = on_message
+        self.on_binary = on_binary
+        self.on_closed = on_closed
+        self.on_internal_request_created = on_internal_request_created
+
+        self.max_fragment_size = max_fragment_size
+        self.max_message_size = max_message_size
+        self.extensions: list[Extension] = list(extensions) if extensions is not None else []
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.buffer_pool = buffer_pool or BufferPool.default
+        self._check_ping_frequency(ping_frequency)
+        self._ping_frequency = float(ping_frequency)
+        self.close_after_no_message = float(close_after_no_message)
+        self._send_pings = bool(send_pings)
+
+        #: The exception that ended the socket, or ``None``.
+        self.error: BaseException | None = None
+        #: The subprotocol the server selected, or ``None``.
+        self.protocol: str | None = None
+        #: ``"1.1"`` or ``"2"``: the HTTP version that carried the handshake.
+        self.http_version: str | None = None
+        #: Round-trip time of the latest ping/pong pair, or ``None``.
+        self.latency: float | None = None
+        #: ``time.monotonic()`` of the latest frame received, or ``None``.
+        self.last_message_received: float | None = None
+        #: The close code and reason ``on_closed`` reported, once closed.
+        self.close_code: int | None = None
+        self.close_reason: str = ""
+
+        self._lock = threading.Lock()
+        self._wake_writer = threading.Condition(self._lock)
+        self._phase = _NEW
+        self._queue: Deque[tuple[int, Any, BufferSegment | None, int]] = deque()
+        self._control: Deque[bytes] = deque()
+        self._buffered = 0
+        self._writer_stop = False
+        self._proto: Protocol | None = None
+        self._transport: Transport | None = None
+        self._connector: Connector | None = None
+        self._reader: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
+        self._finished = False
+        self._closed_event = threading.Event()
+        self._close_requested: tuple[int, str] | None = None
+        self._jobs: dict[str, Job] = {}
+        self._ping_seq = 0
+        self._pings: dict[bytes, float] = {}
+        self._dispatcher = _dispatcher.Dispatcher()
+        self._inbox: Deque[str | bytes] = deque()
+
+        self._opened = False  # on_open has run
+        self._ended = False  # on_closed has run
+        self.internal_request = self._new_request(
+            url,
+            subprotocols=list(subprotocols or []),
+            headers=Headers(headers),
+            origin=origin,
+            open_timeout=open_timeout,
+            close_timeout=close_timeout,
+        )
+
+    # -- properties --------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self.internal_request.url
+
+    @property
+    def is_open(self) -> bool:
+        """True from when ``on_open`` is queued until closing starts or the link fails."""
+        return self._phase == _OPEN
+
+    @property
+    def closed(self) -> bool:
+        """True once the socket has ended and ``on_closed`` has run (in ``update()``)."""
+        return self._ended
+
+    @property
+    def buffered_amount(self) -> int:
+        """Bytes accepted by ``send*`` and not yet written to the transport."""
+        return self._buffered
+
+    @property
+    def send_pings(self) -> bool:
+        return self._send_pings
+
+    @send_pings.setter
+    def send_pings(self, value: bool) -> None:
+        self._send_pings = bool(value)
+        with self._lock:
+            if self._phase == _OPEN:
+                self._schedule_ping_locked()
+
+    @property
+    def ping_frequency(self) -> float:
+        return self._ping_frequency
+
+    @ping_frequency.setter
+    def ping_frequency(self, value: float) -> None:
+        self._check_ping_frequency(value)
+        self._ping_frequency = float(value)
+
+    @staticmethod
+    def _check_ping_frequency(value: float) -> None:
+        if value < 0.1:
+            raise ValueError("ping_frequency must be at least 0.1 seconds")
+
+    @property
+    def open_timeout(self) -> float | None:
+        return self.internal_request.open_timeout
+
+    @property
+    def close_timeout(self) -> float | None:
+        return self.internal_request.close_timeout
+
+    def __repr__(self) -> str:
+        phase = ("new", "connecting", "open", "closing", "closed")[self._phase]
+        return f"<blockws.WebSocket #{self.id} {self.context['url']} {phase}>"
+
+    # -- opening -----------------------------------------------------------------
+
+    def _new_request(self, url: str, **fields: Any) -> Request:
+        """Create a handshake request and hand it to ``on_internal_request_created``."""
+        request = Request(url=url, **fields)
+        if self.on_internal_request_created is not None:
+            self.on_internal_request_created(self, request)
+        return request
+
+    def open(self) -> WebSocket:
+        """Start connecting and return at once; ``on_open`` or ``on_closed`` follows.
+
+        Raises :class:`~blockws.exceptions.InvalidState` when called twice.
+        """
+        with self._lock:
+            if self._phase != _NEW:
+                raise InvalidState("open() was already called")
+            self._phase = _CONNECTING
+            self._connector = Connector()
+        with _live_lock:
+            _live.add(self)
+        timeout = self.internal_request.open_timeout
+        if timeout is not None:
+            self._jobs["open"] = timer.call_later(timeout, self._open_timed_out)
+        self._reader = threading.Thread(
+            target=self._reader_main, name=f"blockws-{self.id}-reader", daemon=True
+        )
+        self._reader.start()
+        return self
+
+    def _open_timed_out(self) -> None:
+        with self._lock:
+            if self._phase != _CONNECTING:
+                return
+            connector, transport = self._connector, self._transport
+        self._set_error(OpenTimeout(f"opening took longer than {self.open_timeout} s"))
+        if connector is not None:
+            connector.abort()
+        if transport is not None:
+            transport.abort()
+
+    def _reader_main(self) -> None:
+        try:
+            transport = self._connect()
+        except BaseException as exc:  # noqa: BLE001 - reported through on_closed
+            if self.error is None and self._close_requested is None:
+                self._set_error(exc)
+            self.log.debug("opening failed: %r", exc)
+            self._finish()
+            return
+        transport.run(self)
+
+    def _connect(self) -> Transport:
+        """Connect and handshake (RFC 6455 4.1); returns the transport once open."""
+        request = self.internal_request
+        url = request.parsed_url
+        assert self._connector is not None
+        deadline = Deadline(request.open_timeout)
+        ssl_context = None
+        if url.secure:
+            ssl_context = self.ssl_context or default_ssl_context()
+        self.log.debug("connecting to %s:%s", url.host, url.port)
+        transport = self._connector.connect(
+            url.host, url.port, deadline, ssl_context, self.server_hostname
+        )
+        with self._lock:
+            self._transport = transport
+            if self._phase != _CONNECTING:
+                transport.abort()
+        extensions = [e.fresh() for e in self.extensions]
+        key = new_key()
+        transport.write([build_request(request, key, extensions)])
+        self.log.debug("sent upgrade request, headers %s", request.headers.redacted())
+        reader = ResponseReader()
+        response = None
+        while response is None:
+            data = transport.recv(deadline.remaining())
+            if not data:
+                if self._phase != _CONNECTING:
+                    raise ConnectionLost("connection aborted during the opening handshake")
+                raise InvalidHeader("connection closed before the handshake response was complete")
+            response = reader.feed(data)
+        self.protocol, accepted = validate_response(
+            response, key, request.subprotocols, extensions
+        )
+        self.http_version = transport.http_version
+        self.extensions = accepted
+        proto = Protocol(
+            Role.CLIENT,
+            max_message_size=self.max_message_size,
+            max_fragment_size=self.max_fragment_size,
+            extensions=accepted,
+            allocate=self.buffer_pool.allocate,
+        )
+        with self._lock:
+            if self._phase != _CONNECTING:
+                raise ConnectionLost("connection aborted during the opening handshake")
+            self._proto = proto
+            self._phase = _OPEN
+            job = self._jobs.pop("open", None)
+            if job is not None:
+                job.cancel()
+            self._writer = threading.Thread(
+                target=self._writer_main, name=f"blockws-{self.id}-writer", daemon=True
+            )
+            self._writer.start()
+            if self._send_pings:
+                self._schedule_ping_locked()
+        self.log.debug("open (subprotocol %r)", self.protocol)
+        self._dispatcher.post(self._dispatch_open, None)
+        if response.extra:
+            self.data_received(response.extra)
+        return transport
+
+    # -- receiving (reader thread, or a shared connection's thread) --------------
+
+    def data_received(self, data: bytes) -> None:
+        """Sink method: bytes from the transport."""
+        self.last_message_received = time.monotonic()
+        proto = self._proto
+        assert proto is not None
+        with self._lock:
+            events = proto.receive_data(data)
+            out = proto.data_to_send() if proto._outgoing else None
+            if out:
+                self._queue_control_locked(out, events)
+        post = self._dispatcher.post
+        for event in events:
+            cls = type(event)
+            if cls is TextMessage:
+                post(self._dispatch_text, event.text)  # type: ignore[attr-defined]
+            elif cls is BinaryMessage:
+                post(self._dispatch_binary, event)
+            elif cls is Pong:
+                self._pong_received(event.payload)  # type: ignore[attr-defined]
+            elif cls is CloseReceived:
+                self.log.debug("close received: %s %r", event.code, event.reason)  # type: ignore[attr-defined]
+            elif cls is Failure:
+                self._set_error(event.error)  # type: ignore[attr-defined]
+                self.log.info("failing the connection: %s", event.error)  # type: ignore[attr-defined]
+
+    def _queue_control_locked(self, frames: list[bytes], events: list[Any]) -> None:
+        """Queue frames the protocol produced (pongs, close replies)."""
+        proto = self._proto
+        assert proto is not None
+        if proto.state is State.CLOSED or proto.failure is not None:
+            # We are replying to a close or failing: queued data can no longer
+            # be sent (RFC 6455 5.5.1), so drop it now and close promptly.
+            self._drop_queue_locked()
+            if self._phase == _OPEN:
+                self._phase = _CLOSING
+            self._arm_close_timeout_locked()
+        self._control.extend(frames)
+        self._wake_writer.notify()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Sink method: the transport ended (``exc`` is ``None`` for EOF)."""
+        proto = self._proto
+        if exc is not None:
+            self._set_error(exc)
+        elif proto is None or proto.state is not State.CLOSED:
+            if proto is None or proto.close_received is None:
+                if proto is None or proto.failure is None:
+                    self._set_error(ConnectionLost("connection closed without a close frame"))
+        self._finish()
+
+    # -- sending -----------------------------------------------------------------
+
+    def send(self, data: str | BytesLike, offset: int = 0, count: int | None = None) -> None:
+        """Queue a text (``str``) or binary (bytes-like) message; returns at once.
+
+        ``offset`` and ``count`` select part of a binary message. Thread-safe;
+        each thread's messages keep their order. The data is copied unless it
+        is an immutable ``bytes``. Raises :class:`InvalidState` before the
+        socket is open and :class:`ConnectionClosed` once it is closing.
+        """
+        if isinstance(data, str):
+            if offset or count is not None:
+                raise TypeError("offset and count apply to binary messages only")
+            payload: bytes = data.encode("utf-8")
+            self._enqueue(Opcode.TEXT, payload, None, len(payload))
+            return
+        if offset or count is not None:
+            view = memoryview(data).cast("B")
+            end = len(view) if count is None else offset + count
+            if offset < 0 or end > len(view) or end < offset:
+                raise ValueError(f"offset/count outside a {len(view)}-byte buffer")
+            payload = bytes(view[offset:end])
+        elif type(data) is bytes:
+            payload = data
+        else:
+            payload = bytes(data)
+        self._enqueue(Opcode.BINARY, payload, None, len(payload))
+
+    def send_as_binary(self, segment: BufferSegment) -> None:
+        """Queue ``segment`` as a binary message; blockws releases it once written.
+
+        The segment must not be touched after the call. If the socket is not
+        open, the segment is released and the exception raised.
+        """
+        self._enqueue_segment(Opcode.BINARY, segment)
+
+    def send_as_text(self, segment: BufferSegment) -> None:
+        """Queue ``segment`` (UTF-8) as a text message; released once written.
+
+        Raises ``ValueError`` (and releases the segment) if it is not UTF-8.
+        """
+        try:
+            str(segment.view(), "utf-8")
+        except UnicodeDecodeError as exc:
+            segment.release()
+            raise ValueError(f"segment is not valid UTF-8: {exc.reason}") from None
+        self._enqueue_segment(Opcode.TEXT, segment)
+
+    def _enqueue_segment(self, opcode: int, segment: BufferSegment) -> None:
+        try:
+            self._enqueue(opcode, segment.view(), segment, segment.count)
+        except BaseException:
+            if not segment.released:
+                segment.release()
+            raise
+
+    def _enqueue(self, opcode: int, payload: Any, segment: BufferSegment | None, size: int) -> None:
+        with self._lock:
+            if self._phase != _OPEN:
+                raise self._state_error_locked()
+            self._queue.append((opcode, payload, segment, size))
+            self._buffered += size
+            self._wake_writer.notify()
+
+    def _state_error_locked(self) -> BlockwsError:
+        if self._phase in (_NEW, _CONNECTING):
+            return InvalidState("the socket is not open yet (wait for on_open)")
+        if self._finished:
+            return self._closed_exception()
+        return ConnectionClosedOK(None, "") if self.error is None else ConnectionClosedError(
+            None, "", self.error
+        )
+
+    def ping(self, payload: bytes = b"") -> None:
+        """Send a ping now (``payload`` at most 125 bytes); the pong is not awaited."""
+        with self._lock:
+            if self._phase != _OPEN or self._proto is None:
+                raise self._state_error_locked()
+            self._control.append(self._proto.encode_control(Opcode.PING, payload))
+            self._wake_writer.notify()
+
+    # -- the writer thread -------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        proto = self._proto
+        transport = self._transport
+        assert proto is not None and transport is not None
+        lock, wake = self._lock, self._wake_writer
+        queue, control = self._queue, self._control
+        try:
+            while True:
+                with lock:
+                    while not queue and not control and not self._writer_stop:
+                        wake.wait()
+                    if self._writer_stop:
+                        return
+                    chunks: list[bytes] = list(control)
+                    control.clear()
+                    batch: list[tuple[int, Any, BufferSegment | None, int]] = []
+                    size = 0
+                    while queue and size < _WRITE_BATCH:
+                        item = queue.popleft()
+                        batch.append(item)
+                        size += item[3]
+                written = 0
+                for opcode, payload, _segment, n in batch:
+                    if opcode == -1:  # a pre-encoded close frame
+                        chunks.append(payload)
+                        continue
+                    frames = proto.encode_data(opcode, payload)
+                    if n > _WRITE_BATCH and len(frames) > 1:
+                        # Write a big message in batches so control frames
+                        # queued meanwhile can go out between its fragments.
+                        transport.write(chunks)
+                        chunks = []
+                        self._write_interleaved(frames, transport)
+                    else:
+                        chunks.extend(frames)
+                    written += n
+                if chunks:
+                    transport.write(chunks)
+                with lock:
+                    self._buffered -= size
+                for _o, _p, segment, _n in batch:
+                    if segment is not None and not segment.released:
+                        segment.release()
+        except BaseException as exc:  # noqa: BLE001 - reported through on_closed
+            if not self._writer_stop:
+                self._set_error(exc)
+                self.log.debug("writer failed: %r", exc)
+                transport.abort()
+
+    def _write_interleaved(self, frames: list[bytes], transport: Transport) -> None:
+        pending: list[bytes] = []
+        size = 0
+        for frame in frames:
+            pending.append(frame)
+            size += len(frame)
+            if size >= _WRITE_BATCH:
+                with self._lock:
+                    if self._control:
+                        pending.extend(self._control)  # control frames between fragments
+                        self._control.clear()
+                transport.write(pending)
+                pending, size = [], 0
+        if pending:
+            transport.write(pending)
+
+    def _drop_queue_locked(self) -> None:
+        """Discard queued messages (releasing their segments)."""
+        dropped = len(self._queue)
+        for _o, _p, segment, _n in self._queue:
+            if segment is not None and not segment.released:
+                segment.release()
+        self._queue.clear()
+        self._buffered = 0
+        if dropped:
+            self.log.debug("dropped %d unsent message(s) at close", dropped)
+
+    # -- closing -------------------------------------------------------------------
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake (RFC 6455 7.1.2) and return at once.
+
+        Messages queued before the call are sent first. ``is_open`` is False
+        from now on; ``on_closed`` follows once the server answers, or after
+        ``close_timeout`` seconds if it does not (then ``ws.error`` is a
+        ``CloseTimeout``). Raises ``ValueError`` for a code or reason RFC 6455
+        forbids. A no-op when the socket is already closing or closed; a
+        socket still connecting is abandoned (``on_closed`` with 1006).
+        """
+        from .frames import pack_close
+
+        pack_close(code, reason)  # validate before changing any state
+        with self._lock:
+            phase = self._phase
+            if phase == _NEW:
+                self._phase = _CLOSED
+                self._finished = True
+                self._closed_event.set()
+                return
+            if phase == _CONNECTING:
+                self._close_requested = (code, reason)
+                self._phase = _CLOSING
+                connector, transport = self._connector, self._transport
+            elif phase == _OPEN:
+                assert self._proto is not None
+                self._close_requested = (code, reason)
+                self._phase = _CLOSING
+                if self._proto.state is State.OPEN:
+                    frame = self._proto.encode_close(code, reason)
+                    self._queue.append((-1, frame, None, 0))
+                    self._wake_writer.notify()
+                self._arm_close_timeout_locked()
+                return
+            else:
+                return
+        if connector is not None:
+            connector.abort()
+        if transport is not None:
+            transport.abort()
+
+    def _arm_close_timeout_locked(self) -> None:
+        timeout = self.internal_request.close_timeout
+        if "close" not in self._jobs and timeout is not None:
+            self._jobs["close"] = timer.call_later(timeout, self._close_timed_out)
+
+    def _close_timed_out(self) -> None:
+        proto = self._proto
+        if proto is None or proto.close_received is None:
+            self._set_error(CloseTimeout(f"closing handshake took longer than {self.close_timeout} s"))
+        self.log.debug("close timeout: dropping the connection")
+        self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection at once, without a closing handshake (1006)."""
+        with self._lock:
+            if self._phase in (_OPEN, _CONNECTING):
+                self._phase = _CLOSING
+            transport, connector = self._transport, self._connector
+        if connector is not None:
+            connector.abort()
+        if transport is not None:
+            transport.abort()
+
+    def _set_error(self, exc: BaseException) -> None:
+        """Record the first error that ends the socket; later ones are effects of it."""
+        with self._lock:
+            if self.error is None and not self._finished:
+                self.error = exc
+            if self._phase == _OPEN:
+                self._phase = _CLOSING
+
+    def _finish(self) -> None:
+        """Tear down (once): stop the writer, close the transport, queue on_closed."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            self._phase = _CLOSED
+            self._writer_stop = True
+            self._wake_writer.notify_all()
+            self._drop_queue_locked()
+            self._control.clear()
+            transport, writer = self._transport, self._writer
+            jobs = list(self._jobs.values())
+            self._jobs.clear()
+        for job in jobs:
+            job.cancel()
+        if transport is not None:
+            transport.abort()  # unblocks a writer stuck on a full socket
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
+        if transport is not None:
+            transport.close()
+        code, reason = self._closing_code()
+        self.close_code, self.close_reason = code, reason
+        self.log.debug("closed: %s %r (error: %r)", code, reason, self.error)
+        self._closed_event.set()
+        self._dispatcher.post(self._dispatch_closed, (code, reason))
+
+    def _closing_code(self) -> tuple[int, str]:
+        proto = self._proto
+        if proto is not None:
+            if proto.close_received is not None:
+                return proto.close_received
+            if proto.failure is not None:
+                return proto.failure.close_code, ""
+        return CLOSE_ABNORMAL, ""
+
+    # -- pings ---------------------------------------------------------------------
+
+    def _schedule_ping_locked(self) -> None:
+        if "ping" not in self._jobs and self._send_pings:
+            self._jobs["ping"] = timer.call_later(self._ping_frequency, self._ping_due)
+
+    def _ping_due(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._jobs.pop("ping", None)
+            if self._phase != _OPEN or not self._send_pings or self._proto is None:
+                return
+            self._ping_seq += 1
+            payload = _ping_struct.pack(self._ping_seq)
+            self._pings = {k: v for k, v in self._pings.items() if now - v < 60.0}
+            self._pings[payload] = now
+            self._control.append(self._proto.encode_control(Opcode.PING, payload))
+            self._wake_writer.notify()
+            self._jobs["ping"] = timer.call_later(self._ping_frequency, self._ping_due)
+            key = f"pong-{self._ping_seq}"
+            self._jobs[key] = timer.call_later(
+                self.close_after_no_message, lambda: self._pong_due(key, now)
+            )
+
+    def _pong_due(self, key: str, ping_time: float) -> None:
+        with self._lock:
+            self._jobs.pop(key, None)
+            if self._phase != _OPEN or not self._send_pings:
+                return
+        last = self.last_message_received
+        if last is None or last < ping_time:
+            self._set_error(
+                PingTimeout(f"no frame within {self.close_after_no_message} s of a ping")
+            )
+            self.log.info("no message after a ping: closing")
+            self.abort()
+
+    def _pong_received(self, payload: bytes) -> None:
+        sent = self._pings.pop(payload, None)
+        if sent is not None:
+            self.latency = time.monotonic() - sent
+
+    # -- dispatching (the thread that calls update()) ------------------------------
+
+    def update(self) -> int:
+        """Run this socket's pending callbacks on the calling thread; returns how many.
+
+        With nothing pending this costs about as much as testing an empty
+        deque. An exception raised by a callback propagates; the events after
+        it stay queued for the next call.
+        """
+        if not self._dispatcher.pending:
+            return 0
+        return self._dispatcher.run()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a callback is pending (True) or ``timeout`` passes (False)."""
+        return self._dispatcher.wait(timeout)
+
+    def _dispatch_open(self, _: None) -> None:
+        self._opened = True
+        if self.on_open is not None:
+            self.on_open(self)
+
+    def _dispatch_text(self, text: str) -> None:
+        handler = self.on_message
+        if handler is None:
+            self._inbox.append(text)
+        else:
+            handler(self, text)
+
+    def _dispatch_binary(self, event: BinaryMessage) -> None:
+        handler = self.on_binary
+        if handler is None:
+            self._inbox.append(bytes(memoryview(event.data)[: event.length]))
+            self.buffer_pool._give_back(event.data)
+            return
+        segment = BufferSegment(event.data, 0, event.length, self.buffer_pool)
+        try:
+            handler(self, segment)
+        finally:
+            if not segment.released:
+                segment.release()
+
+    def _dispatch_closed(self, code_reason: tuple[int, str]) -> None:
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join()
+        with _live_lock:
+            _live.discard(self)
+        self._ended = True
+        if self.on_closed is not None:
+            self.on_closed(self, code_reason[0], code_reason[1])
+
+    # -- blocking helpers for scripts ---------------------------------------------
+
+    def receive(self, timeout: float | None = None) -> str | bytes:
+        """The next message: ``str`` for text, ``bytes`` for binary.
+
+        Messages reach this queue only when no ``on_message``/``on_binary``
+        handler takes them. Pumps this socket's callbacks on the calling
+        thread while it waits. Raises ``TimeoutError`` after ``timeout``
+        seconds (the socket stays open), and :class:`ConnectionClosed` once
+        the socket has closed and every earlier message was received.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._inbox:
+                return self._inbox.popleft()
+            if self._dispatcher.pending:
+                self.update()
+                continue
+            if self._ended:
+                raise self._closed_exception()
+            if self._phase == _NEW:
+                raise InvalidState("receive() before open()")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"no message within {timeout} s")
+            self._dispatcher.wait(left)
+
+    def _closed_exception(self) -> ConnectionClosed:
+        code = self.close_code if self.close_code is not None else CLOSE_ABNORMAL
+        if self.error is None:
+            return ConnectionClosedOK(code, self.close_reason)
+        return ConnectionClosedError(code, self.close_reason, self.error)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the socket has ended (``on_closed`` queued); True if it has."""
+        return self._closed_event.wait(timeout)
+
+    def __enter__(self) -> WebSocket:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close, wait (up to ``close_timeout`` + 1 s) and run pending callbacks."""
+        self.close()
+        if self._phase == _NEW:
+            return
+        self.join((self.close_timeout or 5.0) + 1.0)
+        self.update()
+
+
+def connect(url: str, timeout: float | None = None, **options: Any) -> WebSocket:
+    """Open a socket and wait until it is open; returns it, or raises why not.
+
+    ``timeout`` bounds the wait (default: the socket's ``open_timeout``);
+    ``options`` are :class:`WebSocket` keywords. On failure the socket is
+    closed and its ``error`` (e.g. ``ConnectError``, ``InvalidStatus``,
+    ``TLSError``, ``OpenTimeout``) is raised. Callbacks queued meanwhile
+    (``on_open``) run on the calling thread before this returns.
+    """
+    if timeout is not None:
+        options.setdefault("open_timeout", timeout)
+    ws = WebSocket(url, **options)
+    ws.open()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not ws._opened:
+        if ws.closed:
+            raise ws.error or ws._closed_exception()
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            ws.abort()
+            ws.join(1.0)
+            ws.update()
+            raise OpenTimeout(f"not open within {timeout} s")
+        ws.wait(left if left is None else min(left, 0.5))
+        ws.update()
+    return ws
+
+
+def _live_dispatchers() -> list[_dispatcher.Dispatcher]:
+    with _live_lock:
+        return [ws._dispatcher for ws in _live]
+
+
+def update_all() -> int:
+    """Run pending callbacks of every socket (``update()`` on each); returns how many."""
+    with _live_lock:
+        sockets = list(_live)
+    return sum(ws.update() for ws in sockets)
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Block until any socket has a pending callback (True) or ``timeout`` passes."""
+    return _dispatcher.wait(_live_dispatchers, timeout)
+
