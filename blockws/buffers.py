@@ -36,12 +36,18 @@ class BufferSegment:
     __slots__ = ("data", "offset", "count", "pool", "_released")
 
     def __init__(
-        self, data: bytearray, offset: int = 0, count: int | None = None, pool: BufferPool | None = None
+        self,
+        data: bytearray,
+        offset: int = 0,
+        count: int | None = None,
+        pool: BufferPool | None = None,
     ) -> None:
         if count is None:
             count = len(data) - offset
         if offset < 0 or count < 0 or offset + count > len(data):
-            raise ValueError(f"segment [{offset}:{offset + count}] outside a {len(data)}-byte buffer")
+            raise ValueError(
+                f"segment [{offset}:{offset + count}] outside a {len(data)}-byte buffer"
+            )
         self.data = data
         self.offset = offset
         self.count = count
@@ -90,7 +96,9 @@ class BufferPool:
 
     default: ClassVar[BufferPool]
 
-    def __init__(self, max_pooled_bytes: int = 32 * 1024 * 1024, max_buffer_size: int = 4 * 1024 * 1024):
+    def __init__(
+        self, max_pooled_bytes: int = 32 * 1024 * 1024, max_buffer_size: int = 4 * 1024 * 1024
+    ):
         self.max_pooled_bytes = max_pooled_bytes
         self.max_buffer_size = max_buffer_size
         self._max_shift = max(_MIN_SHIFT, (max_buffer_size - 1).bit_length())

@@ -17,11 +17,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Tuple
+from typing import Any, Callable
 
 __all__ = ["Dispatcher", "wait"]
 
-Item = Tuple[Callable[[Any], None], Any]
+Item = tuple[Callable[[Any], None], Any]
 
 # Global wake-up for blockws.wait(): any post on any dispatcher notifies it.
 _global_cond = threading.Condition(threading.Lock())
@@ -34,7 +34,7 @@ class Dispatcher:
     __slots__ = ("pending", "_cond", "_waiters", "_run_lock", "_running_in")
 
     def __init__(self) -> None:
-        self.pending: Deque[Item] = deque()
+        self.pending: deque[Item] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0
         self._run_lock = threading.Lock()

@@ -24,7 +24,8 @@ default ``extensions`` list is empty for now.
 from __future__ import annotations
 
 import copy
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 __all__ = ["Extension", "parse_extension_header", "ExtensionParams"]
 

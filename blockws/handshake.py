@@ -13,9 +13,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Union
 from urllib.parse import urlsplit
 
 from .exceptions import (
@@ -44,9 +44,7 @@ GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Bound on the response's status line plus headers, in bytes.
 MAX_RESPONSE_HEAD = 64 * 1024
 #: Header names whose values never appear in logs or reprs.
-SENSITIVE_HEADERS = frozenset(
-    {"authorization", "proxy-authorization", "cookie", "set-cookie"}
-)
+SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 
 HeadersLike = Union["Headers", Mapping[str, str], Iterable[tuple[str, str]]]
 
@@ -111,9 +109,7 @@ class Headers(MutableMapping[str, str]):
 
     def redacted(self) -> list[tuple[str, str]]:
         """Pairs safe to log: credential values replaced by ``"<redacted>"``."""
-        return [
-            (n, "<redacted>" if n.lower() in SENSITIVE_HEADERS else v) for n, v in self._items
-        ]
+        return [(n, "<redacted>" if n.lower() in SENSITIVE_HEADERS else v) for n, v in self._items]
 
     def __repr__(self) -> str:
         return f"Headers({self.redacted()!r})"
@@ -293,7 +289,11 @@ def parse_response_head(head: bytes, extra: bytes = b"") -> Response:
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     status_text, _, reason = rest.partition(" ")
-    if version not in ("HTTP/1.1", "HTTP/1.0") or len(status_text) != 3 or not status_text.isdigit():
+    if (
+        version not in ("HTTP/1.1", "HTTP/1.0")
+        or len(status_text) != 3
+        or not status_text.isdigit()
+    ):
         raise InvalidHeader(f"malformed status line {lines[0][:100]!r}")
     headers = Headers()
     for line in lines[1:]:
@@ -335,7 +335,9 @@ def validate_response(
     accepts = h.get_all("Sec-WebSocket-Accept")
     if len(accepts) != 1:
         raise InvalidHeader(
-            "Sec-WebSocket-Accept header missing" if not accepts else "Sec-WebSocket-Accept repeated"
+            "Sec-WebSocket-Accept header missing"
+            if not accepts
+            else "Sec-WebSocket-Accept repeated"
         )
     if accepts[0].strip() != accept_key(key):
         raise InvalidHeader("Sec-WebSocket-Accept does not match the Sec-WebSocket-Key sent")
@@ -347,7 +349,9 @@ def validate_response(
         raise NegotiationError(f"server selected several subprotocols: {chosen}")
     if chosen:
         if chosen[0] not in subprotocols:
-            raise NegotiationError(f"server selected subprotocol {chosen[0]!r}, which was not offered")
+            raise NegotiationError(
+                f"server selected subprotocol {chosen[0]!r}, which was not offered"
+            )
         protocol = chosen[0]
 
     accepted: list[Extension] = []

@@ -16,7 +16,8 @@ replaced, and header values of ``Authorization``, ``Proxy-Authorization``,
 from __future__ import annotations
 
 import logging
-from typing import Any, MutableMapping
+from collections.abc import MutableMapping
+from typing import Any
 
 __all__ = ["logger", "ContextAdapter"]
 
@@ -26,11 +27,15 @@ logger = logging.getLogger("blockws")
 class ContextAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
     """A logger adapter that attaches a live, mutable context mapping."""
 
-    def __init__(self, context: MutableMapping[str, Any], base: logging.Logger | None = None) -> None:
+    def __init__(
+        self, context: MutableMapping[str, Any], base: logging.Logger | None = None
+    ) -> None:
         super().__init__(base or logger, {})
         self.context = context
 
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
         extra = dict(kwargs.get("extra") or {})
         extra["ws_context"] = self.context
         kwargs["extra"] = extra

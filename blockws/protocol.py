@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import codecs
 import enum
-from typing import Callable, Sequence, Union
+from collections.abc import Sequence
+from typing import Callable, Union
 
 from .exceptions import InvalidPayload, InvalidState, MessageTooBig, ProtocolError
 from .extensions import Extension
@@ -260,7 +261,9 @@ class Protocol:
         try:
             self.state = TRANSITIONS[(self.state, what)]
         except KeyError:
-            raise InvalidState(f"cannot {what.replace('_', ' ')} in state {self.state.value}") from None
+            raise InvalidState(
+                f"cannot {what.replace('_', ' ')} in state {self.state.value}"
+            ) from None
 
     def data_to_send(self) -> list[bytes]:
         """Frames the protocol produced itself (pongs, close replies); drains them."""
@@ -469,7 +472,9 @@ class Protocol:
             self._m_opcode = opcode
             self._m_len = 0
             self._m_ext = (
-                [e for e in self.extensions if e.begin_message(opcode, rsv)] if self.extensions else []
+                [e for e in self.extensions if e.begin_message(opcode, rsv)]
+                if self.extensions
+                else []
             )
             if rsv and not self._m_ext:
                 raise ProtocolError("RSV bits set but no extension claimed the message")

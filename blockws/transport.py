@@ -25,7 +25,8 @@ import socket
 import ssl
 import threading
 import time
-from typing import Iterator, Protocol, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Protocol, Union
 
 import certifi
 

@@ -28,7 +28,8 @@ import struct
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, MutableMapping, Sequence, Union
+from collections.abc import MutableMapping, Sequence
+from typing import Any, Callable, Union
 from weakref import WeakSet
 
 from . import dispatcher as _dispatcher
@@ -201,8 +202,8 @@ class WebSocket:
         self._lock = threading.Lock()
         self._wake_writer = threading.Condition(self._lock)
         self._phase = _NEW
-        self._queue: Deque[tuple[int, Any, BufferSegment | None, int]] = deque()
-        self._control: Deque[bytes] = deque()
+        self._queue: deque[tuple[int, Any, BufferSegment | None, int]] = deque()
+        self._control: deque[bytes] = deque()
         self._buffered = 0
         self._writer_stop = False
         self._proto: Protocol | None = None
@@ -217,7 +218,7 @@ class WebSocket:
         self._ping_seq = 0
         self._pings: dict[bytes, float] = {}
         self._dispatcher = _dispatcher.Dispatcher()
-        self._inbox: Deque[str | bytes] = deque()
+        self._inbox: deque[str | bytes] = deque()
 
         self._opened = False  # on_open has run
         self._ended = False  # on_closed has run
@@ -370,9 +371,7 @@ class WebSocket:
                     raise ConnectionLost("connection aborted during the opening handshake")
                 raise InvalidHeader("connection closed before the handshake response was complete")
             response = reader.feed(data)
-        self.protocol, accepted = validate_response(
-            response, key, request.subprotocols, extensions
-        )
+        self.protocol, accepted = validate_response(response, key, request.subprotocols, extensions)
         self.http_version = transport.http_version
         self.extensions = accepted
         proto = Protocol(
@@ -523,8 +522,10 @@ class WebSocket:
             return InvalidState("the socket is not open yet (wait for on_open)")
         if self._finished:
             return self._closed_exception()
-        return ConnectionClosedOK(None, "") if self.error is None else ConnectionClosedError(
-            None, "", self.error
+        return (
+            ConnectionClosedOK(None, "")
+            if self.error is None
+            else ConnectionClosedError(None, "", self.error)
         )
 
     def ping(self, payload: bytes = b"") -> None:
@@ -664,7 +665,9 @@ class WebSocket:
     def _close_timed_out(self) -> None:
         proto = self._proto
         if proto is None or proto.close_received is None:
-            self._set_error(CloseTimeout(f"closing handshake took longer than {self.close_timeout} s"))
+            self._set_error(
+                CloseTimeout(f"closing handshake took longer than {self.close_timeout} s")
+            )
         self.log.debug("close timeout: dropping the connection")
         self.abort()
 
@@ -910,4 +913,3 @@ def update_all() -> int:
 def wait(timeout: float | None = None) -> bool:
     """Block until any socket has a pending callback (True) or ``timeout`` passes."""
     return _dispatcher.wait(_live_dispatchers, timeout)
-
