@@ -148,8 +148,8 @@ class BufferPool:
     def _give_back(self, buf: bytearray) -> None:
         size = len(buf)
         shift = size.bit_length() - 1  # the class whose requests this buffer can serve
-        if shift < _MIN_SHIFT or shift > self._max_shift:
-            return
+        if shift < _MIN_SHIFT or size > (1 << self._max_shift):
+            return  # too small to serve a class, or one of the unpooled large buffers
         with self._lock:
             if self._pooled + size > self.max_pooled_bytes:
                 return

@@ -159,9 +159,10 @@ class Frame:
         only part of a frame. ``masked`` says what the MASK bit must be
         (``None`` accepts either). Raises :class:`ProtocolError` for reserved
         opcodes, control frames that are fragmented or longer than 125 bytes,
-        a wrong MASK bit, and non-minimal or 64-bit lengths with the top bit
-        set. RSV bits are returned as they are: whether they are allowed
-        depends on the negotiated extensions.
+        a wrong MASK bit, and 64-bit lengths with the top bit set (like the
+        streaming parser, it accepts non-minimal length encodings). RSV bits
+        are returned as they are: whether they are allowed depends on the
+        negotiated extensions.
         """
         if len(data) < 2:
             return None

@@ -60,7 +60,14 @@ class Headers(MutableMapping[str, str]):
     def __init__(self, items: HeadersLike | None = None) -> None:
         self._items: list[tuple[str, str]] = []
         if items is not None:
-            pairs = items.items() if isinstance(items, Mapping) else items
+            # A Headers is a Mapping too, but its items() keep only the first
+            # value of a repeated name: copy every pair instead.
+            if isinstance(items, Headers):
+                pairs: Iterable[tuple[str, str]] = items.raw_items()
+            elif isinstance(items, Mapping):
+                pairs = items.items()
+            else:
+                pairs = items
             for name, value in pairs:
                 self.add(name, value)
 

@@ -343,8 +343,8 @@ class Protocol:
     def receive_data(self, data: BytesLike) -> list[Event]:
         """Feed bytes from the peer; returns the events they complete, in order.
 
-        After a :class:`Failure` or once both closes are exchanged, further
-        data is ignored.
+        After a :class:`Failure` or once the peer's close frame arrived,
+        further data is ignored.
         """
         events: list[Event] = []
         if self._phase == _DONE or not data:
@@ -397,10 +397,12 @@ class Protocol:
                 if self._f_opcode >= 8 and n < self._f_remaining:
                     break  # control frames are handled whole (at most 125 bytes)
                 self._f_remaining -= n
-                self._frame_data(buf[pos : pos + n], events, self._f_remaining == 0)
-                pos += n
-                if self._f_remaining == 0:
+                frame_end = self._f_remaining == 0
+                if frame_end:
+                    # Before _frame_data, which may move to _DONE (a close frame).
                     self._phase = _HEADER
+                self._frame_data(buf[pos : pos + n], events, frame_end)
+                pos += n
             if self._phase == _DONE:
                 return end
         return pos
@@ -585,10 +587,10 @@ class Protocol:
             self.close_received = (code, reason)
             self._transition("receive_close")
             events.append(CloseReceived(code, reason))
-            if self.state is State.CLOSED:
-                self._phase = _DONE
-            elif self.auto_close_reply:
+            # Nothing may follow the peer's close frame (RFC 6455 5.5.1): stop
+            # parsing, also while the caller has yet to reply itself.
+            self._phase = _DONE
+            if self.state is State.CLOSE_RECEIVED and self.auto_close_reply:
                 # Echo the code (RFC 6455 5.5.1); an empty close gets an empty reply.
                 reply = None if code == CLOSE_NO_STATUS else code
                 self._outgoing.append(self.encode_close(reply, ""))
-                self._phase = _DONE

@@ -84,6 +84,9 @@ class Timer:
             with cond:
                 while True:
                     if self._live == 0:
+                        # Drop cancelled jobs left behind, or their callbacks
+                        # (and the sockets they reference) stay alive.
+                        self._heap.clear()
                         self._thread = None
                         return
                     job = self._heap[0]

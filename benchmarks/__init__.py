@@ -1,0 +1,1 @@
+"""Benchmarks for blockws; run a module with ``python -m benchmarks.<name>``."""

@@ -1,0 +1,58 @@
+"""Masking speed: blockws's big-integer XOR against simpler pure-Python ways.
+
+    python -m benchmarks.mask
+
+Prints MB/s per payload size and the ratio to a per-byte loop and to the
+``bytes.translate``-free table approach. Figures vary with the machine; the
+ratios are what to quote.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import timeit
+
+from blockws.frames import apply_mask
+
+
+def mask_loop(data: bytes, key: bytes) -> bytes:
+    """The textbook loop: one Python operation per byte."""
+    out = bytearray(data)
+    for i in range(len(out)):
+        out[i] ^= key[i & 3]
+    return bytes(out)
+
+
+def mask_array(data: bytes, key: bytes) -> bytes:
+    """32-bit words with the array module, the shape some clients use."""
+    n = len(data)
+    pad = (-n) % 4
+    words = array.array("I", data + b"\x00" * pad)
+    k = array.array("I", key)[0]
+    for i in range(len(words)):
+        words[i] ^= k
+    return words.tobytes()[:n]
+
+
+def measure(fn: object, data: bytes, key: bytes, budget: float = 0.3) -> float:
+    timer = timeit.Timer(lambda: fn(data, key))  # type: ignore[operator]
+    number, _ = timer.autorange()
+    best = min(timer.repeat(repeat=3, number=max(1, number)))
+    return len(data) * number / best / 1e6
+
+
+def main() -> None:
+    key = os.urandom(4)
+    print(f"{'size':>9} {'blockws MB/s':>13} {'x loop':>8} {'x array':>8}")
+    for size in (32, 1024, 32768, 1 << 20):
+        data = os.urandom(size)
+        assert apply_mask(data, key) == mask_loop(data, key) == mask_array(data, key)
+        fast = measure(apply_mask, data, key)
+        loop = measure(mask_loop, data, key)
+        arr = measure(mask_array, data, key)
+        print(f"{size:>9} {fast:>13.1f} {fast / loop:>8.1f} {fast / arr:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
