@@ -15,7 +15,7 @@ import argparse
 import sys
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from .buffers import BufferSegment

@@ -30,7 +30,6 @@ import time
 from collections import deque
 from collections.abc import MutableMapping, Sequence
 from typing import Any, Callable, Union
-from weakref import WeakSet
 
 from . import dispatcher as _dispatcher
 from .buffers import BufferPool, BufferSegment
@@ -92,8 +91,21 @@ _NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = range(5)
 _WRITE_BATCH = 256 * 1024
 
 _ids = itertools.count(1)
-_live: WeakSet[WebSocket] = WeakSet()
+# Sockets between open() and on_closed, for update_all() and wait(). The tuple
+# is a snapshot rebuilt on every change so update_all() iterates without a lock.
+_live: set[WebSocket] = set()
+_live_snapshot: tuple[WebSocket, ...] = ()
 _live_lock = threading.Lock()
+
+
+def _register(ws: WebSocket, alive: bool) -> None:
+    global _live_snapshot
+    with _live_lock:
+        if alive:
+            _live.add(ws)
+        else:
+            _live.discard(ws)
+        _live_snapshot = tuple(_live)
 _ping_struct = struct.Struct("!Q")
 
 
@@ -308,8 +320,7 @@ class WebSocket:
                 raise InvalidState("open() was already called")
             self._phase = _CONNECTING
             self._connector = Connector()
-        with _live_lock:
-            _live.add(self)
+        _register(self, True)
         timeout = self.internal_request.open_timeout
         if timeout is not None:
             self._jobs["open"] = timer.call_later(timeout, self._open_timed_out)
@@ -559,7 +570,6 @@ class WebSocket:
                         item = queue.popleft()
                         batch.append(item)
                         size += item[3]
-                written = 0
                 for opcode, payload, _segment, n in batch:
                     if opcode == -1:  # a pre-encoded close frame
                         chunks.append(payload)
@@ -573,7 +583,6 @@ class WebSocket:
                         self._write_interleaved(frames, transport)
                     else:
                         chunks.extend(frames)
-                    written += n
                 if chunks:
                     transport.write(chunks)
                 with lock:
@@ -815,8 +824,7 @@ class WebSocket:
         reader = self._reader
         if reader is not None and reader is not threading.current_thread():
             reader.join()
-        with _live_lock:
-            _live.discard(self)
+        _register(self, False)
         self._ended = True
         if self.on_closed is not None:
             self.on_closed(self, code_reason[0], code_reason[1])
@@ -899,15 +907,16 @@ def connect(url: str, timeout: float | None = None, **options: Any) -> WebSocket
 
 
 def _live_dispatchers() -> list[_dispatcher.Dispatcher]:
-    with _live_lock:
-        return [ws._dispatcher for ws in _live]
+    return [ws._dispatcher for ws in _live_snapshot]
 
 
 def update_all() -> int:
-    """Run pending callbacks of every socket (``update()`` on each); returns how many."""
-    with _live_lock:
-        sockets = list(_live)
-    return sum(ws.update() for ws in sockets)
+    """Run pending callbacks of every open or opening socket; returns how many ran."""
+    count = 0
+    for ws in _live_snapshot:
+        if ws._dispatcher.pending:
+            count += ws._dispatcher.run()
+    return count
 
 
 def wait(timeout: float | None = None) -> bool:
