@@ -129,8 +129,11 @@ class WebSocket:
       ``close_timeout`` (closing handshake, default 5), ``send_pings``,
       ``ping_frequency`` (default 10, at least 0.1), ``close_after_no_message``
       (default 2).
-    * Callbacks: ``on_open``, ``on_message``, ``on_binary``, ``on_closed``,
-      ``on_internal_request_created``.
+    * Callbacks: ``on_open``, ``on_message``, ``on_binary``, ``on_closed``
+      (run inside ``update()``), and ``on_internal_request_created(ws,
+      request)``, which runs on the connecting thread just before each
+      handshake request is sent; an exception there ends the socket
+      (``on_closed`` with 1006, the exception in ``ws.error``).
     * Memory and logging: ``buffer_pool`` (default ``BufferPool.default``),
       ``context`` (extra fields for the logging context).
 
@@ -304,11 +307,8 @@ class WebSocket:
     # -- opening -----------------------------------------------------------------
 
     def _new_request(self, url: str, **fields: Any) -> Request:
-        """Create a handshake request and hand it to ``on_internal_request_created``."""
-        request = Request(url=url, **fields)
-        if self.on_internal_request_created is not None:
-            self.on_internal_request_created(self, request)
-        return request
+        """Create a handshake request (``on_internal_request_created`` sees it when used)."""
+        return Request(url=url, **fields)
 
     def open(self) -> WebSocket:
         """Start connecting and return at once; ``on_open`` or ``on_closed`` follows.
@@ -355,6 +355,12 @@ class WebSocket:
     def _connect(self) -> Transport:
         """Connect and handshake (RFC 6455 4.1); returns the transport once open."""
         request = self.internal_request
+        hook = self.on_internal_request_created
+        if hook is not None:
+            # Runs on this (connecting) thread, as API.md specifies, so that
+            # every request the socket sends -- including a fallback one --
+            # gets the user's customizations in one place.
+            hook(self, request)
         url = request.parsed_url
         assert self._connector is not None
         deadline = Deadline(request.open_timeout)
