@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .exceptions import (
     HeadersTooLarge,
@@ -157,7 +157,7 @@ def parse_url(url: str) -> WSURL:
     scheme = parts.scheme.lower()
     if scheme not in ("ws", "wss"):
         raise InvalidURL(f"URL scheme must be ws or wss, not {parts.scheme!r}: {url!r}")
-    if parts.fragment:
+    if parts.fragment or "#" in url:  # an empty fragment is still a fragment
         raise InvalidURL(f"a WebSocket URL cannot have a fragment: {url!r}")
     host = parts.hostname
     if not host:
@@ -248,7 +248,8 @@ def build_request(request: Request, key: str, extensions: Sequence[Extension] = 
     if request.origin is not None and "origin" not in request.headers:
         lines.append(f"Origin: {request.origin}")
     if url.user is not None and "authorization" not in request.headers:
-        creds = f"{url.user}:{url.password or ''}".encode()
+        # Userinfo is percent-encoded in the URL (RFC 3986 3.2.1): "p%40ss" is "p@ss".
+        creds = f"{unquote(url.user)}:{unquote(url.password or '')}".encode()
         lines.append("Authorization: Basic " + base64.b64encode(creds).decode("ascii"))
     for name, value in request.headers.raw_items():
         if name.lower() in _RESERVED_HEADERS:
@@ -280,8 +281,11 @@ class ResponseReader:
         self._buf = b""
 
     def feed(self, data: bytes) -> Response | None:
+        # Search only the new bytes (and 3 before them, for a split "\r\n\r\n"),
+        # so a head trickled in byte by byte costs linear time.
+        start = max(0, len(self._buf) - 3)
         self._buf += data
-        end = self._buf.find(b"\r\n\r\n")
+        end = self._buf.find(b"\r\n\r\n", start)
         if end < 0:
             if len(self._buf) > self.limit:
                 raise HeadersTooLarge(f"response head exceeds {self.limit} bytes")

@@ -219,6 +219,8 @@ class Protocol:
     ) -> None:
         self.role = role
         self.state = State.OPEN
+        if max_fragment_size < 1:
+            raise ValueError("max_fragment_size must be at least 1")
         self.max_message_size = max_message_size
         self.max_fragment_size = max_fragment_size
         self.extensions = list(extensions)
@@ -577,7 +579,9 @@ class Protocol:
 
     def _control_frame(self, opcode: int, payload: bytes, events: list[Event]) -> None:
         if opcode == Opcode.PING:
-            if self.state is State.OPEN:
+            # RFC 6455 5.5.2: answer every ping until the peer's close arrives,
+            # including after our own close was sent.
+            if self.state is State.OPEN or self.state is State.CLOSE_SENT:
                 self._outgoing.append(self._frame(Opcode.PONG, payload))
             events.append(Ping(payload))
         elif opcode == Opcode.PONG:

@@ -1,0 +1,306 @@
+"""Frames byte for byte: headers at every length boundary, masking, Frame.parse.
+
+Expected bytes are written out by hand (RFC 6455 section 5.7 examples) or built
+from a reference header encoder in this file, never from blockws' own encoder.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+from blockws.exceptions import ProtocolError
+from blockws.frames import (
+    FIN,
+    RSV1,
+    RSV2,
+    RSV3,
+    Frame,
+    MaskKeys,
+    Opcode,
+    apply_mask,
+    encode_header,
+)
+
+KEY = bytes((0x37, 0xFA, 0x21, 0x3D))  # the masking key of RFC 6455 section 5.7
+BOUNDARY_LENGTHS = [0, 1, 125, 126, 127, 65535, 65536, 1 << 20]
+DATA_OPCODES = [Opcode.CONT, Opcode.TEXT, Opcode.BINARY]
+CONTROL_OPCODES = [Opcode.CLOSE, Opcode.PING, Opcode.PONG]
+RESERVED_OPCODES = [3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF]
+
+
+def naive_mask(data: bytes, key: bytes) -> bytes:
+    """The reference: RFC 6455 5.3, one byte at a time."""
+    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
+
+
+def reference_header(first: int, length: int, key: bytes | None) -> bytes:
+    """RFC 6455 5.2 written out independently of blockws.frames.encode_header."""
+    mask = 0x80 if key is not None else 0
+    if length <= 125:
+        head = bytes([first, mask | length])
+    elif length <= 0xFFFF:
+        head = bytes([first, mask | 126]) + struct.pack(">H", length)
+    else:
+        head = bytes([first, mask | 127]) + struct.pack(">Q", length)
+    return head + (key or b"")
+
+
+def payload_of(length: int) -> bytes:
+    """``length`` bytes with a period (251) that is not a multiple of the mask's 4."""
+    return (bytes(range(251)) * (length // 251 + 1))[:length]
+
+
+_rng = random.Random(6455)
+
+
+def random_bytes(n: int) -> bytes:
+    return _rng.randbytes(n)
+
+
+# -- RFC 6455 section 5.7 examples ---------------------------------------------
+
+
+def test_unmasked_hello() -> None:
+    assert Frame(Opcode.TEXT, b"Hello").serialize() == b"\x81\x05Hello"
+    assert Frame(Opcode.TEXT, b"Hello").serialize() == bytes(
+        [0x81, 0x05, 0x48, 0x65, 0x6C, 0x6C, 0x6F]
+    )
+
+
+def test_masked_hello() -> None:
+    expected = bytes([0x81, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
+    assert Frame(Opcode.TEXT, b"Hello").serialize(KEY) == expected
+    assert Frame.parse(expected) == (Frame(Opcode.TEXT, b"Hello"), 11)
+    assert Frame.parse(expected, masked=True) == (Frame(Opcode.TEXT, b"Hello"), 11)
+
+
+def test_fragmented_hello() -> None:
+    first = Frame(Opcode.TEXT, b"Hel", fin=False).serialize()
+    second = Frame(Opcode.CONT, b"lo").serialize()
+    assert first == bytes([0x01, 0x03, 0x48, 0x65, 0x6C])
+    assert second == bytes([0x80, 0x02, 0x6C, 0x6F])
+    stream = first + second
+    parsed = Frame.parse(stream)
+    assert parsed == (Frame(Opcode.TEXT, b"Hel", fin=False), 5)
+    assert Frame.parse(stream[5:]) == (Frame(Opcode.CONT, b"lo"), 4)
+
+
+def test_unmasked_ping_and_masked_pong() -> None:
+    assert Frame(Opcode.PING, b"Hello").serialize() == bytes(
+        [0x89, 0x05, 0x48, 0x65, 0x6C, 0x6C, 0x6F]
+    )
+    assert Frame(Opcode.PONG, b"Hello").serialize(KEY) == bytes(
+        [0x8A, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58]
+    )
+
+
+def test_256_byte_binary_header() -> None:
+    payload = bytes(range(256))
+    wire = Frame(Opcode.BINARY, payload).serialize()
+    assert wire[:4] == bytes([0x82, 0x7E, 0x01, 0x00])
+    assert wire[4:] == payload
+    assert len(wire) == 260
+
+
+def test_64kib_binary_header() -> None:
+    payload = bytes(65536)
+    wire = Frame(Opcode.BINARY, payload).serialize()
+    assert wire[:10] == bytes([0x82, 0x7F, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00])
+    assert wire[10:] == payload
+
+
+# -- every length boundary, masked and unmasked ----------------------------------
+
+
+HAND_HEADERS = {
+    0: b"\x82\x00",
+    1: b"\x82\x01",
+    125: b"\x82\x7d",
+    126: b"\x82\x7e\x00\x7e",
+    127: b"\x82\x7e\x00\x7f",
+    65535: b"\x82\x7e\xff\xff",
+    65536: b"\x82\x7f\x00\x00\x00\x00\x00\x01\x00\x00",
+    1 << 20: b"\x82\x7f\x00\x00\x00\x00\x00\x10\x00\x00",
+}
+
+
+@pytest.mark.parametrize("length", BOUNDARY_LENGTHS)
+def test_unmasked_header_at_boundary(length: int) -> None:
+    payload = payload_of(length)
+    wire = Frame(Opcode.BINARY, payload).serialize()
+    head = HAND_HEADERS[length]
+    assert wire[: len(head)] == head
+    assert wire[len(head) :] == payload
+    assert encode_header(FIN | Opcode.BINARY, length, None) == head
+    assert Frame.parse(wire, masked=False) == (Frame(Opcode.BINARY, payload), len(wire))
+
+
+@pytest.mark.parametrize("length", BOUNDARY_LENGTHS)
+def test_masked_header_at_boundary(length: int) -> None:
+    payload = payload_of(length)
+    wire = Frame(Opcode.BINARY, payload).serialize(KEY)
+    hand = HAND_HEADERS[length]
+    head = bytes([hand[0], hand[1] | 0x80]) + hand[2:] + KEY
+    assert wire[: len(head)] == head
+    assert len(wire) == len(head) + length
+    if length <= 4096:
+        assert wire[len(head) :] == naive_mask(payload, KEY)
+    else:
+        assert wire[len(head) :] == apply_mask(payload, KEY)
+        assert wire[len(head) : len(head) + 4096] == naive_mask(payload[:4096], KEY)
+    assert Frame.parse(wire, masked=True) == (Frame(Opcode.BINARY, payload), len(wire))
+
+
+@pytest.mark.parametrize("length", BOUNDARY_LENGTHS)
+@pytest.mark.parametrize("key", [None, KEY, b"\x00\x00\x00\x00", b"\xff\xfe\xfd\xfc"])
+def test_round_trip_every_length(length: int, key: bytes | None) -> None:
+    frame = Frame(Opcode.BINARY, payload_of(length))
+    wire = frame.serialize(key)
+    assert wire[: len(reference_header(0x82, length, key))] == reference_header(0x82, length, key)
+    assert Frame.parse(wire) == (frame, len(wire))
+
+
+@pytest.mark.parametrize("opcode", DATA_OPCODES + CONTROL_OPCODES)
+@pytest.mark.parametrize("key", [None, KEY])
+def test_each_opcode(opcode: Opcode, key: bytes | None) -> None:
+    frame = Frame(opcode, b"abc")
+    wire = frame.serialize(key)
+    assert wire[0] == 0x80 | int(opcode)
+    assert wire[1] == (0x83 if key else 0x03)
+    assert Frame.parse(wire) == (frame, len(wire))
+    assert opcode.is_control == (opcode >= 8)
+
+
+@pytest.mark.parametrize("fin", [True, False])
+@pytest.mark.parametrize(
+    "rsv", [0, RSV1, RSV2, RSV3, RSV1 | RSV2, RSV1 | RSV3, RSV2 | RSV3, RSV1 | RSV2 | RSV3]
+)
+def test_fin_and_rsv_bits(fin: bool, rsv: int) -> None:
+    frame = Frame(Opcode.TEXT, b"x", fin=fin, rsv=rsv)
+    wire = frame.serialize()
+    assert wire == bytes([(0x80 if fin else 0) | rsv | 0x01, 0x01]) + b"x"
+    # Frame.parse reports RSV bits as they are; whether they are allowed is the protocol's call.
+    assert Frame.parse(wire) == (frame, 3)
+
+
+def test_rsv_constants() -> None:
+    assert (FIN, RSV1, RSV2, RSV3) == (0x80, 0x40, 0x20, 0x10)
+
+
+# -- Frame.parse: partial input and errors ----------------------------------------
+
+
+@pytest.mark.parametrize("length", [0, 5, 125, 126, 300, 65536])
+@pytest.mark.parametrize("key", [None, KEY])
+def test_parse_every_prefix_is_incomplete(length: int, key: bytes | None) -> None:
+    wire = Frame(Opcode.BINARY, payload_of(length)).serialize(key)
+    cuts = range(len(wire)) if len(wire) < 400 else [0, 1, 2, 3, 5, 9, 10, 13, 14, len(wire) - 1]
+    for cut in cuts:
+        assert Frame.parse(wire[:cut]) is None, cut
+    # Trailing bytes are not consumed.
+    assert Frame.parse(wire + b"\x81\x00") == (Frame(Opcode.BINARY, payload_of(length)), len(wire))
+
+
+def test_parse_accepts_bytearray_and_memoryview() -> None:
+    wire = Frame(Opcode.TEXT, b"Hello").serialize(KEY)
+    assert Frame.parse(bytearray(wire)) == (Frame(Opcode.TEXT, b"Hello"), 11)
+    assert Frame.parse(memoryview(b"zz" + wire)[2:]) == (Frame(Opcode.TEXT, b"Hello"), 11)
+
+
+@pytest.mark.parametrize("opcode", RESERVED_OPCODES)
+def test_parse_rejects_reserved_opcodes(opcode: int) -> None:
+    with pytest.raises(ProtocolError, match="reserved opcode"):
+        Frame.parse(bytes([0x80 | opcode, 0x00]))
+
+
+@pytest.mark.parametrize("opcode", CONTROL_OPCODES)
+def test_parse_rejects_fragmented_control_frame(opcode: Opcode) -> None:
+    with pytest.raises(ProtocolError, match="fragmented control"):
+        Frame.parse(bytes([int(opcode), 0x00]))
+
+
+@pytest.mark.parametrize("opcode", CONTROL_OPCODES)
+def test_parse_rejects_long_control_frame(opcode: Opcode) -> None:
+    Frame.parse(Frame(opcode, bytes(125)).serialize())  # 125 is fine
+    with pytest.raises(ProtocolError, match="longer than 125"):
+        Frame.parse(bytes([0x80 | opcode, 126, 0x00, 126]) + bytes(126))
+
+
+def test_parse_checks_the_mask_bit() -> None:
+    masked = Frame(Opcode.TEXT, b"hi").serialize(KEY)
+    unmasked = Frame(Opcode.TEXT, b"hi").serialize()
+    with pytest.raises(ProtocolError, match="masking"):
+        Frame.parse(masked, masked=False)
+    with pytest.raises(ProtocolError, match="masking"):
+        Frame.parse(unmasked, masked=True)
+    assert Frame.parse(unmasked, masked=False) is not None
+    assert Frame.parse(masked, masked=True) is not None
+
+
+def test_parse_rejects_64_bit_length_with_top_bit() -> None:
+    with pytest.raises(ProtocolError, match="top bit"):
+        Frame.parse(b"\x82\x7f\x80\x00\x00\x00\x00\x00\x00\x00")
+
+
+def test_parse_accepts_non_minimal_length() -> None:
+    # A 5-byte payload announced with the 16-bit form: lenient, like the streaming parser.
+    assert Frame.parse(b"\x82\x7e\x00\x05hello") == (Frame(Opcode.BINARY, b"hello"), 9)
+
+
+# -- masking ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key", [KEY, b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\x01\x02\x03\x04"]
+)
+def test_apply_mask_matches_reference_small(key: bytes) -> None:
+    data = random_bytes(80)
+    for length in range(71):
+        for start in range(4):  # every alignment of the data
+            chunk = data[start : start + length]
+            expected = naive_mask(chunk, key)
+            assert apply_mask(chunk, key) == expected, (length, start)
+            assert apply_mask(memoryview(data)[start : start + length], key) == expected
+            assert apply_mask(bytearray(chunk), key) == expected
+
+
+@pytest.mark.parametrize("length", [1000, 4093, 4096, 4099, 65535, 65536, 65537, 1 << 20])
+def test_apply_mask_matches_reference_large(length: int) -> None:
+    data = random_bytes(length + 3)
+    for start in range(4):
+        chunk = data[start : start + length]
+        assert apply_mask(chunk, KEY) == naive_mask(chunk, KEY)
+
+
+def test_apply_mask_is_an_involution() -> None:
+    for length in [0, 1, 2, 3, 4, 5, 63, 64, 65, 1000, 65537]:
+        data = random_bytes(length)
+        key = random_bytes(4)
+        once = apply_mask(data, key)
+        assert len(once) == length
+        assert apply_mask(once, key) == data
+        assert type(once) is bytes
+
+
+def test_apply_mask_memoryview_input() -> None:
+    buf = bytearray(b"....Hello....")
+    view = memoryview(buf)[4:9]
+    assert apply_mask(view, KEY) == bytes([0x7F, 0x9F, 0x4D, 0x51, 0x58])
+    assert buf == bytearray(b"....Hello....")  # the input is not modified
+    assert apply_mask(memoryview(b""), KEY) == b""
+
+
+def test_apply_mask_keeps_leading_and_trailing_zero_bytes() -> None:
+    # int.from_bytes/to_bytes must not drop zero bytes at either end.
+    assert apply_mask(b"\x00\x00\x00\x00\x00", b"\x00\x00\x00\x00") == b"\x00" * 5
+    assert apply_mask(b"\x37\xfa\x21\x3d\x37", KEY) == b"\x00\x00\x00\x00\x00"
+
+
+def test_mask_keys_are_four_bytes_and_refill_in_batches() -> None:
+    keys = MaskKeys()
+    drawn = [keys() for _ in range(3 * MaskKeys._BATCH // 4 + 5)]  # crosses batch refills
+    assert all(type(k) is bytes and len(k) == 4 for k in drawn)
+    assert len(set(drawn)) > len(drawn) // 2  # random, not a constant

@@ -1,0 +1,929 @@
+"""The sans-I/O protocol: the streaming parser, fail-fast checks and the close handshake.
+
+No sockets: bytes go into ``Protocol.receive_data`` and the events and the frames
+queued in ``data_to_send()`` are checked byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blockws.exceptions import InvalidPayload, InvalidState, MessageTooBig, ProtocolError
+from blockws.frames import RSV1, RSV2, RSV3, Frame, Opcode, is_valid_close_code, pack_close
+from blockws.protocol import (
+    TRANSITIONS,
+    BinaryMessage,
+    CloseReceived,
+    Event,
+    Failure,
+    Ping,
+    Pong,
+    Protocol,
+    Role,
+    State,
+    TextMessage,
+)
+
+KEY = b"\x37\xfa\x21\x3d"
+SIZES = [0, 1, 125, 126, 127, 65535, 65536, 1 << 20]
+RESERVED_OPCODES = [3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF]
+
+Summary = tuple[Any, ...]
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def make(role: Role, **kwargs: Any) -> Protocol:
+    """A protocol with a fixed masking key, so the frames it queues are predictable."""
+    return Protocol(role, mask_keys=lambda: KEY, **kwargs)
+
+
+def wire(role: Role, opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0) -> bytes:
+    """A frame as the peer of a ``role`` endpoint sends it (masked towards a server)."""
+    frame = Frame(opcode, payload, fin, rsv)
+    return frame.serialize(KEY if role is Role.SERVER else None)
+
+
+def summarize(events: Iterable[Event]) -> list[Summary]:
+    out: list[Summary] = []
+    for e in events:
+        if isinstance(e, TextMessage):
+            out.append(("text", e.text))
+        elif isinstance(e, BinaryMessage):
+            assert len(e.data) >= e.length
+            out.append(("binary", bytes(e)))
+        elif isinstance(e, Ping):
+            out.append(("ping", e.payload))
+        elif isinstance(e, Pong):
+            out.append(("pong", e.payload))
+        elif isinstance(e, CloseReceived):
+            out.append(("close", e.code, e.reason))
+        elif isinstance(e, Failure):
+            out.append(("failure", type(e.error), e.error.close_code))
+        else:  # pragma: no cover
+            raise AssertionError(e)
+    return out
+
+
+def feed(proto: Protocol, data: bytes, chunks: Sequence[int] | None = None) -> list[Summary]:
+    """Feed ``data`` whole, or cut at the offsets in ``chunks``; summarize the events."""
+    if chunks is None:
+        return summarize(proto.receive_data(data))
+    events: list[Event] = []
+    start = 0
+    for cut in [*chunks, len(data)]:
+        events.extend(proto.receive_data(data[start:cut]))
+        start = cut
+    return summarize(events)
+
+
+def feed_bytewise(proto: Protocol, data: bytes) -> list[Summary]:
+    events: list[Event] = []
+    for i in range(len(data)):
+        events.extend(proto.receive_data(data[i : i + 1]))
+    return summarize(events)
+
+
+def sent_frames(proto: Protocol) -> list[Frame]:
+    """Parse what ``proto`` queued in ``data_to_send()`` (masked iff it is a client)."""
+    data = b"".join(proto.data_to_send())
+    frames = []
+    while data:
+        parsed = Frame.parse(data, masked=proto.role is Role.CLIENT)
+        assert parsed is not None, "data_to_send() holds an incomplete frame"
+        frame, used = parsed
+        frames.append(frame)
+        data = data[used:]
+    return frames
+
+
+def close_frame(code: int | None, reason: str = "") -> Frame:
+    return Frame(Opcode.CLOSE, pack_close(code, reason))
+
+
+def text_of(size: int) -> str:
+    return ("abcdefghij" * (size // 10 + 1))[:size]
+
+
+def binary_of(size: int) -> bytes:
+    return (bytes(range(251)) * (size // 251 + 1))[:size]
+
+
+BOTH_ROLES = pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER], ids=["client", "server"])
+
+
+# -- messages of every size -----------------------------------------------------------
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("size", SIZES)
+def test_text_message_every_size(role: Role, size: int) -> None:
+    text = text_of(size)
+    proto = make(role)
+    assert feed(proto, wire(role, Opcode.TEXT, text.encode())) == [("text", text)]
+    assert proto.data_to_send() == []
+    assert proto.state is State.OPEN
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("size", SIZES)
+def test_binary_message_every_size(role: Role, size: int) -> None:
+    data = binary_of(size)
+    proto = make(role)
+    events = proto.receive_data(wire(role, Opcode.BINARY, data))
+    assert len(events) == 1 and isinstance(events[0], BinaryMessage)
+    assert events[0].length == size
+    assert bytes(events[0]) == data
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("size", [126, 65536, 1 << 20])
+def test_message_split_in_two_reads_at_every_header_offset(role: Role, size: int) -> None:
+    frame = wire(role, Opcode.BINARY, binary_of(size))
+    for cut in range(1, 16):
+        proto = make(role)
+        assert feed(proto, frame, [cut]) == [("binary", binary_of(size))]
+
+
+@BOTH_ROLES
+def test_several_messages_in_one_read(role: Role) -> None:
+    stream = b"".join(
+        [
+            wire(role, Opcode.TEXT, b"one"),
+            wire(role, Opcode.BINARY, b"\x00\x01"),
+            wire(role, Opcode.TEXT, b""),
+            wire(role, Opcode.BINARY, b""),
+            wire(role, Opcode.PONG, b"pp"),
+            wire(role, Opcode.TEXT, "héllo €".encode()),
+        ]
+    )
+    proto = make(role)
+    assert feed(proto, stream) == [
+        ("text", "one"),
+        ("binary", b"\x00\x01"),
+        ("text", ""),
+        ("binary", b""),
+        ("pong", b"pp"),
+        ("text", "héllo €"),
+    ]
+
+
+def test_input_types_bytes_bytearray_memoryview() -> None:
+    frame = wire(Role.SERVER, Opcode.TEXT, b"Hello")
+    for data in (frame, bytearray(frame), memoryview(b"xx" + frame)[2:]):
+        proto = make(Role.SERVER)
+        assert summarize(proto.receive_data(data[:3])) == []
+        assert summarize(proto.receive_data(data[3:])) == [("text", "Hello")]
+
+
+def test_binary_message_uses_the_allocate_hook() -> None:
+    sizes: list[int] = []
+
+    def allocate(n: int) -> bytearray:
+        sizes.append(n)
+        return bytearray(n + 100)  # larger than asked, like a pooled buffer
+
+    proto = Protocol(Role.CLIENT, allocate=allocate)
+    events = proto.receive_data(wire(Role.CLIENT, Opcode.BINARY, b"abc"))
+    assert sizes == [3]
+    (event,) = events
+    assert isinstance(event, BinaryMessage)
+    assert event.length == 3 and len(event.data) == 103
+    assert bytes(event) == b"abc"
+    assert repr(event) == "BinaryMessage(<3 bytes>)"
+
+
+# -- fragmentation and interleaved control frames -----------------------------------------
+
+
+@BOTH_ROLES
+def test_fragmented_text_with_interleaved_ping_pongs_at_once(role: Role) -> None:
+    proto = make(role)
+    first = wire(role, Opcode.TEXT, b"Hel", fin=False)
+    ping = wire(role, Opcode.PING, b"are you there")
+    last = wire(role, Opcode.CONT, b"lo")
+    assert feed(proto, first) == []
+    assert feed(proto, ping) == [("ping", b"are you there")]
+    # The pong is queued immediately, before the message is complete.
+    pong = Frame(Opcode.PONG, b"are you there")
+    expected = pong.serialize(KEY) if role is Role.CLIENT else pong.serialize()
+    assert proto.data_to_send() == [expected]
+    assert feed(proto, last) == [("text", "Hello")]
+    assert proto.data_to_send() == []
+
+
+def test_pong_bytes_exact() -> None:
+    client = make(Role.CLIENT)
+    client.receive_data(b"\x89\x05Hello")
+    # The RFC 6455 5.7 masked pong.
+    assert client.data_to_send() == [
+        bytes([0x8A, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
+    ]
+    server = make(Role.SERVER)
+    server.receive_data(Frame(Opcode.PING, b"Hello").serialize(KEY))
+    assert server.data_to_send() == [b"\x8a\x05Hello"]
+
+
+@BOTH_ROLES
+def test_fragmented_binary_with_every_control_frame_between(role: Role) -> None:
+    parts = [binary_of(300), b"", binary_of(70000), b"x"]
+    stream = b""
+    for i, part in enumerate(parts):
+        op = Opcode.BINARY if i == 0 else Opcode.CONT
+        stream += wire(role, op, part, fin=i == len(parts) - 1)
+        stream += wire(role, Opcode.PING, bytes([i])) + wire(role, Opcode.PONG, b"p" * 125)
+    expected: list[Summary] = []
+    for i in range(len(parts)):
+        if i == len(parts) - 1:
+            expected.append(("binary", b"".join(parts)))
+        expected += [("ping", bytes([i])), ("pong", b"p" * 125)]
+    assert feed(make(role), stream) == expected
+    assert feed_bytewise(make(role), stream) == expected
+
+
+@BOTH_ROLES
+def test_fragmented_text_split_inside_characters(role: Role) -> None:
+    text = "€uro 😀 ok"
+    data = text.encode()
+    stream = b""
+    pieces = [data[i : i + 1] for i in range(len(data))]  # one byte per frame
+    for i, piece in enumerate(pieces):
+        op = Opcode.TEXT if i == 0 else Opcode.CONT
+        stream += wire(role, op, piece, fin=i == len(pieces) - 1)
+    assert feed(make(role), stream) == [("text", text)]
+
+
+@BOTH_ROLES
+def test_empty_fragments(role: Role) -> None:
+    stream = (
+        wire(role, Opcode.TEXT, b"", fin=False)
+        + wire(role, Opcode.CONT, b"", fin=False)
+        + wire(role, Opcode.CONT, b"")
+        + wire(role, Opcode.BINARY, b"", fin=False)
+        + wire(role, Opcode.CONT, b"")
+    )
+    assert feed(make(role), stream) == [("text", ""), ("binary", b"")]
+
+
+# -- one byte at a time -----------------------------------------------------------------
+
+
+def mixed_stream(role: Role) -> bytes:
+    out = []
+    for size in [0, 1, 125, 126, 127, 1000, 65535, 65536]:
+        out.append(wire(role, Opcode.BINARY, binary_of(size)))
+        out.append(wire(role, Opcode.TEXT, ("ü" * size)[: size // 2].encode()))
+    out.append(wire(role, Opcode.TEXT, "日本".encode(), fin=False))
+    out.append(wire(role, Opcode.PING, b"mid"))
+    out.append(wire(role, Opcode.CONT, "語 😀".encode(), fin=False))
+    out.append(wire(role, Opcode.PONG, b""))
+    out.append(wire(role, Opcode.CONT, b"!"))
+    out.append(wire(role, Opcode.CLOSE, pack_close(1000, "bye")))
+    return b"".join(out)
+
+
+@BOTH_ROLES
+def test_bytewise_feeding_gives_the_same_events(role: Role) -> None:
+    stream = mixed_stream(role)
+    whole = make(role)
+    expected = feed(whole, stream)
+    assert len(expected) == 16 + 3 + 1
+    assert expected[-1] == ("close", 1000, "bye")
+    assert ("text", "日本語 😀!") in expected
+    bytewise = make(role)
+    assert feed_bytewise(bytewise, stream) == expected
+    assert bytewise.data_to_send() == whole.data_to_send()
+    assert bytewise.state is whole.state is State.CLOSED
+
+
+# -- hypothesis round trips --------------------------------------------------------------
+
+TextOrBinary = Union[str, bytes]
+
+messages_strategy = st.lists(
+    st.one_of(st.text(max_size=200), st.binary(max_size=600)),
+    max_size=8,
+)
+
+
+def round_trip(
+    sender_role: Role,
+    messages: Sequence[TextOrBinary],
+    fragment: int,
+    cuts: Sequence[int],
+    pings: Sequence[bool],
+) -> None:
+    receiver_role = Role.SERVER if sender_role is Role.CLIENT else Role.CLIENT
+    sender = Protocol(sender_role, max_fragment_size=fragment)
+    receiver = Protocol(receiver_role)
+    stream = b""
+    expected: list[Summary] = []
+    for i, msg in enumerate(messages):
+        if isinstance(msg, str):
+            stream += b"".join(sender.encode_data(Opcode.TEXT, msg.encode()))
+            expected.append(("text", msg))
+        else:
+            stream += b"".join(sender.encode_data(Opcode.BINARY, msg))
+            expected.append(("binary", msg))
+        if i < len(pings) and pings[i]:
+            stream += sender.encode_control(Opcode.PING, bytes([i]))
+            expected.append(("ping", bytes([i])))
+    stream += sender.encode_close(1000, "done")
+    expected.append(("close", 1000, "done"))
+    offsets = sorted({c % (len(stream) + 1) for c in cuts})
+    assert feed(receiver, stream, offsets) == expected
+    # The receiver answered every ping and echoed the close; the sender takes it all.
+    replies = b"".join(receiver.data_to_send())
+    assert receiver.state is State.CLOSED
+    back = feed(sender, replies)
+    assert back[-1] == ("close", 1000, "")
+    assert back[:-1] == [("pong", e[1]) for e in expected if e[0] == "ping"]
+    assert sender.state is State.CLOSED
+
+
+_hypothesis = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@_hypothesis
+@given(
+    messages=messages_strategy,
+    fragment=st.integers(1, 700),
+    cuts=st.lists(st.integers(0, 1 << 16), max_size=30),
+    pings=st.lists(st.booleans(), max_size=8),
+)
+def test_hypothesis_client_to_server(
+    messages: list[TextOrBinary], fragment: int, cuts: list[int], pings: list[bool]
+) -> None:
+    round_trip(Role.CLIENT, messages, fragment, cuts, pings)
+
+
+@_hypothesis
+@given(
+    messages=messages_strategy,
+    fragment=st.integers(1, 700),
+    cuts=st.lists(st.integers(0, 1 << 16), max_size=30),
+    pings=st.lists(st.booleans(), max_size=8),
+)
+def test_hypothesis_server_to_client(
+    messages: list[TextOrBinary], fragment: int, cuts: list[int], pings: list[bool]
+) -> None:
+    round_trip(Role.SERVER, messages, fragment, cuts, pings)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(
+    messages=st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40)), max_size=4),
+    fragment=st.integers(1, 20),
+)
+def test_hypothesis_bytewise(messages: list[TextOrBinary], fragment: int) -> None:
+    for sender_role in (Role.CLIENT, Role.SERVER):
+        round_trip(sender_role, messages, fragment, list(range(1, 2000)), [True])
+
+
+# -- sending ------------------------------------------------------------------------------
+
+
+def test_encode_data_client_masks_with_the_key() -> None:
+    client = make(Role.CLIENT)
+    assert client.encode_data(Opcode.TEXT, b"Hello") == [
+        bytes([0x81, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58])
+    ]
+
+
+def test_encode_data_server_does_not_mask() -> None:
+    server = make(Role.SERVER)
+    assert b"".join(server.encode_data(Opcode.TEXT, b"Hello")) == b"\x81\x05Hello"
+    assert (
+        b"".join(server.encode_data(Opcode.BINARY, memoryview(b"\x00\xff"))) == b"\x82\x02\x00\xff"
+    )
+
+
+def test_encode_data_fragments_exactly() -> None:
+    server = make(Role.SERVER, max_fragment_size=3)
+    assert b"".join(server.encode_data(Opcode.TEXT, b"Hello")) == b"\x01\x03Hel\x80\x02lo"
+    assert b"".join(server.encode_data(Opcode.BINARY, b"abcdef")) == b"\x02\x03abc\x80\x03def"
+    assert b"".join(server.encode_data(Opcode.BINARY, b"abc")) == b"\x82\x03abc"
+    client = make(Role.CLIENT, max_fragment_size=3)
+    assert client.encode_data(Opcode.TEXT, b"Hello") == [
+        Frame(Opcode.TEXT, b"Hel", fin=False).serialize(KEY),
+        Frame(Opcode.CONT, b"lo").serialize(KEY),
+    ]
+
+
+def test_encode_control() -> None:
+    server = make(Role.SERVER)
+    assert server.encode_control(Opcode.PING, b"Hello") == b"\x89\x05Hello"
+    assert server.encode_control(Opcode.PONG) == b"\x8a\x00"
+    assert server.encode_control(Opcode.PING, b"x" * 125)[:2] == b"\x89\x7d"
+    with pytest.raises(ValueError):
+        server.encode_control(Opcode.PING, b"x" * 126)
+    with pytest.raises(ValueError):
+        server.encode_control(Opcode.CLOSE)
+    with pytest.raises(ValueError):
+        server.encode_control(Opcode.TEXT, b"hi")
+    client = make(Role.CLIENT)
+    assert client.encode_control(Opcode.PONG, b"Hello") == bytes(
+        [0x8A, 0x85, 0x37, 0xFA, 0x21, 0x3D, 0x7F, 0x9F, 0x4D, 0x51, 0x58]
+    )
+
+
+def test_client_uses_fresh_random_keys_by_default() -> None:
+    client = Protocol(Role.CLIENT)
+    frames = [client.encode_data(Opcode.BINARY, b"same")[0] for _ in range(20)]
+    keys = {f[2:6] for f in frames}
+    assert len(keys) > 10
+    for f in frames:
+        assert Frame.parse(f, masked=True) == (Frame(Opcode.BINARY, b"same"), 10)
+
+
+# -- fail fast ------------------------------------------------------------------------------
+
+
+def assert_failed(
+    proto: Protocol,
+    events: list[Summary],
+    error: type[ProtocolError],
+    code: int,
+    before: Sequence[Frame] = (),
+) -> None:
+    """The last event is the Failure; a close with ``code`` is queued (after the
+    frames in ``before``); the state is CLOSE_SENT; later data yields nothing."""
+    assert events[-1] == ("failure", error, code)
+    assert isinstance(proto.failure, error)
+    assert proto.state is State.CLOSE_SENT
+    assert sent_frames(proto) == [*before, close_frame(code)]
+    assert proto.close_sent == (code, "")
+    # After a Failure, nothing more comes out, whatever arrives.
+    for more in (wire(proto.role, Opcode.TEXT, b"late"), b"\x89\x00", b"\xff" * 20):
+        assert proto.receive_data(more) == []
+    assert proto.data_to_send() == []
+
+
+PRELUDE = [("text", "before"), ("ping", b"p")]
+PRELUDE_PONG = [Frame(Opcode.PONG, b"p")]
+
+
+def prelude(role: Role) -> bytes:
+    return wire(role, Opcode.TEXT, b"before") + wire(role, Opcode.PING, b"p")
+
+
+def fail_case(role: Role, bad: bytes, error: type[ProtocolError], code: int, **kw: Any) -> None:
+    """Feed good frames then ``bad`` in one read, and in two; check the failure either way."""
+    for split in (False, True):
+        proto = make(role, **kw)
+        data = prelude(role) + bad
+        events = feed(proto, data, [len(prelude(role))] if split else None)
+        assert events[:-1] == PRELUDE, "events before the bad frame must be delivered"
+        # The pong for the prelude's ping is queued before the close.
+        assert_failed(proto, events, error, code, before=PRELUDE_PONG)
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("rsv", [RSV1, RSV2, RSV3, RSV1 | RSV2 | RSV3])
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY, Opcode.PING])
+def test_rsv_bits_without_extension(role: Role, rsv: int, opcode: Opcode) -> None:
+    fail_case(role, wire(role, opcode, b"x", rsv=rsv), ProtocolError, 1002)
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("opcode", RESERVED_OPCODES)
+def test_reserved_opcodes(role: Role, opcode: int) -> None:
+    fail_case(role, wire(role, opcode, b"x"), ProtocolError, 1002)
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("opcode", [Opcode.PING, Opcode.PONG, Opcode.CLOSE])
+def test_fragmented_control_frame(role: Role, opcode: Opcode) -> None:
+    fail_case(role, wire(role, opcode, b"", fin=False), ProtocolError, 1002)
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("opcode", [Opcode.PING, Opcode.PONG, Opcode.CLOSE])
+@pytest.mark.parametrize("size", [126, 127, 65536])
+def test_control_frame_over_125_bytes(role: Role, opcode: Opcode, size: int) -> None:
+    payload = pack_close(1000) + bytes(size - 2) if opcode is Opcode.CLOSE else bytes(size)
+    fail_case(role, wire(role, opcode, payload), ProtocolError, 1002)
+
+
+def test_long_control_frame_fails_on_its_first_two_bytes() -> None:
+    proto = make(Role.CLIENT)
+    assert feed(proto, b"\x89\x7e") == [("failure", ProtocolError, 1002)]
+
+
+def test_masked_frame_to_client() -> None:
+    fail_case(Role.CLIENT, wire(Role.SERVER, Opcode.TEXT, b"masked"), ProtocolError, 1002)
+
+
+def test_unmasked_frame_to_server() -> None:
+    fail_case(Role.SERVER, wire(Role.CLIENT, Opcode.TEXT, b"plain"), ProtocolError, 1002)
+
+
+@BOTH_ROLES
+def test_continuation_with_nothing_to_continue(role: Role) -> None:
+    fail_case(role, wire(role, Opcode.CONT, b"orphan"), ProtocolError, 1002)
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("second", [Opcode.TEXT, Opcode.BINARY])
+def test_new_data_frame_during_fragmented_message(role: Role, second: Opcode) -> None:
+    bad = wire(role, Opcode.TEXT, b"part", fin=False) + wire(role, second, b"new")
+    fail_case(role, bad, ProtocolError, 1002)
+
+
+@BOTH_ROLES
+def test_rsv_on_continuation_frame(role: Role) -> None:
+    bad = wire(role, Opcode.BINARY, b"a", fin=False) + wire(role, Opcode.CONT, b"b", rsv=RSV1)
+    fail_case(role, bad, ProtocolError, 1002)
+
+
+def test_64_bit_length_with_top_bit_set() -> None:
+    fail_case(Role.CLIENT, b"\x82\x7f\x80" + bytes(7), ProtocolError, 1002)
+
+
+@BOTH_ROLES
+def test_invalid_utf8_fails_before_the_frame_is_complete(role: Role) -> None:
+    payload = b"ok \xf4\x90" + b"x" * 995  # U+110000 and above do not exist
+    frame = wire(role, Opcode.TEXT, payload)
+    head = 4 + (4 if role is Role.SERVER else 0)
+    proto = make(role)
+    events = feed(proto, prelude(role) + frame[: head + 5])
+    # Only 5 of the 1000 announced bytes arrived, and the Failure is already there.
+    assert events == [*PRELUDE, ("failure", InvalidPayload, 1007)]
+    assert_failed(proto, events, InvalidPayload, 1007, before=PRELUDE_PONG)
+
+
+@BOTH_ROLES
+def test_invalid_utf8_in_first_fragment_fails_at_once(role: Role) -> None:
+    proto = make(role)
+    events = feed(proto, wire(role, Opcode.TEXT, b"\xc0\xaf", fin=False))  # overlong "/"
+    assert_failed(proto, events, InvalidPayload, 1007)
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (b"ok \xf4", b"\x90\x80\x80 and more"),  # the bad byte is in the next fragment
+        (b"ok \xe2\x82", b"x"),  # a character cut by an ASCII byte
+        (b"fine", b"\xff"),
+        (b"fine", b"\xed\xa0\x80"),  # a UTF-16 surrogate
+    ],
+)
+def test_invalid_utf8_across_fragments(role: Role, first: bytes, second: bytes) -> None:
+    bad = wire(role, Opcode.TEXT, first, fin=False) + wire(role, Opcode.CONT, second, fin=False)
+    fail_case(role, bad, InvalidPayload, 1007)
+
+
+@BOTH_ROLES
+def test_invalid_utf8_detected_before_the_last_fragment(role: Role) -> None:
+    proto = make(role)
+    assert feed(proto, wire(role, Opcode.TEXT, b"ab\xe2", fin=False)) == []
+    events = feed(proto, wire(role, Opcode.CONT, b"\x28", fin=False))
+    assert_failed(proto, events, InvalidPayload, 1007)
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [(b"ends in \xe2\x82", True)],
+        [(b"ends in \xe2", False), (b"\x82", True)],
+        [(b"ends in \xf0\x9f\x98", False), (b"", True)],
+    ],
+    ids=["one-frame", "two-frames", "empty-last-frame"],
+)
+def test_message_ending_inside_a_character(role: Role, frames: list[tuple[bytes, bool]]) -> None:
+    bad = b""
+    for i, (payload, fin) in enumerate(frames):
+        bad += wire(role, Opcode.TEXT if i == 0 else Opcode.CONT, payload, fin=fin)
+    fail_case(role, bad, InvalidPayload, 1007)
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY])
+def test_message_too_big_fails_at_the_header(role: Role, opcode: Opcode) -> None:
+    frame = wire(role, opcode, b"a" * 101)
+    head = 2 + (4 if role is Role.SERVER else 0)
+    fail_case(role, frame[:head], MessageTooBig, 1009, max_message_size=100)
+    # Exactly the limit is fine.
+    proto = make(role, max_message_size=100)
+    assert len(feed(proto, wire(role, opcode, b"a" * 100))) == 1
+
+
+@BOTH_ROLES
+def test_message_too_big_across_fragments(role: Role) -> None:
+    first = wire(role, Opcode.BINARY, b"a" * 60, fin=False)
+    second = wire(role, Opcode.CONT, b"b" * 41)
+    head = 2 + (4 if role is Role.SERVER else 0)
+    fail_case(role, first + second[:head], MessageTooBig, 1009, max_message_size=100)
+    proto = make(role, max_message_size=100)
+    ok = wire(role, Opcode.CONT, b"b" * 40)
+    assert feed(proto, first + ok) == [("binary", b"a" * 60 + b"b" * 40)]
+
+
+@BOTH_ROLES
+def test_text_too_big_across_fragments(role: Role) -> None:
+    first = wire(role, Opcode.TEXT, b"a" * 60, fin=False)
+    second = wire(role, Opcode.CONT, b"b" * 60)
+    head = 2 + (4 if role is Role.SERVER else 0)
+    fail_case(role, first + second[:head], MessageTooBig, 1009, max_message_size=100)
+
+
+def test_huge_announced_length_fails_without_allocating() -> None:
+    allocated: list[int] = []
+
+    def allocate(n: int) -> bytearray:
+        allocated.append(n)
+        return bytearray(n)
+
+    proto = Protocol(Role.CLIENT, allocate=allocate)  # default 16 MiB limit
+    events = feed(proto, b"\x82\x7f" + (1 << 40).to_bytes(8, "big"))
+    assert events == [("failure", MessageTooBig, 1009)]
+    assert allocated == []
+
+
+def test_no_message_size_limit() -> None:
+    proto = make(Role.CLIENT, max_message_size=None)
+    assert feed(proto, wire(Role.CLIENT, Opcode.BINARY, bytes(70000))) == [("binary", bytes(70000))]
+
+
+def test_failure_while_close_sent_queues_no_second_close() -> None:
+    proto = make(Role.CLIENT)
+    proto.encode_close(1001, "going away")
+    events = feed(proto, wire(Role.CLIENT, Opcode.CONT, b"x"))
+    assert events == [("failure", ProtocolError, 1002)]
+    assert proto.state is State.CLOSE_SENT
+    assert proto.data_to_send() == []
+    assert proto.close_sent == (1001, "going away")
+
+
+def test_fail_from_outside_the_parser() -> None:
+    proto = make(Role.SERVER)
+    events = summarize(proto.fail(InvalidPayload("bad")))
+    assert events == [("failure", InvalidPayload, 1007)]
+    assert proto.state is State.CLOSE_SENT
+    assert proto.data_to_send() == [b"\x88\x02\x03\xef"]
+    assert proto.receive_data(wire(Role.SERVER, Opcode.TEXT, b"x")) == []
+
+
+def test_failure_repr() -> None:
+    assert repr(Failure(ProtocolError("x"))) == "Failure(ProtocolError('x'))"
+
+
+# -- the close handshake and codes ------------------------------------------------------------
+
+VALID_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014]
+VALID_CODES += [3000, 3001, 3999, 4000, 4242, 4999]
+INVALID_CODES = [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]
+
+
+def test_is_valid_close_code_over_the_whole_range() -> None:
+    valid = {c for c in range(65536) if is_valid_close_code(c)}
+    expected = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
+    assert valid == expected
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("code", VALID_CODES)
+def test_valid_close_code_is_echoed(role: Role, code: int) -> None:
+    proto = make(role)
+    events = feed(proto, wire(role, Opcode.CLOSE, pack_close(code, "reason ✓")))
+    assert events == [("close", code, "reason ✓")]
+    assert proto.close_received == (code, "reason ✓")
+    assert proto.state is State.CLOSED
+    # The reply echoes the code, without the reason.
+    assert sent_frames(proto) == [close_frame(code)]
+    assert proto.close_sent == (code, "")
+
+
+def test_close_reply_bytes_exact() -> None:
+    server = make(Role.SERVER)
+    server.receive_data(Frame(Opcode.CLOSE, b"\x03\xe8bye").serialize(KEY))
+    assert server.data_to_send() == [b"\x88\x02\x03\xe8"]
+    client = make(Role.CLIENT)
+    client.receive_data(b"\x88\x02\x0f\xa0")  # 4000
+    assert client.data_to_send() == [b"\x88\x82" + KEY + bytes([0x0F ^ 0x37, 0xA0 ^ 0xFA])]
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("code", INVALID_CODES)
+def test_invalid_close_code_fails_with_1002(role: Role, code: int) -> None:
+    bad = wire(role, Opcode.CLOSE, code.to_bytes(2, "big") + b"why")
+    fail_case(role, bad, ProtocolError, 1002)
+
+
+@BOTH_ROLES
+def test_one_byte_close_payload(role: Role) -> None:
+    fail_case(role, wire(role, Opcode.CLOSE, b"\x03"), ProtocolError, 1002)
+
+
+@BOTH_ROLES
+def test_close_reason_not_utf8(role: Role) -> None:
+    fail_case(role, wire(role, Opcode.CLOSE, b"\x03\xe8ok\xff"), InvalidPayload, 1007)
+
+
+@BOTH_ROLES
+def test_empty_close_gets_an_empty_reply(role: Role) -> None:
+    proto = make(role)
+    assert feed(proto, wire(role, Opcode.CLOSE)) == [("close", 1005, "")]
+    assert proto.close_received == (1005, "")
+    expected = b"\x88\x80" + KEY if role is Role.CLIENT else b"\x88\x00"
+    assert proto.data_to_send() == [expected]
+    assert proto.close_sent == (None, "")
+    assert proto.state is State.CLOSED
+
+
+def test_close_received_repr() -> None:
+    assert repr(CloseReceived(1000, "bye")) == "CloseReceived(1000, 'bye')"
+
+
+def test_transitions_table() -> None:
+    assert TRANSITIONS == {
+        (State.OPEN, "send_close"): State.CLOSE_SENT,
+        (State.OPEN, "receive_close"): State.CLOSE_RECEIVED,
+        (State.CLOSE_SENT, "receive_close"): State.CLOSED,
+        (State.CLOSE_RECEIVED, "send_close"): State.CLOSED,
+    }
+
+
+@BOTH_ROLES
+def test_we_close_first(role: Role) -> None:
+    proto = make(role)
+    frame = proto.encode_close(1000, "bye")
+    assert Frame.parse(frame, masked=role is Role.CLIENT) == (
+        close_frame(1000, "bye"),
+        len(frame),
+    )
+    assert proto.state is State.CLOSE_SENT
+    assert proto.close_sent == (1000, "bye")
+    # Messages the peer sent before seeing our close are still delivered.
+    assert feed(proto, wire(role, Opcode.TEXT, b"in flight")) == [("text", "in flight")]
+    assert feed(proto, wire(role, Opcode.CLOSE, pack_close(1000))) == [("close", 1000, "")]
+    assert proto.state is State.CLOSED
+    assert proto.data_to_send() == []  # no second close
+    assert proto.receive_data(wire(role, Opcode.TEXT, b"after")) == []
+
+
+@BOTH_ROLES
+def test_peer_closes_first_auto_reply(role: Role) -> None:
+    proto = make(role)
+    assert feed(proto, wire(role, Opcode.CLOSE, pack_close(1001, "away"))) == [
+        ("close", 1001, "away")
+    ]
+    assert proto.state is State.CLOSED
+    assert sent_frames(proto) == [close_frame(1001)]
+    with pytest.raises(InvalidState):
+        proto.encode_close(1000)
+
+
+@BOTH_ROLES
+def test_peer_closes_first_manual_reply(role: Role) -> None:
+    proto = make(role, auto_close_reply=False)
+    assert feed(proto, wire(role, Opcode.CLOSE, pack_close(4001, "custom"))) == [
+        ("close", 4001, "custom")
+    ]
+    assert proto.state is State.CLOSE_RECEIVED
+    assert proto.data_to_send() == []
+    # Whatever the peer sends after its close is ignored, even a second close.
+    assert proto.receive_data(wire(role, Opcode.TEXT, b"after")) == []
+    assert proto.receive_data(wire(role, Opcode.CLOSE, pack_close(1000))) == []
+    assert proto.receive_data(wire(role, Opcode.PING, b"late")) == []
+    assert proto.data_to_send() == []
+    frame = proto.encode_close(1000, "ok")
+    assert Frame.parse(frame) == (close_frame(1000, "ok"), len(frame))
+    assert proto.state is State.CLOSED
+    with pytest.raises(InvalidState):
+        proto.encode_close(1000)
+
+
+@BOTH_ROLES
+def test_sending_close_twice_raises(role: Role) -> None:
+    proto = make(role)
+    proto.encode_close(1000)
+    with pytest.raises(InvalidState, match="close_sent"):
+        proto.encode_close(1000)
+    with pytest.raises(InvalidState):
+        proto.encode_close(None)
+    assert proto.state is State.CLOSE_SENT
+
+
+def test_encode_close_rejects_invalid_code_without_changing_state() -> None:
+    proto = make(Role.CLIENT)
+    for code in INVALID_CODES:
+        with pytest.raises(ValueError):
+            proto.encode_close(code)
+    with pytest.raises(ValueError):
+        proto.encode_close(1000, "x" * 124)
+    assert proto.state is State.OPEN
+    assert proto.close_sent is None
+    proto.encode_close(None)
+    assert proto.close_sent == (None, "")
+
+
+def test_encode_close_exact_bytes() -> None:
+    server = make(Role.SERVER)
+    assert server.encode_close(1000, "bye") == b"\x88\x05\x03\xe8bye"
+    assert make(Role.SERVER).encode_close(None) == b"\x88\x00"
+    assert make(Role.CLIENT).encode_close(None) == b"\x88\x80" + KEY
+
+
+def test_pack_close() -> None:
+    assert pack_close(1000) == b"\x03\xe8"
+    assert pack_close(4999, "é") == b"\x13\x87\xc3\xa9"
+    assert pack_close(None) == b""
+    assert len(pack_close(1000, "x" * 123)) == 125
+    assert len(pack_close(1000, "é" * 61 + "x")) == 125
+    with pytest.raises(ValueError):
+        pack_close(1000, "x" * 124)
+    with pytest.raises(ValueError):
+        pack_close(1000, "é" * 62)  # 124 bytes in UTF-8
+    with pytest.raises(ValueError):
+        pack_close(None, "a reason needs a code")
+    for code in INVALID_CODES:
+        with pytest.raises(ValueError):
+            pack_close(code)
+    for code in VALID_CODES:
+        assert pack_close(code) == code.to_bytes(2, "big")
+
+
+@BOTH_ROLES
+def test_data_after_close_is_ignored(role: Role) -> None:
+    proto = make(role)
+    stream = (
+        wire(role, Opcode.TEXT, b"before")
+        + wire(role, Opcode.CLOSE, pack_close(1000))
+        + wire(role, Opcode.TEXT, b"after")
+        + wire(role, Opcode.PING, b"after")
+        + wire(role, Opcode.CLOSE, pack_close(1000))
+    )
+    assert feed(proto, stream) == [("text", "before"), ("close", 1000, "")]
+    assert sent_frames(proto) == [close_frame(1000)]
+    assert proto.receive_data(stream) == []
+    assert proto.data_to_send() == []
+
+
+@BOTH_ROLES
+def test_close_mid_fragmented_message_discards_it(role: Role) -> None:
+    proto = make(role)
+    stream = (
+        wire(role, Opcode.TEXT, b"par", fin=False)
+        + wire(role, Opcode.CLOSE, pack_close(1000))
+        + wire(role, Opcode.CONT, b"tial")
+    )
+    assert feed(proto, stream) == [("close", 1000, "")]
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("state", ["open", "close_sent"])
+def test_close_split_across_reads_then_more_data(role: Role, state: str) -> None:
+    # Regression: a close frame whose payload arrived in a later read let the
+    # parser carry on, and a second close then raised InvalidState out of
+    # receive_data.
+    close = wire(role, Opcode.CLOSE, pack_close(1000, "bye"))
+    for cut in range(1, len(close)):
+        proto = make(role)
+        if state == "close_sent":
+            proto.encode_close(1000)
+        assert feed(proto, close, [cut]) == [("close", 1000, "bye")]
+        assert proto.state is State.CLOSED
+        assert proto.receive_data(close + wire(role, Opcode.TEXT, b"x")) == []
+
+
+@BOTH_ROLES
+def test_bytewise_close_handshake(role: Role) -> None:
+    proto = make(role)
+    close = wire(role, Opcode.CLOSE, pack_close(3000, "x" * 100))
+    assert feed_bytewise(proto, close + close) == [("close", 3000, "x" * 100)]
+    assert sent_frames(proto) == [close_frame(3000)]
+
+
+@pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER])
+def test_ping_after_our_close_still_gets_a_pong(role: Role) -> None:
+    # RFC 6455 5.5.2: a pong answers every ping until the peer's close arrives.
+    proto = make(role)
+    proto.encode_close(1000, "bye")
+    assert proto.state is State.CLOSE_SENT
+    assert feed(proto, wire(role, Opcode.PING, b"still there?")) == [("ping", b"still there?")]
+    assert sent_frames(proto) == [Frame(Opcode.PONG, b"still there?")]
+    # Once the peer's close arrives, nothing more is answered.
+    assert feed(proto, wire(role, Opcode.CLOSE, pack_close(1000))) == [("close", 1000, "")]
+    assert proto.state is State.CLOSED
+    assert feed(proto, wire(role, Opcode.PING, b"late")) == []
+    assert sent_frames(proto) == []
+
+
+def test_max_fragment_size_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        Protocol(Role.CLIENT, max_fragment_size=0)
