@@ -34,7 +34,9 @@ def test_demo_runs_offline_and_exits_0() -> None:
 @pytest.mark.timeout(90)
 def test_interactive_client_sends_lines_and_prints_messages() -> None:
     with EchoServer() as server:
-        result = run("-m", "blockws", server.url, stdin="first line\n/ping\nsecond\n/close 4000 bye\n")
+        result = run(
+            "-m", "blockws", server.url, stdin="first line\n/ping\nsecond\n/close 4000 bye\n"
+        )
         assert server.echoed == 2
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
