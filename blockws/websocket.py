@@ -173,8 +173,7 @@ class WebSocket:
         context: MutableMapping[str, Any] | None = None,
     ) -> None:
         self._url = parse_url(url)
-        if max_fragment_size < 1:
-            raise ValueError("max_fragment_size must be at least 1")
+        self._check_fragment_size(max_fragment_size)
         if max_message_size is not None and max_message_size < 1:
             raise ValueError("max_message_size must be at least 1 (or None)")
         self.id = next(_ids)
@@ -189,7 +188,7 @@ class WebSocket:
         self.on_closed = on_closed
         self.on_internal_request_created = on_internal_request_created
 
-        self.max_fragment_size = max_fragment_size
+        self._max_fragment_size = max_fragment_size
         self.max_message_size = max_message_size
         self.extensions: list[Extension] = list(extensions) if extensions is not None else []
         self.ssl_context = ssl_context
@@ -266,6 +265,24 @@ class WebSocket:
     def buffered_amount(self) -> int:
         """Bytes accepted by ``send*`` and not yet written to the transport."""
         return self._buffered
+
+    @property
+    def max_fragment_size(self) -> int:
+        """Payload bytes per outgoing frame; a change applies to messages written later."""
+        return self._max_fragment_size
+
+    @max_fragment_size.setter
+    def max_fragment_size(self, value: int) -> None:
+        self._check_fragment_size(value)
+        with self._lock:
+            self._max_fragment_size = value
+            if self._proto is not None:
+                self._proto.max_fragment_size = value
+
+    @staticmethod
+    def _check_fragment_size(value: int) -> None:
+        if value < 1:
+            raise ValueError("max_fragment_size must be at least 1")
 
     @property
     def send_pings(self) -> bool:
@@ -394,7 +411,7 @@ class WebSocket:
         proto = Protocol(
             Role.CLIENT,
             max_message_size=self.max_message_size,
-            max_fragment_size=self.max_fragment_size,
+            max_fragment_size=self._max_fragment_size,
             extensions=accepted,
             allocate=self.buffer_pool.allocate,
         )
@@ -402,6 +419,7 @@ class WebSocket:
             if self._phase != _CONNECTING:
                 raise ConnectionLost("connection aborted during the opening handshake")
             self._proto = proto
+            proto.max_fragment_size = self._max_fragment_size  # a change made meanwhile
             self._phase = _OPEN
             job = self._jobs.pop("open", None)
             if job is not None:
@@ -463,7 +481,9 @@ class WebSocket:
         """Sink method: the transport ended (``exc`` is ``None`` for EOF)."""
         proto = self._proto
         if exc is not None:
-            self._set_error(exc)
+            # A reset after the peer's close frame ends a closed connection: not an error.
+            if proto is None or proto.close_received is None:
+                self._set_error(exc)
         elif proto is None or proto.state is not State.CLOSED:
             if proto is None or proto.close_received is None:
                 if proto is None or proto.failure is None:
@@ -598,7 +618,10 @@ class WebSocket:
                         segment.release()
         except BaseException as exc:  # noqa: BLE001 - reported through on_closed
             if not self._writer_stop:
-                self._set_error(exc)
+                # Once the peer's close frame arrived, a failed write (e.g. of our
+                # close reply to a peer that already hung up) is not what ended it.
+                if proto.close_received is None:
+                    self._set_error(exc)
                 self.log.debug("writer failed: %r", exc)
                 transport.abort()
 
