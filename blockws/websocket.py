@@ -86,6 +86,11 @@ OnRequest = Callable[["WebSocket", Request], Any]
 # Lifecycle phases (``_phase``).
 _NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = range(5)
 
+#: Longest time a failing close waits for update() to deliver the messages
+#: that preceded the protocol error (see WebSocket.data_received).
+_FAILURE_GRACE = 0.5
+_MESSAGES = (TextMessage, BinaryMessage)
+
 #: Bytes the writer encodes and writes per batch before it looks for control
 #: frames (pongs, a close reply) to slip in between a big message's fragments.
 _WRITE_BATCH = 256 * 1024
@@ -136,6 +141,13 @@ class WebSocket:
       (``on_closed`` with 1006, the exception in ``ws.error``).
     * Memory and logging: ``buffer_pool`` (default ``BufferPool.default``),
       ``context`` (extra fields for the logging context).
+
+    Failures are reported in order. When the server breaks the protocol,
+    parsing stops at the bad frame, but the messages that arrived before it
+    are still delivered, and what your callbacks send in answer to them goes
+    out before the failing close frame (as with a single-threaded client; if
+    ``update()`` is not called within 0.5 s the close goes out anyway). Until
+    that point ``is_open`` stays True.
 
     Raises :class:`~blockws.exceptions.InvalidURL` (a ``ValueError``) for a
     URL that is not ``ws://`` or ``wss://``, before any I/O.
@@ -228,6 +240,9 @@ class WebSocket:
         self._finished = False
         self._closed_event = threading.Event()
         self._close_requested: tuple[int, str] | None = None
+        # The close frame of a protocol failure, held until the messages that
+        # preceded the bad frame have been dispatched (see data_received).
+        self._deferred_close: bytes | None = None
         self._jobs: dict[str, Job] = {}
         self._ping_seq = 0
         self._pings: dict[bytes, float] = {}
@@ -443,9 +458,25 @@ class WebSocket:
         self.last_message_received = time.monotonic()
         proto = self._proto
         assert proto is not None
+        deferred = False
         with self._lock:
+            was_open = proto.state is State.OPEN
             events = proto.receive_data(data)
             out = proto.data_to_send() if proto._outgoing else None
+            if (
+                out
+                and was_open
+                and type(events[-1]) is Failure
+                and (self._dispatcher.pending or any(type(e) in _MESSAGES for e in events))
+            ):
+                # Messages that came before the bad frame are still undelivered.
+                # Hold the failing close (the last frame queued) until the app
+                # has run their callbacks, so what it sends in answer goes out
+                # first, as with a single-threaded client; parsing has stopped
+                # already, so nothing after the bad frame is processed.
+                self._deferred_close = out.pop()
+                self._jobs["failure"] = timer.call_later(_FAILURE_GRACE, self._send_deferred_close)
+                deferred = True
             if out:
                 self._queue_control_locked(out, events)
         post = self._dispatcher.post
@@ -460,14 +491,18 @@ class WebSocket:
             elif cls is CloseReceived:
                 self.log.debug("close received: %s %r", event.code, event.reason)  # type: ignore[attr-defined]
             elif cls is Failure:
-                self._set_error(event.error)  # type: ignore[attr-defined]
+                self._set_error(event.error, closing=not deferred)  # type: ignore[attr-defined]
                 self.log.info("failing the connection: %s", event.error)  # type: ignore[attr-defined]
+                if deferred:
+                    post(self._dispatch_failure, None)
 
     def _queue_control_locked(self, frames: list[bytes], events: list[Any]) -> None:
         """Queue frames the protocol produced (pongs, close replies)."""
         proto = self._proto
         assert proto is not None
-        if proto.state is State.CLOSED or proto.failure is not None:
+        if proto.state is State.CLOSED or (
+            proto.failure is not None and self._deferred_close is None
+        ):
             # We are replying to a close or failing: queued data can no longer
             # be sent (RFC 6455 5.5.1), so drop it now and close promptly.
             self._drop_queue_locked()
@@ -686,6 +721,7 @@ class WebSocket:
                     frame = self._proto.encode_close(code, reason)
                     self._queue.append((-1, frame, None, 0))
                     self._wake_writer.notify()
+                self._queue_deferred_close_locked()
                 self._arm_close_timeout_locked()
                 return
             else:
@@ -720,13 +756,36 @@ class WebSocket:
         if transport is not None:
             transport.abort()
 
-    def _set_error(self, exc: BaseException) -> None:
+    def _set_error(self, exc: BaseException, closing: bool = True) -> None:
         """Record the first error that ends the socket; later ones are effects of it."""
         with self._lock:
             if self.error is None and not self._finished:
                 self.error = exc
-            if self._phase == _OPEN:
+            if closing and self._phase == _OPEN:
                 self._phase = _CLOSING
+
+    def _dispatch_failure(self, _: None) -> None:
+        # Runs in update() after the callbacks of the messages that preceded
+        # the protocol error, so whatever they sent is queued before the close.
+        self._send_deferred_close()
+
+    def _send_deferred_close(self) -> None:
+        with self._lock:
+            self._queue_deferred_close_locked()
+
+    def _queue_deferred_close_locked(self) -> None:
+        frame = self._deferred_close
+        if frame is None or self._finished:
+            return
+        self._deferred_close = None
+        job = self._jobs.pop("failure", None)
+        if job is not None:
+            job.cancel()
+        if self._phase == _OPEN:
+            self._phase = _CLOSING
+        self._queue.append((-1, frame, None, 0))
+        self._wake_writer.notify()
+        self._arm_close_timeout_locked()
 
     def _finish(self) -> None:
         """Tear down (once): stop the writer, close the transport, queue on_closed."""
@@ -739,6 +798,7 @@ class WebSocket:
             self._wake_writer.notify_all()
             self._drop_queue_locked()
             self._control.clear()
+            self._deferred_close = None
             transport, writer = self._transport, self._writer
             jobs = list(self._jobs.values())
             self._jobs.clear()
@@ -775,7 +835,12 @@ class WebSocket:
         now = time.monotonic()
         with self._lock:
             self._jobs.pop("ping", None)
-            if self._phase != _OPEN or not self._send_pings or self._proto is None:
+            if (
+                self._phase != _OPEN
+                or not self._send_pings
+                or self._proto is None
+                or self._deferred_close is not None
+            ):
                 return
             self._ping_seq += 1
             payload = _ping_struct.pack(self._ping_seq)

@@ -146,6 +146,55 @@ def test_messages_before_a_violation_are_delivered() -> None:
                           ("closed", 1002, "")]
 
 
+def test_answers_to_messages_before_a_violation_go_out_before_the_close() -> None:
+    """As a single-threaded client would: echo the message, then fail (Autobahn 3.2)."""
+    wire = (frame_bytes(OP_TEXT, b"first") + frame_bytes(OP_TEXT, b"bad", rsv=0x20)
+            + frame_bytes(OP_PING, b"after"))
+    with fault_server(send_then_await_close(wire)) as server:
+        rec = Recorder()
+        callbacks = rec.callbacks()
+        on_message = callbacks["on_message"]
+
+        def echo(ws: blockws.WebSocket, text: str) -> None:
+            on_message(ws, text)
+            ws.send(text)  # accepted: the app has not been told of the failure yet
+
+        callbacks["on_message"] = echo
+        ws = blockws.WebSocket(server.url, **callbacks)
+        ws.open()
+        rec.wait_closed(ws)
+        peer = server.peer()
+    # The echo, then the failing close; the ping after the bad frame gets no pong.
+    assert [(op, payload[:2] if op == OP_CLOSE else payload) for _, op, payload in peer.frames] \
+        == [(OP_TEXT, b"first"), (OP_CLOSE, struct.pack("!H", 1002))]
+    assert rec.events == [("open",), ("text", "first"), ("closed", 1002, "")]
+    assert isinstance(ws.error, blockws.ProtocolError)
+
+
+def test_failure_close_is_not_held_forever_without_update() -> None:
+    """If nobody pumps update(), the failing close still goes out after a short grace."""
+    wire = frame_bytes(OP_TEXT, b"first") + frame_bytes(0x3)
+    closed_at: list[float] = []
+
+    def handler(peer: Peer) -> None:
+        peer.handshake()
+        peer.send(wire)
+        start = time.monotonic()
+        peer.read_until_close()
+        closed_at.append(time.monotonic() - start)
+
+    with fault_server(handler) as server:
+        rec = Recorder()
+        ws = blockws.WebSocket(server.url, **rec.callbacks())
+        ws.open()
+        assert ws.join(10), "the socket did not end without update()"
+        peer = server.peer()
+        rec.wait_closed(ws)
+    assert peer.close_received == (1002, "")
+    assert closed_at and closed_at[0] < 5.0
+    assert rec.events == [("open",), ("text", "first"), ("closed", 1002, "")]
+
+
 def test_violation_in_first_bytes_after_handshake() -> None:
     """Frames that arrive in the same read as the 101 response are parsed too."""
 
