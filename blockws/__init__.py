@@ -15,6 +15,7 @@ See :class:`WebSocket` for options and README.md for the design.
 from __future__ import annotations
 
 from .buffers import BufferPool, BufferSegment
+from .deflate import PerMessageDeflate
 from .exceptions import (
     BlockwsError,
     CloseTimeout,
@@ -54,6 +55,7 @@ __all__ = [
     "BufferPool",
     "BufferSegment",
     "Extension",
+    "PerMessageDeflate",
     "Headers",
     "Request",
     "DEFAULT_MAX_FRAGMENT_SIZE",

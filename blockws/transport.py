@@ -120,6 +120,10 @@ class Transport:
 
     #: Which HTTP version carried the opening handshake: ``"1.1"`` or ``"2"``.
     http_version = "1.1"
+    #: Bytes read and written so far, handshake included (on the wire, after
+    #: compression; before TLS). Each is updated by one thread only.
+    bytes_read = 0
+    bytes_written = 0
 
     def recv(self, timeout: float | None = None) -> bytes:  # pragma: no cover - interface
         raise NotImplementedError
@@ -167,7 +171,9 @@ class TCPTransport(Transport):
             sock.settimeout(timeout)
         try:
             with map_os_errors():
-                return sock.recv(RECV_SIZE)
+                data = sock.recv(RECV_SIZE)
+            self.bytes_read += len(data)
+            return data
         except ConnectionLost:
             if self._aborted:
                 return b""  # our own abort, not a network failure
@@ -185,6 +191,7 @@ class TCPTransport(Transport):
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         with map_os_errors():
             self.sock.sendall(data)
+        self.bytes_written += len(data)
 
     def abort(self) -> None:
         with self._lock:

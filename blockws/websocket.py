@@ -33,6 +33,7 @@ from typing import Any, Callable, Union
 
 from . import dispatcher as _dispatcher
 from .buffers import BufferPool, BufferSegment
+from .deflate import PerMessageDeflate
 from .exceptions import (
     BlockwsError,
     CloseTimeout,
@@ -90,6 +91,8 @@ _NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = range(5)
 #: that preceded the protocol error (see WebSocket.data_received).
 _FAILURE_GRACE = 0.5
 _MESSAGES = (TextMessage, BinaryMessage)
+#: Set in a queued message's opcode when it must skip compression.
+_UNCOMPRESSED = 0x100
 
 #: Bytes the writer encodes and writes per batch before it looks for control
 #: frames (pongs, a close reply) to slip in between a big message's fragments.
@@ -111,6 +114,8 @@ def _register(ws: WebSocket, alive: bool) -> None:
         else:
             _live.discard(ws)
         _live_snapshot = tuple(_live)
+
+
 _ping_struct = struct.Struct("!Q")
 
 
@@ -124,7 +129,8 @@ class WebSocket:
 
     Options, keyword-only, by concern:
 
-    * WebSocket: ``subprotocols``, ``extensions``, ``max_fragment_size``,
+    * WebSocket: ``subprotocols``, ``extensions`` (default
+      ``[PerMessageDeflate()]``; ``[]`` turns compression off), ``max_fragment_size``,
       ``max_message_size`` (default 16 MiB; a larger incoming message fails
       the connection with 1009).
     * HTTP: ``headers`` (added to the upgrade request), ``origin``.
@@ -202,7 +208,10 @@ class WebSocket:
 
         self._max_fragment_size = max_fragment_size
         self.max_message_size = max_message_size
-        self.extensions: list[Extension] = list(extensions) if extensions is not None else []
+        #: Offered extensions; after open, the ones the server accepted.
+        self.extensions: list[Extension] = (
+            list(extensions) if extensions is not None else [PerMessageDeflate()]
+        )
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.buffer_pool = buffer_pool or BufferPool.default
@@ -277,8 +286,24 @@ class WebSocket:
         return self._ended
 
     @property
+    def bytes_sent(self) -> int:
+        """Bytes written to the connection so far (frames after compression)."""
+        transport = self._transport
+        return transport.bytes_written if transport is not None else 0
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the connection so far (frames before decompression)."""
+        transport = self._transport
+        return transport.bytes_read if transport is not None else 0
+
+    @property
     def buffered_amount(self) -> int:
-        """Bytes accepted by ``send*`` and not yet written to the transport."""
+        """Bytes accepted by ``send*`` and not yet written to the transport.
+
+        Counted as given to ``send*``: compression runs on the writer thread
+        just before a message is written, so queued bytes are uncompressed.
+        """
         return self._buffered
 
     @property
@@ -527,19 +552,29 @@ class WebSocket:
 
     # -- sending -----------------------------------------------------------------
 
-    def send(self, data: str | BytesLike, offset: int = 0, count: int | None = None) -> None:
+    def send(
+        self,
+        data: str | BytesLike,
+        offset: int = 0,
+        count: int | None = None,
+        *,
+        compress: bool = True,
+    ) -> None:
         """Queue a text (``str``) or binary (bytes-like) message; returns at once.
 
         ``offset`` and ``count`` select part of a binary message. Thread-safe;
         each thread's messages keep their order. The data is copied unless it
-        is an immutable ``bytes``. Raises :class:`InvalidState` before the
-        socket is open and :class:`ConnectionClosed` once it is closing.
+        is an immutable ``bytes``. ``compress=False`` sends this message
+        uncompressed even when permessage-deflate is in force (for data that
+        is already compressed). Raises :class:`InvalidState` before the socket
+        is open and :class:`ConnectionClosed` once it is closing.
         """
+        flag = 0 if compress else _UNCOMPRESSED
         if isinstance(data, str):
             if offset or count is not None:
                 raise TypeError("offset and count apply to binary messages only")
             payload: bytes = data.encode("utf-8")
-            self._enqueue(Opcode.TEXT, payload, None, len(payload))
+            self._enqueue(Opcode.TEXT | flag, payload, None, len(payload))
             return
         if offset or count is not None:
             view = memoryview(data).cast("B")
@@ -551,17 +586,17 @@ class WebSocket:
             payload = data
         else:
             payload = bytes(data)
-        self._enqueue(Opcode.BINARY, payload, None, len(payload))
+        self._enqueue(Opcode.BINARY | flag, payload, None, len(payload))
 
-    def send_as_binary(self, segment: BufferSegment) -> None:
+    def send_as_binary(self, segment: BufferSegment, *, compress: bool = True) -> None:
         """Queue ``segment`` as a binary message; blockws releases it once written.
 
         The segment must not be touched after the call. If the socket is not
         open, the segment is released and the exception raised.
         """
-        self._enqueue_segment(Opcode.BINARY, segment)
+        self._enqueue_segment(Opcode.BINARY | (0 if compress else _UNCOMPRESSED), segment)
 
-    def send_as_text(self, segment: BufferSegment) -> None:
+    def send_as_text(self, segment: BufferSegment, *, compress: bool = True) -> None:
         """Queue ``segment`` (UTF-8) as a text message; released once written.
 
         Raises ``ValueError`` (and releases the segment) if it is not UTF-8.
@@ -571,7 +606,7 @@ class WebSocket:
         except UnicodeDecodeError as exc:
             segment.release()
             raise ValueError(f"segment is not valid UTF-8: {exc.reason}") from None
-        self._enqueue_segment(Opcode.TEXT, segment)
+        self._enqueue_segment(Opcode.TEXT | (0 if compress else _UNCOMPRESSED), segment)
 
     def _enqueue_segment(self, opcode: int, segment: BufferSegment) -> None:
         try:
@@ -635,7 +670,9 @@ class WebSocket:
                     if opcode == -1:  # a pre-encoded close frame
                         chunks.append(payload)
                         continue
-                    frames = proto.encode_data(opcode, payload)
+                    frames = proto.encode_data(
+                        opcode & 0xF, payload, compress=not opcode & _UNCOMPRESSED
+                    )
                     if n > _WRITE_BATCH and len(frames) > 1:
                         # Write a big message in batches so control frames
                         # queued meanwhile can go out between its fragments.

@@ -343,6 +343,13 @@ HANDSHAKE_FAULTS = [
      blockws.NegotiationError, {}),
     ("extension-not-offered",
      lambda p: p.response_101(extra=["Sec-WebSocket-Extensions: permessage-deflate"]),
+     blockws.NegotiationError, {"extensions": []}),
+    ("unknown-extension",
+     lambda p: p.response_101(extra=["Sec-WebSocket-Extensions: x-webkit-deflate-frame"]),
+     blockws.NegotiationError, {}),
+    ("deflate-bad-parameter",
+     lambda p: p.response_101(
+         extra=["Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=16"]),
      blockws.NegotiationError, {}),
     ("head-over-64KiB", big_head, blockws.HeadersTooLarge, {}),
     ("head-never-ends",
