@@ -177,16 +177,12 @@ class PerMessageDeflate(Extension):
                     f"permessage-deflate: server_max_window_bits={server_bits} exceeds "
                     f"the {self.server_max_window_bits} offered"
                 )
+        if "client_max_window_bits" in seen and self.client_max_window_bits is False:
+            raise NegotiationError(
+                "permessage-deflate: client_max_window_bits in the answer, but not offered"
+            )
         client_bits = self._bits(seen, "client_max_window_bits")
-        if "client_max_window_bits" in seen:
-            if self.client_max_window_bits is False:
-                raise NegotiationError(
-                    "permessage-deflate: client_max_window_bits in the answer, but not offered"
-                )
-            if client_bits is None:
-                raise NegotiationError(
-                    "permessage-deflate: client_max_window_bits in the answer needs a value"
-                )
+        if client_bits is not None:
             offered = self.client_max_window_bits
             if offered is not True and client_bits > offered:
                 raise NegotiationError(
@@ -213,10 +209,12 @@ class PerMessageDeflate(Extension):
 
     @staticmethod
     def _bits(seen: dict[str, str | None], name: str) -> int | None:
-        if name not in seen or seen[name] is None:
+        if name not in seen:
             return None
         text = seen[name]
-        assert text is not None
+        if text is None:
+            # Only an offer's client_max_window_bits may go without a value.
+            raise NegotiationError(f"permessage-deflate: {name} in the answer needs a value")
         if not _BITS.match(text) or not 8 <= int(text) <= 15:
             raise NegotiationError(f"permessage-deflate: invalid {name}={text!r} (8-15)")
         return int(text)
@@ -257,7 +255,12 @@ class PerMessageDeflate(Extension):
             out = decomp.decompress(data, limit + 1) if data else b""
             if decomp.unconsumed_tail or len(out) > limit:
                 raise MessageTooBig(f"inflated message exceeds the {limit} bytes left")
-            if end:
+            if decomp.eof:
+                # A block with BFINAL set ended the stream (RFC 7692 7.2.3.3). zlib
+                # would keep whatever follows in unused_data, without bound: refuse it.
+                if decomp.unused_data:
+                    raise ProtocolError("permessage-deflate: data after the final deflate block")
+            elif end:
                 room = limit - len(out)
                 tail = decomp.decompress(_TAIL, room + 1)
                 if decomp.unconsumed_tail or len(tail) > room:
@@ -265,6 +268,7 @@ class PerMessageDeflate(Extension):
                 out += tail
         except zlib.error as exc:
             raise ProtocolError(f"permessage-deflate: invalid compressed data: {exc}") from None
-        if end and not self._recv_takeover:
+        if end and (not self._recv_takeover or decomp.eof):
+            # A finished stream inflates nothing more: the next message starts a new one.
             self._decompressor = None
         return out

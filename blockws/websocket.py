@@ -17,8 +17,12 @@ reader thread, the last to finish, closes the transport, joins the writer,
 and queues ``on_closed``; the thread that runs ``on_closed`` joins the reader
 first, so once ``on_closed`` has run, none of the socket's threads remain.
 
-``self._lock`` guards the send queue, ``buffered_amount``, the lifecycle
-phase and every call into the protocol that can change its close state.
+``self._lock`` guards the send queue, ``buffered_amount`` and the lifecycle
+phase. ``self._proto_lock`` serializes the calls into the protocol that can
+change its close state (parsing on the reader, ``encode_close`` in
+``close()``); it is taken first when both are needed. Parsing and inflating
+hold only the protocol lock, so senders and the writer are never blocked by
+a large incoming message.
 """
 
 from __future__ import annotations
@@ -234,6 +238,9 @@ class WebSocket:
         self.close_code: int | None = None
         self.close_reason: str = ""
 
+        # Lock order: _proto_lock (calls that change the protocol's close
+        # state: parsing, encode_close) before _lock (queue, phase, counters).
+        self._proto_lock = threading.Lock()
         self._lock = threading.Lock()
         self._wake_writer = threading.Condition(self._lock)
         self._phase = _NEW
@@ -484,26 +491,32 @@ class WebSocket:
         proto = self._proto
         assert proto is not None
         deferred = False
-        with self._lock:
+        # Parsing (and inflating) holds only the protocol lock, not the send
+        # lock, so send() and the writer (compressing) keep going meanwhile.
+        with self._proto_lock:
             was_open = proto.state is State.OPEN
             events = proto.receive_data(data)
             out = proto.data_to_send() if proto._outgoing else None
-            if (
-                out
-                and was_open
-                and type(events[-1]) is Failure
-                and (self._dispatcher.pending or any(type(e) in _MESSAGES for e in events))
-            ):
-                # Messages that came before the bad frame are still undelivered.
-                # Hold the failing close (the last frame queued) until the app
-                # has run their callbacks, so what it sends in answer goes out
-                # first, as with a single-threaded client; parsing has stopped
-                # already, so nothing after the bad frame is processed.
-                self._deferred_close = out.pop()
-                self._jobs["failure"] = timer.call_later(_FAILURE_GRACE, self._send_deferred_close)
-                deferred = True
             if out:
-                self._queue_control_locked(out, events)
+                with self._lock:
+                    if (
+                        was_open
+                        and type(events[-1]) is Failure
+                        and (self._dispatcher.pending or any(type(e) in _MESSAGES for e in events))
+                    ):
+                        # Messages that came before the bad frame are still
+                        # undelivered. Hold the failing close (the last frame
+                        # queued) until the app has run their callbacks, so what
+                        # it sends in answer goes out first, as with a
+                        # single-threaded client; parsing has stopped already,
+                        # so nothing after the bad frame is processed.
+                        self._deferred_close = out.pop()
+                        self._jobs["failure"] = timer.call_later(
+                            _FAILURE_GRACE, self._send_deferred_close
+                        )
+                        deferred = True
+                    if out:
+                        self._queue_control_locked(out, events)
         post = self._dispatcher.post
         for event in events:
             cls = type(event)
@@ -739,7 +752,7 @@ class WebSocket:
         from .frames import pack_close
 
         pack_close(code, reason)  # validate before changing any state
-        with self._lock:
+        with self._proto_lock, self._lock:
             phase = self._phase
             if phase == _NEW:
                 self._phase = _CLOSED

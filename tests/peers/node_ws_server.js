@@ -4,6 +4,15 @@
 // Test peer for blockws; same behaviour as ws_echo_server.py. Usage:
 //
 //   node tests/peers/node_ws_server.js --port PORT [--deflate] [--certfile cert.pem --keyfile key.pem]
+//        [--server-no-context-takeover] [--client-no-context-takeover]
+//        [--server-max-window-bits N] [--client-max-window-bits N]
+//
+// --deflate enables permessage-deflate with {threshold: 0} (ws's default threshold of 1024
+// bytes would send small messages uncompressed). The four parameter flags imply --deflate and
+// set perMessageDeflate's serverNoContextTakeover, clientNoContextTakeover,
+// serverMaxWindowBits and clientMaxWindowBits; ws then imposes them on the client, and answers
+// 400 to an offer it cannot accept (e.g. server_max_window_bits below its own setting, or no
+// client_max_window_bits when clientMaxWindowBits is set).
 //
 // Binds 127.0.0.1 only. Echoes text as text and binary as binary, except these text commands:
 //   !stats                  reply JSON {"frames": N, "messages": M}: data frames (text, binary,
@@ -24,11 +33,27 @@ const { WebSocketServer } = require('ws');
 const SUBPROTOCOLS = new Set(['chat', 'superchat']);
 
 function parseArgs(argv) {
-  const args = { port: null, deflate: false, certfile: null, keyfile: null };
+  const args = { port: null, deflate: false, certfile: null, keyfile: null, deflateOptions: {} };
+  const bits = (text) => {
+    const n = Number(text);
+    if (!Number.isInteger(n) || n < 8 || n > 15) {
+      console.error(`window bits must be 8-15, not ${text}`);
+      process.exit(2);
+    }
+    return n;
+  };
   for (let i = 0; i < argv.length; i++) {
     switch (argv[i]) {
       case '--port': args.port = Number(argv[++i]); break;
       case '--deflate': args.deflate = true; break;
+      case '--server-no-context-takeover':
+        args.deflate = true; args.deflateOptions.serverNoContextTakeover = true; break;
+      case '--client-no-context-takeover':
+        args.deflate = true; args.deflateOptions.clientNoContextTakeover = true; break;
+      case '--server-max-window-bits':
+        args.deflate = true; args.deflateOptions.serverMaxWindowBits = bits(argv[++i]); break;
+      case '--client-max-window-bits':
+        args.deflate = true; args.deflateOptions.clientMaxWindowBits = bits(argv[++i]); break;
       case '--certfile': args.certfile = argv[++i]; break;
       case '--keyfile': args.keyfile = argv[++i]; break;
       default:
@@ -122,7 +147,7 @@ function main() {
   const args = parseArgs(process.argv.slice(2));
   const options = {
     maxPayload: 64 * 1024 * 1024,
-    perMessageDeflate: args.deflate ? { threshold: 0 } : false,
+    perMessageDeflate: args.deflate ? { ...args.deflateOptions, threshold: 0 } : false,
     handleProtocols(protocols) {
       for (const protocol of protocols) {
         if (SUBPROTOCOLS.has(protocol)) return protocol;

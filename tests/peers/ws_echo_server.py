@@ -3,7 +3,15 @@
 Test peer for blockws. Usage::
 
     python tests/peers/ws_echo_server.py --port PORT [--deflate]
+        [--server-no-context-takeover] [--client-no-context-takeover]
+        [--server-max-window-bits N] [--client-max-window-bits N] [--deflate-no-defaults]
         [--certfile cert.pem --keyfile key.pem]
+
+``--deflate`` enables websockets' default permessage-deflate (it answers
+``server_max_window_bits=12; client_max_window_bits=12``). The four parameter flags, and
+``--deflate-no-defaults``, configure ``ServerPerMessageDeflateFactory`` with exactly those
+parameters instead (unset ones: no limit, context takeover allowed), and imply deflate. The
+server may then impose them on a client that did not ask (RFC 7692 section 7.1).
 
 Binds 127.0.0.1 only. Echoes text as text and binary as binary, except these text commands:
 
@@ -36,6 +44,8 @@ from typing import Any, Callable
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, ProtocolError
+from websockets.extensions.base import ServerExtensionFactory
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request
 
@@ -147,10 +157,41 @@ async def handler(connection: ServerConnection) -> None:
         pass
 
 
+def deflate_factories(args: argparse.Namespace) -> list[ServerExtensionFactory] | None:
+    """The ``extensions`` for serve() when a deflate parameter flag was given, else None."""
+    custom = (
+        args.deflate_no_defaults
+        or args.server_no_context_takeover
+        or args.client_no_context_takeover
+        or args.server_max_window_bits is not None
+        or args.client_max_window_bits is not None
+    )
+    if not custom:
+        return None
+    return [
+        ServerPerMessageDeflateFactory(
+            server_no_context_takeover=args.server_no_context_takeover,
+            client_no_context_takeover=args.client_no_context_takeover,
+            server_max_window_bits=args.server_max_window_bits,
+            client_max_window_bits=args.client_max_window_bits,
+        )
+    ]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
+    parser.add_argument("--server-no-context-takeover", action="store_true",
+                        help="deflate: impose server_no_context_takeover")
+    parser.add_argument("--client-no-context-takeover", action="store_true",
+                        help="deflate: impose client_no_context_takeover")
+    parser.add_argument("--server-max-window-bits", type=int, metavar="N",
+                        help="deflate: server window at most N bits (9-15)")
+    parser.add_argument("--client-max-window-bits", type=int, metavar="N",
+                        help="deflate: client window at most N bits (8-15), if offered")
+    parser.add_argument("--deflate-no-defaults", action="store_true",
+                        help="deflate with only the parameter flags given (none: no limits)")
     parser.add_argument("--certfile", help="serve wss:// with this certificate chain (PEM)")
     parser.add_argument("--keyfile", help="private key for --certfile (PEM)")
     args = parser.parse_args()
@@ -161,12 +202,14 @@ async def main() -> None:
         ssl_context.load_cert_chain(args.certfile, args.keyfile)
         ssl_context.set_alpn_protocols(["http/1.1"])
 
+    extensions = deflate_factories(args)
     async with serve(
         handler,
         "127.0.0.1",
         args.port,
         ssl=ssl_context,
-        compression="deflate" if args.deflate else None,
+        compression="deflate" if args.deflate and extensions is None else None,
+        extensions=extensions,
         max_size=None,
         ping_interval=None,
         process_request=process_request,
