@@ -190,7 +190,11 @@ class PerMessageDeflate(Extension):
                     f"the {offered} offered"
                 )
 
-        self._send_takeover = "client_no_context_takeover" not in seen
+        # Offering client_no_context_takeover is a promise (RFC 7692 7.1.1.2): keep it
+        # even if the server's answer leaves the parameter out.
+        self._send_takeover = not (
+            self.client_no_context_takeover or "client_no_context_takeover" in seen
+        )
         self._recv_takeover = "server_no_context_takeover" not in seen
         limit = client_bits
         if limit is None and not isinstance(self.client_max_window_bits, bool):

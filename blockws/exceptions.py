@@ -23,7 +23,8 @@ TimeoutError`` also work::
     │   ├── InvalidStatus                                 status other than 101
     │   ├── InvalidHeader                                 Upgrade/Connection/Accept
     │   │   └── HeadersTooLarge                           response headers over bound
-    │   └── NegotiationError                              subprotocol/extension not offered
+    │   ├── NegotiationError                              subprotocol/extension not offered
+    │   └── HTTP2Unavailable                              no RFC 8441 here (falls back)
     └── ProtocolError                                     the peer broke RFC 6455 (1002)
         ├── InvalidPayload                                bad UTF-8 in text/close (1007)
         └── MessageTooBig                                 over max_message_size (1009)
@@ -54,6 +55,7 @@ __all__ = [
     "InvalidHeader",
     "HeadersTooLarge",
     "NegotiationError",
+    "HTTP2Unavailable",
     "ProtocolError",
     "InvalidPayload",
     "MessageTooBig",
@@ -173,6 +175,22 @@ class HeadersTooLarge(InvalidHeader):
 
 class NegotiationError(HandshakeError):
     """The server chose a subprotocol or extension the client never offered."""
+
+
+class HTTP2Unavailable(HandshakeError):
+    """WebSocket over HTTP/2 (RFC 8441) is not available from this server.
+
+    Raised when ALPN does not pick ``h2``, the server's SETTINGS lack
+    ``SETTINGS_ENABLE_CONNECT_PROTOCOL = 1``, or the extended CONNECT is
+    refused. With fallback on, the socket then opens over HTTP/1.1; with it
+    off, this is ``ws.error``. ``cause`` holds the underlying error if any.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None, transport: object = None):
+        super().__init__(message)
+        self.cause = cause
+        #: A TLS connection on which ALPN chose HTTP/1.1, reusable for the fallback.
+        self.transport = transport
 
 
 # -- protocol (RFC 6455 section 5-7) ------------------------------------------

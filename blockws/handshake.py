@@ -37,6 +37,7 @@ __all__ = [
     "ResponseReader",
     "validate_response",
     "accept_key",
+    "negotiate",
     "MAX_RESPONSE_HEAD",
 ]
 
@@ -196,7 +197,8 @@ class Request:
     open_timeout: float | None = 10.0
     #: Seconds the closing handshake may take before the link is dropped.
     close_timeout: float | None = 5.0
-    #: ``"1.1"`` for this request; an HTTP/2 attempt would say ``"2"``.
+    #: The HTTP version that carried this request: ``"2"`` once an RFC 8441
+    #: stream opened with it, else ``"1.1"``.
     http_version: str = "1.1"
 
     @property
@@ -352,7 +354,17 @@ def validate_response(
         )
     if accepts[0].strip() != accept_key(key):
         raise InvalidHeader("Sec-WebSocket-Accept does not match the Sec-WebSocket-Key sent")
+    return negotiate(h, subprotocols, extensions)
 
+
+def negotiate(
+    h: Headers, subprotocols: Sequence[str], extensions: Sequence[Extension]
+) -> tuple[str | None, list[Extension]]:
+    """Check the subprotocol and extensions a server chose (HTTP/1.1 or HTTP/2).
+
+    Returns ``(subprotocol or None, accepted extensions in the server's
+    order)``; raises :class:`NegotiationError` for anything not offered.
+    """
     protocol: str | None = None
     chosen = [t.strip() for v in h.get_all("Sec-WebSocket-Protocol") for t in v.split(",")]
     chosen = [t for t in chosen if t]

@@ -28,8 +28,6 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol, Union
 
-import certifi
-
 from .exceptions import ConnectError, ConnectionLost, OpenTimeout, TLSError, TransportError
 
 __all__ = [
@@ -38,7 +36,6 @@ __all__ = [
     "TCPTransport",
     "Deadline",
     "connect_tcp",
-    "default_ssl_context",
     "map_os_errors",
 ]
 
@@ -97,29 +94,16 @@ def map_os_errors(connecting: bool = False) -> Iterator[None]:
         raise ConnectionLost(f"connection lost: {exc.strerror or exc}") from exc
 
 
-_default_context: ssl.SSLContext | None = None
-_default_context_lock = threading.Lock()
-
-
-def default_ssl_context() -> ssl.SSLContext:
-    """The shared client context: certifi's CA bundle, hostname checks on.
-
-    Created once per process (loading the bundle costs a few milliseconds).
-    """
-    global _default_context
-    with _default_context_lock:
-        if _default_context is None:
-            ctx = ssl.create_default_context(cafile=certifi.where())
-            ctx.set_alpn_protocols(["http/1.1"])
-            _default_context = ctx
-        return _default_context
-
-
 class Transport:
     """Base class of transports; see the module docstring for the contract."""
 
     #: Which HTTP version carried the opening handshake: ``"1.1"`` or ``"2"``.
     http_version = "1.1"
+    #: True once :meth:`abort` was called: an EOF after it is our own doing.
+    aborted = False
+    #: Whether the server ends the connection after the closing handshake
+    #: (TCP, RFC 6455 7.1.1); if not, the client ends it (HTTP/2 streams).
+    server_closes = True
     #: Bytes read and written so far, handshake included (on the wire, after
     #: compression; before TLS). Each is updated by one thread only.
     bytes_read = 0
@@ -161,7 +145,7 @@ class TCPTransport(Transport):
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._closed = False
-        self._aborted = False
+        self.aborted = False
         self._lock = threading.Lock()
         self._tls = isinstance(sock, ssl.SSLSocket)
 
@@ -175,11 +159,11 @@ class TCPTransport(Transport):
             self.bytes_read += len(data)
             return data
         except ConnectionLost:
-            if self._aborted:
+            if self.aborted:
                 return b""  # our own abort, not a network failure
             raise
         except ValueError:  # recv on a closed SSL socket
-            if self._aborted:
+            if self.aborted:
                 return b""
             raise
         finally:
@@ -195,9 +179,9 @@ class TCPTransport(Transport):
 
     def abort(self) -> None:
         with self._lock:
-            if self._aborted or self._closed:
+            if self.aborted or self._closed:
                 return
-            self._aborted = True
+            self.aborted = True
         with contextlib.suppress(OSError):
             # shutdown() on the raw descriptor wakes a recv/send blocked in
             # another thread; SSLSocket.shutdown would also drop its SSL object.
@@ -218,11 +202,11 @@ class Connector:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self._aborted = False
+        self.aborted = False
 
     def abort(self) -> None:
         with self._lock:
-            self._aborted = True
+            self.aborted = True
             sock = self._sock
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -232,7 +216,7 @@ class Connector:
 
     def _register(self, sock: socket.socket | None) -> None:
         with self._lock:
-            if self._aborted:
+            if self.aborted:
                 if sock is not None:
                     sock.close()
                 raise ConnectError("connection aborted by close()")
@@ -261,7 +245,7 @@ class Connector:
             except ConnectError as exc:
                 self._register(None)
                 sock.close()
-                if self._aborted:
+                if self.aborted:
                     raise ConnectError("connection aborted by close()") from None
                 last = exc
                 continue
@@ -283,7 +267,7 @@ class Connector:
         except BaseException:
             self._register(None)
             sock.close()
-            if self._aborted:
+            if self.aborted:
                 raise ConnectError("connection aborted by close()") from None
             raise
         return TCPTransport(sock)

@@ -45,7 +45,6 @@ from .exceptions import (
     ConnectionClosedError,
     ConnectionClosedOK,
     ConnectionLost,
-    InvalidHeader,
     InvalidState,
     OpenTimeout,
     PingTimeout,
@@ -56,14 +55,12 @@ from .handshake import (
     Headers,
     HeadersLike,
     Request,
-    ResponseReader,
-    build_request,
-    new_key,
     parse_url,
     redact_url,
-    validate_response,
 )
+from .http2 import HTTP2Settings
 from .log import ContextAdapter
+from .opening import open_transport
 from .protocol import (
     DEFAULT_MAX_FRAGMENT_SIZE,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -77,7 +74,7 @@ from .protocol import (
     TextMessage,
 )
 from .timer import Job, timer
-from .transport import Connector, Deadline, Transport, default_ssl_context
+from .transport import Connector, Deadline, Transport
 
 __all__ = ["WebSocket", "connect", "update_all", "wait"]
 
@@ -193,6 +190,8 @@ class WebSocket:
         # memory and logging
         buffer_pool: BufferPool | None = None,
         context: MutableMapping[str, Any] | None = None,
+        # HTTP/2
+        http2: HTTP2Settings | None = None,
     ) -> None:
         self._url = parse_url(url)
         self._check_fragment_size(max_fragment_size)
@@ -219,6 +218,8 @@ class WebSocket:
         self.ssl_context = ssl_context
         self.server_hostname = server_hostname
         self.buffer_pool = buffer_pool or BufferPool.default
+        #: How this socket uses HTTP/2 (RFC 8441); see :class:`HTTP2Settings`.
+        self.http2 = http2 if http2 is not None else HTTP2Settings()
         self._check_ping_frequency(ping_frequency)
         self._ping_frequency = float(ping_frequency)
         self.close_after_no_message = float(close_after_no_message)
@@ -267,14 +268,15 @@ class WebSocket:
 
         self._opened = False  # on_open has run
         self._ended = False  # on_closed has run
-        self.internal_request = self._new_request(
-            url,
-            subprotocols=list(subprotocols or []),
-            headers=Headers(headers),
-            origin=origin,
-            open_timeout=open_timeout,
-            close_timeout=close_timeout,
-        )
+        # What a fresh request is made of (the first one, and a fallback one).
+        self._request_options: dict[str, Any] = {
+            "subprotocols": list(subprotocols or []),
+            "headers": list(Headers(headers).raw_items()),
+            "origin": origin,
+            "open_timeout": open_timeout,
+            "close_timeout": close_timeout,
+        }
+        self.internal_request = self._new_request(url, **self._request_options)
 
     # -- properties --------------------------------------------------------------
 
@@ -372,6 +374,9 @@ class WebSocket:
 
     def _new_request(self, url: str, **fields: Any) -> Request:
         """Create a handshake request (``on_internal_request_created`` sees it when used)."""
+        fields = dict(fields)
+        fields["headers"] = Headers(fields["headers"])
+        fields["subprotocols"] = list(fields["subprotocols"])
         return Request(url=url, **fields)
 
     def open(self) -> WebSocket:
@@ -417,7 +422,7 @@ class WebSocket:
         transport.run(self)
 
     def _connect(self) -> Transport:
-        """Connect and handshake (RFC 6455 4.1); returns the transport once open."""
+        """Connect and handshake (RFC 8441 or RFC 6455 4.1); returns the transport once open."""
         request = self.internal_request
         hook = self.on_internal_request_created
         if hook is not None:
@@ -425,36 +430,23 @@ class WebSocket:
             # every request the socket sends -- including a fallback one --
             # gets the user's customizations in one place.
             hook(self, request)
-        url = request.parsed_url
         assert self._connector is not None
-        deadline = Deadline(request.open_timeout)
-        ssl_context = None
-        if url.secure:
-            ssl_context = self.ssl_context or default_ssl_context()
-        self.log.debug("connecting to %s:%s", url.host, url.port)
-        transport = self._connector.connect(
-            url.host, url.port, deadline, ssl_context, self.server_hostname
+        opened = open_transport(
+            request,
+            deadline=Deadline(request.open_timeout),
+            connector=self._connector,
+            ssl_context=self.ssl_context,
+            server_hostname=self.server_hostname,
+            extensions=self.extensions,
+            http2=self.http2,
+            register=self._register_transport,
+            new_request=self._fallback_request,
+            log=self.log,
         )
-        with self._lock:
-            self._transport = transport
-            if self._phase != _CONNECTING:
-                transport.abort()
-        extensions = [e.fresh() for e in self.extensions]
-        key = new_key()
-        transport.write([build_request(request, key, extensions)])
-        self.log.debug("sent upgrade request, headers %s", request.headers.redacted())
-        reader = ResponseReader()
-        response = None
-        while response is None:
-            data = transport.recv(deadline.remaining())
-            if not data:
-                if self._phase != _CONNECTING:
-                    raise ConnectionLost("connection aborted during the opening handshake")
-                raise InvalidHeader("connection closed before the handshake response was complete")
-            response = reader.feed(data)
-        self.protocol, accepted = validate_response(response, key, request.subprotocols, extensions)
+        transport = opened.transport
+        self.protocol = opened.subprotocol
         self.http_version = transport.http_version
-        self.extensions = accepted
+        self.extensions = accepted = opened.extensions
         proto = Protocol(
             Role.CLIENT,
             max_message_size=self.max_message_size,
@@ -479,9 +471,23 @@ class WebSocket:
                 self._schedule_ping_locked()
         self.log.debug("open (subprotocol %r)", self.protocol)
         self._dispatcher.post(self._dispatch_open, None)
-        if response.extra:
-            self.data_received(response.extra)
+        if opened.extra:
+            self.data_received(opened.extra)
         return transport
+
+    def _register_transport(self, transport: Transport) -> None:
+        with self._lock:
+            self._transport = transport
+            if self._phase != _CONNECTING:
+                transport.abort()
+
+    def _fallback_request(self) -> Request:
+        """A new request for the HTTP/1.1 fallback, with the user's hook applied."""
+        request = self._new_request(self.internal_request.url, **self._request_options)
+        self.internal_request = request
+        if self.on_internal_request_created is not None:
+            self.on_internal_request_created(self, request)
+        return request
 
     # -- receiving (reader thread, or a shared connection's thread) --------------
 
@@ -494,7 +500,8 @@ class WebSocket:
         # Parsing (and inflating) holds only the protocol lock, not the send
         # lock, so send() and the writer (compressing) keep going meanwhile.
         with self._proto_lock:
-            was_open = proto.state is State.OPEN
+            before = proto.state
+            was_open = before is State.OPEN
             events = proto.receive_data(data)
             out = proto.data_to_send() if proto._outgoing else None
             if out:
@@ -533,6 +540,19 @@ class WebSocket:
                 self.log.info("failing the connection: %s", event.error)  # type: ignore[attr-defined]
                 if deferred:
                     post(self._dispatch_failure, None)
+        if before is State.CLOSE_SENT and proto.state is State.CLOSED:
+            self._end_closed_stream()
+
+    def _end_closed_stream(self) -> None:
+        """Both close frames are through: end a stream whose server will not.
+
+        Over TCP the server closes the connection (RFC 6455 7.1.1) and the
+        reader sees EOF. An HTTP/2 stream is reset by the client instead
+        (RFC 8441 section 5; see blockws.http2 for why not END_STREAM).
+        """
+        transport = self._transport
+        if transport is not None and not transport.server_closes:
+            transport.abort()
 
     def _queue_control_locked(self, frames: list[bytes], events: list[Any]) -> None:
         """Queue frames the protocol produced (pongs, close replies)."""
@@ -696,6 +716,8 @@ class WebSocket:
                         chunks.extend(frames)
                 if chunks:
                     transport.write(chunks)
+                if proto.state is State.CLOSED and not transport.server_closes:
+                    self._end_closed_stream()  # our reply to the server's close is out
                 with lock:
                     self._buffered -= size
                 for _o, _p, segment, _n in batch:

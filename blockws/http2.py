@@ -1,0 +1,540 @@
+"""WebSocket over HTTP/2 (RFC 8441): shared connections and one stream per socket.
+
+For ``wss://`` (and ``ws://`` with cleartext h2c turned on), a socket first
+asks :data:`pool` for a stream. The pool keeps HTTP/2 connections per origin
+and TLS settings; sockets to one origin share a connection, one stream each,
+up to the server's ``SETTINGS_MAX_CONCURRENT_STREAMS``, and a new connection
+is opened beyond that. A connection closes ``idle_timeout`` seconds after its
+last stream ends.
+
+Opening a stream (RFC 8441 sections 3-4): TLS ALPN must pick ``h2``; the
+client sends the connection preface and waits for the server's SETTINGS,
+which must carry ``SETTINGS_ENABLE_CONNECT_PROTOCOL = 1`` (the ``h2`` package
+does not check it, so this module does); then an extended CONNECT
+(``:method CONNECT``, ``:protocol websocket``) with
+``sec-websocket-version: 13``, the subprotocol and extension offers and the
+user's headers. A 2xx answer opens the socket. Any of these failing raises
+:class:`~blockws.exceptions.HTTP2Unavailable`, which the socket turns into a
+fallback to HTTP/1.1 (or a failure, if fallback is off). Origins that failed
+are remembered for the life of the process.
+
+Threads: one reader thread per connection (``blockws-h2-<n>``) parses HTTP/2
+frames and feeds each stream's data to its socket's protocol, then returns
+flow-control credit (WINDOW_UPDATE) once the socket has consumed the data.
+Writers (each socket's writer thread) send DATA under the connection lock,
+never more than the peer's window and maximum frame size allow, and wait on
+a condition -- not spinning -- while the window is closed. When the
+connection fails, every stream on it reports ``connection_lost`` and each
+socket gets its own ``on_closed``.
+
+Closing (RFC 8441 section 5 and peer quirks): once both close frames have
+been exchanged, the socket resets its stream with CANCEL rather than sending
+END_STREAM, since some servers (hypercorn) never end the stream and drop the
+whole connection on a client END_STREAM. A server END_STREAM or RST_STREAM
+ends the socket like EOF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidStatus, OpenTimeout, TransportError
+from .extensions import Extension
+from .handshake import _RESERVED_HEADERS, WSURL, Headers, Request
+from .log import logger
+from .timer import Job, timer
+from .transport import Connector, Deadline, Sink, TCPTransport, Transport
+
+__all__ = ["HTTP2Settings", "H2Stream", "H2Pool", "pool"]
+
+BytesLike = Union[bytes, bytearray, memoryview]
+_ENABLE_CONNECT = h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL
+_conn_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class HTTP2Settings:
+    """How a socket uses HTTP/2 (the seed's ``WebSocketOverHTTP2Settings``).
+
+    >>> HTTP2Settings()                       # wss:// tries HTTP/2, falls back to 1.1
+    >>> HTTP2Settings(enabled=False)          # always HTTP/1.1
+    >>> HTTP2Settings(fallback=False)         # HTTP/2 or fail (cause in ws.error)
+    >>> HTTP2Settings(cleartext=True)         # also h2c (prior knowledge) for ws://
+    """
+
+    #: Try HTTP/2 first for ``wss://``.
+    enabled: bool = True
+    #: When the HTTP/2 attempt fails, open over HTTP/1.1 with a new request.
+    fallback: bool = True
+    #: Also try HTTP/2 with prior knowledge (h2c) for ``ws://``. Off by default:
+    #: a server without h2c sees garbage and the attempt costs a round trip.
+    cleartext: bool = False
+    #: Share one connection between sockets to the same origin.
+    share: bool = True
+    #: Seconds a shared connection stays open after its last stream ends.
+    idle_timeout: float = 5.0
+
+
+class H2Stream(Transport):
+    """One WebSocket's stream on a shared HTTP/2 connection.
+
+    Data is pushed to the sink by the connection's reader thread, so
+    :meth:`run` returns at once. :meth:`write` respects HTTP/2 flow control.
+    """
+
+    http_version = "2"
+    server_closes = False
+
+    def __init__(self, conn: H2Connection, stream_id: int) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.response: Headers | None = None
+        self.status = 0
+        self.refused: BaseException | None = None
+        self._responded = threading.Event()
+        self._sink: Sink | None = None
+        self._early: list[bytes] = []  # data that came before run()
+        self._lost = False
+        self._ended = False  # no more frames either way: reset, ended, or aborted
+        self._released = False
+
+    # -- called by the connection's reader thread (conn lock NOT held) ----------
+
+    def _deliver(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is None:
+            self._early.append(data)
+        else:
+            sink.data_received(data)
+
+    def _lose(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._responded.set()
+        sink = self._sink
+        if sink is not None:
+            sink.connection_lost(exc)
+
+    # -- the Transport interface --------------------------------------------------
+
+    def recv(self, timeout: float | None = None) -> bytes:  # pragma: no cover - not used
+        raise TransportError("an HTTP/2 stream is read by its connection")
+
+    def run(self, sink: Sink) -> None:
+        with self.conn.lock:
+            self._sink = sink
+            early, self._early = self._early, []
+            lost = self._lost
+        for data in early:
+            sink.data_received(data)
+        if lost:
+            sink.connection_lost(None)
+
+    def write(self, chunks: Sequence[BytesLike]) -> None:
+        data = memoryview(b"".join(chunks))
+        self.conn.send_data(self, data)
+
+    def abort(self) -> None:
+        """Reset the stream with CANCEL and report the end to the socket."""
+        self.conn.reset_stream(self)
+        self._lose(None)
+
+    def close(self) -> None:
+        self.abort()
+        self.conn.release(self)
+
+
+class H2Connection:
+    """One HTTP/2 connection: the ``h2`` state machine, its socket and reader thread."""
+
+    def __init__(
+        self, transport: TCPTransport, key: tuple[Any, ...], settings: HTTP2Settings
+    ) -> None:
+        self.id = next(_conn_ids)
+        self.transport = transport
+        self.key = key
+        self.settings = settings
+        self.lock = threading.Lock()
+        self.window_open = threading.Condition(self.lock)
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config)
+        self.streams: dict[int, H2Stream] = {}
+        self.reserved = 0  # streams being opened
+        self.max_streams = 100
+        self.dead: BaseException | None = None
+        self.closing = False
+        self._idle_job: Job | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- setup --------------------------------------------------------------------
+
+    def handshake(self, deadline: Deadline) -> None:
+        """Preface, then wait for the server's SETTINGS; check extended CONNECT."""
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(1 << 24)  # ~16 MiB connection window
+        self.transport.write([self.h2.data_to_send()])
+        settings: dict[int, int] | None = None
+        while settings is None:
+            data = self.transport.recv(deadline.remaining())
+            if not data:
+                raise HTTP2Unavailable("connection closed before the server's HTTP/2 SETTINGS")
+            try:
+                events = self.h2.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                raise HTTP2Unavailable(f"the server does not speak HTTP/2: {exc}") from None
+            for event in events:
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    settings = {int(k): v.new_value for k, v in event.changed_settings.items()}
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    raise HTTP2Unavailable(f"the server sent GOAWAY ({event.error_code!r})")
+            self.transport.write([self.h2.data_to_send()])
+        if settings.get(int(_ENABLE_CONNECT)) != 1:
+            raise HTTP2Unavailable(
+                "the server's SETTINGS lack SETTINGS_ENABLE_CONNECT_PROTOCOL = 1 (RFC 8441)"
+            )
+        self.max_streams = settings.get(int(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS), 100)
+        self._thread = threading.Thread(
+            target=self._reader, name=f"blockws-h2-{self.id}", daemon=True
+        )
+        self._thread.start()
+
+    def open_stream(
+        self, url: WSURL, request: Request, extensions: Sequence[Extension], deadline: Deadline
+    ) -> H2Stream:
+        """Send the extended CONNECT and wait for the answer (RFC 8441 section 4)."""
+        headers: list[tuple[bytes, bytes]] = [
+            (b":method", b"CONNECT"),
+            (b":protocol", b"websocket"),
+            (b":scheme", b"https" if url.secure else b"http"),
+            (b":path", url.resource.encode()),
+            (b":authority", url.authority.encode()),
+            (b"sec-websocket-version", b"13"),
+        ]
+        if request.subprotocols:
+            headers.append((b"sec-websocket-protocol", ", ".join(request.subprotocols).encode()))
+        if extensions:
+            offer = ", ".join(e.offer() for e in extensions)
+            headers.append((b"sec-websocket-extensions", offer.encode()))
+        if request.origin is not None and "origin" not in request.headers:
+            headers.append((b"origin", request.origin.encode()))
+        for name, value in request.headers.raw_items():
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by blockws and cannot be overridden")
+            headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        with self.lock:
+            self.reserved -= 1  # the slot reserved by the pool becomes a stream, or is freed
+            self._check_alive()
+            stream_id = self.h2.get_next_available_stream_id()
+            stream = H2Stream(self, stream_id)
+            self.streams[stream_id] = stream
+            self.h2.send_headers(stream_id, headers)
+            self._flush_locked()
+        if not stream._responded.wait(deadline.remaining()):
+            self.reset_stream(stream)
+            self.release(stream)
+            raise OpenTimeout("timed out waiting for the HTTP/2 CONNECT response")
+        if stream.refused is not None:
+            self.release(stream)
+            raise stream.refused
+        return stream
+
+    # -- writing (any thread) ---------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise ConnectionLost(f"HTTP/2 connection lost: {self.dead}")
+
+    def _flush_locked(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write([data])
+
+    def send_data(self, stream: H2Stream, data: memoryview) -> None:
+        """Send DATA within the flow-control windows; waits while they are closed."""
+        sid = stream.stream_id
+        with self.lock:
+            while data:
+                self._check_alive()
+                if stream._ended:
+                    raise ConnectionLost("the HTTP/2 stream was reset")
+                size = min(
+                    self.h2.local_flow_control_window(sid),
+                    self.h2.max_outbound_frame_size,
+                    len(data),
+                )
+                if size <= 0:
+                    self.window_open.wait()  # notified on WINDOW_UPDATE, reset or death
+                    continue
+                self.h2.send_data(sid, data[:size].tobytes())
+                data = data[size:]
+                self._flush_locked()
+
+    def reset_stream(self, stream: H2Stream) -> None:
+        with self.lock:
+            if stream._ended or self.dead is not None:
+                stream._ended = True
+                self.window_open.notify_all()
+                return
+            stream._ended = True
+            with contextlib.suppress(h2.exceptions.H2Error, TransportError):
+                self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+                self._flush_locked()
+            self.window_open.notify_all()
+
+    def release(self, stream: H2Stream) -> None:
+        """The socket is done with ``stream``; close the connection when idle."""
+        with self.lock:
+            if stream._released:
+                return
+            stream._released = True
+            self.streams.pop(stream.stream_id, None)
+            idle = not self.streams and not self.reserved
+            if idle and self._idle_job is None and not self.closing:
+                self._idle_job = timer.call_later(self.settings.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        with self.lock:
+            self._idle_job = None
+            if self.streams or self.reserved or self.closing:
+                return
+            self.closing = True
+        pool.forget(self)
+        self.close()
+
+    def close(self) -> None:
+        """GOAWAY, close the socket, and join the reader thread."""
+        with self.lock:
+            self.closing = True
+            if self.dead is None:
+                with contextlib.suppress(h2.exceptions.H2Error, TransportError):
+                    self.h2.close_connection()
+                    self._flush_locked()
+        self.transport.abort()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self.transport.close()
+
+    # -- the reader thread ----------------------------------------------------------
+
+    def _reader(self) -> None:
+        exc: BaseException | None = None
+        try:
+            while True:
+                data = self.transport.recv()
+                if not data:
+                    exc = ConnectionLost("the HTTP/2 connection was closed")
+                    break
+                with self.lock:
+                    events = self.h2.receive_data(data)
+                    self._flush_locked()
+                for event in events:
+                    self._handle(event)
+        except h2.exceptions.ProtocolError as err:
+            exc = ConnectionLost(f"HTTP/2 protocol error: {err}")
+        except TransportError as err:
+            exc = err
+        except Exception as err:  # noqa: BLE001 - reported to every stream
+            logger.exception("HTTP/2 connection %d reader failed", self.id)
+            exc = ConnectionLost(f"HTTP/2 reader failed: {err!r}")
+        self._die(exc)
+
+    def _die(self, exc: BaseException | None) -> None:
+        with self.lock:
+            if self.dead is None:
+                self.dead = exc or ConnectionLost("the HTTP/2 connection ended")
+            streams = list(self.streams.values())
+            self.window_open.notify_all()
+        pool.forget(self)
+        for stream in streams:
+            stream.refused = stream.refused or (
+                HTTP2Unavailable(f"HTTP/2 connection lost: {self.dead}")
+                if not stream._responded.is_set()
+                else None
+            )
+            stream._ended = True
+            stream._lose(None if self.closing else ConnectionLost(f"{self.dead}"))
+        with contextlib.suppress(OSError):
+            self.transport.abort()
+
+    def _handle(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.ResponseReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                return
+            headers = Headers()
+            status = 0
+            for name, value in event.headers or []:
+                n = name.decode("latin-1") if isinstance(name, bytes) else name
+                v = value.decode("latin-1") if isinstance(value, bytes) else value
+                if n == ":status":
+                    status = int(v)
+                elif not n.startswith(":"):
+                    headers.add(n, v)
+            stream.status, stream.response = status, headers
+            if not 200 <= status < 300:
+                # RFC 8441: the server refused the extended CONNECT.
+                stream.refused = HTTP2Unavailable(
+                    f"the server refused the HTTP/2 WebSocket (status {status})",
+                    InvalidStatus(status, "", headers),
+                )
+                self.reset_stream(stream)
+            stream._responded.set()
+        elif isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and not stream._ended and event.data:
+                stream._deliver(event.data)
+            with self.lock:
+                # Credit comes back once the socket has consumed the data.
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    self._flush_locked()
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                if not stream._responded.is_set():
+                    stream.refused = HTTP2Unavailable("the server ended the stream at once")
+                stream._lose(None)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                with self.lock:
+                    stream._ended = True
+                    self.window_open.notify_all()
+                if not stream._responded.is_set():
+                    stream.refused = HTTP2Unavailable(
+                        f"the server reset the CONNECT stream ({event.error_code!r})"
+                    )
+                    stream._responded.set()
+                stream._lose(
+                    None
+                    if event.error_code
+                    in (h2.errors.ErrorCodes.NO_ERROR, h2.errors.ErrorCodes.CANCEL)
+                    else ConnectionLost(f"the server reset the stream ({event.error_code!r})")
+                )
+        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            with self.lock:
+                self.window_open.notify_all()
+            if isinstance(event, h2.events.RemoteSettingsChanged):
+                changed = event.changed_settings.get(
+                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+                )
+                if changed is not None:
+                    self.max_streams = changed.new_value
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.dead = ConnectionLost(f"the server sent GOAWAY ({event.error_code!r})")
+            with contextlib.suppress(OSError):
+                self.transport.abort()
+
+
+class H2Pool:
+    """HTTP/2 connections by origin and TLS settings, shared between sockets."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conns: dict[tuple[Any, ...], list[H2Connection]] = {}
+        self._creating: dict[tuple[Any, ...], threading.Lock] = {}
+        #: Origins where HTTP/2 failed: later sockets go straight to HTTP/1.1.
+        self.failed_origins: set[tuple[str, str, int]] = set()
+
+    def forget(self, conn: H2Connection) -> None:
+        with self._lock:
+            conns = self._conns.get(conn.key)
+            if conns and conn in conns:
+                conns.remove(conn)
+
+    def _reserve(self, key: tuple[Any, ...]) -> H2Connection | None:
+        with self._lock:
+            for conn in self._conns.get(key, []):
+                with conn.lock:
+                    busy = len(conn.streams) + conn.reserved
+                    if conn.dead is None and not conn.closing and busy < conn.max_streams:
+                        conn.reserved += 1
+                        if conn._idle_job is not None:
+                            conn._idle_job.cancel()
+                            conn._idle_job = None
+                        return conn
+        return None
+
+    def open(
+        self,
+        url: WSURL,
+        request: Request,
+        extensions: Sequence[Extension],
+        deadline: Deadline,
+        settings: HTTP2Settings,
+        connector: Connector,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+    ) -> H2Stream:
+        """A stream for ``request``: on a shared connection, or a new one.
+
+        Raises :class:`HTTP2Unavailable` when HTTP/2 or RFC 8441 is not on offer;
+        its ``transport`` attribute then holds a TLS connection on which ALPN
+        chose HTTP/1.1, ready for the fallback handshake.
+        """
+        key = (url.secure, url.host.lower(), url.port, id(ssl_context), server_hostname)
+        conn = self._reserve(key) if settings.share else None
+        if conn is None:
+            with self._lock:
+                create_lock = self._creating.setdefault(key, threading.Lock())
+            with create_lock:  # one new connection per origin at a time
+                conn = self._reserve(key) if settings.share else None
+                if conn is None:
+                    conn = self._connect(
+                        key, url, deadline, settings, connector, ssl_context, server_hostname
+                    )
+        return conn.open_stream(url, request, extensions, deadline)
+
+    def _connect(
+        self,
+        key: tuple[Any, ...],
+        url: WSURL,
+        deadline: Deadline,
+        settings: HTTP2Settings,
+        connector: Connector,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+    ) -> H2Connection:
+        transport = connector.connect(url.host, url.port, deadline, ssl_context, server_hostname)
+        if url.secure:
+            sock = transport.sock
+            alpn = sock.selected_alpn_protocol() if isinstance(sock, ssl.SSLSocket) else None
+            if alpn != "h2":
+                raise HTTP2Unavailable(
+                    f"TLS ALPN chose {alpn or 'no protocol'}, not h2", transport=transport
+                )
+        conn = H2Connection(transport, key, settings)
+        try:
+            conn.handshake(deadline)
+        except BaseException:
+            transport.abort()
+            transport.close()
+            raise
+        with self._lock:
+            conn.reserved = 1
+            self._conns.setdefault(key, []).append(conn)
+        logger.debug("HTTP/2 connection %d to %s:%s open", conn.id, url.host, url.port)
+        return conn
+
+    def connections(self) -> list[H2Connection]:
+        with self._lock:
+            return [c for conns in self._conns.values() for c in conns]
+
+
+#: The process-wide pool.
+pool = H2Pool()
