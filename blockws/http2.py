@@ -63,6 +63,11 @@ __all__ = ["HTTP2Settings", "H2Stream", "H2Pool", "pool"]
 BytesLike = Union[bytes, bytearray, memoryview]
 _ENABLE_CONNECT = h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL
 _conn_ids = itertools.count(1)
+#: Receive windows: how much the server may send before we return credit.
+_STREAM_WINDOW = 4 * 1024 * 1024
+_CONNECTION_WINDOW = 16 * 1024 * 1024
+#: The largest DATA frame we accept (the server still picks what it sends).
+_MAX_FRAME = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -184,8 +189,18 @@ class H2Connection:
 
     def handshake(self, deadline: Deadline) -> None:
         """Preface, then wait for the server's SETTINGS; check extended CONNECT."""
+        self.h2.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                # Large windows and frames: a 1 MiB message then crosses in a
+                # few frames, without waiting for WINDOW_UPDATE round trips.
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: _MAX_FRAME,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
         self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(1 << 24)  # ~16 MiB connection window
+        self.h2.increment_flow_control_window(_CONNECTION_WINDOW)
         self.transport.write([self.h2.data_to_send()])
         settings: dict[int, int] | None = None
         while settings is None:
@@ -281,7 +296,8 @@ class H2Connection:
                     continue
                 self.h2.send_data(sid, data[:size].tobytes())
                 data = data[size:]
-                self._flush_locked()
+                if not data or self.h2.local_flow_control_window(sid) <= 0:
+                    self._flush_locked()  # one write for every frame the window allowed
 
     def reset_stream(self, stream: H2Stream) -> None:
         with self.lock:
@@ -342,8 +358,16 @@ class H2Connection:
                 with self.lock:
                     events = self.h2.receive_data(data)
                     self._flush_locked()
+                credit: dict[int, int] = {}
                 for event in events:
-                    self._handle(event)
+                    self._handle(event, credit)
+                if credit:
+                    # Return credit for everything the sockets consumed, in one write.
+                    with self.lock:
+                        for stream_id, size in credit.items():
+                            with contextlib.suppress(h2.exceptions.H2Error):
+                                self.h2.acknowledge_received_data(size, stream_id)
+                        self._flush_locked()
         except h2.exceptions.ProtocolError as err:
             exc = ConnectionLost(f"HTTP/2 protocol error: {err}")
         except TransportError as err:
@@ -371,7 +395,7 @@ class H2Connection:
         with contextlib.suppress(OSError):
             self.transport.abort()
 
-    def _handle(self, event: h2.events.Event) -> None:
+    def _handle(self, event: h2.events.Event, credit: dict[int, int]) -> None:
         if isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
             if stream is None:
@@ -398,11 +422,9 @@ class H2Connection:
             stream = self.streams.get(event.stream_id)
             if stream is not None and not stream._ended and event.data:
                 stream._deliver(event.data)
-            with self.lock:
-                # Credit comes back once the socket has consumed the data.
-                with contextlib.suppress(h2.exceptions.H2Error):
-                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                    self._flush_locked()
+            # Credit comes back once the socket has consumed (parsed) the data.
+            sid = event.stream_id
+            credit[sid] = credit.get(sid, 0) + event.flow_controlled_length
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:

@@ -1,0 +1,187 @@
+"""blockws over HTTP/2 (RFC 8441) next to HTTP/1.1, through the same server.
+
+    python -m benchmarks.http2 [--rounds 3] [--quick]
+
+The server is ``nghttpx`` (C) as a gateway in front of ``benchmarks/reflector.js``:
+its cleartext frontend takes both HTTP/1.1 upgrades and h2c with prior
+knowledge, so both protocols cross the same gateway and the same backend, and
+the ratio isolates the cost of HTTP/2 framing in the client.
+
+Workloads (binary, compression off so that framing is all that differs):
+
+* ``small``: 20 000 × 32 B pipelined echo (a writer thread sends, the main
+  thread receives); messages per second;
+* ``bulk``: 64 × 1 MiB echo, 4 in flight; MB/s.
+
+The report gives, per workload, HTTP/2 throughput as a fraction of HTTP/1.1
+and the client CPU per message, so the added cost per message is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from typing import Any
+
+from ._harness import cpu_seconds, free_port, median, run_child, server, table
+
+WORKLOADS = {"small": (20_000, 32, 0), "bulk": (64, 1 << 20, 4)}
+
+
+def child(workload: str, url: str, version: str, scale: float, profile: bool) -> None:
+    import blockws
+    from blockws.http2 import HTTP2Settings
+
+    count, size, window = WORKLOADS[workload]
+    count = max(4, int(count * scale))
+    payload = bytes(range(256)) * (size // 256) if size >= 256 else b"x" * size
+    ws = blockws.connect(
+        url,
+        timeout=10,
+        extensions=[],
+        max_message_size=None,
+        http2=HTTP2Settings(enabled=version == "2", cleartext=True),
+    )
+    assert ws.http_version == version, ws.http_version
+    if profile:
+        import yappi  # profiles every thread (the work is on the reader and writer)
+
+        yappi.set_clock_type("cpu")
+        yappi.start()
+    start, cpu = time.perf_counter(), cpu_seconds()
+    if window == 0:
+        writer = threading.Thread(target=lambda: [ws.send(payload) for _ in range(count)])
+        writer.start()
+        for _ in range(count):
+            ws.receive(60)
+        writer.join()
+    else:
+        sent = 0
+        for _ in range(window):
+            ws.send(payload)
+            sent += 1
+        for _ in range(count):
+            ws.receive(60)
+            if sent < count:
+                ws.send(payload)
+                sent += 1
+    if profile:
+        yappi.stop()
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    ws.close()
+    ws.join(5)
+    result: dict[str, Any] = {"elapsed": elapsed, "cpu": cpu, "count": count, "bytes": count * size}
+    if profile:
+        stats = sorted(yappi.get_func_stats(), key=lambda st: -st.tsub)[:14]
+        total = sum(st.tsub for st in yappi.get_func_stats()) or 1.0
+        lines = [
+            f"{100 * st.tsub / total:5.1f}%  {st.name}  ({st.module.rsplit('/', 2)[-1]})"
+            for st in stats
+        ]
+        result["profile"] = "\n".join(lines)
+    print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.http2")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workload")
+    parser.add_argument("--url")
+    parser.add_argument("--version")
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument(
+        "--profile", action="store_true", help="print where HTTP/2 time goes (needs yappi)"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.workload, args.url, args.version, args.scale, args.profile)
+        return
+    if args.quick:
+        args.rounds, args.scale = 1, 0.2
+    backend, front = free_port(), free_port()
+    rows: list[dict[str, Any]] = []
+    profiles: dict[str, str] = {}
+    gateway = [
+        "nghttpx",
+        "--conf=/dev/null",
+        "--single-process",
+        "--no-ocsp",
+        "--workers=1",
+        f"--frontend=127.0.0.1,{front};no-tls",
+        f"--backend=127.0.0.1,{backend}",
+    ]
+    with server(["node", "benchmarks/reflector.js", str(backend)], backend), server(gateway, front):
+        url = f"ws://127.0.0.1:{front}/"
+        for workload in WORKLOADS:
+            runs: dict[str, list[dict[str, Any]]] = {"1.1": [], "2": []}
+            for _ in range(args.rounds):
+                for version in ("1.1", "2"):
+                    runs[version].append(
+                        run_child(
+                            "benchmarks.http2",
+                            [
+                                "--workload",
+                                workload,
+                                "--url",
+                                url,
+                                "--version",
+                                version,
+                                "--scale",
+                                str(args.scale),
+                            ],
+                        )
+                    )
+            if args.profile:
+                r = run_child(
+                    "benchmarks.http2",
+                    [
+                        "--workload",
+                        workload,
+                        "--url",
+                        url,
+                        "--version",
+                        "2",
+                        "--scale",
+                        str(args.scale),
+                        "--profile",
+                    ],
+                )
+                profiles[workload] = r["profile"]
+            base = None
+            for version in ("1.1", "2"):
+                rs = runs[version]
+                elapsed = median([r["elapsed"] for r in rs])
+                row = {
+                    "workload": workload,
+                    "http": version,
+                    "msgs/s": rs[0]["count"] / elapsed,
+                    "MB/s": rs[0]["bytes"] / elapsed / 1e6,
+                    "cpu us/msg": 1e6 * median([r["cpu"] / r["count"] for r in rs]),
+                }
+                base = base or row
+                row["vs 1.1"] = row["msgs/s"] / base["msgs/s"]
+                rows.append(row)
+    print(f"HTTP/2 vs HTTP/1.1 through nghttpx, {args.rounds} round(s), scale {args.scale}")
+    print(
+        table(
+            rows,
+            [
+                ("workload", "workload", "s"),
+                ("http", "HTTP", "s"),
+                ("msgs/s", "msgs/s", ",.0f"),
+                ("MB/s", "MB/s", ".1f"),
+                ("vs 1.1", "throughput vs 1.1", ".2f"),
+                ("cpu us/msg", "client CPU µs/msg", ".1f"),
+            ],
+        )
+    )
+    for workload, text in profiles.items():
+        print(f"\nWhere the HTTP/2 client time goes ({workload}):\n{text}")
+
+
+if __name__ == "__main__":
+    main()
