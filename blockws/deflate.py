@@ -133,7 +133,8 @@ class PerMessageDeflate(Extension):
         self._inflating = False
 
     def fresh(self) -> PerMessageDeflate:
-        clone = PerMessageDeflate.__new__(PerMessageDeflate)
+        cls = type(self)
+        clone = cls.__new__(cls)
         clone.__dict__.update(self.__dict__)
         clone._reset_state()
         return clone

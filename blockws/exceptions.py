@@ -105,7 +105,11 @@ class ConnectionClosed(BlockwsError):
 
 
 class ConnectionClosedOK(ConnectionClosed):
-    """The socket ended with a clean closing handshake (no error)."""
+    """The socket ended with a closing handshake and no error on this side.
+
+    The close code may still be one the server uses to report a problem
+    (1002, 1011, 4xxx): look at ``code``.
+    """
 
 
 class ConnectionClosedError(ConnectionClosed):

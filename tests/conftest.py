@@ -7,12 +7,15 @@ the URL to connect to. The peers' text commands (!stats, !close, !ping, !headers
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import shutil
 import ssl
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -114,6 +117,84 @@ def node_ws_tls_server(tls_certs: TLSCerts) -> Iterator[str]:
     )
 
 
+def _hypercorn_server(*flags: str) -> Iterator[str]:
+    if importlib.util.find_spec("hypercorn") is None:
+        pytest.skip("hypercorn is not installed: pip install -e '.[test]'")
+    port = free_port()
+    cmd = [sys.executable, "-m", "hypercorn", "-w", "0", "-b", f"127.0.0.1:{port}", *flags,
+           "asgi_echo:app"]
+    with start_server(cmd, port, cwd=str(PEERS_DIR)):
+        yield f"ws://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def hypercorn_echo_server() -> Iterator[str]:
+    """``ws://`` URL of hypercorn serving tests/peers/asgi_echo.py (HTTP/1.1, plain TCP).
+
+    hypercorn's WebSocket is wsproto's, which always offers permessage-deflate.
+    """
+    yield from _hypercorn_server()
+
+
+_PEER_KINDS = {
+    "websockets": lambda flags: _websockets_server("ws://127.0.0.1", *flags),
+    "node": lambda flags: _node_ws_server("ws://127.0.0.1", *flags),
+    "hypercorn": lambda flags: _hypercorn_server(*flags),
+}
+
+
+class PeerServers:
+    """Peer servers started on demand, one per (kind, flags), shared by the whole session.
+
+    ``url(kind, *flags)`` starts ``kind`` ("websockets", "node" or "hypercorn") with those
+    command-line flags the first time it is asked for, and returns the same URL afterwards.
+    At most ``keep`` run at once: starting another stops the least recently used one (it is
+    restarted, on a new port, if asked for again), so testing many flag sets does not pile up
+    processes on a small machine. Group tests by flag set to start each once.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._running: OrderedDict[tuple[str, tuple[str, ...]], tuple[contextlib.ExitStack, str]]
+        self._running = OrderedDict()
+
+    def url(self, kind: str, *flags: str) -> str:
+        key = (kind, flags)
+        if key in self._running:
+            self._running.move_to_end(key)
+            return self._running[key][1]
+        while len(self._running) >= self.keep:
+            _, (old, _url) = self._running.popitem(last=False)
+            old.close()
+        stack = contextlib.ExitStack()
+        try:
+            url = stack.enter_context(contextlib.contextmanager(_PEER_KINDS[kind])(flags))
+        except BaseException:
+            stack.close()
+            raise
+        self._running[key] = (stack, url)
+        return url
+
+    def close(self) -> None:
+        while self._running:
+            _, (stack, _url) = self._running.popitem()
+            stack.close()
+
+
+@pytest.fixture(scope="session")
+def peer_servers() -> Iterator[PeerServers]:
+    """Factory of peer servers by command-line flags, e.g. the deflate parameters::
+
+        url = peer_servers.url("node", "--server-no-context-takeover")
+
+    See ``ws_echo_server.py`` and ``node_ws_server.js`` for their flags; hypercorn takes
+    its own command-line options.
+    """
+    servers = PeerServers()
+    yield servers
+    servers.close()
+
+
 def _blockws_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("blockws")}
 
@@ -145,3 +226,134 @@ def no_leaks() -> Iterator[None]:
         f"file descriptors grew from {fds_before} to {fds_after}: "
         f"{sorted(os.listdir('/proc/self/fd'), key=int)}"
     )
+
+
+# -- HTTP/2 (RFC 8441) peers: tests/test_http2.py ----------------------------------------
+
+
+@pytest.fixture
+def tls_context_h2(tls_certs: TLSCerts) -> ssl.SSLContext:
+    """A client context trusting tls_certs that offers ALPN ``h2, http/1.1``.
+
+    A context the user passes is used as it is (blockws.opening), so it must offer h2 for
+    an HTTP/2 attempt. One per test: blockws's HTTP/2 pool shares connections per context.
+    """
+    ctx = tls_certs.client_context()
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    return ctx
+
+
+@dataclass
+class H2Server:
+    """A WebSocket server reachable over TLS (``wss``) and, if it has one, cleartext (``ws``)."""
+
+    wss: str  # wss://localhost:PORT
+    ws: str = ""  # ws://127.0.0.1:PORT (h2c with prior knowledge, and HTTP/1.1), or ""
+    proc: object = None  # the server's subprocess.Popen
+
+
+def _sbin_which(name: str) -> str | None:
+    # Debian installs nghttpx and nghttpd in /usr/sbin, not on a non-root user's PATH.
+    return shutil.which(name) or shutil.which(name, path="/usr/local/sbin:/usr/sbin:/sbin")
+
+
+def _hypercorn_h2(
+    tls_certs: TLSCerts, directory: str, config: str = "", app: str = "h2_asgi_app:app"
+) -> Iterator[H2Server]:
+    """hypercorn serving ``app`` over TLS (ALPN from ``config``, default h2) and h2c."""
+    if importlib.util.find_spec("hypercorn") is None:
+        pytest.skip("hypercorn is not installed: pip install -e '.[test]'")
+    tls_port, clear_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "hypercorn", "-w", "0",
+           "--certfile", tls_certs.certfile, "--keyfile", tls_certs.keyfile,
+           "-b", f"127.0.0.1:{tls_port}", "--insecure-bind", f"127.0.0.1:{clear_port}"]
+    if config:
+        path = os.path.join(directory, "hypercorn.toml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(config)
+        cmd += ["--config", path]
+    with start_server([*cmd, app], [tls_port, clear_port], cwd=str(PEERS_DIR)) as proc:
+        yield H2Server(f"wss://localhost:{tls_port}", f"ws://127.0.0.1:{clear_port}", proc)
+
+
+@pytest.fixture(scope="session")
+def hypercorn_h2_server(
+    tls_certs: TLSCerts, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[H2Server]:
+    """hypercorn with RFC 8441, serving tests/peers/h2_asgi_app.py (``!version``, ``!close``,
+    ``!headers``): ``.wss`` is TLS with ALPN h2 (and http/1.1), ``.ws`` cleartext h2c and
+    HTTP/1.1 on another port."""
+    yield from _hypercorn_h2(tls_certs, str(tmp_path_factory.mktemp("hypercorn-h2")))
+
+
+@pytest.fixture(scope="session")
+def hypercorn_h2_three_streams_server(
+    tls_certs: TLSCerts, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[H2Server]:
+    """Like hypercorn_h2_server, with SETTINGS_MAX_CONCURRENT_STREAMS = 3."""
+    yield from _hypercorn_h2(tls_certs, str(tmp_path_factory.mktemp("hypercorn-3")),
+                             "h2_max_concurrent_streams = 3\n")
+
+
+@pytest.fixture(scope="session")
+def hypercorn_h1_only_server(
+    tls_certs: TLSCerts, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[H2Server]:
+    """hypercorn (h2_asgi_app) whose TLS ALPN offers only http/1.1: no HTTP/2 over TLS."""
+    yield from _hypercorn_h2(tls_certs, str(tmp_path_factory.mktemp("hypercorn-h1")),
+                             'alpn_protocols = ["http/1.1"]\n')
+
+
+@pytest.fixture(scope="session")
+def nghttpx_gateway(tls_certs: TLSCerts, websockets_deflate_server: str) -> Iterator[H2Server]:
+    """nghttpx as an RFC 8441 gateway in front of the `websockets` echo peer (with deflate).
+
+    ``.wss`` is nghttpx's TLS frontend (ALPN h2, http/1.1), ``.ws`` its cleartext frontend
+    (h2c with prior knowledge, and HTTP/1.1). The peer's text commands (``!stats``,
+    ``!close``, ``!headers``...) are in tests/peers/ws_echo_server.py.
+    """
+    nghttpx = _sbin_which("nghttpx")
+    if nghttpx is None:
+        pytest.skip("nghttpx is not installed (Debian nghttp2-proxy; .ci/run installs it)")
+    backend = websockets_deflate_server.rsplit(":", 1)[1]
+    tls_port, clear_port = free_port(), free_port()
+    cmd = [nghttpx, "--conf=/dev/null", "--single-process", "--no-ocsp", "--workers=1",
+           f"--frontend=127.0.0.1,{tls_port}", f"--frontend=127.0.0.1,{clear_port};no-tls",
+           f"--backend=127.0.0.1,{backend}", tls_certs.keyfile, tls_certs.certfile]
+    with start_server(cmd, [tls_port, clear_port]) as proc:
+        yield H2Server(f"wss://localhost:{tls_port}", f"ws://127.0.0.1:{clear_port}", proc)
+
+
+@pytest.fixture(scope="session")
+def node_h2_server(tls_certs: TLSCerts) -> Iterator[H2Server]:
+    """Node's http2 server WITHOUT the extended CONNECT (its SETTINGS lack
+    ENABLE_CONNECT_PROTOCOL), TLS with ALPN h2 and http/1.1; WebSocket over HTTP/1.1 only
+    (tests/peers/node_h2_server.js: ``!version``, ``!close``, ``!headers``)."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the Node http2 peer needs Node.js")
+    if not (PEERS_DIR / "node_modules" / "ws").is_dir():
+        pytest.fail("tests/peers/node_modules/ws is missing: run "
+                    "`npm install --prefix tests/peers --no-audit --no-fund` (.ci/run does)")
+    port = free_port()
+    cmd = [node, str(PEERS_DIR / "node_h2_server.js"), "--port", str(port),
+           "--certfile", tls_certs.certfile, "--keyfile", tls_certs.keyfile]
+    with start_server(cmd, port) as proc:
+        yield H2Server(f"wss://localhost:{port}", "", proc)
+
+
+@pytest.fixture(scope="session")
+def nghttpd_server(
+    tls_certs: TLSCerts, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[H2Server]:
+    """nghttpd: an HTTP/2-only file server over TLS, without RFC 8441 and without HTTP/1.1."""
+    nghttpd = _sbin_which("nghttpd")
+    if nghttpd is None:
+        pytest.skip("nghttpd is not installed (Debian nghttp2-server; .ci/run installs it)")
+    htdocs = tmp_path_factory.mktemp("htdocs")
+    (htdocs / "index.html").write_text("nghttpd\n")
+    port = free_port()
+    cmd = [nghttpd, "-a", "127.0.0.1", "-d", str(htdocs), str(port),
+           tls_certs.keyfile, tls_certs.certfile]
+    with start_server(cmd, port) as proc:
+        yield H2Server(f"wss://localhost:{port}", "", proc)
