@@ -122,8 +122,12 @@ class H2Stream(Transport):
         sink = self._sink
         if sink is None:
             self._early.append(data)
-        else:
+            return
+        try:
             sink.data_received(data)
+        except Exception as exc:  # noqa: BLE001 - ends this stream, not the connection
+            self.conn.reset_stream(self)
+            self._lose(exc)
 
     def _lose(self, exc: BaseException | None) -> None:
         if self._lost:

@@ -561,8 +561,10 @@ class Protocol:
                 buf[:n] = chunk
                 events.append(BinaryMessage(buf, n))
                 return
-            # The message continues: size the buffer for this whole frame.
-            size = n + self._f_remaining
+            # The message continues: size the buffer for this whole frame --
+            # unless an extension decodes it, when the announced (compressed)
+            # length says nothing about the size and must not be trusted.
+            size = n if self._m_ext else n + self._f_remaining
             buf = self._m_buf = self._allocate(max(size, 1))
             self._m_len = 0
         need = self._m_len + n

@@ -122,14 +122,19 @@ class Transport:
         raise NotImplementedError
 
     def run(self, sink: Sink) -> None:
-        """Deliver data to ``sink`` until EOF or failure, on the calling thread."""
+        """Deliver data to ``sink`` until EOF or failure, on the calling thread.
+
+        Any exception -- from the network or from the sink itself (say, a
+        ``MemoryError``) -- ends the stream through ``connection_lost``, so the
+        socket always learns that its reader stopped.
+        """
         try:
             while True:
                 data = self.recv()
                 if not data:
                     break
                 sink.data_received(data)
-        except TransportError as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the sink
             sink.connection_lost(exc)
         else:
             sink.connection_lost(None)
