@@ -19,6 +19,10 @@ Differences from Autobahn:
   the rest of the message is sent (the 1 s pause), not only in the right order.
 * 7.9.x uses the invalid close codes of the current suite (0, 999, 1004, 1005, 1006, 1016,
   1100, 2000, 2999); older releases also sent 1012-1015 as "invalid".
+
+Categories 12 and 13 (permessage-deflate) are in ``autobahn_deflate_cases.py``. None of the
+cases here has a ``deflate`` policy, so the fuzzer ignores a client's permessage-deflate offer
+in them, as Autobahn's fuzzing server does.
 """
 
 from __future__ import annotations

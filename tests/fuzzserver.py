@@ -25,6 +25,29 @@ violation by the client (unmasked frame, invalid close payload or close code, RS
 fails the case, and echoed payloads in the performance cases are compared byte for byte
 (Autobahn only compares lengths).
 
+permessage-deflate (RFC 7692, Autobahn categories 12 and 13): a ``Case`` with a ``deflate``
+policy answers the client's ``Sec-WebSocket-Extensions`` offer the way the case's
+``SERVER_ACCEPT`` does in ``case12_x_x.py`` (``DeflatePolicy``), using the offer parsing and the
+accept rules of the autobahn library the suite runs on (``DeflateOffer`` / ``DeflateAccept``,
+after ``autobahn/websocket/compress_deflate.py``). Every other case ignores the offer, as
+Autobahn's fuzzing server does (its default ``perMessageCompressionAccept`` accepts nothing), so
+RSV1 stays a protocol violation there. With the extension in use the fuzzer compresses every
+message it sends (raw deflate, ``Z_SYNC_FLUSH``, the ``00 00 ff ff`` tail stripped; zlib's default
+level, memLevel 8 and window 15, like autobahn) and inflates the client's RSV1 messages with the
+negotiated context takeover and window; a client message that does not inflate, RSV1 on a
+continuation or control frame, or RSV2/RSV3 are violations. A case whose client did not
+negotiate the extension is UNIMPLEMENTED, as in Autobahn: the fuzzer closes with 1000 at once.
+
+8-bit windows: zlib cannot *compress* raw deflate with an 8-bit window (``wbits=-8`` is
+refused), so were a client to ask for ``server_max_window_bits=8`` the fuzzer would compress
+with 9 bits, which is still exact: zlib's matches reach back at most ``2**wbits - 262``
+octets (its MAX_DIST), 250 for 9 bits. For *inflating* (``client_max_window_bits=8``, cases
+13.3, 13.5, 13.7) zlib does accept ``wbits=-8``, as autobahn used it, but it does not enforce
+the window within one call; so ``deflate_max_distance`` parses the client's first
+``WINDOW_CHECK_BUDGET`` compressed octets per connection and fails any back-reference beyond a
+negotiated ``client_max_window_bits`` below 15 (a 9-bit zlib or a Huffman-only compressor
+passes, a client that ignores the limit does not).
+
 Timing model (Autobahn runs on a Twisted reactor): frames written in the same step batch go
 out in one ``send()`` (one TCP segment on loopback); ``sync=True`` frames and every chop of a
 ``chopsize`` frame are separate writes with a short pause after each, as Autobahn's
@@ -42,6 +65,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
@@ -53,6 +77,8 @@ OK = "OK"
 NON_STRICT = "NON-STRICT"
 FAILED = "FAILED"
 INFORMATIONAL = "INFORMATIONAL"
+#: a permessage-deflate case the client did not negotiate the extension for
+UNIMPLEMENTED = "UNIMPLEMENTED"
 WRONG_CODE = "WRONG CODE"
 UNCLEAN = "UNCLEAN"
 
@@ -150,6 +176,344 @@ def close_payload(code: int | None, reason: bytes = b"") -> bytes:
 
 
 # --------------------------------------------------------------------------------------
+# permessage-deflate (RFC 7692), the server side
+
+RSV1 = 4
+DEFLATE_TAIL = b"\x00\x00\xff\xff"
+#: window sizes autobahn permitted when the suite was current (later releases dropped 8)
+WINDOW_BITS = range(8, 16)
+#: The biggest message the fuzzer inflates: a bound against a compression bomb.
+MAX_INFLATED_MESSAGE = 64 << 20
+#: Compressed octets per connection that ``deflate_max_distance`` parses to check a negotiated
+#: ``client_max_window_bits`` below 15 (pure Python, ~1-2 us per symbol, hence the bound).
+WINDOW_CHECK_BUDGET = 32 << 10
+
+
+def parse_extensions(value: str) -> list[tuple[str, dict[str, list[str | bool]]]]:
+    """Autobahn's ``_parseExtensionsHeader``: ``[(name, {param: [value or True, ...]})]``."""
+    extensions = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = [x.strip() for x in item.split(";")]
+        params: dict[str, list[str | bool]] = {}
+        for part in parts[1:]:
+            kv = [x.strip() for x in part.split("=")]
+            val: str | bool = True
+            if len(kv) > 1:
+                text = "=".join(kv[1:])
+                if text[:1] == '"':
+                    text = text[1:]
+                if text[-1:] == '"':
+                    text = text[:-1]
+                val = text
+            params.setdefault(kv[0].lower(), []).append(val)
+        extensions.append((parts[0].lower(), params))
+    return extensions
+
+
+def _window_bits(name: str, val: str | bool) -> int:
+    try:
+        bits = int(val) if not isinstance(val, bool) else 0
+    except ValueError:
+        bits = 0
+    if bits not in WINDOW_BITS:
+        raise ValueError(f"illegal value {val!r} for parameter {name!r} of permessage-deflate")
+    return bits
+
+
+@dataclass(frozen=True)
+class DeflateOffer:
+    """A client's permessage-deflate offer as autobahn's ``PerMessageDeflateOffer.parse`` reads
+    it. ``accept_no_context_takeover`` is True even when the client did not say so (RFC 7692: a
+    client must always support client_no_context_takeover); ``accept_max_window_bits`` needs
+    ``client_max_window_bits`` in the offer (a value is only a hint)."""
+
+    accept_no_context_takeover: bool = True
+    accept_max_window_bits: bool = False
+    request_no_context_takeover: bool = False  # server_no_context_takeover
+    request_max_window_bits: int = 0  # server_max_window_bits (0: not asked)
+
+    @classmethod
+    def parse(cls, params: dict[str, list[str | bool]]) -> DeflateOffer:
+        """Raise ``ValueError`` on an offer autobahn refuses (its handshake then fails)."""
+        accept_bits, request_nct, request_bits = False, False, 0
+        for name, values in params.items():
+            if len(values) > 1:
+                raise ValueError(f"parameter {name!r} of permessage-deflate repeated")
+            val = values[0]
+            if name == "client_max_window_bits":
+                if val is not True:
+                    _window_bits(name, val)
+                accept_bits = True
+            elif name in ("client_no_context_takeover", "server_no_context_takeover"):
+                if val is not True:
+                    raise ValueError(f"parameter {name!r} of permessage-deflate takes no value")
+                request_nct = request_nct or name == "server_no_context_takeover"
+            elif name == "server_max_window_bits":
+                request_bits = _window_bits(name, val)
+            else:
+                raise ValueError(f"illegal parameter {name!r} of permessage-deflate")
+        return cls(True, accept_bits, request_nct, request_bits)
+
+
+@dataclass(frozen=True)
+class DeflateAccept:
+    """autobahn's ``PerMessageDeflateOfferAccept``: the server accepts ``offer`` and may ask
+    the client for no context takeover / a window limit (only if the offer allows it). The
+    server's own direction follows what the offer requested."""
+
+    offer: DeflateOffer
+    request_no_context_takeover: bool = False  # -> client_no_context_takeover
+    request_max_window_bits: int = 0  # -> client_max_window_bits=N
+
+    def __post_init__(self) -> None:
+        if self.request_no_context_takeover and not self.offer.accept_no_context_takeover:
+            raise ValueError("client_no_context_takeover not supported by the offer")
+        if self.request_max_window_bits:
+            if self.request_max_window_bits not in WINDOW_BITS:
+                raise ValueError(f"invalid client_max_window_bits {self.request_max_window_bits}")
+            if not self.offer.accept_max_window_bits:
+                raise ValueError("client_max_window_bits not supported by the offer")
+
+    def extension_string(self) -> str:
+        parts = ["permessage-deflate"]
+        if self.offer.request_no_context_takeover:
+            parts.append("server_no_context_takeover")
+        if self.offer.request_max_window_bits:
+            parts.append(f"server_max_window_bits={self.offer.request_max_window_bits}")
+        if self.request_no_context_takeover:
+            parts.append("client_no_context_takeover")
+        if self.request_max_window_bits:
+            parts.append(f"client_max_window_bits={self.request_max_window_bits}")
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class DeflatePolicy:
+    """A case's ``SERVER_ACCEPT`` (``accept1`` ... ``accept7`` in ``case12_x_x.py``): the
+    (client_no_context_takeover, client_max_window_bits) choices tried in order, each against
+    every offer; the first offer that supports a choice is accepted with it. No match: the
+    extension is not used (the case is then UNIMPLEMENTED)."""
+
+    choices: tuple[tuple[bool, int], ...] = ((False, 0),)
+
+    def choose(self, offers: Sequence[DeflateOffer]) -> DeflateAccept | None:
+        for nct, bits in self.choices:
+            for offer in offers:
+                if nct and not offer.accept_no_context_takeover:
+                    continue
+                if bits and not offer.accept_max_window_bits:
+                    continue
+                return DeflateAccept(offer, nct, bits)
+        return None
+
+
+class DeflateSession:
+    """The fuzzer's half of a negotiated permessage-deflate (autobahn's ``PerMessageDeflate``
+    with ``is_server``): compresses what it sends, inflates what the client compressed."""
+
+    def __init__(self, accept: DeflateAccept) -> None:
+        offer = accept.offer
+        self.server_no_context_takeover = offer.request_no_context_takeover
+        self.client_no_context_takeover = accept.request_no_context_takeover
+        self.server_max_window_bits = offer.request_max_window_bits or 15
+        self.client_max_window_bits = accept.request_max_window_bits or 15
+        self.window_check_left = WINDOW_CHECK_BUDGET if self.client_max_window_bits < 15 else 0
+        self._compressor: Any = None
+        self._decompressor: Any = None
+
+    def agreed(self) -> dict[str, Any]:
+        return {
+            "server_no_context_takeover": self.server_no_context_takeover,
+            "client_no_context_takeover": self.client_no_context_takeover,
+            "server_max_window_bits": self.server_max_window_bits,
+            "client_max_window_bits": self.client_max_window_bits,
+        }
+
+    def compress(self, payload: bytes) -> bytes:
+        """One message: deflate, sync flush, strip the ``00 00 ff ff`` tail."""
+        if self._compressor is None or self.server_no_context_takeover:
+            # zlib refuses an 8-bit window for raw deflate; with 9 bits its matches still
+            # reach back at most 2**9 - 262 = 250 octets (MAX_DIST), within an 8-bit window.
+            wbits = max(self.server_max_window_bits, 9)
+            self._compressor = zlib.compressobj(
+                zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -wbits, 8
+            )
+        data = self._compressor.compress(payload) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+        assert data.endswith(DEFLATE_TAIL)
+        return data[:-4]
+
+    def check_window(self, data: bytes) -> str | None:
+        """A violation if the client's message reaches back beyond its negotiated window
+        (checked while the per-connection budget lasts)."""
+        if self.window_check_left <= 0:
+            return None
+        self.window_check_left -= len(data)
+        try:
+            dist = deflate_max_distance(data + DEFLATE_TAIL)
+        except ValueError as exc:
+            return f"invalid compressed message: {exc}"
+        if dist > 1 << self.client_max_window_bits:
+            return (f"compressed message refers {dist} octets back, beyond the negotiated "
+                    f"client_max_window_bits={self.client_max_window_bits}")
+        return None
+
+    def inflate(self, data: bytes) -> bytes:
+        """One message; raises ``zlib.error`` / ``ValueError`` on bad data."""
+        d = self._decompressor
+        if d is None or self.client_no_context_takeover or d.eof:
+            try:
+                d = zlib.decompressobj(-self.client_max_window_bits)
+            except (ValueError, zlib.error):  # a zlib without 8-bit inflate windows
+                d = zlib.decompressobj(-max(self.client_max_window_bits, 9))
+            self._decompressor = d
+        out = d.decompress(data + DEFLATE_TAIL, MAX_INFLATED_MESSAGE + 1)
+        if d.unconsumed_tail or len(out) > MAX_INFLATED_MESSAGE:
+            raise ValueError(f"message inflates to more than {MAX_INFLATED_MESSAGE} octets")
+        return out
+
+
+# A raw-deflate parser that only tracks back-reference distances (RFC 1951).
+_LEN_BASE = (3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83,
+             99, 115, 131, 163, 195, 227, 258)
+_LEN_EXTRA = (0,) * 8 + (1,) * 4 + (2,) * 4 + (3,) * 4 + (4,) * 4 + (5,) * 4 + (0,)
+_DIST_BASE = (1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 65, 97, 129, 193, 257, 385, 513, 769,
+              1025, 1537, 2049, 3073, 4097, 6145, 8193, 12289, 16385, 24577)
+_DIST_EXTRA = (0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11,
+               11, 12, 12, 13, 13)
+_CL_ORDER = (16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15)
+
+
+def _huffman(lengths: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Canonical code as (count per length, symbols by code) for ``_BitReader.decode``."""
+    counts = [0] * 16
+    for n in lengths:
+        counts[n] += 1
+    offs = [0] * 16
+    for n in range(1, 15):
+        offs[n + 1] = offs[n] + counts[n]
+    symbols = [0] * len(lengths)
+    for sym, n in enumerate(lengths):
+        if n:
+            symbols[offs[n]] = sym
+            offs[n] += 1
+    return counts, symbols
+
+
+_FIXED_LIT = _huffman([8] * 144 + [9] * 112 + [7] * 24 + [8] * 8)
+_FIXED_DIST = _huffman([5] * 30)
+
+
+class _BitReader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.bitbuf = 0
+        self.bitcnt = 0
+
+    def bits(self, n: int) -> int:
+        buf, cnt = self.bitbuf, self.bitcnt
+        while cnt < n:
+            if self.pos >= len(self.data):
+                raise ValueError("compressed data ends inside a block")
+            buf |= self.data[self.pos] << cnt
+            self.pos += 1
+            cnt += 8
+        self.bitbuf, self.bitcnt = buf >> n, cnt - n
+        return buf & ((1 << n) - 1)
+
+    def decode(self, table: tuple[list[int], list[int]]) -> int:
+        counts, symbols = table
+        buf, cnt, data, pos = self.bitbuf, self.bitcnt, self.data, self.pos
+        code = first = index = 0
+        for length in range(1, 16):
+            if not cnt:
+                if pos >= len(data):
+                    raise ValueError("compressed data ends inside a block")
+                buf, cnt = data[pos], 8
+                pos += 1
+            code |= buf & 1
+            buf >>= 1
+            cnt -= 1
+            count = counts[length]
+            if code - first < count:
+                self.bitbuf, self.bitcnt, self.pos = buf, cnt, pos
+                return symbols[index + code - first]
+            index += count
+            first = (first + count) << 1
+            code <<= 1
+        raise ValueError("invalid Huffman code")
+
+
+def deflate_max_distance(data: bytes) -> int:
+    """Parse complete raw deflate blocks (a permessage-deflate message plus its restored
+    ``00 00 ff ff`` tail) and return the longest back-reference distance used (0 if none).
+    Raises ``ValueError`` on malformed data."""
+    r = _BitReader(data)
+    longest = 0
+    while r.pos < len(data):  # (a block takes 10 bits at least: fewer left are padding)
+        final = r.bits(1)
+        btype = r.bits(2)
+        if btype == 0:
+            r.bitbuf = r.bitcnt = 0  # stored: skip to the byte boundary
+            if r.pos + 4 > len(data):
+                raise ValueError("truncated stored block")
+            n = int.from_bytes(data[r.pos : r.pos + 2], "little")
+            if n ^ 0xFFFF != int.from_bytes(data[r.pos + 2 : r.pos + 4], "little"):
+                raise ValueError("stored block length check failed")
+            r.pos += 4 + n
+            if r.pos > len(data):
+                raise ValueError("truncated stored block")
+        elif btype in (1, 2):
+            if btype == 1:
+                lit, dist = _FIXED_LIT, _FIXED_DIST
+            else:
+                nlen, ndist, ncode = r.bits(5) + 257, r.bits(5) + 1, r.bits(4) + 4
+                cl = [0] * 19
+                for i in range(ncode):
+                    cl[_CL_ORDER[i]] = r.bits(3)
+                cl_table = _huffman(cl)
+                lengths: list[int] = []
+                while len(lengths) < nlen + ndist:
+                    sym = r.decode(cl_table)
+                    if sym < 16:
+                        lengths.append(sym)
+                    elif sym == 16:
+                        if not lengths:
+                            raise ValueError("repeat with no previous length")
+                        lengths += [lengths[-1]] * (3 + r.bits(2))
+                    else:
+                        lengths += [0] * ((3 + r.bits(3)) if sym == 17 else (11 + r.bits(7)))
+                if len(lengths) > nlen + ndist:
+                    raise ValueError("too many code lengths")
+                lit, dist = _huffman(lengths[:nlen]), _huffman(lengths[nlen:])
+            while True:
+                sym = r.decode(lit)
+                if sym < 256:
+                    continue
+                if sym == 256:
+                    break
+                sym -= 257
+                if sym >= 29:
+                    raise ValueError("invalid length symbol")
+                if _LEN_EXTRA[sym]:
+                    r.bits(_LEN_EXTRA[sym])
+                dsym = r.decode(dist)
+                if dsym >= 30:
+                    raise ValueError("invalid distance symbol")
+                d = _DIST_BASE[dsym] + (r.bits(_DIST_EXTRA[dsym]) if _DIST_EXTRA[dsym] else 0)
+                if d > longest:
+                    longest = d
+        else:
+            raise ValueError("invalid block type 3")
+        if final:
+            break
+    return longest
+
+
+# --------------------------------------------------------------------------------------
 # Steps: what a case does, as data
 
 
@@ -215,6 +579,12 @@ class Wait:
 
 
 @dataclass(frozen=True)
+class StartRoundtrip:
+    """Send the first message of the case's ``Roundtrip`` (each echo then triggers the next);
+    like ``Message``, compressed when permessage-deflate is in use."""
+
+
+@dataclass(frozen=True)
 class KillAfter:
     """``killAfter``: if the connection is not closed ``seconds`` after the steps were
     written, fail it (send close 1001 and wait for the client's close, or drop the TCP
@@ -231,7 +601,7 @@ class CloseAfter:
     seconds: float
 
 
-Step = Union[Frame, Raw, Message, Close, Wait, KillAfter, CloseAfter]
+Step = Union[Frame, Raw, Message, Close, Wait, StartRoundtrip, KillAfter, CloseAfter]
 
 #: An observed event, compared to the expected lists like Autobahn's ``received``:
 #: ("message", payload: bytes, is_binary: bool) | ("ping", payload) | ("pong", payload)
@@ -254,13 +624,29 @@ class EchoCheck:
 
 @dataclass(frozen=True)
 class Roundtrip:
-    """Category 9.7 / 9.8: send ``count`` messages one at a time, each after the echo of
-    the previous one came back; then the server closes with 1000."""
+    """Category 9.7 / 9.8, 12 and 13: send ``count`` messages one at a time, each after the
+    echo of the previous one came back; then the server closes with 1000. Every message is
+    ``pattern`` repeated to ``length`` octets, or, with ``data`` (a function returning the
+    test data, so it is built only when used), the next ``length`` octets of the data read as
+    a ring (Autobahn's ``sendOne`` in ``case12_x_x.py``). ``fragment_size`` is the
+    autoFragmentSize applied to the (compressed) message payload (0: one frame)."""
 
     count: int
     length: int
     binary: bool
-    pattern: bytes
+    pattern: bytes = b""
+    data: Callable[[], bytes] | None = None
+    fragment_size: int = 0
+
+    def payload(self, index: int) -> bytes:
+        """Message number ``index`` (0-based)."""
+        if self.data is None:
+            return repeat_to(self.pattern, self.length)
+        data = self.data()
+        size = len(data)
+        start = (index * self.length) % size
+        end = (start + self.length) % size
+        return data[start:end] if end > start else data[start:] + data[:end]
 
 
 @dataclass(frozen=True, eq=False)
@@ -290,6 +676,9 @@ class Case:
     roundtrip: Roundtrip | None = None
     #: extra check on the record; returns an error string or None (10.1.1's frame counts)
     check: Callable[[Record], str | None] | None = None
+    #: permessage-deflate: how the fuzzer answers the client's offer (categories 12 and 13);
+    #: None ignores the offer. Not negotiated although set: UNIMPLEMENTED.
+    deflate: DeflatePolicy | None = None
     #: hard limit for the whole case (server side), seconds
     time_limit: float = 0.0
     #: how the case was scaled down from Autobahn's, if it was
@@ -319,6 +708,22 @@ class Record:
     handshake_error: str | None = None
     request_line: str = ""
     request_headers: list[tuple[str, str]] = field(default_factory=list)
+    #: the client's Sec-WebSocket-Extensions (None: not sent) and the fuzzer's answer
+    extensions_offered: str | None = None
+    extensions_response: str | None = None
+    #: the permessage-deflate parameters in use (None: not negotiated)
+    deflate: dict[str, Any] | None = None
+    #: a deflate case without the extension: the fuzzer closed at once (Autobahn's UNIMPLEMENTED)
+    unimplemented: bool = False
+    #: data messages from the client with / without RSV1, their octets on the wire and inflated
+    rx_compressed: int = 0
+    rx_uncompressed: int = 0
+    rx_wire_octets: int = 0
+    rx_octets: int = 0
+    #: messages the fuzzer compressed, and their octets before / after
+    tx_compressed: int = 0
+    tx_octets: int = 0
+    tx_wire_octets: int = 0
     #: Autobahn's ``received``: messages, pings, pongs (from the client) and timeouts
     received: list[Event] = field(default_factory=list)
     #: seconds since open at which each ``received`` event happened
@@ -419,6 +824,7 @@ class FuzzServer:
         self._writer_stop = False
         self._send_lock = threading.RLock()  # makes a batch of steps atomic vs. the reader
         self._pending = bytearray()
+        self._deflate: DeflateSession | None = None  # permessage-deflate, once negotiated
         self._threads: list[threading.Thread] = []
         self._main = threading.Thread(
             target=self._run, name=f"fuzzserver-{case.id}", daemon=True
@@ -566,6 +972,16 @@ class FuzzServer:
                 problems.append("Sec-WebSocket-Key is not 16 octets")
         except ValueError:
             problems.append("Sec-WebSocket-Key is not base64")
+        # permessage-deflate: autobahn parses every offer (an invalid one fails the
+        # handshake), then asks the case's accept policy (none: ignore the offers)
+        rec.extensions_offered = headers.get("sec-websocket-extensions")
+        offers: list[DeflateOffer] = []
+        try:
+            for name, params in parse_extensions(rec.extensions_offered or ""):
+                if name == "permessage-deflate":
+                    offers.append(DeflateOffer.parse(params))
+        except ValueError as exc:
+            problems.append(f"invalid permessage-deflate offer: {exc}")
         if problems or rec.handshake_error:
             rec.handshake_error = rec.handshake_error or "; ".join(problems)
             try:
@@ -573,13 +989,20 @@ class FuzzServer:
             except OSError:
                 pass
             return None
+        extra = b""
+        chosen = self.case.deflate.choose(offers) if self.case.deflate is not None else None
+        if chosen is not None:
+            self._deflate = DeflateSession(chosen)
+            rec.deflate = self._deflate.agreed()
+            rec.extensions_response = chosen.extension_string()
+            extra = b"Sec-WebSocket-Extensions: " + rec.extensions_response.encode() + b"\r\n"
         accept = base64.b64encode(hashlib.sha1(key.encode("ascii") + GUID).digest())
         response = (
             b"HTTP/1.1 101 Switching Protocols\r\n"
             b"Upgrade: websocket\r\n"
             b"Connection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n"
-            b"Server: blockws-fuzzserver\r\n\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n" + extra
+            + b"Server: blockws-fuzzserver\r\n\r\n"
         )
         try:
             conn.sendall(response)
@@ -593,7 +1016,13 @@ class FuzzServer:
         timers: list[tuple[float, str]] = []
         rec = self.record
         stopped = False
-        for step in self.case.steps:
+        steps = self.case.steps
+        if self.case.deflate is not None and self._deflate is None:
+            # Autobahn's case 12/13 onOpen: behaviour UNIMPLEMENTED, sendClose(1000)
+            rec.unimplemented = True
+            rec.note("unimplemented", "permessage-deflate not negotiated: close")
+            steps = (Close(NORMAL),)
+        for step in steps:
             if self._closed.is_set():
                 stopped = True
                 break
@@ -642,22 +1071,42 @@ class FuzzServer:
             self._send(step.data, step.chopsize, step.sync)
         elif isinstance(step, Message):
             payload = repeat_to(step.payload, step.payload_len)
-            opcode = OP_BINARY if step.binary else OP_TEXT
-            size = step.fragment_size or max(len(payload), 1)
-            pieces = [payload[i : i + size] for i in range(0, len(payload), size)] or [b""]
-            out = []
-            for i, piece in enumerate(pieces):
-                op = opcode if i == 0 else OP_CONT
-                self._count_tx(op)
-                out.append(build_frame(op, piece, fin=i == len(pieces) - 1))
-            self.record.note(
-                "send message",
-                f"{'binary' if step.binary else 'text'} {_short(payload)}"
-                f" in {len(pieces)} frame(s)",
-            )
-            self._send(b"".join(out), step.chopsize, step.sync)
+            data = self._message_frames(payload, step.binary, step.fragment_size)
+            self._send(data, step.chopsize, step.sync)
+        elif isinstance(step, StartRoundtrip):
+            rt = self.case.roundtrip
+            assert rt is not None, "StartRoundtrip needs a Case.roundtrip"
+            self._send(self._message_frames(rt.payload(0), rt.binary, rt.fragment_size, "#1"),
+                       None, False)
         elif isinstance(step, Close):
             self._start_close(step.code, step.reason, via_pending=True)
+
+    def _message_frames(
+        self, payload: bytes, binary: bool, fragment_size: int | None, tag: str = ""
+    ) -> bytes:
+        """Autobahn's ``sendMessage``: compress (when permessage-deflate is in use), then
+        split into frames of ``fragment_size`` octets; RSV1 on the first frame only."""
+        rec = self.record
+        opcode = OP_BINARY if binary else OP_TEXT
+        wire, rsv = payload, 0
+        if self._deflate is not None:
+            wire, rsv = self._deflate.compress(payload), RSV1
+            rec.tx_compressed += 1
+            rec.tx_octets += len(payload)
+            rec.tx_wire_octets += len(wire)
+        size = fragment_size or max(len(wire), 1)
+        pieces = [wire[i : i + size] for i in range(0, len(wire), size)] or [b""]
+        out = []
+        for i, piece in enumerate(pieces):
+            op = opcode if i == 0 else OP_CONT
+            self._count_tx(op)
+            out.append(build_frame(op, piece, fin=i == len(pieces) - 1, rsv=rsv if i == 0 else 0))
+        rec.note(
+            "send message",
+            f"{tag + ' ' if tag else ''}{'binary' if binary else 'text'} {_short(payload)}"
+            f" in {len(pieces)} frame(s)" + (f", deflated to {len(wire)}" if rsv else ""),
+        )
+        return b"".join(out)
 
     def _count_tx(self, opcode: int) -> None:
         d = self.record.tx_data_frames
@@ -887,6 +1336,7 @@ class FuzzServer:
         buf = bytearray(leftover)
         msg_opcode: int | None = None
         msg_parts: list[bytes] = []
+        msg_compressed = False
         client_closed = False
         try:
             while True:
@@ -909,7 +1359,14 @@ class FuzzServer:
                     else:
                         payload = xor_mask(payload, mask)
                     if rsv:
-                        self._violation(f"frame with RSV={rsv} (no extension negotiated)")
+                        if self._deflate is None:
+                            self._violation(f"frame with RSV={rsv} (no extension negotiated)")
+                        elif rsv != RSV1:
+                            self._violation(f"frame with RSV={rsv} (permessage-deflate owns "
+                                            "RSV1 only)")
+                        elif opcode not in (OP_TEXT, OP_BINARY):
+                            self._violation(f"RSV1 on a frame with opcode {opcode} (only the "
+                                            "first frame of a data message may have it)")
                     if opcode >= 8:
                         if not fin:
                             self._violation(f"fragmented control frame (opcode {opcode})")
@@ -936,6 +1393,7 @@ class FuzzServer:
                         if msg_opcode is not None:
                             self._violation("new data frame while a message is in progress")
                         msg_opcode, msg_parts = opcode, [payload]
+                        msg_compressed = bool(rsv & RSV1) and self._deflate is not None
                     elif opcode == OP_CONT:
                         if msg_opcode is None:
                             self._violation("continuation frame without a message")
@@ -947,6 +1405,11 @@ class FuzzServer:
                         data = msg_parts[0] if len(msg_parts) == 1 else b"".join(msg_parts)
                         is_binary = msg_opcode == OP_BINARY
                         msg_opcode, msg_parts = None, []
+                        if self._deflate is not None:
+                            inflated = self._inflate(data, msg_compressed)
+                            if inflated is None:
+                                continue
+                            data = inflated
                         self._on_message(data, is_binary)
                 if pos:
                     del buf[:pos]
@@ -972,6 +1435,30 @@ class FuzzServer:
                 self._wq.clear()
                 self._wcond.notify_all()
             self._reader_done.set()
+
+    def _inflate(self, data: bytes, compressed: bool) -> bytes | None:
+        """A client message with permessage-deflate in use: inflate it if RSV1 was set
+        (None after a violation)."""
+        rec = self.record
+        deflate = self._deflate
+        assert deflate is not None
+        rec.rx_wire_octets += len(data)
+        if not compressed:
+            rec.rx_uncompressed += 1
+            rec.rx_octets += len(data)
+            return data
+        rec.rx_compressed += 1
+        problem = deflate.check_window(data)
+        if problem is None:
+            try:
+                data = deflate.inflate(data)
+            except (zlib.error, ValueError) as exc:
+                problem = f"compressed message does not inflate: {exc}"
+        if problem is not None:
+            self._violation(problem)
+            return None
+        rec.rx_octets += len(data)
+        return data
 
     def _on_message(self, data: bytes, is_binary: bool) -> None:
         rec = self.record
@@ -1004,11 +1491,16 @@ class FuzzServer:
         if case.roundtrip is not None:
             rt = case.roundtrip
             self._event(("message", len(data), is_binary), f"#{rec.roundtrips + 1}")
-            if is_binary != rt.binary or data != repeat_to(rt.pattern, rt.length):
+            expected = rt.payload(rec.roundtrips)
+            if is_binary != rt.binary or data != expected:
                 rec.echo_ok = False
-                rec.echo_result = (
-                    f"echo #{rec.roundtrips + 1} differs (binary={is_binary}, {len(data)} octets)"
-                )
+                if is_binary != rt.binary:
+                    what = f"is {'binary' if is_binary else 'text'}"
+                elif len(data) != len(expected):
+                    what = f"has {len(data)} octets instead of {len(expected)}"
+                else:
+                    what = "differs from what was sent"
+                rec.echo_result = f"echo #{rec.roundtrips + 1} {what}"
                 self._start_close(NORMAL)
                 return
             rec.roundtrips += 1
@@ -1017,9 +1509,9 @@ class FuzzServer:
                     still_open = self._state == _OPEN
                 if still_open:
                     with self._send_lock:
-                        op = OP_BINARY if rt.binary else OP_TEXT
-                        self._count_tx(op)
-                        self._enqueue(build_frame(op, repeat_to(rt.pattern, rt.length)))
+                        self._enqueue(self._message_frames(
+                            rt.payload(rec.roundtrips), rt.binary, rt.fragment_size,
+                            f"#{rec.roundtrips + 1}"))
             else:
                 rec.echo_ok = True
                 rec.echo_result = f"received all {rt.count} echoes"
@@ -1124,7 +1616,7 @@ def _parse_frame(
 
 @dataclass
 class Verdict:
-    verdict: str  # OK / NON-STRICT / FAILED / INFORMATIONAL
+    verdict: str  # OK / NON-STRICT / FAILED / INFORMATIONAL / UNIMPLEMENTED
     behavior: str
     behavior_close: str
     reasons: list[str]
@@ -1154,6 +1646,17 @@ class Verdict:
             f"client close at {rec.client_close_at}s, steps done at {rec.steps_done_at}s, "
             f"all steps played: {rec.steps_completed}, writes discarded: {rec.discarded_writes}"
         )
+        if rec.extensions_offered is not None or case.deflate is not None:
+            lines.append(f"extensions offered: {rec.extensions_offered!r}, answered: "
+                         f"{rec.extensions_response!r}")
+        if rec.deflate is not None:
+            lines.append(
+                f"deflate {rec.deflate}: sent {rec.tx_compressed} compressed messages "
+                f"({rec.tx_octets} -> {rec.tx_wire_octets} octets); received "
+                f"{rec.rx_compressed} compressed + {rec.rx_uncompressed} plain messages "
+                f"({rec.rx_wire_octets} octets on the wire, {rec.rx_octets} inflated); "
+                f"{rec.roundtrips} round trips"
+            )
         lines.append("timeline:\n" + rec.format_timeline())
         return "\n".join(lines)
 
@@ -1167,11 +1670,20 @@ def judge(case: Case, rec: Record) -> Verdict:
 
     # behaviour: the observed events against the expected lists
     behavior = FAILED
-    if case.echo is not None or case.roundtrip is not None:
+    if rec.unimplemented:
+        behavior = UNIMPLEMENTED
+        reasons.append("permessage-deflate was not negotiated: "
+                       f"offer {rec.extensions_offered!r}")
+    elif case.echo is not None or case.roundtrip is not None:
         if rec.echo_ok:
             behavior = OK
+        elif rec.echo_result:
+            reasons.append(rec.echo_result)
+        elif case.roundtrip is not None:
+            reasons.append(f"received {rec.roundtrips} of {case.roundtrip.count} echoes "
+                           "before the connection ended")
         else:
-            reasons.append(rec.echo_result or "no echo before the connection ended")
+            reasons.append("no echo before the connection ended")
     else:
         for name, exp in case.expected.items():
             if rec.received == exp:
@@ -1219,6 +1731,8 @@ def judge(case: Case, rec: Record) -> Verdict:
 
     if case.informational:
         verdict = FAILED if rec.violations or rec.timed_out else INFORMATIONAL
+    elif behavior == UNIMPLEMENTED and behavior_close == OK:
+        verdict = UNIMPLEMENTED
     elif behavior == FAILED or behavior_close in (FAILED, UNCLEAN):
         verdict = FAILED
     elif behavior == NON_STRICT or behavior_close == WRONG_CODE:

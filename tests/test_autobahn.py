@@ -1,5 +1,8 @@
 """Autobahn TestSuite client cases (categories 1-7, 9, 10) against an echoing testee.
 
+(Categories 12 and 13, permessage-deflate, are in ``test_autobahn_deflate.py``, which reuses
+the adapters and ``run_case`` from here.)
+
 Each test starts ``fuzzserver.FuzzServer`` for one case on 127.0.0.1 (port 0), runs the
 testee client against it (the testee echoes every text and binary message), waits for the
 case to finish and asserts that ``fuzzserver.judge`` rates it OK (INFORMATIONAL for the
@@ -18,7 +21,12 @@ judge were validated:
 ``test_judge_tells_behaviours_apart`` always runs: lax variants of the reference client
 must get NON-STRICT / FAILED where Autobahn would give them.
 
-Run it as a script for a verdict table instead of asserts::
+blockws offers permessage-deflate by default, and the fuzzer ignores the offer in these
+categories as Autobahn's fuzzing server does (``test_deflate_offer_is_ignored``), so RSV1
+from the fuzzer must still fail the connection (3.1).
+
+Run it as a script for a verdict table instead of asserts (all categories, 12 and 13
+included)::
 
     python tests/test_autobahn.py [--testee websockets] [case-id-prefix ...]
 """
@@ -54,6 +62,8 @@ class TesteeAdapter:
 
     __test__ = False  # not a pytest test class despite the name
     name = "abstract"
+    #: offer permessage-deflate (blockws always does, with its default extensions)
+    deflate = False
 
     def __init__(self) -> None:
         self.error: BaseException | None = None
@@ -105,7 +115,7 @@ class WebsocketsAdapter(TesteeAdapter):
         with connect(
             url,
             max_size=None,
-            compression=None,
+            compression="deflate" if self.deflate else None,
             proxy=None,
             ping_interval=None,
             max_queue=None,
@@ -192,16 +202,32 @@ class ReferenceAdapter(TesteeAdapter):
       in the same read is bad): the NON-STRICT behaviour of many clients.
     * ``validate=False``: ignore RSV bits, reserved opcodes and invalid UTF-8.
     * ``error_code``: close with this code instead of 1002 / 1007 on errors.
+
+    ``deflate=True`` offers permessage-deflate (``deflate_offer``, by default what blockws
+    offers) and, when the server accepts, compresses every message it sends (RSV1) and
+    inflates the RSV1 messages it receives, as the answer says. Lax on purpose:
+    ``keep_context`` ignores ``client_no_context_takeover``, ``ignore_window`` ignores
+    ``client_max_window_bits`` (compresses with a 15-bit window).
     """
 
     name = "reference"
 
     def __init__(self, fail_fast: bool = True, validate: bool = True,
-                 error_code: int | None = None) -> None:
+                 error_code: int | None = None, deflate: bool = False,
+                 deflate_offer: str = "permessage-deflate; client_max_window_bits",
+                 keep_context: bool = False, ignore_window: bool = False) -> None:
         super().__init__()
         self.fail_fast = fail_fast
         self.validate = validate
         self.error_code = error_code
+        self.deflate = deflate
+        self.deflate_offer = deflate_offer
+        self.keep_context = keep_context
+        self.ignore_window = ignore_window
+        #: the server's permessage-deflate parameters ({name: value or None}), if accepted
+        self.agreed: dict[str, str | None] | None = None
+        self._compressor: Any = None
+        self._decompressor: Any = None
 
     def run(self, url: str) -> None:
         import base64
@@ -214,10 +240,11 @@ class ReferenceAdapter(TesteeAdapter):
         target = parts.path + ("?" + parts.query if parts.query else "")
         key = base64.b64encode(os.urandom(16)).decode()
         sock = socket.create_connection((host, port), timeout=10)
+        offer = f"Sec-WebSocket-Extensions: {self.deflate_offer}\r\n" if self.deflate else ""
         try:
             sock.sendall(
                 f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n{offer}"
                 "Sec-WebSocket-Version: 13\r\n\r\n".encode()
             )
             buf = b""
@@ -232,6 +259,18 @@ class ReferenceAdapter(TesteeAdapter):
             )
             if not head.startswith(b"HTTP/1.1 101 ") or accept not in head:
                 raise ConnectionError(f"bad handshake response {head!r}")
+            for line in head.decode("latin-1").split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "sec-websocket-extensions":
+                    if not self.deflate or self.agreed is not None:
+                        raise ConnectionError(f"unexpected extension answer {value!r}")
+                    ext, *params = [x.strip() for x in value.split(";")]
+                    if ext != "permessage-deflate":
+                        raise ConnectionError(f"unexpected extension answer {value!r}")
+                    self.agreed = {}
+                    for param in params:
+                        k, eq, v = param.partition("=")
+                        self.agreed[k.strip()] = v.strip() if eq else None
             sock.settimeout(None)  # the fuzzer ends every case
             self._sock = sock
             self._loop(sock, bytearray(rest))
@@ -243,7 +282,35 @@ class ReferenceAdapter(TesteeAdapter):
     def _send(self, sock: Any, opcode: int, payload: bytes = b"") -> None:
         from fuzzserver import build_frame
 
-        sock.sendall(build_frame(opcode, payload, mask=os.urandom(4)))
+        rsv = 0
+        if self.agreed is not None and opcode in (1, 2):
+            payload, rsv = self._compress(payload), 4
+        sock.sendall(build_frame(opcode, payload, rsv=rsv, mask=os.urandom(4)))
+
+    def _compress(self, payload: bytes) -> bytes:
+        import zlib
+
+        agreed = self.agreed
+        assert agreed is not None
+        reset = "client_no_context_takeover" in agreed and not self.keep_context
+        if self._compressor is None or reset:
+            bits = int(agreed.get("client_max_window_bits") or 15)
+            if self.ignore_window:
+                bits = 15
+            # raw deflate: zlib takes 9 for 8 (its matches still stay within 250 octets)
+            self._compressor = zlib.compressobj(6, zlib.DEFLATED, -max(bits, 9))
+        data = self._compressor.compress(payload) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
+        return data[:-4]
+
+    def _inflate(self, data: bytes) -> bytes:
+        import zlib
+
+        agreed = self.agreed
+        assert agreed is not None
+        if self._decompressor is None or "server_no_context_takeover" in agreed:
+            bits = int(agreed.get("server_max_window_bits") or 15)
+            self._decompressor = zlib.decompressobj(-max(bits, 9))
+        return self._decompressor.decompress(data + b"\x00\x00\xff\xff")
 
     def _fail(self, sock: Any, code: int) -> None:
         """Fail the connection: close frame with the error code, then wait for the server to
@@ -274,6 +341,7 @@ class ReferenceAdapter(TesteeAdapter):
 
         msg_op: int | None = None
         msg = bytearray()
+        msg_deflated = False
         decoder: Any = None
         frame: list[Any] | None = None  # [fin, opcode, length, received, control payload]
         pending: list[tuple[int, bytes]] = []  # fail_fast=False: echoes held back
@@ -299,7 +367,9 @@ class ReferenceAdapter(TesteeAdapter):
                     error = None
                     if b1 & 0x80:
                         error = "masked server frame"
-                    elif self.validate and rsv:
+                    elif self.validate and rsv and not (
+                        rsv == 4 and self.agreed is not None and opcode in (1, 2)
+                    ):
                         error = "RSV bits set"
                     elif self.validate and opcode not in (0, 1, 2, 8, 9, 10):
                         error = "reserved opcode"
@@ -314,6 +384,7 @@ class ReferenceAdapter(TesteeAdapter):
                         return self._fail(sock, 1002)
                     if opcode in (1, 2):
                         msg_op, msg = opcode, bytearray()
+                        msg_deflated = bool(rsv & 4) and self.agreed is not None
                         decoder = codecs.getincrementaldecoder("utf-8")("strict")
                     frame = [fin, opcode, length, 0, bytearray()]
                 fin, opcode, length, got, control = frame
@@ -325,7 +396,7 @@ class ReferenceAdapter(TesteeAdapter):
                     control += chunk
                 elif opcode in (0, 1, 2) and msg_op is not None:
                     msg += chunk
-                    if msg_op == 1 and self.fail_fast and self.validate:
+                    if msg_op == 1 and self.fail_fast and self.validate and not msg_deflated:
                         try:
                             decoder.decode(chunk)
                         except UnicodeDecodeError:
@@ -340,6 +411,11 @@ class ReferenceAdapter(TesteeAdapter):
                         self._send(sock, op, data)
                     return self._on_close(sock, bytes(control), VALID_CLOSE_CODES)
                 elif opcode in (0, 1, 2) and fin and msg_op is not None:
+                    if msg_deflated:
+                        try:
+                            msg = bytearray(self._inflate(bytes(msg)))
+                        except Exception:
+                            return self._fail(sock, 1007)
                     if msg_op == 1 and self.validate:
                         try:
                             bytes(msg).decode("utf-8")
@@ -418,6 +494,14 @@ def run_case(case: Case, testee: TesteeAdapter) -> Verdict:
     return judge(case, server.record)
 
 
+def make_testee(name: str, case: Case) -> TesteeAdapter:
+    """A fresh adapter; it offers permessage-deflate in the deflate cases (blockws always
+    does)."""
+    testee = TESTEES[name]()
+    testee.deflate = testee.deflate or case.deflate is not None
+    return testee
+
+
 def expected_verdict(case: Case) -> str:
     return INFORMATIONAL if case.informational else OK
 
@@ -479,6 +563,24 @@ def test_judge_tells_behaviours_apart(options: dict[str, Any], case_id: str, ver
     assert result.verdict == verdict, result.explain(case)
 
 
+@pytest.mark.parametrize("case_id", ["1.1.1", "3.1"])
+def test_deflate_offer_is_ignored(case_id: str) -> None:
+    """Outside categories 12 and 13 the fuzzer answers a permessage-deflate offer with no
+    extension (as Autobahn does), so frames with RSV1 stay a protocol error (3.1): checked
+    with the reference client offering what blockws offers, and with blockws itself."""
+    case = CASES_BY_ID[case_id]
+    testees: list[TesteeAdapter] = [ReferenceAdapter(deflate=True)]
+    if blockws_unavailable() is None:
+        testees.append(BlockwsAdapter())
+    for testee in testees:
+        verdict = run_case(case, testee)
+        rec = verdict.record
+        assert rec.extensions_offered is not None and "permessage-deflate" in \
+            rec.extensions_offered, (testee.name, rec.extensions_offered)
+        assert rec.extensions_response is None and rec.deflate is None
+        assert verdict.verdict == OK, f"[{testee.name}]\n" + verdict.explain(case)
+
+
 def test_case_table_is_complete() -> None:
     """Every Autobahn client case of categories 1-7, 9 and 10 is here, once."""
     counts: dict[str, int] = {}
@@ -509,24 +611,27 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--testee", default=selected_testee(), choices=sorted(TESTEES))
     parser.add_argument("-v", "--verbose", action="store_true", help="explain non-OK verdicts")
-    parser.add_argument("prefixes", nargs="*", help="case id prefixes, e.g. 6.4 9.1.6")
+    parser.add_argument("prefixes", nargs="*", help="case id prefixes, e.g. 6.4 9.1.6 13.3")
     args = parser.parse_args(argv)
     if args.testee == "blockws" and blockws_unavailable():
         print(blockws_unavailable(), file=sys.stderr)
         return 2
+    from autobahn_deflate_cases import DEFLATE_CASES
+
     cases = [
-        c for c in ALL_CASES
+        c for c in ALL_CASES + DEFLATE_CASES
         if not args.prefixes or any(c.id == p or c.id.startswith(p + ".") for p in args.prefixes)
     ]
     counts: dict[str, int] = {}
     t_all = time.monotonic()
     for case in cases:
         t0 = time.monotonic()
-        verdict = run_case(case, TESTEES[args.testee]())
+        verdict = run_case(case, make_testee(args.testee, case))
         counts[verdict.verdict] = counts.get(verdict.verdict, 0) + 1
         flag = "" if verdict.verdict == expected_verdict(case) else "   <--"
         print(f"{case.id:<8} {verdict.verdict:<13} {verdict.behavior:<10} "
-              f"{verdict.behavior_close:<10} {time.monotonic() - t0:6.2f}s{flag}", flush=True)
+              f"{verdict.behavior_close:<10} {time.monotonic() - t0:6.2f}s{flag}"
+              + (f"  [{case.scaled}]" if case.scaled else ""), flush=True)
         if args.verbose and verdict.verdict not in (OK, INFORMATIONAL):
             print("    " + verdict.explain(case).replace("\n", "\n    "))
     print(f"\n{len(cases)} cases in {time.monotonic() - t_all:.1f}s: "
