@@ -22,13 +22,14 @@ window size can decode, so the limit is honoured exactly. For inflating, a
 
 Memory, per socket, at the defaults (``compress_window_bits=12``,
 ``mem_level=5``): zlib's deflate state is about ``2**(wbits+2) + 2**(mem_level
-+ 9)`` = 16 KiB + 16 KiB plus ~6 KiB of fixed state, and the inflate state
-holds a 32 KiB window (the server picks its window) plus ~7 KiB: about
-80 KiB per socket in all, against ~300 KiB for zlib's defaults. These defaults
-were chosen for games and many-socket scripts: small messages rarely reach
-back further than 4 KiB, so the smaller window costs little ratio, and level
-1 costs about a third of the CPU of level 6 for a few per cent larger output
-on JSON. Incoming data is inflated with ``max_length``, step by step, so a
++ 9)`` = 16 KiB + 16 KiB plus fixed state, and the inflate state holds the
+server's window (up to 32 KiB). Measured with ``tracemalloc`` after a message
+each way: **46 KiB per socket**, against 269 KiB at zlib's defaults (15 bits,
+memLevel 8). These defaults were chosen for games and many-socket scripts:
+small messages rarely reach back further than 4 KiB, so the smaller window
+costs little ratio, and level 1 costs about half the CPU of level 6 for a few
+per cent larger output on JSON. Incoming data is inflated with
+``max_length``, step by step, so a
 "zip bomb" stops at ``max_message_size`` (failing with 1009) instead of
 growing memory by its inflated size.
 """
