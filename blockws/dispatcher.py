@@ -43,6 +43,15 @@ class Dispatcher:
     def post(self, fn: Callable[[Any], None], arg: Any) -> None:
         """Queue ``fn(arg)``; thread-safe, never blocks on the consumer."""
         self.pending.append((fn, arg))
+        self._wake()
+
+    def post_many(self, items: list[Item]) -> None:
+        """Queue several calls at once, with a single wake-up for a waiter."""
+        if items:
+            self.pending.extend(items)
+            self._wake()
+
+    def _wake(self) -> None:
         # A waiter registers itself before checking `pending`, so reading the
         # counters after the append cannot miss one (see wait()).
         if self._waiters:

@@ -105,7 +105,9 @@ class MaskKeys:
 
     __slots__ = ("_pool", "_pos")
 
-    _BATCH = 1024
+    # 64 KiB: os.urandom releases the GIL, and getting it back costs up to the
+    # 5 ms switch interval when other threads are busy, so call it rarely.
+    _BATCH = 65536
 
     def __init__(self) -> None:
         self._pool = b""

@@ -524,13 +524,15 @@ class WebSocket:
                         deferred = True
                     if out:
                         self._queue_control_locked(out, events)
-        post = self._dispatcher.post
+        # One batch per read, so a waiting thread is woken once, not per message.
+        items: list[tuple[Callable[[Any], None], Any]] = []
+        post = items.append
         for event in events:
             cls = type(event)
             if cls is TextMessage:
-                post(self._dispatch_text, event.text)  # type: ignore[attr-defined]
+                post((self._dispatch_text, event.text))  # type: ignore[attr-defined]
             elif cls is BinaryMessage:
-                post(self._dispatch_binary, event)
+                post((self._dispatch_binary, event))
             elif cls is Pong:
                 self._pong_received(event.payload)  # type: ignore[attr-defined]
             elif cls is CloseReceived:
@@ -539,7 +541,9 @@ class WebSocket:
                 self._set_error(event.error, closing=not deferred)  # type: ignore[attr-defined]
                 self.log.info("failing the connection: %s", event.error)  # type: ignore[attr-defined]
                 if deferred:
-                    post(self._dispatch_failure, None)
+                    post((self._dispatch_failure, None))
+        if items:
+            self._dispatcher.post_many(items)
         if before is State.CLOSE_SENT and proto.state is State.CLOSED:
             self._end_closed_stream()
 
