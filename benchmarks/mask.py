@@ -1,4 +1,4 @@
-"""Masking speed: blockws's big-integer XOR against simpler pure-Python ways.
+"""Masking speed: blockws's pure-Python big-integer XOR, its C speedup, and simpler ways.
 
     python -m benchmarks.mask
 
@@ -13,7 +13,7 @@ import array
 import os
 import timeit
 
-from blockws.frames import apply_mask
+from blockws.frames import c_apply_mask, py_apply_mask
 
 
 def mask_loop(data: bytes, key: bytes) -> bytes:
@@ -44,14 +44,18 @@ def measure(fn: object, data: bytes, key: bytes, budget: float = 0.3) -> float:
 
 def main() -> None:
     key = os.urandom(4)
-    print(f"{'size':>9} {'blockws MB/s':>13} {'x loop':>8} {'x array':>8}")
+    print(
+        f"{'size':>9} {'python MB/s':>12} {'x loop':>7} {'x array':>8} {'C MB/s':>9} {'C x py':>7}"
+    )
     for size in (32, 1024, 32768, 1 << 20):
         data = os.urandom(size)
-        assert apply_mask(data, key) == mask_loop(data, key) == mask_array(data, key)
-        fast = measure(apply_mask, data, key)
+        assert py_apply_mask(data, key) == mask_loop(data, key) == mask_array(data, key)
+        fast = measure(py_apply_mask, data, key)
         loop = measure(mask_loop, data, key)
         arr = measure(mask_array, data, key)
-        print(f"{size:>9} {fast:>13.1f} {fast / loop:>8.1f} {fast / arr:>8.1f}")
+        c = measure(c_apply_mask, data, key) if c_apply_mask is not None else float("nan")
+        row = f"{size:>9} {fast:>12.1f} {fast / loop:>7.1f} {fast / arr:>8.1f}"
+        print(f"{row} {c:>9.0f} {c / fast:>7.1f}")
 
 
 if __name__ == "__main__":

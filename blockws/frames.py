@@ -23,7 +23,7 @@ import enum
 import os
 import struct
 from dataclasses import dataclass
-from typing import Union
+from typing import Callable, Union
 
 from .exceptions import InvalidPayload, ProtocolError
 
@@ -31,6 +31,8 @@ __all__ = [
     "Opcode",
     "Frame",
     "apply_mask",
+    "py_apply_mask",
+    "c_apply_mask",
     "encode_header",
     "MaskKeys",
     "pack_close",
@@ -79,7 +81,7 @@ class Opcode(enum.IntEnum):
 _KNOWN_OPCODES = frozenset(int(op) for op in Opcode)
 
 
-def apply_mask(data: BytesLike, key: bytes) -> bytes:
+def py_apply_mask(data: BytesLike, key: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 section 5.3).
 
     Masking is symmetric: applying it twice gives the data back. This is the
@@ -93,6 +95,21 @@ def apply_mask(data: BytesLike, key: bytes) -> bytes:
     # key * (n >> 2) + key[: n & 3] is exactly n bytes long.
     keys = key * (n >> 2) + key[: n & 3]
     return (int.from_bytes(data, "little") ^ int.from_bytes(keys, "little")).to_bytes(n, "little")
+
+
+c_apply_mask: Callable[[BytesLike, bytes], bytes] | None
+try:  # the optional C version (setup.py builds it when a compiler is present)
+    from ._speedups import apply_mask as c_apply_mask
+except ImportError:  # pragma: no cover - depends on the install
+    c_apply_mask = None
+
+#: Masking as used everywhere: the C version when built, else the pure-Python one.
+#: ``BLOCKWS_PURE_PYTHON=1`` in the environment forces the pure-Python one.
+apply_mask: Callable[[BytesLike, bytes], bytes] = (
+    c_apply_mask
+    if c_apply_mask is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
+    else py_apply_mask
+)
 
 
 class MaskKeys:

@@ -304,3 +304,44 @@ def test_mask_keys_are_four_bytes_and_refill_in_batches() -> None:
     drawn = [keys() for _ in range(3 * MaskKeys._BATCH // 4 + 5)]  # crosses batch refills
     assert all(type(k) is bytes and len(k) == 4 for k in drawn)
     assert len(set(drawn)) > len(drawn) // 2  # random, not a constant
+
+
+# -- both masking implementations ---------------------------------------------------
+# The C speedup (blockws._speedups, built by setup.py when a compiler is present)
+# and the pure-Python reference must agree byte for byte; the pure one is also what
+# the whole core runs on with BLOCKWS_PURE_PYTHON=1 (.ci/run runs the core tests so).
+
+from typing import Callable  # noqa: E402
+
+from blockws.frames import c_apply_mask, py_apply_mask  # noqa: E402
+
+IMPLS = [pytest.param(py_apply_mask, id="python")]
+if c_apply_mask is not None:
+    IMPLS.append(pytest.param(c_apply_mask, id="c"))
+
+
+def test_the_c_speedup_is_built_here() -> None:
+    # CI machines have a compiler: a silently missing extension would go unmeasured.
+    assert c_apply_mask is not None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("length", [*range(0, 40), 63, 64, 65, 65535, 65536, 65537, 1 << 20])
+def test_mask_implementations_match_the_reference(
+    impl: Callable[[bytes, bytes], bytes], length: int
+) -> None:
+    data = bytes((i * 7 + 3) & 0xFF for i in range(length))
+    key = b"\x9a\x01\xff\x5c"
+    expected = naive_mask(data, key)
+    assert impl(data, key) == expected
+    assert impl(memoryview(data), key) == expected
+    assert impl(bytearray(data), key) == expected
+    if length > 3:
+        assert impl(memoryview(data)[3:], key) == naive_mask(data[3:], key)
+
+
+@pytest.mark.skipif(c_apply_mask is None, reason="C speedup not built")
+def test_c_mask_rejects_a_bad_key() -> None:
+    assert c_apply_mask is not None
+    with pytest.raises(ValueError):
+        c_apply_mask(b"abc", b"123")
