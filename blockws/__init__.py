@@ -26,6 +26,7 @@ from .exceptions import (
     ConnectionLost,
     HandshakeError,
     HeadersTooLarge,
+    HTTP2Unavailable,
     InvalidHeader,
     InvalidPayload,
     InvalidState,
@@ -42,6 +43,7 @@ from .exceptions import (
 )
 from .extensions import Extension
 from .handshake import Headers, Request
+from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .websocket import WebSocket, connect, update_all, wait
 
@@ -57,6 +59,7 @@ __all__ = [
     "Extension",
     "PerMessageDeflate",
     "Headers",
+    "HTTP2Settings",
     "Request",
     "DEFAULT_MAX_FRAGMENT_SIZE",
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -69,6 +72,7 @@ __all__ = [
     "ConnectionLost",
     "HandshakeError",
     "HeadersTooLarge",
+    "HTTP2Unavailable",
     "InvalidHeader",
     "InvalidPayload",
     "InvalidState",

@@ -42,7 +42,7 @@ import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import h2.config
 import h2.connection
@@ -119,6 +119,7 @@ class H2Stream(Transport):
     # -- called by the connection's reader thread (conn lock NOT held) ----------
 
     def _deliver(self, data: bytes) -> None:
+        self.bytes_read += len(data)
         sink = self._sink
         if sink is None:
             self._early.append(data)
@@ -156,6 +157,7 @@ class H2Stream(Transport):
     def write(self, chunks: Sequence[BytesLike]) -> None:
         data = memoryview(b"".join(chunks))
         self.conn.send_data(self, data)
+        self.bytes_written += len(data)
 
     def abort(self) -> None:
         """Reset the stream with CANCEL and report the end to the socket."""
@@ -204,6 +206,8 @@ class H2Connection:
             },
         )
         self.h2.initiate_connection()
+        # h2 keeps its own inbound limit apart from the settings it announces.
+        self.h2.max_inbound_frame_size = _MAX_FRAME
         self.h2.increment_flow_control_window(_CONNECTION_WINDOW)
         self.transport.write([self.h2.data_to_send()])
         settings: dict[int, int] | None = None
@@ -232,7 +236,12 @@ class H2Connection:
         self._thread.start()
 
     def open_stream(
-        self, url: WSURL, request: Request, extensions: Sequence[Extension], deadline: Deadline
+        self,
+        url: WSURL,
+        request: Request,
+        extensions: Sequence[Extension],
+        deadline: Deadline,
+        register: Callable[[Transport], None],
     ) -> H2Stream:
         """Send the extended CONNECT and wait for the answer (RFC 8441 section 4)."""
         headers: list[tuple[bytes, bytes]] = [
@@ -262,6 +271,9 @@ class H2Connection:
             self.streams[stream_id] = stream
             self.h2.send_headers(stream_id, headers)
             self._flush_locked()
+        # Registered before the answer comes, so close() or a timeout can reset
+        # the stream while we wait.
+        register(stream)
         if not stream._responded.wait(deadline.remaining()):
             self.reset_stream(stream)
             self.release(stream)
@@ -269,6 +281,9 @@ class H2Connection:
         if stream.refused is not None:
             self.release(stream)
             raise stream.refused
+        if stream.response is None:  # aborted while waiting
+            self.release(stream)
+            raise ConnectionLost("the HTTP/2 CONNECT was abandoned")
         return stream
 
     # -- writing (any thread) ---------------------------------------------------------
@@ -339,6 +354,9 @@ class H2Connection:
         """GOAWAY, close the socket, and join the reader thread."""
         with self.lock:
             self.closing = True
+            if self._idle_job is not None:
+                self._idle_job.cancel()
+                self._idle_job = None
             if self.dead is None:
                 with contextlib.suppress(h2.exceptions.H2Error, TransportError):
                     self.h2.close_connection()
@@ -462,6 +480,12 @@ class H2Connection:
                 if changed is not None:
                     self.max_streams = changed.new_value
         elif isinstance(event, h2.events.ConnectionTerminated):
+            if event.error_code == h2.errors.ErrorCodes.NO_ERROR:
+                # A graceful GOAWAY: no new streams here, live ones may finish.
+                with self.lock:
+                    self.closing = True
+                pool.forget(self)
+                return
             self.dead = ConnectionLost(f"the server sent GOAWAY ({event.error_code!r})")
             with contextlib.suppress(OSError):
                 self.transport.abort()
@@ -488,7 +512,8 @@ class H2Pool:
             for conn in self._conns.get(key, []):
                 with conn.lock:
                     busy = len(conn.streams) + conn.reserved
-                    if conn.dead is None and not conn.closing and busy < conn.max_streams:
+                    usable = conn.dead is None and not conn.closing and conn.settings.share
+                    if usable and busy < conn.max_streams:
                         conn.reserved += 1
                         if conn._idle_job is not None:
                             conn._idle_job.cancel()
@@ -506,6 +531,7 @@ class H2Pool:
         connector: Connector,
         ssl_context: ssl.SSLContext | None,
         server_hostname: str | None,
+        register: Callable[[Transport], None],
     ) -> H2Stream:
         """A stream for ``request``: on a shared connection, or a new one.
 
@@ -524,7 +550,7 @@ class H2Pool:
                     conn = self._connect(
                         key, url, deadline, settings, connector, ssl_context, server_hostname
                     )
-        return conn.open_stream(url, request, extensions, deadline)
+        return conn.open_stream(url, request, extensions, deadline, register)
 
     def _connect(
         self,
@@ -551,6 +577,9 @@ class H2Pool:
             transport.abort()
             transport.close()
             raise
+        # The connection is shared from now on: one socket's abort() must not
+        # reach it through the connector that opened it.
+        connector.detach()
         with self._lock:
             conn.reserved = 1
             self._conns.setdefault(key, []).append(conn)

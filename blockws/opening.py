@@ -88,16 +88,15 @@ def open_transport(
     """
     url = request.parsed_url
     reuse: Transport | None = None
-    if (
-        http2.enabled
-        and (url.secure or http2.cleartext)
-        and url.origin_key not in pool.failed_origins
-    ):
+    wants_h2 = http2.enabled and (url.secure or http2.cleartext)
+    if wants_h2 and url.origin_key in pool.failed_origins and not http2.fallback:
+        raise HTTP2Unavailable("HTTP/2 failed earlier for this origin, and fallback is off")
+    if wants_h2 and url.origin_key not in pool.failed_origins:
         offered = [e.fresh() for e in extensions]
         ctx = (ssl_context or default_context(True)) if url.secure else None
         try:
             stream = pool.open(
-                url, request, offered, deadline, http2, connector, ctx, server_hostname
+                url, request, offered, deadline, http2, connector, ctx, server_hostname, register
             )
         except HTTP2Unavailable as exc:
             pool.failed_origins.add(url.origin_key)
@@ -113,7 +112,6 @@ def open_transport(
             url = request.parsed_url
         else:
             request.http_version = "2"
-            register(stream)
             assert stream.response is not None
             try:
                 subprotocol, accepted = negotiate(stream.response, request.subprotocols, offered)
@@ -128,6 +126,17 @@ def open_transport(
         log.debug("connecting to %s:%s", url.host, url.port)
         transport = connector.connect(url.host, url.port, deadline, ctx, server_hostname)
     register(transport)
+    sock = getattr(transport, "sock", None)
+    if isinstance(sock, ssl.SSLSocket) and sock.selected_alpn_protocol() == "h2":
+        # Python cannot change ALPN per connection, and HTTP/1.1 cannot be
+        # spoken once the server picked h2: say so instead of failing obscurely.
+        transport.abort()
+        transport.close()
+        raise HTTP2Unavailable(
+            "the server chose h2 by ALPN but does not accept WebSocket over HTTP/2, so "
+            "HTTP/1.1 is needed: pass an ssl_context whose ALPN protocols leave out 'h2' "
+            "(ctx.set_alpn_protocols(['http/1.1'])) or none at all"
+        )
     return _upgrade_http1(transport, request, extensions, deadline, log)
 
 

@@ -219,6 +219,12 @@ class Connector:
             with contextlib.suppress(OSError):
                 sock.close()
 
+    def detach(self) -> None:
+        """Forget the connected socket: it now belongs to someone else (a shared
+        HTTP/2 connection), so this connector's :meth:`abort` must not touch it."""
+        with self._lock:
+            self._sock = None
+
     def _register(self, sock: socket.socket | None) -> None:
         with self._lock:
             if self.aborted:
