@@ -101,6 +101,8 @@ class Transport:
     http_version = "1.1"
     #: True once :meth:`abort` was called: an EOF after it is our own doing.
     aborted = False
+    #: Whether :meth:`try_write` can take bytes without blocking (plain TCP).
+    can_try_write = False
     #: Whether the server ends the connection after the closing handshake
     #: (TCP, RFC 6455 7.1.1); if not, the client ends it (HTTP/2 streams).
     server_closes = True
@@ -114,6 +116,10 @@ class Transport:
 
     def write(self, chunks: Sequence[BytesLike]) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def try_write(self, data: bytes) -> int:
+        """Write what the kernel takes without blocking; returns how many bytes."""
+        return 0
 
     def abort(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -153,6 +159,9 @@ class TCPTransport(Transport):
         self.aborted = False
         self._lock = threading.Lock()
         self._tls = isinstance(sock, ssl.SSLSocket)
+        # A TLS socket has no non-blocking send that leaves its blocking mode
+        # (shared with the reader thread) alone, so only plain TCP writes directly.
+        self.can_try_write = not self._tls
 
     def recv(self, timeout: float | None = None) -> bytes:
         sock = self.sock
@@ -181,6 +190,17 @@ class TCPTransport(Transport):
         with map_os_errors():
             self.sock.sendall(data)
         self.bytes_written += len(data)
+
+    def try_write(self, data: bytes) -> int:
+        if not self.can_try_write:
+            return 0
+        with map_os_errors():
+            try:
+                n = self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return 0  # the kernel's buffer is full: the writer thread takes over
+        self.bytes_written += n
+        return n
 
     def abort(self) -> None:
         with self._lock:

@@ -73,6 +73,8 @@ from .protocol import (
     State,
     TextMessage,
 )
+from .sender import UNCOMPRESSED as _UNCOMPRESSED
+from .sender import Sender
 from .timer import Job, timer
 from .transport import Connector, Deadline, Transport
 
@@ -92,12 +94,7 @@ _NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = range(5)
 #: that preceded the protocol error (see WebSocket.data_received).
 _FAILURE_GRACE = 0.5
 _MESSAGES = (TextMessage, BinaryMessage)
-#: Set in a queued message's opcode when it must skip compression.
-_UNCOMPRESSED = 0x100
 
-#: Bytes the writer encodes and writes per batch before it looks for control
-#: frames (pongs, a close reply) to slip in between a big message's fragments.
-_WRITE_BATCH = 256 * 1024
 
 _ids = itertools.count(1)
 # Sockets between open() and on_closed, for update_all() and wait(). The tuple
@@ -243,17 +240,14 @@ class WebSocket:
         # state: parsing, encode_close) before _lock (queue, phase, counters).
         self._proto_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._wake_writer = threading.Condition(self._lock)
         self._phase = _NEW
-        self._queue: deque[tuple[int, Any, BufferSegment | None, int]] = deque()
-        self._control: deque[bytes] = deque()
-        self._buffered = 0
-        self._writer_stop = False
+        self._sender = Sender(
+            f"blockws-{self.id}-writer", self._lock, self.log, self._write_failed, self._after_write
+        )
         self._proto: Protocol | None = None
         self._transport: Transport | None = None
         self._connector: Connector | None = None
         self._reader: threading.Thread | None = None
-        self._writer: threading.Thread | None = None
         self._finished = False
         self._closed_event = threading.Event()
         self._close_requested: tuple[int, str] | None = None
@@ -313,7 +307,7 @@ class WebSocket:
         Counted as given to ``send*``: compression runs on the writer thread
         just before a message is written, so queued bytes are uncompressed.
         """
-        return self._buffered
+        return self._sender.buffered
 
     @property
     def max_fragment_size(self) -> int:
@@ -463,10 +457,7 @@ class WebSocket:
             job = self._jobs.pop("open", None)
             if job is not None:
                 job.cancel()
-            self._writer = threading.Thread(
-                target=self._writer_main, name=f"blockws-{self.id}-writer", daemon=True
-            )
-            self._writer.start()
+            self._sender.attach(proto, transport)
             if self._send_pings:
                 self._schedule_ping_locked()
         self.log.debug("open (subprotocol %r)", self.protocol)
@@ -567,12 +558,13 @@ class WebSocket:
         ):
             # We are replying to a close or failing: queued data can no longer
             # be sent (RFC 6455 5.5.1), so drop it now and close promptly.
-            self._drop_queue_locked()
+            dropped = self._sender.drop_locked()
+            if dropped:
+                self.log.debug("dropped %d unsent message(s) at close", dropped)
             if self._phase == _OPEN:
                 self._phase = _CLOSING
             self._arm_close_timeout_locked()
-        self._control.extend(frames)
-        self._wake_writer.notify()
+        self._sender.control_locked(frames)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Sink method: the transport ended (``exc`` is ``None`` for EOF)."""
@@ -657,9 +649,10 @@ class WebSocket:
         with self._lock:
             if self._phase != _OPEN:
                 raise self._state_error_locked()
-            self._queue.append((opcode, payload, segment, size))
-            self._buffered += size
-            self._wake_writer.notify()
+            direct = self._sender.enqueue_locked(opcode, payload, segment, size)
+        if direct:
+            # Nothing queued or being written: write now, without blocking.
+            self._sender.direct_write(opcode, payload, segment)
 
     def _state_error_locked(self) -> BlockwsError:
         if self._phase in (_NEW, _CONNECTING):
@@ -677,91 +670,25 @@ class WebSocket:
         with self._lock:
             if self._phase != _OPEN or self._proto is None:
                 raise self._state_error_locked()
-            self._control.append(self._proto.encode_control(Opcode.PING, payload))
-            self._wake_writer.notify()
+            self._sender.control_locked([self._proto.encode_control(Opcode.PING, payload)])
 
-    # -- the writer thread -------------------------------------------------------
+    # -- the writer (blockws.sender) -----------------------------------------------
 
-    def _writer_main(self) -> None:
+    def _write_failed(self, exc: BaseException) -> None:
+        """A write failed: the socket ends (the reader sees the abort as EOF)."""
         proto = self._proto
+        # Once the peer's close frame arrived, a failed write (e.g. of our close
+        # reply to a peer that already hung up) is not what ended the socket.
+        if proto is None or proto.close_received is None:
+            self._set_error(exc)
         transport = self._transport
-        assert proto is not None and transport is not None
-        lock, wake = self._lock, self._wake_writer
-        queue, control = self._queue, self._control
-        try:
-            while True:
-                with lock:
-                    while not queue and not control and not self._writer_stop:
-                        wake.wait()
-                    if self._writer_stop:
-                        return
-                    chunks: list[bytes] = list(control)
-                    control.clear()
-                    batch: list[tuple[int, Any, BufferSegment | None, int]] = []
-                    size = 0
-                    while queue and size < _WRITE_BATCH:
-                        item = queue.popleft()
-                        batch.append(item)
-                        size += item[3]
-                for opcode, payload, _segment, n in batch:
-                    if opcode == -1:  # a pre-encoded close frame
-                        chunks.append(payload)
-                        continue
-                    frames = proto.encode_data(
-                        opcode & 0xF, payload, compress=not opcode & _UNCOMPRESSED
-                    )
-                    if n > _WRITE_BATCH and len(frames) > 1:
-                        # Write a big message in batches so control frames
-                        # queued meanwhile can go out between its fragments.
-                        transport.write(chunks)
-                        chunks = []
-                        self._write_interleaved(frames, transport)
-                    else:
-                        chunks.extend(frames)
-                if chunks:
-                    transport.write(chunks)
-                if proto.state is State.CLOSED and not transport.server_closes:
-                    self._end_closed_stream()  # our reply to the server's close is out
-                with lock:
-                    self._buffered -= size
-                for _o, _p, segment, _n in batch:
-                    if segment is not None and not segment.released:
-                        segment.release()
-        except BaseException as exc:  # noqa: BLE001 - reported through on_closed
-            if not self._writer_stop:
-                # Once the peer's close frame arrived, a failed write (e.g. of our
-                # close reply to a peer that already hung up) is not what ended it.
-                if proto.close_received is None:
-                    self._set_error(exc)
-                self.log.debug("writer failed: %r", exc)
-                transport.abort()
+        if transport is not None:
+            transport.abort()
 
-    def _write_interleaved(self, frames: list[bytes], transport: Transport) -> None:
-        pending: list[bytes] = []
-        size = 0
-        for frame in frames:
-            pending.append(frame)
-            size += len(frame)
-            if size >= _WRITE_BATCH:
-                with self._lock:
-                    if self._control:
-                        pending.extend(self._control)  # control frames between fragments
-                        self._control.clear()
-                transport.write(pending)
-                pending, size = [], 0
-        if pending:
-            transport.write(pending)
-
-    def _drop_queue_locked(self) -> None:
-        """Discard queued messages (releasing their segments)."""
-        dropped = len(self._queue)
-        for _o, _p, segment, _n in self._queue:
-            if segment is not None and not segment.released:
-                segment.release()
-        self._queue.clear()
-        self._buffered = 0
-        if dropped:
-            self.log.debug("dropped %d unsent message(s) at close", dropped)
+    def _after_write(self) -> None:
+        proto = self._proto
+        if proto is not None and proto.state is State.CLOSED:
+            self._end_closed_stream()  # our reply to the server's close is out
 
     # -- closing -------------------------------------------------------------------
 
@@ -794,9 +721,7 @@ class WebSocket:
                 self._close_requested = (code, reason)
                 self._phase = _CLOSING
                 if self._proto.state is State.OPEN:
-                    frame = self._proto.encode_close(code, reason)
-                    self._queue.append((-1, frame, None, 0))
-                    self._wake_writer.notify()
+                    self._sender.close_frame_locked(self._proto.encode_close(code, reason))
                 self._queue_deferred_close_locked()
                 self._arm_close_timeout_locked()
                 return
@@ -859,8 +784,7 @@ class WebSocket:
             job.cancel()
         if self._phase == _OPEN:
             self._phase = _CLOSING
-        self._queue.append((-1, frame, None, 0))
-        self._wake_writer.notify()
+        self._sender.close_frame_locked(frame)
         self._arm_close_timeout_locked()
 
     def _finish(self) -> None:
@@ -870,12 +794,9 @@ class WebSocket:
                 return
             self._finished = True
             self._phase = _CLOSED
-            self._writer_stop = True
-            self._wake_writer.notify_all()
-            self._drop_queue_locked()
-            self._control.clear()
+            writer = self._sender.stop_locked()
             self._deferred_close = None
-            transport, writer = self._transport, self._writer
+            transport = self._transport
             jobs = list(self._jobs.values())
             self._jobs.clear()
         for job in jobs:
@@ -922,8 +843,7 @@ class WebSocket:
             payload = _ping_struct.pack(self._ping_seq)
             self._pings = {k: v for k, v in self._pings.items() if now - v < 60.0}
             self._pings[payload] = now
-            self._control.append(self._proto.encode_control(Opcode.PING, payload))
-            self._wake_writer.notify()
+            self._sender.control_locked([self._proto.encode_control(Opcode.PING, payload)])
             self._jobs["ping"] = timer.call_later(self._ping_frequency, self._ping_due)
             key = f"pong-{self._ping_seq}"
             self._jobs[key] = timer.call_later(

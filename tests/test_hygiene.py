@@ -112,6 +112,10 @@ def test_thread_names(websockets_server: str, no_leaks: None) -> None:
     ws = blockws.WebSocket(websockets_server, send_pings=True, **rec.callbacks())
     ws.open()
     rec.wait_open(ws)
+    # An idle open socket has its reader only: the writer starts with something to write
+    # (blockws.sender) -- a ping always goes through it -- and ends when idle again.
+    assert f"blockws-{ws.id}-reader" in blockws_thread_names()
+    ws.ping(b"x")
     names = blockws_thread_names()
     assert {f"blockws-{ws.id}-reader", f"blockws-{ws.id}-writer", "blockws-timer"} <= names
     pattern = re.compile(r"blockws-(\d+-(reader|writer)|timer)")
@@ -290,3 +294,27 @@ def test_credentials_never_logged_on_failure(failure: str,
     assert_no_secret(log_records)
     for secret in (SECRET_PASSWORD, SECRET_TOKEN, SECRET_COOKIE):
         assert secret not in str(ws.error) and secret not in repr(ws.error)
+
+
+def test_writer_thread_starts_on_demand_and_ends_when_idle(websockets_server: str,
+                                                           no_leaks: None) -> None:
+    from blockws.sender import WRITER_IDLE
+
+    ws = blockws.connect(websockets_server, timeout=10)
+    writer_name = f"blockws-{ws.id}-writer"
+    # A small message on plain TCP with nothing queued is written on the caller's
+    # thread (non-blocking), so no writer thread is needed for it.
+    ws.send("direct")
+    assert ws.receive(10) == "direct"
+    assert writer_name not in blockws_thread_names()
+    ws.ping(b"p")  # control frames always go through the writer
+    writers = [t for t in threading.enumerate() if t.name == writer_name]
+    assert len(writers) == 1
+    writers[0].join(WRITER_IDLE + 5)  # it ends by itself once idle
+    assert not writers[0].is_alive()
+    ws.send(b"x" * (8 << 20))  # more than the kernel takes at once: the writer finishes it
+    assert ws.receive(10) == b"x" * (8 << 20)
+    ws.close()
+    ws.join(10)
+    ws.update()
+    assert ws.close_code == 1000
