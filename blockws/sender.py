@@ -1,8 +1,9 @@
 """The send side of one socket: the queue, ``buffered_amount`` and the writer thread.
 
 ``send()`` on any thread either writes at once on the caller's thread -- when
-nothing is queued or being written and the transport can take the bytes
-without blocking -- or appends to the queue, which the writer thread drains.
+nothing is queued or being written, the transport can take the bytes without
+blocking, and the last direct write was followed by incoming data (a reply)
+or a quiet spell -- or appends to the queue, which the writer thread drains.
 Either way ``send()`` never waits for the network: a direct write is
 non-blocking, and whatever the kernel does not take at once goes to the
 writer, ahead of everything queued after it.
@@ -72,6 +73,11 @@ class Sender:
         self.proto: Protocol | None = None
         self.transport: Transport | None = None
         self._direct = False  # the transport can take non-blocking writes
+        #: Whether the next message may be written directly. A direct write
+        #: clears it; data arriving (a reply) or the writer going idle sets it
+        #: again. Request/response traffic thus skips the thread hand-off, while
+        #: a burst of sends goes through the writer, one system call per batch.
+        self.direct_ok = True
         self._writing = False  # a thread is writing to the transport now
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -93,6 +99,7 @@ class Sender:
         """
         if (
             self._direct
+            and self.direct_ok
             and not self._writing
             and not self.queue
             and not self.control
@@ -100,6 +107,7 @@ class Sender:
             and not self._will_compress(opcode, size)
         ):
             self._writing = True
+            self.direct_ok = False
             return True
         self.queue.append((opcode, payload, segment, size))
         self.buffered += size
@@ -193,6 +201,7 @@ class Sender:
                         if not wake.wait(WRITER_IDLE) and not work and not self._writing:
                             if not (queue or control or self.rest):
                                 self._thread = None  # the next send starts another
+                                self.direct_ok = True
                                 return
                     self._writing = True
                     rest, self.rest = self.rest, b""

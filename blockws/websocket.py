@@ -485,6 +485,7 @@ class WebSocket:
     def data_received(self, data: bytes) -> None:
         """Sink method: bytes from the transport."""
         self.last_message_received = time.monotonic()
+        self._sender.direct_ok = True  # a reply: the next send may skip the writer
         proto = self._proto
         assert proto is not None
         deferred = False
