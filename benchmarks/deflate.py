@@ -11,7 +11,7 @@ the bottleneck (80-95% CPU at ~5-9 k msgs/s).
 * ``small``: 20 000 compressible JSON messages of about 320 B, pipelined: a
   writer thread (a task for aiohttp) sends them all while the main thread
   receives the echoes; messages per second.
-* ``large``: 24 compressible JSON messages of 1 MiB, 2 in flight; messages
+* ``large``: 32 compressible JSON messages of 1 MiB, 4 in flight; messages
   per second (and MB/s).
 
 Each measurement runs in a fresh process; clients are interleaved per round
@@ -32,7 +32,7 @@ from typing import Any, Callable
 from ._harness import cpu_seconds, free_port, median, run_child, server, table
 
 CLIENTS = ("blockws", "websockets", "aiohttp")
-WORKLOADS = {"small": (20_000, 320, 0), "large": (24, 1 << 20, 2)}  # count, size, window
+WORKLOADS = {"small": (20_000, 320, 0), "large": (32, 1 << 20, 4)}  # count, size, window
 
 
 def make_message(i: int, size: int) -> str:
