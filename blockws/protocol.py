@@ -125,13 +125,14 @@ class TextMessage(Event):
 class BinaryMessage(Event):
     """A whole binary message: the first ``length`` bytes of ``data``.
 
-    ``data`` came from the protocol's ``allocate`` function, so it may be
-    pooled memory larger than the message.
+    ``data`` is a ``bytes`` object exactly ``length`` long when the message
+    came in one frame of one read (the fast path), or else a bytearray from
+    the protocol's ``allocate`` function -- pooled memory, maybe larger.
     """
 
     __slots__ = ("data", "length")
 
-    def __init__(self, data: bytearray, length: int) -> None:
+    def __init__(self, data: bytes | bytearray, length: int) -> None:
         self.data = data
         self.length = length
 
@@ -380,7 +381,37 @@ class Protocol:
         """Consume frames from ``buf``; returns how many bytes were used."""
         pos = 0
         end = len(buf)
+        # The fast path: whole, unfragmented, unmasked, uncompressed text and
+        # binary frames, which is what a client mostly receives. It makes no
+        # check the general path would not also pass: FIN set, RSV clear,
+        # opcode 1 or 2, MASK clear, no fragmented message in progress, and a
+        # length within max_message_size.
+        fast = not self._expect_mask and not self.extensions
+        small = min(65535, self.max_message_size or 65535)
         while pos < end:
+            if fast and self._phase == _HEADER and not self._m_opcode and end - pos >= 2:
+                b0 = buf[pos]
+                if b0 == 0x82 or b0 == 0x81:
+                    n = buf[pos + 1]  # MASK clear means the byte is below 128
+                    start = pos + 2
+                    if n == 126 and end - pos >= 4:
+                        n = (buf[pos + 2] << 8) | buf[pos + 3]
+                        start = pos + 4
+                    elif n >= 126:
+                        n = -1  # MASK set, a 64-bit length, or a header cut short
+                    if 0 <= n <= small and start + n <= end:
+                        payload = buf[start : start + n]
+                        if b0 == 0x82:
+                            events.append(BinaryMessage(payload, n))
+                        else:
+                            try:
+                                events.append(TextMessage(payload.decode("utf-8")))
+                            except UnicodeDecodeError as exc:
+                                raise InvalidPayload(
+                                    f"text message is not valid UTF-8: {exc.reason}"
+                                ) from None
+                        pos = start + n
+                        continue
             if self._phase == _HEADER:
                 hdr = self._read_header(buf, pos, end)
                 if hdr < 0:

@@ -94,6 +94,8 @@ _NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = range(5)
 #: that preceded the protocol error (see WebSocket.data_received).
 _FAILURE_GRACE = 0.5
 _MESSAGES = (TextMessage, BinaryMessage)
+#: Binary messages up to this size reach on_binary in a per-socket scratch buffer.
+_SCRATCH = 4096
 
 
 _ids = itertools.count(1)
@@ -259,6 +261,7 @@ class WebSocket:
         self._pings: dict[bytes, float] = {}
         self._dispatcher = _dispatcher.Dispatcher()
         self._inbox: deque[str | bytes] = deque()
+        self._scratch: bytearray | None = None  # see _dispatch_binary
 
         self._opened = False  # on_open has run
         self._ended = False  # on_closed has run
@@ -899,12 +902,30 @@ class WebSocket:
             handler(self, text)
 
     def _dispatch_binary(self, event: BinaryMessage) -> None:
+        data, n = event.data, event.length
         handler = self.on_binary
-        if handler is None:
-            self._inbox.append(bytes(memoryview(event.data)[: event.length]))
-            self.buffer_pool._give_back(event.data)
+        if handler is None:  # kept for receive()
+            if type(data) is bytes:
+                self._inbox.append(data)  # the fast path's exact bytes: no copy
+            else:
+                self._inbox.append(bytes(memoryview(data)[:n]))
+                self.buffer_pool._give_back(data)  # type: ignore[arg-type]
             return
-        segment = BufferSegment(event.data, 0, event.length, self.buffer_pool)
+        if type(data) is bytes:
+            # on_binary gets reusable memory: small messages share one scratch
+            # buffer per socket (callbacks never overlap, and the memory is
+            # reclaimed when each returns), larger ones come from the pool.
+            if n <= _SCRATCH:
+                scratch = self._scratch
+                if scratch is None:
+                    scratch = self._scratch = bytearray(_SCRATCH)
+                scratch[:n] = data
+                segment = BufferSegment(scratch, 0, n)
+            else:
+                segment = self.buffer_pool.get(n)
+                segment.data[:n] = data
+        else:
+            segment = BufferSegment(data, 0, n, self.buffer_pool)  # type: ignore[arg-type]
         try:
             handler(self, segment)
         finally:

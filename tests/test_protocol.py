@@ -190,9 +190,16 @@ def test_binary_message_uses_the_allocate_hook() -> None:
         return bytearray(n + 100)  # larger than asked, like a pooled buffer
 
     proto = Protocol(Role.CLIENT, allocate=allocate)
-    events = proto.receive_data(wire(Role.CLIENT, Opcode.BINARY, b"abc"))
+    # A whole single-frame message in one read takes the fast path: exact bytes,
+    # no allocation at all.
+    (event,) = proto.receive_data(wire(Role.CLIENT, Opcode.BINARY, b"abc"))
+    assert isinstance(event, BinaryMessage) and type(event.data) is bytes
+    assert event.length == 3 and bytes(event) == b"abc" and sizes == []
+    # A message split across reads (or fragmented) is assembled in allocated memory.
+    data = wire(Role.CLIENT, Opcode.BINARY, b"abc")
+    assert proto.receive_data(data[:3]) == []
+    (event,) = proto.receive_data(data[3:])
     assert sizes == [3]
-    (event,) = events
     assert isinstance(event, BinaryMessage)
     assert event.length == 3 and len(event.data) == 103
     assert bytes(event) == b"abc"
