@@ -34,6 +34,7 @@ __all__ = [
     "WSURL",
     "parse_url",
     "build_request",
+    "offer_headers",
     "ResponseReader",
     "validate_response",
     "accept_key",
@@ -232,6 +233,32 @@ def accept_key(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+def offer_headers(request: Request, extensions: Sequence[Extension] = ()) -> list[tuple[str, str]]:
+    """The headers both HTTP versions send besides their own framing ones.
+
+    Subprotocols, extension offers, ``Origin``, ``Authorization`` from URL
+    userinfo, then the user's headers (which may not override the ones
+    blockws writes: ``ValueError``).
+    """
+    url = parse_url(request.url)
+    headers: list[tuple[str, str]] = []
+    if request.subprotocols:
+        headers.append(("Sec-WebSocket-Protocol", ", ".join(request.subprotocols)))
+    if extensions:
+        headers.append(("Sec-WebSocket-Extensions", ", ".join(e.offer() for e in extensions)))
+    if request.origin is not None and "origin" not in request.headers:
+        headers.append(("Origin", request.origin))
+    if url.user is not None and "authorization" not in request.headers:
+        # Userinfo is percent-encoded in the URL (RFC 3986 3.2.1): "p%40ss" is "p@ss".
+        creds = f"{unquote(url.user)}:{unquote(url.password or '')}".encode()
+        headers.append(("Authorization", "Basic " + base64.b64encode(creds).decode("ascii")))
+    for name, value in request.headers.raw_items():
+        if name.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"header {name!r} is set by blockws and cannot be overridden")
+        headers.append((name, value))
+    return headers
+
+
 def build_request(request: Request, key: str, extensions: Sequence[Extension] = ()) -> bytes:
     """Serialize ``request`` as an HTTP/1.1 upgrade request with ``key``."""
     url = parse_url(request.url)
@@ -243,20 +270,7 @@ def build_request(request: Request, key: str, extensions: Sequence[Extension] = 
         f"Sec-WebSocket-Key: {key}",
         "Sec-WebSocket-Version: 13",
     ]
-    if request.subprotocols:
-        lines.append("Sec-WebSocket-Protocol: " + ", ".join(request.subprotocols))
-    if extensions:
-        lines.append("Sec-WebSocket-Extensions: " + ", ".join(e.offer() for e in extensions))
-    if request.origin is not None and "origin" not in request.headers:
-        lines.append(f"Origin: {request.origin}")
-    if url.user is not None and "authorization" not in request.headers:
-        # Userinfo is percent-encoded in the URL (RFC 3986 3.2.1): "p%40ss" is "p@ss".
-        creds = f"{unquote(url.user)}:{unquote(url.password or '')}".encode()
-        lines.append("Authorization: Basic " + base64.b64encode(creds).decode("ascii"))
-    for name, value in request.headers.raw_items():
-        if name.lower() in _RESERVED_HEADERS:
-            raise ValueError(f"header {name!r} is set by blockws and cannot be overridden")
-        lines.append(f"{name}: {value}")
+    lines.extend(f"{name}: {value}" for name, value in offer_headers(request, extensions))
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 

@@ -53,7 +53,7 @@ import h2.settings
 
 from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidStatus, OpenTimeout, TransportError
 from .extensions import Extension
-from .handshake import _RESERVED_HEADERS, WSURL, Headers, Request
+from .handshake import WSURL, Headers, Request, offer_headers
 from .log import logger
 from .timer import Job, timer
 from .transport import Connector, Deadline, Sink, TCPTransport, Transport
@@ -252,17 +252,10 @@ class H2Connection:
             (b":authority", url.authority.encode()),
             (b"sec-websocket-version", b"13"),
         ]
-        if request.subprotocols:
-            headers.append((b"sec-websocket-protocol", ", ".join(request.subprotocols).encode()))
-        if extensions:
-            offer = ", ".join(e.offer() for e in extensions)
-            headers.append((b"sec-websocket-extensions", offer.encode()))
-        if request.origin is not None and "origin" not in request.headers:
-            headers.append((b"origin", request.origin.encode()))
-        for name, value in request.headers.raw_items():
-            if name.lower() in _RESERVED_HEADERS:
-                raise ValueError(f"header {name!r} is set by blockws and cannot be overridden")
-            headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        headers.extend(
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in offer_headers(request, extensions)
+        )
         with self.lock:
             self.reserved -= 1  # the slot reserved by the pool becomes a stream, or is freed
             self._check_alive()

@@ -16,6 +16,7 @@ every test.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -830,3 +831,15 @@ def test_no_h2_thread_remains(hypercorn_h2_server: Any, tls_context_h2: ssl.SSLC
         thread.join(5.0)  # after the idle timeout, the connection closes
     assert h2_threads() == []
     assert pool.connections() == []
+
+
+def test_url_credentials_and_origin_reach_the_server_over_http2(hypercorn_h2_server: Any) -> None:
+    # HTTP/1.1 and HTTP/2 build their offer headers in one place (offer_headers).
+    url = hypercorn_h2_server.ws.replace("ws://", "ws://user:p%40ss@")
+    with blockws.connect(url, timeout=TIMEOUT, origin="https://game.example",
+                         subprotocols=["chat"], http2=HTTP2Settings(cleartext=True)) as ws:
+        assert ws.http_version == "2"
+        seen = headers_seen(ws)
+    assert seen["authorization"] == "Basic " + base64.b64encode(b"user:p@ss").decode()
+    assert seen["origin"] == "https://game.example"
+    assert "chat" in seen["sec-websocket-protocol"]
