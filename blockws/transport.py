@@ -187,9 +187,9 @@ class TCPTransport(Transport):
 
     def write(self, chunks: Sequence[BytesLike]) -> None:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.bytes_written += len(data)  # counted first: a reply may beat the return
         with map_os_errors():
             self.sock.sendall(data)
-        self.bytes_written += len(data)
 
     def try_write(self, data: bytes) -> int:
         if not self.can_try_write:
