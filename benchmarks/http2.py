@@ -5,7 +5,11 @@
 The server is ``nghttpx`` (C) as a gateway in front of ``benchmarks/reflector.js``:
 its cleartext frontend takes both HTTP/1.1 upgrades and h2c with prior
 knowledge, so both protocols cross the same gateway and the same backend, and
-the ratio isolates the cost of HTTP/2 framing in the client.
+the ratio isolates the cost of HTTP/2 framing in the client. The gateway's
+HTTP/2 windows are raised to blockws's own (4 MiB per stream, 16 MiB per
+connection); at nghttpx's 64 KiB default, a bulk sender stalls for a
+WINDOW_UPDATE round trip every 64 KiB, which measures the window, not the
+client.
 
 Workloads (binary, compression off so that framing is all that differs):
 
@@ -112,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         "--no-ocsp",
         "--workers=1",
         f"--frontend=127.0.0.1,{front};no-tls",
+        # Windows of 4/16 MiB like blockws's own: with nghttpx's 64 KiB default,
+        # bulk sends wait for a WINDOW_UPDATE round trip every 64 KiB.
+        "--frontend-http2-window-size=4M",
+        "--frontend-http2-connection-window-size=16M",
         f"--backend=127.0.0.1,{backend}",
     ]
     with server(["node", "benchmarks/reflector.js", str(backend)], backend), server(gateway, front):

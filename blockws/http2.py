@@ -337,18 +337,16 @@ class H2Connection:
                 # per-frame state machine cost ~40 us a frame (benchmarks/http2.py):
                 # a DATA frame without END_STREAM changes no stream state, so only
                 # h2's outbound windows need the same bookkeeping it would do.
+                avail = min(self.h2.local_flow_control_window(sid), len(data))
+                largest = self.h2.max_outbound_frame_size
                 frames: list[bytes] = []
-                while data and size > 0:
-                    frames.append(_data_header(size, sid))
-                    frames.append(data[:size].tobytes())
-                    self.h2.outbound_flow_control_window -= size
-                    self.h2.streams[sid].outbound_flow_control_window -= size
-                    data = data[size:]
-                    size = min(
-                        self.h2.local_flow_control_window(sid),
-                        self.h2.max_outbound_frame_size,
-                        len(data),
-                    )
+                for start in range(0, avail, largest):
+                    chunk = data[start : min(start + largest, avail)]
+                    frames.append(_data_header(len(chunk), sid))
+                    frames.append(chunk.tobytes())
+                self.h2.outbound_flow_control_window -= avail
+                self.h2.streams[sid].outbound_flow_control_window -= avail
+                data = data[avail:]
                 self._flush_locked()  # whatever h2 queued goes first
                 self.transport.write(frames)
 
@@ -440,6 +438,7 @@ class H2Connection:
         per stream, for which this connection returns credit itself.
         """
         direct: dict[int, int] = {}
+        held: dict[H2Stream, list[bytes]] = {}  # data coalesced per stream, in order
         pos = start = 0
         end = len(buf)
         while end - pos >= 9:
@@ -451,16 +450,26 @@ class H2Connection:
                 stream = self.streams.get(sid)
                 if stream is not None and stream.response is not None and not stream._ended:
                     if start < pos:
+                        self._deliver_held(held)
                         self._through_h2(buf[start:pos], credit)
                     if stop > pos + 9:
-                        stream._deliver(buf[pos + 9 : stop])
+                        held.setdefault(stream, []).append(buf[pos + 9 : stop])
                         direct[sid] = direct.get(sid, 0) + stop - pos - 9
                     start = stop
             pos = stop
         if start < pos:
+            self._deliver_held(held)
             self._through_h2(buf[start:pos], credit)
+        self._deliver_held(held)
         self._inbuf = buf[pos:]
         return direct
+
+    @staticmethod
+    def _deliver_held(held: dict[H2Stream, list[bytes]]) -> None:
+        """One data_received per stream for the DATA frames of one read."""
+        for stream, parts in held.items():
+            stream._deliver(parts[0] if len(parts) == 1 else b"".join(parts))
+        held.clear()
 
     def _through_h2(self, frames: bytes, credit: dict[int, int]) -> None:
         with self.lock:
