@@ -2,7 +2,8 @@
 
     python -m benchmarks.http2 [--rounds 3] [--quick]
 
-The server is ``nghttpx`` (C) as a gateway in front of ``benchmarks/reflector.js``:
+The server is ``nghttpx`` (C) as a gateway in front of the picows benchmark
+server (``benchmarks/server.py``: ``/echo`` and ``/flood``):
 its cleartext frontend takes both HTTP/1.1 upgrades and h2c with prior
 knowledge, so both protocols cross the same gateway and the same backend, and
 the ratio isolates the cost of HTTP/2 framing in the client. The gateway's
@@ -15,7 +16,8 @@ Workloads (binary, compression off so that framing is all that differs):
 
 * ``small``: 20 000 × 32 B pipelined echo (a writer thread sends, the main
   thread receives); messages per second;
-* ``bulk``: 64 × 1 MiB echo, 4 in flight; MB/s.
+* ``bulk``: 64 × 1 MiB echo, 4 in flight; MB/s;
+* ``flood``: the server sends 200 000 × 64 B binary; messages per second.
 
 The report gives, per workload, HTTP/2 throughput as a fraction of HTTP/1.1
 and the client CPU per message, so the added cost per message is visible.
@@ -25,13 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import threading
 import time
 from typing import Any
 
 from ._harness import cpu_seconds, free_port, median, run_child, server, table
 
-WORKLOADS = {"small": (20_000, 32, 0), "bulk": (64, 1 << 20, 4)}
+# name: (count, size, in flight; 0 = a writer thread sends all, -1 = the server floods)
+WORKLOADS = {"small": (20_000, 32, 0), "bulk": (64, 1 << 20, 4), "flood": (200_000, 64, -1)}
 
 
 def child(workload: str, url: str, version: str, scale: float, profile: bool) -> None:
@@ -41,8 +45,9 @@ def child(workload: str, url: str, version: str, scale: float, profile: bool) ->
     count, size, window = WORKLOADS[workload]
     count = max(4, int(count * scale))
     payload = bytes(range(256)) * (size // 256) if size >= 256 else b"x" * size
+    path = "flood" if window < 0 else "echo"
     ws = blockws.connect(
-        url,
+        url + path,
         timeout=10,
         extensions=[],
         max_message_size=None,
@@ -55,7 +60,11 @@ def child(workload: str, url: str, version: str, scale: float, profile: bool) ->
         yappi.set_clock_type("cpu")
         yappi.start()
     start, cpu = time.perf_counter(), cpu_seconds()
-    if window == 0:
+    if window < 0:
+        ws.send(f"{count} {size}")  # the server sends count messages of size bytes
+        for _ in range(count):
+            ws.receive(60)
+    elif window == 0:
         writer = threading.Thread(target=lambda: [ws.send(payload) for _ in range(count)])
         writer.start()
         for _ in range(count):
@@ -122,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         "--frontend-http2-connection-window-size=16M",
         f"--backend=127.0.0.1,{backend}",
     ]
-    with server(["node", "benchmarks/reflector.js", str(backend)], backend), server(gateway, front):
+    picows = [sys.executable, "-m", "benchmarks.server", str(backend), str(free_port())]
+    with server(picows, backend), server(gateway, front):
         url = f"ws://127.0.0.1:{front}/"
         for workload in WORKLOADS:
             runs: dict[str, list[dict[str, Any]]] = {"1.1": [], "2": []}
