@@ -253,6 +253,11 @@ class Protocol:
         self._control = b""
         self._m_opcode = 0  # 0: no data message in progress
         self._m_buf: bytearray | None = None
+        self._m_parts: list[bytes] = []
+        #: Deliver every binary message as exact ``bytes`` (joining the pieces of
+        #: a message that arrived in several reads or frames, one copy), rather
+        #: than in memory from ``allocate``. For consumers that want bytes.
+        self.binary_as_bytes = False
         self._m_len = 0
         self._m_text: list[str] = []
         self._m_decoder: codecs.IncrementalDecoder | None = None
@@ -372,6 +377,7 @@ class Protocol:
         self.failure = exc
         self._phase = _DONE
         self._m_buf = None
+        self._m_parts = []
         self._m_text = []
         if self.state in (State.OPEN, State.CLOSE_RECEIVED):
             self._outgoing.append(self.encode_close(exc.close_code, ""))
@@ -585,6 +591,19 @@ class Protocol:
         self, chunk: bytes, message_end: bool, frame_end: bool, events: list[Event]
     ) -> None:
         n = len(chunk)
+        if self.binary_as_bytes:
+            # Pieces are kept and joined once at the end: one copy in all.
+            parts = self._m_parts
+            self._m_len += n
+            if not message_end:
+                parts.append(chunk)
+                return
+            if parts:
+                parts.append(chunk)
+                chunk = b"".join(parts)
+                self._m_parts = []
+            events.append(BinaryMessage(chunk, len(chunk)))
+            return
         buf = self._m_buf
         if buf is None:
             if message_end:

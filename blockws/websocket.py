@@ -491,6 +491,9 @@ class WebSocket:
         self._sender.direct_ok = True  # a reply: the next send may skip the writer
         proto = self._proto
         assert proto is not None
+        # Without on_binary, messages end up as bytes for receive(): have the
+        # parser build them so, without a pooled buffer and a second copy.
+        proto.binary_as_bytes = self.on_binary is None
         deferred = False
         # Parsing (and inflating) holds only the protocol lock, not the send
         # lock, so send() and the writer (compressing) keep going meanwhile.

@@ -934,3 +934,35 @@ def test_ping_after_our_close_still_gets_a_pong(role: Role) -> None:
 def test_max_fragment_size_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Protocol(Role.CLIENT, max_fragment_size=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_binary_as_bytes_joins_pieces_once(chunk: int) -> None:
+    # For receive() consumers: every binary message comes out as exact bytes,
+    # whether it arrived whole, split across reads, or fragmented.
+    proto = make(Role.CLIENT)
+    proto.binary_as_bytes = True
+    payload = bytes(range(256)) * 20
+    data = (
+        wire(Role.CLIENT, Opcode.BINARY, payload[:3000], fin=False)
+        + wire(Role.CLIENT, Opcode.PING, b"p")
+        + wire(Role.CLIENT, Opcode.CONT, payload[3000:])
+        + wire(Role.CLIENT, Opcode.BINARY, b"")
+    )
+    events = []
+    for i in range(0, len(data), chunk):
+        events.extend(proto.receive_data(data[i : i + chunk]))
+    binaries = [e for e in events if isinstance(e, BinaryMessage)]
+    assert [type(e.data) for e in binaries] == [bytes, bytes]
+    assert [bytes(e) for e in binaries] == [payload, b""]
+    assert [e.length for e in binaries] == [len(payload), 0]
+
+
+def test_binary_as_bytes_still_bounds_the_message_size() -> None:
+    proto = make(Role.CLIENT, max_message_size=100)
+    proto.binary_as_bytes = True
+    events = proto.receive_data(
+        wire(Role.CLIENT, Opcode.BINARY, b"x" * 60, fin=False)
+        + wire(Role.CLIENT, Opcode.CONT, b"y" * 60)
+    )
+    assert summarize(events) == [("failure", MessageTooBig, 1009)]
