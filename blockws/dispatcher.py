@@ -51,6 +51,13 @@ class Dispatcher:
             self.pending.extend(items)
             self._wake()
 
+    def nudge(self) -> None:
+        """Wake threads in :meth:`wait` with nothing posted: their wait may now
+        be done differently (a socket's reading has become theirs to do)."""
+        if self._waiters:
+            with self._cond:
+                self._cond.notify_all()
+
     def _wake(self) -> None:
         # A waiter registers itself before checking `pending`, so reading the
         # counters after the append cannot miss one (see wait()).
@@ -88,7 +95,10 @@ class Dispatcher:
             return count
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until a callback is pending or ``timeout`` passes; True if pending."""
+        """Block until a callback is pending or ``timeout`` passes; True if pending.
+
+        May return False early after :meth:`nudge`.
+        """
         if self.pending:
             return True
         with self._cond:

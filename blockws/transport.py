@@ -14,6 +14,11 @@ only four things from it:
 * :meth:`Transport.abort` / :meth:`Transport.close` -- unblock every reader
   and writer at once (from any thread), then release the file descriptor.
 
+One optional capability, :meth:`Transport.read_here`, lets a thread that is
+waiting for the socket's next message read the socket itself instead of
+being woken by the reader thread (see "Reading on the caller's thread" in
+:class:`TCPTransport`).
+
 ``OSError`` is translated into :mod:`blockws.exceptions` here, once, at the
 I/O boundary (:func:`map_os_errors`).
 """
@@ -21,14 +26,23 @@ I/O boundary (:func:`map_os_errors`).
 from __future__ import annotations
 
 import contextlib
+import math
+import select
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Protocol, Union
+from typing import Callable, Protocol, Union
 
-from .exceptions import ConnectError, ConnectionLost, OpenTimeout, TLSError, TransportError
+from .exceptions import (
+    BlockwsError,
+    ConnectError,
+    ConnectionLost,
+    OpenTimeout,
+    TLSError,
+    TransportError,
+)
 
 __all__ = [
     "Sink",
@@ -41,9 +55,24 @@ __all__ = [
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
-#: Bytes asked for per ``recv``: large enough to take many small frames per
-#: system call, and whole TLS records.
+#: Bytes asked for per ``recv`` while data is streaming in: large enough to
+#: take many frames per system call.
 RECV_SIZE = 256 * 1024
+#: Bytes asked for per ``recv`` otherwise. ``recv(n)`` allocates ``n`` bytes
+#: and shrinks them to what came; above glibc's mmap threshold (128 KiB) that
+#: is an mmap, an mremap and a munmap per read, which cost more than a small
+#: message's whole round trip. So a read asks for RECV_SIZE only after a read
+#: that filled this much (more data is likely waiting).
+RECV_SMALL = 64 * 1024
+
+#: Seconds a waiting caller keeps the right to read after its last read (see
+#: :class:`TCPTransport`). Long enough to cover a callback and a send between
+#: two reads, short enough that pings, pongs and the closing handshake are
+#: still read promptly when the caller has gone off to do something else.
+READ_LEASE = 0.005
+
+#: ``send(..., MSG_DONTWAIT)`` and ``recv(..., MSG_DONTWAIT)`` exist on POSIX only.
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class Sink(Protocol):
@@ -78,20 +107,26 @@ def map_os_errors(connecting: bool = False) -> Iterator[None]:
         yield
     except TransportError:
         raise
-    except socket.timeout as exc:  # TimeoutError on 3.10+
-        raise OpenTimeout("timed out opening the WebSocket") from exc
-    except ssl.SSLCertVerificationError as exc:
-        raise TLSError(f"TLS certificate verification failed: {exc.verify_message}") from exc
-    except ssl.SSLError as exc:
-        if connecting:
-            raise TLSError(f"TLS handshake failed: {exc}") from exc
-        raise ConnectionLost(f"TLS error: {exc}") from exc
-    except socket.gaierror as exc:
-        raise ConnectError(f"cannot resolve host: {exc.strerror or exc}") from exc
     except OSError as exc:
+        raise os_error(exc, connecting) from exc
+
+
+def os_error(exc: OSError, connecting: bool = False) -> BlockwsError:
+    """The blockws exception for ``exc`` (:func:`map_os_errors` without a ``with``,
+    for the per-message paths, where a context manager's cost shows)."""
+    if isinstance(exc, socket.timeout):  # TimeoutError on 3.10+
+        return OpenTimeout("timed out opening the WebSocket")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return TLSError(f"TLS certificate verification failed: {exc.verify_message}")
+    if isinstance(exc, ssl.SSLError):
         if connecting:
-            raise ConnectError(f"cannot connect: {exc.strerror or exc}") from exc
-        raise ConnectionLost(f"connection lost: {exc.strerror or exc}") from exc
+            return TLSError(f"TLS handshake failed: {exc}")
+        return ConnectionLost(f"TLS error: {exc}")
+    if isinstance(exc, socket.gaierror):
+        return ConnectError(f"cannot resolve host: {exc.strerror or exc}")
+    if connecting:
+        return ConnectError(f"cannot connect: {exc.strerror or exc}")
+    return ConnectionLost(f"connection lost: {exc.strerror or exc}")
 
 
 class Transport:
@@ -120,6 +155,18 @@ class Transport:
     def try_write(self, data: bytes) -> int:
         """Write what the kernel takes without blocking; returns how many bytes."""
         return 0
+
+    def read_here(self, sink: Sink, timeout: float | None, wake: Callable[[], None]) -> bool:
+        """Read once on the calling thread, if this transport allows it now.
+
+        Returns False when the calling thread may not read (the transport does
+        not support it, or its reader thread or another caller is reading);
+        the caller then waits for the reader thread's delivery as usual, and
+        ``wake()`` may be called later when reading here has become possible.
+        Returns True after one read attempt of up to ``timeout`` seconds,
+        whose data, if any, went to ``sink.data_received`` on this thread.
+        """
+        return False
 
     def abort(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -151,6 +198,27 @@ class TCPTransport(Transport):
 
     ``recv`` and ``write`` may run at the same time on two threads (the reader
     and the writer); ``abort`` may run on any thread and makes both return.
+
+    Reading on the caller's thread (plain TCP on POSIX)
+    ---------------------------------------------------
+    A thread blocked in ``ws.receive()`` or ``ws.wait()`` would otherwise be
+    woken by the reader thread for every message: a thread hand-off that
+    costs more than the message itself when messages are small, and all of a
+    round trip's latency when one is in flight. So the right to read -- held
+    by exactly one thread at a time -- can pass to a waiting caller:
+
+    * the caller asks (:meth:`read_here` returns False and notes the wish);
+      the reader thread grants it after its current read, and stops reading;
+    * while it holds the right, each :meth:`read_here` polls the socket for
+      up to its timeout and parses what came on the calling thread;
+    * the right lapses :data:`READ_LEASE` seconds after the caller's last
+      read, or at once on :meth:`abort`, and the reader thread reads again;
+    * end of stream or an error met by the caller is handed to the reader
+      thread, which reports it (``connection_lost``) as it always does.
+
+    The socket's blocking mode is never changed for this (the writer thread
+    shares it): the caller polls, then reads with ``MSG_DONTWAIT``. A TLS
+    socket has no such read, so TLS always reads on the reader thread.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -159,9 +227,21 @@ class TCPTransport(Transport):
         self.aborted = False
         self._lock = threading.Lock()
         self._tls = isinstance(sock, ssl.SSLSocket)
+        self._recv_size = RECV_SMALL
         # A TLS socket has no non-blocking send that leaves its blocking mode
         # (shared with the reader thread) alone, so only plain TCP writes directly.
-        self.can_try_write = not self._tls
+        self.can_try_write = not self._tls and _DONTWAIT != 0
+        # The right to read (see the class docstring), guarded by _rcond.
+        self.can_read_here = self.can_try_write
+        self._rlock = threading.Lock()  # the fast paths take it without the Condition
+        self._rcond = threading.Condition(self._rlock)
+        self._caller_reads = False  # a caller holds the right to read
+        self._wanted = False  # a caller asked for it
+        self._busy = False  # the holder is inside read_here right now
+        self._idle_since = 0.0  # when the holder's last read ended
+        self._handed_back: tuple[BaseException | None] | None = None  # its EOF or error
+        self._wake: Callable[[], None] | None = None
+        self._poll = self._make_poll(sock) if self.can_read_here else None
 
     def recv(self, timeout: float | None = None) -> bytes:
         sock = self.sock
@@ -169,8 +249,10 @@ class TCPTransport(Transport):
             sock.settimeout(timeout)
         try:
             with map_os_errors():
-                data = sock.recv(RECV_SIZE)
-            self.bytes_read += len(data)
+                data = sock.recv(self._recv_size)
+            n = len(data)
+            self._recv_size = RECV_SIZE if n >= RECV_SMALL else RECV_SMALL
+            self.bytes_read += n
             return data
         except ConnectionLost:
             if self.aborted:
@@ -185,6 +267,132 @@ class TCPTransport(Transport):
                 with contextlib.suppress(OSError):
                     sock.settimeout(None)
 
+    # -- the reader thread, and the caller reading in its place -----------------
+
+    def run(self, sink: Sink) -> None:
+        if not self.can_read_here:
+            return Transport.run(self, sink)
+        try:
+            while True:
+                if self._wanted or self._caller_reads:
+                    handed = self._hand_over()
+                    if handed is not None:
+                        sink.connection_lost(handed[0])
+                        return
+                data = self.recv()
+                if not data:
+                    break
+                sink.data_received(data)
+        except BaseException as exc:  # noqa: BLE001 - handed to the sink
+            sink.connection_lost(exc)
+        else:
+            sink.connection_lost(None)
+
+    def _hand_over(self) -> tuple[BaseException | None] | None:
+        """Reader thread: grant the right to read, wait until it comes back.
+
+        Returns what the caller met that ended the stream, or ``None`` when
+        the lease lapsed (or the transport was aborted) and the reader reads on.
+        """
+        cond = self._rcond
+        wake = None
+        with cond:
+            if self._wanted and not self.aborted:
+                self._wanted = False
+                self._caller_reads = True
+                self._idle_since = time.monotonic()
+                wake, self._wake = self._wake, None
+        if wake is not None:
+            wake()  # the caller may be waiting for a delivery that is not coming
+        with cond:
+            while self._caller_reads:
+                if self.aborted and not self._busy:
+                    self._caller_reads = False
+                    break
+                if self._busy:
+                    left = READ_LEASE
+                else:
+                    left = self._idle_since + READ_LEASE - time.monotonic()
+                if left <= 0:
+                    self._caller_reads = False
+                    break
+                cond.wait(left)
+            return self._handed_back
+
+    def read_here(self, sink: Sink, timeout: float | None, wake: Callable[[], None]) -> bool:
+        lock = self._rlock
+        with lock:
+            if not self._caller_reads or self._busy:
+                if (
+                    self.can_read_here
+                    and not self._caller_reads
+                    and timeout != 0
+                    and self._handed_back is None
+                ):
+                    self._wanted = True
+                    self._wake = wake
+                return False
+            self._busy = True
+        assert self._poll is not None  # granted only when can_read_here
+        handed: tuple[BaseException | None] | None = None
+        try:
+            if self._poll(timeout):
+                try:
+                    data = self._recv_nowait()
+                    if data:
+                        sink.data_received(data)
+                    elif data is not None:
+                        handed = (None,)
+                except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
+                    handed = (exc,)
+                    if not isinstance(exc, Exception):
+                        raise  # e.g. KeyboardInterrupt: the socket ends, and the caller hears it
+        finally:
+            with lock:
+                self._busy = False
+                self._idle_since = time.monotonic()
+                if handed is not None:
+                    self._handed_back = handed
+                    self._caller_reads = False
+                    self._rcond.notify_all()
+        return True
+
+    @staticmethod
+    def _make_poll(sock: socket.socket) -> Callable[[float | None], bool]:
+        """``poll(timeout)``: True when ``sock`` is readable within ``timeout`` seconds."""
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            do_poll = poller.poll
+
+            def poll(timeout: float | None) -> bool:
+                ms = -1 if timeout is None else math.ceil(timeout * 1000)
+                return bool(do_poll(ms))
+
+            return poll
+
+        def select_one(timeout: float | None) -> bool:  # pragma: no cover - Windows
+            return bool(select.select([sock], [], [], timeout)[0])
+
+        return select_one
+
+    def _recv_nowait(self) -> bytes | None:
+        """Read what is there without blocking: ``None`` if nothing, ``b""`` at EOF."""
+        try:
+            data = self.sock.recv(self._recv_size, _DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if self.aborted:
+                return b""  # our own abort, not a network failure
+            raise os_error(exc) from exc
+        n = len(data)
+        self._recv_size = RECV_SIZE if n >= RECV_SMALL else RECV_SMALL
+        self.bytes_read += n
+        return data
+
+    # -- writing -----------------------------------------------------------------
+
     def write(self, chunks: Sequence[BytesLike]) -> None:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.bytes_written += len(data)  # counted first: a reply may beat the return
@@ -194,11 +402,12 @@ class TCPTransport(Transport):
     def try_write(self, data: bytes) -> int:
         if not self.can_try_write:
             return 0
-        with map_os_errors():
-            try:
-                n = self.sock.send(data, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return 0  # the kernel's buffer is full: the writer thread takes over
+        try:
+            n = self.sock.send(data, _DONTWAIT)
+        except BlockingIOError:
+            return 0  # the kernel's buffer is full: the writer thread takes over
+        except OSError as exc:
+            raise os_error(exc) from exc
         self.bytes_written += n
         return n
 
@@ -207,6 +416,8 @@ class TCPTransport(Transport):
             if self.aborted or self._closed:
                 return
             self.aborted = True
+        with self._rcond:
+            self._rcond.notify_all()  # a reader thread lending its right to read takes it back
         with contextlib.suppress(OSError):
             # shutdown() on the raw descriptor wakes a recv/send blocked in
             # another thread; SSLSocket.shutdown would also drop its SSL object.

@@ -11,7 +11,10 @@ and back::
           ─▶ writer thread: Protocol.encode_data ─▶ Transport.write ─▶ socket
 
 Threads, per socket: ``blockws-<id>-reader`` connects, performs the opening
-handshake and then reads; ``blockws-<id>-writer`` drains the send queue. The
+handshake and then reads -- or, over plain TCP, lends the reading to a thread
+waiting in :meth:`WebSocket.receive` or :meth:`WebSocket.wait`, which then
+parses on its own thread (see :class:`~blockws.transport.TCPTransport`);
+``blockws-<id>-writer`` drains the send queue. The
 process-wide ``blockws-timer`` thread sends pings and enforces timeouts. The
 reader thread, the last to finish, closes the transport, joins the writer,
 and queues ``on_closed``; the thread that runs ``on_closed`` joins the reader
@@ -889,8 +892,32 @@ class WebSocket:
         return self._dispatcher.run()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until a callback is pending (True) or ``timeout`` passes (False)."""
-        return self._dispatcher.wait(timeout)
+        """Block until a callback is pending (True) or ``timeout`` passes (False).
+
+        While it waits, the calling thread may read and parse the socket's
+        incoming data itself instead of the reader thread (plain TCP; see
+        :class:`~blockws.transport.TCPTransport`), which saves a thread
+        hand-off per message; callbacks still run only in :meth:`update`.
+        """
+        if self._dispatcher.pending:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = timeout
+        while True:
+            self._wait_once(left)
+            if self._dispatcher.pending:
+                return True
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+
+    def _wait_once(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` for incoming data: read it here, or be woken when
+        the reader thread has delivered it (or has let this thread read)."""
+        transport = self._transport
+        if transport is None or not transport.read_here(self, timeout, self._dispatcher.nudge):
+            self._dispatcher.wait(timeout)
 
     def _dispatch_open(self, _: None) -> None:
         self._opened = True
@@ -969,7 +996,7 @@ class WebSocket:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError(f"no message within {timeout} s")
-            self._dispatcher.wait(left)
+            self._wait_once(left)
 
     def _closed_exception(self) -> ConnectionClosed:
         code = self.close_code if self.close_code is not None else CLOSE_ABNORMAL

@@ -371,6 +371,117 @@ def test_concurrent_senders_keep_order(url: str) -> None:
     assert close_socket(ws, rec)[0] == 1000
 
 
+def record_reading_threads(ws: blockws.WebSocket) -> list[str]:
+    """The names of the threads that parse ``ws``'s incoming data, from now on."""
+    names: list[str] = []
+    parse = ws.data_received
+
+    def data_received(data: bytes) -> None:
+        names.append(threading.current_thread().name)
+        parse(data)
+
+    ws.data_received = data_received  # type: ignore[method-assign]
+    return names
+
+
+def test_receive_reads_on_the_calling_thread(url: str) -> None:
+    # One message in flight at a time: after the first reply or two, the reader
+    # thread lends the reading to the thread waiting in receive(), so the rest
+    # arrive without a thread hand-off (a lapse of the 5 ms lease under load
+    # can give a read back to the reader now and then).
+    with blockws.connect(url, timeout=TIMEOUT) as ws:
+        names = record_reading_threads(ws)
+        for i in range(200):
+            ws.send(f"m{i}")
+            assert ws.receive(TIMEOUT) == f"m{i}"
+        mine = names.count(threading.current_thread().name)
+        assert mine >= len(names) // 2, names
+        assert set(names) <= {threading.current_thread().name, f"blockws-{ws.id}-reader"}
+    assert ws.close_code == 1000 and ws.error is None
+
+
+def test_wait_reads_on_the_calling_thread_for_callbacks(url: str) -> None:
+    got: list[str] = []
+    ws = blockws.connect(url, timeout=TIMEOUT, on_message=lambda ws, text: got.append(text))
+    names = record_reading_threads(ws)
+    for i in range(100):
+        ws.send(f"m{i}")
+        while len(got) <= i:
+            assert ws.wait(TIMEOUT)
+            ws.update()
+    assert got == [f"m{i}" for i in range(100)]
+    assert names.count(threading.current_thread().name) >= len(names) // 2, names
+    ws.close()
+    assert ws.join(TIMEOUT)
+    ws.update()
+    assert ws.close_code == 1000 and ws.error is None
+
+
+def test_closing_completes_while_the_caller_holds_the_reading(url: str) -> None:
+    # The caller read last and then stops calling receive(): the server's close
+    # frame and its end of the connection are still read (by the reader thread,
+    # once the lease lapses), well within close_timeout.
+    ws = blockws.connect(url, timeout=TIMEOUT, close_timeout=30.0)
+    for i in range(20):
+        ws.send(f"m{i}")
+        assert ws.receive(TIMEOUT) == f"m{i}"
+    started = time.monotonic()
+    ws.close()
+    assert ws.join(TIMEOUT)
+    assert time.monotonic() - started < 5.0
+    ws.update()
+    assert ws.close_code == 1000 and ws.error is None
+
+
+def test_two_threads_receiving_share_the_messages(url: str) -> None:
+    count = 400
+    ws = blockws.connect(url, timeout=TIMEOUT)
+    got: dict[str, list[str]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+
+    def receiver(name: str) -> None:
+        try:
+            while True:
+                message = ws.receive(TIMEOUT)
+                assert isinstance(message, str)
+                if message == "end":
+                    ws.send("end")  # let the other receiver finish too
+                    return
+                got[name].append(message)
+        except blockws.ConnectionClosed:
+            return
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=receiver, args=(n,)) for n in got]
+    for t in threads:
+        t.start()
+    for i in range(count):
+        ws.send(f"m{i}")
+    ws.send("end")
+    for t in threads:
+        t.join(30)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    everything = got["a"] + got["b"]
+    assert sorted(everything, key=lambda m: int(m[1:])) == [f"m{i}" for i in range(count)]
+    for name in got:  # each thread saw its share in order
+        assert got[name] == sorted(got[name], key=lambda m: int(m[1:]))
+    ws.close()
+    assert ws.join(TIMEOUT)
+    ws.update()
+
+
+def test_tls_reads_only_on_the_reader_thread(tls_url: str, tls_certs: Any) -> None:
+    # A TLS socket has no non-blocking read that leaves the shared socket's mode
+    # alone, so it is never lent to the caller.
+    with blockws.connect(tls_url, timeout=TIMEOUT, ssl_context=tls_certs.client_context()) as ws:
+        names = record_reading_threads(ws)
+        for i in range(20):
+            ws.send(f"m{i}")
+            assert ws.receive(TIMEOUT) == f"m{i}"
+        assert set(names) == {f"blockws-{ws.id}-reader"}
+
+
 # -- subprotocols, headers, origin, the internal request -----------------------------------
 
 @pytest.mark.parametrize(

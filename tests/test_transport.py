@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 
 import pytest
@@ -82,3 +83,224 @@ def test_write_counts_bytes_and_a_reset_peer_raises_connection_lost() -> None:
         for _ in range(100):  # the first writes may still land in the buffer
             transport.write([b"x" * 65536])
     transport.close()
+
+
+# -- reading on the caller's thread (TCPTransport.read_here) ---------------------------------
+
+
+class ThreadSink(RecordingSink):
+    """Records which thread each delivery ran on; ``got`` is set on every delivery."""
+
+    def __init__(self, raise_on: bytes | None = None, exc: BaseException | None = None) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+        self.lost_on: list[str] = []
+        self.got = threading.Event()
+        self.raise_on, self.exc = raise_on, exc
+
+    def data_received(self, data: bytes) -> None:
+        if self.raise_on is not None and self.raise_on in data:
+            assert self.exc is not None
+            raise self.exc
+        self.threads.append(threading.current_thread().name)
+        self.data.append(data)
+        self.got.set()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost_on.append(threading.current_thread().name)
+        super().connection_lost(exc)
+
+
+def take_reading(transport: TCPTransport, sink: ThreadSink, peer: socket.socket) -> None:
+    """Ask for the right to read, and have it granted: the reader grants it after its
+    current read, so the peer sends one message ("first") to complete that read."""
+    granted = threading.Event()
+    assert transport.read_here(sink, 5.0, granted.set) is False  # the reader thread reads now
+    peer.sendall(b"first")
+    assert granted.wait(5), "the reader thread did not hand over"
+    assert sink.data == [b"first"] and sink.threads == ["reader"]
+
+
+def start_reader(transport: TCPTransport, sink: RecordingSink) -> threading.Thread:
+    thread = threading.Thread(target=transport.run, args=(sink,), name="reader")
+    thread.start()
+    return thread
+
+
+def test_a_waiting_caller_is_granted_the_reading_and_reads_on_its_own_thread() -> None:
+    a, b = socket.socketpair()
+    transport, sink = TCPTransport(a), ThreadSink()
+    reader = start_reader(transport, sink)
+    take_reading(transport, sink, b)
+    me = threading.current_thread().name
+    for word in (b"two", b"three"):
+        b.sendall(word)
+        assert transport.read_here(sink, 5.0, lambda: None) is True
+        assert sink.data[-1] == word and sink.threads[-1] == me
+    # Nothing there: read_here returns after its timeout, having read nothing.
+    assert transport.read_here(sink, 0.01, lambda: None) is True
+    assert len(sink.data) == 3 and transport.bytes_read == len(b"firsttwothree")
+    b.close()
+    # The caller meets the EOF and hands it to the reader thread, which reports it once.
+    assert transport.read_here(sink, 5.0, lambda: None) is True
+    assert sink.done.wait(5)
+    reader.join(5)
+    assert sink.lost == [None] and sink.lost_on == ["reader"] and not reader.is_alive()
+    # Reading has ended for good: nobody is granted it again.
+    assert transport.read_here(sink, 0.01, lambda: None) is False
+    transport.close()
+
+
+def test_the_right_to_read_lapses_back_to_the_reader_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("blockws.transport.READ_LEASE", 0.02)
+    a, b = socket.socketpair()
+    transport, sink = TCPTransport(a), ThreadSink()
+    reader = start_reader(transport, sink)
+    take_reading(transport, sink, b)
+    sink.got.clear()
+    b.sendall(b"later")  # the caller never reads again: the reader thread must
+    assert sink.got.wait(5)
+    assert sink.data == [b"first", b"later"] and sink.threads == ["reader", "reader"]
+    transport.abort()
+    assert sink.done.wait(5)
+    reader.join(5)
+    assert sink.lost == [None]
+    transport.close()
+    b.close()
+
+
+def test_abort_takes_the_reading_back_without_waiting_for_the_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("blockws.transport.READ_LEASE", 60.0)
+    a, b = socket.socketpair()
+    transport, sink = TCPTransport(a), ThreadSink()
+    reader = start_reader(transport, sink)
+    take_reading(transport, sink, b)
+    transport.abort()  # the caller holds the right but is not reading
+    assert sink.done.wait(5), "abort waited for the lease"
+    reader.join(5)
+    assert sink.lost == [None] and sink.lost_on == ["reader"]
+    transport.close()
+    b.close()
+
+
+def test_abort_wakes_a_caller_blocked_in_read_here() -> None:
+    a, b = socket.socketpair()
+    transport, sink = TCPTransport(a), ThreadSink()
+    reader = start_reader(transport, sink)
+    take_reading(transport, sink, b)
+    returned = threading.Event()
+
+    def caller() -> None:
+        transport.read_here(sink, 30.0, lambda: None)
+        returned.set()
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    while not transport._busy:  # the caller is inside read_here (in poll)
+        assert thread.is_alive()
+        threading.Event().wait(0.001)
+    transport.abort()
+    assert returned.wait(5), "a caller in read_here outlived abort()"
+    assert sink.done.wait(5)
+    reader.join(5)
+    thread.join(5)
+    assert sink.lost == [None] and sink.lost_on == ["reader"]
+    transport.close()
+    b.close()
+
+
+def test_a_reset_met_by_the_caller_is_reported_by_the_reader_thread() -> None:
+    a, b = socket.socket(), socket.socket()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    a.connect(server.getsockname())
+    b, _ = server.accept()
+    server.close()
+    transport, sink = TCPTransport(a), ThreadSink()
+    reader = start_reader(transport, sink)
+    take_reading(transport, sink, b)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    b.close()  # RST
+    assert transport.read_here(sink, 5.0, lambda: None) is True
+    assert sink.done.wait(5)
+    reader.join(5)
+    assert len(sink.lost) == 1 and isinstance(sink.lost[0], ConnectionLost)
+    assert sink.lost_on == ["reader"]
+    transport.close()
+
+
+@pytest.mark.parametrize(
+    "exc", [ValueError("bad"), KeyboardInterrupt()], ids=["error", "interrupt"]
+)
+def test_a_sink_failing_on_the_caller_ends_the_stream_once(exc: BaseException) -> None:
+    # An Exception from parsing ends the socket (reported by the reader thread);
+    # a KeyboardInterrupt also reaches the caller, who pressed Ctrl-C.
+    a, b = socket.socketpair()
+    transport, sink = TCPTransport(a), ThreadSink(raise_on=b"boom", exc=exc)
+    reader = start_reader(transport, sink)
+    take_reading(transport, sink, b)
+    b.sendall(b"boom")
+    if isinstance(exc, Exception):
+        assert transport.read_here(sink, 5.0, lambda: None) is True
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            transport.read_here(sink, 5.0, lambda: None)
+    assert sink.done.wait(5)
+    reader.join(5)
+    assert sink.lost == [exc] and sink.lost_on == ["reader"]
+    transport.close()
+    b.close()
+
+
+def test_a_second_caller_is_refused_while_the_first_reads() -> None:
+    a, b = socket.socketpair()
+    transport, sink = TCPTransport(a), ThreadSink()
+    reader = start_reader(transport, sink)
+    take_reading(transport, sink, b)
+    inside = threading.Event()
+    release = threading.Event()
+
+    class SlowSink(ThreadSink):
+        def data_received(self, data: bytes) -> None:
+            inside.set()
+            assert release.wait(5)
+            super().data_received(data)
+
+    slow = SlowSink()
+    b.sendall(b"x")
+    thread = threading.Thread(target=transport.read_here, args=(slow, 5.0, lambda: None))
+    thread.start()
+    assert inside.wait(5)
+    assert transport.read_here(sink, 1.0, lambda: None) is False  # busy: wait for delivery
+    release.set()
+    thread.join(5)
+    assert slow.data == [b"x"]
+    transport.abort()
+    assert sink.done.wait(5)
+    reader.join(5)
+    transport.close()
+    b.close()
+
+
+def test_no_reading_on_the_caller_when_the_transport_cannot() -> None:
+    a, b = socket.socketpair()
+    transport, sink = TCPTransport(a), ThreadSink()
+    transport.can_read_here = False  # as for TLS, or without MSG_DONTWAIT
+    reader = start_reader(transport, sink)
+    called = threading.Event()
+    for word in (b"one", b"two"):
+        sink.got.clear()
+        assert transport.read_here(sink, 1.0, called.set) is False
+        b.sendall(word)
+        assert sink.got.wait(5)
+    assert sink.threads == ["reader", "reader"] and not called.is_set()
+    transport.abort()
+    assert sink.done.wait(5)
+    reader.join(5)
+    transport.close()
+    b.close()
