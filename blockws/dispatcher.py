@@ -21,7 +21,9 @@ from typing import Any, Callable
 
 __all__ = ["Dispatcher", "wait"]
 
-Item = tuple[Callable[[Any], None], Any]
+#: ``(function, argument)``: the function returns how many events it handled
+#: (``None`` counts as one), which is what ``update()`` reports.
+Item = tuple[Callable[[Any], Any], Any]
 
 # Global wake-up for blockws.wait(): any post on any dispatcher notifies it.
 _global_cond = threading.Condition(threading.Lock())
@@ -40,7 +42,7 @@ class Dispatcher:
         self._run_lock = threading.Lock()
         self._running_in: int | None = None
 
-    def post(self, fn: Callable[[Any], None], arg: Any) -> None:
+    def post(self, fn: Callable[[Any], Any], arg: Any) -> None:
         """Queue ``fn(arg)``; thread-safe, never blocks on the consumer."""
         self.pending.append((fn, arg))
         self._wake()
@@ -88,8 +90,8 @@ class Dispatcher:
             try:
                 while pending:
                     fn, arg = pending.popleft()
-                    count += 1
-                    fn(arg)
+                    handled = fn(arg)
+                    count += 1 if handled is None else handled
             finally:
                 self._running_in = None
             return count

@@ -394,30 +394,37 @@ class Protocol:
         # length within max_message_size.
         fast = not self._expect_mask and not self.extensions
         small = min(65535, self.max_message_size or 65535)
+        append = events.append
         while pos < end:
-            if fast and self._phase == _HEADER and not self._m_opcode and end - pos >= 2:
-                b0 = buf[pos]
-                if b0 == 0x82 or b0 == 0x81:
+            if fast and self._phase == _HEADER and not self._m_opcode:
+                # Frame after frame, with nothing looked up but the bytes;
+                # anything else (or a frame cut short) leaves for the general path.
+                while end - pos >= 2:
+                    b0 = buf[pos]
+                    if b0 != 0x82 and b0 != 0x81:
+                        break
                     n = buf[pos + 1]  # MASK clear means the byte is below 128
                     start = pos + 2
-                    if n == 126 and end - pos >= 4:
-                        n = (buf[pos + 2] << 8) | buf[pos + 3]
+                    if n >= 126:
+                        if n != 126 or end - pos < 4:
+                            break  # MASK set, a 64-bit length, or a header cut short
+                        n = (buf[start] << 8) | buf[pos + 3]
                         start = pos + 4
-                    elif n >= 126:
-                        n = -1  # MASK set, a 64-bit length, or a header cut short
-                    if 0 <= n <= small and start + n <= end:
-                        payload = buf[start : start + n]
-                        if b0 == 0x82:
-                            events.append(BinaryMessage(payload, n))
-                        else:
-                            try:
-                                events.append(TextMessage(payload.decode("utf-8")))
-                            except UnicodeDecodeError as exc:
-                                raise InvalidPayload(
-                                    f"text message is not valid UTF-8: {exc.reason}"
-                                ) from None
-                        pos = start + n
-                        continue
+                    stop = start + n
+                    if n > small or stop > end:
+                        break
+                    if b0 == 0x82:
+                        append(BinaryMessage(buf[start:stop], n))
+                    else:
+                        try:
+                            append(TextMessage(buf[start:stop].decode("utf-8")))
+                        except UnicodeDecodeError as exc:
+                            raise InvalidPayload(
+                                f"text message is not valid UTF-8: {exc.reason}"
+                            ) from None
+                    pos = stop
+                if pos >= end:
+                    break
             if self._phase == _HEADER:
                 hdr = self._read_header(buf, pos, end)
                 if hdr < 0:

@@ -264,7 +264,7 @@ class WebSocket:
         self._pings: dict[bytes, float] = {}
         self._dispatcher = _dispatcher.Dispatcher()
         self._inbox: deque[str | bytes] = deque()
-        self._scratch: bytearray | None = None  # see _dispatch_binary
+        self._scratch: memoryview | None = None  # see _dispatch_messages
 
         self._opened = False  # on_open has run
         self._ended = False  # on_closed has run
@@ -525,24 +525,27 @@ class WebSocket:
                         deferred = True
                     if out:
                         self._queue_control_locked(out, events)
-        # One batch per read, so a waiting thread is woken once, not per message.
-        items: list[tuple[Callable[[Any], None], Any]] = []
-        post = items.append
+        # The messages of one read are dispatched as one batch: one wake-up of
+        # a waiting thread and one dispatcher item, not one per message.
+        mixed = False
         for event in events:
             cls = type(event)
-            if cls is TextMessage:
-                post((self._dispatch_text, event.text))  # type: ignore[attr-defined]
-            elif cls is BinaryMessage:
-                post((self._dispatch_binary, event))
-            elif cls is Pong:
+            if cls is TextMessage or cls is BinaryMessage:
+                continue
+            mixed = True
+            if cls is Pong:
                 self._pong_received(event.payload)  # type: ignore[attr-defined]
             elif cls is CloseReceived:
                 self.log.debug("close received: %s %r", event.code, event.reason)  # type: ignore[attr-defined]
             elif cls is Failure:
                 self._set_error(event.error, closing=not deferred)  # type: ignore[attr-defined]
                 self.log.info("failing the connection: %s", event.error)  # type: ignore[attr-defined]
-                if deferred:
-                    post((self._dispatch_failure, None))
+        messages = [e for e in events if type(e) in _MESSAGES] if mixed else events
+        items: list[_dispatcher.Item] = []
+        if messages:
+            items.append((self._dispatch_messages, messages))
+        if deferred:
+            items.append((self._dispatch_failure, None))
         if items:
             self._dispatcher.post_many(items)
         if before is State.CLOSE_SENT and proto.state is State.CLOSED:
@@ -924,36 +927,65 @@ class WebSocket:
         if self.on_open is not None:
             self.on_open(self)
 
-    def _dispatch_text(self, text: str) -> None:
-        handler = self.on_message
-        if handler is None:
-            self._inbox.append(text)
-        else:
-            handler(self, text)
+    def _dispatch_messages(self, messages: list[Any]) -> int:
+        """Hand the messages of one read to the handlers, or to receive()'s queue.
+
+        The handlers are looked up per message, so a callback that sets or
+        clears one changes where the next message goes. If a callback raises,
+        the messages after it go back to the front of the queue, for the
+        next ``update()``. Returns how many messages were handled.
+        """
+        inbox = self._inbox
+        scratch = self._scratch
+        done = 0
+        try:
+            for event in messages:
+                done += 1
+                if type(event) is TextMessage:
+                    on_text = self.on_message
+                    if on_text is None:
+                        inbox.append(event.text)
+                    else:
+                        on_text(self, event.text)
+                    continue
+                data = event.data
+                handler = self.on_binary
+                if type(data) is not bytes:
+                    self._dispatch_binary(event)  # pooled memory from the general path
+                elif handler is None:
+                    inbox.append(data)  # the fast path's exact bytes: no copy
+                elif event.length <= _SCRATCH:
+                    # on_binary gets reusable memory: small messages share one
+                    # scratch buffer per socket (callbacks never overlap, and the
+                    # memory is reclaimed when each returns).
+                    n = event.length
+                    if scratch is None:
+                        scratch = self._scratch = memoryview(bytearray(_SCRATCH))
+                    scratch[:n] = data
+                    segment = BufferSegment(scratch.obj, 0, n)  # type: ignore[arg-type]
+                    try:
+                        handler(self, segment)
+                    finally:
+                        if not segment._released:
+                            segment._released = True
+                else:
+                    self._dispatch_binary(event)
+        except BaseException:
+            if done < len(messages):
+                self._dispatcher.pending.appendleft((self._dispatch_messages, messages[done:]))
+            raise
+        return done
 
     def _dispatch_binary(self, event: BinaryMessage) -> None:
         data, n = event.data, event.length
         handler = self.on_binary
         if handler is None:  # kept for receive()
-            if type(data) is bytes:
-                self._inbox.append(data)  # the fast path's exact bytes: no copy
-            else:
-                self._inbox.append(bytes(memoryview(data)[:n]))
-                self.buffer_pool._give_back(data)  # type: ignore[arg-type]
+            self._inbox.append(bytes(memoryview(data)[:n]))
+            self.buffer_pool._give_back(data)  # type: ignore[arg-type]
             return
-        if type(data) is bytes:
-            # on_binary gets reusable memory: small messages share one scratch
-            # buffer per socket (callbacks never overlap, and the memory is
-            # reclaimed when each returns), larger ones come from the pool.
-            if n <= _SCRATCH:
-                scratch = self._scratch
-                if scratch is None:
-                    scratch = self._scratch = bytearray(_SCRATCH)
-                scratch[:n] = data
-                segment = BufferSegment(scratch, 0, n)
-            else:
-                segment = self.buffer_pool.get(n)
-                segment.data[:n] = data
+        if type(data) is bytes:  # larger than the scratch buffer: pooled memory
+            segment = self.buffer_pool.get(n)
+            segment.data[:n] = data
         else:
             segment = BufferSegment(data, 0, n, self.buffer_pool)  # type: ignore[arg-type]
         try:
@@ -982,10 +1014,13 @@ class WebSocket:
         seconds (the socket stays open), and :class:`ConnectionClosed` once
         the socket has closed and every earlier message was received.
         """
+        inbox = self._inbox
+        if inbox:
+            return inbox.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._inbox:
-                return self._inbox.popleft()
+            if inbox:
+                return inbox.popleft()
             if self._dispatcher.pending:
                 self.update()
                 continue

@@ -804,6 +804,72 @@ def test_chatty_server_without_pongs_keeps_socket_open() -> None:
     assert code == 1000 and ws.error is None, repr(ws.error)
 
 
+def test_a_callback_that_raises_leaves_the_rest_of_its_read_queued() -> None:
+    """Messages parsed from one read are dispatched as one batch; a callback
+    that raises in the middle stops update(), and the messages after it are
+    delivered by the next update(), in order, once each."""
+    frames = b"".join(frame_bytes(OP_TEXT, f"m{i}".encode()) for i in range(6))
+    frames += frame_bytes(OP_BINARY, b"bin") + frame_bytes(OP_TEXT, b"last")
+
+    def handler(peer: Peer) -> None:
+        peer.handshake()
+        peer.send(frames)  # one write: one read on the client, most likely
+        peer.read_until_close()
+        peer.send_frame(OP_CLOSE, close_payload(1000))
+
+    seen: list[Any] = []
+
+    def on_message(ws: blockws.WebSocket, text: str) -> None:
+        seen.append(text)
+        if text in ("m2", "m4"):
+            raise RuntimeError(text)
+
+    with fault_server(handler) as server:
+        # Not connect(): its own update() calls would run (and raise from) the
+        # callbacks of messages that came with the handshake response.
+        ws = blockws.WebSocket(server.url, on_message=on_message,
+                               on_binary=lambda ws, seg: seen.append(bytes(seg))).open()
+        deadline = time.monotonic() + 10
+        raised: list[str] = []
+        while len(seen) < 8:
+            assert time.monotonic() < deadline, seen
+            ws.wait(1.0)
+            try:
+                ws.update()
+            except RuntimeError as exc:
+                raised.append(str(exc))
+        assert seen == ["m0", "m1", "m2", "m3", "m4", "m5", b"bin", "last"]
+        assert raised == ["m2", "m4"]
+        ws.close()
+        assert ws.join(10)
+        assert ws.update() == 1  # on_closed
+    assert ws.close_code == 1000 and ws.error is None
+
+
+def test_update_counts_every_message_of_a_batch() -> None:
+    frames = b"".join(frame_bytes(OP_TEXT, f"m{i}".encode()) for i in range(5))
+
+    def handler(peer: Peer) -> None:
+        peer.handshake()
+        peer.send(frames)
+        peer.read_until_close()
+        peer.send_frame(OP_CLOSE, close_payload(1000))
+
+    with fault_server(handler) as server:
+        seen: list[str] = []
+        ws = blockws.WebSocket(server.url, on_message=lambda ws, t: seen.append(t)).open()
+        ran = 0
+        deadline = time.monotonic() + 10
+        while len(seen) < 5:
+            assert time.monotonic() < deadline
+            ws.wait(1.0)
+            ran += ws.update()
+        assert ran == 1 + 5 and seen == [f"m{i}" for i in range(5)]  # on_open, messages
+        ws.close()
+        assert ws.join(10)
+        ws.update()
+
+
 # -- misuse of the API ----------------------------------------------------------------------------
 
 def test_send_before_open_raises_invalid_state() -> None:
