@@ -298,6 +298,12 @@ class Protocol:
         size = len(payload)
         limit = self.max_fragment_size
         keys = self._mask_keys
+        if size < 126 and keys is not None and size <= limit:
+            # A small message from a client: one frame with a 2-byte header.
+            small_key = keys()
+            header = bytes((FIN | rsv | opcode, 0x80 | size)) + small_key
+            return [header + apply_mask(payload, small_key)]
+        key: bytes | None
         if size <= limit:
             key = keys() if keys is not None else None
             header = encode_header(FIN | rsv | opcode, size, key)

@@ -180,7 +180,8 @@ class Sender:
                 self._kick_locked()
             elif self.queue or self.control:
                 self._kick_locked()  # others queued while we wrote
-        self._on_written()
+        # No _on_written() here: a data message cannot end the stream, and a
+        # close reply queued meanwhile is written (and followed up) by the writer.
 
     # -- the writer thread --------------------------------------------------------------
 

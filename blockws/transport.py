@@ -26,10 +26,9 @@ I/O boundary (:func:`map_os_errors`).
 from __future__ import annotations
 
 import contextlib
-import math
-import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -65,14 +64,19 @@ RECV_SIZE = 256 * 1024
 #: that filled this much (more data is likely waiting).
 RECV_SMALL = 64 * 1024
 
-#: Seconds a waiting caller keeps the right to read after its last read (see
-#: :class:`TCPTransport`). Long enough to cover a callback and a send between
-#: two reads, short enough that pings, pongs and the closing handshake are
-#: still read promptly when the caller has gone off to do something else.
+#: The right to read lent to a waiting caller lapses once this many seconds
+#: pass without a read by it (between one and two leases after its last
+#: read; see :class:`TCPTransport`). Long enough to cover a callback and a
+#: send between two reads, short enough that pings, pongs and the closing
+#: handshake are still read promptly when the caller has gone off to do
+#: something else.
 READ_LEASE = 0.005
 
 #: ``send(..., MSG_DONTWAIT)`` and ``recv(..., MSG_DONTWAIT)`` exist on POSIX only.
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+#: Longest single blocking read on a caller's thread; a longer wait is several.
+_RCVTIMEO_CAP = 0.05
+_timeval = struct.Struct("@ll")
 
 
 class Sink(Protocol):
@@ -209,16 +213,18 @@ class TCPTransport(Transport):
 
     * the caller asks (:meth:`read_here` returns False and notes the wish);
       the reader thread grants it after its current read, and stops reading;
-    * while it holds the right, each :meth:`read_here` polls the socket for
-      up to its timeout and parses what came on the calling thread;
-    * the right lapses :data:`READ_LEASE` seconds after the caller's last
-      read, or at once on :meth:`abort`, and the reader thread reads again;
+    * while it holds the right, each :meth:`read_here` reads the socket,
+      waiting up to its timeout, and parses what came on the calling thread;
+    * the right lapses when a :data:`READ_LEASE` passes without a read by
+      the caller, or at once on :meth:`abort`, and the reader thread reads again;
     * end of stream or an error met by the caller is handed to the reader
       thread, which reports it (``connection_lost``) as it always does.
 
     The socket's blocking mode is never changed for this (the writer thread
-    shares it): the caller polls, then reads with ``MSG_DONTWAIT``. A TLS
-    socket has no such read, so TLS always reads on the reader thread.
+    shares it): the caller's wait is a blocking ``recv`` bounded by
+    ``SO_RCVTIMEO``, which applies to reads only, and a non-blocking read
+    uses ``MSG_DONTWAIT``. A TLS socket has neither, so TLS always reads on
+    the reader thread.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -238,10 +244,10 @@ class TCPTransport(Transport):
         self._caller_reads = False  # a caller holds the right to read
         self._wanted = False  # a caller asked for it
         self._busy = False  # the holder is inside read_here right now
-        self._idle_since = 0.0  # when the holder's last read ended
+        self._reads = 0  # reads the holder has done: the lease lapses when it stops
         self._handed_back: tuple[BaseException | None] | None = None  # its EOF or error
         self._wake: Callable[[], None] | None = None
-        self._poll = self._make_poll(sock) if self.can_read_here else None
+        self._rcvtimeo = 0.0  # the socket's SO_RCVTIMEO (0: none)
 
     def recv(self, timeout: float | None = None) -> bytes:
         sock = self.sock
@@ -249,7 +255,14 @@ class TCPTransport(Transport):
             sock.settimeout(timeout)
         try:
             with map_os_errors():
-                data = sock.recv(self._recv_size)
+                while True:
+                    try:
+                        data = sock.recv(self._recv_size)
+                        break
+                    except BlockingIOError:
+                        if timeout is not None:
+                            raise
+                        # SO_RCVTIMEO left by a caller that read (see read_here)
             n = len(data)
             self._recv_size = RECV_SIZE if n >= RECV_SMALL else RECV_SMALL
             self.bytes_read += n
@@ -300,24 +313,24 @@ class TCPTransport(Transport):
             if self._wanted and not self.aborted:
                 self._wanted = False
                 self._caller_reads = True
-                self._idle_since = time.monotonic()
                 wake, self._wake = self._wake, None
         if wake is not None:
             wake()  # the caller may be waiting for a delivery that is not coming
         with cond:
+            seen = -1
             while self._caller_reads:
                 if self.aborted and not self._busy:
                     self._caller_reads = False
                     break
-                if self._busy:
-                    left = READ_LEASE
-                else:
-                    left = self._idle_since + READ_LEASE - time.monotonic()
-                if left <= 0:
-                    self._caller_reads = False
+                if not self._busy and self._reads == seen:
+                    self._caller_reads = False  # no read for a whole lease: it lapses
                     break
-                cond.wait(left)
-            return self._handed_back
+                seen = self._reads
+                cond.wait(READ_LEASE)
+            handed = self._handed_back
+        if handed is None and self._rcvtimeo:
+            self._set_rcvtimeo(0)  # the reader's reads block without a bound
+        return handed
 
     def read_here(self, sink: Sink, timeout: float | None, wake: Callable[[], None]) -> bool:
         lock = self._rlock
@@ -333,55 +346,51 @@ class TCPTransport(Transport):
                     self._wake = wake
                 return False
             self._busy = True
-        assert self._poll is not None  # granted only when can_read_here
         handed: tuple[BaseException | None] | None = None
         try:
-            if self._poll(timeout):
+            try:
+                data = self._recv_here(timeout)
+            except Exception as exc:  # noqa: BLE001 - the network failed: handed to the reader
+                handed, data = (exc,), None
+            # (A KeyboardInterrupt while waiting propagates; the socket goes on.)
+            if data:
                 try:
-                    data = self._recv_nowait()
-                    if data:
-                        sink.data_received(data)
-                    elif data is not None:
-                        handed = (None,)
+                    sink.data_received(data)
                 except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
                     handed = (exc,)
                     if not isinstance(exc, Exception):
-                        raise  # e.g. KeyboardInterrupt: the socket ends, and the caller hears it
+                        raise  # KeyboardInterrupt mid-parse: the socket ends; the caller hears it
+            elif data is not None and handed is None:
+                handed = (None,)  # end of stream
         finally:
             with lock:
                 self._busy = False
-                self._idle_since = time.monotonic()
+                self._reads += 1
                 if handed is not None:
                     self._handed_back = handed
                     self._caller_reads = False
                     self._rcond.notify_all()
         return True
 
-    @staticmethod
-    def _make_poll(sock: socket.socket) -> Callable[[float | None], bool]:
-        """``poll(timeout)``: True when ``sock`` is readable within ``timeout`` seconds."""
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            do_poll = poller.poll
+    def _recv_here(self, timeout: float | None) -> bytes | None:
+        """One read on the caller's thread, waiting up to ``timeout`` seconds:
+        ``None`` if nothing came, ``b""`` at EOF (or after our own abort).
 
-            def poll(timeout: float | None) -> bool:
-                ms = -1 if timeout is None else math.ceil(timeout * 1000)
-                return bool(do_poll(ms))
-
-            return poll
-
-        def select_one(timeout: float | None) -> bool:  # pragma: no cover - Windows
-            return bool(select.select([sock], [], [], timeout)[0])
-
-        return select_one
-
-    def _recv_nowait(self) -> bytes | None:
-        """Read what is there without blocking: ``None`` if nothing, ``b""`` at EOF."""
+        It is a blocking ``recv`` bounded by ``SO_RCVTIMEO``, which limits
+        reads only (the writer thread's sends are not affected) and is set
+        only when the bound changes, so a wait costs one system call.
+        """
+        sock = self.sock
         try:
-            data = self.sock.recv(self._recv_size, _DONTWAIT)
+            if timeout == 0:
+                data = sock.recv(self._recv_size, _DONTWAIT)
+            else:
+                bound = _RCVTIMEO_CAP if timeout is None or timeout > _RCVTIMEO_CAP else timeout
+                if bound != self._rcvtimeo:
+                    self._set_rcvtimeo(bound)
+                data = sock.recv(self._recv_size)
         except BlockingIOError:
-            return None
+            return None  # nothing within the bound; the caller's loop decides what next
         except OSError as exc:
             if self.aborted:
                 return b""  # our own abort, not a network failure
@@ -390,6 +399,17 @@ class TCPTransport(Transport):
         self._recv_size = RECV_SIZE if n >= RECV_SMALL else RECV_SMALL
         self.bytes_read += n
         return data
+
+    def _set_rcvtimeo(self, seconds: float) -> None:
+        """Bound blocking reads to ``seconds`` (0: no bound). Only the holder of
+        the right to read calls this."""
+        whole = int(seconds)
+        micros = 0 if seconds == 0 else max(1, int((seconds - whole) * 1e6))
+        with contextlib.suppress(OSError):  # a closed socket: the read that follows says so
+            self.sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval.pack(whole, micros)
+            )
+        self._rcvtimeo = seconds
 
     # -- writing -----------------------------------------------------------------
 

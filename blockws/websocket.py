@@ -97,6 +97,8 @@ _NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = range(5)
 #: that preceded the protocol error (see WebSocket.data_received).
 _FAILURE_GRACE = 0.5
 _MESSAGES = (TextMessage, BinaryMessage)
+# Plain ints: an IntEnum member look-up costs more than the rest of send()'s checks.
+_TEXT, _BINARY = int(Opcode.TEXT), int(Opcode.BINARY)
 #: Binary messages up to this size reach on_binary in a per-socket scratch buffer.
 _SCRATCH = 4096
 
@@ -263,6 +265,7 @@ class WebSocket:
         self._ping_seq = 0
         self._pings: dict[bytes, float] = {}
         self._dispatcher = _dispatcher.Dispatcher()
+        self._nudge = self._dispatcher.nudge
         self._inbox: deque[str | bytes] = deque()
         self._scratch: memoryview | None = None  # see _dispatch_messages
 
@@ -616,7 +619,7 @@ class WebSocket:
             if offset or count is not None:
                 raise TypeError("offset and count apply to binary messages only")
             payload: bytes = data.encode("utf-8")
-            self._enqueue(Opcode.TEXT | flag, payload, None, len(payload))
+            self._enqueue(_TEXT | flag, payload, None, len(payload))
             return
         if offset or count is not None:
             view = memoryview(data).cast("B")
@@ -628,7 +631,7 @@ class WebSocket:
             payload = data
         else:
             payload = bytes(data)
-        self._enqueue(Opcode.BINARY | flag, payload, None, len(payload))
+        self._enqueue(_BINARY | flag, payload, None, len(payload))
 
     def send_as_binary(self, segment: BufferSegment, *, compress: bool = True) -> None:
         """Queue ``segment`` as a binary message; blockws releases it once written.
@@ -919,7 +922,7 @@ class WebSocket:
         """Wait up to ``timeout`` for incoming data: read it here, or be woken when
         the reader thread has delivered it (or has let this thread read)."""
         transport = self._transport
-        if transport is None or not transport.read_here(self, timeout, self._dispatcher.nudge):
+        if transport is None or not transport.read_here(self, timeout, self._nudge):
             self._dispatcher.wait(timeout)
 
     def _dispatch_open(self, _: None) -> None:

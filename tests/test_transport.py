@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -137,8 +138,13 @@ def test_a_waiting_caller_is_granted_the_reading_and_reads_on_its_own_thread() -
         b.sendall(word)
         assert transport.read_here(sink, 5.0, lambda: None) is True
         assert sink.data[-1] == word and sink.threads[-1] == me
-    # Nothing there: read_here returns after its timeout, having read nothing.
+    # Nothing there: read_here returns after its timeout, having read nothing;
+    # a long timeout is served in bounded slices (the caller's loop goes on).
     assert transport.read_here(sink, 0.01, lambda: None) is True
+    assert transport.read_here(sink, 0, lambda: None) is True
+    started = time.monotonic()
+    assert transport.read_here(sink, 30.0, lambda: None) is True
+    assert time.monotonic() - started < 5.0
     assert len(sink.data) == 3 and transport.bytes_read == len(b"firsttwothree")
     b.close()
     # The caller meets the EOF and hands it to the reader thread, which reports it once.
