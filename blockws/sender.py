@@ -73,6 +73,7 @@ class Sender:
         self.proto: Protocol | None = None
         self.transport: Transport | None = None
         self._direct = False  # the transport can take non-blocking writes
+        self._extensions = False  # the protocol has extensions (compression, maybe)
         #: Whether the next message may be written directly. A direct write
         #: clears it; data arriving (a reply) or the writer going idle sets it
         #: again. Request/response traffic thus skips the thread hand-off, while
@@ -86,6 +87,7 @@ class Sender:
         """The socket is open: start sending through ``proto`` and ``transport``."""
         self.proto, self.transport = proto, transport
         self._direct = transport.can_try_write
+        self._extensions = bool(proto.extensions)
 
     # -- queueing (lock held) ---------------------------------------------------------
 
@@ -104,7 +106,7 @@ class Sender:
             and not self.queue
             and not self.control
             and not self.rest
-            and not self._will_compress(opcode, size)
+            and not (self._extensions and self._will_compress(opcode, size))
         ):
             self._writing = True
             self.direct_ok = False

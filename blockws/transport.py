@@ -363,10 +363,10 @@ class TCPTransport(Transport):
             elif data is not None and handed is None:
                 handed = (None,)  # end of stream
         finally:
-            with lock:
-                self._busy = False
-                self._reads += 1
-                if handed is not None:
+            self._reads += 1  # only the holder writes these two, and in this order,
+            self._busy = False  # so the reader never sees "idle" without the read counted
+            if handed is not None:
+                with lock:
                     self._handed_back = handed
                     self._caller_reads = False
                     self._rcond.notify_all()

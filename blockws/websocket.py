@@ -97,8 +97,10 @@ _NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = range(5)
 #: that preceded the protocol error (see WebSocket.data_received).
 _FAILURE_GRACE = 0.5
 _MESSAGES = (TextMessage, BinaryMessage)
-# Plain ints: an IntEnum member look-up costs more than the rest of send()'s checks.
+# Plain ints and globals: an enum member look-up costs ten times a global's,
+# and these are on the path of every message.
 _TEXT, _BINARY = int(Opcode.TEXT), int(Opcode.BINARY)
+_STATE_OPEN, _STATE_CLOSE_SENT, _STATE_CLOSED = State.OPEN, State.CLOSE_SENT, State.CLOSED
 #: Binary messages up to this size reach on_binary in a per-socket scratch buffer.
 _SCRATCH = 4096
 
@@ -505,7 +507,7 @@ class WebSocket:
         # lock, so send() and the writer (compressing) keep going meanwhile.
         with self._proto_lock:
             before = proto.state
-            was_open = before is State.OPEN
+            was_open = before is _STATE_OPEN
             events = proto.receive_data(data)
             out = proto.data_to_send() if proto._outgoing else None
             if out:
@@ -551,7 +553,7 @@ class WebSocket:
             items.append((self._dispatch_failure, None))
         if items:
             self._dispatcher.post_many(items)
-        if before is State.CLOSE_SENT and proto.state is State.CLOSED:
+        if before is _STATE_CLOSE_SENT and proto.state is _STATE_CLOSED:
             self._end_closed_stream()
 
     def _end_closed_stream(self) -> None:
@@ -1021,6 +1023,8 @@ class WebSocket:
         if inbox:
             return inbox.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
+        left = timeout
+        waited = False
         while True:
             if inbox:
                 return inbox.popleft()
@@ -1031,10 +1035,12 @@ class WebSocket:
                 raise self._closed_exception()
             if self._phase == _NEW:
                 raise InvalidState("receive() before open()")
-            left = None if deadline is None else deadline - time.monotonic()
+            if waited and deadline is not None:
+                left = deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise TimeoutError(f"no message within {timeout} s")
             self._wait_once(left)
+            waited = True
 
     def _closed_exception(self) -> ConnectionClosed:
         code = self.close_code if self.close_code is not None else CLOSE_ABNORMAL
