@@ -26,6 +26,7 @@ I/O boundary (:func:`map_os_errors`).
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import struct
@@ -77,6 +78,8 @@ _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 #: Longest single blocking read on a caller's thread; a longer wait is several.
 _RCVTIMEO_CAP = 0.05
 _timeval = struct.Struct("@ll")
+_poll = getattr(select, "poll", None)  # POSIX
+_POLLIN = getattr(select, "POLLIN", 1)
 
 
 class Sink(Protocol):
@@ -248,6 +251,7 @@ class TCPTransport(Transport):
         self._handed_back: tuple[BaseException | None] | None = None  # its EOF or error
         self._wake: Callable[[], None] | None = None
         self._rcvtimeo = 0.0  # the socket's SO_RCVTIMEO (0: none)
+        self._poller: select.poll | None = None  # see _wait_readable
 
     def recv(self, timeout: float | None = None) -> bytes:
         sock = self.sock
@@ -292,6 +296,8 @@ class TCPTransport(Transport):
                     if handed is not None:
                         sink.connection_lost(handed[0])
                         return
+                if self._recv_size == RECV_SMALL and _poll is not None:
+                    self._wait_readable()
                 data = self.recv()
                 if not data:
                     break
@@ -300,6 +306,22 @@ class TCPTransport(Transport):
             sink.connection_lost(exc)
         else:
             sink.connection_lost(None)
+
+    def _wait_readable(self) -> None:
+        """Reader thread: block until the socket is readable (or ended).
+
+        ``recv(n)`` allocates its ``n`` bytes before it blocks, so an idle
+        socket's reader would pin a 64 KiB buffer (and the pages its heap
+        headers touch) for as long as the socket stays quiet; waiting first
+        costs one system call per read, and only when reads are small.
+        """
+        poller = self._poller
+        if poller is None:
+            assert _poll is not None
+            poller = self._poller = _poll()
+            poller.register(self.sock, _POLLIN)
+        while not poller.poll():  # -1 (forever); returns on data, EOF, error or abort
+            pass
 
     def _hand_over(self) -> tuple[BaseException | None] | None:
         """Reader thread: grant the right to read, wait until it comes back.
