@@ -59,6 +59,7 @@ __all__ = [
     "TRANSITIONS",
     "Protocol",
     "Event",
+    "Received",
     "TextMessage",
     "BinaryMessage",
     "Ping",
@@ -186,6 +187,11 @@ class Failure(Event):
         return f"Failure({self.error!r})"
 
 
+#: What :meth:`Protocol.receive_data` returns items of: events, and with
+#: ``compact_messages`` whole messages as plain ``str`` or ``bytes``.
+Received = Union[Event, str, bytes]
+
+
 # -- the protocol ---------------------------------------------------------------
 
 _RSV_ALL = RSV1 | RSV2 | RSV3
@@ -258,6 +264,12 @@ class Protocol:
         #: a message that arrived in several reads or frames, one copy), rather
         #: than in memory from ``allocate``. For consumers that want bytes.
         self.binary_as_bytes = False
+        #: Report a whole message as its ``str`` (text) or ``bytes`` (binary,
+        #: when exact bytes) instead of a TextMessage/BinaryMessage event: one
+        #: object fewer per message, for consumers that count every one (the
+        #: WebSocket). A binary message in ``allocate``'s memory stays a
+        #: BinaryMessage, which carries its length.
+        self.compact_messages = False
         self._m_len = 0
         self._m_text: list[str] = []
         self._m_decoder: codecs.IncrementalDecoder | None = None
@@ -354,13 +366,14 @@ class Protocol:
 
     # -- receiving ------------------------------------------------------------------
 
-    def receive_data(self, data: BytesLike) -> list[Event]:
-        """Feed bytes from the peer; returns the events they complete, in order.
+    def receive_data(self, data: BytesLike) -> list[Received]:
+        """Feed bytes from the peer; returns the events they complete, in order
+        (whole messages as ``str``/``bytes`` with ``compact_messages``).
 
         After a :class:`Failure` or once the peer's close frame arrived,
         further data is ignored.
         """
-        events: list[Event] = []
+        events: list[Received] = []
         if self._phase == _DONE or not data:
             return events
         buf = self._buf + data if self._buf else bytes(data)
@@ -373,13 +386,13 @@ class Protocol:
         self._buf = buf[pos:] if pos < len(buf) else b""
         return events
 
-    def fail(self, error: ProtocolError) -> list[Event]:
+    def fail(self, error: ProtocolError) -> list[Received]:
         """Fail the connection because of ``error`` found outside the parser."""
-        events: list[Event] = []
+        events: list[Received] = []
         self._fail(error, events)
         return events
 
-    def _fail(self, exc: ProtocolError, events: list[Event]) -> None:
+    def _fail(self, exc: ProtocolError, events: list[Received]) -> None:
         self.failure = exc
         self._phase = _DONE
         self._m_buf = None
@@ -389,7 +402,7 @@ class Protocol:
             self._outgoing.append(self.encode_close(exc.close_code, ""))
         events.append(Failure(exc))
 
-    def _parse(self, buf: bytes, events: list[Event]) -> int:
+    def _parse(self, buf: bytes, events: list[Received]) -> int:
         """Consume frames from ``buf``; returns how many bytes were used."""
         pos = 0
         end = len(buf)
@@ -400,6 +413,7 @@ class Protocol:
         # length within max_message_size.
         fast = not self._expect_mask and not self.extensions
         small = min(65535, self.max_message_size or 65535)
+        compact = self.compact_messages
         append = events.append
         while pos < end:
             if fast and self._phase == _HEADER and not self._m_opcode:
@@ -420,10 +434,11 @@ class Protocol:
                     if n > small or stop > end:
                         break
                     if b0 == 0x82:
-                        append(BinaryMessage(buf[start:stop], n))
+                        append(buf[start:stop] if compact else BinaryMessage(buf[start:stop], n))
                     else:
                         try:
-                            append(TextMessage(buf[start:stop].decode("utf-8")))
+                            text = buf[start:stop].decode("utf-8")
+                            append(text if compact else TextMessage(text))
                         except UnicodeDecodeError as exc:
                             raise InvalidPayload(
                                 f"text message is not valid UTF-8: {exc.reason}"
@@ -545,7 +560,7 @@ class Protocol:
                 f"message of at least {self._m_len + length} bytes exceeds max_message_size={limit}"
             )
 
-    def _frame_data(self, chunk: bytes, events: list[Event], frame_end: bool) -> None:
+    def _frame_data(self, chunk: bytes, events: list[Received], frame_end: bool) -> None:
         """Handle a chunk of the current frame's payload (the whole rest if ``frame_end``)."""
         if self._f_key is not None and chunk:
             # Unmask in the server role, continuing the key where the last chunk ended.
@@ -576,14 +591,14 @@ class Protocol:
         if message_end:
             self._m_opcode = 0
 
-    def _text_data(self, chunk: bytes, message_end: bool, events: list[Event]) -> None:
+    def _text_data(self, chunk: bytes, message_end: bool, events: list[Received]) -> None:
         if message_end and self._m_decoder is None:
             # The whole message is in one chunk: decode it in one call.
             try:
                 text = chunk.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InvalidPayload(f"text message is not valid UTF-8: {exc.reason}") from None
-            events.append(TextMessage(text))
+            events.append(text if self.compact_messages else TextMessage(text))
             return
         decoder = self._m_decoder
         if decoder is None:
@@ -596,12 +611,13 @@ class Protocol:
         if part:
             self._m_text.append(part)
         if message_end:
-            events.append(TextMessage("".join(self._m_text)))
+            text = "".join(self._m_text)
+            events.append(text if self.compact_messages else TextMessage(text))
             self._m_text = []
             self._m_decoder = None
 
     def _binary_data(
-        self, chunk: bytes, message_end: bool, frame_end: bool, events: list[Event]
+        self, chunk: bytes, message_end: bool, frame_end: bool, events: list[Received]
     ) -> None:
         n = len(chunk)
         if self.binary_as_bytes:
@@ -615,7 +631,7 @@ class Protocol:
                 parts.append(chunk)
                 chunk = b"".join(parts)
                 self._m_parts = []
-            events.append(BinaryMessage(chunk, len(chunk)))
+            events.append(chunk if self.compact_messages else BinaryMessage(chunk, len(chunk)))
             return
         buf = self._m_buf
         if buf is None:
@@ -642,7 +658,7 @@ class Protocol:
             self._m_buf = None
             self._m_len = 0
 
-    def _control_frame(self, opcode: int, payload: bytes, events: list[Event]) -> None:
+    def _control_frame(self, opcode: int, payload: bytes, events: list[Received]) -> None:
         if opcode == Opcode.PING:
             # RFC 6455 5.5.2: answer every ping until the peer's close arrives,
             # including after our own close was sent.

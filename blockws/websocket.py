@@ -74,7 +74,6 @@ from .protocol import (
     Protocol,
     Role,
     State,
-    TextMessage,
 )
 from .sender import UNCOMPRESSED as _UNCOMPRESSED
 from .sender import Sender
@@ -96,7 +95,8 @@ _NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = range(5)
 #: Longest time a failing close waits for update() to deliver the messages
 #: that preceded the protocol error (see WebSocket.data_received).
 _FAILURE_GRACE = 0.5
-_MESSAGES = (TextMessage, BinaryMessage)
+# What a compact Protocol reports a message as (see Protocol.compact_messages).
+_MESSAGES = (bytes, str, BinaryMessage)
 # Plain ints and globals: an enum member look-up costs ten times a global's,
 # and these are on the path of every message.
 _TEXT, _BINARY = int(Opcode.TEXT), int(Opcode.BINARY)
@@ -459,6 +459,7 @@ class WebSocket:
             extensions=accepted,
             allocate=self.buffer_pool.allocate,
         )
+        proto.compact_messages = True  # messages as str/bytes: see _dispatch_messages
         with self._lock:
             if self._phase != _CONNECTING:
                 raise ConnectionLost("connection aborted during the opening handshake")
@@ -535,16 +536,16 @@ class WebSocket:
         mixed = False
         for event in events:
             cls = type(event)
-            if cls is TextMessage or cls is BinaryMessage:
+            if cls is bytes or cls is str or cls is BinaryMessage:
                 continue
-            mixed = True
-            if cls is Pong:
-                self._pong_received(event.payload)  # type: ignore[attr-defined]
-            elif cls is CloseReceived:
-                self.log.debug("close received: %s %r", event.code, event.reason)  # type: ignore[attr-defined]
-            elif cls is Failure:
-                self._set_error(event.error, closing=not deferred)  # type: ignore[attr-defined]
-                self.log.info("failing the connection: %s", event.error)  # type: ignore[attr-defined]
+            mixed = True  # rare: a control frame or a failure
+            if isinstance(event, Pong):
+                self._pong_received(event.payload)
+            elif isinstance(event, CloseReceived):
+                self.log.debug("close received: %s %r", event.code, event.reason)
+            elif isinstance(event, Failure):
+                self._set_error(event.error, closing=not deferred)
+                self.log.info("failing the connection: %s", event.error)
         messages = [e for e in events if type(e) in _MESSAGES] if mixed else events
         items: list[_dispatcher.Item] = []
         if messages:
@@ -944,45 +945,47 @@ class WebSocket:
         scratch = self._scratch
         done = 0
         try:
-            for event in messages:
+            for message in messages:
                 done += 1
-                if type(event) is TextMessage:
+                cls = type(message)
+                if cls is bytes:  # a binary message, exactly
+                    handler = self.on_binary
+                    n = len(message)
+                    if handler is None:
+                        inbox.append(message)  # kept for receive(), no copy
+                    elif n <= _SCRATCH:
+                        # on_binary gets reusable memory: small messages share one
+                        # scratch buffer per socket (callbacks never overlap, and
+                        # the memory is reclaimed when each returns).
+                        if scratch is None:
+                            scratch = self._scratch = memoryview(bytearray(_SCRATCH))
+                        scratch[:n] = message
+                        segment = BufferSegment(scratch.obj, 0, n)  # type: ignore[arg-type]
+                        try:
+                            handler(self, segment)
+                        finally:
+                            if not segment._released:
+                                segment._released = True
+                    else:
+                        self._dispatch_binary(message, n)
+                elif cls is str:
                     on_text = self.on_message
                     if on_text is None:
-                        inbox.append(event.text)
+                        inbox.append(message)
                     else:
-                        on_text(self, event.text)
-                    continue
-                data = event.data
-                handler = self.on_binary
-                if type(data) is not bytes:
-                    self._dispatch_binary(event)  # pooled memory from the general path
-                elif handler is None:
-                    inbox.append(data)  # the fast path's exact bytes: no copy
-                elif event.length <= _SCRATCH:
-                    # on_binary gets reusable memory: small messages share one
-                    # scratch buffer per socket (callbacks never overlap, and the
-                    # memory is reclaimed when each returns).
-                    n = event.length
-                    if scratch is None:
-                        scratch = self._scratch = memoryview(bytearray(_SCRATCH))
-                    scratch[:n] = data
-                    segment = BufferSegment(scratch.obj, 0, n)  # type: ignore[arg-type]
-                    try:
-                        handler(self, segment)
-                    finally:
-                        if not segment._released:
-                            segment._released = True
-                else:
-                    self._dispatch_binary(event)
+                        on_text(self, message)
+                elif cls is BinaryMessage:  # in pooled memory, from the general path
+                    self._dispatch_binary(message.data, message.length)
+                else:  # a TextMessage: the protocol was not in compact mode
+                    self._dispatch_messages([message.text])
         except BaseException:
             if done < len(messages):
                 self._dispatcher.pending.appendleft((self._dispatch_messages, messages[done:]))
             raise
         return done
 
-    def _dispatch_binary(self, event: BinaryMessage) -> None:
-        data, n = event.data, event.length
+    def _dispatch_binary(self, data: bytes | bytearray, n: int) -> None:
+        """A binary message too large for the scratch buffer, or in pooled memory."""
         handler = self.on_binary
         if handler is None:  # kept for receive()
             self._inbox.append(bytes(memoryview(data)[:n]))

@@ -19,11 +19,11 @@ from blockws.protocol import (
     TRANSITIONS,
     BinaryMessage,
     CloseReceived,
-    Event,
     Failure,
     Ping,
     Pong,
     Protocol,
+    Received,
     Role,
     State,
     TextMessage,
@@ -50,10 +50,14 @@ def wire(role: Role, opcode: int, payload: bytes = b"", fin: bool = True, rsv: i
     return frame.serialize(KEY if role is Role.SERVER else None)
 
 
-def summarize(events: Iterable[Event]) -> list[Summary]:
+def summarize(events: Iterable[Received]) -> list[Summary]:
     out: list[Summary] = []
     for e in events:
-        if isinstance(e, TextMessage):
+        if type(e) is str:  # compact_messages
+            out.append(("text", e))
+        elif type(e) is bytes:  # compact_messages, exact bytes
+            out.append(("binary", e))
+        elif isinstance(e, TextMessage):
             out.append(("text", e.text))
         elif isinstance(e, BinaryMessage):
             assert len(e.data) >= e.length
@@ -75,7 +79,7 @@ def feed(proto: Protocol, data: bytes, chunks: Sequence[int] | None = None) -> l
     """Feed ``data`` whole, or cut at the offsets in ``chunks``; summarize the events."""
     if chunks is None:
         return summarize(proto.receive_data(data))
-    events: list[Event] = []
+    events: list[Received] = []
     start = 0
     for cut in [*chunks, len(data)]:
         events.extend(proto.receive_data(data[start:cut]))
@@ -84,7 +88,7 @@ def feed(proto: Protocol, data: bytes, chunks: Sequence[int] | None = None) -> l
 
 
 def feed_bytewise(proto: Protocol, data: bytes) -> list[Summary]:
-    events: list[Event] = []
+    events: list[Received] = []
     for i in range(len(data)):
         events.extend(proto.receive_data(data[i : i + 1]))
     return summarize(events)
@@ -319,16 +323,22 @@ messages_strategy = st.lists(
 )
 
 
+#: How a receiver reports messages: (compact_messages, binary_as_bytes).
+MODES = [(False, False), (False, True), (True, False), (True, True)]
+
+
 def round_trip(
     sender_role: Role,
     messages: Sequence[TextOrBinary],
     fragment: int,
     cuts: Sequence[int],
     pings: Sequence[bool],
+    mode: tuple[bool, bool] = (False, False),
 ) -> None:
     receiver_role = Role.SERVER if sender_role is Role.CLIENT else Role.CLIENT
     sender = Protocol(sender_role, max_fragment_size=fragment)
     receiver = Protocol(receiver_role)
+    receiver.compact_messages, receiver.binary_as_bytes = mode
     stream = b""
     expected: list[Summary] = []
     for i, msg in enumerate(messages):
@@ -369,11 +379,16 @@ _hypothesis = settings(
     fragment=st.integers(1, 700),
     cuts=st.lists(st.integers(0, 1 << 16), max_size=30),
     pings=st.lists(st.booleans(), max_size=8),
+    mode=st.sampled_from(MODES),
 )
 def test_hypothesis_client_to_server(
-    messages: list[TextOrBinary], fragment: int, cuts: list[int], pings: list[bool]
+    messages: list[TextOrBinary],
+    fragment: int,
+    cuts: list[int],
+    pings: list[bool],
+    mode: tuple[bool, bool],
 ) -> None:
-    round_trip(Role.CLIENT, messages, fragment, cuts, pings)
+    round_trip(Role.CLIENT, messages, fragment, cuts, pings, mode)
 
 
 @_hypothesis
@@ -382,11 +397,16 @@ def test_hypothesis_client_to_server(
     fragment=st.integers(1, 700),
     cuts=st.lists(st.integers(0, 1 << 16), max_size=30),
     pings=st.lists(st.booleans(), max_size=8),
+    mode=st.sampled_from(MODES),
 )
 def test_hypothesis_server_to_client(
-    messages: list[TextOrBinary], fragment: int, cuts: list[int], pings: list[bool]
+    messages: list[TextOrBinary],
+    fragment: int,
+    cuts: list[int],
+    pings: list[bool],
+    mode: tuple[bool, bool],
 ) -> None:
-    round_trip(Role.SERVER, messages, fragment, cuts, pings)
+    round_trip(Role.SERVER, messages, fragment, cuts, pings, mode)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, database=None)
@@ -396,7 +416,40 @@ def test_hypothesis_server_to_client(
 )
 def test_hypothesis_bytewise(messages: list[TextOrBinary], fragment: int) -> None:
     for sender_role in (Role.CLIENT, Role.SERVER):
-        round_trip(sender_role, messages, fragment, list(range(1, 2000)), [True])
+        for mode in MODES:
+            round_trip(sender_role, messages, fragment, list(range(1, 2000)), [True], mode)
+
+
+@pytest.mark.parametrize("binary_as_bytes", [False, True])
+def test_compact_messages_report_str_and_bytes(binary_as_bytes: bool) -> None:
+    # Whole frames (the fast path), fragments and frames cut across reads: a
+    # text message is always a str; a binary one is bytes when it came whole in
+    # one read or binary_as_bytes joins it, else a BinaryMessage in pooled memory.
+    proto = make(Role.CLIENT)
+    proto.compact_messages, proto.binary_as_bytes = True, binary_as_bytes
+    whole = wire(Role.CLIENT, Opcode.TEXT, b"hi") + wire(Role.CLIENT, Opcode.BINARY, b"\x01\x02")
+    events = proto.receive_data(whole)
+    assert events == ["hi", b"\x01\x02"] and [type(e) for e in events] == [str, bytes]
+    fragmented = (
+        wire(Role.CLIENT, Opcode.TEXT, b"a", fin=False)
+        + wire(Role.CLIENT, Opcode.CONT, "\u00e9".encode())
+        + wire(Role.CLIENT, Opcode.BINARY, b"x", fin=False)
+        + wire(Role.CLIENT, Opcode.CONT, b"yz")
+    )
+    events = proto.receive_data(fragmented)
+    assert events[0] == "a\u00e9"
+    if binary_as_bytes:
+        assert events[1] == b"xyz"
+    else:
+        assert isinstance(events[1], BinaryMessage) and bytes(events[1]) == b"xyz"
+    big = wire(Role.CLIENT, Opcode.BINARY, b"b" * 300)
+    first = proto.receive_data(big[:100])
+    rest = proto.receive_data(big[100:])
+    assert first == [] and len(rest) == 1
+    if binary_as_bytes:
+        assert rest[0] == b"b" * 300
+    else:
+        assert isinstance(rest[0], BinaryMessage) and bytes(rest[0]) == b"b" * 300
 
 
 # -- sending ------------------------------------------------------------------------------
