@@ -19,7 +19,7 @@ import time
 from collections import deque
 from typing import Any, Callable
 
-__all__ = ["Dispatcher", "wait"]
+__all__ = ["Dispatcher", "wait", "register", "update_all", "wait_any"]
 
 #: ``(function, argument)``: the function returns how many events it handled
 #: (``None`` counts as one), which is what ``update()`` reports.
@@ -133,3 +133,42 @@ def wait(dispatchers: Callable[[], list[Dispatcher]], timeout: float | None = No
                     _global_cond.wait(left)
         finally:
             _global_waiters -= 1
+
+
+# -- every live socket: blockws.update_all() and blockws.wait() --------------------
+
+# Dispatchers of sockets between open() and on_closed. The tuple is a snapshot
+# rebuilt on every change, so update_all() iterates without taking a lock.
+_live: set[Dispatcher] = set()
+_live_snapshot: tuple[Dispatcher, ...] = ()
+_live_lock = threading.Lock()
+
+
+def register(dispatcher: Dispatcher, alive: bool) -> None:
+    """Add a socket's dispatcher to the live set (``open()``) or remove it (``on_closed``)."""
+    global _live_snapshot
+    with _live_lock:
+        if alive:
+            _live.add(dispatcher)
+        else:
+            _live.discard(dispatcher)
+        _live_snapshot = tuple(_live)
+
+
+def _live_dispatchers() -> list[Dispatcher]:
+    return list(_live_snapshot)
+
+
+def update_all() -> int:
+    """Run pending callbacks of every open or opening socket; returns how many ran."""
+    count = 0
+    for dispatcher in _live_snapshot:
+        if dispatcher.pending:
+            count += dispatcher.run()
+    return count
+
+
+def wait_any(timeout: float | None = None) -> bool:
+    """Block until any socket has a pending callback (True) or ``timeout`` passes."""
+    return wait(_live_dispatchers, timeout)
+

@@ -31,7 +31,6 @@ a large incoming message.
 from __future__ import annotations
 
 import itertools
-import struct
 import threading
 import time
 from collections import deque
@@ -41,6 +40,7 @@ from typing import Any, Callable, Union
 from . import dispatcher as _dispatcher
 from .buffers import BufferPool, BufferSegment
 from .deflate import PerMessageDeflate
+from .delivery import Delivery
 from .exceptions import (
     BlockwsError,
     CloseTimeout,
@@ -50,7 +50,6 @@ from .exceptions import (
     ConnectionLost,
     InvalidState,
     OpenTimeout,
-    PingTimeout,
 )
 from .extensions import Extension
 from .frames import CLOSE_ABNORMAL, Opcode
@@ -62,6 +61,7 @@ from .handshake import (
     redact_url,
 )
 from .http2 import HTTP2Settings
+from .keepalive import Keepalive
 from .log import ContextAdapter
 from .opening import open_transport
 from .protocol import (
@@ -101,29 +101,9 @@ _MESSAGES = (bytes, str, BinaryMessage)
 # and these are on the path of every message.
 _TEXT, _BINARY = int(Opcode.TEXT), int(Opcode.BINARY)
 _STATE_OPEN, _STATE_CLOSE_SENT, _STATE_CLOSED = State.OPEN, State.CLOSE_SENT, State.CLOSED
-#: Binary messages up to this size reach on_binary in a per-socket scratch buffer.
-_SCRATCH = 4096
 
 
 _ids = itertools.count(1)
-# Sockets between open() and on_closed, for update_all() and wait(). The tuple
-# is a snapshot rebuilt on every change so update_all() iterates without a lock.
-_live: set[WebSocket] = set()
-_live_snapshot: tuple[WebSocket, ...] = ()
-_live_lock = threading.Lock()
-
-
-def _register(ws: WebSocket, alive: bool) -> None:
-    global _live_snapshot
-    with _live_lock:
-        if alive:
-            _live.add(ws)
-        else:
-            _live.discard(ws)
-        _live_snapshot = tuple(_live)
-
-
-_ping_struct = struct.Struct("!Q")
 
 
 class WebSocket:
@@ -264,12 +244,11 @@ class WebSocket:
         # preceded the bad frame have been dispatched (see data_received).
         self._deferred_close: bytes | None = None
         self._jobs: dict[str, Job] = {}
-        self._ping_seq = 0
-        self._pings: dict[bytes, float] = {}
+        self._keepalive = Keepalive(self)
         self._dispatcher = _dispatcher.Dispatcher()
         self._nudge = self._dispatcher.nudge
-        self._inbox: deque[str | bytes] = deque()
-        self._scratch: memoryview | None = None  # see _dispatch_messages
+        self._delivery = Delivery(self, self._dispatcher)
+        self._inbox: deque[str | bytes] = self._delivery.inbox
 
         self._opened = False  # on_open has run
         self._ended = False  # on_closed has run
@@ -347,7 +326,7 @@ class WebSocket:
         self._send_pings = bool(value)
         with self._lock:
             if self._phase == _OPEN:
-                self._schedule_ping_locked()
+                self._keepalive.schedule_locked()
 
     @property
     def ping_frequency(self) -> float:
@@ -394,7 +373,7 @@ class WebSocket:
                 raise InvalidState("open() was already called")
             self._phase = _CONNECTING
             self._connector = Connector()
-        _register(self, True)
+        _dispatcher.register(self._dispatcher, True)
         timeout = self.internal_request.open_timeout
         if timeout is not None:
             self._jobs["open"] = timer.call_later(timeout, self._open_timed_out)
@@ -459,7 +438,7 @@ class WebSocket:
             extensions=accepted,
             allocate=self.buffer_pool.allocate,
         )
-        proto.compact_messages = True  # messages as str/bytes: see _dispatch_messages
+        proto.compact_messages = True  # messages as str/bytes: see blockws.delivery
         with self._lock:
             if self._phase != _CONNECTING:
                 raise ConnectionLost("connection aborted during the opening handshake")
@@ -471,7 +450,7 @@ class WebSocket:
                 job.cancel()
             self._sender.attach(proto, transport)
             if self._send_pings:
-                self._schedule_ping_locked()
+                self._keepalive.schedule_locked()
         self.log.debug("open (subprotocol %r)", self.protocol)
         self._dispatcher.post(self._dispatch_open, None)
         if opened.extra:
@@ -540,7 +519,7 @@ class WebSocket:
                 continue
             mixed = True  # rare: a control frame or a failure
             if isinstance(event, Pong):
-                self._pong_received(event.payload)
+                self._keepalive.pong_received(event.payload)
             elif isinstance(event, CloseReceived):
                 self.log.debug("close received: %s %r", event.code, event.reason)
             elif isinstance(event, Failure):
@@ -549,7 +528,7 @@ class WebSocket:
         messages = [e for e in events if type(e) in _MESSAGES] if mixed else events
         items: list[_dispatcher.Item] = []
         if messages:
-            items.append((self._dispatch_messages, messages))
+            items.append((self._delivery.messages, messages))
         if deferred:
             items.append((self._dispatch_failure, None))
         if items:
@@ -841,51 +820,11 @@ class WebSocket:
                 return proto.failure.close_code, ""
         return CLOSE_ABNORMAL, ""
 
-    # -- pings ---------------------------------------------------------------------
+    # -- pings (blockws.keepalive) ---------------------------------------------------
 
-    def _schedule_ping_locked(self) -> None:
-        if "ping" not in self._jobs and self._send_pings:
-            self._jobs["ping"] = timer.call_later(self._ping_frequency, self._ping_due)
-
-    def _ping_due(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._jobs.pop("ping", None)
-            if (
-                self._phase != _OPEN
-                or not self._send_pings
-                or self._proto is None
-                or self._deferred_close is not None
-            ):
-                return
-            self._ping_seq += 1
-            payload = _ping_struct.pack(self._ping_seq)
-            self._pings = {k: v for k, v in self._pings.items() if now - v < 60.0}
-            self._pings[payload] = now
-            self._sender.control_locked([self._proto.encode_control(Opcode.PING, payload)])
-            self._jobs["ping"] = timer.call_later(self._ping_frequency, self._ping_due)
-            key = f"pong-{self._ping_seq}"
-            self._jobs[key] = timer.call_later(
-                self.close_after_no_message, lambda: self._pong_due(key, now)
-            )
-
-    def _pong_due(self, key: str, ping_time: float) -> None:
-        with self._lock:
-            self._jobs.pop(key, None)
-            if self._phase != _OPEN or not self._send_pings:
-                return
-        last = self.last_message_received
-        if last is None or last < ping_time:
-            self._set_error(
-                PingTimeout(f"no frame within {self.close_after_no_message} s of a ping")
-            )
-            self.log.info("no message after a ping: closing")
-            self.abort()
-
-    def _pong_received(self, payload: bytes) -> None:
-        sent = self._pings.pop(payload, None)
-        if sent is not None:
-            self.latency = time.monotonic() - sent
+    def _pinging_locked(self) -> bool:
+        """Whether pings are due now: open, and ``send_pings`` on (lock held)."""
+        return self._phase == _OPEN and self._send_pings
 
     # -- dispatching (the thread that calls update()) ------------------------------
 
@@ -933,80 +872,11 @@ class WebSocket:
         if self.on_open is not None:
             self.on_open(self)
 
-    def _dispatch_messages(self, messages: list[Any]) -> int:
-        """Hand the messages of one read to the handlers, or to receive()'s queue.
-
-        The handlers are looked up per message, so a callback that sets or
-        clears one changes where the next message goes. If a callback raises,
-        the messages after it go back to the front of the queue, for the
-        next ``update()``. Returns how many messages were handled.
-        """
-        inbox = self._inbox
-        scratch = self._scratch
-        done = 0
-        try:
-            for message in messages:
-                done += 1
-                cls = type(message)
-                if cls is bytes:  # a binary message, exactly
-                    handler = self.on_binary
-                    n = len(message)
-                    if handler is None:
-                        inbox.append(message)  # kept for receive(), no copy
-                    elif n <= _SCRATCH:
-                        # on_binary gets reusable memory: small messages share one
-                        # scratch buffer per socket (callbacks never overlap, and
-                        # the memory is reclaimed when each returns).
-                        if scratch is None:
-                            scratch = self._scratch = memoryview(bytearray(_SCRATCH))
-                        scratch[:n] = message
-                        segment = BufferSegment(scratch.obj, 0, n)  # type: ignore[arg-type]
-                        try:
-                            handler(self, segment)
-                        finally:
-                            if not segment._released:
-                                segment._released = True
-                    else:
-                        self._dispatch_binary(message, n)
-                elif cls is str:
-                    on_text = self.on_message
-                    if on_text is None:
-                        inbox.append(message)
-                    else:
-                        on_text(self, message)
-                elif cls is BinaryMessage:  # in pooled memory, from the general path
-                    self._dispatch_binary(message.data, message.length)
-                else:  # a TextMessage: the protocol was not in compact mode
-                    self._dispatch_messages([message.text])
-        except BaseException:
-            if done < len(messages):
-                self._dispatcher.pending.appendleft((self._dispatch_messages, messages[done:]))
-            raise
-        return done
-
-    def _dispatch_binary(self, data: bytes | bytearray, n: int) -> None:
-        """A binary message too large for the scratch buffer, or in pooled memory."""
-        handler = self.on_binary
-        if handler is None:  # kept for receive()
-            self._inbox.append(bytes(memoryview(data)[:n]))
-            self.buffer_pool._give_back(data)  # type: ignore[arg-type]
-            return
-        if type(data) is bytes:  # larger than the scratch buffer: pooled memory
-            segment = self.buffer_pool.get(n)
-            segment.data[:n] = data
-        else:
-            segment = BufferSegment(data, 0, n, self.buffer_pool)  # type: ignore[arg-type]
-        try:
-            handler(self, segment)
-        finally:
-            if not segment.released:
-                segment.release()
-
     def _dispatch_closed(self, code_reason: tuple[int, str]) -> None:
         reader = self._reader
         if reader is not None and reader is not threading.current_thread():
             reader.join()
-        _register(self, False)
+        _dispatcher.register(self._dispatcher, False)
         self._ended = True
         if self.on_closed is not None:
             self.on_closed(self, code_reason[0], code_reason[1])
@@ -1095,19 +965,5 @@ def connect(url: str, timeout: float | None = None, **options: Any) -> WebSocket
     return ws
 
 
-def _live_dispatchers() -> list[_dispatcher.Dispatcher]:
-    return [ws._dispatcher for ws in _live_snapshot]
-
-
-def update_all() -> int:
-    """Run pending callbacks of every open or opening socket; returns how many ran."""
-    count = 0
-    for ws in _live_snapshot:
-        if ws._dispatcher.pending:
-            count += ws._dispatcher.run()
-    return count
-
-
-def wait(timeout: float | None = None) -> bool:
-    """Block until any socket has a pending callback (True) or ``timeout`` passes."""
-    return _dispatcher.wait(_live_dispatchers, timeout)
+update_all = _dispatcher.update_all
+wait = _dispatcher.wait_any

@@ -1,0 +1,117 @@
+"""Delivering messages to your code: the handlers, or ``receive()``'s queue.
+
+The reader side (``WebSocket.data_received``, on the reader thread or on a
+thread waiting in ``receive()``/``wait()``) posts the messages of one read to
+the socket's dispatcher as one item; :meth:`Delivery.messages` runs it inside
+``ws.update()``, on the thread that pumps the socket. Messages arrive from a
+compact protocol (``Protocol.compact_messages``): a text message as its
+``str``, a binary one as its exact ``bytes`` or, when the parser assembled it
+in pooled memory, as a :class:`~blockws.protocol.BinaryMessage`.
+
+``on_binary`` gets a :class:`~blockws.buffers.BufferSegment` that is valid
+until the callback returns. Small messages share one scratch buffer per socket
+(callbacks never overlap, so one is enough, and nothing is allocated per
+message); larger ones come from the socket's buffer pool, and go back to it
+when the callback returns, unless it released the segment itself. Without a
+handler, messages queue for ``receive()`` as ``str`` and ``bytes``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .buffers import BufferSegment
+from .dispatcher import Dispatcher
+from .protocol import BinaryMessage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .websocket import WebSocket
+
+__all__ = ["Delivery", "SCRATCH"]
+
+#: Binary messages up to this size reach on_binary in the per-socket scratch buffer.
+SCRATCH = 4096
+
+
+class Delivery:
+    """Where one socket's messages go; :meth:`messages` runs inside ``update()``."""
+
+    __slots__ = ("ws", "dispatcher", "inbox", "_scratch")
+
+    def __init__(self, ws: WebSocket, dispatcher: Dispatcher) -> None:
+        self.ws = ws
+        self.dispatcher = dispatcher
+        #: Messages no handler took, for ``receive()``.
+        self.inbox: deque[str | bytes] = deque()
+        self._scratch: memoryview | None = None
+
+    def messages(self, messages: list[Any]) -> int:
+        """Hand the messages of one read to the handlers, or to the inbox.
+
+        The handlers are looked up per message, so a callback that sets or
+        clears one changes where the next message goes. If a callback raises,
+        the messages after it go back to the front of the dispatcher's queue,
+        for the next ``update()``. Returns how many messages were handled.
+        """
+        ws = self.ws
+        inbox = self.inbox
+        scratch = self._scratch
+        done = 0
+        try:
+            for message in messages:
+                done += 1
+                cls = type(message)
+                if cls is bytes:  # a binary message, exactly
+                    handler = ws.on_binary
+                    n = len(message)
+                    if handler is None:
+                        inbox.append(message)  # no copy
+                    elif n <= SCRATCH:
+                        if scratch is None:
+                            scratch = self._scratch = memoryview(bytearray(SCRATCH))
+                        scratch[:n] = message
+                        segment = BufferSegment(scratch.obj, 0, n)  # type: ignore[arg-type]
+                        try:
+                            handler(ws, segment)
+                        finally:
+                            if not segment._released:
+                                segment._released = True
+                    else:
+                        self.binary(message, n)
+                elif cls is str:
+                    on_text = ws.on_message
+                    if on_text is None:
+                        inbox.append(message)
+                    else:
+                        on_text(ws, message)
+                elif cls is BinaryMessage:  # in pooled memory, from the general path
+                    self.binary(message.data, message.length)
+                else:  # a TextMessage: the protocol was not in compact mode
+                    self.messages([message.text])
+        except BaseException:
+            if done < len(messages):
+                self.dispatcher.pending.appendleft((self.messages, messages[done:]))
+            raise
+        return done
+
+    def binary(self, data: bytes | bytearray, n: int) -> None:
+        """A binary message too large for the scratch buffer, or in pooled memory."""
+        ws = self.ws
+        handler = ws.on_binary
+        pool = ws.buffer_pool
+        if handler is None:  # kept for receive()
+            self.inbox.append(bytes(memoryview(data)[:n]))
+            if type(data) is not bytes:
+                pool._give_back(data)  # type: ignore[arg-type]
+            return
+        if type(data) is bytes:  # larger than the scratch buffer: pooled memory
+            segment = pool.get(n)
+            segment.data[:n] = data
+        else:
+            segment = BufferSegment(data, 0, n, pool)  # type: ignore[arg-type]
+        try:
+            handler(ws, segment)
+        finally:
+            if not segment.released:
+                segment.release()
