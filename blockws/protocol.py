@@ -240,9 +240,13 @@ class Protocol:
         self.failure: ProtocolError | None = None
 
         self._allocate = allocate or _default_allocate
-        self._mask_keys = (mask_keys or MaskKeys()) if role is Role.CLIENT else None
+        keys = (mask_keys or MaskKeys()) if role is Role.CLIENT else None
+        # A MaskKeys' bound __call__: cheaper to call than the instance itself.
+        self._mask_keys = keys.__call__ if isinstance(keys, MaskKeys) else keys
         # Client receives unmasked frames; server requires masked ones.
         self._expect_mask = 0x80 if role is Role.SERVER else 0
+        # The parser's fast path applies (see _parse): no masks, no extensions.
+        self._fast = not self._expect_mask and not self.extensions
         self._allowed_rsv = 0
         for ext in self.extensions:
             self._allowed_rsv |= ext.rsv_bits
@@ -376,7 +380,7 @@ class Protocol:
         events: list[Received] = []
         if self._phase == _DONE or not data:
             return events
-        buf = self._buf + data if self._buf else bytes(data)
+        buf = self._buf + data if self._buf else data if type(data) is bytes else bytes(data)
         try:
             pos = self._parse(buf, events)
         except ProtocolError as exc:
@@ -411,8 +415,9 @@ class Protocol:
         # check the general path would not also pass: FIN set, RSV clear,
         # opcode 1 or 2, MASK clear, no fragmented message in progress, and a
         # length within max_message_size.
-        fast = not self._expect_mask and not self.extensions
-        small = min(65535, self.max_message_size or 65535)
+        fast = self._fast
+        limit = self.max_message_size
+        small = 65535 if limit is None or limit > 65535 else limit
         compact = self.compact_messages
         append = events.append
         while pos < end:

@@ -248,6 +248,7 @@ class WebSocket:
         self._dispatcher = _dispatcher.Dispatcher()
         self._nudge = self._dispatcher.nudge
         self._delivery = Delivery(self, self._dispatcher)
+        self._deliver = self._delivery.messages
         self._inbox: deque[str | bytes] = self._delivery.inbox
 
         self._opened = False  # on_open has run
@@ -526,13 +527,13 @@ class WebSocket:
                 self._set_error(event.error, closing=not deferred)
                 self.log.info("failing the connection: %s", event.error)
         messages = [e for e in events if type(e) in _MESSAGES] if mixed else events
-        items: list[_dispatcher.Item] = []
-        if messages:
-            items.append((self._delivery.messages, messages))
         if deferred:
-            items.append((self._dispatch_failure, None))
-        if items:
+            items: list[_dispatcher.Item] = [(self._dispatch_failure, None)]
+            if messages:
+                items.insert(0, (self._deliver, messages))
             self._dispatcher.post_many(items)
+        elif messages:
+            self._dispatcher.post(self._deliver, messages)
         if before is _STATE_CLOSE_SENT and proto.state is _STATE_CLOSED:
             self._end_closed_stream()
 
