@@ -1010,6 +1010,7 @@ def run_raw(m: Meter, framed: bool) -> None:
 RUNNERS: dict[str, Callable[[Meter], None]] = {
     "blockws-cb": run_blockws_cb,
     "blockws-recv": run_blockws_recv,
+    "blockws-pure": run_blockws_cb,  # with BLOCKWS_PURE_PYTHON=1 (see workloads.CLIENTS)
     "websocket-client": run_websocket_client,
     "websocket-client+wsaccel": run_websocket_client,
     "websockets-sync": run_websockets,

@@ -124,6 +124,12 @@ CLIENTS: dict[str, Client] = {
         Client("blockws-cb", "blockws", note="callbacks pumped by `ws.wait(); ws.update()`"),
         Client("blockws-recv", "blockws", note="blocking `ws.receive()`"),
         Client(
+            "blockws-pure",
+            "blockws",
+            note="callbacks, without the optional C speedup (`BLOCKWS_PURE_PYTHON=1`)",
+            env={"BLOCKWS_PURE_PYTHON": "1"},
+        ),
+        Client(
             "websocket-client",
             "peer",
             threaded=True,
