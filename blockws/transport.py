@@ -26,6 +26,7 @@ I/O boundary (:func:`map_os_errors`).
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import socket
 import ssl
@@ -77,6 +78,11 @@ READ_LEASE = 0.005
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 #: Longest single blocking read on a caller's thread; a longer wait is several.
 _RCVTIMEO_CAP = 0.05
+#: Waits at least this long use that bounded read (see TCPTransport._recv_here).
+_RCVTIMEO_LONG = 0.1
+#: select() takes descriptors below this; poll() (millisecond timeouts) the rest.
+_FD_SETSIZE = 1024
+_select = select.select
 _timeval = struct.Struct("@ll")
 _poll = getattr(select, "poll", None)  # POSIX
 _POLLIN = getattr(select, "POLLIN", 1)
@@ -398,19 +404,24 @@ class TCPTransport(Transport):
         """One read on the caller's thread, waiting up to ``timeout`` seconds:
         ``None`` if nothing came, ``b""`` at EOF (or after our own abort).
 
-        It is a blocking ``recv`` bounded by ``SO_RCVTIMEO``, which limits
-        reads only (the writer thread's sends are not affected) and is set
-        only when the bound changes, so a wait costs one system call.
+        A long wait is a blocking ``recv`` bounded by ``SO_RCVTIMEO``, which
+        limits reads only (the writer thread's sends are not affected) and is
+        set once, so such a wait costs one system call. The kernel rounds that
+        bound up to its clock tick (4 ms here, and one tick more), so it only
+        serves slices of waits much longer than a tick, which the caller's
+        loop re-slices; a short wait polls with a precise timeout, then reads
+        without blocking.
         """
         sock = self.sock
         try:
-            if timeout == 0:
+            if timeout is None or timeout >= _RCVTIMEO_LONG:
+                if self._rcvtimeo != _RCVTIMEO_CAP:
+                    self._set_rcvtimeo(_RCVTIMEO_CAP)
+                data = sock.recv(self._recv_size)
+            elif timeout <= 0 or self._readable_within(timeout):
                 data = sock.recv(self._recv_size, _DONTWAIT)
             else:
-                bound = _RCVTIMEO_CAP if timeout is None or timeout > _RCVTIMEO_CAP else timeout
-                if bound != self._rcvtimeo:
-                    self._set_rcvtimeo(bound)
-                data = sock.recv(self._recv_size)
+                return None
         except BlockingIOError:
             return None  # nothing within the bound; the caller's loop decides what next
         except OSError as exc:
@@ -421,6 +432,17 @@ class TCPTransport(Transport):
         self._recv_size = RECV_SIZE if n >= RECV_SMALL else RECV_SMALL
         self.bytes_read += n
         return data
+
+    def _readable_within(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds, precisely, for the socket to be readable."""
+        sock = self.sock
+        if sock.fileno() < _FD_SETSIZE or _poll is None:
+            return bool(_select([sock], [], [], timeout)[0])  # microseconds
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = _poll()
+            poller.register(sock, _POLLIN)
+        return bool(poller.poll(math.ceil(timeout * 1000)))  # milliseconds, rounded up
 
     def _set_rcvtimeo(self, seconds: float) -> None:
         """Bound blocking reads to ``seconds`` (0: no bound). Only the holder of

@@ -310,3 +310,25 @@ def test_no_reading_on_the_caller_when_the_transport_cannot() -> None:
     reader.join(5)
     transport.close()
     b.close()
+
+
+def test_a_short_wait_on_the_caller_is_precise() -> None:
+    # SO_RCVTIMEO is rounded up to the kernel's tick (4 ms and one more here):
+    # short waits must not use it, or a 2 ms wait takes 8 ms.
+    a, b = socket.socketpair()
+    transport, sink = TCPTransport(a), ThreadSink()
+    reader = start_reader(transport, sink)
+    take_reading(transport, sink, b)
+    took = []
+    for _ in range(11):
+        started = time.perf_counter()
+        assert transport.read_here(sink, 0.002, lambda: None) is True
+        took.append(time.perf_counter() - started)
+    took.sort()
+    assert 0.0015 <= took[5] < 0.005, took
+    assert sink.data == [b"first"]  # nothing else came
+    transport.abort()
+    assert sink.done.wait(5)
+    reader.join(5)
+    transport.close()
+    b.close()
