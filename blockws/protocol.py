@@ -262,7 +262,6 @@ class Protocol:
         self._f_key_pos = 0
         self._control = b""
         self._m_opcode = 0  # 0: no data message in progress
-        self._m_buf: bytearray | None = None
         self._m_parts: list[bytes] = []
         #: Deliver every binary message as exact ``bytes`` (joining the pieces of
         #: a message that arrived in several reads or frames, one copy), rather
@@ -399,7 +398,6 @@ class Protocol:
     def _fail(self, exc: ProtocolError, events: list[Received]) -> None:
         self.failure = exc
         self._phase = _DONE
-        self._m_buf = None
         self._m_parts = []
         self._m_text = []
         if self.state in (State.OPEN, State.CLOSE_RECEIVED):
@@ -556,7 +554,7 @@ class Protocol:
                 self._m_decoder = None
                 self._m_text = []
             else:
-                self._m_buf = None
+                self._m_parts = []
         elif rsv:
             raise ProtocolError("RSV bits set on a continuation frame")
         limit = self.max_message_size
@@ -592,7 +590,7 @@ class Protocol:
         if self._m_opcode == Opcode.TEXT:
             self._text_data(chunk, message_end, events)
         else:
-            self._binary_data(chunk, message_end, frame_end, events)
+            self._binary_data(chunk, message_end, events)
         if message_end:
             self._m_opcode = 0
 
@@ -621,47 +619,35 @@ class Protocol:
             self._m_text = []
             self._m_decoder = None
 
-    def _binary_data(
-        self, chunk: bytes, message_end: bool, frame_end: bool, events: list[Received]
-    ) -> None:
-        n = len(chunk)
+    def _binary_data(self, chunk: bytes, message_end: bool, events: list[Received]) -> None:
+        # The pieces of a message that spans frames or reads are kept and
+        # copied once, at its end: into one exact bytes object, or into one
+        # buffer from ``allocate`` (pooled memory). Growing a buffer as pieces
+        # came would copy the message again at every doubling and drop the
+        # outgrown buffers, fresh pages each time for large messages.
+        parts = self._m_parts
+        self._m_len += len(chunk)
+        if not message_end:
+            parts.append(chunk)
+            return
         if self.binary_as_bytes:
-            # Pieces are kept and joined once at the end: one copy in all.
-            parts = self._m_parts
-            self._m_len += n
-            if not message_end:
-                parts.append(chunk)
-                return
             if parts:
                 parts.append(chunk)
                 chunk = b"".join(parts)
                 self._m_parts = []
             events.append(chunk if self.compact_messages else BinaryMessage(chunk, len(chunk)))
             return
-        buf = self._m_buf
-        if buf is None:
-            if message_end:
-                buf = self._allocate(n)
-                buf[:n] = chunk
-                events.append(BinaryMessage(buf, n))
-                return
-            # The message continues: size the buffer for this whole frame --
-            # unless an extension decodes it, when the announced (compressed)
-            # length says nothing about the size and must not be trusted.
-            size = n if self._m_ext else n + self._f_remaining
-            buf = self._m_buf = self._allocate(max(size, 1))
-            self._m_len = 0
-        need = self._m_len + n
-        if need > len(buf):
-            grown = self._allocate(max(need, 2 * len(buf)))
-            grown[: self._m_len] = memoryview(buf)[: self._m_len]
-            buf = self._m_buf = grown
-        buf[self._m_len : need] = chunk
-        self._m_len = need
-        if message_end:
-            events.append(BinaryMessage(buf, need))
-            self._m_buf = None
-            self._m_len = 0
+        total = self._m_len
+        buf = self._allocate(total)
+        pos = 0
+        if parts:
+            for part in parts:
+                end = pos + len(part)
+                buf[pos:end] = part
+                pos = end
+            self._m_parts = []
+        buf[pos:total] = chunk
+        events.append(BinaryMessage(buf, total))
 
     def _control_frame(self, opcode: int, payload: bytes, events: list[Received]) -> None:
         if opcode == Opcode.PING:
