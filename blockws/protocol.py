@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import codecs
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Callable, Union
 
 from .exceptions import InvalidPayload, InvalidState, MessageTooBig, ProtocolError
@@ -303,6 +303,29 @@ class Protocol:
         of payload, masking each in the client role. Does not check the state:
         the caller stops sending data once it has sent a close.
         """
+        first, payload = self._encode_payload(opcode, payload, compress)
+        size = len(payload)
+        keys = self._mask_keys
+        if size < 126 and keys is not None and size <= self.max_fragment_size:
+            # A small message from a client: one frame with a 2-byte header.
+            small_key = keys()
+            header = bytes((FIN | first, 0x80 | size)) + small_key
+            return [header + apply_mask(payload, small_key)]
+        return list(self._frames(first, payload))
+
+    def iter_data(
+        self, opcode: int, payload: BytesLike, *, compress: bool = True
+    ) -> Iterator[bytes]:
+        """:meth:`encode_data` one frame at a time (a server's frames in two
+        pieces, header and payload), so that a large message's frames need not
+        all exist at once."""
+        first, payload = self._encode_payload(opcode, payload, compress)
+        return self._frames(first, payload)
+
+    def _encode_payload(
+        self, opcode: int, payload: BytesLike, compress: bool
+    ) -> tuple[int, BytesLike]:
+        """The extensions' encoding: returns the RSV bits and opcode, and the payload."""
         rsv = 0
         if compress and self.extensions:
             data = bytes(payload)
@@ -310,36 +333,33 @@ class Protocol:
                 data, bits = ext.encode(opcode, data)
                 rsv |= bits
             payload = data
+        return rsv | opcode, payload
+
+    def _frames(self, first: int, payload: BytesLike) -> Iterator[bytes]:
         size = len(payload)
         limit = self.max_fragment_size
         keys = self._mask_keys
-        if size < 126 and keys is not None and size <= limit:
-            # A small message from a client: one frame with a 2-byte header.
-            small_key = keys()
-            header = bytes((FIN | rsv | opcode, 0x80 | size)) + small_key
-            return [header + apply_mask(payload, small_key)]
-        key: bytes | None
         if size <= limit:
             key = keys() if keys is not None else None
-            header = encode_header(FIN | rsv | opcode, size, key)
+            header = encode_header(FIN | first, size, key)
             if key is None:
-                return [header, bytes(payload)]
-            return [header + apply_mask(payload, key)]
-        frames: list[bytes] = []
+                yield header
+                yield bytes(payload)
+            else:
+                yield header + apply_mask(payload, key)
+            return
         view = memoryview(payload)
-        first = opcode | rsv
         for start in range(0, size, limit):
             chunk = view[start : start + limit]
             fin = FIN if start + limit >= size else 0
             key = keys() if keys is not None else None
             header = encode_header(fin | first, len(chunk), key)
             if key is None:
-                frames.append(header)
-                frames.append(bytes(chunk))
+                yield header
+                yield bytes(chunk)
             else:
-                frames.append(header + apply_mask(chunk, key))
+                yield header + apply_mask(chunk, key)
             first = Opcode.CONT
-        return frames
 
     def encode_control(self, opcode: int, payload: BytesLike = b"") -> bytes:
         """A ping or pong frame; the payload is at most 125 bytes."""

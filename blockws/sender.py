@@ -25,17 +25,21 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Iterator
+from typing import Any, Callable, Union
 
 from .buffers import BufferSegment
 from .log import ContextAdapter
 from .protocol import Protocol
 from .transport import Transport
 
-__all__ = ["Sender", "CLOSE_FRAME", "UNCOMPRESSED", "WRITE_BATCH", "WRITER_IDLE"]
+__all__ = ["Sender", "CLOSE_FRAME", "DIRECT_MAX", "UNCOMPRESSED", "WRITE_BATCH", "WRITER_IDLE"]
 
 #: Bytes encoded and written per batch before control frames get a turn.
 WRITE_BATCH = 256 * 1024
+#: Largest message written directly on the caller's thread; larger ones go
+#: to the writer, which writes them through its reusable buffer.
+DIRECT_MAX = 64 * 1024
 #: Seconds an idle writer thread waits for work before it ends.
 WRITER_IDLE = 1.0
 #: The queue item opcode of a pre-encoded close frame.
@@ -45,6 +49,17 @@ UNCOMPRESSED = 0x100
 
 # (opcode, payload, segment to release once written, size counted in buffered_amount)
 Item = tuple[int, Any, "BufferSegment | None", int]
+BytesLike = Union[bytes, bytearray, memoryview]
+
+
+def _remaining(chunks: list[bytes], sent: int) -> list[BytesLike]:
+    """What is left of ``chunks`` after their first ``sent`` bytes went out."""
+    for i, chunk in enumerate(chunks):
+        if sent < len(chunk):
+            head: BytesLike = memoryview(chunk)[sent:] if sent else chunk
+            return [head, *chunks[i + 1 :]]
+        sent -= len(chunk)
+    return []
 
 
 class Sender:
@@ -67,7 +82,8 @@ class Sender:
         self.queue: deque[Item] = deque()
         self.control: deque[bytes] = deque()
         #: What the kernel did not take of a direct write; written first.
-        self.rest = b""
+        self.rest: list[BytesLike] = []
+        self._out: memoryview | None = None  # the writer's buffer for large messages
         #: Bytes accepted and not yet written (``buffered_amount``).
         self.buffered = 0
         self.proto: Protocol | None = None
@@ -96,8 +112,9 @@ class Sender:
     ) -> bool:
         """Queue a message, or claim the transport for a direct write (returns True).
 
-        Direct writes skip messages that will be compressed: compression runs on
-        the writer thread, never on the caller's.
+        Direct writes skip messages that will be compressed (compression runs
+        on the writer thread, never on the caller's) and messages larger than
+        :data:`DIRECT_MAX` (see :meth:`_write_large`).
         """
         if (
             self._direct
@@ -106,6 +123,7 @@ class Sender:
             and not self.queue
             and not self.control
             and not self.rest
+            and size <= DIRECT_MAX
             and not (self._extensions and self._will_compress(opcode, size))
         ):
             self._writing = True
@@ -158,12 +176,11 @@ class Sender:
         """Write one message now without blocking; the rest goes to the writer."""
         proto, transport = self.proto, self.transport
         assert proto is not None and transport is not None
-        data = b""
+        frames: list[bytes] = []
         written = 0
         try:
             frames = proto.encode_data(opcode & 0xF, payload, compress=not opcode & UNCOMPRESSED)
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            written = transport.try_write(data)
+            written = transport.try_write(frames)
         except BaseException as exc:  # noqa: BLE001 - reported through on_closed
             with self.lock:
                 self._writing = False
@@ -173,12 +190,14 @@ class Sender:
             return
         if segment is not None and not segment.released:
             segment.release()  # its bytes were copied into the frames
+        total = len(frames[0]) if len(frames) == 1 else sum(map(len, frames))
         with self.lock:
             self._writing = False
-            if written < len(data):
-                # The kernel took part of it: the writer sends the rest first.
-                self.rest = data[written:]
-                self.buffered += len(self.rest)
+            if written < total:
+                # The kernel took part of it: the writer sends the rest first,
+                # as the frames' remaining pieces (no copy of a large message).
+                self.rest = _remaining(frames, written)
+                self.buffered += total - written
                 self._kick_locked()
             elif self.queue or self.control:
                 self._kick_locked()  # others queued while we wrote
@@ -207,8 +226,9 @@ class Sender:
                                 self.direct_ok = True
                                 return
                     self._writing = True
-                    rest, self.rest = self.rest, b""
-                    chunks: list[bytes] = [rest] if rest else []
+                    chunks: list[BytesLike] = self.rest
+                    self.rest = []
+                    rest_size = sum(map(len, chunks))
                     chunks.extend(control)
                     control.clear()
                     batch: list[Item] = []
@@ -222,7 +242,7 @@ class Sender:
                 finally:
                     with lock:
                         self._writing = False
-                        self.buffered -= size + len(rest)
+                        self.buffered -= size + rest_size
                 for _o, _p, segment, _n in batch:
                     if segment is not None and not segment.released:
                         segment.release()
@@ -235,40 +255,59 @@ class Sender:
                 self._on_failure(exc)
 
     def _write_batch(
-        self, proto: Protocol, transport: Transport, chunks: list[bytes], batch: list[Item]
+        self, proto: Protocol, transport: Transport, chunks: list[BytesLike], batch: list[Item]
     ) -> None:
         for opcode, payload, _segment, n in batch:
             if opcode == CLOSE_FRAME:
                 chunks.append(payload)
                 continue
-            frames = proto.encode_data(opcode & 0xF, payload, compress=not opcode & UNCOMPRESSED)
-            if n > WRITE_BATCH and len(frames) > 1:
-                # A big message goes out in batches so that control frames
-                # queued meanwhile can go out between its fragments.
+            compress = not opcode & UNCOMPRESSED
+            if n > WRITE_BATCH:
                 if chunks:
                     transport.write(chunks)
                     chunks.clear()
-                self._write_interleaved(frames, transport)
+                self._write_large(proto.iter_data(opcode & 0xF, payload, compress=compress))
             else:
-                chunks.extend(frames)
+                chunks.extend(proto.encode_data(opcode & 0xF, payload, compress=compress))
         if chunks:
             transport.write(chunks)
 
-    def _write_interleaved(self, frames: list[bytes], transport: Transport) -> None:
-        pending: list[bytes] = []
-        size = 0
+    def _write_large(self, frames: Iterator[bytes]) -> None:
+        """Write a large message's frames in batches through one reusable buffer.
+
+        Frames are made one at a time and copied into the buffer, so each is
+        freed before the next exists: holding a whole message's frames (or
+        joining them) would allocate and free megabytes per message, and the
+        C allocator answers that with fresh pages, trimmed and faulted in
+        again, that cost more than the copy. Control frames queued meanwhile
+        go out between batches.
+        """
+        transport = self.transport
+        assert transport is not None
+        out = self._out
+        if out is None:
+            out = self._out = memoryview(bytearray(WRITE_BATCH + 4096))
+        room = len(out)
+        pos = 0
         for frame in frames:
-            pending.append(frame)
-            size += len(frame)
-            if size >= WRITE_BATCH:
-                with self.lock:
-                    if self.control:
-                        pending.extend(self.control)  # control frames between fragments
-                        self.control.clear()
-                transport.write(pending)
-                pending, size = [], 0
-        if pending:
-            transport.write(pending)
+            n = len(frame)
+            if pos + n > room:
+                if pos:
+                    self._flush_large(transport, out[:pos])
+                    pos = 0
+                if n > room:  # a frame larger than the buffer goes as it is
+                    transport.write([frame])
+                    continue
+            out[pos : pos + n] = frame
+            pos += n
+        if pos:
+            transport.write([out[:pos]])
+
+    def _flush_large(self, transport: Transport, data: memoryview) -> None:
+        with self.lock:
+            control = list(self.control)
+            self.control.clear()
+        transport.write([data, *control] if control else [data])  # control between fragments
 
     # -- the end ----------------------------------------------------------------------
 
@@ -277,7 +316,7 @@ class Sender:
         self._stopped = True
         self.drop_locked()
         self.control.clear()
-        self.buffered -= len(self.rest)
-        self.rest = b""
+        self.buffered -= sum(map(len, self.rest))
+        self.rest = []
         self._wake.notify_all()
         return self._thread

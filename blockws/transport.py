@@ -82,6 +82,8 @@ _RCVTIMEO_CAP = 0.05
 _RCVTIMEO_LONG = 0.1
 #: select() takes descriptors below this; poll() (millisecond timeouts) the rest.
 _FD_SETSIZE = 1024
+#: Chunks per sendmsg() call: POSIX guarantees at least 16; Linux takes 1024.
+_IOV_MAX = 512
 _select = select.select
 _timeval = struct.Struct("@ll")
 _poll = getattr(select, "poll", None)  # POSIX
@@ -165,8 +167,9 @@ class Transport:
     def write(self, chunks: Sequence[BytesLike]) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def try_write(self, data: bytes) -> int:
-        """Write what the kernel takes without blocking; returns how many bytes."""
+    def try_write(self, chunks: Sequence[BytesLike]) -> int:
+        """Write what the kernel takes of ``chunks`` without blocking; returns how
+        many bytes (counted from the start of the first chunk)."""
         return 0
 
     def read_here(self, sink: Sink, timeout: float | None, wake: Callable[[], None]) -> bool:
@@ -246,6 +249,7 @@ class TCPTransport(Transport):
         # A TLS socket has no non-blocking send that leaves its blocking mode
         # (shared with the reader thread) alone, so only plain TCP writes directly.
         self.can_try_write = not self._tls and _DONTWAIT != 0
+        self._sendmsg = not self._tls and hasattr(sock, "sendmsg")
         # The right to read (see the class docstring), guarded by _rcond.
         self.can_read_here = self.can_try_write
         self._rlock = threading.Lock()  # the fast paths take it without the Condition
@@ -458,16 +462,33 @@ class TCPTransport(Transport):
     # -- writing -----------------------------------------------------------------
 
     def write(self, chunks: Sequence[BytesLike]) -> None:
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.bytes_written += len(data)  # counted first: a reply may beat the return
+        if len(chunks) == 1 or not self._sendmsg:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.bytes_written += len(data)  # counted first: a reply may beat the return
+            with map_os_errors():
+                self.sock.sendall(data)
+            return
+        # Several chunks (the frames of a large message): one gathering system
+        # call at a time instead of joining them, which would copy the message.
+        self.bytes_written += sum(map(len, chunks))
+        views = list(chunks)
         with map_os_errors():
-            self.sock.sendall(data)
+            while views:
+                sent = self.sock.sendmsg(views[:_IOV_MAX])
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    del views[0]
+                if sent:
+                    views[0] = memoryview(views[0])[sent:]
 
-    def try_write(self, data: bytes) -> int:
+    def try_write(self, chunks: Sequence[BytesLike]) -> int:
         if not self.can_try_write:
             return 0
         try:
-            n = self.sock.send(data, _DONTWAIT)
+            if len(chunks) == 1:
+                n = self.sock.send(chunks[0], _DONTWAIT)
+            else:
+                n = self.sock.sendmsg(chunks[:_IOV_MAX], (), _DONTWAIT)
         except BlockingIOError:
             return 0  # the kernel's buffer is full: the writer thread takes over
         except OSError as exc:
