@@ -247,6 +247,7 @@ class WebSocket:
         self._keepalive = Keepalive(self)
         self._dispatcher = _dispatcher.Dispatcher()
         self._nudge = self._dispatcher.nudge
+        self._lend_reading = True  # see _connect
         self._delivery = Delivery(self, self._dispatcher)
         self._deliver = self._delivery.messages
         self._inbox: deque[str | bytes] = self._delivery.inbox
@@ -432,6 +433,11 @@ class WebSocket:
         self.protocol = opened.subprotocol
         self.http_version = transport.http_version
         self.extensions = accepted = opened.extensions
+        # With compression in force, inflating on the reader thread overlaps
+        # with the caller's work and the writer's compressing (zlib releases
+        # the GIL): 1 MiB JSON echoes ran ~10% faster than when the waiting
+        # caller inflated them itself. So such a socket keeps its reader.
+        self._lend_reading = not accepted
         proto = Protocol(
             Role.CLIENT,
             max_message_size=self.max_message_size,
@@ -865,7 +871,11 @@ class WebSocket:
         """Wait up to ``timeout`` for incoming data: read it here, or be woken when
         the reader thread has delivered it (or has let this thread read)."""
         transport = self._transport
-        if transport is None or not transport.read_here(self, timeout, self._nudge):
+        if (
+            transport is None
+            or not self._lend_reading
+            or not transport.read_here(self, timeout, self._nudge)
+        ):
             self._dispatcher.wait(timeout)
 
     def _dispatch_open(self, _: None) -> None:

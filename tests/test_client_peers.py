@@ -471,6 +471,20 @@ def test_two_threads_receiving_share_the_messages(url: str) -> None:
     ws.update()
 
 
+def test_a_compressed_socket_reads_only_on_its_reader_thread(
+    websockets_deflate_server: str,
+) -> None:
+    # With permessage-deflate in force the reader thread inflates, overlapping
+    # with the caller and the writer's compressing: the reading is not lent.
+    with blockws.connect(websockets_deflate_server, timeout=TIMEOUT) as ws:
+        assert ws.extensions, "deflate was not negotiated"
+        names = record_reading_threads(ws)
+        for i in range(20):
+            ws.send(f"m{i}" * 50)
+            assert ws.receive(TIMEOUT) == f"m{i}" * 50
+        assert set(names) == {f"blockws-{ws.id}-reader"}
+
+
 def test_tls_reads_only_on_the_reader_thread(tls_url: str, tls_certs: Any) -> None:
     # A TLS socket has no non-blocking read that leaves the shared socket's mode
     # alone, so it is never lent to the caller.
