@@ -1072,5 +1072,8 @@ def child(args: Any) -> dict[str, Any]:
         workload=p.workload.name,
         requested=p.count,
         maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        # Page faults of the whole child: a large-message run that faults in
+        # fresh pages (the allocator trimmed and regrew its heap) is slow.
+        minflt=resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
     )
     return r
