@@ -204,14 +204,21 @@ class Transport:
         """
         try:
             while True:
-                data = self.recv()
+                data = self._read_next()
                 if not data:
                     break
                 sink.data_received(data)
         except BaseException as exc:  # noqa: BLE001 - handed to the sink
             sink.connection_lost(exc)
         else:
-            sink.connection_lost(None)
+            sink.connection_lost(self._ended_by)
+
+    #: What ended the stream when a read returned ``b""`` (``None``: a clean EOF).
+    _ended_by: BaseException | None = None
+
+    def _read_next(self) -> bytes:
+        """The next read of :meth:`run` (``b""`` at the end)."""
+        return self.recv()
 
 
 class TCPTransport(Transport):
@@ -267,6 +274,7 @@ class TCPTransport(Transport):
         self._wake: Callable[[], None] | None = None
         self._rcvtimeo = 0.0  # the socket's SO_RCVTIMEO (0: none)
         self._poller: select.poll | None = None  # see _wait_readable
+        self._quiet = True  # a socket starts out waiting for its first message
 
     def recv(self, timeout: float | None = None) -> bytes:
         sock = self.sock
@@ -301,29 +309,20 @@ class TCPTransport(Transport):
 
     # -- the reader thread, and the caller reading in its place -----------------
 
-    def run(self, sink: Sink) -> None:
+    def _read_next(self) -> bytes:
         if not self.can_read_here:
-            return Transport.run(self, sink)
-        quiet = True  # a socket starts out waiting for its first message
-        try:
-            while True:
-                if self._wanted or self._caller_reads:
-                    handed = self._hand_over()
-                    if handed is not None:
-                        sink.connection_lost(handed[0])
-                        return
-                if quiet and _poll is not None:
-                    self._wait_readable()
-                started = time.monotonic()
-                data = self.recv()
-                quiet = time.monotonic() - started > _QUIET
-                if not data:
-                    break
-                sink.data_received(data)
-        except BaseException as exc:  # noqa: BLE001 - handed to the sink
-            sink.connection_lost(exc)
-        else:
-            sink.connection_lost(None)
+            return self.recv()
+        if self._wanted or self._caller_reads:
+            handed = self._hand_over()
+            if handed is not None:
+                self._ended_by = handed[0]  # what the caller met: end of stream or an error
+                return b""
+        if self._quiet and _poll is not None:
+            self._wait_readable()
+        started = time.monotonic()
+        data = self.recv()
+        self._quiet = time.monotonic() - started > _QUIET
+        return data
 
     def _wait_readable(self) -> None:
         """Reader thread: block until the socket is readable (or ended).

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -122,122 +124,119 @@ def take_reading(transport: TCPTransport, sink: ThreadSink, peer: socket.socket)
     assert sink.data == [b"first"] and sink.threads == ["reader"]
 
 
-def start_reader(transport: TCPTransport, sink: RecordingSink) -> threading.Thread:
-    thread = threading.Thread(target=transport.run, args=(sink,), name="reader")
-    thread.start()
-    return thread
+class Lent:
+    """A TCP transport with its reader thread (named "reader") and the peer's socket."""
+
+    def __init__(self, transport: TCPTransport, sink: ThreadSink, peer: socket.socket) -> None:
+        self.transport, self.sink, self.peer = transport, sink, peer
+        self.reader = threading.Thread(target=transport.run, args=(sink,), name="reader")
+        self.reader.start()
+
+    def read(self, timeout: float = 5.0) -> bool:
+        return self.transport.read_here(self.sink, timeout, lambda: None)
+
+    def ended(self) -> None:
+        """The stream has ended: reported once, and the reader thread is gone."""
+        assert self.sink.done.wait(5)
+        self.reader.join(5)
+        assert not self.reader.is_alive() and len(self.sink.lost) == 1
+
+
+@contextlib.contextmanager
+def lent(
+    sink: ThreadSink | None = None, take: bool = True, pair: tuple[socket.socket, ...] = ()
+) -> Iterator[Lent]:
+    """A transport whose reading this thread holds (``take``); torn down on exit."""
+    a, b = pair or socket.socketpair()
+    t = Lent(TCPTransport(a), sink or ThreadSink(), b)
+    try:
+        if take:
+            take_reading(t.transport, t.sink, b)
+        yield t
+    finally:
+        t.transport.abort()
+        t.ended()
+        t.transport.close()
+        b.close()
 
 
 def test_a_waiting_caller_is_granted_the_reading_and_reads_on_its_own_thread() -> None:
-    a, b = socket.socketpair()
-    transport, sink = TCPTransport(a), ThreadSink()
-    reader = start_reader(transport, sink)
-    take_reading(transport, sink, b)
-    me = threading.current_thread().name
-    for word in (b"two", b"three"):
-        b.sendall(word)
-        assert transport.read_here(sink, 5.0, lambda: None) is True
-        assert sink.data[-1] == word and sink.threads[-1] == me
-    # Nothing there: read_here returns after its timeout, having read nothing;
-    # a long timeout is served in bounded slices (the caller's loop goes on).
-    assert transport.read_here(sink, 0.01, lambda: None) is True
-    assert transport.read_here(sink, 0, lambda: None) is True
-    started = time.monotonic()
-    assert transport.read_here(sink, 30.0, lambda: None) is True
-    assert time.monotonic() - started < 5.0
-    assert len(sink.data) == 3 and transport.bytes_read == len(b"firsttwothree")
-    b.close()
-    # The caller meets the EOF and hands it to the reader thread, which reports it once.
-    assert transport.read_here(sink, 5.0, lambda: None) is True
-    assert sink.done.wait(5)
-    reader.join(5)
-    assert sink.lost == [None] and sink.lost_on == ["reader"] and not reader.is_alive()
-    # Reading has ended for good: nobody is granted it again.
-    assert transport.read_here(sink, 0.01, lambda: None) is False
-    transport.close()
+    with lent() as t:
+        me = threading.current_thread().name
+        for word in (b"two", b"three"):
+            t.peer.sendall(word)
+            assert t.read() is True
+            assert t.sink.data[-1] == word and t.sink.threads[-1] == me
+        # Nothing there: read_here returns after its timeout, having read nothing;
+        # a long timeout is served in bounded slices (the caller's loop goes on).
+        assert t.read(0.01) is True and t.read(0) is True
+        started = time.monotonic()
+        assert t.read(30.0) is True
+        assert time.monotonic() - started < 5.0
+        assert len(t.sink.data) == 3 and t.transport.bytes_read == len(b"firsttwothree")
+        t.peer.close()
+        # The caller meets the EOF and hands it to the reader thread, which reports it once.
+        assert t.read() is True
+        t.ended()
+        assert t.sink.lost == [None] and t.sink.lost_on == ["reader"]
+        # Reading has ended for good: nobody is granted it again.
+        assert t.read(0.01) is False
 
 
 def test_the_right_to_read_lapses_back_to_the_reader_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("blockws.transport.READ_LEASE", 0.02)
-    a, b = socket.socketpair()
-    transport, sink = TCPTransport(a), ThreadSink()
-    reader = start_reader(transport, sink)
-    take_reading(transport, sink, b)
-    sink.got.clear()
-    b.sendall(b"later")  # the caller never reads again: the reader thread must
-    assert sink.got.wait(5)
-    assert sink.data == [b"first", b"later"] and sink.threads == ["reader", "reader"]
-    transport.abort()
-    assert sink.done.wait(5)
-    reader.join(5)
-    assert sink.lost == [None]
-    transport.close()
-    b.close()
+    with lent() as t:
+        t.sink.got.clear()
+        t.peer.sendall(b"later")  # the caller never reads again: the reader thread must
+        assert t.sink.got.wait(5)
+        assert t.sink.data == [b"first", b"later"] and t.sink.threads == ["reader", "reader"]
+    assert t.sink.lost == [None]
 
 
 def test_abort_takes_the_reading_back_without_waiting_for_the_lease(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("blockws.transport.READ_LEASE", 60.0)
-    a, b = socket.socketpair()
-    transport, sink = TCPTransport(a), ThreadSink()
-    reader = start_reader(transport, sink)
-    take_reading(transport, sink, b)
-    transport.abort()  # the caller holds the right but is not reading
-    assert sink.done.wait(5), "abort waited for the lease"
-    reader.join(5)
-    assert sink.lost == [None] and sink.lost_on == ["reader"]
-    transport.close()
-    b.close()
+    with lent() as t:
+        t.transport.abort()  # the caller holds the right but is not reading
+        assert t.sink.done.wait(5), "abort waited for the lease"
+    assert t.sink.lost == [None] and t.sink.lost_on == ["reader"]
 
 
 def test_abort_wakes_a_caller_blocked_in_read_here() -> None:
-    a, b = socket.socketpair()
-    transport, sink = TCPTransport(a), ThreadSink()
-    reader = start_reader(transport, sink)
-    take_reading(transport, sink, b)
-    returned = threading.Event()
+    with lent() as t:
+        returned = threading.Event()
 
-    def caller() -> None:
-        transport.read_here(sink, 30.0, lambda: None)
-        returned.set()
+        def caller() -> None:
+            t.read(30.0)
+            returned.set()
 
-    thread = threading.Thread(target=caller)
-    thread.start()
-    while not transport._busy:  # the caller is inside read_here (in poll)
-        assert thread.is_alive()
-        threading.Event().wait(0.001)
-    transport.abort()
-    assert returned.wait(5), "a caller in read_here outlived abort()"
-    assert sink.done.wait(5)
-    reader.join(5)
-    thread.join(5)
-    assert sink.lost == [None] and sink.lost_on == ["reader"]
-    transport.close()
-    b.close()
+        thread = threading.Thread(target=caller)
+        thread.start()
+        while not t.transport._busy:  # the caller is inside read_here (blocked)
+            assert thread.is_alive()
+            threading.Event().wait(0.001)
+        t.transport.abort()
+        assert returned.wait(5), "a caller in read_here outlived abort()"
+        thread.join(5)
+    assert t.sink.lost == [None] and t.sink.lost_on == ["reader"]
 
 
 def test_a_reset_met_by_the_caller_is_reported_by_the_reader_thread() -> None:
-    a, b = socket.socket(), socket.socket()
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
-    a.connect(server.getsockname())
+    a = socket.create_connection(server.getsockname())
     b, _ = server.accept()
     server.close()
-    transport, sink = TCPTransport(a), ThreadSink()
-    reader = start_reader(transport, sink)
-    take_reading(transport, sink, b)
-    b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    b.close()  # RST
-    assert transport.read_here(sink, 5.0, lambda: None) is True
-    assert sink.done.wait(5)
-    reader.join(5)
-    assert len(sink.lost) == 1 and isinstance(sink.lost[0], ConnectionLost)
-    assert sink.lost_on == ["reader"]
-    transport.close()
+    with lent(pair=(a, b)) as t:
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        b.close()  # RST
+        assert t.read() is True
+        t.ended()
+    assert isinstance(t.sink.lost[0], ConnectionLost) and t.sink.lost_on == ["reader"]
 
 
 @pytest.mark.parametrize(
@@ -246,28 +245,18 @@ def test_a_reset_met_by_the_caller_is_reported_by_the_reader_thread() -> None:
 def test_a_sink_failing_on_the_caller_ends_the_stream_once(exc: BaseException) -> None:
     # An Exception from parsing ends the socket (reported by the reader thread);
     # a KeyboardInterrupt also reaches the caller, who pressed Ctrl-C.
-    a, b = socket.socketpair()
-    transport, sink = TCPTransport(a), ThreadSink(raise_on=b"boom", exc=exc)
-    reader = start_reader(transport, sink)
-    take_reading(transport, sink, b)
-    b.sendall(b"boom")
-    if isinstance(exc, Exception):
-        assert transport.read_here(sink, 5.0, lambda: None) is True
-    else:
-        with pytest.raises(KeyboardInterrupt):
-            transport.read_here(sink, 5.0, lambda: None)
-    assert sink.done.wait(5)
-    reader.join(5)
-    assert sink.lost == [exc] and sink.lost_on == ["reader"]
-    transport.close()
-    b.close()
+    with lent(ThreadSink(raise_on=b"boom", exc=exc)) as t:
+        t.peer.sendall(b"boom")
+        if isinstance(exc, Exception):
+            assert t.read() is True
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                t.read()
+        t.ended()
+    assert t.sink.lost == [exc] and t.sink.lost_on == ["reader"]
 
 
 def test_a_second_caller_is_refused_while_the_first_reads() -> None:
-    a, b = socket.socketpair()
-    transport, sink = TCPTransport(a), ThreadSink()
-    reader = start_reader(transport, sink)
-    take_reading(transport, sink, b)
     inside = threading.Event()
     release = threading.Event()
 
@@ -277,58 +266,39 @@ def test_a_second_caller_is_refused_while_the_first_reads() -> None:
             assert release.wait(5)
             super().data_received(data)
 
-    slow = SlowSink()
-    b.sendall(b"x")
-    thread = threading.Thread(target=transport.read_here, args=(slow, 5.0, lambda: None))
-    thread.start()
-    assert inside.wait(5)
-    assert transport.read_here(sink, 1.0, lambda: None) is False  # busy: wait for delivery
-    release.set()
-    thread.join(5)
-    assert slow.data == [b"x"]
-    transport.abort()
-    assert sink.done.wait(5)
-    reader.join(5)
-    transport.close()
-    b.close()
+    with lent() as t:
+        slow = SlowSink()
+        t.peer.sendall(b"x")
+        thread = threading.Thread(target=t.transport.read_here, args=(slow, 5.0, lambda: None))
+        thread.start()
+        assert inside.wait(5)
+        assert t.read(1.0) is False  # busy: wait for the delivery instead
+        release.set()
+        thread.join(5)
+        assert slow.data == [b"x"]
 
 
 def test_no_reading_on_the_caller_when_the_transport_cannot() -> None:
-    a, b = socket.socketpair()
-    transport, sink = TCPTransport(a), ThreadSink()
-    transport.can_read_here = False  # as for TLS, or without MSG_DONTWAIT
-    reader = start_reader(transport, sink)
-    called = threading.Event()
-    for word in (b"one", b"two"):
-        sink.got.clear()
-        assert transport.read_here(sink, 1.0, called.set) is False
-        b.sendall(word)
-        assert sink.got.wait(5)
-    assert sink.threads == ["reader", "reader"] and not called.is_set()
-    transport.abort()
-    assert sink.done.wait(5)
-    reader.join(5)
-    transport.close()
-    b.close()
+    with lent(take=False) as t:
+        t.transport.can_read_here = False  # as for TLS, or without MSG_DONTWAIT
+        called = threading.Event()
+        for word in (b"one", b"two"):
+            t.sink.got.clear()
+            assert t.transport.read_here(t.sink, 1.0, called.set) is False
+            t.peer.sendall(word)
+            assert t.sink.got.wait(5)
+        assert t.sink.threads == ["reader", "reader"] and not called.is_set()
 
 
 def test_a_short_wait_on_the_caller_is_precise() -> None:
     # SO_RCVTIMEO is rounded up to the kernel's tick (4 ms and one more here):
     # short waits must not use it, or a 2 ms wait takes 8 ms.
-    a, b = socket.socketpair()
-    transport, sink = TCPTransport(a), ThreadSink()
-    reader = start_reader(transport, sink)
-    take_reading(transport, sink, b)
-    took = []
-    for _ in range(11):
-        started = time.perf_counter()
-        assert transport.read_here(sink, 0.002, lambda: None) is True
-        took.append(time.perf_counter() - started)
-    took.sort()
-    assert 0.0015 <= took[5] < 0.005, took
-    assert sink.data == [b"first"]  # nothing else came
-    transport.abort()
-    assert sink.done.wait(5)
-    reader.join(5)
-    transport.close()
-    b.close()
+    with lent() as t:
+        took = []
+        for _ in range(11):
+            started = time.perf_counter()
+            assert t.read(0.002) is True
+            took.append(time.perf_counter() - started)
+        took.sort()
+        assert 0.0015 <= took[5] < 0.005, took
+        assert t.sink.data == [b"first"]  # nothing else came
