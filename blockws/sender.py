@@ -79,6 +79,7 @@ class Sender:
         self._on_failure = on_failure  # a write failed: end the socket
         self._on_written = on_written  # called after each batch (HTTP/2 stream ending)
         self._wake = threading.Condition(lock)
+        self._waiting = False  # the writer thread is in _wake.wait (lock held to change)
         self.queue: deque[Item] = deque()
         self.control: deque[bytes] = deque()
         #: What the kernel did not take of a direct write; written first.
@@ -167,7 +168,9 @@ class Sender:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
-        else:
+        elif self._waiting:
+            # Only a waiting writer needs waking: a busy one looks at the queue
+            # again before it waits (Condition.notify costs more than send()).
             self._wake.notify()
 
     # -- the direct write (caller's thread, lock NOT held) ------------------------------
@@ -220,7 +223,12 @@ class Sender:
                         if work and not self._writing:
                             break
                         # Idle (or a direct write is under way): wait; end when idle long.
-                        if not wake.wait(WRITER_IDLE) and not work and not self._writing:
+                        self._waiting = True
+                        try:
+                            woken = wake.wait(WRITER_IDLE)
+                        finally:
+                            self._waiting = False
+                        if not woken and not work and not self._writing:
                             if not (queue or control or self.rest):
                                 self._thread = None  # the next send starts another
                                 self.direct_ok = True
