@@ -232,6 +232,7 @@ class Sender:
                             if not (queue or control or self.rest):
                                 self._thread = None  # the next send starts another
                                 self.direct_ok = True
+                                self._out = None  # an idle socket keeps no write buffer
                                 return
                     self._writing = True
                     chunks: list[BytesLike] = self.rest

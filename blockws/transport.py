@@ -317,11 +317,11 @@ class TCPTransport(Transport):
             if handed is not None:
                 self._ended_by = handed[0]  # what the caller met: end of stream or an error
                 return b""
+        started = time.monotonic()
         if self._quiet and _poll is not None:
             self._wait_readable()
-        started = time.monotonic()
         data = self.recv()
-        self._quiet = time.monotonic() - started > _QUIET
+        self._quiet = time.monotonic() - started > _QUIET  # this wait, poll included
         return data
 
     def _wait_readable(self) -> None:
