@@ -12,8 +12,9 @@ The writer thread (``blockws-<id>-writer``) starts when there is something to
 write and ends after :data:`WRITER_IDLE` seconds with nothing to do, so an
 idle socket costs one thread (its reader), not two. It writes control frames
 first (pongs, a close reply), then messages in batches of up to
-:data:`WRITE_BATCH` bytes with one system call per batch, and slips control
-frames in between the fragments of a large message.
+:data:`WRITE_BATCH` bytes with one system call per batch. A message larger
+than that is framed one fragment at a time into a reusable buffer and
+written a batch at a time, with control frames slipped in between.
 
 Every method whose name ends in ``_locked`` expects the socket's lock, which
 the :class:`Sender` shares with its :class:`~blockws.websocket.WebSocket`:
