@@ -433,6 +433,25 @@ def test_closing_completes_while_the_caller_holds_the_reading(url: str) -> None:
     assert ws.close_code == 1000 and ws.error is None
 
 
+def test_close_from_another_thread_ends_a_receive_that_holds_the_reading(url: str) -> None:
+    # The main thread holds the reading and is blocked in receive() when
+    # another thread closes: the server's close frame and EOF are read by the
+    # main thread, and receive() raises ConnectionClosedOK promptly.
+    for _ in range(5):
+        ws = blockws.connect(url, timeout=TIMEOUT, close_timeout=30.0)
+        for i in range(5):
+            ws.send(f"m{i}")
+            assert ws.receive(TIMEOUT) == f"m{i}"
+        closer = threading.Timer(0.05, ws.close)
+        closer.start()
+        started = time.monotonic()
+        with pytest.raises(blockws.ConnectionClosedOK):
+            ws.receive(TIMEOUT)
+        assert time.monotonic() - started < 5.0
+        closer.join()
+        assert ws.closed and ws.close_code == 1000 and ws.error is None
+
+
 def test_two_threads_receiving_share_the_messages(url: str) -> None:
     count = 400
     ws = blockws.connect(url, timeout=TIMEOUT)
