@@ -176,7 +176,8 @@ class H2Stream(Transport):
             sink.connection_lost(None)
 
     def write(self, chunks: Sequence[BytesLike]) -> None:
-        data = memoryview(b"".join(chunks))
+        # send_data returns once every byte is written, so one chunk needs no copy.
+        data = memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks)).cast("B")
         self.bytes_written += len(data)  # counted first: a reply may beat the return
         self.conn.send_data(self, data)
 
@@ -339,11 +340,11 @@ class H2Connection:
                 # h2's outbound windows need the same bookkeeping it would do.
                 avail = min(self.h2.local_flow_control_window(sid), len(data))
                 largest = self.h2.max_outbound_frame_size
-                frames: list[bytes] = []
+                frames: list[BytesLike] = []
                 for start in range(0, avail, largest):
                     chunk = data[start : min(start + largest, avail)]
                     frames.append(_data_header(len(chunk), sid))
-                    frames.append(chunk.tobytes())
+                    frames.append(chunk)  # written before send_data returns: no copy
                 self.h2.outbound_flow_control_window -= avail
                 self.h2.streams[sid].outbound_flow_control_window -= avail
                 data = data[avail:]
@@ -410,7 +411,7 @@ class H2Connection:
                     exc = ConnectionLost("the HTTP/2 connection was closed")
                     break
                 credit: dict[int, int] = {}
-                direct = self._receive(self._inbuf + data if self._inbuf else data, credit)
+                direct = self._feed(data, credit)
                 if direct:
                     self._window_update(direct)
                 if credit:
@@ -429,7 +430,38 @@ class H2Connection:
             exc = ConnectionLost(f"HTTP/2 reader failed: {err!r}")
         self._die(exc)
 
-    def _receive(self, buf: bytes, credit: dict[int, int]) -> dict[int, int]:
+    def _feed(self, data: bytes, credit: dict[int, int]) -> dict[int, int]:
+        """Handle one read: first the frame left incomplete by the last read,
+        completed from the front of ``data``, then the rest of ``data`` in place.
+
+        Joining the leftover to the whole read would copy every byte once more;
+        the payloads of DATA frames are sliced as views and copied once, when
+        they are handed to their socket.
+        """
+        view = memoryview(data)
+        inbuf = self._inbuf
+        direct: dict[int, int] = {}
+        if inbuf:
+            if len(inbuf) < 9:  # the frame header itself was cut
+                take = 9 - len(inbuf)
+                inbuf += bytes(view[:take])
+                view = view[take:]
+                if len(inbuf) < 9:
+                    self._inbuf = inbuf
+                    return direct
+            size = 9 + int.from_bytes(inbuf[:3], "big")
+            frame = inbuf + bytes(view[: size - len(inbuf)])
+            view = view[size - len(inbuf) :]
+            if len(frame) < size:
+                self._inbuf = frame
+                return direct
+            self._inbuf = b""
+            direct = self._receive(memoryview(frame), credit)
+        for sid, n in self._receive(view, credit).items():
+            direct[sid] = direct.get(sid, 0) + n
+        return direct
+
+    def _receive(self, buf: memoryview, credit: dict[int, int]) -> dict[int, int]:
         """Handle the whole frames in ``buf``; keep the rest for the next read.
 
         DATA frames of open, answered streams (no END_STREAM, no padding) go
@@ -438,7 +470,7 @@ class H2Connection:
         per stream, for which this connection returns credit itself.
         """
         direct: dict[int, int] = {}
-        held: dict[H2Stream, list[bytes]] = {}  # data coalesced per stream, in order
+        held: dict[H2Stream, list[memoryview]] = {}  # data coalesced per stream, in order
         pos = start = 0
         end = len(buf)
         while end - pos >= 9:
@@ -451,7 +483,7 @@ class H2Connection:
                 if stream is not None and stream.response is not None and not stream._ended:
                     if start < pos:
                         self._deliver_held(held)
-                        self._through_h2(buf[start:pos], credit)
+                        self._through_h2(bytes(buf[start:pos]), credit)
                     if stop > pos + 9:
                         held.setdefault(stream, []).append(buf[pos + 9 : stop])
                         direct[sid] = direct.get(sid, 0) + stop - pos - 9
@@ -459,16 +491,16 @@ class H2Connection:
             pos = stop
         if start < pos:
             self._deliver_held(held)
-            self._through_h2(buf[start:pos], credit)
+            self._through_h2(bytes(buf[start:pos]), credit)
         self._deliver_held(held)
-        self._inbuf = buf[pos:]
+        self._inbuf = bytes(buf[pos:])
         return direct
 
     @staticmethod
-    def _deliver_held(held: dict[H2Stream, list[bytes]]) -> None:
-        """One data_received per stream for the DATA frames of one read."""
+    def _deliver_held(held: dict[H2Stream, list[memoryview]]) -> None:
+        """One data_received per stream for the DATA frames of one read (one copy)."""
         for stream, parts in held.items():
-            stream._deliver(parts[0] if len(parts) == 1 else b"".join(parts))
+            stream._deliver(bytes(parts[0]) if len(parts) == 1 else b"".join(parts))
         held.clear()
 
     def _through_h2(self, frames: bytes, credit: dict[int, int]) -> None:
