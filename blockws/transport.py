@@ -69,7 +69,8 @@ RECV_SMALL = 64 * 1024
 
 #: The right to read lent to a waiting caller lapses once this many seconds
 #: pass without a read by it (between one and two leases after its last
-#: read; see :class:`TCPTransport`). Long enough to cover a callback and a
+#: read, or up to 50 ms more after a long blocking read; see
+#: :class:`TCPTransport`). Long enough to cover a callback and a
 #: send between two reads, short enough that pings, pongs and the closing
 #: handshake are still read promptly when the caller has gone off to do
 #: something else.
@@ -368,7 +369,10 @@ class TCPTransport(Transport):
                     self._caller_reads = False  # no read for a whole lease: it lapses
                     break
                 seen = self._reads
-                cond.wait(READ_LEASE)
+                # While the caller is inside a read, look again only after its
+                # longest blocking slice: a thread idling in receive() should
+                # not wake the reader 200 times a second.
+                cond.wait(_RCVTIMEO_CAP if self._busy else READ_LEASE)
             handed = self._handed_back
         if handed is None and self._rcvtimeo:
             self._set_rcvtimeo(0)  # the reader's reads block without a bound
