@@ -18,20 +18,84 @@ user's headers. A 2xx answer opens the socket. Any of these failing raises
 fallback to HTTP/1.1 (or a failure, if fallback is off). Origins that failed
 are remembered for the life of the process.
 
-Threads: one reader thread per connection (``blockws-h2-<n>``) parses HTTP/2
-frames and feeds each stream's data to its socket's protocol, then returns
-flow-control credit (WINDOW_UPDATE) once the socket has consumed the data.
-Writers (each socket's writer thread) send DATA under the connection lock,
-never more than the peer's window and maximum frame size allow, and wait on
-a condition -- not spinning -- while the window is closed. When the
-connection fails, every stream on it reports ``connection_lost`` and each
-socket gets its own ``on_closed``.
+Threads, locks and writing
+--------------------------
+One reader thread per connection (``blockws-h2-<n>``) parses HTTP/2 frames
+and feeds each stream's data to its socket's protocol, then returns
+flow-control credit (WINDOW_UPDATE) for what the socket consumed. Sockets'
+writer threads send DATA, never more than the peer's windows and maximum
+frame size allow. One peer that stops reading must stall only the sockets
+on its own connection, never the process-wide timer thread (whose jobs
+abort transports) nor other connections. So:
+
+* ``H2Connection.lock`` -- the *state* lock -- guards the ``h2`` state
+  machine, the streams, the windows and the queue of outgoing control
+  frames (``_out``). It is held for bookkeeping only, never across socket
+  I/O or a call into a socket (the sink).
+* The *write turn* (``_writing``, guarded by the state lock) serializes the
+  socket writes: only its holder writes, with no lock held. A writer waits
+  for the turn (or for an open window) on ``window_open``, a condition on
+  the state lock, which a stream's reset also notifies: an aborted stream's
+  writer stops waiting at once.
+* Frame order: every write takes the queued control frames (the ``h2``
+  output, moved to ``_out`` after each ``h2`` call) under the state lock,
+  and the turn holder writes them, before its own DATA, in that order. The
+  holder gives the turn back only when ``_out`` is empty, so a frame queued
+  by a thread that found the turn taken (an RST_STREAM, a WINDOW_UPDATE) is
+  written by the holder. A thread that must not block (a timer job, or an
+  ``abort()`` from anywhere) queues its frame and, if nobody holds the
+  turn, starts a short-lived flusher thread (``blockws-h2-<n>-flush``).
+* DATA goes out in pieces of at most ``_PIECE`` bytes per write. When a
+  stream is aborted while a piece of its own is stuck in the socket for
+  ``_STUCK_WRITE`` seconds (the peer stopped reading), the connection is
+  aborted: a half-written frame cannot be taken back, and every stream on
+  it is stuck behind that write anyway.
+
+==========================  ============================================  ==================
+thread                      does                                          takes, in order
+==========================  ============================================  ==================
+socket writer               ``send_data``: waits for turn and window,      turn, state lock
+                            writes DATA and queued frames
+connection reader           parses, delivers (no lock), returns credit,    turn, state lock
+                            writes queued frames if the turn is free
+connecting thread           HEADERS (``open_stream``), like the reader     turn, state lock
+timer (grace, idle, abort)  queues frames, starts a flusher; never waits   state lock
+flusher / closer            writes queued frames; GOAWAY on idle close     turn, state lock
+any (``abort``, close)      marks the stream ended, queues RST_STREAM      state lock
+==========================  ============================================  ==================
+
+The pool's lock is taken before a connection's state lock; a stream's
+``_early_lock`` (early data before :meth:`H2Stream.run`) and the timer's
+lock are innermost. "Turn, state lock" means the turn is held across
+writes and the state lock is taken briefly between them; nobody waits for
+the turn while holding the state lock (the wait releases it).
+
+Receiving (RFC 9113 4.2, 6.9.1): DATA frames of open, answered streams
+(no END_STREAM, no padding) go straight to their socket, skipping ``h2``'s
+per-frame work; every other frame goes through ``h2``, in order. The
+checks ``h2`` would make are made here for every frame: a frame longer than
+our ``SETTINGS_MAX_FRAME_SIZE`` is a connection error FRAME_SIZE_ERROR;
+DATA beyond the connection's receive window a connection error
+FLOW_CONTROL_ERROR; DATA beyond a stream's window a stream error (that
+stream is reset with FLOW_CONTROL_ERROR, its frame dropped, the connection
+window still charged and credited). The receive windows are tracked here,
+for all DATA: every WINDOW_UPDATE the connection sends is counted, so the
+windows match what the server was told. Credit goes back after each read,
+once the sockets have consumed the data: by hand-made WINDOW_UPDATE for
+data ``h2`` never saw, through ``h2`` for data it did.
 
 Closing (RFC 8441 section 5 and peer quirks): once both close frames have
-been exchanged, the socket resets its stream with CANCEL rather than sending
-END_STREAM, since some servers (hypercorn) never end the stream and drop the
-whole connection on a client END_STREAM. A server END_STREAM or RST_STREAM
-ends the socket like EOF.
+been exchanged and ours is written (:meth:`H2Stream.finish_closing`), the
+socket lets the server end the stream: a server END_STREAM or RST_STREAM
+ends the socket like EOF (nghttpx sends END_STREAM, then RST_STREAM
+NO_ERROR), and the client resets nothing. A server that does not end it
+(hypercorn never does) gets RST_STREAM(CANCEL) ``_CLOSE_GRACE`` seconds
+after our last write on the stream, never END_STREAM, on which hypercorn
+drops the whole connection. The grace keeps the reset out of the write
+that carried our close frame: nghttpx discards client data that arrives in
+the same read as a RST_STREAM from the client, so a reset written right
+behind a close reply loses the reply. ``on_closed`` follows the end of
+the stream, as over TCP it follows the server's FIN.
 """
 
 from __future__ import annotations
@@ -40,6 +104,7 @@ import contextlib
 import itertools
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -51,12 +116,13 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from .deadline import Deadline
 from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidStatus, OpenTimeout, TransportError
 from .extensions import Extension
 from .handshake import WSURL, Headers, Request, offer_headers
 from .log import logger
 from .timer import Job, timer
-from .transport import Connector, Deadline, Sink, TCPTransport, Transport
+from .transport import Connector, Sink, TCPTransport, Transport
 
 __all__ = ["HTTP2Settings", "H2Stream", "H2Pool", "pool"]
 
@@ -66,8 +132,23 @@ _conn_ids = itertools.count(1)
 #: Receive windows: how much the server may send before we return credit.
 _STREAM_WINDOW = 4 * 1024 * 1024
 _CONNECTION_WINDOW = 16 * 1024 * 1024
-#: The largest DATA frame we accept (the server still picks what it sends).
+#: The initial connection window every HTTP/2 connection starts with (RFC 9113 6.9.2).
+_DEFAULT_WINDOW = 65535
+#: The largest frame we accept (the server still picks what it sends).
 _MAX_FRAME = 1024 * 1024
+#: Most DATA bytes written in one socket write (see "Threads, locks and writing").
+_PIECE = 256 * 1024
+#: Seconds a stream's write may stay stuck after the stream was aborted
+#: before the whole connection is aborted.
+_STUCK_WRITE = 2.0
+#: Seconds after our last write on a closed stream before we reset it, if
+#: the server has not ended it (see "Closing").
+_CLOSE_GRACE = 0.1
+#: Seconds a closing connection may spend writing its GOAWAY.
+_LINGER = 1.0
+_CANCEL = h2.errors.ErrorCodes.CANCEL
+_FLOW_CONTROL_ERROR = h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
+_FRAME_SIZE_ERROR = h2.errors.ErrorCodes.FRAME_SIZE_ERROR
 
 
 def _whole_frames(buf: bytes) -> int:
@@ -89,6 +170,14 @@ def _data_header(size: int, stream_id: int) -> bytes:
 def _window_update(stream_id: int, increment: int) -> bytes:
     """A WINDOW_UPDATE frame (RFC 9113 6.9)."""
     return b"\x00\x00\x04\x08\x00" + stream_id.to_bytes(4, "big") + increment.to_bytes(4, "big")
+
+
+class _ConnectionError(Exception):
+    """A connection error found by this module's own checks (RFC 9113 5.4.1)."""
+
+    def __init__(self, code: h2.errors.ErrorCodes, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -119,32 +208,46 @@ class H2Stream(Transport):
 
     Data is pushed to the sink by the connection's reader thread, so
     :meth:`run` returns at once. :meth:`write` respects HTTP/2 flow control.
+    :meth:`abort` and :meth:`finish_closing` never block.
     """
 
     http_version = "2"
-    server_closes = False
 
-    def __init__(self, conn: H2Connection, stream_id: int) -> None:
+    def __init__(self, conn: H2Connection, stream_id: int, window: int) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.response: Headers | None = None
         self.status = 0
         self.refused: BaseException | None = None
+        self.aborted = False
         self._responded = threading.Event()
         self._sink: Sink | None = None
-        self._early: list[bytes] = []  # data that came before run()
+        # Data that came before run(), and the loss, handed over under this lock.
+        self._early_lock = threading.Lock()
+        self._early: list[bytes] = []
         self._lost = False
-        self._ended = False  # no more frames either way: reset, ended, or aborted
+        self._lost_exc: BaseException | None = None
+        # Guarded by the connection's state lock:
+        self._ended = False  # no more frames from us: reset (by either side), or connection gone
+        self._server_ended = False  # the server sent END_STREAM or RST_STREAM
+        self._closing_job: Job | None = None  # the reset after the close grace
         self._released = False
+        #: Our view of the stream's receive window (the reader thread's alone).
+        self._recv_window = window
+        #: time.monotonic() when our last write on the stream ended (the writer's).
+        self._written_at = 0.0
 
-    # -- called by the connection's reader thread (conn lock NOT held) ----------
+    # -- called by the connection's reader thread (no lock held) -------------------
 
     def _deliver(self, data: bytes) -> None:
         self.bytes_read += len(data)
         sink = self._sink
         if sink is None:
-            self._early.append(data)
-            return
+            with self._early_lock:
+                sink = self._sink
+                if sink is None:
+                    self._early.append(data)
+                    return
         try:
             sink.data_received(data)
         except Exception as exc:  # noqa: BLE001 - ends this stream, not the connection
@@ -152,11 +255,14 @@ class H2Stream(Transport):
             self._lose(exc)
 
     def _lose(self, exc: BaseException | None) -> None:
-        if self._lost:
-            return
-        self._lost = True
+        """Report the end of the stream to the socket, once (any thread)."""
+        with self._early_lock:
+            if self._lost:
+                return
+            self._lost = True
+            self._lost_exc = exc
+            sink = self._sink
         self._responded.set()
-        sink = self._sink
         if sink is not None:
             sink.connection_lost(exc)
 
@@ -166,14 +272,28 @@ class H2Stream(Transport):
         raise TransportError("an HTTP/2 stream is read by its connection")
 
     def run(self, sink: Sink) -> None:
-        with self.conn.lock:
-            self._sink = sink
-            early, self._early = self._early, []
-            lost = self._lost
-        for data in early:
-            sink.data_received(data)
+        # Hand over what came before, in order: the reader appends to _early
+        # until _sink is set, which happens once _early is empty.
+        while True:
+            with self._early_lock:
+                early = self._early
+                if not early:
+                    self._sink = sink
+                    lost, exc = self._lost, self._lost_exc
+                    break
+                self._early = []
+            for data in early:
+                try:
+                    sink.data_received(data)
+                except Exception as err:  # noqa: BLE001 - ends this stream
+                    self.conn.reset_stream(self)
+                    with self._early_lock:
+                        self._sink = sink
+                        self._early = []
+                    self._lose(err)
+                    return
         if lost:
-            sink.connection_lost(None)
+            sink.connection_lost(exc)
 
     def write(self, chunks: Sequence[BytesLike]) -> None:
         # send_data returns once every byte is written, so one chunk needs no copy.
@@ -182,8 +302,37 @@ class H2Stream(Transport):
         self.conn.send_data(self, data)
 
     def abort(self) -> None:
-        """Reset the stream with CANCEL and report the end to the socket."""
+        """Reset the stream with CANCEL and report the end to the socket.
+
+        Never blocks: the reset is queued and written by whoever writes next
+        (see the module docstring).
+        """
+        self.aborted = True
         self.conn.reset_stream(self)
+        self._lose(None)
+
+    def finish_closing(self) -> None:
+        """Both close frames are through and ours is written: let the server end
+        the stream, or reset it after a grace (see "Closing" in the module
+        docstring). Never blocks."""
+        conn = self.conn
+        delay = _CLOSE_GRACE - (time.monotonic() - self._written_at)
+        with conn.lock:
+            if self._closing_job is not None:
+                return
+            wait = delay > 0 and not (self._ended or self._server_ended or conn.dead)
+            if wait:
+                self._closing_job = timer.call_later(delay, self._grace_over)
+        if not wait:
+            self._grace_over()
+
+    def _grace_over(self) -> None:
+        conn = self.conn
+        with conn.lock:
+            self._closing_job = None
+            server_ended = self._server_ended
+        if not server_ended:
+            conn.reset_stream(self)
         self._lose(None)
 
     def close(self) -> None:
@@ -201,7 +350,10 @@ class H2Connection:
         self.transport = transport
         self.key = key
         self.settings = settings
+        #: The state lock (see the module docstring).
         self.lock = threading.Lock()
+        #: Notified on WINDOW_UPDATE and SETTINGS, a stream's end, the write
+        #: turn's release and the connection's death.
         self.window_open = threading.Condition(self.lock)
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config)
@@ -212,20 +364,36 @@ class H2Connection:
         self.closing = False
         self._idle_job: Job | None = None
         self._thread: threading.Thread | None = None
-        # Bytes of an incomplete frame: h2 is only ever fed whole frames, so
-        # the reader can take DATA frames out of the stream (see _reader).
+        # Writing (state lock): frames waiting to be written, in order; the write turn.
+        self._out: list[BytesLike] = []
+        self._writing = False
+        self._writing_stream: H2Stream | None = None  # whose frames the turn holder writes
+        self._write_seq = 0  # writes done, to tell a stuck write (see _check_stuck)
+        self._flushing = False  # a flusher thread is running
+        self._abort_reason: BaseException | None = None
+        # Reading (the reader thread's alone). Bytes of an incomplete frame:
+        # h2 is only ever fed whole frames, so the reader can take DATA frames
+        # out of the stream (see _receive).
         self._inbuf = b""
+        self._stream_window = _STREAM_WINDOW  # what SETTINGS told the server
+        self._recv_window = _DEFAULT_WINDOW  # our view of the connection's receive window
+        # Credit to return after the current read (see _return_credit).
+        self._credit_hand: dict[H2Stream, int] = {}  # DATA h2 never saw, per stream
+        self._credit_h2: dict[H2Stream, int] = {}  # DATA that went through h2, per stream
+        self._credit_conn_hand = 0  # connection credit for DATA h2 never saw
+        self._credit_conn_h2 = 0  # connection credit for DATA h2 saw
 
     # -- setup --------------------------------------------------------------------
 
     def handshake(self, deadline: Deadline) -> None:
         """Preface, then wait for the server's SETTINGS; check extended CONNECT."""
+        self._stream_window = _STREAM_WINDOW
         self.h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
                 # Large windows and frames: a 1 MiB message then crosses in a
                 # few frames, without waiting for WINDOW_UPDATE round trips.
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self._stream_window,
                 h2.settings.SettingCodes.MAX_FRAME_SIZE: _MAX_FRAME,
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
             },
@@ -233,7 +401,10 @@ class H2Connection:
         self.h2.initiate_connection()
         # h2 keeps its own inbound limit apart from the settings it announces.
         self.h2.max_inbound_frame_size = _MAX_FRAME
-        self.h2.increment_flow_control_window(_CONNECTION_WINDOW)
+        self._recv_window = _DEFAULT_WINDOW
+        if _CONNECTION_WINDOW > 0:
+            self.h2.increment_flow_control_window(_CONNECTION_WINDOW)
+            self._recv_window += _CONNECTION_WINDOW
         self.transport.write([self.h2.data_to_send()])
         settings: dict[int, int] | None = None
         while settings is None:
@@ -288,14 +459,21 @@ class H2Connection:
             self.reserved -= 1  # the slot reserved by the pool becomes a stream, or is freed
             self._check_alive()
             stream_id = self.h2.get_next_available_stream_id()
-            stream = H2Stream(self, stream_id)
+            stream = H2Stream(self, stream_id, self._stream_window)
             self.streams[stream_id] = stream
             self.h2.send_headers(stream_id, headers)
-            self._flush_locked()
-        # Registered before the answer comes, so close() or a timeout can reset
-        # the stream while we wait.
-        register(stream)
-        if not stream._responded.wait(deadline.remaining()):
+            self._collect_locked()
+        try:
+            self._flush(owner=stream)
+            # Registered before the answer comes, so close() or a timeout can
+            # reset the stream while we wait.
+            register(stream)
+            answered = stream._responded.wait(deadline.remaining())
+        except BaseException:
+            self.reset_stream(stream)
+            self.release(stream)
+            raise
+        if not answered:
             self.reset_stream(stream)
             self.release(stream)
             raise OpenTimeout("timed out waiting for the HTTP/2 CONNECT response")
@@ -307,61 +485,201 @@ class H2Connection:
             raise ConnectionLost("the HTTP/2 CONNECT was abandoned")
         return stream
 
-    # -- writing (any thread) ---------------------------------------------------------
+    # -- writing ----------------------------------------------------------------------
 
     def _check_alive(self) -> None:
         if self.dead is not None:
             raise ConnectionLost(f"HTTP/2 connection lost: {self.dead}")
 
-    def _flush_locked(self) -> None:
+    def _collect_locked(self) -> None:
+        """Move what h2 queued to ``_out``, behind what is there (state lock held)."""
         data = self.h2.data_to_send()
         if data:
-            self.transport.write([data])
+            self._out.append(data)
+
+    def _release_turn_locked(self) -> None:
+        self._writing = False
+        self._writing_stream = None
+        self.window_open.notify_all()
+
+    def _write(self, out: list[BytesLike]) -> None:
+        """Write ``out`` to the socket (write turn held, no lock)."""
+        try:
+            self.transport.write(out)
+        except BaseException as exc:
+            # A failed (maybe partial) write leaves the connection unusable.
+            with contextlib.suppress(Exception):
+                self.transport.abort()
+            if isinstance(exc, TransportError) or not isinstance(exc, Exception):
+                raise
+            raise ConnectionLost(f"HTTP/2 write failed: {exc!r}") from exc
+        self._write_seq += 1
+
+    def _flush(self, owner: H2Stream | None = None, wait: float = 0.0) -> None:
+        """Write the queued frames, unless another thread holds the write turn
+        (it writes them before letting go); waits up to ``wait`` seconds for
+        the turn. May block in the socket write: not for the timer thread."""
+        lock = self.lock
+        with lock:
+            if wait > 0 and self._writing:
+                deadline = time.monotonic() + wait
+                while self._writing and self.dead is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.window_open.wait(left)
+            if self._writing or not self._out or self.dead is not None:
+                return
+            out, self._out = self._out, []
+            self._writing = True
+            self._writing_stream = owner
+        try:
+            while True:
+                self._write(out)
+                with lock:
+                    if not self._out:
+                        self._release_turn_locked()
+                        return
+                    out, self._out = self._out, []
+        except BaseException:
+            with lock:
+                self._release_turn_locked()
+            raise
+
+    def _kick(self) -> None:
+        """Have the queued frames written without blocking the calling thread:
+        if nobody holds the write turn, a flusher thread writes them."""
+        if threading.current_thread() is self._thread:
+            return  # the reader writes what is queued after each read
+        with self.lock:
+            if self._flushing or self._writing or not self._out or self.dead is not None:
+                return
+            self._flushing = True
+        try:
+            threading.Thread(
+                target=self._flusher, name=f"blockws-h2-{self.id}-flush", daemon=True
+            ).start()
+        except RuntimeError:  # interpreter shutdown
+            with self.lock:
+                self._flushing = False
+
+    def _flusher(self) -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a broken connection: the reader reports it
+                self._flush()
+            with self.lock:
+                if self._writing or not self._out or self.dead is not None:
+                    self._flushing = False
+                    return
+
+    def _stream_failure_locked(self, stream: H2Stream) -> BaseException | None:
+        if self.dead is not None:
+            return ConnectionLost(f"HTTP/2 connection lost: {self.dead}")
+        if stream._ended:
+            return ConnectionLost("the HTTP/2 stream was reset")
+        return None
+
+    def _send_window_locked(self, stream: H2Stream) -> int:
+        try:
+            return self.h2.local_flow_control_window(stream.stream_id)
+        except (h2.exceptions.H2Error, KeyError):
+            return 0  # h2 closed it: the reader marks it ended and notifies
+
+    def _await_turn_locked(self, stream: H2Stream) -> None:
+        """Wait for the write turn and an open window; raises if the stream
+        or the connection ends meanwhile (state lock held)."""
+        while True:
+            failure = self._stream_failure_locked(stream)
+            if failure is not None:
+                raise failure
+            if not self._writing and self._send_window_locked(stream) > 0:
+                self._writing = True
+                self._writing_stream = stream
+                return
+            self.window_open.wait()
 
     def send_data(self, stream: H2Stream, data: memoryview) -> None:
         """Send DATA within the flow-control windows; waits while they are closed."""
+        lock = self.lock
         sid = stream.stream_id
-        with self.lock:
-            while data:
-                self._check_alive()
-                if stream._ended:
-                    raise ConnectionLost("the HTTP/2 stream was reset")
-                size = min(
-                    self.h2.local_flow_control_window(sid),
-                    self.h2.max_outbound_frame_size,
-                    len(data),
-                )
-                if size <= 0:
-                    self.window_open.wait()  # notified on WINDOW_UPDATE, reset or death
-                    continue
-                # DATA frames are framed here rather than by h2.send_data, whose
-                # per-frame state machine cost ~40 us a frame (benchmarks/http2.py):
-                # a DATA frame without END_STREAM changes no stream state, so only
-                # h2's outbound windows need the same bookkeeping it would do.
-                avail = min(self.h2.local_flow_control_window(sid), len(data))
-                largest = self.h2.max_outbound_frame_size
-                frames: list[BytesLike] = []
-                for start in range(0, avail, largest):
-                    chunk = data[start : min(start + largest, avail)]
-                    frames.append(_data_header(len(chunk), sid))
-                    frames.append(chunk)  # written before send_data returns: no copy
-                self.h2.outbound_flow_control_window -= avail
-                self.h2.streams[sid].outbound_flow_control_window -= avail
-                data = data[avail:]
-                self._flush_locked()  # whatever h2 queued goes first
-                self.transport.write(frames)
+        with lock:
+            self._await_turn_locked(stream)
+        failure: BaseException | None = None
+        try:
+            while True:
+                with lock:
+                    out, self._out = self._out, []  # queued frames go first
+                    if data and failure is None:
+                        failure = self._stream_failure_locked(stream)
+                    if data and failure is None:
+                        size = min(self._send_window_locked(stream), len(data), _PIECE)
+                        if size > 0:
+                            # DATA frames are framed here rather than by
+                            # h2.send_data, whose per-frame state machine cost
+                            # ~40 us a frame (benchmarks/http2.py): a DATA frame
+                            # without END_STREAM changes no stream state, so only
+                            # h2's outbound windows need the bookkeeping it does.
+                            largest = self.h2.max_outbound_frame_size
+                            for start in range(0, size, largest):
+                                chunk = data[start : min(start + largest, size)]
+                                out.append(_data_header(len(chunk), sid))
+                                out.append(chunk)  # written before send_data returns: no copy
+                            self.h2.outbound_flow_control_window -= size
+                            self.h2.streams[sid].outbound_flow_control_window -= size
+                            data = data[size:]
+                        elif not out:
+                            # The window is closed: let others write meanwhile.
+                            self._release_turn_locked()
+                            self._await_turn_locked(stream)
+                            continue
+                    if not out:
+                        self._release_turn_locked()
+                        break
+                self._write(out)
+        except BaseException:
+            with lock:
+                if self._writing and self._writing_stream is stream:
+                    self._release_turn_locked()
+            raise
+        stream._written_at = time.monotonic()
+        if failure is not None:
+            raise failure
 
-    def reset_stream(self, stream: H2Stream) -> None:
+    def reset_stream(self, stream: H2Stream, code: h2.errors.ErrorCodes = _CANCEL) -> None:
+        """End ``stream`` with RST_STREAM(``code``). Never blocks: the frame is
+        queued, and written by the turn holder, the reader or a flusher."""
         with self.lock:
-            if stream._ended or self.dead is not None:
+            job, stream._closing_job = stream._closing_job, None
+            queued = False
+            if not stream._ended:
                 stream._ended = True
-                self.window_open.notify_all()
-                return
-            stream._ended = True
-            with contextlib.suppress(h2.exceptions.H2Error, TransportError):
-                self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
-                self._flush_locked()
+                if self.dead is None:
+                    with contextlib.suppress(h2.exceptions.H2Error, KeyError):
+                        self.h2.reset_stream(stream.stream_id, code)
+                        queued = True
+                    self._collect_locked()
+                    if self._writing_stream is stream:
+                        # Its write is in the socket right now: watch it.
+                        seq = self._write_seq
+                        timer.call_later(_STUCK_WRITE, lambda: self._check_stuck(stream, seq))
             self.window_open.notify_all()
+        if job is not None:
+            job.cancel()
+        if queued:
+            self._kick()
+
+    def _check_stuck(self, stream: H2Stream, seq: int) -> None:
+        """Timer: abort the connection if the aborted ``stream``'s write is still
+        the one in the socket, ``_STUCK_WRITE`` seconds on."""
+        with self.lock:
+            stuck = self.dead is None and self._writing_stream is stream and self._write_seq == seq
+            if stuck:
+                self._abort_reason = ConnectionLost(
+                    f"HTTP/2 connection stuck: a write made no progress for {_STUCK_WRITE} s"
+                )
+        if stuck:
+            logger.warning("HTTP/2 connection %d: a write is stuck; aborting", self.id)
+            self.transport.abort()
 
     def release(self, stream: H2Stream) -> None:
         """The socket is done with ``stream``; close the connection when idle."""
@@ -371,30 +689,53 @@ class H2Connection:
             stream._released = True
             self.streams.pop(stream.stream_id, None)
             idle = not self.streams and not self.reserved
-            if idle and self._idle_job is None and not self.closing:
+            if idle and self._idle_job is None and not self.closing and self.dead is None:
                 self._idle_job = timer.call_later(self.settings.idle_timeout, self._idle_check)
 
     def _idle_check(self) -> None:
+        """Timer: close the connection if it is still idle (hands the close to
+        a thread of its own; never waits)."""
         with self.lock:
             self._idle_job = None
-            if self.streams or self.reserved or self.closing:
+            if self.streams or self.reserved or self.closing or self.dead is not None:
                 return
-            self.closing = True
+            self._start_close_locked()
         pool.forget(self)
-        self.close()
+        try:
+            threading.Thread(
+                target=self._shutdown, name=f"blockws-h2-{self.id}-close", daemon=True
+            ).start()
+        except RuntimeError:  # interpreter shutdown
+            self.transport.abort()
+
+    def _start_close_locked(self) -> None:
+        self.closing = True
+        if self._idle_job is not None:
+            self._idle_job.cancel()
+            self._idle_job = None
+        if self.dead is None:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.h2.close_connection()
+            self._collect_locked()
+
+    def _shutdown(self) -> None:
+        """Write the queued GOAWAY (within ``_LINGER`` seconds), then abort the
+        transport; the reader thread, seeing the end, closes the socket."""
+        safety = timer.call_later(_LINGER, self.transport.abort)
+        try:
+            with contextlib.suppress(TransportError):
+                self._flush(wait=_LINGER)
+        finally:
+            safety.cancel()
+            self.transport.abort()
 
     def close(self) -> None:
-        """GOAWAY, close the socket, and join the reader thread."""
+        """GOAWAY, close the socket, and join the reader thread (blocks; not
+        for the timer thread)."""
         with self.lock:
-            self.closing = True
-            if self._idle_job is not None:
-                self._idle_job.cancel()
-                self._idle_job = None
-            if self.dead is None:
-                with contextlib.suppress(h2.exceptions.H2Error, TransportError):
-                    self.h2.close_connection()
-                    self._flush_locked()
-        self.transport.abort()
+            self._start_close_locked()
+        pool.forget(self)
+        self._shutdown()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
@@ -408,29 +749,41 @@ class H2Connection:
             while True:
                 data = self.transport.recv()
                 if not data:
-                    exc = ConnectionLost("the HTTP/2 connection was closed")
+                    if self._abort_reason is not None:
+                        exc = self._abort_reason
+                    elif not self.closing:
+                        exc = ConnectionLost("the HTTP/2 connection was closed")
                     break
-                credit: dict[int, int] = {}
-                direct = self._feed(data, credit)
-                if direct:
-                    self._window_update(direct)
-                if credit:
-                    # Return credit for everything the sockets consumed, in one write.
-                    with self.lock:
-                        for stream_id, size in credit.items():
-                            with contextlib.suppress(h2.exceptions.H2Error):
-                                self.h2.acknowledge_received_data(size, stream_id)
-                        self._flush_locked()
+                self._feed(data)
+                self._return_credit()
+                if self._out:  # what this thread queued is visible to it
+                    self._flush()
+        except _ConnectionError as err:
+            logger.info("HTTP/2 connection %d: connection error %r: %s", self.id, err.code, err)
+            exc = ConnectionLost(f"HTTP/2 connection error ({err.code!r}): {err}")
+            with self.lock:
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.h2.close_connection(error_code=err.code)
+                self._collect_locked()
+            self._goodbye()
         except h2.exceptions.ProtocolError as err:
             exc = ConnectionLost(f"HTTP/2 protocol error: {err}")
+            with self.lock:
+                self._collect_locked()  # h2's GOAWAY
+            self._goodbye()
         except TransportError as err:
-            exc = err
+            exc = self._abort_reason or err
         except Exception as err:  # noqa: BLE001 - reported to every stream
             logger.exception("HTTP/2 connection %d reader failed", self.id)
             exc = ConnectionLost(f"HTTP/2 reader failed: {err!r}")
         self._die(exc)
 
-    def _feed(self, data: bytes, credit: dict[int, int]) -> dict[int, int]:
+    def _goodbye(self) -> None:
+        """Write the GOAWAY of a connection error, if the socket takes it."""
+        with contextlib.suppress(Exception):
+            self._flush(wait=_LINGER)
+
+    def _feed(self, data: bytes) -> None:
         """Handle one read: first the frame left incomplete by the last read,
         completed from the front of ``data``, then the rest of ``data`` in place.
 
@@ -440,7 +793,6 @@ class H2Connection:
         """
         view = memoryview(data)
         inbuf = self._inbuf
-        direct: dict[int, int] = {}
         if inbuf:
             if len(inbuf) < 9:  # the frame header itself was cut
                 take = 9 - len(inbuf)
@@ -448,53 +800,98 @@ class H2Connection:
                 view = view[take:]
                 if len(inbuf) < 9:
                     self._inbuf = inbuf
-                    return direct
-            size = 9 + int.from_bytes(inbuf[:3], "big")
+                    return
+            length = int.from_bytes(inbuf[:3], "big")
+            if length > _MAX_FRAME:
+                raise _ConnectionError(_FRAME_SIZE_ERROR, f"a frame of {length} bytes")
+            size = 9 + length
             frame = inbuf + bytes(view[: size - len(inbuf)])
             view = view[size - len(inbuf) :]
             if len(frame) < size:
                 self._inbuf = frame
-                return direct
+                return
             self._inbuf = b""
-            direct = self._receive(memoryview(frame), credit)
-        for sid, n in self._receive(view, credit).items():
-            direct[sid] = direct.get(sid, 0) + n
-        return direct
+            self._receive(memoryview(frame))
+        self._receive(view)
 
-    def _receive(self, buf: memoryview, credit: dict[int, int]) -> dict[int, int]:
+    def _receive(self, buf: memoryview) -> None:
         """Handle the whole frames in ``buf``; keep the rest for the next read.
 
         DATA frames of open, answered streams (no END_STREAM, no padding) go
-        straight to their socket, skipping h2's per-frame work; every other
-        frame goes through h2, in order. Returns the bytes delivered directly
-        per stream, for which this connection returns credit itself.
+        straight to their socket; every other frame goes through h2, in order.
+        Every frame's length, and every DATA frame's flow control, is checked
+        here (see "Receiving" in the module docstring).
         """
-        direct: dict[int, int] = {}
         held: dict[H2Stream, list[memoryview]] = {}  # data coalesced per stream, in order
+        streams = self.streams
+        hand = self._credit_hand
         pos = start = 0
         end = len(buf)
-        while end - pos >= 9:
-            stop = pos + 9 + int.from_bytes(buf[pos : pos + 3], "big")
-            if stop > end:
-                break
-            if buf[pos + 3] == 0 and not buf[pos + 4] & 0x09:  # DATA, no END_STREAM/PADDED
+        window = self._recv_window
+        try:
+            while end - pos >= 9:
+                length = int.from_bytes(buf[pos : pos + 3], "big")
+                if length > _MAX_FRAME:
+                    raise _ConnectionError(
+                        _FRAME_SIZE_ERROR,
+                        f"a frame of {length} bytes, over our SETTINGS_MAX_FRAME_SIZE "
+                        f"({_MAX_FRAME})",
+                    )
+                stop = pos + 9 + length
+                if stop > end:
+                    break
+                if buf[pos + 3] != 0:  # not DATA
+                    pos = stop
+                    continue
+                window -= length  # every DATA frame counts (RFC 9113 6.9.1)
+                if window < 0:
+                    raise _ConnectionError(
+                        _FLOW_CONTROL_ERROR, "DATA beyond the connection's receive window"
+                    )
                 sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                stream = self.streams.get(sid)
-                if stream is not None and stream.response is not None and not stream._ended:
+                stream = streams.get(sid)
+                if stream is not None and not stream._ended:
+                    if stream.response is None and start < pos:
+                        # Its response may be among the frames not yet through h2.
+                        self._deliver_held(held)
+                        self._through_h2(bytes(buf[start:pos]))
+                        start = pos
+                if stream is None or stream._ended:
+                    self._credit_conn_h2 += length  # h2 handles DATA of closed streams
+                    pos = stop
+                    continue
+                stream._recv_window -= length
+                if stream._recv_window < 0:
+                    # A stream error (RFC 9113 5.4.2): reset it, drop the frame.
+                    self._deliver_held(held)
+                    if start < pos:
+                        self._through_h2(bytes(buf[start:pos]))
+                    start = pos = stop
+                    self._credit_conn_hand += length
+                    self._stream_flow_error(stream)
+                    continue
+                if stream.response is not None and not buf[pos + 4] & 0x09:
+                    # The fast path: no END_STREAM, no PADDED.
                     if start < pos:
                         self._deliver_held(held)
-                        self._through_h2(bytes(buf[start:pos]), credit)
-                    if stop > pos + 9:
+                        self._through_h2(bytes(buf[start:pos]))
+                    if length:
                         held.setdefault(stream, []).append(buf[pos + 9 : stop])
-                        direct[sid] = direct.get(sid, 0) + stop - pos - 9
+                        hand[stream] = hand.get(stream, 0) + length
+                        self._credit_conn_hand += length
                     start = stop
-            pos = stop
+                else:
+                    credit = self._credit_h2
+                    credit[stream] = credit.get(stream, 0) + length
+                    self._credit_conn_h2 += length
+                pos = stop
+        finally:
+            self._recv_window = window
         if start < pos:
             self._deliver_held(held)
-            self._through_h2(bytes(buf[start:pos]), credit)
+            self._through_h2(bytes(buf[start:pos]))
         self._deliver_held(held)
         self._inbuf = bytes(buf[pos:])
-        return direct
 
     @staticmethod
     def _deliver_held(held: dict[H2Stream, list[memoryview]]) -> None:
@@ -503,28 +900,70 @@ class H2Connection:
             stream._deliver(bytes(parts[0]) if len(parts) == 1 else b"".join(parts))
         held.clear()
 
-    def _through_h2(self, frames: bytes, credit: dict[int, int]) -> None:
+    def _through_h2(self, frames: bytes) -> None:
         with self.lock:
             events = self.h2.receive_data(frames)
-            self._flush_locked()
+            self._collect_locked()
         for event in events:
-            self._handle(event, credit)
+            self._handle(event)
 
-    def _window_update(self, direct: dict[int, int]) -> None:
-        """Return credit for DATA that bypassed h2 (h2's own windows never saw it)."""
-        frames = [_window_update(sid, size) for sid, size in direct.items()]
-        frames.append(_window_update(0, sum(direct.values())))
+    def _stream_flow_error(self, stream: H2Stream) -> None:
+        logger.info(
+            "HTTP/2 connection %d: DATA beyond stream %d's window", self.id, stream.stream_id
+        )
+        self.reset_stream(stream, _FLOW_CONTROL_ERROR)
+        stream._lose(ConnectionLost("the server sent DATA beyond the HTTP/2 stream's window"))
+
+    def _return_credit(self) -> None:
+        """Return the credit of the read just handled, in one batch of frames:
+        by hand for data h2 never saw, through h2 for data it did."""
+        hand, through = self._credit_hand, self._credit_h2
+        conn_hand, conn_h2 = self._credit_conn_hand, self._credit_conn_h2
+        if not (hand or through or conn_hand or conn_h2):
+            return
+        frames: list[BytesLike] = []
         with self.lock:
             if self.dead is None:
-                self._flush_locked()
-                self.transport.write(frames)
+                for stream, n in hand.items():
+                    if not stream._ended:  # no credit for a stream we will not read
+                        frames.append(_window_update(stream.stream_id, n))
+                        stream._recv_window += n
+                if conn_hand:
+                    frames.append(_window_update(0, conn_hand))
+                    self._recv_window += conn_hand
+                for stream, n in through.items():
+                    if not stream._ended:
+                        with contextlib.suppress(h2.exceptions.H2Error, KeyError):
+                            self.h2.increment_flow_control_window(n, stream.stream_id)
+                            stream._recv_window += n
+                if conn_h2:
+                    with contextlib.suppress(h2.exceptions.H2Error, ValueError):
+                        self.h2.increment_flow_control_window(conn_h2)
+                        self._recv_window += conn_h2
+                self._collect_locked()
+                self._out.extend(frames)
+        hand.clear()
+        through.clear()
+        self._credit_conn_hand = self._credit_conn_h2 = 0
 
     def _die(self, exc: BaseException | None) -> None:
+        with contextlib.suppress(OSError):
+            self.transport.abort()  # first: a writer stuck in the socket returns
         with self.lock:
             if self.dead is None:
                 self.dead = exc or ConnectionLost("the HTTP/2 connection ended")
             streams = list(self.streams.values())
+            jobs = [s._closing_job for s in streams if s._closing_job is not None]
+            for stream in streams:
+                stream._ended = True
+                stream._closing_job = None
+            if self._idle_job is not None:
+                jobs.append(self._idle_job)
+                self._idle_job = None
+            self._out = []
             self.window_open.notify_all()
+        for job in jobs:
+            job.cancel()
         pool.forget(self)
         for stream in streams:
             stream.refused = stream.refused or (
@@ -532,12 +971,10 @@ class H2Connection:
                 if not stream._responded.is_set()
                 else None
             )
-            stream._ended = True
             stream._lose(None if self.closing else ConnectionLost(f"{self.dead}"))
-        with contextlib.suppress(OSError):
-            self.transport.abort()
+        self.transport.close()
 
-    def _handle(self, event: h2.events.Event, credit: dict[int, int]) -> None:
+    def _handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id)
             if stream is None:
@@ -564,41 +1001,41 @@ class H2Connection:
             stream = self.streams.get(event.stream_id)
             if stream is not None and not stream._ended and event.data:
                 stream._deliver(event.data)
-            # Credit comes back once the socket has consumed (parsed) the data.
-            sid = event.stream_id
-            credit[sid] = credit.get(sid, 0) + event.flow_controlled_length
-        elif isinstance(event, h2.events.StreamEnded):
+        elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
             stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                if not stream._responded.is_set():
-                    stream.refused = HTTP2Unavailable("the server ended the stream at once")
-                stream._lose(None)
-        elif isinstance(event, h2.events.StreamReset):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                with self.lock:
+            if stream is None:
+                return
+            code = event.error_code if isinstance(event, h2.events.StreamReset) else None
+            with self.lock:
+                stream._server_ended = True
+                job, stream._closing_job = stream._closing_job, None
+                if code is not None:
                     stream._ended = True
                     self.window_open.notify_all()
-                if not stream._responded.is_set():
-                    stream.refused = HTTP2Unavailable(
-                        f"the server reset the CONNECT stream ({event.error_code!r})"
-                    )
-                    stream._responded.set()
-                stream._lose(
-                    None
-                    if event.error_code
-                    in (h2.errors.ErrorCodes.NO_ERROR, h2.errors.ErrorCodes.CANCEL)
-                    else ConnectionLost(f"the server reset the stream ({event.error_code!r})")
+            if job is not None:
+                job.cancel()
+            if not stream._responded.is_set():
+                stream.refused = HTTP2Unavailable(
+                    "the server ended the stream at once"
+                    if code is None
+                    else f"the server reset the CONNECT stream ({code!r})"
                 )
+            error = None
+            if code is not None and code not in (
+                h2.errors.ErrorCodes.NO_ERROR,
+                h2.errors.ErrorCodes.CANCEL,
+            ):
+                error = ConnectionLost(f"the server reset the stream ({code!r})")
+            stream._lose(error)
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
             with self.lock:
                 self.window_open.notify_all()
-            if isinstance(event, h2.events.RemoteSettingsChanged):
-                changed = event.changed_settings.get(
-                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
-                )
-                if changed is not None:
-                    self.max_streams = changed.new_value
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    changed = event.changed_settings.get(
+                        h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+                    )
+                    if changed is not None:
+                        self.max_streams = changed.new_value
         elif isinstance(event, h2.events.ConnectionTerminated):
             if event.error_code == h2.errors.ErrorCodes.NO_ERROR:
                 # A graceful GOAWAY: no new streams here, live ones may finish.
@@ -606,9 +1043,7 @@ class H2Connection:
                     self.closing = True
                 pool.forget(self)
                 return
-            self.dead = ConnectionLost(f"the server sent GOAWAY ({event.error_code!r})")
-            with contextlib.suppress(OSError):
-                self.transport.abort()
+            raise ConnectionLost(f"the server sent GOAWAY ({event.error_code!r})")
 
 
 class H2Pool:
