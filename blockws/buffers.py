@@ -143,9 +143,10 @@ class BufferPool:
         if segment.pool is not None and segment.pool is not self:
             raise ValueError("segment belongs to another pool")
         segment._mark_released()
-        self._give_back(segment.data)
+        self.give_back(segment.data)
 
-    def _give_back(self, buf: bytearray) -> None:
+    def give_back(self, buf: bytearray) -> None:
+        """Take back a bytearray that no segment refers to any more (from :meth:`allocate`)."""
         size = len(buf)
         shift = size.bit_length() - 1  # the class whose requests this buffer can serve
         if shift < _MIN_SHIFT or size > (1 << self._max_shift):

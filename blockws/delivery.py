@@ -19,29 +19,34 @@ handler, messages queue for ``receive()`` as ``str`` and ``bytes``.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
-from .buffers import BufferSegment
+from .buffers import BufferPool, BufferSegment
 from .dispatcher import Dispatcher
-from .protocol import BinaryMessage
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .websocket import WebSocket
-
-__all__ = ["Delivery", "SCRATCH"]
+__all__ = ["Delivery", "Handlers", "SCRATCH"]
 
 #: Binary messages up to this size reach on_binary in the per-socket scratch buffer.
 SCRATCH = 4096
 
 
+class Handlers(Protocol):
+    """The socket as the handlers see it: its callbacks, and the first argument
+    they are called with."""
+
+    on_message: Callable[[Any, str], Any] | None
+    on_binary: Callable[[Any, BufferSegment], Any] | None
+
+
 class Delivery:
     """Where one socket's messages go; :meth:`messages` runs inside ``update()``."""
 
-    __slots__ = ("ws", "dispatcher", "inbox", "_scratch")
+    __slots__ = ("ws", "dispatcher", "pool", "inbox", "_scratch")
 
-    def __init__(self, ws: WebSocket, dispatcher: Dispatcher) -> None:
+    def __init__(self, ws: Handlers, dispatcher: Dispatcher, pool: BufferPool) -> None:
         self.ws = ws
         self.dispatcher = dispatcher
+        self.pool = pool
         #: Messages no handler took, for ``receive()``.
         self.inbox: deque[str | bytes] = deque()
         self._scratch: memoryview | None = None
@@ -75,8 +80,8 @@ class Delivery:
                         try:
                             handler(ws, segment)
                         finally:
-                            if not segment._released:
-                                segment._released = True
+                            if not segment.released:
+                                segment.release()  # no pool: only marks it released
                     else:
                         self.binary(message, n)
                 elif cls is str:
@@ -85,10 +90,8 @@ class Delivery:
                         inbox.append(message)
                     else:
                         on_text(ws, message)
-                elif cls is BinaryMessage:  # in pooled memory, from the general path
+                else:  # a BinaryMessage: in pooled memory, from the general path
                     self.binary(message.data, message.length)
-                else:  # a TextMessage: the protocol was not in compact mode
-                    self.messages([message.text])
         except BaseException:
             if done < len(messages):
                 self.dispatcher.pending.appendleft((self.messages, messages[done:]))
@@ -99,11 +102,11 @@ class Delivery:
         """A binary message too large for the scratch buffer, or in pooled memory."""
         ws = self.ws
         handler = ws.on_binary
-        pool = ws.buffer_pool
+        pool = self.pool
         if handler is None:  # kept for receive()
             self.inbox.append(bytes(memoryview(data)[:n]))
-            if type(data) is not bytes:
-                pool._give_back(data)  # type: ignore[arg-type]
+            if type(data) is bytearray:
+                pool.give_back(data)
             return
         if type(data) is bytes:  # larger than the scratch buffer: pooled memory
             segment = pool.get(n)

@@ -15,15 +15,50 @@ a thread is actually waiting in :meth:`Dispatcher.wait` or in the global
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from typing import Any, Callable
 
-__all__ = ["Dispatcher", "wait", "register", "update_all", "wait_any"]
+from .deadline import Deadline
+from .exceptions import InvalidState
+
+__all__ = [
+    "Dispatcher",
+    "wait",
+    "register",
+    "update_all",
+    "wait_any",
+    "in_callback",
+    "check_not_in_callback",
+]
 
 #: ``(function, argument)``: the function returns how many events it handled
 #: (``None`` counts as one), which is what ``update()`` reports.
 Item = tuple[Callable[[Any], Any], Any]
+
+# How many dispatchers are running callbacks on this thread (nested when a
+# callback pumps another socket). Blocking helpers refuse to run inside one.
+_running = threading.local()
+
+
+def in_callback() -> bool:
+    """Whether the calling thread is inside a callback run by ``update()``."""
+    return getattr(_running, "depth", 0) > 0
+
+
+def check_not_in_callback(helper: str) -> None:
+    """Raise :class:`InvalidState` when a blocking ``helper`` is called from a callback.
+
+    Callbacks run inside ``update()``, which is what would deliver the thing
+    the helper waits for: waiting there could never end (and re-entrant
+    ``update()`` calls return 0), so it fails at once instead.
+    """
+    if getattr(_running, "depth", 0) > 0:
+        raise InvalidState(
+            f"{helper} cannot be called from a callback: callbacks run inside update(), "
+            f"which is what delivers what {helper} waits for. Use the callbacks "
+            f"(on_message, on_open, ...) instead, or call {helper} outside update()"
+        )
+
 
 # Global wake-up for blockws.wait(): any post on any dispatcher notifies it.
 _global_cond = threading.Condition(threading.Lock())
@@ -86,6 +121,9 @@ class Dispatcher:
             return 0
         with self._run_lock:
             self._running_in = me
+            running = _running
+            depth = getattr(running, "depth", 0)
+            running.depth = depth + 1
             count = 0
             try:
                 while pending:
@@ -94,6 +132,7 @@ class Dispatcher:
                     count += 1 if handled is None else handled
             finally:
                 self._running_in = None
+                running.depth = depth
             return count
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -117,20 +156,17 @@ class Dispatcher:
 def wait(dispatchers: Callable[[], list[Dispatcher]], timeout: float | None = None) -> bool:
     """Block until any dispatcher returned by ``dispatchers()`` has work."""
     global _global_waiters
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = Deadline(timeout)
     with _global_cond:
         _global_waiters += 1
         try:
             while True:
                 if any(d.pending for d in dispatchers()):
                     return True
-                if deadline is None:
-                    _global_cond.wait()
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return False
-                    _global_cond.wait(left)
+                left = deadline.left()
+                if left == 0:
+                    return False
+                _global_cond.wait(left)
         finally:
             _global_waiters -= 1
 
@@ -169,6 +205,10 @@ def update_all() -> int:
 
 
 def wait_any(timeout: float | None = None) -> bool:
-    """Block until any socket has a pending callback (True) or ``timeout`` passes."""
+    """Block until any socket has a pending callback (True) or ``timeout`` passes.
+
+    Raises :class:`InvalidState` when called from a callback.
+    """
+    check_not_in_callback("blockws.wait()")
     return wait(_live_dispatchers, timeout)
 

@@ -20,8 +20,11 @@ Wire layout of a frame header::
 from __future__ import annotations
 
 import enum
+import itertools
 import os
 import struct
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -115,28 +118,38 @@ apply_mask: Callable[[BytesLike, bytes], bytes] = (
 class MaskKeys:
     """A source of masking keys from the OS's CSPRNG, fetched in batches.
 
-    RFC 6455 section 5.3 requires unpredictable keys; one ``os.urandom`` call
-    per frame would be a system call per frame, so keys are read 1 KiB at a
-    time. Not thread-safe: each connection owns one, used by its writer.
+    RFC 6455 section 5.3 requires an unpredictable key for every frame; one
+    ``os.urandom`` call per frame would be a system call per frame, so keys
+    are read 64 KiB at a time. Thread-safe: the writer, the reader (pongs),
+    the timer (pings) and ``ping()`` draw from one source, and no two calls
+    ever get the same slice of a batch. A batch and the counter that hands out
+    its slices are swapped together as one tuple; ``next()`` on an
+    ``itertools.count`` is a single atomic step, so the fast path takes no
+    lock, and only a refill does.
     """
 
-    __slots__ = ("_pool", "_pos")
+    __slots__ = ("_state", "_lock")
 
     # 64 KiB: os.urandom releases the GIL, and getting it back costs up to the
     # 5 ms switch interval when other threads are busy, so call it rarely.
     _BATCH = 65536
 
     def __init__(self) -> None:
-        self._pool = b""
-        self._pos = 0
+        self._lock = threading.Lock()
+        self._state: tuple[bytes, Iterator[int]] = (b"", itertools.count(0, 4))
 
     def __call__(self) -> bytes:
-        pos = self._pos
-        if pos + 4 > len(self._pool):
-            self._pool = os.urandom(self._BATCH)
-            pos = 0
-        self._pos = pos + 4
-        return self._pool[pos : pos + 4]
+        pool, counter = self._state
+        pos = next(counter)
+        if pos + 4 <= len(pool):
+            return pool[pos : pos + 4]
+        return self._refill(pool)
+
+    def _refill(self, spent: bytes) -> bytes:
+        with self._lock:
+            if self._state[0] is spent:  # not refilled by another thread meanwhile
+                self._state = (os.urandom(self._BATCH), itertools.count(0, 4))
+        return self()
 
 
 def encode_header(first_byte: int, length: int, mask_key: bytes | None) -> bytes:

@@ -30,12 +30,13 @@ from typing import Callable
 
 import certifi
 
+from .deadline import Deadline
 from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidHeader
 from .extensions import Extension
 from .handshake import Request, ResponseReader, build_request, negotiate, new_key, validate_response
 from .http2 import HTTP2Settings, pool
 from .log import ContextAdapter
-from .transport import Connector, Deadline, Transport
+from .transport import Connector, Transport
 
 __all__ = ["Opened", "open_transport", "default_context"]
 

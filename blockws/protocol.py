@@ -288,6 +288,11 @@ class Protocol:
                 f"cannot {what.replace('_', ' ')} in state {self.state.value}"
             ) from None
 
+    @property
+    def has_data_to_send(self) -> bool:
+        """Whether :meth:`data_to_send` has frames waiting (a cheap test)."""
+        return bool(self._outgoing)
+
     def data_to_send(self) -> list[bytes]:
         """Frames the protocol produced itself (pongs, close replies); drains them."""
         out, self._outgoing = self._outgoing, []

@@ -47,6 +47,7 @@ WRITER_IDLE = 1.0
 CLOSE_FRAME = -1
 #: Set in a queued message's opcode when it must skip compression.
 UNCOMPRESSED = 0x100
+_CLOSE_OPCODE = 0x8
 
 # (opcode, payload, segment to release once written, size counted in buffered_amount)
 Item = tuple[int, Any, "BufferSegment | None", int]
@@ -78,7 +79,9 @@ class Sender:
         self.lock = lock
         self.log = log
         self._on_failure = on_failure  # a write failed: end the socket
-        self._on_written = on_written  # called after each batch (HTTP/2 stream ending)
+        # Called after a batch that carried a close frame (ours, or our reply):
+        # the point from which an HTTP/2 stream may be ended.
+        self._on_close_written = on_written
         self._wake = threading.Condition(lock)
         self._waiting = False  # the writer thread is in _wake.wait (lock held to change)
         self.queue: deque[Item] = deque()
@@ -205,8 +208,7 @@ class Sender:
                 self._kick_locked()
             elif self.queue or self.control:
                 self._kick_locked()  # others queued while we wrote
-        # No _on_written() here: a data message cannot end the stream, and a
-        # close reply queued meanwhile is written (and followed up) by the writer.
+        # A direct write is a data message: only the writer writes close frames.
 
     # -- the writer thread --------------------------------------------------------------
 
@@ -239,14 +241,19 @@ class Sender:
                     chunks: list[BytesLike] = self.rest
                     self.rest = []
                     rest_size = sum(map(len, chunks))
-                    chunks.extend(control)
-                    control.clear()
+                    closing = False
+                    if control:
+                        closing = any(frame[0] & 0x0F == _CLOSE_OPCODE for frame in control)
+                        chunks.extend(control)
+                        control.clear()
                     batch: list[Item] = []
                     size = 0
                     while queue and size < WRITE_BATCH:
                         item = queue.popleft()
                         batch.append(item)
                         size += item[3]
+                        if item[0] == CLOSE_FRAME:
+                            closing = True
                 try:
                     self._write_batch(proto, transport, chunks, batch)
                 finally:
@@ -256,7 +263,8 @@ class Sender:
                 for _o, _p, segment, _n in batch:
                     if segment is not None and not segment.released:
                         segment.release()
-                self._on_written()
+                if closing:
+                    self._on_close_written()
         except BaseException as exc:  # noqa: BLE001 - reported through on_closed
             with lock:
                 stopped = self._stopped
@@ -320,6 +328,11 @@ class Sender:
         transport.write([data, *control] if control else [data])  # control between fragments
 
     # -- the end ----------------------------------------------------------------------
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The writer thread, while one runs."""
+        return self._thread
 
     def stop_locked(self) -> threading.Thread | None:
         """Stop for good (the socket ended); returns the thread to join, if any."""

@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Callable, Protocol, Union
 
+from .deadline import Deadline
 from .exceptions import (
     BlockwsError,
     ConnectError,
@@ -49,8 +50,6 @@ __all__ = [
     "Sink",
     "Transport",
     "TCPTransport",
-    "Deadline",
-    "connect_tcp",
     "map_os_errors",
 ]
 
@@ -105,22 +104,6 @@ class Sink(Protocol):
         """The stream ended: ``exc`` is ``None`` for a clean EOF."""
 
 
-class Deadline:
-    """One timeout spread over several steps (DNS, connect, TLS, handshake)."""
-
-    def __init__(self, timeout: float | None) -> None:
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-
-    def remaining(self) -> float | None:
-        """Seconds left (``None`` for no limit); raises ``OpenTimeout`` at zero."""
-        if self.deadline is None:
-            return None
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise OpenTimeout("timed out opening the WebSocket")
-        return left
-
-
 @contextlib.contextmanager
 def map_os_errors(connecting: bool = False) -> Iterator[None]:
     """Translate ``OSError`` and ``ssl.SSLError`` into blockws exceptions."""
@@ -159,9 +142,6 @@ class Transport:
     aborted = False
     #: Whether :meth:`try_write` can take bytes without blocking (plain TCP).
     can_try_write = False
-    #: Whether the server ends the connection after the closing handshake
-    #: (TCP, RFC 6455 7.1.1); if not, the client ends it (HTTP/2 streams).
-    server_closes = True
     #: Bytes read and written so far, handshake included (on the wire, after
     #: compression; before TLS). Each is updated by one thread only.
     bytes_read = 0
@@ -192,6 +172,15 @@ class Transport:
 
     def abort(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def finish_closing(self) -> None:
+        """Both close frames are through, and ours has been written.
+
+        Over TCP the server closes the connection (RFC 6455 7.1.1), so this
+        does nothing. A transport whose server does not end it (an HTTP/2
+        stream, RFC 8441 section 5) ends itself here. Called once, from the
+        writer or the reader thread; must not block.
+        """
 
     def close(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -616,13 +605,3 @@ class Connector:
                 raise ConnectError("connection aborted by close()") from None
             raise
         return TCPTransport(sock)
-
-
-def connect_tcp(
-    host: str,
-    port: int,
-    timeout: float | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-) -> TCPTransport:
-    """Open a TCP (and TLS) transport in one call; used by tools and tests."""
-    return Connector().connect(host, port, Deadline(timeout), ssl_context)

@@ -10,6 +10,8 @@ from blockws.buffers import BufferPool, BufferSegment
 from blockws.exceptions import SegmentReleasedTwice
 from blockws.protocol import BinaryMessage, Protocol, Role
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     "size, capacity",

@@ -11,12 +11,14 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from faultserver import Recorder, random_text
 
 import blockws
+import blockws.connection
 
 SERVERS = ["websockets_server", "node_ws_server"]
 TLS_SERVERS = ["websockets_tls_server", "node_ws_tls_server"]
@@ -371,17 +373,29 @@ def test_concurrent_senders_keep_order(url: str) -> None:
     assert close_socket(ws, rec)[0] == 1000
 
 
+_reading_threads: list[str] | None = None
+_parse = blockws.connection.Connection.data_received
+
+
+def _recording_data_received(engine: blockws.connection.Connection, data: bytes) -> None:
+    if _reading_threads is not None:
+        _reading_threads.append(threading.current_thread().name)
+    _parse(engine, data)
+
+
+@pytest.fixture(autouse=True)
+def _reading_recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    global _reading_threads
+    monkeypatch.setattr(blockws.connection.Connection, "data_received", _recording_data_received)
+    yield
+    _reading_threads = None
+
+
 def record_reading_threads(ws: blockws.WebSocket) -> list[str]:
-    """The names of the threads that parse ``ws``'s incoming data, from now on."""
-    names: list[str] = []
-    parse = ws.data_received
-
-    def data_received(data: bytes) -> None:
-        names.append(threading.current_thread().name)
-        parse(data)
-
-    ws.data_received = data_received  # type: ignore[method-assign]
-    return names
+    """The names of the threads that parse incoming data (of every socket), from now on."""
+    global _reading_threads
+    _reading_threads = []
+    return _reading_threads
 
 
 def test_receive_reads_on_the_calling_thread(url: str) -> None:

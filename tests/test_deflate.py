@@ -52,6 +52,8 @@ from blockws.protocol import (
     TextMessage,
 )
 
+pytestmark = pytest.mark.unit
+
 KEY = b"\x37\xfa\x21\x3d"
 WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 TAIL = b"\x00\x00\xff\xff"

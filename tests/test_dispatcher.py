@@ -12,6 +12,8 @@ import pytest
 import blockws.dispatcher as dispatcher_module
 from blockws.dispatcher import Dispatcher
 
+pytestmark = pytest.mark.unit
+
 WAIT = 5.0
 
 

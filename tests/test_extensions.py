@@ -24,6 +24,8 @@ from blockws.handshake import (
 )
 from blockws.protocol import BinaryMessage, Failure, Protocol, Role, State, TextMessage
 
+pytestmark = pytest.mark.unit
+
 KEY = b"\x37\xfa\x21\x3d"
 
 

@@ -6,11 +6,17 @@ from a reference header encoder in this file, never from blockws' own encoder.
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
+import sys
+import threading
+import time
+from typing import Any
 
 import pytest
 
+import blockws.frames as frames_module
 from blockws.exceptions import ProtocolError
 from blockws.frames import (
     FIN,
@@ -23,6 +29,8 @@ from blockws.frames import (
     apply_mask,
     encode_header,
 )
+
+pytestmark = pytest.mark.unit
 
 KEY = bytes((0x37, 0xFA, 0x21, 0x3D))  # the masking key of RFC 6455 section 5.7
 BOUNDARY_LENGTHS = [0, 1, 125, 126, 127, 65535, 65536, 1 << 20]
@@ -345,3 +353,67 @@ def test_c_mask_rejects_a_bad_key() -> None:
     assert c_apply_mask is not None
     with pytest.raises(ValueError):
         c_apply_mask(b"abc", b"123")
+
+
+# -- masking keys across threads (RFC 6455 5.3) -----------------------------------------
+
+
+def test_mask_keys_never_repeat_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug: MaskKeys was drawn from without a lock by the writer, the reader
+    (pongs), the timer (pings) and ping(). Four threads draw keys while a
+    tracer hands the GIL to another thread at every bytecode of the key
+    source, the worst interleaving there is. The OS source is replaced by one
+    whose 4-byte words are all different, so any repeated key is a slice of a
+    batch handed out twice, never chance."""
+    words = itertools.count()
+    monkeypatch.setattr(
+        frames_module.os,
+        "urandom",
+        lambda n: b"".join(struct.pack(">I", next(words)) for _ in range(n // 4)),
+    )
+
+    class SmallBatches(MaskKeys):
+        _BATCH = 64  # refills often, so they race too
+
+    keys = SmallBatches()
+    codes = {MaskKeys.__call__.__code__, MaskKeys._refill.__code__}
+
+    def at_every_opcode(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            time.sleep(0)  # releases the GIL right here
+        return at_every_opcode
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code in codes:
+            frame.f_trace_opcodes = True
+            return at_every_opcode
+        return None
+
+    drawn: list[list[bytes]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def draw(out: list[bytes]) -> None:
+        sys.settrace(tracer)
+        try:
+            start.wait()
+            for _ in range(300):
+                out.append(keys())
+        finally:
+            sys.settrace(None)
+
+    threads = [threading.Thread(target=draw, args=(out,)) for out in drawn]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    everything = [key for out in drawn for key in out]
+    assert len(everything) == 1200
+    assert len(set(everything)) == len(everything)
+
+
+def test_mask_keys_from_the_os_are_distinct_beyond_chance() -> None:
+    keys = MaskKeys()
+    drawn = [keys() for _ in range(50_000)]
+    assert all(len(key) == 4 for key in drawn)
+    # 50 000 draws from 2**32 values: ~0.3 repeats expected by chance.
+    assert len(drawn) - len(set(drawn)) <= 5

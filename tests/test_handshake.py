@@ -28,6 +28,8 @@ from blockws.handshake import (
     validate_response,
 )
 
+pytestmark = pytest.mark.unit
+
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 # RFC 6455 sections 1.3 and 4.2.2.
 ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="

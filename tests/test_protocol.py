@@ -29,6 +29,8 @@ from blockws.protocol import (
     TextMessage,
 )
 
+pytestmark = pytest.mark.unit
+
 KEY = b"\x37\xfa\x21\x3d"
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 1 << 20]
 RESERVED_OPCODES = [3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF]

@@ -18,6 +18,10 @@ import pytest
 import blockws.timer
 from blockws.timer import Timer, timer
 
+pytestmark = pytest.mark.unit
+
+pytestmark = pytest.mark.unit
+
 WAIT = 5.0  # generous upper bound for events that should fire within milliseconds
 
 
