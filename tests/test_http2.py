@@ -8,19 +8,18 @@ offers only http/1.1, Node's http2 without the extended CONNECT (h2 over ALPN, S
 ENABLE_CONNECT_PROTOCOL; HTTP/1.1 WebSocket on the same port), h2_asgi_app's ``/h1-only`` path
 (hypercorn refuses the CONNECT with 403), and nghttpd (h2 only: no RFC 8441, no HTTP/1.1).
 
-Connections are counted on the server side by :class:`CountingProxy`, a TCP proxy in front of
-the server that also cuts every connection on demand. blockws's HTTP/2 pool is process-wide:
-the autouse ``fresh_pool`` fixture clears its failed origins and closes its connections after
-every test.
+Connections are counted on the server side by :class:`h2peers.CountingProxy`, a TCP proxy in
+front of the server that also cuts every connection on demand. blockws's HTTP/2 pool is
+process-wide: the autouse ``fresh_pool`` fixture clears its failed origins and closes its
+connections after every test.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import socket
+import re
 import ssl
 import sys
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 
 import pytest
 from faultserver import Recorder, random_text
+from h2peers import CountingProxy, counting_proxy
 
 import blockws
 import blockws.opening
@@ -56,92 +56,6 @@ def fresh_pool() -> Iterator[None]:
         conn.close()
         pool.forget(conn)
     pool.failed_origins.clear()
-
-
-class CountingProxy:
-    """A TCP proxy on 127.0.0.1 in front of ``upstream_port``: counts the connections it
-    accepts (what the server sees) and can cut them all, like a server dropping them."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
-        self.accepted = 0
-        self._cond = threading.Condition()
-        self._socks: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
-        self._acceptor.start()
-
-    def url(self, scheme: str, host: str = "127.0.0.1", path: str = "/") -> str:
-        return f"{scheme}://{host}:{self.port}{path}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # the listener was shut down
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), 5.0)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            pumps = [threading.Thread(target=self._pump, args=pair, name="proxy-pump", daemon=True)
-                     for pair in ((client, upstream), (upstream, client))]
-            with self._cond:
-                self.accepted += 1
-                self._socks += [client, upstream]
-                self._threads += pumps
-                self._cond.notify_all()
-            for pump in pumps:
-                pump.start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(256 * KiB)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def cut(self) -> None:
-        """Shut down every proxied connection, both ways."""
-        with self._cond:
-            socks = list(self._socks)
-        for sock in socks:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
-        self.listener.close()
-        self._acceptor.join(5.0)
-        self.cut()
-        with self._cond:
-            threads, socks = list(self._threads), list(self._socks)
-        for thread in threads:
-            thread.join(5.0)
-        for sock in socks:
-            sock.close()
-
-
-@contextlib.contextmanager
-def counting_proxy(upstream_url: str) -> Iterator[CountingProxy]:
-    proxy = CountingProxy(int(upstream_url.rsplit(":", 1)[1].split("/")[0]))
-    try:
-        yield proxy
-    finally:
-        proxy.close()
 
 
 @dataclass
@@ -232,7 +146,18 @@ def same(a: object, b: object) -> bool:
 
 
 def h2_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("blockws-h2-")]
+    """The connections' reader threads (``blockws-h2-<n>``), one per HTTP/2 connection."""
+    return [t for t in threading.enumerate() if re.fullmatch(r"blockws-h2-\d+", t.name)]
+
+
+def wait_no_h2_threads(timeout: float = 5.0) -> None:
+    """Wait until no HTTP/2 thread is left: readers, and the short-lived flusher and closer
+    threads (``blockws-h2-<n>-flush``, ``-close``) that end right after them."""
+    deadline = time.monotonic() + timeout
+    for thread in [t for t in threading.enumerate() if t.name.startswith("blockws-h2-")]:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in threading.enumerate() if t.name.startswith("blockws-h2-")]
+    assert not left, f"HTTP/2 threads still running: {left}"
 
 
 class HookLog:
@@ -829,7 +754,7 @@ def test_no_h2_thread_remains(hypercorn_h2_server: Any, tls_context_h2: ssl.SSLC
         assert close_socket(ws, rec) == (1000, "")
     for thread in threads:
         thread.join(5.0)  # after the idle timeout, the connection closes
-    assert h2_threads() == []
+    wait_no_h2_threads()
     assert pool.connections() == []
 
 
