@@ -26,7 +26,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Union
 
 from .exceptions import InvalidPayload, ProtocolError
 
@@ -47,6 +47,9 @@ __all__ = [
     "RSV1",
     "RSV2",
     "RSV3",
+    "RSV_ALL",
+    "Header",
+    "parse_header",
 ]
 
 BytesLike = Union[bytes, bytearray, memoryview]
@@ -81,7 +84,6 @@ class Opcode(enum.IntEnum):
         return self >= 0x8
 
 
-_KNOWN_OPCODES = frozenset(int(op) for op in Opcode)
 
 
 def py_apply_mask(data: BytesLike, key: bytes) -> bytes:
@@ -166,6 +168,88 @@ def encode_header(first_byte: int, length: int, mask_key: bytes | None) -> bytes
     return header
 
 
+#: Every RSV bit (RFC 6455 5.2).
+RSV_ALL = RSV1 | RSV2 | RSV3
+
+
+class Header(NamedTuple):
+    """A frame header, as :func:`parse_header` reads it."""
+
+    opcode: int
+    fin: bool
+    rsv: int
+    length: int
+    mask_key: bytes | None
+    #: Where the payload starts in the buffer.
+    end: int
+
+
+def parse_header(
+    buf: BytesLike,
+    pos: int = 0,
+    *,
+    allowed_rsv: int = RSV_ALL,
+    masked: bool | None = None,
+) -> Header | None:
+    """Read and check the frame header at ``buf[pos:]`` (RFC 6455 5.2).
+
+    The one header parser: the protocol's general path and :meth:`Frame.parse`
+    both use it (the protocol's fast path for small unmasked data frames only
+    accepts what this would). Returns ``None`` while the header is incomplete.
+    Raises :class:`ProtocolError` as soon as the bytes allow, in this order:
+    a reserved opcode, a fragmented control frame, RSV bits on a control frame
+    or outside ``allowed_rsv``, a MASK bit other than ``masked`` requires
+    (``None``: either), a control frame over 125 bytes, and a 64-bit length
+    with its top bit set. Non-minimal length encodings are accepted.
+    """
+    end = len(buf)
+    if end - pos < 2:
+        return None
+    b0 = buf[pos]
+    b1 = buf[pos + 1]
+    opcode = b0 & 0x0F
+    fin = b0 & FIN
+    rsv = b0 & RSV_ALL
+    if opcode > 2:
+        if opcode < 8 or opcode > 10:
+            raise ProtocolError(f"reserved opcode {opcode:#x}")
+        if not fin:
+            raise ProtocolError("fragmented control frame")
+        if rsv:
+            raise ProtocolError("RSV bits set on a control frame")
+    if rsv & ~allowed_rsv:
+        raise ProtocolError(f"RSV bits {rsv >> 4:#05b} set without an extension that uses them")
+    has_mask = b1 & MASK_BIT
+    if masked is not None and bool(has_mask) != masked:
+        if masked:
+            raise ProtocolError("unmasked frame from a client")
+        raise ProtocolError("masked frame from a server")
+    length = b1 & 0x7F
+    p = pos + 2
+    if length >= 126:
+        if opcode >= 8:
+            raise ProtocolError("control frame payload longer than 125 bytes")
+        if length == 126:
+            if end - p < 2:
+                return None
+            length = (buf[p] << 8) | buf[p + 1]
+            p += 2
+        else:
+            if end - p < 8:
+                return None
+            length = int.from_bytes(buf[p : p + 8], "big")
+            if length >> 63:
+                raise ProtocolError("64-bit payload length has its top bit set")
+            p += 8
+    key = None
+    if has_mask:
+        if end - p < 4:
+            return None
+        key = bytes(buf[p : p + 4])
+        p += 4
+    return Header(opcode, bool(fin), rsv, length, key, p)
+
+
 @dataclass(frozen=True)
 class Frame:
     """One WebSocket frame. ``rsv`` holds the RSV bits in place (``RSV1`` = 0x40)."""
@@ -189,55 +273,21 @@ class Frame:
 
         Returns ``(frame, bytes_consumed)``, or ``None`` when ``data`` holds
         only part of a frame. ``masked`` says what the MASK bit must be
-        (``None`` accepts either). Raises :class:`ProtocolError` for reserved
-        opcodes, control frames that are fragmented or longer than 125 bytes,
-        a wrong MASK bit, and 64-bit lengths with the top bit set (like the
-        streaming parser, it accepts non-minimal length encodings). RSV bits
-        are returned as they are: whether they are allowed depends on the
-        negotiated extensions.
+        (``None`` accepts either). Raises :class:`ProtocolError` as
+        :func:`parse_header` does; RSV bits are returned as they are: whether
+        they are allowed depends on the negotiated extensions.
         """
-        if len(data) < 2:
+        header = parse_header(data, 0, masked=masked)
+        if header is None:
             return None
-        b0, b1 = data[0], data[1]
-        opcode = b0 & 0x0F
-        fin = bool(b0 & FIN)
-        if opcode not in _KNOWN_OPCODES:
-            raise ProtocolError(f"reserved opcode {opcode:#x}")
-        has_mask = bool(b1 & MASK_BIT)
-        if masked is not None and has_mask != masked:
-            raise ProtocolError("frame masking does not match the sender's role")
-        length = b1 & 0x7F
-        pos = 2
-        if length == 126:
-            if len(data) < 4:
-                return None
-            length = int.from_bytes(data[2:4], "big")
-            pos = 4
-        elif length == 127:
-            if len(data) < 10:
-                return None
-            length = int.from_bytes(data[2:10], "big")
-            if length >> 63:
-                raise ProtocolError("64-bit payload length has its top bit set")
-            pos = 10
-        if opcode >= 0x8:
-            if not fin:
-                raise ProtocolError("fragmented control frame")
-            if length > 125:
-                raise ProtocolError("control frame payload longer than 125 bytes")
-        key = b""
-        if has_mask:
-            if len(data) < pos + 4:
-                return None
-            key = bytes(data[pos : pos + 4])
-            pos += 4
-        end = pos + length
-        if len(data) < end:
+        start = header.end
+        stop = start + header.length
+        if len(data) < stop:
             return None
-        payload = bytes(data[pos:end])
-        if has_mask:
-            payload = apply_mask(payload, key)
-        return cls(opcode, payload, fin, b0 & (RSV1 | RSV2 | RSV3)), end
+        payload = bytes(data[start:stop])
+        if header.mask_key is not None:
+            payload = apply_mask(payload, header.mask_key)
+        return cls(header.opcode, payload, header.fin, header.rsv), stop
 
 
 def is_valid_close_code(code: int) -> bool:

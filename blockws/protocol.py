@@ -42,15 +42,13 @@ from .extensions import Extension
 from .frames import (
     CLOSE_NO_STATUS,
     FIN,
-    RSV1,
-    RSV2,
-    RSV3,
     MaskKeys,
     Opcode,
     apply_mask,
     encode_header,
     pack_close,
     parse_close,
+    parse_header,
 )
 
 __all__ = [
@@ -194,7 +192,7 @@ Received = Union[Event, str, bytes]
 
 # -- the protocol ---------------------------------------------------------------
 
-_RSV_ALL = RSV1 | RSV2 | RSV3
+
 _HEADER, _PAYLOAD, _DONE = 0, 1, 2
 _new_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
@@ -506,63 +504,32 @@ class Protocol:
         """Parse and check a header at ``pos``; returns its end, or -1 if incomplete."""
         if end - pos < 2:
             return -1
-        b0 = buf[pos]
-        b1 = buf[pos + 1]
-        opcode = b0 & 0x0F
-        fin = b0 & FIN
-        rsv = b0 & _RSV_ALL
-        # Checks that need only the first two bytes come first: fail fast.
-        if opcode > 2:
-            if opcode < 8 or opcode > 10:
-                raise ProtocolError(f"reserved opcode {opcode:#x}")
-            if not fin:
-                raise ProtocolError("fragmented control frame")
-            if rsv:
-                raise ProtocolError("RSV bits set on a control frame")
-        elif opcode == 0:
+        opcode = buf[pos] & 0x0F
+        # The checks that need this connection's state; parse_header makes
+        # the rest. Data and reserved opcodes never overlap, so the order in
+        # which errors are found is the frame's, whichever runs first.
+        if opcode == 0:
             if not self._m_opcode:
                 raise ProtocolError("continuation frame with no message to continue")
-        elif self._m_opcode:
+        elif opcode < 3 and self._m_opcode:
             raise ProtocolError("new data frame while a fragmented message is in progress")
-        if rsv and (rsv & ~self._allowed_rsv):
-            raise ProtocolError(f"RSV bits {rsv >> 4:#05b} set without an extension that uses them")
-        if (b1 & 0x80) != self._expect_mask:
-            if self._expect_mask:
-                raise ProtocolError("unmasked frame from a client")
-            raise ProtocolError("masked frame from a server")
-        length = b1 & 0x7F
-        p = pos + 2
-        if length >= 126:
-            if opcode >= 8:
-                raise ProtocolError("control frame payload longer than 125 bytes")
-            if length == 126:
-                if end - p < 2:
-                    return -1
-                length = (buf[p] << 8) | buf[p + 1]
-                p += 2
-            else:
-                if end - p < 8:
-                    return -1
-                length = int.from_bytes(buf[p : p + 8], "big")
-                if length >> 63:
-                    raise ProtocolError("64-bit payload length has its top bit set")
-                p += 8
-        if self._expect_mask:
-            if end - p < 4:
-                return -1
-            self._f_key = buf[p : p + 4]
-            self._f_key_pos = 0
-            p += 4
-        else:
-            self._f_key = None
+        header = parse_header(
+            buf, pos, allowed_rsv=self._allowed_rsv, masked=bool(self._expect_mask)
+        )
+        if header is None:
+            return -1
+        length = header.length
+        rsv = header.rsv
+        self._f_key = header.mask_key
+        self._f_key_pos = 0
         self._f_opcode = opcode
-        self._f_fin = bool(fin)
+        self._f_fin = header.fin
         self._f_remaining = length
         if opcode < 8:
             self._start_data_frame(opcode, rsv, length)
         else:
             self._control = b""
-        return p
+        return header.end
 
     def _start_data_frame(self, opcode: int, rsv: int, length: int) -> None:
         if opcode:  # first frame of a message
