@@ -169,8 +169,9 @@ class Relay:
     buffers fill up, as with a peer that stopped reading. ``rcvbuf`` shrinks the receive
     buffer of the accepted client connections, so they fill up sooner.
 
-    The client-to-server bytes are read as h2c (preface, then frames): every DATA frame
-    whose payload starts a WebSocket ping (``0x89``) is counted, and after
+    The client-to-server bytes are read as h2c (preface, then frames), recorded in
+    ``frames_up`` (payloads cut to 16 bytes): every DATA frame whose payload starts a
+    WebSocket ping (``0x89``) is counted, and after
     :meth:`hold_down_at_next_ping` the next one holds ``down`` just before it is forwarded
     (so its pong cannot get through) and records when in ``ping_at``.
     """
@@ -188,6 +189,7 @@ class Relay:
         self.up.set()
         self.down.set()
         self.pings = 0
+        self.frames_up: list[Frame] = []
         self.ping_at: float | None = None
         self.held_at_ping = threading.Event()
         self._armed = False
@@ -201,6 +203,11 @@ class Relay:
 
     def url(self, path: str = "/") -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
+
+    @property
+    def accepted(self) -> int:
+        with self._lock:
+            return len(self.clients)
 
     def hold_down_at_next_ping(self) -> None:
         with self._lock:
@@ -267,7 +274,12 @@ class Relay:
             length = int.from_bytes(buf[pos:pos + 3], "big")
             if len(buf) - pos < 9 + length:
                 break
-            if buf[pos + 3] == DATA and length and buf[pos + 9] == 0x89:
+            head = buf[pos:pos + 9]
+            got = Frame(head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF,
+                        buf[pos + 9:pos + 9 + min(length, 16)])
+            with self._lock:
+                self.frames_up.append(got)
+            if got.type == DATA and length and got.payload[0] == 0x89:
                 with self._lock:
                     self.pings += 1
                     if self._armed:
