@@ -78,6 +78,7 @@ from .opening import Opened, open_transport
 from .options import Options, check_fragment_size
 from .protocol import BinaryMessage, CloseReceived, Failure, Pong, Role, State
 from .protocol import Protocol as WSProtocol
+from .readtoken import ReadToken
 from .sender import Sender
 from .timer import Job, timer
 from .transport import Connector, Transport
@@ -218,7 +219,8 @@ class Connection:
         # preceded the bad frame have been dispatched (see data_received).
         self._deferred_close: bytes | None = None
         self._jobs: dict[str, Job] = {}
-        self._lend_reading = True  # see _connect
+        self._lend_reading = False  # see _connect
+        self._token = ReadToken()
 
     # -- the lifecycle ---------------------------------------------------------------
 
@@ -322,7 +324,7 @@ class Connection:
             self.log.debug("opening failed: %r", exc)
             self._finish()
             return
-        transport.run(self)
+        transport.run(self, self._token.before_read if self._lend_reading else None)
 
     def _connect(self) -> Transport:
         """Connect and handshake (RFC 8441 or RFC 6455 4.1); returns the transport once open."""
@@ -341,11 +343,13 @@ class Connection:
         self.subprotocol = opened.subprotocol
         self.http_version = transport.http_version
         self.extensions = accepted = opened.extensions
-        # With compression in force, inflating on the reader thread overlaps
-        # with the caller's work and the writer's compressing (zlib releases
-        # the GIL): 1 MiB JSON echoes ran ~10% faster than when the waiting
-        # caller inflated them itself. So such a socket keeps its reader.
-        self._lend_reading = not accepted
+        # The reading is lent to a waiting caller (blockws.readtoken) when the
+        # transport has bounded reads (plain TCP). With compression in force,
+        # inflating on the reader thread overlaps with the caller's work and
+        # the writer's compressing (zlib releases the GIL): 1 MiB JSON echoes
+        # ran ~10% faster than when the waiting caller inflated them itself.
+        # So such a socket keeps its reader.
+        self._lend_reading = transport.can_read_bounded and not accepted
         proto = WSProtocol(
             Role.CLIENT,
             max_message_size=options.max_message_size,
@@ -475,13 +479,14 @@ class Connection:
         self._finish()
 
     def wait_for_data(self, timeout: float | None) -> None:
-        """Wait up to ``timeout`` for incoming data: read it on this thread, or be
-        woken when the reader thread has delivered it (or lets this thread read)."""
+        """Wait up to ``timeout`` for incoming data: read it on this thread while
+        holding the read token, or else be woken when the reader thread has
+        delivered it (or has granted this thread the token)."""
         transport = self._transport
         if (
             transport is None
             or not self._lend_reading
-            or not transport.read_here(self, timeout, self._nudge)
+            or not self._token.read_here(transport.read, self, timeout, self._nudge)
         ):
             self.dispatcher.wait(timeout)
 
@@ -550,6 +555,7 @@ class Connection:
         # reply to a peer that already hung up) is not what ended the socket.
         if proto is None or proto.close_received is None:
             self._set_error(exc)
+        self._token.cancel()
         transport = self._transport
         if transport is not None:
             transport.abort()
@@ -626,6 +632,7 @@ class Connection:
         with self.lock:
             self._closing_locked()
             transport, connector = self._transport, self._connector
+        self._token.cancel()
         if connector is not None:
             connector.abort()
         if transport is not None:
@@ -687,6 +694,7 @@ class Connection:
             self._set_phase_locked(_CLOSED)
         for job in jobs:
             job.cancel()
+        self._token.cancel()
         if transport is not None:
             transport.abort()  # unblocks a writer stuck on a full socket
         me = threading.current_thread()

@@ -9,15 +9,14 @@ only four things from it:
   the stream ends. A TCP transport loops on the calling (reader) thread; a
   transport fed by a shared connection, such as an HTTP/2 stream, is pushed
   data by that connection's thread and returns at once;
+* :meth:`Transport.read` -- one read bounded by a timeout, for a thread
+  that is waiting for the socket's next message and reads in the reader
+  thread's place (plain TCP only; who reads is decided by the connection's
+  :class:`~blockws.readtoken.ReadToken`, not here);
 * :meth:`Transport.write` -- blocking write of a batch of chunks, from the
   writer thread;
 * :meth:`Transport.abort` / :meth:`Transport.close` -- unblock every reader
   and writer at once (from any thread), then release the file descriptor.
-
-One optional capability, :meth:`Transport.read_here`, lets a thread that is
-waiting for the socket's next message read the socket itself instead of
-being woken by the reader thread (see "Reading on the caller's thread" in
-:class:`TCPTransport`).
 
 ``OSError`` is translated into :mod:`blockws.exceptions` here, once, at the
 I/O boundary (:func:`map_os_errors`).
@@ -45,6 +44,7 @@ from .exceptions import (
     TLSError,
     TransportError,
 )
+from .readtoken import BUSY_RECHECK, Ended
 
 __all__ = [
     "Sink",
@@ -66,19 +66,11 @@ RECV_SIZE = 127 * 1024
 #: after one that filled this much (more data is likely waiting).
 RECV_SMALL = 64 * 1024
 
-#: The right to read lent to a waiting caller lapses once this many seconds
-#: pass without a read by it (between one and two leases after its last
-#: read, or up to 50 ms more after a long blocking read; see
-#: :class:`TCPTransport`). Long enough to cover a callback and a
-#: send between two reads, short enough that pings, pongs and the closing
-#: handshake are still read promptly when the caller has gone off to do
-#: something else.
-READ_LEASE = 0.005
-
 #: ``send(..., MSG_DONTWAIT)`` and ``recv(..., MSG_DONTWAIT)`` exist on POSIX only.
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-#: Longest single blocking read on a caller's thread; a longer wait is several.
-_RCVTIMEO_CAP = 0.05
+#: Longest single blocking read on a caller's thread; a longer wait is several
+#: (the read token's recheck interval: see blockws.readtoken).
+_RCVTIMEO_CAP = BUSY_RECHECK
 #: Waits at least this long use that bounded read (see TCPTransport._recv_here).
 _RCVTIMEO_LONG = 0.1
 #: select() takes descriptors below this; poll() (millisecond timeouts) the rest.
@@ -158,17 +150,14 @@ class Transport:
         many bytes (counted from the start of the first chunk)."""
         return 0
 
-    def read_here(self, sink: Sink, timeout: float | None, wake: Callable[[], None]) -> bool:
-        """Read once on the calling thread, if this transport allows it now.
+    #: Whether :meth:`read` is supported (plain TCP on POSIX).
+    can_read_bounded = False
 
-        Returns False when the calling thread may not read (the transport does
-        not support it, or its reader thread or another caller is reading);
-        the caller then waits for the reader thread's delivery as usual, and
-        ``wake()`` may be called later when reading here has become possible.
-        Returns True after one read attempt of up to ``timeout`` seconds,
-        whose data, if any, went to ``sink.data_received`` on this thread.
-        """
-        return False
+    def read(self, timeout: float | None) -> bytes | None:
+        """One read on the calling thread, waiting up to ``timeout`` seconds (at
+        most :data:`~blockws.readtoken.BUSY_RECHECK` at a time): ``None`` if
+        nothing came, ``b""`` at EOF (or after our own abort)."""
+        raise NotImplementedError  # pragma: no cover - only where can_read_bounded
 
     def abort(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -185,30 +174,30 @@ class Transport:
     def close(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def run(self, sink: Sink) -> None:
+    def run(self, sink: Sink, before_read: Callable[[], Ended | None] | None = None) -> None:
         """Deliver data to ``sink`` until EOF or failure, on the calling thread.
 
-        Any exception -- from the network or from the sink itself (say, a
-        ``MemoryError``) -- ends the stream through ``connection_lost``, so the
-        socket always learns that its reader stopped.
+        ``before_read`` runs before each read (the read token lends the
+        reading there); when it returns what ended the stream, the loop ends
+        with that. Any exception -- from the network or from the sink itself
+        (say, a ``MemoryError``) -- ends the stream through
+        ``connection_lost``, so the socket always learns that its reader stopped.
         """
         try:
             while True:
-                data = self._read_next()
+                if before_read is not None:
+                    ended = before_read()
+                    if ended is not None:
+                        sink.connection_lost(ended[0])
+                        return
+                data = self.recv()
                 if not data:
                     break
                 sink.data_received(data)
         except BaseException as exc:  # noqa: BLE001 - handed to the sink
             sink.connection_lost(exc)
         else:
-            sink.connection_lost(self._ended_by)
-
-    #: What ended the stream when a read returned ``b""`` (``None``: a clean EOF).
-    _ended_by: BaseException | None = None
-
-    def _read_next(self) -> bytes:
-        """The next read of :meth:`run` (``b""`` at the end)."""
-        return self.recv()
+            sink.connection_lost(None)
 
 
 class TCPTransport(Transport):
@@ -217,28 +206,16 @@ class TCPTransport(Transport):
     ``recv`` and ``write`` may run at the same time on two threads (the reader
     and the writer); ``abort`` may run on any thread and makes both return.
 
-    Reading on the caller's thread (plain TCP on POSIX)
-    ---------------------------------------------------
-    A thread blocked in ``ws.receive()`` or ``ws.wait()`` would otherwise be
-    woken by the reader thread for every message: a thread hand-off that
-    costs more than the message itself when messages are small, and all of a
-    round trip's latency when one is in flight. So the right to read -- held
-    by exactly one thread at a time -- can pass to a waiting caller:
-
-    * the caller asks (:meth:`read_here` returns False and notes the wish);
-      the reader thread grants it after its current read, and stops reading;
-    * while it holds the right, each :meth:`read_here` reads the socket,
-      waiting up to its timeout, and parses what came on the calling thread;
-    * the right lapses when a :data:`READ_LEASE` passes without a read by
-      the caller, or at once on :meth:`abort`, and the reader thread reads again;
-    * end of stream or an error met by the caller is handed to the reader
-      thread, which reports it (``connection_lost``) as it always does.
-
-    The socket's blocking mode is never changed for this (the writer thread
-    shares it): the caller's wait is a blocking ``recv`` bounded by
-    ``SO_RCVTIMEO``, which applies to reads only, and a non-blocking read
-    uses ``MSG_DONTWAIT``. A TLS socket has neither, so TLS always reads on
-    the reader thread.
+    Bounded reads on plain TCP (POSIX): :meth:`read` serves a caller that
+    reads in the reader thread's place. The socket's blocking mode is never
+    changed for it (the writer thread shares the socket): a wait of a tenth
+    of a second or more is a blocking ``recv`` bounded by ``SO_RCVTIMEO``,
+    which applies to reads only and is set once, so such a wait costs one
+    system call; a shorter wait polls with a precise timeout, then reads with
+    ``MSG_DONTWAIT``. The reader thread's :meth:`recv` is not affected by that
+    bound: it waits in ``poll()`` whenever a read finds nothing. A TLS socket
+    has neither ``MSG_DONTWAIT`` nor a read-only timeout, so it reads on the
+    reader thread only.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -252,34 +229,36 @@ class TCPTransport(Transport):
         # (shared with the reader thread) alone, so only plain TCP writes directly.
         self.can_try_write = not self._tls and _DONTWAIT != 0
         self._sendmsg = not self._tls and hasattr(sock, "sendmsg")
-        # The right to read (see the class docstring), guarded by _rcond.
-        self.can_read_here = self.can_try_write
-        self._rlock = threading.Lock()  # the fast paths take it without the Condition
-        self._rcond = threading.Condition(self._rlock)
-        self._caller_reads = False  # a caller holds the right to read
-        self._wanted = False  # a caller asked for it
-        self._busy = False  # the holder is inside read_here right now
-        self._reads = 0  # reads the holder has done: the lease lapses when it stops
-        self._handed_back: tuple[BaseException | None] | None = None  # its EOF or error
-        self._wake: Callable[[], None] | None = None
-        self._rcvtimeo = 0.0  # the socket's SO_RCVTIMEO (0: none)
+        self.can_read_bounded = self.can_try_write
+        self._rcvtimeo_set = False  # SO_RCVTIMEO is set (by the first long bounded read)
         self._poller: select.poll | None = None  # see _wait_readable
         self._quiet = True  # a socket starts out waiting for its first message
 
     def recv(self, timeout: float | None = None) -> bytes:
+        """Blocking read (``b""`` at EOF or after our own abort).
+
+        With a ``timeout`` (the opening handshake) the socket's timeout bounds
+        it. Without one -- the reader thread -- a socket that is new, or whose
+        last read waited longer than :data:`_QUIET`, first waits in
+        :meth:`_wait_readable`, buffer-less; an active one just reads.
+        """
         sock = self.sock
         if timeout is not None:
             sock.settimeout(timeout)
+        started = time.monotonic()
         try:
             with map_os_errors():
                 while True:
+                    if timeout is None and self._quiet and _poll is not None:
+                        self._wait_readable()
                     try:
                         data = sock.recv(self._recv_size)
                         break
                     except BlockingIOError:
                         if timeout is not None:
                             raise
-                        # SO_RCVTIMEO left by a caller that read (see read_here)
+                        # SO_RCVTIMEO, set for bounded reads, ran out: wait in poll()
+                        self._quiet = True
             n = len(data)
             self._recv_size = RECV_SIZE if n >= RECV_SMALL else RECV_SMALL
             self.bytes_read += n
@@ -293,37 +272,20 @@ class TCPTransport(Transport):
                 return b""
             raise
         finally:
-            if timeout is not None and not self._closed:
+            if timeout is None:
+                self._quiet = time.monotonic() - started > _QUIET  # this wait, poll included
+            elif not self._closed:
                 with contextlib.suppress(OSError):
                     sock.settimeout(None)
 
-    # -- the reader thread, and the caller reading in its place -----------------
-
-    def _read_next(self) -> bytes:
-        if not self.can_read_here:
-            return self.recv()
-        if self._wanted or self._caller_reads:
-            handed = self._hand_over()
-            if handed is not None:
-                self._ended_by = handed[0]  # what the caller met: end of stream or an error
-                return b""
-        started = time.monotonic()
-        if self._quiet and _poll is not None:
-            self._wait_readable()
-        data = self.recv()
-        self._quiet = time.monotonic() - started > _QUIET  # this wait, poll included
-        return data
-
     def _wait_readable(self) -> None:
-        """Reader thread: block until the socket is readable (or ended).
+        """Block until the socket is readable (or ended).
 
         ``recv(n)`` allocates its ``n`` bytes before it blocks, so an idle
         socket's reader would pin a 64 KiB buffer (and the pages its heap
-        headers touch) for as long as the socket stays quiet. So a socket that
-        is new, or whose last read waited longer than :data:`_QUIET`, waits
-        here first, buffer-less; an active one just reads. (Polling before
+        headers touch) for as long as the socket stays quiet. (Polling before
         every read cost a second trip through the GIL per read, and 20% of
-        the throughput of compressed 1 MiB echoes.)
+        the throughput of compressed 1 MiB echoes: hence only when quiet.)
         """
         poller = self._poller
         if poller is None:
@@ -333,96 +295,11 @@ class TCPTransport(Transport):
         while not poller.poll():  # -1 (forever); returns on data, EOF, error or abort
             pass
 
-    def _hand_over(self) -> tuple[BaseException | None] | None:
-        """Reader thread: grant the right to read, wait until it comes back.
-
-        Returns what the caller met that ended the stream, or ``None`` when
-        the lease lapsed (or the transport was aborted) and the reader reads on.
-        """
-        cond = self._rcond
-        wake = None
-        with cond:
-            if self._wanted and not self.aborted:
-                self._wanted = False
-                self._caller_reads = True
-                wake, self._wake = self._wake, None
-        if wake is not None:
-            wake()  # the caller may be waiting for a delivery that is not coming
-        with cond:
-            seen = -1
-            while self._caller_reads:
-                if self.aborted and not self._busy:
-                    self._caller_reads = False
-                    break
-                if not self._busy and self._reads == seen:
-                    self._caller_reads = False  # no read for a whole lease: it lapses
-                    break
-                seen = self._reads
-                # While the caller is inside a read, look again only after its
-                # longest blocking slice: a thread idling in receive() should
-                # not wake the reader 200 times a second.
-                cond.wait(_RCVTIMEO_CAP if self._busy else READ_LEASE)
-            handed = self._handed_back
-        if handed is None and self._rcvtimeo:
-            self._set_rcvtimeo(0)  # the reader's reads block without a bound
-        return handed
-
-    def read_here(self, sink: Sink, timeout: float | None, wake: Callable[[], None]) -> bool:
-        lock = self._rlock
-        with lock:
-            if not self._caller_reads or self._busy:
-                if (
-                    self.can_read_here
-                    and not self._caller_reads
-                    and timeout != 0
-                    and self._handed_back is None
-                ):
-                    self._wanted = True
-                    self._wake = wake
-                return False
-            self._busy = True
-        handed: tuple[BaseException | None] | None = None
-        try:
-            try:
-                data = self._recv_here(timeout)
-            except Exception as exc:  # noqa: BLE001 - the network failed: handed to the reader
-                handed, data = (exc,), None
-            # (A KeyboardInterrupt while waiting propagates; the socket goes on.)
-            if data:
-                try:
-                    sink.data_received(data)
-                except BaseException as exc:  # noqa: BLE001 - handed to the reader thread
-                    handed = (exc,)
-                    if not isinstance(exc, Exception):
-                        raise  # KeyboardInterrupt mid-parse: the socket ends; the caller hears it
-            elif data is not None and handed is None:
-                handed = (None,)  # end of stream
-        finally:
-            self._reads += 1  # only the holder writes these two, and in this order,
-            self._busy = False  # so the reader never sees "idle" without the read counted
-            if handed is not None:
-                with lock:
-                    self._handed_back = handed
-                    self._caller_reads = False
-                    self._rcond.notify_all()
-        return True
-
-    def _recv_here(self, timeout: float | None) -> bytes | None:
-        """One read on the caller's thread, waiting up to ``timeout`` seconds:
-        ``None`` if nothing came, ``b""`` at EOF (or after our own abort).
-
-        A long wait is a blocking ``recv`` bounded by ``SO_RCVTIMEO``, which
-        limits reads only (the writer thread's sends are not affected) and is
-        set once, so such a wait costs one system call. The kernel rounds that
-        bound up to its clock tick (4 ms here, and one tick more), so it only
-        serves slices of waits much longer than a tick, which the caller's
-        loop re-slices; a short wait polls with a precise timeout, then reads
-        without blocking.
-        """
+    def read(self, timeout: float | None) -> bytes | None:
         sock = self.sock
         try:
             if timeout is None or timeout >= _RCVTIMEO_LONG:
-                if self._rcvtimeo != _RCVTIMEO_CAP:
+                if not self._rcvtimeo_set:
                     self._set_rcvtimeo(_RCVTIMEO_CAP)
                 data = sock.recv(self._recv_size)
             elif timeout <= 0 or self._readable_within(timeout):
@@ -441,7 +318,11 @@ class TCPTransport(Transport):
         return data
 
     def _readable_within(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds, precisely, for the socket to be readable."""
+        """Wait up to ``timeout`` seconds, precisely, for the socket to be readable.
+
+        The kernel rounds ``SO_RCVTIMEO`` up to its clock tick (4 ms here, and
+        one tick more), so only waits much longer than a tick use it.
+        """
         sock = self.sock
         if sock.fileno() < _FD_SETSIZE or _poll is None:
             return bool(_select([sock], [], [], timeout)[0])  # microseconds
@@ -452,15 +333,14 @@ class TCPTransport(Transport):
         return bool(poller.poll(math.ceil(timeout * 1000)))  # milliseconds, rounded up
 
     def _set_rcvtimeo(self, seconds: float) -> None:
-        """Bound blocking reads to ``seconds`` (0: no bound). Only the holder of
-        the right to read calls this."""
+        """Bound blocking reads to ``seconds``."""
         whole = int(seconds)
-        micros = 0 if seconds == 0 else max(1, int((seconds - whole) * 1e6))
+        micros = max(1, int((seconds - whole) * 1e6))
         with contextlib.suppress(OSError):  # a closed socket: the read that follows says so
             self.sock.setsockopt(
                 socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval.pack(whole, micros)
             )
-        self._rcvtimeo = seconds
+        self._rcvtimeo_set = True
 
     # -- writing -----------------------------------------------------------------
 
@@ -508,8 +388,6 @@ class TCPTransport(Transport):
             if self.aborted or self._closed:
                 return
             self.aborted = True
-        with self._rcond:
-            self._rcond.notify_all()  # a reader thread lending its right to read takes it back
         with contextlib.suppress(OSError):
             # shutdown() on the raw descriptor wakes a recv/send blocked in
             # another thread; SSLSocket.shutdown would also drop its SSL object.

@@ -8,10 +8,12 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from blockws.exceptions import ConnectionLost
+from blockws.readtoken import ReadToken
 from blockws.transport import TCPTransport
 
 
@@ -114,26 +116,38 @@ class ThreadSink(RecordingSink):
         super().connection_lost(exc)
 
 
-def take_reading(transport: TCPTransport, sink: ThreadSink, peer: socket.socket) -> None:
-    """Ask for the right to read, and have it granted: the reader grants it after its
-    current read, so the peer sends one message ("first") to complete that read."""
-    granted = threading.Event()
-    assert transport.read_here(sink, 5.0, granted.set) is False  # the reader thread reads now
-    peer.sendall(b"first")
-    assert granted.wait(5), "the reader thread did not hand over"
-    assert sink.data == [b"first"] and sink.threads == ["reader"]
-
-
 class Lent:
-    """A TCP transport with its reader thread (named "reader") and the peer's socket."""
+    """A TCP transport with its read token, its reader thread (named "reader")
+    and the peer's socket: what a socket's engine puts together."""
 
     def __init__(self, transport: TCPTransport, sink: ThreadSink, peer: socket.socket) -> None:
         self.transport, self.sink, self.peer = transport, sink, peer
-        self.reader = threading.Thread(target=transport.run, args=(sink,), name="reader")
+        self.token = ReadToken()
+        self.reader = threading.Thread(
+            target=transport.run, args=(sink, self.token.before_read), name="reader"
+        )
         self.reader.start()
 
-    def read(self, timeout: float = 5.0) -> bool:
-        return self.transport.read_here(self.sink, timeout, lambda: None)
+    def read(
+        self, timeout: float = 5.0, sink: ThreadSink | None = None, wake: Any = None
+    ) -> bool:
+        """What a thread waiting in receive() does: read here if it may."""
+        return self.token.read_here(
+            self.transport.read, sink or self.sink, timeout, wake or (lambda: None)
+        )
+
+    def abort(self) -> None:
+        self.token.cancel()
+        self.transport.abort()
+
+    def take_reading(self) -> None:
+        """Ask for the right to read, and have it granted: the reader grants it after
+        its current read, so the peer sends one message ("first") to complete that read."""
+        granted = threading.Event()
+        assert self.read(5.0, wake=granted.set) is False  # the reader thread reads now
+        self.peer.sendall(b"first")
+        assert granted.wait(5), "the reader thread did not hand over"
+        assert self.sink.data == [b"first"] and self.sink.threads == ["reader"]
 
     def ended(self) -> None:
         """The stream has ended: reported once, and the reader thread is gone."""
@@ -151,10 +165,10 @@ def lent(
     t = Lent(TCPTransport(a), sink or ThreadSink(), b)
     try:
         if take:
-            take_reading(t.transport, t.sink, b)
+            t.take_reading()
         yield t
     finally:
-        t.transport.abort()
+        t.abort()
         t.ended()
         t.transport.close()
         b.close()
@@ -186,7 +200,7 @@ def test_a_waiting_caller_is_granted_the_reading_and_reads_on_its_own_thread() -
 def test_the_right_to_read_lapses_back_to_the_reader_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("blockws.transport.READ_LEASE", 0.02)
+    monkeypatch.setattr("blockws.readtoken.READ_LEASE", 0.02)
     with lent() as t:
         t.sink.got.clear()
         t.peer.sendall(b"later")  # the caller never reads again: the reader thread must
@@ -198,14 +212,14 @@ def test_the_right_to_read_lapses_back_to_the_reader_thread(
 def test_abort_takes_the_reading_back_without_waiting_for_the_lease(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("blockws.transport.READ_LEASE", 60.0)
+    monkeypatch.setattr("blockws.readtoken.READ_LEASE", 60.0)
     with lent() as t:
-        t.transport.abort()  # the caller holds the right but is not reading
+        t.abort()  # the caller holds the right but is not reading
         assert t.sink.done.wait(5), "abort waited for the lease"
     assert t.sink.lost == [None] and t.sink.lost_on == ["reader"]
 
 
-def test_abort_wakes_a_caller_blocked_in_read_here() -> None:
+def test_abort_wakes_a_caller_blocked_in_a_read() -> None:
     with lent() as t:
         returned = threading.Event()
 
@@ -215,11 +229,14 @@ def test_abort_wakes_a_caller_blocked_in_read_here() -> None:
 
         thread = threading.Thread(target=caller)
         thread.start()
-        while not t.transport._busy:  # the caller is inside read_here (blocked)
+        # the caller is inside its read (blocked): nothing else can take the token
+        while t.token.acquire(lambda: None, ask=False):
+            t.token.release()
             assert thread.is_alive()
             threading.Event().wait(0.001)
-        t.transport.abort()
-        assert returned.wait(5), "a caller in read_here outlived abort()"
+        threading.Event().wait(0.01)
+        t.abort()
+        assert returned.wait(5), "a caller blocked in a read outlived abort()"
         thread.join(5)
     assert t.sink.lost == [None] and t.sink.lost_on == ["reader"]
 
@@ -269,7 +286,7 @@ def test_a_second_caller_is_refused_while_the_first_reads() -> None:
     with lent() as t:
         slow = SlowSink()
         t.peer.sendall(b"x")
-        thread = threading.Thread(target=t.transport.read_here, args=(slow, 5.0, lambda: None))
+        thread = threading.Thread(target=t.read, args=(5.0, slow))
         thread.start()
         assert inside.wait(5)
         assert t.read(1.0) is False  # busy: wait for the delivery instead
@@ -279,15 +296,23 @@ def test_a_second_caller_is_refused_while_the_first_reads() -> None:
 
 
 def test_no_reading_on_the_caller_when_the_transport_cannot() -> None:
-    with lent(take=False) as t:
-        t.transport.can_read_here = False  # as for TLS, or without MSG_DONTWAIT
-        called = threading.Event()
-        for word in (b"one", b"two"):
-            t.sink.got.clear()
-            assert t.transport.read_here(t.sink, 1.0, called.set) is False
-            t.peer.sendall(word)
-            assert t.sink.got.wait(5)
-        assert t.sink.threads == ["reader", "reader"] and not called.is_set()
+    a, b = socket.socketpair()
+    tls_like = TCPTransport(a)
+    assert tls_like.can_read_bounded  # plain TCP on POSIX
+    tls_like.can_read_bounded = False  # as for TLS, or without MSG_DONTWAIT
+    sink = ThreadSink()
+    # The engine lends no reading on such a transport: its reader reads alone.
+    reader = threading.Thread(target=tls_like.run, args=(sink, None), name="reader")
+    reader.start()
+    for word in (b"one", b"two"):
+        sink.got.clear()
+        b.sendall(word)
+        assert sink.got.wait(5)
+    tls_like.abort()
+    reader.join(5)
+    assert sink.threads == ["reader", "reader"] and sink.lost == [None]
+    tls_like.close()
+    b.close()
 
 
 def test_a_short_wait_on_the_caller_is_precise() -> None:

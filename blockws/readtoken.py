@@ -1,0 +1,188 @@
+"""The right to read a socket's transport, held by one thread at a time.
+
+A thread blocked in ``ws.receive()`` or ``ws.wait()`` would otherwise be
+woken by the reader thread for every message: a thread hand-off that costs
+more than the message itself when messages are small, and all of a round
+trip's latency when one is in flight. So the right to read can pass from the
+reader thread to a waiting caller, and back:
+
+* the caller asks (:meth:`ReadToken.acquire` returns False and notes the
+  wish, with a function to wake the caller when the right is granted);
+* the reader thread, between two reads, sees the wish (:attr:`wanted`) and
+  grants it (:meth:`ReadToken.lend`), then waits;
+* while the caller holds the right, each :meth:`read_here` reads once
+  (bounded by the caller's timeout) and parses what came on the caller's
+  thread;
+* the right goes back to the reader when a :data:`READ_LEASE` passes
+  without a read by the caller, when the caller met the end of the stream
+  (which the reader thread then reports, so the end is always reported from
+  one place), or at once on :meth:`cancel` (the socket is being aborted).
+
+Every field is guarded by one lock; nothing here touches a socket, so this
+is unit-tested without one (``tests/test_readtoken.py``).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional, Protocol
+
+__all__ = ["ReadToken", "READ_LEASE", "Ended"]
+
+#: The right lent to a caller lapses once this many seconds pass without a
+#: read by it (between one and two leases after its last read, or up to
+#: :data:`BUSY_RECHECK` more after a long blocking read). Long enough to cover
+#: a callback and a send between two reads, short enough that pings, pongs and
+#: the closing handshake are still read promptly when the caller has gone off
+#: to do something else.
+READ_LEASE = 0.005
+#: While the caller is inside a (bounded) read, the reader looks again after
+#: this long, not every lease: a thread idling in receive() should not wake
+#: the reader 200 times a second. Callers bound each read to this much.
+BUSY_RECHECK = 0.05
+
+#: What a caller met that ended the stream: ``(None,)`` for end of stream,
+#: ``(exception,)`` for a failure.
+Ended = tuple[Optional[BaseException]]
+
+
+class Sink(Protocol):
+    """Where what the caller reads goes (the connection)."""
+
+    def data_received(self, data: bytes) -> None: ...
+
+
+class ReadToken:
+    """Who reads: the reader thread (the default) or one waiting caller."""
+
+    __slots__ = ("_cond", "_lent", "_busy", "_reads", "_ended", "_wake", "_cancelled", "wanted")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._lent = False  # a caller holds the right
+        self._busy = False  # ... and is inside a read right now
+        self._reads = 0  # reads the caller has done: the lease lapses when it stops
+        self._ended: Ended | None = None  # what the caller met, for the reader to report
+        self._wake: Callable[[], None] | None = None
+        self._cancelled = False
+        #: A caller asked for the right. The reader thread tests this without
+        #: the lock between reads: a stale False only delays a grant by a read.
+        self.wanted = False
+
+    # -- the caller's side ------------------------------------------------------------
+
+    def acquire(self, wake: Callable[[], None], ask: bool = True) -> bool:
+        """Take the right for one read (True), or note the wish and return False.
+
+        ``wake()`` is called (from the reader thread) when the right is
+        granted later, so a caller waiting for a delivery can come and read.
+        With ``ask`` False, no wish is noted (a caller that will not wait).
+        """
+        with self._cond:
+            if self._lent and not self._busy and not self._cancelled:
+                self._busy = True
+                return True
+            if ask and not self._lent and self._ended is None and not self._cancelled:
+                self.wanted = True
+                self._wake = wake
+            return False
+
+    def release(self, ended: Ended | None = None) -> None:
+        """One read is done; ``ended`` hands the end of the stream to the reader."""
+        with self._cond:
+            self._reads += 1
+            self._busy = False
+            if ended is not None:
+                self._ended = ended
+                self._lent = False
+                self._cond.notify_all()
+
+    def read_here(
+        self,
+        read: Callable[[float | None], bytes | None],
+        sink: Sink,
+        timeout: float | None,
+        wake: Callable[[], None],
+    ) -> bool:
+        """Read once on the calling thread, if it holds the right (or note the wish).
+
+        Returns False when the caller may not read now: it then waits for the
+        reader thread's delivery as usual, and ``wake()`` is called when the
+        right is granted. Returns True after one ``read(timeout)`` (``None``:
+        nothing came; ``b""``: end of stream) whose data went to
+        ``sink.data_received`` on this thread. The end of the stream, a
+        network error, or an exception from the sink are handed to the reader
+        thread, which reports them; a ``KeyboardInterrupt`` while parsing also
+        propagates here (the socket ends: the bytes read are lost with it).
+        """
+        if not self.acquire(wake, ask=timeout != 0):
+            return False
+        ended: Ended | None = None
+        try:
+            try:
+                data = read(timeout)
+            except Exception as exc:  # noqa: BLE001 - the network failed: the reader reports it
+                ended, data = (exc,), None
+            # (A KeyboardInterrupt while waiting propagates; the socket goes on.)
+            if data:
+                try:
+                    sink.data_received(data)
+                except BaseException as exc:  # noqa: BLE001 - the reader thread reports it
+                    ended = (exc,)
+                    if not isinstance(exc, Exception):
+                        raise  # KeyboardInterrupt mid-parse: the caller hears it too
+            elif data is not None and ended is None:
+                ended = (None,)  # end of stream
+        finally:
+            self.release(ended)
+        return True
+
+    # -- the reader thread's side -------------------------------------------------------
+
+    def before_read(self) -> Ended | None:
+        """The reader thread, before each read: lend the right if a caller asked
+        (see :meth:`lend`); ``None`` when the reader should read on."""
+        if self.wanted:
+            return self.lend()
+        return None
+
+    def lend(self) -> Ended | None:
+        """Grant the right to the caller that asked, and wait until it comes back.
+
+        Returns what the caller met that ended the stream, or ``None`` when
+        the lease lapsed (or :meth:`cancel` was called) and the reader reads on.
+        """
+        cond = self._cond
+        wake = None
+        with cond:
+            if self.wanted and not self._cancelled:
+                self.wanted = False
+                self._lent = True
+                wake, self._wake = self._wake, None
+        if wake is not None:
+            wake()  # the caller may be waiting for a delivery that is not coming
+        with cond:
+            seen = -1
+            while self._lent:
+                if self._cancelled and not self._busy:
+                    self._lent = False
+                    break
+                if not self._busy and self._reads == seen:
+                    self._lent = False  # no read for a whole lease: it lapses
+                    break
+                seen = self._reads
+                cond.wait(BUSY_RECHECK if self._busy else READ_LEASE)
+            return self._ended
+
+    def cancel(self) -> None:
+        """The socket is ending: the right goes back to the reader thread for good
+        (once a caller inside a read returns), and no wish is granted any more."""
+        with self._cond:
+            self._cancelled = True
+            self.wanted = False
+            self._cond.notify_all()
+
+    @property
+    def lent(self) -> bool:
+        """Whether a caller holds the right now."""
+        return self._lent

@@ -1,0 +1,250 @@
+"""blockws.readtoken: who reads a transport, without a socket.
+
+A "reader" thread plays the engine's reader (``before_read`` between reads)
+and the test's thread plays a caller waiting in ``receive()``; reads are
+plain functions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Callable
+
+import pytest
+
+from blockws.readtoken import Ended, ReadToken
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
+
+
+class Sink:
+    def __init__(self, raises: BaseException | None = None) -> None:
+        self.data: list[tuple[bytes, str]] = []
+        self.raises = raises
+
+    def data_received(self, data: bytes) -> None:
+        if self.raises is not None:
+            raise self.raises
+        self.data.append((data, threading.current_thread().name))
+
+
+class Reader:
+    """The reader thread's loop: ``before_read``, then a "read" that waits on
+    ``self.more`` (as a blocked recv would), until the token returns an end."""
+
+    def __init__(self, token: ReadToken) -> None:
+        self.token = token
+        self.ended: list[Ended] = []
+        self.lends = 0
+        self.more = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="reader")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            ended = self.token.before_read()
+            if ended is not None:
+                self.ended.append(ended)
+                return
+            self.more.wait(0.01)  # a read: returns when data "arrives" (or soon, idle)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.token.cancel()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def token() -> Iterator[ReadToken]:
+    yield ReadToken()
+
+
+def grant(token: ReadToken) -> threading.Event:
+    """Ask for the right to read and wait until the reader grants it."""
+    granted = threading.Event()
+    assert token.read_here(lambda t: b"never", Sink(), 1.0, granted.set) is False
+    assert token.wanted
+    assert granted.wait(5), "not granted"
+    return granted
+
+
+def reads(*results: bytes | None | BaseException) -> Callable[[float | None], bytes | None]:
+    queue = list(results)
+
+    def read(timeout: float | None) -> bytes | None:
+        result = queue.pop(0)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    return read
+
+
+def test_the_reader_keeps_the_right_until_a_caller_asks(token: ReadToken) -> None:
+    assert token.before_read() is None  # nobody asked: the reader reads on
+    assert not token.lent and not token.wanted
+    sink = Sink()
+    assert token.read_here(reads(b"x"), sink, 0, lambda: None) is False
+    assert not token.wanted  # a caller that will not wait (timeout 0) does not ask
+    assert sink.data == []
+
+
+def test_a_caller_granted_the_right_reads_on_its_own_thread(token: ReadToken) -> None:
+    reader = Reader(token)
+    try:
+        grant(token)
+        assert token.lent
+        sink = Sink()
+        assert token.read_here(reads(b"one"), sink, 1.0, lambda: None) is True
+        assert token.read_here(reads(None), sink, 1.0, lambda: None) is True  # nothing came
+        me = threading.current_thread().name
+        assert sink.data == [(b"one", me)]
+    finally:
+        reader.finish()
+
+
+def test_the_right_lapses_back_after_a_lease_without_a_read(
+    token: ReadToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("blockws.readtoken.READ_LEASE", 0.01)
+    reader = Reader(token)
+    try:
+        grant(token)
+        deadline = time.monotonic() + 5
+        while token.lent:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert reader.ended == []  # the reader reads on
+        # Not lent: this caller asks again rather than reading.
+        assert token.read_here(reads(b"x"), Sink(), 1.0, lambda: None) is False
+    finally:
+        reader.finish()
+
+
+def test_a_busy_caller_keeps_the_right_past_the_lease(
+    token: ReadToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("blockws.readtoken.READ_LEASE", 0.005)
+    reader = Reader(token)
+    try:
+        grant(token)
+
+        def slow(timeout: float | None) -> bytes | None:
+            time.sleep(0.05)  # ten leases inside one read
+            assert token.lent
+            return b"slow"
+
+        sink = Sink()
+        assert token.read_here(slow, sink, 1.0, lambda: None) is True
+        assert sink.data[0][0] == b"slow"
+    finally:
+        reader.finish()
+
+
+@pytest.mark.parametrize(
+    ("result", "expected"),
+    [(b"", None), (OSError("reset"), OSError)],
+    ids=["eof", "error"],
+)
+def test_an_end_met_by_the_caller_is_handed_to_the_reader(
+    token: ReadToken, result: bytes | BaseException, expected: type | None
+) -> None:
+    reader = Reader(token)
+    try:
+        grant(token)
+        assert token.read_here(reads(result), Sink(), 1.0, lambda: None) is True
+        reader.thread.join(5)
+        assert len(reader.ended) == 1
+        (exc,) = reader.ended[0]
+        assert exc is result if expected is not None else exc is None
+        # Reading has ended for good: nobody is granted it again.
+        assert token.read_here(reads(b"x"), Sink(), 1.0, lambda: None) is False
+        assert not token.wanted
+    finally:
+        reader.finish()
+
+
+def test_a_sink_error_on_the_caller_ends_the_stream_through_the_reader(
+    token: ReadToken,
+) -> None:
+    reader = Reader(token)
+    try:
+        grant(token)
+        error = ValueError("bad frame handling")
+        assert token.read_here(reads(b"x"), Sink(raises=error), 1.0, lambda: None) is True
+        reader.thread.join(5)
+        assert reader.ended == [(error,)]
+    finally:
+        reader.finish()
+
+
+def test_an_interrupt_while_parsing_reaches_the_caller_and_ends_the_stream(
+    token: ReadToken,
+) -> None:
+    reader = Reader(token)
+    try:
+        grant(token)
+        interrupt = KeyboardInterrupt()
+        with pytest.raises(KeyboardInterrupt):
+            token.read_here(reads(b"x"), Sink(raises=interrupt), 1.0, lambda: None)
+        reader.thread.join(5)
+        assert reader.ended == [(interrupt,)]
+    finally:
+        reader.finish()
+
+
+def test_an_interrupt_while_waiting_leaves_the_stream_going(token: ReadToken) -> None:
+    reader = Reader(token)
+    try:
+        grant(token)
+        with pytest.raises(KeyboardInterrupt):
+            token.read_here(reads(KeyboardInterrupt()), Sink(), 1.0, lambda: None)
+        assert token.read_here(reads(b"after"), Sink(), 1.0, lambda: None) is True
+        assert reader.ended == []
+    finally:
+        reader.finish()
+
+
+def test_a_second_caller_is_refused_while_the_first_reads(token: ReadToken) -> None:
+    reader = Reader(token)
+    try:
+        grant(token)
+        inside, leave = threading.Event(), threading.Event()
+
+        def blocking(timeout: float | None) -> bytes | None:
+            inside.set()
+            assert leave.wait(5)
+            return b"first"
+
+        first = threading.Thread(target=token.read_here, args=(blocking, Sink(), 1.0, print))
+        first.start()
+        assert inside.wait(5)
+        assert token.read_here(reads(b"x"), Sink(), 1.0, lambda: None) is False
+        leave.set()
+        first.join(5)
+    finally:
+        reader.finish()
+
+
+def test_cancel_takes_the_right_back_without_waiting_for_the_lease(
+    token: ReadToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("blockws.readtoken.READ_LEASE", 60.0)
+    reader = Reader(token)
+    try:
+        grant(token)
+        started = time.monotonic()
+        token.cancel()
+        deadline = started + 5
+        while token.lent:
+            assert time.monotonic() < deadline, "cancel waited for the lease"
+            time.sleep(0.001)
+        assert time.monotonic() - started < 1
+        assert token.read_here(reads(b"x"), Sink(), 1.0, lambda: None) is False
+        assert not token.wanted  # no wish is noted after cancel
+    finally:
+        reader.finish()
