@@ -79,12 +79,6 @@ class Opcode(enum.IntEnum):
     PING = 0x9
     PONG = 0xA
 
-    @property
-    def is_control(self) -> bool:
-        return self >= 0x8
-
-
-
 
 def py_apply_mask(data: BytesLike, key: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``key`` repeated (RFC 6455 section 5.3).

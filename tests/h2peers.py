@@ -189,6 +189,7 @@ class Relay:
         self.up.set()
         self.down.set()
         self.pings = 0
+        self._ping_cond = threading.Condition(threading.Lock())
         self.frames_up: list[Frame] = []
         self.ping_at: float | None = None
         self.held_at_ping = threading.Event()
@@ -280,8 +281,10 @@ class Relay:
             with self._lock:
                 self.frames_up.append(got)
             if got.type == DATA and length and got.payload[0] == 0x89:
-                with self._lock:
+                with self._ping_cond:
                     self.pings += 1
+                    self._ping_cond.notify_all()
+                with self._lock:
                     if self._armed:
                         self._armed = False
                         self.down.clear()  # before the ping is forwarded: no pong gets through
@@ -289,6 +292,11 @@ class Relay:
                         self.held_at_ping.set()
             pos += 9 + length
         return buf[pos:]
+
+    def wait_pings(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` pings in all have gone up; False on timeout."""
+        with self._ping_cond:
+            return self._ping_cond.wait_for(lambda: self.pings >= count, timeout)
 
     def unread(self) -> int:
         """Bytes the clients sent that wait, unread, in the relay's receive buffers."""

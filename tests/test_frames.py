@@ -179,7 +179,6 @@ def test_each_opcode(opcode: Opcode, key: bytes | None) -> None:
     assert wire[0] == 0x80 | int(opcode)
     assert wire[1] == (0x83 if key else 0x03)
     assert Frame.parse(wire) == (frame, len(wire))
-    assert opcode.is_control == (opcode >= 8)
 
 
 @pytest.mark.parametrize("fin", [True, False])
