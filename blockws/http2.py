@@ -122,6 +122,7 @@ from .extensions import Extension
 from .handshake import WSURL, Headers, Request, offer_headers
 from .log import logger
 from .timer import Job, timer
+from .readtoken import Ended
 from .transport import Connector, Sink, TCPTransport, Transport
 
 __all__ = ["HTTP2Settings", "H2Stream", "H2Pool", "pool"]
@@ -271,7 +272,7 @@ class H2Stream(Transport):
     def recv(self, timeout: float | None = None) -> bytes:  # pragma: no cover - not used
         raise TransportError("an HTTP/2 stream is read by its connection")
 
-    def run(self, sink: Sink) -> None:
+    def run(self, sink: Sink, before_read: Callable[[], Ended | None] | None = None) -> None:
         # Hand over what came before, in order: the reader appends to _early
         # until _sink is set, which happens once _early is empty.
         while True:
