@@ -121,8 +121,8 @@ from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidStatus, OpenTim
 from .extensions import Extension
 from .handshake import WSURL, Headers, Request, offer_headers
 from .log import logger
-from .timer import Job, timer
 from .readtoken import Ended
+from .timer import Job, timer
 from .transport import Connector, Sink, TCPTransport, Transport
 
 __all__ = ["HTTP2Settings", "H2Stream", "H2Pool", "pool"]
