@@ -83,7 +83,7 @@ from .sender import Sender
 from .timer import Job, timer
 from .transport import Connector, Transport
 
-__all__ = ["Connection", "Listener", "Phase", "TRANSITIONS", "open_over_network"]
+__all__ = ["Connection", "Listener", "Phase", "TRANSITIONS", "WRITER_JOIN", "open_over_network"]
 
 
 class Phase(enum.IntEnum):
@@ -110,6 +110,11 @@ _NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = (
     Phase.CLOSING,
     Phase.CLOSED,
 )
+#: Longest wait for the writer thread in the teardown and before ``on_closed``:
+#: an aborted TCP transport unblocks its writer at once, but a writer may be
+#: stuck in the write of a shared HTTP/2 connection whose peer stopped reading
+#: (it ends with that connection), and the teardown must not wait for it.
+WRITER_JOIN = 1.0
 #: Longest time a failing close waits for update() to deliver the messages
 #: that preceded the protocol error (see Connection.data_received).
 FAILURE_GRACE = 0.5
@@ -699,7 +704,7 @@ class Connection:
             transport.abort()  # unblocks a writer stuck on a full socket
         me = threading.current_thread()
         if writer is not None and self._reader is me:
-            writer.join()
+            writer.join(WRITER_JOIN)
         if transport is not None:
             transport.close()
         self.log.debug("closed: %s %r (error: %r)", self.close_code, self.close_reason, self.error)

@@ -119,7 +119,9 @@ class Sender:
 
         Direct writes skip messages that will be compressed (compression runs
         on the writer thread, never on the caller's) and messages larger than
-        :data:`DIRECT_MAX` (see :meth:`_write_large`).
+        :data:`DIRECT_MAX` (see :meth:`_write_large`). The lock is not
+        asserted here, on the path of every send: its one caller,
+        ``Connection.enqueue``, holds it.
         """
         if (
             self._direct
@@ -147,16 +149,19 @@ class Sender:
 
     def close_frame_locked(self, frame: bytes) -> None:
         """Queue our close frame behind every message queued before it."""
+        assert self.lock.locked()
         self.queue.append((CLOSE_FRAME, frame, None, 0))
         self._kick_locked()
 
     def control_locked(self, frames: list[bytes] | tuple[bytes, ...]) -> None:
         """Queue control frames (pongs, pings, a close reply) ahead of messages."""
+        assert self.lock.locked()
         self.control.extend(frames)
         self._kick_locked()
 
     def drop_locked(self) -> int:
         """Discard queued messages (releasing their segments); returns how many."""
+        assert self.lock.locked()
         dropped = len(self.queue)
         for _o, _p, segment, n in self.queue:
             self.buffered -= n  # a batch being written is counted off by the writer
@@ -336,6 +341,7 @@ class Sender:
 
     def stop_locked(self) -> threading.Thread | None:
         """Stop for good (the socket ended); returns the thread to join, if any."""
+        assert self.lock.locked()
         self._stopped = True
         self.drop_locked()
         self.control.clear()

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, Union, overlo
 
 from . import dispatcher as _dispatcher
 from .buffers import BufferPool, BufferSegment
-from .connection import Connection, Phase
+from .connection import WRITER_JOIN, Connection, Phase
 from .deadline import Deadline
 from .dispatcher import check_not_in_callback
 from .exceptions import ConnectionClosedOK, InvalidState, OpenTimeout
@@ -124,7 +124,11 @@ class _Events:
     def closed(self, code_reason: tuple[int, str]) -> None:
         ws = self.ws
         engine = ws._engine
-        engine.join_threads()  # once on_closed runs, none of the socket's threads remain
+        # Once on_closed runs, none of the socket's threads remain. The reader
+        # always ends; a writer still stuck in a shared HTTP/2 connection's
+        # write is waited for only so long (it ends with that connection).
+        if not engine.join_threads(WRITER_JOIN):
+            ws.log.warning("a thread of the socket is still running after %s s", WRITER_JOIN)
         engine.on_closed_ran()
         if ws.on_closed is not None:
             ws.on_closed(ws, code_reason[0], code_reason[1])

@@ -29,7 +29,7 @@ BytesLike = Any
 class MemoryTransport(Transport):
     """A transport between the engine and the test (the test plays the server)."""
 
-    def __init__(self, *, block_writes: bool = False) -> None:
+    def __init__(self, *, block_writes: bool = False, stuck_writes: bool = False) -> None:
         self._incoming: queue.Queue[bytes] = queue.Queue()
         self._written = bytearray()
         self._cond = threading.Condition()
@@ -39,6 +39,9 @@ class MemoryTransport(Transport):
         self.aborted = False
         self.closed = False
         self.finished_closing = 0  # how many times finish_closing() was called
+        # A blocked write that even abort() does not end (a peer that stopped
+        # reading a shared connection): only unblock_writes() does.
+        self.stuck_writes = stuck_writes
         self.write_started = threading.Event()  # a write() was entered
 
     # -- the test's side ---------------------------------------------------------------
@@ -99,9 +102,9 @@ class MemoryTransport(Transport):
         data = b"".join(bytes(c) for c in chunks)
         self.write_started.set()
         while not self._writes_open.wait(0.05):
-            if self.aborted:
+            if self.aborted and not self.stuck_writes:
                 raise blockws.ConnectionLost("aborted while writing")
-        if self.aborted:
+        if self.aborted and not self.stuck_writes:
             raise blockws.ConnectionLost("aborted while writing")
         self.bytes_written += len(data)
         with self._cond:

@@ -445,3 +445,48 @@ def test_public_state_is_documented_properties() -> None:
         assert attribute.__doc__, name
     for internal in ("data_received", "connection_lost"):
         assert not hasattr(blockws.WebSocket, internal)
+
+
+# -- the threading rules (see blockws/connection.py) ------------------------------------
+
+
+def test_a_stuck_writer_blocks_neither_the_timer_nor_other_sockets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Timer jobs only set a flag and abort; nothing joins a stuck writer for long.
+
+    Socket A's writer is stuck in a write that even abort() cannot end (a peer
+    that stopped reading a shared connection). A's close timeout must still
+    end it on time, update() must not hang on the writer, and socket B's pings
+    and its close-after-silence must keep their schedule meanwhile.
+    """
+    with use_memory(monkeypatch, block_writes=True, stuck_writes=True) as memory:
+        a, a_transport = opened(memory, close_timeout=0.3)
+    with use_memory(monkeypatch) as memory:
+        b, b_transport = opened(
+            memory, send_pings=True, ping_frequency=0.1, close_after_no_message=0.3
+        )
+    try:
+        a.send("stuck")  # the writer takes it and never comes back
+        assert a_transport.write_started.wait(5)
+        started = time.monotonic()
+        a.close()
+        pings = b_transport.wait_for(lambda fs: sum(f.opcode == Opcode.PING for f in fs) >= 1)
+        b_transport.feed(server_frame(Opcode.PONG, pings[0].payload))
+        while not a.closed:  # the teardown does not wait for the stuck writer
+            assert time.monotonic() - started < 3
+            time.sleep(0.01)
+        took = time.monotonic() - started
+        assert 0.25 <= took < 1.0, took  # close_timeout 0.3 s, on time
+        assert isinstance(a.error, blockws.CloseTimeout)
+        pumped = time.monotonic()
+        a.update()  # on_closed: joins A's threads only briefly
+        assert time.monotonic() - pumped < 1.5
+        assert a.join(0.2) is False  # join() says the writer has not ended
+        # B kept its schedule: silence after its pong closes it 0.3 s after a ping.
+        assert b.join(5)
+        assert isinstance(b.error, blockws.PingTimeout)
+    finally:
+        a_transport.unblock_writes()
+        b.abort()
+        a.join(5)
