@@ -1,0 +1,227 @@
+"""Delivery: one read's messages to on_message / on_binary or to the inbox, the
+scratch and pooled segments, and what happens when a handler raises."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+
+from blockws.buffers import BufferPool, BufferSegment
+from blockws.delivery import SCRATCH, Delivery
+from blockws.dispatcher import Dispatcher
+from blockws.protocol import BinaryMessage
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
+
+
+class Handlers:
+    """The socket as Delivery sees it."""
+
+    def __init__(
+        self,
+        on_message: Callable[[Any, str], Any] | None = None,
+        on_binary: Callable[[Any, BufferSegment], Any] | None = None,
+    ) -> None:
+        self.on_message = on_message
+        self.on_binary = on_binary
+
+
+class Recorder:
+    """on_binary that keeps each segment, what it held and whether it was live."""
+
+    def __init__(self, release: bool = False) -> None:
+        self.release = release
+        self.segments: list[BufferSegment] = []
+        self.contents: list[bytes] = []
+        self.live: list[bool] = []
+
+    def __call__(self, ws: Any, segment: BufferSegment) -> None:
+        self.segments.append(segment)
+        self.contents.append(bytes(segment))
+        self.live.append(not segment.released)
+        if self.release:
+            segment.release()
+
+
+def make(
+    handlers: Handlers, pool: BufferPool | None = None
+) -> tuple[Delivery, Dispatcher, BufferPool]:
+    pool = pool or BufferPool()
+    dispatcher = Dispatcher()
+    return Delivery(handlers, dispatcher, pool), dispatcher, pool
+
+
+def pooled(pool: BufferPool, payload: bytes) -> BinaryMessage:
+    """A binary message as the parser assembles it in pooled memory."""
+    buf = pool.allocate(len(payload))
+    buf[: len(payload)] = payload
+    buf[len(payload) :] = b"\xee" * (len(buf) - len(payload))  # stale bytes past the end
+    return BinaryMessage(buf, len(payload))
+
+
+def test_text_goes_to_on_message() -> None:
+    seen: list[tuple[Any, str]] = []
+    ws = Handlers(on_message=lambda ws, text: seen.append((ws, text)))
+    delivery, dispatcher, _ = make(ws)
+    dispatcher.post(delivery.messages, ["hello", "wörld"])
+    assert dispatcher.run() == 2
+    assert seen == [(ws, "hello"), (ws, "wörld")]
+    assert not delivery.inbox
+
+
+def test_small_binary_uses_the_scratch_segment() -> None:
+    rec = Recorder()
+    delivery, dispatcher, pool = make(Handlers(on_binary=rec))
+    small = [b"\x00\x01\x02", bytes(range(256)) * 16]  # the second is exactly SCRATCH
+    assert len(small[1]) == SCRATCH
+    dispatcher.post(delivery.messages, small)
+    assert dispatcher.run() == 2
+    assert rec.contents == small
+    assert rec.live == [True, True]  # valid during the callback
+    assert all(s.released for s in rec.segments)  # marked released after it
+    assert [len(s) for s in rec.segments] == [3, SCRATCH]
+    assert rec.segments[0].data is rec.segments[1].data  # one scratch buffer per socket
+    assert all(s.pool is None for s in rec.segments)
+    assert pool.pooled_bytes == 0  # the pool was not involved
+
+
+def test_scratch_segment_released_by_the_callback_is_fine() -> None:
+    rec = Recorder(release=True)
+    delivery, dispatcher, _ = make(Handlers(on_binary=rec))
+    assert delivery.messages([b"abc", b"def"]) == 2
+    assert rec.contents == [b"abc", b"def"]
+    assert all(s.released for s in rec.segments)
+
+
+def test_larger_binary_goes_through_a_pooled_segment() -> None:
+    rec = Recorder()
+    delivery, dispatcher, pool = make(Handlers(on_binary=rec))
+    big = bytes(range(251)) * 40  # 10040 bytes
+    assert len(big) > SCRATCH
+    before = pool.pooled_bytes
+    assert delivery.messages([big, b"x" * (SCRATCH + 1)]) == 2
+    assert rec.contents == [big, b"x" * (SCRATCH + 1)]
+    assert rec.live == [True, True]
+    assert all(s.released for s in rec.segments)
+    assert all(s.pool is pool for s in rec.segments)
+    # Both buffers (16 KiB and 8 KiB classes) went back to the pool.
+    assert pool.pooled_bytes == before + 16384 + 8192
+
+
+def test_pooled_segment_released_by_the_callback_goes_back_once() -> None:
+    rec = Recorder(release=True)
+    delivery, _, pool = make(Handlers(on_binary=rec))
+    assert delivery.messages([b"y" * 5000]) == 1
+    assert rec.segments[0].released
+    assert pool.pooled_bytes == 8192  # once, not twice
+
+
+def test_binary_message_in_pooled_memory_goes_to_on_binary_without_a_copy() -> None:
+    rec = Recorder()
+    pool = BufferPool()
+    message = pooled(pool, b"pooled payload" * 100)
+    delivery, _, _ = make(Handlers(on_binary=rec), pool)
+    assert delivery.messages([message]) == 1
+    assert rec.contents == [b"pooled payload" * 100]  # exactly length bytes, not the buffer
+    assert rec.segments[0].data is message.data
+    assert rec.segments[0].released
+    assert pool.pooled_bytes == 2048
+
+
+def test_binary_message_without_a_handler_is_queued_as_exact_bytes() -> None:
+    pool = BufferPool()
+    message = pooled(pool, b"q" * 3000)
+    delivery, _, _ = make(Handlers(), pool)
+    assert delivery.messages([message]) == 1
+    assert list(delivery.inbox) == [b"q" * 3000]
+    assert type(delivery.inbox[0]) is bytes
+    assert pool.pooled_bytes == 4096  # the buffer was given back
+
+
+def test_without_handlers_messages_queue_in_order() -> None:
+    pool = BufferPool()
+    delivery, dispatcher, _ = make(Handlers(), pool)
+    big = b"B" * (SCRATCH * 3)
+    dispatcher.post(delivery.messages, ["one", b"two", pooled(pool, b"three")])
+    dispatcher.post(delivery.messages, [big, "five"])
+    assert dispatcher.run() == 5
+    assert list(delivery.inbox) == ["one", b"two", b"three", big, "five"]
+    assert delivery.inbox[3] is big  # exact bytes are queued without a copy
+
+
+def test_text_and_binary_handlers_are_independent() -> None:
+    texts: list[str] = []
+    delivery, _, _ = make(Handlers(on_message=lambda ws, t: texts.append(t)))
+    assert delivery.messages(["a", b"b", "c"]) == 3
+    assert texts == ["a", "c"]
+    assert list(delivery.inbox) == [b"b"]
+
+
+def test_handler_that_raises_leaves_the_rest_at_the_front_of_the_queue() -> None:
+    seen: list[Any] = []
+
+    def on_message(ws: Any, text: str) -> None:
+        seen.append(text)
+        if text == "boom":
+            raise RuntimeError("handler failed")
+
+    rec = Recorder()
+    delivery, dispatcher, _ = make(Handlers(on_message=on_message, on_binary=rec))
+    dispatcher.post(delivery.messages, ["first", "boom", b"third", "fourth"])
+    dispatcher.post(seen.append, "posted later")
+    with pytest.raises(RuntimeError, match="handler failed"):
+        dispatcher.run()
+    assert seen == ["first", "boom"]
+    assert list(dispatcher.pending) == [
+        (delivery.messages, [b"third", "fourth"]),
+        (seen.append, "posted later"),
+    ]
+    assert dispatcher.run() == 3  # two messages, then the later item
+    assert seen == ["first", "boom", "fourth", "posted later"]
+    assert rec.contents == [b"third"]
+    assert not dispatcher.pending
+
+
+def test_raising_binary_handler_still_releases_its_segment() -> None:
+    segments: list[BufferSegment] = []
+
+    def on_binary(ws: Any, segment: BufferSegment) -> None:
+        segments.append(segment)
+        raise ValueError("bad payload")
+
+    delivery, dispatcher, pool = make(Handlers(on_binary=on_binary))
+    dispatcher.post(delivery.messages, [b"s" * 10, b"L" * 9000])
+    with pytest.raises(ValueError):
+        dispatcher.run()
+    assert segments[0].released
+    assert list(dispatcher.pending) == [(delivery.messages, [b"L" * 9000])]
+    with pytest.raises(ValueError):
+        dispatcher.run()
+    assert segments[1].released and segments[1].pool is pool
+    assert pool.pooled_bytes == 16384
+    assert not dispatcher.pending  # the last message raised: nothing left to requeue
+
+
+def test_handlers_are_looked_up_per_message() -> None:
+    first: list[str] = []
+    second: list[str] = []
+    binaries: list[bytes] = []
+    ws = Handlers()
+
+    def switch(ws: Handlers, text: str) -> None:
+        first.append(text)
+        ws.on_message = lambda ws, t: second.append(t)
+
+    def once(ws: Handlers, segment: BufferSegment) -> None:
+        binaries.append(bytes(segment))
+        ws.on_binary = None  # later binaries go to the inbox
+
+    ws.on_message = switch
+    ws.on_binary = once
+    delivery, _, _ = make(ws)
+    assert delivery.messages(["a", "b", b"x", "c", b"y", b"z" * 5000]) == 6
+    assert first == ["a"]
+    assert second == ["b", "c"]
+    assert binaries == [b"x"]
+    assert list(delivery.inbox) == [b"y", b"z" * 5000]
