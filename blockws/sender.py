@@ -260,14 +260,14 @@ class Sender:
                         if item[0] == CLOSE_FRAME:
                             closing = True
                 try:
-                    self._write_batch(proto, transport, chunks, batch)
+                    closing = self._write_batch(proto, transport, chunks, batch) or closing
                 finally:
                     with lock:
                         self._writing = False
                         self.buffered -= size + rest_size
-                for _o, _p, segment, _n in batch:
-                    if segment is not None and not segment.released:
-                        segment.release()
+                    for _o, _p, segment, _n in batch:  # written, or failed: either way done
+                        if segment is not None and not segment.released:
+                            segment.release()
                 if closing:
                     self._on_close_written()
         except BaseException as exc:  # noqa: BLE001 - reported through on_closed
@@ -279,7 +279,9 @@ class Sender:
 
     def _write_batch(
         self, proto: Protocol, transport: Transport, chunks: list[BytesLike], batch: list[Item]
-    ) -> None:
+    ) -> bool:
+        """Write ``chunks`` and then ``batch``; True if a close frame slipped in
+        between the fragments of a large message (nothing follows it then)."""
         for opcode, payload, _segment, n in batch:
             if opcode == CLOSE_FRAME:
                 chunks.append(payload)
@@ -289,13 +291,17 @@ class Sender:
                 if chunks:
                     transport.write(chunks)
                     chunks.clear()
-                self._write_large(proto.iter_data(opcode & 0xF, payload, compress=compress))
+                if self._write_large(proto.iter_data(opcode & 0xF, payload, compress=compress)):
+                    # A close went out mid-message: no data frame may follow it
+                    # (RFC 6455 5.5.1), so the rest of the batch is dropped.
+                    return True
             else:
                 chunks.extend(proto.encode_data(opcode & 0xF, payload, compress=compress))
         if chunks:
             transport.write(chunks)
+        return False
 
-    def _write_large(self, frames: Iterator[bytes]) -> None:
+    def _write_large(self, frames: Iterator[bytes]) -> bool:
         """Write a large message's frames in batches through one reusable buffer.
 
         Frames are made one at a time and copied into the buffer, so each is
@@ -303,7 +309,8 @@ class Sender:
         joining them) would allocate and free megabytes per message, and the
         C allocator answers that with fresh pages, trimmed and faulted in
         again, that cost more than the copy. Control frames queued meanwhile
-        go out between batches.
+        go out between batches; when one of them is a close frame (a reply to
+        the server's close), the message stops there and this returns True.
         """
         transport = self.transport
         assert transport is not None
@@ -316,7 +323,8 @@ class Sender:
             n = len(frame)
             if pos + n > room:
                 if pos:
-                    self._flush_large(transport, out[:pos])
+                    if self._flush_large(transport, out[:pos]):
+                        return True
                     pos = 0
                 if n > room:  # a frame larger than the buffer goes as it is
                     transport.write([frame])
@@ -325,12 +333,19 @@ class Sender:
             pos += n
         if pos:
             transport.write([out[:pos]])
+        return False
 
-    def _flush_large(self, transport: Transport, data: memoryview) -> None:
+    def _flush_large(self, transport: Transport, data: memoryview) -> bool:
+        """Write a batch of fragments and the control frames queued meanwhile;
+        True if one of those was a close frame."""
         with self.lock:
             control = list(self.control)
             self.control.clear()
-        transport.write([data, *control] if control else [data])  # control between fragments
+        if not control:
+            transport.write([data])
+            return False
+        transport.write([data, *control])  # control frames between fragments
+        return any(frame[0] & 0x0F == _CLOSE_OPCODE for frame in control)
 
     # -- the end ----------------------------------------------------------------------
 

@@ -430,12 +430,6 @@ def test_fragment_larger_than_the_write_buffer_is_written_as_it_is(
     assert b"".join(payloads(frames)) == message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a close reply queued with control_locked while a large message is being "
-    "written is slipped between its fragments by _flush_large, and the message's remaining "
-    "data frames are written after the close frame (RFC 6455 5.5.1)",
-)
 def test_no_data_frame_follows_a_close_reply_slipped_into_a_large_message(
     rigs: Callable[..., Rig],
 ) -> None:
@@ -447,19 +441,14 @@ def test_no_data_frame_follows_a_close_reply_slipped_into_a_large_message(
 
     rig = rigs(HookTransport(hook), max_fragment_size=60000)
     rig.enqueue(BINARY, bytes(614400))
-    frames = rig.wait_frames(12)
-    opcodes = [f.opcode for f in frames]
-    assert Opcode.CLOSE in opcodes
+    rig.transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))
+    rig.wait_idle()  # the large message is abandoned at the close: the writer is done
+    opcodes = [f.opcode for f in rig.transport.frames()]
     after_close = opcodes[opcodes.index(Opcode.CLOSE) + 1 :]
     assert not any(op in DATA_OPCODES for op in after_close), opcodes
+    assert len(opcodes) < 12  # 11 fragments make the whole message: it was cut short
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a close frame slipped between a large message's batches by _flush_large "
-    "never triggers on_close_written (only control frames present when a batch starts are "
-    "checked for opcode 8), so an HTTP/2 stream is not finished when the reply is out",
-)
 def test_close_written_after_a_close_reply_slipped_into_a_large_message(
     rigs: Callable[..., Rig],
 ) -> None:
@@ -471,7 +460,7 @@ def test_close_written_after_a_close_reply_slipped_into_a_large_message(
 
     rig = rigs(HookTransport(hook), max_fragment_size=60000)
     rig.enqueue(BINARY, bytes(614400))
-    rig.wait_frames(12)
+    rig.transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))
     rig.ping(b"marker")  # batches run in order: once it is out, the large batch is done
     rig.transport.wait_for(lambda fs: fs[-1].opcode == Opcode.PING)
     assert rig.close_written, "on_close_written not called after the close frame was written"
@@ -539,12 +528,6 @@ def test_failed_direct_write_reports_and_releases_the_segment(rigs: Callable[...
     assert rig.sender._writing is False and rig.sender.buffered == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: when the writer's transport.write raises, the segments of the batch being "
-    "written are never released (the release loop is skipped, and stop_locked only drops "
-    "the queue), unlike a failed direct write: their memory never returns to the pool",
-)
 def test_failed_batch_segments_are_released(rigs: Callable[..., Rig]) -> None:
     pool = BufferPool()
     rig = rigs(FailingTransport())
