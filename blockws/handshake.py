@@ -201,10 +201,15 @@ class Request:
     #: The HTTP version that carried this request: ``"2"`` once an RFC 8441
     #: stream opened with it, else ``"1.1"``.
     http_version: str = "1.1"
+    _parsed: tuple[str, WSURL] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def parsed_url(self) -> WSURL:
-        return parse_url(self.url)
+        """``url`` parsed and checked (:func:`parse_url`), once per value of ``url``."""
+        parsed = self._parsed
+        if parsed is None or parsed[0] != self.url:
+            parsed = self._parsed = (self.url, parse_url(self.url))
+        return parsed[1]
 
 
 _RESERVED_HEADERS = frozenset(
@@ -240,7 +245,7 @@ def offer_headers(request: Request, extensions: Sequence[Extension] = ()) -> lis
     userinfo, then the user's headers (which may not override the ones
     blockws writes: ``ValueError``).
     """
-    url = parse_url(request.url)
+    url = request.parsed_url
     headers: list[tuple[str, str]] = []
     if request.subprotocols:
         headers.append(("Sec-WebSocket-Protocol", ", ".join(request.subprotocols)))
@@ -261,7 +266,7 @@ def offer_headers(request: Request, extensions: Sequence[Extension] = ()) -> lis
 
 def build_request(request: Request, key: str, extensions: Sequence[Extension] = ()) -> bytes:
     """Serialize ``request`` as an HTTP/1.1 upgrade request with ``key``."""
-    url = parse_url(request.url)
+    url = request.parsed_url
     lines = [
         f"GET {url.resource} HTTP/1.1",
         f"Host: {url.authority}",

@@ -34,7 +34,7 @@ from .dispatcher import check_not_in_callback
 from .exceptions import ConnectionClosedOK, InvalidState, OpenTimeout
 from .extensions import Extension
 from .frames import Opcode
-from .handshake import Headers, HeadersLike, Request, parse_url, redact_url
+from .handshake import Headers, HeadersLike, Request, redact_url
 from .http2 import HTTP2Settings
 from .log import ContextAdapter
 from .options import ConnectOptions, Options
@@ -222,7 +222,7 @@ class WebSocket:
         # HTTP/2
         http2: HTTP2Settings | bool | None = None,
     ) -> None:
-        parse_url(url)  # InvalidURL before anything else
+        _ = Request(url).parsed_url  # InvalidURL before anything else
         self._options = Options.build(
             subprotocols=subprotocols,
             extensions=extensions,
