@@ -603,45 +603,46 @@ class H2Connection:
         """Send DATA within the flow-control windows; waits while they are closed."""
         lock = self.lock
         sid = stream.stream_id
+        failure: BaseException | None = None
         with lock:
             self._await_turn_locked(stream)
-        failure: BaseException | None = None
-        try:
-            while True:
-                with lock:
+            try:
+                while True:
                     out, self._out = self._out, []  # queued frames go first
                     if data and failure is None:
                         failure = self._stream_failure_locked(stream)
-                    if data and failure is None:
-                        size = min(self._send_window_locked(stream), len(data), _PIECE)
-                        if size > 0:
-                            # DATA frames are framed here rather than by
-                            # h2.send_data, whose per-frame state machine cost
-                            # ~40 us a frame (benchmarks/http2.py): a DATA frame
-                            # without END_STREAM changes no stream state, so only
-                            # h2's outbound windows need the bookkeeping it does.
-                            largest = self.h2.max_outbound_frame_size
-                            for start in range(0, size, largest):
-                                chunk = data[start : min(start + largest, size)]
-                                out.append(_data_header(len(chunk), sid))
-                                out.append(chunk)  # written before send_data returns: no copy
-                            self.h2.outbound_flow_control_window -= size
-                            self.h2.streams[sid].outbound_flow_control_window -= size
-                            data = data[size:]
-                        elif not out:
-                            # The window is closed: let others write meanwhile.
-                            self._release_turn_locked()
-                            self._await_turn_locked(stream)
-                            continue
+                        if failure is None:
+                            size = min(self._send_window_locked(stream), len(data), _PIECE)
+                            if size > 0:
+                                # DATA frames are framed here rather than by
+                                # h2.send_data, whose per-frame state machine
+                                # cost ~40 us a frame (benchmarks/http2.py): a
+                                # DATA frame without END_STREAM changes no stream
+                                # state, so only h2's outbound windows need the
+                                # bookkeeping it would do.
+                                largest = self.h2.max_outbound_frame_size
+                                for start in range(0, size, largest):
+                                    chunk = data[start : min(start + largest, size)]
+                                    out.append(_data_header(len(chunk), sid))
+                                    out.append(chunk)  # written before we return: no copy
+                                self.h2.outbound_flow_control_window -= size
+                                self.h2.streams[sid].outbound_flow_control_window -= size
+                                data = data[size:]
+                            elif not out:
+                                # The window is closed: let others write meanwhile.
+                                self._release_turn_locked()
+                                self._await_turn_locked(stream)
+                                continue
                     if not out:
-                        self._release_turn_locked()
-                        break
-                self._write(out)
-        except BaseException:
-            with lock:
+                        break  # nothing queued: the turn can go
+                    lock.release()
+                    try:
+                        self._write(out)
+                    finally:
+                        lock.acquire()
+            finally:
                 if self._writing and self._writing_stream is stream:
                     self._release_turn_locked()
-            raise
         stream._written_at = time.monotonic()
         if failure is not None:
             raise failure
@@ -829,6 +830,7 @@ class H2Connection:
         pos = start = 0
         end = len(buf)
         window = self._recv_window
+        conn_hand = conn_h2 = 0  # connection credit, added to the read's in the end
         try:
             while end - pos >= 9:
                 length = int.from_bytes(buf[pos : pos + 3], "big")
@@ -851,43 +853,41 @@ class H2Connection:
                     )
                 sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
                 stream = streams.get(sid)
-                if stream is not None and not stream._ended:
-                    if stream.response is None and start < pos:
-                        # Its response may be among the frames not yet through h2.
-                        self._deliver_held(held)
-                        self._through_h2(bytes(buf[start:pos]))
-                        start = pos
+                if stream is not None and not stream._ended and start < pos:
+                    # The frames before it go through h2 first: they may answer
+                    # its CONNECT (the fast path is open from the first DATA
+                    # frame on), or reset its stream.
+                    self._deliver_held(held)
+                    self._through_h2(bytes(buf[start:pos]))
+                    start = pos
                 if stream is None or stream._ended:
-                    self._credit_conn_h2 += length  # h2 handles DATA of closed streams
+                    conn_h2 += length  # h2 handles DATA of closed streams
                     pos = stop
                     continue
                 stream._recv_window -= length
                 if stream._recv_window < 0:
                     # A stream error (RFC 9113 5.4.2): reset it, drop the frame.
                     self._deliver_held(held)
-                    if start < pos:
-                        self._through_h2(bytes(buf[start:pos]))
                     start = pos = stop
-                    self._credit_conn_hand += length
+                    conn_hand += length
                     self._stream_flow_error(stream)
                     continue
                 if stream.response is not None and not buf[pos + 4] & 0x09:
                     # The fast path: no END_STREAM, no PADDED.
-                    if start < pos:
-                        self._deliver_held(held)
-                        self._through_h2(bytes(buf[start:pos]))
                     if length:
                         held.setdefault(stream, []).append(buf[pos + 9 : stop])
                         hand[stream] = hand.get(stream, 0) + length
-                        self._credit_conn_hand += length
+                        conn_hand += length
                     start = stop
                 else:
                     credit = self._credit_h2
                     credit[stream] = credit.get(stream, 0) + length
-                    self._credit_conn_h2 += length
+                    conn_h2 += length
                 pos = stop
         finally:
             self._recv_window = window
+            self._credit_conn_hand += conn_hand
+            self._credit_conn_h2 += conn_h2
         if start < pos:
             self._deliver_held(held)
             self._through_h2(bytes(buf[start:pos]))
