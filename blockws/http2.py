@@ -370,6 +370,7 @@ class H2Connection:
         self._writing = False
         self._writing_stream: H2Stream | None = None  # whose frames the turn holder writes
         self._write_seq = 0  # writes done, to tell a stuck write (see _check_stuck)
+        self._waiting = 0  # threads in _wait_locked
         self._flushing = False  # a flusher thread is running
         self._abort_reason: BaseException | None = None
         # Reading (the reader thread's alone). Bytes of an incomplete frame:
@@ -501,7 +502,17 @@ class H2Connection:
     def _release_turn_locked(self) -> None:
         self._writing = False
         self._writing_stream = None
-        self.window_open.notify_all()
+        if self._waiting:
+            self.window_open.notify_all()
+
+    def _wait_locked(self, timeout: float | None = None) -> None:
+        """Wait on ``window_open``, counted, so that releasing the turn notifies
+        only when someone waits (state lock held)."""
+        self._waiting += 1
+        try:
+            self.window_open.wait(timeout)
+        finally:
+            self._waiting -= 1
 
     def _write(self, out: list[BytesLike]) -> None:
         """Write ``out`` to the socket (write turn held, no lock)."""
@@ -528,7 +539,7 @@ class H2Connection:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    self.window_open.wait(left)
+                    self._wait_locked(left)
             if self._writing or not self._out or self.dead is not None:
                 return
             out, self._out = self._out, []
@@ -581,58 +592,53 @@ class H2Connection:
         return None
 
     def _send_window_locked(self, stream: H2Stream) -> int:
-        try:
-            return self.h2.local_flow_control_window(stream.stream_id)
-        except (h2.exceptions.H2Error, KeyError):
-            return 0  # h2 closed it: the reader marks it ended and notifies
+        """What ``stream`` may send now (h2's ``local_flow_control_window``, without
+        its exception for a closed stream: the reader marks that one ended)."""
+        h2s = self.h2.streams.get(stream.stream_id)
+        if h2s is None or h2s.closed:
+            return 0
+        return min(self.h2.outbound_flow_control_window, h2s.outbound_flow_control_window)
 
-    def _await_turn_locked(self, stream: H2Stream) -> None:
-        """Wait for the write turn and an open window; raises if the stream
-        or the connection ends meanwhile (state lock held)."""
+    def _await_turn_locked(self, stream: H2Stream) -> int:
+        """Wait for the write turn and an open window, and return the window;
+        raises if the stream or the connection ends meanwhile (state lock held)."""
         while True:
             failure = self._stream_failure_locked(stream)
             if failure is not None:
                 raise failure
-            if not self._writing and self._send_window_locked(stream) > 0:
-                self._writing = True
-                self._writing_stream = stream
-                return
-            self.window_open.wait()
+            if not self._writing:
+                window = self._send_window_locked(stream)
+                if window > 0:
+                    self._writing = True
+                    self._writing_stream = stream
+                    return window
+            self._wait_locked()
 
     def send_data(self, stream: H2Stream, data: memoryview) -> None:
         """Send DATA within the flow-control windows; waits while they are closed."""
+        if not data:
+            return
         lock = self.lock
-        sid = stream.stream_id
         failure: BaseException | None = None
         with lock:
-            self._await_turn_locked(stream)
+            window = self._await_turn_locked(stream)  # fresh for the first piece
             try:
                 while True:
                     out, self._out = self._out, []  # queued frames go first
                     if data and failure is None:
-                        failure = self._stream_failure_locked(stream)
-                        if failure is None:
-                            size = min(self._send_window_locked(stream), len(data), _PIECE)
-                            if size > 0:
-                                # DATA frames are framed here rather than by
-                                # h2.send_data, whose per-frame state machine
-                                # cost ~40 us a frame (benchmarks/http2.py): a
-                                # DATA frame without END_STREAM changes no stream
-                                # state, so only h2's outbound windows need the
-                                # bookkeeping it would do.
-                                largest = self.h2.max_outbound_frame_size
-                                for start in range(0, size, largest):
-                                    chunk = data[start : min(start + largest, size)]
-                                    out.append(_data_header(len(chunk), sid))
-                                    out.append(chunk)  # written before we return: no copy
-                                self.h2.outbound_flow_control_window -= size
-                                self.h2.streams[sid].outbound_flow_control_window -= size
-                                data = data[size:]
-                            elif not out:
-                                # The window is closed: let others write meanwhile.
-                                self._release_turn_locked()
-                                self._await_turn_locked(stream)
-                                continue
+                        if window < 0:  # after a write: look again
+                            failure = self._stream_failure_locked(stream)
+                            window = 0 if failure else self._send_window_locked(stream)
+                        if window > 0:
+                            size = min(window, len(data), _PIECE)
+                            self._frame_data_locked(out, stream.stream_id, data, size)
+                            data = data[size:]
+                        elif failure is None and not out:
+                            # The window is closed: let others write meanwhile.
+                            self._release_turn_locked()
+                            window = self._await_turn_locked(stream)
+                            continue
+                        window = -1
                     if not out:
                         break  # nothing queued: the turn can go
                     lock.release()
@@ -646,6 +652,32 @@ class H2Connection:
         stream._written_at = time.monotonic()
         if failure is not None:
             raise failure
+
+    def _frame_data_locked(
+        self, out: list[BytesLike], sid: int, data: memoryview, size: int
+    ) -> None:
+        """Append DATA frames carrying ``data[:size]`` to ``out`` and charge the
+        windows (state lock held).
+
+        DATA frames are framed here rather than by h2.send_data, whose
+        per-frame state machine cost ~40 us a frame (benchmarks/http2.py): a
+        DATA frame without END_STREAM changes no stream state, so only h2's
+        outbound windows need the bookkeeping it would do. The payloads are
+        views, written before send_data returns: no copy.
+        """
+        largest = self.h2.max_outbound_frame_size
+        if size <= largest:
+            out.append(_data_header(size, sid))
+            out.append(data[:size])
+        else:
+            full = _data_header(largest, sid)  # the header of all but the last frame
+            for start in range(0, size, largest):
+                chunk = data[start : min(start + largest, size)]
+                n = len(chunk)
+                out.append(full if n == largest else _data_header(n, sid))
+                out.append(chunk)
+        self.h2.outbound_flow_control_window -= size
+        self.h2.streams[sid].outbound_flow_control_window -= size
 
     def reset_stream(self, stream: H2Stream, code: h2.errors.ErrorCodes = _CANCEL) -> None:
         """End ``stream`` with RST_STREAM(``code``). Never blocks: the frame is
