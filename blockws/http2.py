@@ -45,6 +45,10 @@ abort transports) nor other connections. So:
   written by the holder. A thread that must not block (a timer job, or an
   ``abort()`` from anywhere) queues its frame and, if nobody holds the
   turn, starts a short-lived flusher thread (``blockws-h2-<n>-flush``).
+  The idle timeout (a timer job) likewise hands the close to a closer
+  thread (``blockws-h2-<n>-close``): GOAWAY, written within ``_LINGER``
+  seconds or given up, then the socket is shut down; the reader thread,
+  seeing the end, closes it. Nothing joins a thread on the timer thread.
 * DATA goes out in pieces of at most ``_PIECE`` bytes per write. When a
   stream is aborted while a piece of its own is stuck in the socket for
   ``_STUCK_WRITE`` seconds (the peer stopped reading), the connection is
@@ -60,7 +64,7 @@ connection reader           parses, delivers (no lock), returns credit,    turn,
                             writes queued frames if the turn is free
 connecting thread           HEADERS (``open_stream``), like the reader     turn, state lock
 timer (grace, idle, abort)  queues frames, starts a flusher; never waits   state lock
-flusher / closer            writes queued frames; GOAWAY on idle close     turn, state lock
+flusher, closer (threads)   write queued frames; GOAWAY on idle close      turn, state lock
 any (``abort``, close)      marks the stream ended, queues RST_STREAM      state lock
 ==========================  ============================================  ==================
 
@@ -273,8 +277,10 @@ class H2Stream(Transport):
         raise TransportError("an HTTP/2 stream is read by its connection")
 
     def run(self, sink: Sink, before_read: Callable[[], Ended | None] | None = None) -> None:
-        # Hand over what came before, in order: the reader appends to _early
-        # until _sink is set, which happens once _early is empty.
+        # The connection's reader delivers the data, so ``before_read`` (for
+        # reads lent to a waiting caller) does not apply here. Hand over what
+        # came before, in order: the reader appends to _early until _sink is
+        # set, which happens once _early is empty.
         while True:
             with self._early_lock:
                 early = self._early
