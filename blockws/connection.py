@@ -223,6 +223,8 @@ class Connection:
         # The close frame of a protocol failure, held until the messages that
         # preceded the bad frame have been dispatched (see data_received).
         self._deferred_close: bytes | None = None
+        #: The deferred close waits for receive() to come back for more.
+        self.close_waits_for_inbox = False
         self._jobs: dict[str, Job] = {}
         self._lend_reading = False  # see _connect
         self._token = ReadToken()
@@ -654,7 +656,19 @@ class Connection:
     def _release_deferred_close(self, _: None) -> None:
         # Runs in update() after the callbacks of the messages that preceded
         # the protocol error, so whatever they sent is queued before the close.
+        if self.inbox:
+            # They went to receive()'s queue instead: the app answers them after
+            # receive() returns, so wait until it comes back for more.
+            self.close_waits_for_inbox = True
+            return
         self._send_deferred_close()
+
+    def inbox_drained(self) -> None:
+        """``receive()`` found its queue empty: the app has answered every message
+        that preceded a protocol error, so the failing close may go out now."""
+        if self.close_waits_for_inbox:
+            self.close_waits_for_inbox = False
+            self._send_deferred_close()
 
     def _send_deferred_close(self) -> None:
         with self.lock:

@@ -639,6 +639,8 @@ class WebSocket:
             return inbox.popleft()
         check_not_in_callback("receive()")
         engine = self._engine
+        if engine.close_waits_for_inbox:
+            engine.inbox_drained()
         deadline = Deadline(timeout)
         while True:
             if inbox:

@@ -174,6 +174,29 @@ def test_reply_to_the_message_before_a_protocol_error_goes_out_first(
     assert isinstance(ws.error, blockws.ProtocolError)
 
 
+def test_reply_to_a_received_message_before_a_protocol_error_goes_out_first(
+    memory: MemoryOpener,
+) -> None:
+    """Bug 8 with receive(): the app answers after receive() returns, so the
+    failing close waits until it comes back for more (or for the grace)."""
+    ws, transport = opened(memory)
+    transport.feed(server_frame(Opcode.TEXT, b"hi") + server_frame(0xB, b""))
+    message = ws.receive(5)
+    assert message == "hi"
+    ws.send(message)  # still allowed: the close has not gone out yet
+    with pytest.raises(TimeoutError):
+        ws.receive(0.05)  # back for more: the close goes out now, behind the echo
+    frames = transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))
+    assert [(f.opcode, f.payload) for f in frames] == [
+        (Opcode.TEXT, b"hi"),
+        (Opcode.CLOSE, pack_close(1002, "")),
+    ]
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1002)))
+    transport.feed_eof()
+    with pytest.raises(blockws.ConnectionClosedError):
+        ws.receive(5)
+
+
 def test_messages_queued_before_a_failure_are_sent_before_its_close(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

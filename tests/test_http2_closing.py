@@ -203,11 +203,7 @@ def check_echo_then_1002(peer: Peer) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("reader", [
-    "callback",
-    pytest.param("receive", marks=pytest.mark.xfail(
-        strict=False, reason="engine fix pending: send() after receive() raises, closing")),
-])
+@pytest.mark.parametrize("reader", ["callback", "receive"])
 def test_protocol_error_after_a_message_over_http2(
     recording_gateway: tuple[FaultServer, Gateway], reader: str
 ) -> None:
