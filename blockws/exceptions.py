@@ -184,17 +184,15 @@ class NegotiationError(HandshakeError):
 class HTTP2Unavailable(HandshakeError):
     """WebSocket over HTTP/2 (RFC 8441) is not available from this server.
 
-    Raised when ALPN does not pick ``h2``, the server's SETTINGS lack
+    Raised when ALPN does not pick ``h2`` (and fallback is off), the server's SETTINGS lack
     ``SETTINGS_ENABLE_CONNECT_PROTOCOL = 1``, or the extended CONNECT is
     refused. With fallback on, the socket then opens over HTTP/1.1; with it
     off, this is ``ws.error``. ``cause`` holds the underlying error if any.
     """
 
-    def __init__(self, message: str, cause: BaseException | None = None, transport: object = None):
+    def __init__(self, message: str, cause: BaseException | None = None):
         super().__init__(message)
         self.cause = cause
-        #: A TLS connection on which ALPN chose HTTP/1.1, reusable for the fallback.
-        self.transport = transport
 
 
 # -- protocol (RFC 6455 section 5-7) ------------------------------------------

@@ -1126,12 +1126,12 @@ class H2Pool:
         ssl_context: ssl.SSLContext | None,
         server_hostname: str | None,
         register: Callable[[Transport], None],
-    ) -> H2Stream:
+    ) -> H2Stream | Transport:
         """A stream for ``request``: on a shared connection, or a new one.
 
-        Raises :class:`HTTP2Unavailable` when HTTP/2 or RFC 8441 is not on offer;
-        its ``transport`` attribute then holds a TLS connection on which ALPN
-        chose HTTP/1.1, ready for the fallback handshake.
+        Returns a plain :class:`Transport` instead when a new TLS connection's
+        ALPN chose HTTP/1.1: the caller may go on with HTTP/1.1 on it.
+        Raises :class:`HTTP2Unavailable` when HTTP/2 or RFC 8441 is not on offer.
         """
         key = (url.secure, url.host.lower(), url.port, id(ssl_context), server_hostname)
         conn = self._reserve(key) if settings.share else None
@@ -1141,9 +1141,12 @@ class H2Pool:
             with create_lock:  # one new connection per origin at a time
                 conn = self._reserve(key) if settings.share else None
                 if conn is None:
-                    conn = self._connect(
+                    made = self._connect(
                         key, url, deadline, settings, connector, ssl_context, server_hostname
                     )
+                    if not isinstance(made, H2Connection):
+                        return made  # ALPN chose HTTP/1.1
+                    conn = made
         return conn.open_stream(url, request, extensions, deadline, register)
 
     def _connect(
@@ -1155,15 +1158,12 @@ class H2Pool:
         connector: Connector,
         ssl_context: ssl.SSLContext | None,
         server_hostname: str | None,
-    ) -> H2Connection:
+    ) -> H2Connection | Transport:
+        """A new connection with its HTTP/2 handshake done, or the plain
+        transport when TLS ALPN did not choose h2."""
         transport = connector.connect(url.host, url.port, deadline, ssl_context, server_hostname)
-        if url.secure:
-            sock = transport.sock
-            alpn = sock.selected_alpn_protocol() if isinstance(sock, ssl.SSLSocket) else None
-            if alpn != "h2":
-                raise HTTP2Unavailable(
-                    f"TLS ALPN chose {alpn or 'no protocol'}, not h2", transport=transport
-                )
+        if url.secure and transport.alpn_protocol != "h2":
+            return transport
         conn = H2Connection(transport, key, settings)
         try:
             conn.handshake(deadline)

@@ -34,7 +34,7 @@ from .deadline import Deadline
 from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidHeader
 from .extensions import Extension
 from .handshake import Request, ResponseReader, build_request, negotiate, new_key, validate_response
-from .http2 import HTTP2Settings, pool
+from .http2 import H2Stream, HTTP2Settings, pool
 from .log import ContextAdapter
 from .transport import Connector, Transport
 
@@ -96,22 +96,27 @@ def open_transport(
         offered = [e.fresh() for e in extensions]
         ctx = (ssl_context or default_context(True)) if url.secure else None
         try:
-            stream = pool.open(
+            attempt = pool.open(
                 url, request, offered, deadline, http2, connector, ctx, server_hostname, register
             )
+            if not isinstance(attempt, H2Stream):
+                # A new TLS connection on which ALPN chose HTTP/1.1.
+                reuse = attempt
+                if not http2.fallback:
+                    reuse.abort()
+                    reuse.close()
+                raise HTTP2Unavailable(
+                    f"TLS ALPN chose {attempt.alpn_protocol or 'no protocol'}, not h2"
+                )
         except HTTP2Unavailable as exc:
             pool.failed_origins.add(url.origin_key)
             if not http2.fallback:
-                if isinstance(exc.transport, Transport):
-                    exc.transport.abort()
-                    exc.transport.close()
                 raise
             log.info("HTTP/2 unavailable (%s): falling back to HTTP/1.1", exc)
-            if isinstance(exc.transport, Transport):
-                reuse = exc.transport
             request = new_request()
             url = request.parsed_url
         else:
+            stream = attempt
             request.http_version = "2"
             assert stream.response is not None
             try:
@@ -127,8 +132,7 @@ def open_transport(
         log.debug("connecting to %s:%s", url.host, url.port)
         transport = connector.connect(url.host, url.port, deadline, ctx, server_hostname)
     register(transport)
-    sock = getattr(transport, "sock", None)
-    if isinstance(sock, ssl.SSLSocket) and sock.selected_alpn_protocol() == "h2":
+    if transport.alpn_protocol == "h2":
         # Python cannot change ALPN per connection, and HTTP/1.1 cannot be
         # spoken once the server picked h2: say so instead of failing obscurely.
         transport.abort()

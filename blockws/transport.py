@@ -130,6 +130,8 @@ class Transport:
 
     #: Which HTTP version carried the opening handshake: ``"1.1"`` or ``"2"``.
     http_version = "1.1"
+    #: The protocol TLS ALPN selected (``"h2"``, ``"http/1.1"``), or ``None``.
+    alpn_protocol: str | None = None
     #: True once :meth:`abort` was called: an EOF after it is our own doing.
     aborted = False
     #: Whether :meth:`try_write` can take bytes without blocking (plain TCP).
@@ -230,6 +232,8 @@ class TCPTransport(Transport):
         self.can_try_write = not self._tls and _DONTWAIT != 0
         self._sendmsg = not self._tls and hasattr(sock, "sendmsg")
         self.can_read_bounded = self.can_try_write
+        if isinstance(sock, ssl.SSLSocket):
+            self.alpn_protocol = sock.selected_alpn_protocol()
         self._rcvtimeo_set = False  # SO_RCVTIMEO is set (by the first long bounded read)
         self._poller: select.poll | None = None  # see _wait_readable
         self._quiet = True  # a socket starts out waiting for its first message
