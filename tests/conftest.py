@@ -23,6 +23,7 @@ import certifi
 import pytest
 import trustme
 
+import blockws.http2
 from peerutil import PEERS_DIR, free_port, start_server
 
 
@@ -229,6 +230,19 @@ def no_leaks() -> Iterator[None]:
 
 
 # -- HTTP/2 (RFC 8441) peers: tests/test_http2.py ----------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def fresh_h2_pool() -> Iterator[None]:
+    """Isolate tests from the process-wide HTTP/2 pool: no remembered failures, and no
+    connection (or its idle job on the shared timer) outlives the test."""
+    pool = blockws.http2.pool
+    pool.failed_origins.clear()
+    yield
+    for conn in pool.connections():
+        conn.close()
+        pool.forget(conn)
+    pool.failed_origins.clear()
 
 
 @pytest.fixture

@@ -47,15 +47,6 @@ SIZES = [0, 125, 126, 65535, 65536, MiB, 16 * MiB]
 # -- helpers ------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def fresh_pool() -> Iterator[None]:
-    """Isolate tests from the process-wide pool: no remembered failures, no lingering links."""
-    pool.failed_origins.clear()
-    yield
-    for conn in pool.connections():
-        conn.close()
-        pool.forget(conn)
-    pool.failed_origins.clear()
 
 
 @dataclass

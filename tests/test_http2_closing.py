@@ -26,19 +26,12 @@ from faultserver import OP_CLOSE, OP_TEXT, FaultServer, Peer, Recorder
 from h2peers import CANCEL, DATA, END_STREAM, HEADERS, RST_STREAM, Gateway, Relay, nghttpx, port_of
 
 import blockws
-from blockws.http2 import HTTP2Settings, pool
+from blockws.http2 import HTTP2Settings
 
 H2C = HTTP2Settings(cleartext=True, fallback=False)
 REPEATS = 20
 
 
-@pytest.fixture(autouse=True)
-def fresh_pool() -> Iterator[None]:
-    pool.failed_origins.clear()
-    yield
-    for conn in pool.connections():
-        conn.close()
-    pool.failed_origins.clear()
 
 
 def backend(peer: Peer) -> None:

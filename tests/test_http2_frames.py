@@ -14,7 +14,6 @@ after every read, so a server can only exceed them within one read: these tests 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import h2.connection
@@ -41,13 +40,6 @@ H2C = HTTP2Settings(cleartext=True, fallback=False)
 KiB = 1024
 
 
-@pytest.fixture(autouse=True)
-def fresh_pool() -> Iterator[None]:
-    pool.failed_origins.clear()
-    yield
-    for conn in pool.connections():
-        conn.close()
-    pool.failed_origins.clear()
 
 
 def open_h2(url: str, rec: Recorder, **options: Any) -> blockws.WebSocket:

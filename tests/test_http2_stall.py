@@ -20,20 +20,13 @@ from faultserver import Recorder
 from h2peers import Gateway, Relay, nghttpx, port_of
 
 import blockws
-from blockws.http2 import HTTP2Settings, pool
+from blockws.http2 import HTTP2Settings
 
 KiB = 1024
 MiB = 1024 * KiB
 WINDOW = 16 * MiB
 
 
-@pytest.fixture(autouse=True)
-def fresh_pool() -> Iterator[None]:
-    pool.failed_origins.clear()
-    yield
-    for conn in pool.connections():
-        conn.close()
-    pool.failed_origins.clear()
 
 
 @pytest.fixture(scope="module")

@@ -253,6 +253,9 @@ def test_idle_close_never_blocks_the_timer(fake: FakeTransport,
     for stream in streams:
         stream.close()
     fake.hold()
+    armed = conn._idle_job  # run the idle check now instead of in 100 s
+    assert armed is not None
+    armed.cancel()
     quick(conn._idle_check, limit=0.1)
     assert fake.wait_for(lambda: fake.aborted, 2.0)
     assert conn._thread is not None
