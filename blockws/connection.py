@@ -227,6 +227,8 @@ class Connection:
         self.close_waits_for_inbox = False
         self._jobs: dict[str, Job] = {}
         self._lend_reading = False  # see _connect
+        #: The transport's bounded read, when its reading may be lent.
+        self._read_bounded: Callable[[float | None], bytes | None] | None = None
         self._token = ReadToken()
 
     # -- the lifecycle ---------------------------------------------------------------
@@ -271,7 +273,19 @@ class Connection:
         transport = self._transport
         return transport.bytes_read if transport is not None else 0
 
-    # -- settings that may change while open ----------------------------------------------
+    # -- settings --------------------------------------------------------------------------
+
+    def configure(self, options: Options) -> None:
+        """New options, before ``open()`` (the facade's setters and ``open()``).
+
+        The keepalive settings and ``max_fragment_size`` are left alone: they
+        have setters of their own, which apply at any time.
+        """
+        with self.lock:
+            if self._phase is not _NEW:
+                raise InvalidState("options cannot be changed after open()")
+            self.options = options
+            self.delivery.pool = options.buffer_pool
 
     @property
     def max_fragment_size(self) -> int:
@@ -371,6 +385,8 @@ class Connection:
             self._proto = proto
             proto.max_fragment_size = self._max_fragment_size  # a change made meanwhile
             self._set_phase_locked(_OPEN)
+            if self._lend_reading:
+                self._read_bounded = transport.read
             job = self._jobs.pop("open", None)
             if job is not None:
                 job.cancel()
@@ -489,12 +505,8 @@ class Connection:
         """Wait up to ``timeout`` for incoming data: read it on this thread while
         holding the read token, or else be woken when the reader thread has
         delivered it (or has granted this thread the token)."""
-        transport = self._transport
-        if (
-            transport is None
-            or not self._lend_reading
-            or not self._token.read_here(transport.read, self, timeout, self._nudge)
-        ):
+        read = self._read_bounded
+        if read is None or not self._token.read_here(read, self, timeout, self._nudge):
             self.dispatcher.wait(timeout)
 
     # -- sending (any thread) -------------------------------------------------------------

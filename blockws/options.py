@@ -78,15 +78,14 @@ def check_silence(value: object) -> float:
     return seconds
 
 
-def _strings(name: str, value: object) -> tuple[str, ...]:
-    if value is None:
-        return ()
+def _items(name: str, value: object, kind: type, what: str) -> tuple[Any, ...]:
+    """A list option whose items must all be ``kind`` (a lone str is refused)."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be a list of str, not {type(value).__name__}")
+        raise TypeError(f"{name} must be a list of {what}, not {type(value).__name__}")
     items = tuple(value)
     for item in items:
-        if not isinstance(item, str):
-            raise TypeError(f"{name} must hold str, not {type(item).__name__}")
+        if not isinstance(item, kind):
+            raise TypeError(f"{name} must hold {what}, not {type(item).__name__}")
     return items
 
 
@@ -115,16 +114,6 @@ def _headers(value: object) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _extensions(value: object) -> tuple[Extension, ...]:
-    if value is None:
-        return (PerMessageDeflate(),)
-    if not isinstance(value, Iterable) or isinstance(value, (str, bytes)):
-        raise TypeError(f"extensions must be a list of Extension, not {type(value).__name__}")
-    items = tuple(value)
-    for item in items:
-        if not isinstance(item, Extension):
-            raise TypeError(f"extensions must hold Extension objects, not {type(item).__name__}")
-    return items
 
 
 def _http2(value: object) -> HTTP2Settings:
@@ -179,8 +168,14 @@ class Options:
                 raise TypeError(f"unknown option {name!r}")
         v = dict(values)
         out: dict[str, Any] = {}
-        out["subprotocols"] = _strings("subprotocols", v.get("subprotocols"))
-        out["extensions"] = _extensions(v.get("extensions"))
+        protocols = v.get("subprotocols")
+        out["subprotocols"] = () if protocols is None else _items(
+            "subprotocols", protocols, str, "str"
+        )
+        offered = v.get("extensions")
+        out["extensions"] = (PerMessageDeflate(),) if offered is None else _items(
+            "extensions", offered, Extension, "Extension objects"
+        )
         out["max_fragment_size"] = check_fragment_size(
             v.get("max_fragment_size", DEFAULT_MAX_FRAGMENT_SIZE)
         )

@@ -293,7 +293,7 @@ class WebSocket:
         if self._engine.phase is not Phase.NEW:
             raise InvalidState(f"{name} cannot be changed after open()")
         self._options = self._options.with_values(**{name: value})
-        self._engine.options = self._options
+        self._engine.configure(self._options)
 
     # -- options ------------------------------------------------------------------------
 
@@ -463,9 +463,10 @@ class WebSocket:
         request = self.internal_request
         engine = self._engine
         if engine.phase is Phase.NEW:
-            engine.options = self._options = self._options.with_values(
+            self._options = self._options.with_values(
                 open_timeout=request.open_timeout, close_timeout=request.close_timeout
             )
+            engine.configure(self._options)
         engine.open()
         return self
 
@@ -525,14 +526,14 @@ class WebSocket:
         socket is open and :class:`ConnectionClosed` once it is closing.
         """
         flag = 0 if compress else _UNCOMPRESSED
-        if type(data) is bytes and not offset and count is None:
-            self._enqueue(_BINARY | flag, data, None, len(data))
-            return
         if isinstance(data, str):
             if offset or count is not None:
                 raise TypeError("offset and count apply to binary messages only")
             payload: bytes = data.encode("utf-8")
             self._enqueue(_TEXT | flag, payload, None, len(payload))
+            return
+        if type(data) is bytes and not offset and count is None:
+            self._enqueue(_BINARY | flag, data, None, len(data))
             return
         try:
             view = memoryview(data).cast("B")

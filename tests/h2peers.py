@@ -75,6 +75,27 @@ def port_of(url: str) -> int:
 # -- TCP proxies --------------------------------------------------------------------------
 
 
+def accept_pair(
+    listener: socket.socket, upstream_port: int
+) -> tuple[socket.socket, socket.socket] | None:
+    """Accept a client and connect it to the upstream port (both with TCP_NODELAY);
+    ``None`` once the listener has been shut down."""
+    while True:
+        try:
+            client, _ = listener.accept()
+        except OSError:
+            return None
+        try:
+            upstream = socket.create_connection(("127.0.0.1", upstream_port), 5.0)
+        except OSError:
+            client.close()
+            continue
+        upstream.settimeout(None)
+        for sock in (client, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, upstream
+
+
 class CountingProxy:
     """A TCP proxy on 127.0.0.1 in front of ``upstream_port``: counts the connections it
     accepts (what the server sees) and can cut them all, like a server dropping them."""
@@ -94,19 +115,8 @@ class CountingProxy:
         return f"{scheme}://{host}:{self.port}{path}"
 
     def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # the listener was shut down
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), 5.0)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while (accepted := accept_pair(self.listener, self.upstream_port)) is not None:
+            client, upstream = accepted
             pumps = [threading.Thread(target=self._pump, args=pair, name="proxy-pump", daemon=True)
                      for pair in ((client, upstream), (upstream, client))]
             with self._cond:
@@ -215,19 +225,8 @@ class Relay:
             self._armed = True
 
     def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), 5.0)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while (accepted := accept_pair(self.listener, self.upstream_port)) is not None:
+            client, upstream = accepted
             pumps = [
                 threading.Thread(target=self._pump, args=(client, upstream, self.up, True),
                                  name="relay-up", daemon=True),

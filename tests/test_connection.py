@@ -18,6 +18,8 @@ from blockws.frames import Opcode, pack_close
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
 
 URL = "ws://memory.invalid/chat"
+#: What the client writes when it echoes "hi" and then fails the connection.
+ECHO_THEN_1002 = [(Opcode.TEXT, b"hi"), (Opcode.CLOSE, pack_close(1002, ""))]
 
 
 @pytest.fixture
@@ -163,10 +165,7 @@ def test_reply_to_the_message_before_a_protocol_error_goes_out_first(
         pump_until(ws, lambda: not ws.is_open)
         transport.unblock_writes()
         frames = transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))
-    assert [(f.opcode, f.payload) for f in frames] == [
-        (Opcode.TEXT, b"hi"),
-        (Opcode.CLOSE, pack_close(1002, "")),
-    ]
+    assert [(f.opcode, f.payload) for f in frames] == ECHO_THEN_1002
     transport.feed(server_frame(Opcode.CLOSE, pack_close(1002)))
     transport.feed_eof()
     assert ws.join(5)
@@ -187,10 +186,7 @@ def test_reply_to_a_received_message_before_a_protocol_error_goes_out_first(
     with pytest.raises(TimeoutError):
         ws.receive(0.05)  # back for more: the close goes out now, behind the echo
     frames = transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))
-    assert [(f.opcode, f.payload) for f in frames] == [
-        (Opcode.TEXT, b"hi"),
-        (Opcode.CLOSE, pack_close(1002, "")),
-    ]
+    assert [(f.opcode, f.payload) for f in frames] == ECHO_THEN_1002
     transport.feed(server_frame(Opcode.CLOSE, pack_close(1002)))
     transport.feed_eof()
     with pytest.raises(blockws.ConnectionClosedError):
