@@ -55,10 +55,23 @@ class Sink(Protocol):
 class ReadToken:
     """Who reads: the reader thread (the default) or one waiting caller."""
 
-    __slots__ = ("_cond", "_lent", "_busy", "_reads", "_ended", "_wake", "_cancelled", "wanted")
+    __slots__ = (
+        "_lock",
+        "_cond",
+        "_lent",
+        "_busy",
+        "_reads",
+        "_ended",
+        "_wake",
+        "_cancelled",
+        "wanted",
+    )
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # The caller's side takes the bare lock (a C-level context manager: it
+        # runs twice per message); the reader waits on a Condition over it.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._lent = False  # a caller holds the right
         self._busy = False  # ... and is inside a read right now
         self._reads = 0  # reads the caller has done: the lease lapses when it stops
@@ -78,7 +91,7 @@ class ReadToken:
         granted later, so a caller waiting for a delivery can come and read.
         With ``ask`` False, no wish is noted (a caller that will not wait).
         """
-        with self._cond:
+        with self._lock:
             if self._lent and not self._busy and not self._cancelled:
                 self._busy = True
                 return True
@@ -89,7 +102,7 @@ class ReadToken:
 
     def release(self, ended: Ended | None = None) -> None:
         """One read is done; ``ended`` hands the end of the stream to the reader."""
-        with self._cond:
+        with self._lock:
             self._reads += 1
             self._busy = False
             if ended is not None:
@@ -115,8 +128,14 @@ class ReadToken:
         thread, which reports them; a ``KeyboardInterrupt`` while parsing also
         propagates here (the socket ends: the bytes read are lost with it).
         """
-        if not self.acquire(wake, ask=timeout != 0):
-            return False
+        lock = self._lock
+        with lock:  # acquire(), inline: this runs once per message
+            if not self._lent or self._busy or self._cancelled:
+                if timeout != 0 and not self._lent and self._ended is None and not self._cancelled:
+                    self.wanted = True
+                    self._wake = wake
+                return False
+            self._busy = True
         ended: Ended | None = None
         try:
             try:
@@ -134,7 +153,12 @@ class ReadToken:
             elif data is not None and ended is None:
                 ended = (None,)  # end of stream
         finally:
-            self.release(ended)
+            if ended is None:
+                with lock:  # release(), inline
+                    self._reads += 1
+                    self._busy = False
+            else:
+                self.release(ended)
         return True
 
     # -- the reader thread's side -------------------------------------------------------
