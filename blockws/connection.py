@@ -377,6 +377,7 @@ class Connection:
             max_fragment_size=self._max_fragment_size,
             extensions=accepted,
             allocate=options.buffer_pool.allocate,
+            release=options.buffer_pool.give_back,
         )
         proto.compact_messages = True  # messages as str/bytes: see blockws.delivery
         with self.lock:

@@ -75,6 +75,9 @@ BytesLike = Union[bytes, bytearray, memoryview]
 #: Large enough for game assets and snapshots, small enough that a hostile
 #: server cannot make a client allocate without limit.
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: Largest first buffer for a message assembled in pieces: the size of the
+#: last one, up to this (a single huge message does not make every later one big).
+_HINT_CAP = 4 * 1024 * 1024
 #: Default size above which outgoing messages are split into frames.
 DEFAULT_MAX_FRAGMENT_SIZE = 32768
 
@@ -207,8 +210,9 @@ class Protocol:
     ``max_message_size`` bounds incoming messages (``None`` for no bound).
     ``extensions`` are the negotiated ones, in the order of the server's
     answer. ``allocate(n)`` returns a bytearray of at least ``n`` bytes for an
-    incoming binary message (a buffer pool plugs in here). ``mask_keys``
-    supplies 4-byte masking keys (tests pass a fixed one).
+    incoming binary message (a buffer pool plugs in here), and ``release(buf)``
+    takes back one the parser outgrew. ``mask_keys`` supplies 4-byte masking
+    keys (tests pass a fixed one).
     """
 
     def __init__(
@@ -219,6 +223,7 @@ class Protocol:
         max_fragment_size: int = DEFAULT_MAX_FRAGMENT_SIZE,
         extensions: Sequence[Extension] = (),
         allocate: Callable[[int], bytearray] | None = None,
+        release: Callable[[bytearray], None] | None = None,
         mask_keys: Callable[[], bytes] | None = None,
         auto_close_reply: bool = True,
     ) -> None:
@@ -238,6 +243,7 @@ class Protocol:
         self.failure: ProtocolError | None = None
 
         self._allocate = allocate or _default_allocate
+        self._release = release
         keys = (mask_keys or MaskKeys()) if role is Role.CLIENT else None
         # A MaskKeys' bound __call__: cheaper to call than the instance itself.
         self._mask_keys = keys.__call__ if isinstance(keys, MaskKeys) else keys
@@ -261,6 +267,10 @@ class Protocol:
         self._control = b""
         self._m_opcode = 0  # 0: no data message in progress
         self._m_parts: list[bytes] = []
+        # A binary message that spans reads or frames, assembled in allocate's
+        # memory as it comes (see _binary_data), and the size of the last one.
+        self._m_buf: bytearray | None = None
+        self._m_hint = 0
         #: Deliver every binary message as exact ``bytes`` (joining the pieces of
         #: a message that arrived in several reads or frames, one copy), rather
         #: than in memory from ``allocate``. For consumers that want bytes.
@@ -422,6 +432,7 @@ class Protocol:
         self.failure = exc
         self._phase = _DONE
         self._m_parts = []
+        self._m_buf = None
         self._m_text = []
         if self.state in (State.OPEN, State.CLOSE_RECEIVED):
             self._outgoing.append(self.encode_close(exc.close_code, ""))
@@ -547,6 +558,7 @@ class Protocol:
                 self._m_text = []
             else:
                 self._m_parts = []
+                self._m_buf = None
         elif rsv:
             raise ProtocolError("RSV bits set on a continuation frame")
         limit = self.max_message_size
@@ -612,34 +624,62 @@ class Protocol:
             self._m_decoder = None
 
     def _binary_data(self, chunk: bytes, message_end: bool, events: list[Received]) -> None:
-        # The pieces of a message that spans frames or reads are kept and
-        # copied once, at its end: into one exact bytes object, or into one
-        # buffer from ``allocate`` (pooled memory). Growing a buffer as pieces
-        # came would copy the message again at every doubling and drop the
-        # outgrown buffers, fresh pages each time for large messages.
+        # A message that spans frames or reads is assembled as its pieces
+        # come: into ``allocate``'s (pooled) memory, or, for ``bytes``
+        # consumers, as pieces joined once at its end. Keeping the pieces of a
+        # pooled message until its end instead held a message's worth of
+        # transient heap blocks that were freed together at its end: glibc then
+        # trimmed its heap and faulted the pages in again for the next message
+        # (15-25 k page faults per benchmark run against 6 k). The pooled buffer
+        # starts at the size of the last such message (so a steady stream never
+        # grows one) and doubles, when it must, within the pool.
+        start = self._m_len
+        total = self._m_len = start + len(chunk)
+        buf = self._m_buf
         parts = self._m_parts
-        self._m_len += len(chunk)
-        if not message_end:
-            parts.append(chunk)
-            return
-        if self.binary_as_bytes:
+        if buf is None and (parts or self.binary_as_bytes):
+            if not message_end:
+                parts.append(chunk)
+                return
             if parts:
                 parts.append(chunk)
                 chunk = b"".join(parts)
                 self._m_parts = []
-            events.append(chunk if self.compact_messages else BinaryMessage(chunk, len(chunk)))
+            if self.binary_as_bytes:
+                events.append(chunk if self.compact_messages else BinaryMessage(chunk, total))
+                return
+            buf = self._allocate(total)
+            buf[:total] = chunk
+            events.append(BinaryMessage(buf, total))
             return
-        total = self._m_len
-        buf = self._allocate(total)
-        pos = 0
-        if parts:
-            for part in parts:
-                end = pos + len(part)
-                buf[pos:end] = part
-                pos = end
-            self._m_parts = []
-        buf[pos:total] = chunk
-        events.append(BinaryMessage(buf, total))
+        if buf is None:
+            if message_end:  # the whole message in one piece: one copy
+                buf = self._allocate(total)
+                buf[:total] = chunk
+                events.append(BinaryMessage(buf, total))
+                return
+            # Room for what came, and as much again of what the frame still
+            # announces (never by the announced length alone: a peer may announce
+            # far more than it sends), or the size of the last such message.
+            need = total + min(self._f_remaining, total)
+            buf = self._m_buf = self._allocate(max(need, min(self._m_hint, _HINT_CAP)))
+        elif total > len(buf):
+            grown = self._allocate(max(total + min(self._f_remaining, total), 2 * len(buf)))
+            grown[:start] = memoryview(buf)[:start]
+            if self._release is not None:
+                self._release(buf)
+            buf = self._m_buf = grown
+        buf[start:total] = chunk
+        if message_end:
+            self._m_buf = None
+            self._m_hint = total
+            if self.binary_as_bytes:  # on_binary was cleared meanwhile
+                data = bytes(memoryview(buf)[:total])
+                if self._release is not None:
+                    self._release(buf)
+                events.append(data if self.compact_messages else BinaryMessage(data, total))
+            else:
+                events.append(BinaryMessage(buf, total))
 
     def _control_frame(self, opcode: int, payload: bytes, events: list[Received]) -> None:
         if opcode == Opcode.PING:

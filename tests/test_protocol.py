@@ -188,6 +188,32 @@ def test_input_types_bytes_bytearray_memoryview() -> None:
         assert summarize(proto.receive_data(data[3:])) == [("text", "Hello")]
 
 
+def test_a_message_in_pieces_grows_its_buffer_through_the_hooks() -> None:
+    """Pieces are copied into allocate's memory as they come; an outgrown buffer
+    goes back through release, and the next such message starts at the last one's size."""
+    sizes: list[int] = []
+    released: list[int] = []
+
+    def allocate(n: int) -> bytearray:
+        sizes.append(n)
+        return bytearray(n)
+
+    proto = Protocol(Role.CLIENT, allocate=allocate, release=lambda b: released.append(len(b)))
+    payload = bytes(range(256)) * 64  # 16 KiB in 1 KiB fragments
+    frames = b"".join(
+        wire(Role.CLIENT, Opcode.BINARY if i == 0 else Opcode.CONT, payload[i : i + 1024],
+             fin=i + 1024 >= len(payload))
+        for i in range(0, len(payload), 1024)
+    )
+    (event,) = proto.receive_data(frames)
+    assert isinstance(event, BinaryMessage) and bytes(event) == payload
+    assert sizes == [1024, 2048, 4096, 8192, 16384]  # doubling from the first fragment
+    assert released == [1024, 2048, 4096, 8192]  # every outgrown buffer given back
+    sizes.clear()
+    (event,) = proto.receive_data(frames)
+    assert bytes(event) == payload and sizes == [16384]  # sized by the last message
+
+
 def test_binary_message_uses_the_allocate_hook() -> None:
     sizes: list[int] = []
 
@@ -201,13 +227,15 @@ def test_binary_message_uses_the_allocate_hook() -> None:
     (event,) = proto.receive_data(wire(Role.CLIENT, Opcode.BINARY, b"abc"))
     assert isinstance(event, BinaryMessage) and type(event.data) is bytes
     assert event.length == 3 and bytes(event) == b"abc" and sizes == []
-    # A message split across reads (or fragmented) is assembled in allocated memory.
+    # A message split across reads (or fragmented) is assembled in allocated memory
+    # as it comes: room for the first piece and as much again of what the frame
+    # announces (here 1 + 1 bytes); the pool's larger buffer takes the rest.
     data = wire(Role.CLIENT, Opcode.BINARY, b"abc")
     assert proto.receive_data(data[:3]) == []
     (event,) = proto.receive_data(data[3:])
-    assert sizes == [3]
+    assert sizes == [2]
     assert isinstance(event, BinaryMessage)
-    assert event.length == 3 and len(event.data) == 103
+    assert event.length == 3 and len(event.data) == 102
     assert bytes(event) == b"abc"
     assert repr(event) == "BinaryMessage(<3 bytes>)"
 
