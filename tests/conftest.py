@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import certifi
 import pytest
@@ -25,6 +26,20 @@ import trustme
 
 import blockws.http2
 from peerutil import PEERS_DIR, free_port, start_server
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``-m unit``, skip importing test files that mark nothing ``unit``.
+
+    Importing a test module (and rewriting its asserts, on every run where
+    bytecode is not cached) is most of the fast tier's collection time; a
+    file whose text never mentions ``mark.unit`` cannot hold a unit test.
+    """
+    if config.getoption("markexpr") != "unit":
+        return None
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    return "mark.unit" not in collection_path.read_text(encoding="utf-8")
 
 
 @dataclass
