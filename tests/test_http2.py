@@ -34,6 +34,7 @@ from h2peers import CountingProxy, counting_proxy
 
 import blockws
 import blockws.opening
+import blockws.tls
 from blockws.exceptions import HTTP2Unavailable
 from blockws.http2 import HTTP2Settings, pool
 from peerutil import PEERS_DIR, free_port, start_server
@@ -84,18 +85,11 @@ def nghttpx_target(request: pytest.FixtureRequest) -> Target:
 
 @pytest.fixture
 def trusting_defaults(tls_certs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """blockws's own default contexts (ALPN h2+http/1.1 for the HTTP/2 attempt, http/1.1
-    for HTTP/1.1), trusting the test CA: what a user who passes no ssl_context gets."""
-    contexts: dict[bool, ssl.SSLContext] = {}
-
-    def default_context(http2: bool) -> ssl.SSLContext:
-        if http2 not in contexts:
-            ctx = tls_certs.client_context()
-            ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
-            contexts[http2] = ctx
-        return contexts[http2]
-
-    monkeypatch.setattr(blockws.opening, "default_context", default_context)
+    """blockws's default context (blockws sets its ALPN per attempt), trusting the test CA
+    as well: what a user who passes no ssl_context gets."""
+    ctx = blockws.tls.build_default_context()
+    tls_certs.ca.configure_trust(ctx)
+    monkeypatch.setattr(blockws.opening, "default_context", lambda: ctx)
 
 
 def open_socket(url: str, rec: Recorder, **options: Any) -> blockws.WebSocket:
@@ -358,21 +352,17 @@ def test_fallback_no_connect_protocol_default_context(node_h2_server: Any,
 
 def test_fallback_no_connect_protocol_user_context(node_h2_server: Any,
                                                    tls_context_h2: ssl.SSLContext) -> None:
-    """The same with the user's context offering h2: the server picks h2 again by ALPN on
-    the fallback connection, where HTTP/1.1 cannot be spoken, and Python cannot change
-    ALPN per connection. The socket ends with a clear HTTP2Unavailable saying what to do."""
-    rec = Recorder(text=False, binary=False)
-    ws = blockws.WebSocket(node_h2_server.wss, ssl_context=tls_context_h2, **rec.callbacks())
-    ws.open()
-    assert rec.wait_closed(ws) == (1006, "")
-    assert isinstance(ws.error, blockws.HTTP2Unavailable)
-    assert "set_alpn_protocols" in str(ws.error)
-    with pytest.raises(blockws.HTTP2Unavailable):
-        blockws.connect(node_h2_server.wss, timeout=10, ssl_context=tls_context_h2)
-    # Doing what the message says works: a context offering http/1.1 only.
-    tls_context_h2.set_alpn_protocols(["http/1.1"])
-    with blockws.connect(node_h2_server.wss, timeout=10, ssl_context=tls_context_h2) as ws:
-        assert ws.http_version == "1.1"
+    """The same with the caller's context offering h2 (issue 10, bug 2: the socket failed
+    with HTTP2Unavailable because the fallback connection offered h2 again): blockws sets
+    the context's ALPN per attempt, so the fallback offers http/1.1 only and opens."""
+    with counting_proxy(node_h2_server.wss) as proxy:
+        url = proxy.url("wss", "localhost")
+        ws, hook = open_with_hook(url, ssl_context=tls_context_h2)
+        with ws:
+            check_fallback(ws, hook)
+            assert proxy.accepted == 2  # the h2 attempt, then HTTP/1.1
+        assert ws.error is None
+        check_second_socket_skips_http2(url, proxy, ssl_context=tls_context_h2)
 
 
 def test_fallback_many_sockets_at_once(node_h2_server: Any, trusting_defaults: None) -> None:
@@ -438,11 +428,8 @@ def test_fallback_fails_on_h2_only_server(nghttpd_server: Any, context: str,
     assert rec.wait_closed(ws) == (1006, "")
     assert rec.events == [("closed", 1006, "")]
     assert isinstance(ws.error, blockws.BlockwsError), repr(ws.error)
-    if context == "user":
-        # ALPN picks h2 again on the fallback connection: the clear error of opening.py.
-        assert isinstance(ws.error, HTTP2Unavailable) and "ALPN" in str(ws.error)
-    else:
-        assert not isinstance(ws.error, HTTP2Unavailable)  # the HTTP/1.1 attempt's failure
+    # The fallback offered http/1.1 only, with either context: the HTTP/1.1 attempt's failure.
+    assert not isinstance(ws.error, HTTP2Unavailable), repr(ws.error)
     assert len(hook.requests) == 2 and hook.requests[1].http_version == "1.1"
 
 
@@ -483,22 +470,42 @@ def test_fallback_disabled(no_rfc8441_url: str, tls_context_h2: ssl.SSLContext,
 def test_fallback_disabled_after_remembered_failure(
     hypercorn_h1_only_server: Any, tls_context_h2: ssl.SSLContext
 ) -> None:
-    """An origin that already failed HTTP/2 (remembered) still means "HTTP/2 or fail"."""
-    url = hypercorn_h1_only_server.wss
-    with blockws.connect(url, timeout=TIMEOUT, ssl_context=tls_context_h2) as ws:
-        assert ws.http_version == "1.1"  # fell back; the origin is remembered
-    hook = HookLog()
-    rec = Recorder()
-    ws = blockws.WebSocket(url, ssl_context=tls_context_h2, http2=HTTP2Settings(fallback=False),
-                           on_internal_request_created=hook, **rec.callbacks())
-    ws.open()
-    rec.pump_until(ws, lambda: bool(rec.closes) or rec.opened, what="open or closed")
-    if rec.opened:
+    """An origin that refused HTTP/2 (remembered) still means "HTTP/2 or fail" with fallback
+    off, and the socket really tries (issue 10: it used to fail at once, from memory)."""
+    with counting_proxy(hypercorn_h1_only_server.wss) as proxy:
+        url = proxy.url("wss", "localhost")
+        with blockws.connect(url, timeout=TIMEOUT, ssl_context=tls_context_h2) as ws:
+            assert ws.http_version == "1.1"  # fell back; the origin is remembered
+        assert pool.failed_origins.get(("wss", "localhost", proxy.port)) is not None
+        before = proxy.accepted
+        hook = HookLog()
+        rec = Recorder()
+        ws = blockws.WebSocket(url, ssl_context=tls_context_h2,
+                               http2=HTTP2Settings(fallback=False),
+                               on_internal_request_created=hook, **rec.callbacks())
+        ws.open()
+        assert rec.wait_closed(ws) == (1006, "")
+        assert rec.events == [("closed", 1006, "")], "opened over HTTP/1.1 despite fallback=False"
+        assert isinstance(ws.error, HTTP2Unavailable), repr(ws.error)
+        assert "ALPN chose http/1.1" in str(ws.error)  # the attempt's own answer
+        assert proxy.accepted == before + 1  # it connected: not a failure from memory
+        assert len(hook.requests) == 1
+
+
+def test_fallback_disabled_tries_despite_memory(hypercorn_h2_server: Any,
+                                                trusting_defaults: None) -> None:
+    """A remembered refusal does not stop a fallback=False socket from trying, and the
+    server may accept this time (here: hypercorn refused the CONNECT to /h1-only, and
+    accepts it to /)."""
+    with blockws.connect(hypercorn_h2_server.wss + "/h1-only", timeout=TIMEOUT) as ws:
         assert ws.http_version == "1.1"
-        ws.abort()
-    assert rec.wait_closed(ws) == (1006, "")
-    assert rec.events == [("closed", 1006, "")], "opened over HTTP/1.1 despite fallback=False"
-    assert isinstance(ws.error, HTTP2Unavailable), repr(ws.error)
+    assert ("wss", "localhost", int(hypercorn_h2_server.wss.rsplit(":", 1)[1])) in \
+        pool.failed_origins
+    with blockws.connect(hypercorn_h2_server.wss, timeout=TIMEOUT,
+                         http2=HTTP2Settings(fallback=False)) as ws:
+        assert ws.http_version == "2"
+        assert ask(ws, "!version") == "2"
+    assert ws.error is None
 
 
 def test_fallback_disabled_h2c(websockets_server: str) -> None:
