@@ -165,7 +165,20 @@ def _upgrade_http1(
         if not data:
             if transport.aborted:
                 raise ConnectionLost("connection aborted during the opening handshake")
-            raise InvalidHeader("connection closed before the handshake response was complete")
+            url = request.parsed_url
+            hint = ""
+            if url.secure and transport.bytes_read == 0:
+                # TLS 1.3: a server refusing our (missing) client certificate
+                # often just closes after the handshake, without an alert.
+                hint = (
+                    ": the server closed the TLS connection without answering; if it requires "
+                    "a client certificate, pass ssl_context= a context that loaded it "
+                    "(ctx.load_cert_chain('client.pem', 'client.key'))"
+                )
+            raise InvalidHeader(
+                f"connection to {url.host}:{url.port} closed before the handshake response "
+                f"was complete{hint}"
+            )
         response = reader.feed(data)
     subprotocol, accepted = validate_response(response, key, request.subprotocols, offered)
     return Opened(transport, subprotocol, accepted, response.extra)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import ipaddress
 import os
 import socket
 import ssl
@@ -186,7 +187,7 @@ def verification_message(
     """
     where = f"{host}:{port}"
     code = exc.verify_code
-    verify_message = exc.verify_message or str(exc)
+    verify_message = (exc.verify_message or str(exc)).rstrip(".")
     head = f"TLS certificate of {where} rejected: {verify_message}"
     if code in _UNTRUSTED:
         issuer = _name(cert, "issuer") if cert else None
@@ -231,6 +232,14 @@ def handshake_message(exc: ssl.SSLError, host: str, port: int) -> str:
     text = f"TLS handshake with {where} failed: {exc.reason or exc}"
     if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG"):
         return f"{text}. The server does not speak TLS there: is it a ws:// server?"
+    if reason == "UNEXPECTED_EOF_WHILE_READING" or isinstance(exc, ssl.SSLEOFError):
+        return (
+            f"{text}: the server closed the connection during the handshake. A server that "
+            "does not speak TLS there (a ws:// server) does this, and so may one that "
+            "requires a client certificate (pass ssl_context= a context that loaded it: "
+            "ctx.load_cert_chain('client.pem', 'client.key')) or accepts no TLS version or "
+            "cipher this client offers"
+        )
     if "CERTIFICATE_REQUIRED" in reason or "HANDSHAKE_FAILURE" in reason:
         return (
             f"{text}. If the server requires a client certificate, pass ssl_context= a context "
@@ -307,11 +316,20 @@ def _name(cert: dict[str, Any], which: str) -> str | None:
 def _names(cert: dict[str, Any]) -> list[str]:
     """The DNS names and IP addresses a certificate is valid for."""
     alt = cert.get("subjectAltName", ())
-    names = [value for kind, value in alt if kind in ("DNS", "IP Address")]
+    names = [_address(value) if kind == "IP Address" else value
+             for kind, value in alt if kind in ("DNS", "IP Address")]
     if not names:
         common = _name(cert, "subject")
         names = [common] if common else []
     return names
+
+
+def _address(text: str) -> str:
+    """An IP address as people write it (OpenSSL spells IPv6 out in full)."""
+    try:
+        return ipaddress.ip_address(text.strip()).compressed
+    except ValueError:
+        return text
 
 
 def _now() -> str:
