@@ -16,9 +16,15 @@ uses when it is given no ``ssl_context``: certificate and hostname checks on
 and ``SSLKEYLOGFILE``, when set, names the file TLS secrets are appended to
 (NSS key log format), so a capture can be decrypted in Wireshark. The
 context is built once per process, on first use, from the environment as it
-is then; building it costs about 30-60 ms (loading ~150 CA certificates
-twice, measured on a 2-core Linux VM), paid by the first ``wss://`` socket's
-connecting thread, never by ``send()`` or ``update()``.
+is then. Building it costs 60-80 ms of CPU: the system store and certifi's
+bundle take 25-40 ms each (about 140 CA certificates apiece), three times a
+context with certifi's bundle alone (measured with Python 3.11 and OpenSSL 3.0
+on a 2-core Linux VM: ``python -c "import time, blockws.tls as t;
+c = time.process_time(); t.build_default_context(); print(time.process_time() - c)"``;
+wall time was 140-280 ms there, with other work competing for the cores).
+The first ``wss://`` socket's connecting thread pays it, within its
+``open_timeout``; later sockets pay nothing, and ``send()`` and ``update()``
+never do.
 
 **ALPN per attempt.** Python sets the ALPN list on a context, not on one
 connection, yet an HTTP/2 attempt must offer ``h2, http/1.1`` and the HTTP/1.1

@@ -182,8 +182,9 @@ class WebSocket:
     system's store, and ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set (so
     ``SSL_CERT_FILE=ca.pem python app.py`` reaches a server with a private
     CA); ``SSLKEYLOGFILE`` names a file TLS secrets are written to, for
-    Wireshark. That context is built once per process (30-60 ms, on the
-    first ``wss://`` connect; see :mod:`blockws.tls`). A context you pass is
+    Wireshark. That context is built once per process, by the first
+    ``wss://`` socket's connecting thread (60-80 ms of CPU; see
+    :mod:`blockws.tls`). A context you pass is
     used for trust and client certificates (mutual TLS: ``ctx.load_cert_chain``)
     as you set it up, except ALPN: blockws sets its ALPN list on each
     connection attempt (``h2, http/1.1`` for HTTP/2, ``http/1.1`` for
@@ -339,7 +340,11 @@ class WebSocket:
         "Largest incoming message in bytes (``None``: no limit); a larger one fails with 1009."
     )
     ssl_context: _Setting[ssl.SSLContext | None] = _Setting(
-        "The ``ssl.SSLContext`` for ``wss://`` (``None``: blockws's default)."
+        "The ``ssl.SSLContext`` for ``wss://`` (``None``: blockws's default: certifi, the "
+        "system store, ``SSL_CERT_FILE``/``SSL_CERT_DIR``). blockws sets its ALPN list on it "
+        "for each connection attempt (``h2, http/1.1``, or ``http/1.1`` for HTTP/1.1), under "
+        "a lock that keeps blockws's concurrent connects apart; the context keeps the last "
+        "list set. Trust, client certificates and the rest are used as you set them."
     )
     user_agent: _Setting[str | None] = _Setting(
         "The ``User-Agent`` sent (``None``: none); a ``User-Agent`` in ``headers`` wins."
