@@ -169,6 +169,8 @@ def handshake(
     host, the port and advice. ``reconnect(timeout)`` opens a new plain
     connection to the same server, for reading its certificate after a
     verification failure (see the module docstring); ``time_left`` bounds it.
+    Shutting down the socket ``reconnect`` returned (an abort from another
+    thread) ends that read at once; the message then lacks the details.
     """
     try:
         tls.do_handshake()
@@ -276,9 +278,15 @@ def _read_certificate(
     probe.verify_mode = ssl.CERT_NONE  # only to read the certificate; nothing is sent
     try:
         raw = reconnect(timeout)
-        raw.settimeout(max(0.01, timeout - (time.monotonic() - started)))
-        with probe.wrap_socket(raw, server_hostname=tls.server_hostname) as conn:
-            der = conn.getpeercert(binary_form=True)
+        try:
+            # A duplicate descriptor: ``raw`` stays usable (not detached by
+            # wrap_socket), so whoever holds it can shut the probe down.
+            dup = raw.dup()
+            dup.settimeout(max(0.01, timeout - (time.monotonic() - started)))
+            with probe.wrap_socket(dup, server_hostname=tls.server_hostname) as conn:
+                der = conn.getpeercert(binary_form=True)
+        finally:
+            raw.close()
     except (OSError, ValueError) as exc:
         logger.debug("could not read the certificate of the failed server: %s", exc)
         return None

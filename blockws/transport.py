@@ -458,6 +458,13 @@ class Connector:
                 raise ConnectError("connection aborted by close()")
             self._sock = sock
 
+    def _probe(self, host: str, port: int, timeout: float) -> socket.socket:
+        """A new plain connection for reading a rejected certificate (:mod:`blockws.tls`),
+        registered so that :meth:`abort` ends it too."""
+        sock = socket.create_connection((host, port), timeout)
+        self._register(sock)  # closes it and raises if aborted meanwhile
+        return sock
+
     def connect(
         self,
         host: str,
@@ -507,8 +514,8 @@ class Connector:
                     sock = tls  # owns the descriptor now
                     self._register(tls)
                     tls_handshake(
-                        tls, host, port, reconnect=lambda t: socket.create_connection(
-                            (host, port), t), time_left=deadline.remaining()
+                        tls, host, port, reconnect=lambda t: self._probe(host, port, t),
+                        time_left=deadline.remaining(),
                     )
         except BaseException:
             self._register(None)

@@ -9,12 +9,16 @@ environment then, so the tests of the environment variables run a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -236,3 +240,42 @@ def test_plain_server_behind_wss(websockets_server: str, tls_certs: Any) -> None
     url = websockets_server.replace("ws://", "wss://")
     message = tls_failure(url, ssl_context=tls_certs.client_context())
     assert f"127.0.0.1:{port_of(url)}" in message and "does not speak TLS" in message
+
+
+def test_close_ends_the_certificate_read_at_once(tls_certs: Any) -> None:
+    """After a failed verification blockws reads the certificate over a second connection;
+    a server that never answers that one (here: accepted and left silent) holds it up to
+    PROBE_TIMEOUT, unless the socket is closed, which ends it at once."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tls_certs.certfile, tls_certs.keyfile)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    probed = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        first, _ = listener.accept()
+        with contextlib.suppress(OSError), server_ctx.wrap_socket(first, server_side=True):
+            pass  # the client rejects the certificate
+        first.close()
+        second, _ = listener.accept()
+        held.append(second)  # never answered
+        probed.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    rec = Recorder()
+    ws = blockws.WebSocket(f"wss://localhost:{port}/", http2=False, **rec.callbacks(),
+                           ssl_context=blockws.tls.build_default_context({}))
+    try:
+        ws.open()
+        assert probed.wait(TIMEOUT)
+        started = time.monotonic()
+        ws.close()
+        assert rec.wait_closed(ws) == (1006, "")
+        assert time.monotonic() - started < blockws.tls.PROBE_TIMEOUT / 2
+    finally:
+        listener.close()
+        thread.join(TIMEOUT)
+        for sock in held:
+            sock.close()
