@@ -153,7 +153,9 @@ class WebSocket:
     * HTTP: ``headers`` (a mapping or (name, value) pairs, added to the
       upgrade request), ``origin``, ``user_agent`` (default
       ``blockws/<version> Python/<x.y>``; ``None`` sends no ``User-Agent``;
-      a ``User-Agent`` in ``headers`` wins).
+      a ``User-Agent`` in ``headers`` wins; like ``origin`` it is copied into
+      ``internal_request``, where ``internal_request.user_agent`` may be
+      edited until ``open()``).
     * TLS: ``ssl_context`` (an ``ssl.SSLContext``; default: see "Networks"
       below), ``server_hostname`` (SNI and certificate name, default the
       URL's host).
@@ -345,9 +347,6 @@ class WebSocket:
         "for each connection attempt (``h2, http/1.1``, or ``http/1.1`` for HTTP/1.1), under "
         "a lock that keeps blockws's concurrent connects apart; the context keeps the last "
         "list set. Trust, client certificates and the rest are used as you set them."
-    )
-    user_agent: _Setting[str | None] = _Setting(
-        "The ``User-Agent`` sent (``None``: none); a ``User-Agent`` in ``headers`` wins."
     )
     server_hostname: _Setting[str | None] = _Setting(
         "SNI and certificate name (``None``: the URL's host)."
