@@ -47,12 +47,14 @@ from .extensions import Extension
 from .handshake import Headers, Request
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .tls import create_default_context
 from .websocket import WebSocket, connect, update_all, wait
 
 __all__ = [
     "__version__",
     "WebSocket",
     "connect",
+    "create_default_context",
     "update_all",
     "wait",
     "BufferPool",

@@ -69,6 +69,7 @@ from .log import logger
 __all__ = [
     "default_context",
     "build_default_context",
+    "create_default_context",
     "start",
     "handshake",
     "HTTP2_ALPN",
@@ -126,6 +127,22 @@ def build_default_context(environ: dict[str, str] | None = None) -> ssl.SSLConte
     if keylog and environ is not None:
         ctx.keylog_filename = keylog  # os.environ's was set by create_default_context
     return ctx
+
+
+def create_default_context() -> ssl.SSLContext:
+    """A new context with blockws's default trust, for you to change.
+
+    For adding to the default rather than replacing it, e.g. a client
+    certificate for mutual TLS::
+
+        ctx = blockws.create_default_context()
+        ctx.load_cert_chain("client.pem", "client.key")
+        ws = blockws.WebSocket("wss://example.com/", ssl_context=ctx)
+
+    Each call builds a new context (60-80 ms of CPU, see the module
+    docstring): build one and share it between sockets.
+    """
+    return build_default_context()
 
 
 def default_context() -> ssl.SSLContext:

@@ -186,9 +186,10 @@ class WebSocket:
     CA); ``SSLKEYLOGFILE`` names a file TLS secrets are written to, for
     Wireshark. That context is built once per process, by the first
     ``wss://`` socket's connecting thread (60-80 ms of CPU; see
-    :mod:`blockws.tls`). A context you pass is
-    used for trust and client certificates (mutual TLS: ``ctx.load_cert_chain``)
-    as you set it up, except ALPN: blockws sets its ALPN list on each
+    :mod:`blockws.tls`). :func:`blockws.create_default_context` returns a
+    new context with that trust, to add to (a client certificate for mutual
+    TLS: ``ctx.load_cert_chain(...)``). A context you pass is used for trust
+    and client certificates as you set it up, except ALPN: blockws sets its ALPN list on each
     connection attempt (``h2, http/1.1`` for HTTP/2, ``http/1.1`` for
     HTTP/1.1 and the fallback), under a lock that keeps blockws's own
     concurrent connects apart, so HTTP/2 and the fallback work with your

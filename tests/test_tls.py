@@ -153,7 +153,8 @@ def mtls_server(tls_certs: Any) -> Iterator[str]:
 @pytest.mark.parametrize("http2", [True, False])
 def test_client_certificate_through_ssl_context(mtls_server: str, tls_certs: Any,
                                                 http2: bool) -> None:
-    ctx = tls_certs.client_context()
+    ctx = blockws.create_default_context()  # the default trust, plus ours
+    tls_certs.ca.configure_trust(ctx)
     tls_certs.ca.issue_cert("client.example").configure_cert(ctx)
     with blockws.connect(mtls_server, timeout=TIMEOUT, ssl_context=ctx, http2=http2) as ws:
         assert ws.http_version == ("2" if http2 else "1.1")
