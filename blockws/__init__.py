@@ -14,6 +14,7 @@ See :class:`WebSocket` for options and README.md for the design.
 
 from __future__ import annotations
 
+from ._version import __version__
 from .buffers import BufferPool, BufferSegment
 from .deflate import PerMessageDeflate
 from .exceptions import (
@@ -24,6 +25,7 @@ from .exceptions import (
     ConnectionClosedError,
     ConnectionClosedOK,
     ConnectionLost,
+    ConnectionRefused,
     HandshakeError,
     HeadersTooLarge,
     HTTP2Unavailable,
@@ -45,13 +47,14 @@ from .extensions import Extension
 from .handshake import Headers, Request
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .tls import create_default_context
 from .websocket import WebSocket, connect, update_all, wait
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "WebSocket",
     "connect",
+    "create_default_context",
     "update_all",
     "wait",
     "BufferPool",
@@ -70,6 +73,7 @@ __all__ = [
     "ConnectionClosedError",
     "ConnectionClosedOK",
     "ConnectionLost",
+    "ConnectionRefused",
     "HandshakeError",
     "HeadersTooLarge",
     "HTTP2Unavailable",
