@@ -112,7 +112,7 @@ def open_transport(
             pool.failed_origins.add(url.origin_key)
             if not http2.fallback:
                 raise
-            log.info("HTTP/2 unavailable (%s): falling back to HTTP/1.1", exc)
+            log.debug("HTTP/2 unavailable (%s): falling back to HTTP/1.1", exc)
             request = new_request()
             url = request.parsed_url
         else:
