@@ -30,10 +30,19 @@ from typing import Callable
 
 import certifi
 
+from . import trace as _trace
 from .deadline import Deadline
 from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidHeader
 from .extensions import Extension
-from .handshake import Request, ResponseReader, build_request, negotiate, new_key, validate_response
+from .handshake import (
+    Request,
+    ResponseReader,
+    build_request,
+    negotiate,
+    new_key,
+    offer_headers,
+    validate_response,
+)
 from .http2 import H2Stream, HTTP2Settings, pool
 from .log import ContextAdapter
 from .transport import Connector, Transport
@@ -110,6 +119,8 @@ def open_transport(
                 )
         except HTTP2Unavailable as exc:
             pool.failed_origins.add(url.origin_key)
+            if _trace.enabled:
+                _trace.event(log.context, f"HTTP/2 attempt failed: {exc}")
             if not http2.fallback:
                 raise
             log.debug("HTTP/2 unavailable (%s): falling back to HTTP/1.1", exc)
@@ -119,6 +130,9 @@ def open_transport(
             stream = attempt
             request.http_version = "2"
             assert stream.response is not None
+            if _trace.enabled:
+                _trace.request_http2(log.context, request.url, offer_headers(request, offered))
+                _trace.response(log.context, "2", stream.status, "", stream.response)
             try:
                 subprotocol, accepted = negotiate(stream.response, request.subprotocols, offered)
             except BaseException:
@@ -155,7 +169,10 @@ def _upgrade_http1(
     """The HTTP/1.1 upgrade (RFC 6455 section 4.1) on a connected transport."""
     offered = [e.fresh() for e in extensions]
     key = new_key()
-    transport.write([build_request(request, key, offered)])
+    raw = build_request(request, key, offered)
+    transport.write([raw])
+    if _trace.enabled:
+        _trace.request_http1(log.context, raw)
     log.debug("sent upgrade request, headers %s", request.headers.redacted())
     reader = ResponseReader()
     response = None
@@ -166,5 +183,7 @@ def _upgrade_http1(
                 raise ConnectionLost("connection aborted during the opening handshake")
             raise InvalidHeader("connection closed before the handshake response was complete")
         response = reader.feed(data)
+    if _trace.enabled:
+        _trace.response(log.context, "1.1", response.status, response.reason, response.headers)
     subprotocol, accepted = validate_response(response, key, request.subprotocols, offered)
     return Opened(transport, subprotocol, accepted, response.extra)
