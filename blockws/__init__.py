@@ -9,7 +9,8 @@ Background threads do the I/O; your callbacks run when you call
         ws.send("hello")
         print(ws.receive(timeout=5))
 
-See :class:`WebSocket` for options and README.md for the design.
+See :class:`WebSocket` for options, :func:`enable_trace` to see every frame, and
+the documentation in ``docs/`` (``docs/design.rst`` for the design).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultserver import Peer, fault_server
 
 import blockws
 from blockws import trace
@@ -272,3 +273,19 @@ def test_environment_turns_it_on_with_or_without_speedups(pure: str) -> None:
     assert "#1 < TEXT fin=1 rsv=" in err
     assert "#1 > GET / HTTP/1.1" in err
     assert "#1 state OPEN -> CLOSING" in err
+
+
+@pytest.mark.timeout(60)
+def test_a_rejected_upgrade_shows_the_response_headers(traced: Capture) -> None:
+    """What troubleshooting a 403 needs: the status and the headers of the refusal."""
+    def handler(peer: Peer) -> None:
+        peer.read_request()
+        peer.send(b"HTTP/1.1 403 Forbidden\r\nSet-Cookie: sid=" + SECRET.encode()
+                  + b"\r\nX-Reason: origin not allowed\r\nContent-Length: 0\r\n\r\n")
+
+    with fault_server(handler) as server:
+        with pytest.raises(blockws.InvalidStatus):
+            blockws.connect(server.url, timeout=TIMEOUT)
+    response = next(line for line in traced.lines() if " < HTTP/1.1 403 Forbidden" in line)
+    assert "\n    X-Reason: origin not allowed" in response
+    assert "\n    Set-Cookie: <redacted>" in response and SECRET not in response
