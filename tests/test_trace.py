@@ -289,3 +289,16 @@ def test_a_rejected_upgrade_shows_the_response_headers(traced: Capture) -> None:
     response = next(line for line in traced.lines() if " < HTTP/1.1 403 Forbidden" in line)
     assert "\n    X-Reason: origin not allowed" in response
     assert "\n    Set-Cookie: <redacted>" in response and SECRET not in response
+
+
+@pytest.mark.timeout(120)
+def test_the_cost_benchmark_runs() -> None:
+    """``python -m benchmarks.trace`` end to end with tiny counts (figures not asserted)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.trace", "--messages", "300", "--rounds", "1"],
+        capture_output=True, text=True, timeout=110, env=env, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split()[0] for line in result.stdout.splitlines()[2:]]
+    assert rows == ["off", "off-after-on", "on-filtered", "on"]
