@@ -9,7 +9,8 @@ Background threads do the I/O; your callbacks run when you call
         ws.send("hello")
         print(ws.receive(timeout=5))
 
-See :class:`WebSocket` for options and README.md for the design.
+See :class:`WebSocket` for options, :func:`enable_trace` to see every frame, and
+the documentation in ``docs/`` (``docs/design.rst`` for the design).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .handshake import Headers, Request
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .tls import create_default_context
+from .trace import enable_trace
 from .websocket import WebSocket, connect, update_all, wait
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "create_default_context",
     "update_all",
     "wait",
+    "enable_trace",
     "BufferPool",
     "BufferSegment",
     "Extension",

@@ -427,9 +427,15 @@ def negotiate(
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password in its userinfo replaced, for logs."""
+    """``url`` with the secret in its userinfo replaced, for logs: the password
+    of ``user:password@``, or the whole of a lone ``token@`` (a user part
+    without a password is often a token)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":<redacted>@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":<redacted>"
+    else:
+        userinfo = "<redacted>"
+    return parts._replace(netloc=f"{userinfo}@{hostport}").geturl()

@@ -32,10 +32,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
+from . import trace as _trace
 from .deadline import Deadline
 from .exceptions import BlockwsError, ConnectionLost, HTTP2Unavailable, InvalidHeader
 from .extensions import Extension
-from .handshake import Request, ResponseReader, build_request, negotiate, new_key, validate_response
+from .handshake import (
+    Request,
+    ResponseReader,
+    build_request,
+    negotiate,
+    new_key,
+    offer_headers,
+    validate_response,
+)
 from .http2 import H2Stream, HTTP2Settings, pool
 from .log import ContextAdapter
 from .tls import HTTP1_ALPN, default_context
@@ -104,15 +113,20 @@ def open_transport(
         except HTTP2Unavailable as exc:
             if exc.refused:
                 refused.add(url.origin_key, str(exc))
+            if _trace.enabled:
+                _trace.event(log.context, f"HTTP/2 attempt failed: {exc}")
             if not http2.fallback:
                 raise
-            log.info("HTTP/2 unavailable (%s): falling back to HTTP/1.1", exc)
+            log.debug("HTTP/2 unavailable (%s): falling back to HTTP/1.1", exc)
             request = new_request()
             url = request.parsed_url
         else:
             stream = attempt
             request.http_version = "2"
             assert stream.response is not None
+            if _trace.enabled:
+                _trace.request_http2(log.context, request.url, offer_headers(request, offered))
+                _trace.response(log.context, "2", stream.status, "", stream.response)
             try:
                 subprotocol, accepted = negotiate(stream.response, request.subprotocols, offered)
             except BaseException:
@@ -156,7 +170,10 @@ def _upgrade_http1(
     """The HTTP/1.1 upgrade (RFC 6455 section 4.1) on a connected transport."""
     offered = [e.fresh() for e in extensions]
     key = new_key()
-    transport.write([build_request(request, key, offered)])
+    raw = build_request(request, key, offered)
+    transport.write([raw])
+    if _trace.enabled:
+        _trace.request_http1(log.context, raw)
     log.debug("sent upgrade request, headers %s", request.headers.redacted())
     reader = ResponseReader()
     response = None
@@ -180,5 +197,7 @@ def _upgrade_http1(
                 f"was complete{hint}"
             )
         response = reader.feed(data)
+    if _trace.enabled:
+        _trace.response(log.context, "1.1", response.status, response.reason, response.headers)
     subprotocol, accepted = validate_response(response, key, request.subprotocols, offered)
     return Opened(transport, subprotocol, accepted, response.extra)

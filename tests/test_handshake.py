@@ -300,7 +300,8 @@ def test_wsurl_authority_and_origin_key() -> None:
 
 def test_redact_url() -> None:
     assert redact_url("wss://user:hunter2@h/p") == "wss://user:<redacted>@h/p"
-    assert redact_url("wss://user@h/p") == "wss://user@h/p"
+    assert redact_url("wss://s3cr3t-token@h/p") == "wss://<redacted>@h/p"
+    assert redact_url("wss://user:@h:8443/p?q=1") == "wss://user:<redacted>@h:8443/p?q=1"
     assert redact_url("ws://h/") == "ws://h/"
 
 
