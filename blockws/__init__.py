@@ -37,6 +37,7 @@ from .exceptions import (
     OpenTimeout,
     PingTimeout,
     ProtocolError,
+    ProxyError,
     SegmentReleasedTwice,
     TLSError,
     TransportError,
@@ -45,6 +46,7 @@ from .extensions import Extension
 from .handshake import Headers, Request
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .proxy import Proxy
 from .websocket import WebSocket, connect, update_all, wait
 
 __version__ = "0.1.0"
@@ -60,6 +62,7 @@ __all__ = [
     "PerMessageDeflate",
     "Headers",
     "HTTP2Settings",
+    "Proxy",
     "Request",
     "DEFAULT_MAX_FRAGMENT_SIZE",
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -83,6 +86,7 @@ __all__ = [
     "OpenTimeout",
     "PingTimeout",
     "ProtocolError",
+    "ProxyError",
     "SegmentReleasedTwice",
     "TLSError",
     "TransportError",

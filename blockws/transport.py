@@ -32,7 +32,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Callable, Protocol, Union
 
 from .deadline import Deadline
@@ -50,6 +50,8 @@ __all__ = [
     "Sink",
     "Transport",
     "TCPTransport",
+    "Connector",
+    "Tunnel",
     "map_os_errors",
 ]
 
@@ -406,13 +408,48 @@ class TCPTransport(Transport):
             self.sock.close()
 
 
+class Tunnel(Protocol):
+    """A route to hosts through a proxy (:mod:`blockws.proxy` makes them).
+
+    ``key`` tells routes apart where connections are shared (the HTTP/2 pool):
+    equal keys, the same route. ``open`` reaches ``host:port`` through the
+    proxy with the connector's help (so ``close()`` can abort it) and starts
+    TLS to the host inside the tunnel when ``ssl_context`` is given.
+    """
+
+    @property
+    def key(self) -> Hashable: ...
+
+    def open(
+        self,
+        connector: Connector,
+        host: str,
+        port: int,
+        deadline: Deadline,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+    ) -> Transport: ...
+
+
 class Connector:
-    """Opens a TCP (and TLS) connection, abortable from another thread."""
+    """Opens a TCP (and TLS) connection, abortable from another thread.
+
+    With a :attr:`tunnel` set, :meth:`connect` goes through that proxy; the
+    opening sets it before each request (a redirect may lead elsewhere).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self.aborted = False
+        #: The proxy route :meth:`connect` takes, or ``None`` to connect directly.
+        self.tunnel: Tunnel | None = None
+
+    @property
+    def route_key(self) -> Hashable:
+        """What tells this connector's route apart (``None``: direct)."""
+        tunnel = self.tunnel
+        return None if tunnel is None else tunnel.key
 
     def abort(self) -> None:
         with self._lock:
@@ -439,6 +476,20 @@ class Connector:
             self._sock = sock
 
     def connect(
+        self,
+        host: str,
+        port: int,
+        deadline: Deadline,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> Transport:
+        """Reach ``host:port`` (through :attr:`tunnel` when set) and optionally start TLS."""
+        tunnel = self.tunnel
+        if tunnel is not None:
+            return tunnel.open(self, host, port, deadline, ssl_context, server_hostname)
+        return self.connect_direct(host, port, deadline, ssl_context, server_hostname)
+
+    def connect_direct(
         self,
         host: str,
         port: int,
@@ -473,17 +524,28 @@ class Connector:
         else:
             assert last is not None
             raise last
+        if ssl_context is None:
+            return TCPTransport(sock)
+        return self.start_tls(sock, deadline, ssl_context, server_hostname or host)
+
+    def start_tls(
+        self,
+        sock: socket.socket,
+        deadline: Deadline,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str,
+    ) -> TCPTransport:
+        """TLS over ``sock``, a connection this connector made (directly, or a
+        tunnel through a proxy); on failure ``sock`` is closed."""
         try:
-            if ssl_context is not None:
-                with map_os_errors(connecting=True):
-                    sock.settimeout(deadline.remaining())
-                    tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
-                self._register(tls)
-                sock = tls
+            with map_os_errors(connecting=True):
+                sock.settimeout(deadline.remaining())
+                tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname)
+            self._register(tls)
         except BaseException:
             self._register(None)
             sock.close()
             if self.aborted:
                 raise ConnectError("connection aborted by close()") from None
             raise
-        return TCPTransport(sock)
+        return TCPTransport(tls)
