@@ -26,7 +26,7 @@ opening hands its :class:`~blockws.transport.Connector`):
   ``proxy_ssl_context`` option, default blockws's own trust). A ``wss://``
   server's TLS then runs inside that TLS (:class:`TLSInTLSTransport`).
 * ``socks5://`` (names resolved here), ``socks5h://`` (resolved by the
-  proxy), ``socks4://``, ``socks4a://``: through the optional
+  proxy), ``socks4://`` (resolved here, IPv4 only): through the optional
   `python-socks <https://pypi.org/project/python-socks/>`_ package
   (``pip install 'blockws[socks]'``); without it, opening raises
   :class:`~blockws.exceptions.ProxyError` saying so.
@@ -90,7 +90,6 @@ DEFAULT_PORTS = {
     "socks5": 1080,
     "socks5h": 1080,
     "socks4": 1080,
-    "socks4a": 1080,
 }
 #: Bound on the proxy's answer to CONNECT (status line and headers).
 MAX_CONNECT_RESPONSE = 16 * 1024
@@ -108,8 +107,8 @@ class Proxy:
     ('http', 'proxy.example', 3128, 'alice')
     >>> Proxy.from_url("ftp://proxy.example")
     Traceback (most recent call last):
-    blockws.exceptions.InvalidURL: proxy URL scheme must be http, https, socks5, socks5h, \
-socks4 or socks4a, not 'ftp': 'ftp://proxy.example'
+    blockws.exceptions.InvalidURL: proxy URL scheme must be http, https, socks5, socks5h \
+or socks4, not 'ftp': 'ftp://proxy.example'
     """
 
     __slots__ = ("scheme", "host", "port", "username", "password")
@@ -501,7 +500,7 @@ class ProxyTunnel:
             proxy.port,
             proxy.username,
             proxy.password,
-            rdns=proxy.scheme in ("socks5h", "socks4a"),
+            rdns=proxy.scheme == "socks5h",
             # python-socks reaches the proxy through its "forward" hop: ours
             # connects with the connector, so close() can abort the wait.
             forward=_ConnectorHop(connector, deadline),  # type: ignore[arg-type]
