@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 from faultserver import FaultServer, Peer, Recorder
+from redirectserver import RedirectServer
 
 import blockws
 from blockws.deadline import Deadline
@@ -510,6 +511,23 @@ def test_environment_no_proxy_and_proxy_none(
     echo_through(websockets_server, None)
     monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.0/8")
     echo_through(websockets_server, True)
+
+
+def test_each_redirect_hop_picks_its_own_route(
+    tinyproxy_open: ProxyPeer, websockets_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The environment is read per request: the redirecting server (127.0.0.1, in no_proxy)
+    is reached directly, the server it points to (localhost) through the proxy."""
+    port = _port(websockets_server)
+    monkeypatch.setenv("http_proxy", tinyproxy_open.url)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    with RedirectServer({"/hop": (302, f"ws://localhost:{port}/routed")}) as server:
+        with blockws.connect(server.url("/hop"), timeout=TIMEOUT) as ws:
+            ws.send("x")
+            assert ws.receive(TIMEOUT) == "x"
+        assert server.connections == 1
+    assert tinyproxy_open.logged(f"localhost:{port}")
+    assert not tinyproxy_open.logged(f":{server.port}", timeout=0.0)
 
 
 # -- SOCKS: microsocks and pproxy ----------------------------------------------------------------
