@@ -80,12 +80,12 @@ from .opening import Opened, default_context, open_transport
 from .options import Options, check_fragment_size
 from .protocol import BinaryMessage, CloseReceived, Failure, Pong, Role, State
 from .protocol import Protocol as WSProtocol
-from .proxy import tunnel_for
 from .readtoken import ReadToken
 from .redirects import follow_redirects
 from .sender import Sender
 from .timer import Job, timer
 from .transport import Connector, Transport
+from .tunnel import tunnel_for
 
 __all__ = ["Connection", "Listener", "Phase", "TRANSITIONS", "WRITER_JOIN", "open_over_network"]
 

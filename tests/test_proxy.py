@@ -38,14 +38,9 @@ import blockws
 from blockws.deadline import Deadline
 from blockws.handshake import parse_url
 from blockws.options import Options
-from blockws.proxy import (
-    Proxy,
-    ProxyTunnel,
-    bypasses_proxy,
-    proxy_from_environment,
-    tunnel_for,
-)
+from blockws.proxy import Proxy, bypasses_proxy, proxy_from_environment
 from blockws.transport import Connector
+from blockws.tunnel import ProxyTunnel, tunnel_for
 from peerutil import free_port, start_server
 
 TIMEOUT = 10.0
@@ -470,6 +465,17 @@ def test_http2_through_http_connect(tinyproxy_open: ProxyPeer, hypercorn_h2_serv
     assert tinyproxy_open.logged(f"localhost:{_port(url)}")
 
 
+def test_h2c_through_http_connect(tinyproxy_open: ProxyPeer, hypercorn_h2_server: Any) -> None:
+    """Cleartext HTTP/2 (h2c, prior knowledge) goes through the tunnel as it is."""
+    url = hypercorn_h2_server.ws
+    with blockws.connect(url, timeout=TIMEOUT, proxy=tinyproxy_open.url,
+                         http2=blockws.HTTP2Settings(cleartext=True)) as ws:
+        assert ws.http_version == "2"
+        ws.send("!version")
+        assert ws.receive(TIMEOUT) == "2"
+    assert tinyproxy_open.logged(f"127.0.0.1:{_port(url)}")
+
+
 def test_http2_connections_not_shared_across_routes(
     tinyproxy_open: ProxyPeer, hypercorn_h2_server: Any, tls_context_h2: ssl.SSLContext
 ) -> None:
@@ -623,6 +629,24 @@ def test_https_proxy_certificate_checked(pproxy_tls: ProxyPeer, websockets_serve
     assert closed == (1006, "")
 
 
+def test_nothing_left_behind(tinyproxy_auth: ProxyPeer, microsocks_auth: ProxyPeer,
+                            pproxy_tls: ProxyPeer, websockets_server: str,
+                            websockets_tls_server: str, tls_certs: Any, no_leaks: None) -> None:
+    """No thread or descriptor outlives a socket, through every kind of tunnel, opened or
+    refused."""
+    for _ in range(3):
+        echo_through(websockets_server, tinyproxy_auth.with_credentials())
+        echo_through(websockets_server, microsocks_auth.with_credentials())
+        echo_through(websockets_tls_server, pproxy_tls.url,
+                     proxy_ssl_context=tls_certs.client_context(),
+                     ssl_context=tls_certs.client_context())
+        failure(websockets_server, tinyproxy_auth.url)  # 407
+        failure(websockets_server, microsocks_auth.url)  # no credentials
+        failure(websockets_server, pproxy_tls.url)  # the proxy's certificate
+        failure(websockets_tls_server, pproxy_tls.url,  # the server's certificate, inside
+                proxy_ssl_context=tls_certs.client_context())
+
+
 # -- misbehaving proxies (raw sockets) -----------------------------------------------------------
 
 
@@ -742,4 +766,5 @@ def test_docstring_examples() -> None:
 
     import blockws.proxy
 
+    assert doctest.testmod(blockws.proxy).attempted > 5
     assert doctest.testmod(blockws.proxy).failed == 0
