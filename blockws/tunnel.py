@@ -189,7 +189,7 @@ class ProxyTunnel:
         status, reason = response.status, response.reason
         if not 200 <= status < 300:
             hint = ""
-            if status == 407:
+            if status in (401, 407):  # 407 is the standard answer; some proxies send 401
                 hint = (
                     ": the proxy wants credentials (give them in the proxy URL)"
                     if not proxy.has_credentials

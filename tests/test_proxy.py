@@ -425,6 +425,7 @@ def test_http_connect_wrong_credentials(tinyproxy_auth: ProxyPeer, websockets_se
     error, closed = failure(websockets_server, tinyproxy_auth.with_credentials(password="nope"))
     assert isinstance(error, blockws.ProxyError)
     assert error.status == 401  # tinyproxy's answer to bad credentials (PEERS.md)
+    assert "did not accept the credentials" in str(error)
     assert closed == (1006, "")
     assert USER not in str(error) and "<credentials>@" in str(error)
 
@@ -434,6 +435,20 @@ def test_http_connect_forbidden_gets_403(
 ) -> None:
     error, closed = failure(websockets_server, tinyproxy_443_only.url)
     assert isinstance(error, blockws.ProxyError) and error.status == 403
+    assert closed == (1006, "")
+
+
+@pytest.mark.parametrize("kind", ["tinyproxy", "microsocks"])
+def test_proxy_cannot_reach_the_server(kind: str, request: pytest.FixtureRequest) -> None:
+    """The proxy is up but the server is not: the proxy's status says so."""
+    peer: ProxyPeer = request.getfixturevalue(f"{kind}_open")
+    error, closed = failure(f"ws://127.0.0.1:{free_port()}/", peer.url)
+    assert isinstance(error, blockws.ProxyError), error
+    assert isinstance(error.status, int)
+    if kind == "tinyproxy":
+        assert 500 <= error.status < 600 and f"HTTP {error.status}" in str(error)
+    else:
+        assert error.status == 5  # SOCKS5: connection refused (RFC 1928 section 6)
     assert closed == (1006, "")
 
 

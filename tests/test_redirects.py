@@ -17,6 +17,7 @@ from faultserver import Recorder
 from redirectserver import RedirectServer
 
 import blockws
+import blockws.opening
 from blockws.exceptions import HTTP2Unavailable, InvalidStatus
 from blockws.handshake import Headers, Request, parse_url
 from blockws.log import ContextAdapter
@@ -337,3 +338,26 @@ def test_no_leaks_across_hops(websockets_server: str, no_leaks: None) -> None:
         with blockws.connect(server.url("/0"), timeout=TIMEOUT) as ws:
             assert headers_seen(ws)["path"] == "/end"
         assert server.connections == 6
+
+
+def test_fallback_after_a_redirect_keeps_the_new_url(
+    node_h2_server: Any, tls_certs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redirect to a server without RFC 8441: the HTTP/1.1 fallback request goes to the
+    server redirected to (not back to the first URL), and the hook sees every request."""
+
+    def trusting_default(http2: bool) -> ssl.SSLContext:  # blockws's defaults + the test CA
+        ctx = tls_certs.client_context()
+        ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
+        return ctx
+
+    monkeypatch.setattr(blockws.opening, "default_context", trusting_default)
+    target = node_h2_server.wss + "/after-redirect"
+    with RedirectServer({"/a": (302, target)}) as server:
+        hook = HookLog()
+        with blockws.connect(server.url("/a"), timeout=TIMEOUT,
+                             on_internal_request_created=hook) as ws:
+            assert ws.http_version == "1.1"
+            assert ws.url == target
+        assert server.connections == 1
+    assert hook.urls == [server.url("/a"), target, target]
