@@ -31,11 +31,12 @@ from typing import Callable
 import certifi
 
 from .deadline import Deadline
-from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidHeader
+from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidHeader, InvalidStatus
 from .extensions import Extension
 from .handshake import Request, ResponseReader, build_request, negotiate, new_key, validate_response
 from .http2 import H2Stream, HTTP2Settings, pool
 from .log import ContextAdapter
+from .redirects import REDIRECT_STATUSES
 from .transport import Connector, Transport
 
 __all__ = ["Opened", "open_transport", "default_context"]
@@ -109,6 +110,9 @@ def open_transport(
                     f"TLS ALPN chose {attempt.alpn_protocol or 'no protocol'}, not h2"
                 )
         except HTTP2Unavailable as exc:
+            if isinstance(exc.cause, InvalidStatus) and exc.cause.status in REDIRECT_STATUSES:
+                # A redirect answers the request; it does not refuse HTTP/2 (blockws.redirects).
+                raise exc.cause from None
             pool.failed_origins.add(url.origin_key)
             if not http2.fallback:
                 raise

@@ -361,3 +361,20 @@ def test_fallback_after_a_redirect_keeps_the_new_url(
             assert ws.url == target
         assert server.connections == 1
     assert hook.urls == [server.url("/a"), target, target]
+
+
+@pytest.mark.parametrize("scheme", ["wss", "ws"])
+def test_redirect_over_http2(hypercorn_h2_server: Any, tls_context_h2: ssl.SSLContext,
+                             scheme: str) -> None:
+    """A 302 answering the extended CONNECT (RFC 8441) is followed, still over HTTP/2: a
+    redirect is an answer, not a refusal of HTTP/2, so nothing is remembered against it."""
+    base = hypercorn_h2_server.wss if scheme == "wss" else hypercorn_h2_server.ws
+    options: dict[str, Any] = ({"ssl_context": tls_context_h2} if scheme == "wss"
+                               else {"http2": blockws.HTTP2Settings(cleartext=True)})
+    hook = HookLog()
+    with blockws.connect(base + "/redirect", timeout=TIMEOUT, on_internal_request_created=hook,
+                         **options) as ws:
+        assert ws.http_version == "2"
+        assert headers_seen(ws)["path"] == "/redirected"
+    assert hook.urls == [base + "/redirect", base + "/redirected"]
+    assert not blockws.http2.pool.failed_origins
