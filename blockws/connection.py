@@ -148,8 +148,10 @@ def open_over_network(
 
     def open_hop(hop: Request) -> Opened:
         url = hop.parsed_url
-        proxy_context = options.proxy_ssl_context or default_context(False)
-        connector.tunnel = tunnel_for(options.proxy, url, proxy_context)
+        connector.tunnel = tunnel_for(
+            options.proxy, url, options.proxy_ssl_context,
+            default_context=lambda: default_context(False),  # ALPN http/1.1: CONNECT is HTTP/1.1
+        )
         if connector.tunnel is not None:
             log.debug("reaching %s:%s through proxy %s", url.host, url.port,
                       connector.tunnel.proxy.redacted)

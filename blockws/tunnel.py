@@ -35,7 +35,7 @@ import base64
 import ssl
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Callable
 
 from .deadline import Deadline
 from .exceptions import (
@@ -68,11 +68,19 @@ def tunnel_for(
     url: WSURL,
     proxy_ssl_context: ssl.SSLContext | None,
     environ: Mapping[str, str] | None = None,
+    *,
+    default_context: Callable[[], ssl.SSLContext] | None = None,
 ) -> ProxyTunnel | None:
     """The route for a request to ``url`` under the ``proxy=`` ``setting``
-    (``None``: connect directly)."""
+    (``None``: connect directly). ``default_context`` makes the context for
+    an ``https://`` proxy when ``proxy_ssl_context`` is ``None`` (called only
+    then: building a trust store costs milliseconds)."""
     proxy = choose_proxy(setting, url, environ)
-    return None if proxy is None else ProxyTunnel(proxy, proxy_ssl_context)
+    if proxy is None:
+        return None
+    if proxy_ssl_context is None and proxy.scheme == "https" and default_context is not None:
+        proxy_ssl_context = default_context()
+    return ProxyTunnel(proxy, proxy_ssl_context)
 
 
 def _authority(host: str, port: int) -> str:

@@ -336,6 +336,25 @@ def test_no_environment_no_tunnel() -> None:
 
 
 @pytest.mark.unit
+def test_https_proxy_context_made_only_when_needed() -> None:
+    made: list[ssl.SSLContext] = []
+
+    def default_context() -> ssl.SSLContext:
+        made.append(ssl.create_default_context())
+        return made[-1]
+
+    for setting in (None, True, Proxy("http", "p", 1), Proxy("socks5", "p", 1)):
+        tunnel = tunnel_for(setting, WSS, None, {}, default_context=default_context)
+        assert tunnel is None or tunnel.proxy_ssl_context is None
+    assert made == []
+    tunnel = tunnel_for(Proxy("https", "p", 1), WSS, None, {}, default_context=default_context)
+    assert tunnel is not None and made == [tunnel.proxy_ssl_context]
+    mine = ssl.create_default_context()
+    tunnel = tunnel_for(Proxy("https", "p", 1), WS, mine, {}, default_context=default_context)
+    assert tunnel is not None and tunnel.proxy_ssl_context is mine and len(made) == 1
+
+
+@pytest.mark.unit
 def test_tunnel_keys_tell_routes_apart() -> None:
     """The HTTP/2 pool keys connections by route: no sharing across proxies."""
     a, b = ProxyTunnel(Proxy("http", "p", 1)), ProxyTunnel(Proxy("http", "p", 1))
