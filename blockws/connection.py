@@ -67,22 +67,26 @@ from .exceptions import (
     ConnectionClosedOK,
     ConnectionLost,
     InvalidState,
+    InvalidStatus,
     OpenTimeout,
     PingTimeout,
 )
 from .extensions import Extension
 from .frames import CLOSE_ABNORMAL, Opcode, pack_close
 from .handshake import Request
+from .http2 import H2Stream
 from .keepalive import Keepalive
 from .log import ContextAdapter
-from .opening import Opened, open_transport
+from .opening import Opened, default_context, open_transport
 from .options import Options, check_fragment_size
 from .protocol import BinaryMessage, CloseReceived, Failure, Pong, Role, State
 from .protocol import Protocol as WSProtocol
 from .readtoken import ReadToken
+from .redirects import follow_redirects
 from .sender import Sender
 from .timer import Job, timer
 from .transport import Connector, Transport
+from .tunnel import tunnel_for
 
 __all__ = ["Connection", "Listener", "Phase", "TRANSITIONS", "WRITER_JOIN", "open_over_network"]
 
@@ -132,22 +136,59 @@ def open_over_network(
     register: Callable[[Transport], None],
     new_request: Callable[[], Request],
     log: ContextAdapter,
+    redirect_request: Callable[[str, bool], Request] | None = None,
 ) -> Opened:
-    """How an engine opens: over HTTP/2 or HTTP/1.1 (:mod:`blockws.opening`).
+    """How an engine opens: over HTTP/2 or HTTP/1.1 (:mod:`blockws.opening`),
+    through the proxy each request calls for (:mod:`blockws.proxy`), following
+    redirects (:mod:`blockws.redirects`); ``open_timeout`` bounds it all.
 
     The engine looks this name up when it opens, so a test can put a memory
     transport in its place.
     """
-    return open_transport(
+    deadline = Deadline(options.open_timeout)
+
+    def open_hop(hop: Request) -> Opened:
+        url = hop.parsed_url
+        connector.tunnel = tunnel_for(
+            options.proxy, url, options.proxy_ssl_context,
+            default_context=default_context,  # ALPN is set per connection (blockws.tls)
+        )
+        if connector.tunnel is not None:
+            log.debug("reaching %s:%s through proxy %s", url.host, url.port,
+                      connector.tunnel.proxy.redacted)
+        made: list[Transport] = []
+
+        def register_hop(transport: Transport) -> None:
+            made.append(transport)
+            register(transport)
+
+        try:
+            return open_transport(
+                hop,
+                deadline=deadline,
+                connector=connector,
+                ssl_context=options.ssl_context,
+                server_hostname=options.server_hostname,
+                extensions=options.extensions,
+                http2=options.http2,
+                register=register_hop,
+                new_request=new_request,
+                log=log,
+            )
+        except InvalidStatus:
+            # A redirect (or a refusal) ends this hop's connection; an HTTP/2
+            # stream was already given back to its shared connection.
+            for transport in made:
+                if not isinstance(transport, H2Stream):
+                    transport.abort()
+                    transport.close()
+            raise
+
+    return follow_redirects(
         request,
-        deadline=Deadline(options.open_timeout),
-        connector=connector,
-        ssl_context=options.ssl_context,
-        server_hostname=options.server_hostname,
-        extensions=options.extensions,
-        http2=options.http2,
-        register=register,
-        new_request=new_request,
+        max_redirects=options.max_redirects,
+        open_hop=open_hop,
+        next_request=redirect_request,
         log=log,
     )
 
@@ -165,6 +206,10 @@ class Listener(Protocol):
 
     def fallback_request(self) -> Request:
         """A fresh request for the HTTP/1.1 fallback, after the user's hook."""
+
+    def redirect_request(self, url: str, keep_credentials: bool) -> Request:
+        """A fresh request to ``url`` for a redirect, after the user's hook
+        (``Authorization`` and ``Cookie`` left out unless ``keep_credentials``)."""
 
     def opened(self, _: None) -> None:
         """The socket is open (inside ``update()``)."""
@@ -362,6 +407,7 @@ class Connection:
             self._register_transport,
             self.listener.fallback_request,
             self.log,
+            self.listener.redirect_request,
         )
         transport = opened.transport
         if _trace.enabled:  # this socket's bytes go through the trace (blockws.trace)

@@ -40,6 +40,8 @@ from .http2 import HTTP2Settings
 from .log import ContextAdapter
 from .options import ConnectOptions, Options
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .proxy import Proxy
+from .redirects import DEFAULT_MAX_REDIRECTS, strip_credentials
 from .sender import UNCOMPRESSED as _UNCOMPRESSED
 
 if TYPE_CHECKING:  # pragma: no cover - typing only: Unpack is in typing from 3.11
@@ -95,26 +97,39 @@ class _Setting(Generic[T]):
 class _Events:
     """The engine's listener (see :class:`blockws.connection.Listener`)."""
 
-    __slots__ = ("ws",)
+    __slots__ = ("ws", "keep_credentials")
 
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
+        #: False once a redirect left the first request's origin: the
+        #: requests that follow carry no Authorization or Cookie from the options.
+        self.keep_credentials = True
 
     def first_request(self) -> Request:
+        self.keep_credentials = True
+        return self._hooked(self.ws.internal_request)
+
+    def _hooked(self, request: Request) -> Request:
         ws = self.ws
-        request = ws.internal_request
         hook = ws.on_internal_request_created
         if hook is not None:
             # On the connecting thread, as the API specifies, so that every
-            # request the socket sends -- a fallback one too -- gets the
-            # user's customizations in one place.
+            # request the socket sends -- a fallback or a redirect one too --
+            # gets the user's customizations in one place.
             hook(ws, request)
         return request
 
     def fallback_request(self) -> Request:
         ws = self.ws
-        ws.internal_request = ws._new_request()
-        return self.first_request()
+        ws.internal_request = ws._new_request(ws.internal_request.url, self.keep_credentials)
+        return self._hooked(ws.internal_request)
+
+    def redirect_request(self, url: str, keep_credentials: bool) -> Request:
+        ws = self.ws
+        self.keep_credentials = keep_credentials
+        ws.internal_request = ws._new_request(url, keep_credentials)
+        ws.context["url"] = redact_url(url)
+        return self._hooked(ws.internal_request)
 
     def opened(self, _: None) -> None:
         ws = self.ws
@@ -156,7 +171,24 @@ class WebSocket:
       ``blockws/<version> Python/<x.y>``; ``None`` sends no ``User-Agent``;
       a ``User-Agent`` in ``headers`` wins; like ``origin`` it is copied into
       ``internal_request``, where ``internal_request.user_agent`` may be
-      edited until ``open()``).
+      edited until ``open()``), ``max_redirects`` (default 10; 0 follows
+      none): 301, 302, 303, 307 and 308 answers are followed with a new
+      request (the hook below sees it), ``wss`` never down to ``ws``, and
+      ``Authorization``, ``Cookie`` and URL credentials only within the
+      origin; a loop or one hop too many raises
+      :class:`~blockws.exceptions.InvalidStatus` naming the chain
+      (:mod:`blockws.redirects`).
+    * Proxies: ``proxy`` -- ``True`` (default) takes it from the
+      environment when the socket opens (``wss_proxy``/``ws_proxy``, then
+      ``https_proxy``/``http_proxy``, then ``all_proxy``, either case,
+      honouring ``no_proxy``); a URL ``http://[user:pass@]host:port``,
+      ``https://...``, ``socks5://``, ``socks5h://``, ``socks4://`` (SOCKS
+      needs ``pip install 'blockws[socks]'``); ``None`` for none.
+      ``proxy_ssl_context`` verifies an ``https://`` proxy (default:
+      blockws's default context). A proxy's refusal raises
+      :class:`~blockws.exceptions.ProxyError` (``on_closed`` gets 1006);
+      credentials never show in logs, messages or ``repr``
+      (:mod:`blockws.proxy`).
     * TLS: ``ssl_context`` (an ``ssl.SSLContext``; default: see "Networks"
       below), ``server_hostname`` (SNI and certificate name, default the
       URL's host).
@@ -242,6 +274,10 @@ class WebSocket:
         headers: HeadersLike | None = None,
         origin: str | None = None,
         user_agent: str | None = DEFAULT_USER_AGENT,
+        max_redirects: int = DEFAULT_MAX_REDIRECTS,
+        # proxies
+        proxy: str | Proxy | bool | None = True,
+        proxy_ssl_context: ssl.SSLContext | None = None,
         # TLS
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
@@ -272,6 +308,9 @@ class WebSocket:
             headers=headers,
             origin=origin,
             user_agent=user_agent,
+            max_redirects=max_redirects,
+            proxy=proxy,
+            proxy_ssl_context=proxy_ssl_context,
             ssl_context=ssl_context,
             server_hostname=server_hostname,
             open_timeout=open_timeout,
@@ -319,11 +358,13 @@ class WebSocket:
         #: The handshake request; edit it before ``open()``.
         self.internal_request = self._new_request()
 
-    def _new_request(self) -> Request:
-        """A fresh handshake request from the options (the first, and a fallback one)."""
+    def _new_request(self, url: str | None = None, credentials: bool = True) -> Request:
+        """A fresh handshake request from the options: the first one, and those
+        made for a fallback or a redirect (to ``url``; without the
+        ``Authorization`` and ``Cookie`` headers unless ``credentials``)."""
         options = self._options
-        return Request(
-            url=self._url,
+        request = Request(
+            url=self._url if url is None else url,
             headers=Headers(list(options.headers)),
             subprotocols=list(options.subprotocols),
             origin=options.origin,
@@ -331,6 +372,9 @@ class WebSocket:
             open_timeout=options.open_timeout,
             close_timeout=options.close_timeout,
         )
+        if not credentials:
+            strip_credentials(request)
+        return request
 
     def _set_option(self, name: str, value: Any) -> None:
         if self._engine.phase is not Phase.NEW:
@@ -356,6 +400,16 @@ class WebSocket:
     buffer_pool: _Setting[BufferPool] = _Setting("The pool ``on_binary`` segments come from.")
     http2: _Setting[HTTP2Settings] = _Setting(
         "How this socket uses HTTP/2 (RFC 8441); see :class:`~blockws.HTTP2Settings`."
+    )
+    proxy: _Setting[Proxy | bool | None] = _Setting(
+        "The proxy: ``True`` (from the environment), ``None``, or a :class:`~blockws.Proxy` "
+        "(set it with a URL); its ``repr`` hides credentials."
+    )
+    proxy_ssl_context: _Setting[ssl.SSLContext | None] = _Setting(
+        "The ``ssl.SSLContext`` that verifies an ``https://`` proxy (``None``: the default)."
+    )
+    max_redirects: _Setting[int] = _Setting(
+        "Redirects of the upgrade request followed (0: none); default 10."
     )
 
     @property
