@@ -1149,6 +1149,12 @@ class RefusedOrigins:
     def __contains__(self, origin: object) -> bool:
         return isinstance(origin, tuple) and self.get(origin) is not None
 
+    def __len__(self) -> int:
+        """How many origins are remembered (expired ones are not counted)."""
+        with self._lock:
+            now = self._clock()
+            return sum(1 for r in self._refusals.values() if now - r.at < self.ttl)
+
     def left(self, refusal: Refusal) -> float:
         """Seconds until ``refusal`` expires."""
         return max(0.0, refusal.at + self.ttl - self._clock())

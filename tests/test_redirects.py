@@ -346,10 +346,8 @@ def test_fallback_after_a_redirect_keeps_the_new_url(
     """A redirect to a server without RFC 8441: the HTTP/1.1 fallback request goes to the
     server redirected to (not back to the first URL), and the hook sees every request."""
 
-    def trusting_default(http2: bool) -> ssl.SSLContext:  # blockws's defaults + the test CA
-        ctx = tls_certs.client_context()
-        ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
-        return ctx
+    def trusting_default() -> ssl.SSLContext:  # the test CA; blockws sets ALPN per attempt
+        return tls_certs.client_context()
 
     monkeypatch.setattr(blockws.opening, "default_context", trusting_default)
     target = node_h2_server.wss + "/after-redirect"
