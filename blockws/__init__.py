@@ -45,6 +45,7 @@ from .extensions import Extension
 from .handshake import Headers, Request
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .reconnect import Reconnect
 from .websocket import WebSocket, connect, update_all, wait
 
 __version__ = "0.1.0"
@@ -60,6 +61,7 @@ __all__ = [
     "PerMessageDeflate",
     "Headers",
     "HTTP2Settings",
+    "Reconnect",
     "Request",
     "DEFAULT_MAX_FRAGMENT_SIZE",
     "DEFAULT_MAX_MESSAGE_SIZE",

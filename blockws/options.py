@@ -26,6 +26,7 @@ from .extensions import Extension
 from .handshake import Headers, HeadersLike
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .reconnect import Reconnect, reconnect_option
 
 __all__ = ["Options", "ConnectOptions", "check_fragment_size", "check_ping_frequency"]
 
@@ -158,6 +159,8 @@ class Options:
     buffer_pool: BufferPool = BufferPool.default
     # HTTP/2
     http2: HTTP2Settings = HTTP2Settings()
+    # reconnection (None: off)
+    reconnect: Reconnect | None = None
 
     @classmethod
     def build(cls, **values: Any) -> Options:
@@ -206,6 +209,7 @@ class Options:
             raise TypeError(f"buffer_pool must be a BufferPool, not {type(pool).__name__}")
         out["buffer_pool"] = pool if pool is not None else BufferPool.default
         out["http2"] = _http2(v.get("http2"))
+        out["reconnect"] = reconnect_option(v.get("reconnect"))
         return cls(**out)
 
     def with_values(self, **values: Any) -> Options:
@@ -221,6 +225,7 @@ OnMessage = Callable[[Any, str], Any]
 OnBinary = Callable[[Any, BufferSegment], Any]
 OnClosed = Callable[[Any, int, str], Any]
 OnRequest = Callable[[Any, Any], Any]
+OnReconnecting = Callable[[Any, int, float], Any]
 
 
 class ConnectOptions(TypedDict, total=False):
@@ -247,3 +252,5 @@ class ConnectOptions(TypedDict, total=False):
     buffer_pool: BufferPool | None
     context: MutableMapping[str, Any] | None
     http2: HTTP2Settings | bool | None
+    reconnect: Reconnect | bool | None
+    on_reconnecting: OnReconnecting | None

@@ -21,6 +21,7 @@ this class what happened through a listener whose calls run inside
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from collections.abc import Iterator, MutableMapping, Sequence
@@ -39,6 +40,7 @@ from .http2 import HTTP2Settings
 from .log import ContextAdapter
 from .options import ConnectOptions, Options
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .reconnect import Reconnect
 from .sender import UNCOMPRESSED as _UNCOMPRESSED
 
 if TYPE_CHECKING:  # pragma: no cover - typing only: Unpack is in typing from 3.11
@@ -57,6 +59,7 @@ OnMessage = Callable[["WebSocket", str], Any]
 OnBinary = Callable[["WebSocket", BufferSegment], Any]
 OnClosed = Callable[["WebSocket", int, str], Any]
 OnRequest = Callable[["WebSocket", Request], Any]
+OnReconnecting = Callable[["WebSocket", int, float], Any]
 
 # Plain ints: an enum member look-up costs ten times a global's, and these
 # are on the path of every message.
@@ -115,11 +118,29 @@ class _Events:
         ws.internal_request = ws._new_request()
         return self.first_request()
 
+    def retry_request(self) -> Request:
+        # A copy of the request as it stood at open(), before the hook ran,
+        # so that the hook (a token refresh) starts from the same place each time.
+        ws = self.ws
+        template = ws._request_at_open
+        assert template is not None
+        ws.internal_request = dataclasses.replace(
+            template,
+            headers=Headers(template.headers.raw_items()),
+            subprotocols=list(template.subprotocols),
+        )
+        return self.first_request()
+
     def opened(self, _: None) -> None:
         ws = self.ws
         ws._open_dispatched = True
         if ws.on_open is not None:
             ws.on_open(ws)
+
+    def reconnecting(self, attempt_delay: tuple[int, float]) -> None:
+        ws = self.ws
+        if ws.on_reconnecting is not None:
+            ws.on_reconnecting(ws, attempt_delay[0], attempt_delay[1])
 
     def closed(self, code_reason: tuple[int, str]) -> None:
         ws = self.ws
@@ -170,6 +191,9 @@ class WebSocket:
       in ``ws.error``).
     * Memory and logging: ``buffer_pool`` (default ``BufferPool.default``),
       ``context`` (extra fields for the logging context).
+    * Reconnection: ``reconnect`` (``False``, the default; ``True``; or a
+      :class:`~blockws.Reconnect` policy) and ``on_reconnecting(ws, attempt,
+      delay)``; see "Reconnection" below.
 
     The keepalive settings and ``max_fragment_size`` may be changed at any
     time; the other options until ``open()``, after which setting one raises
@@ -184,6 +208,32 @@ class WebSocket:
 
     Iterating over a socket (``for message in ws``) receives messages until
     it closes; see :meth:`__iter__`.
+
+    Reconnection. With ``reconnect`` on, a socket whose connection had opened
+    and then ends by anything other than your own :meth:`close` -- a network
+    failure, a timeout, a protocol error, a close frame from the server
+    (except a clean one: 1000, 1001 or no code, unless the policy's
+    ``on_clean_close`` is True) -- opens a new connection after a backoff
+    delay, again after each failed attempt, until one opens or the policy's
+    ``max_attempts`` run out. A first ``open()`` that fails is not retried.
+    Meanwhile:
+
+    * ``on_reconnecting(ws, attempt, delay)`` runs in ``update()`` before each
+      attempt (``attempt`` counts from 1 in each outage; ``delay`` is the wait
+      in seconds); ``ws.error``, ``ws.close_code`` and ``ws.close_reason``
+      say how the connection or the previous attempt ended;
+    * each attempt sends a new handshake request, a copy of
+      ``internal_request`` as it was at ``open()``, and
+      ``on_internal_request_created`` runs for it (refresh a token there);
+    * ``on_open`` runs again on each success; ``on_closed`` runs once only,
+      when the socket gives up or you close it (during the backoff,
+      :meth:`close` ends it at once: ``on_closed`` with 1006, ``error`` None);
+    * ``is_open`` is False, and ``send*`` raise :class:`InvalidState` (see
+      :meth:`send` for why nothing is queued); :meth:`receive` and iteration
+      keep waiting, and the messages received before the loss stay queued.
+
+    The backoff runs on the shared timer thread: no thread of the socket
+    waits through it.
 
     Raises :class:`~blockws.exceptions.InvalidURL` (a ``ValueError``) for a
     URL that is not ``ws://`` or ``wss://``, before any I/O.
@@ -221,6 +271,9 @@ class WebSocket:
         context: MutableMapping[str, Any] | None = None,
         # HTTP/2
         http2: HTTP2Settings | bool | None = None,
+        # reconnection
+        reconnect: Reconnect | bool | None = False,
+        on_reconnecting: OnReconnecting | None = None,
     ) -> None:
         _ = Request(url).parsed_url  # InvalidURL before anything else
         self._options = Options.build(
@@ -239,6 +292,7 @@ class WebSocket:
             close_after_no_message=close_after_no_message,
             buffer_pool=buffer_pool,
             http2=http2,
+            reconnect=reconnect,
         )
         for name, callback in (
             ("on_open", on_open),
@@ -246,6 +300,7 @@ class WebSocket:
             ("on_binary", on_binary),
             ("on_closed", on_closed),
             ("on_internal_request_created", on_internal_request_created),
+            ("on_reconnecting", on_reconnecting),
         ):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{name} must be callable, not {type(callback).__name__}")
@@ -263,6 +318,7 @@ class WebSocket:
         self.on_binary = on_binary
         self.on_closed = on_closed
         self.on_internal_request_created = on_internal_request_created
+        self.on_reconnecting = on_reconnecting
 
         self._url = url
         self._open_dispatched = False  # on_open has run (connect() waits for it)
@@ -276,6 +332,7 @@ class WebSocket:
         self._inbox = engine.inbox
         #: The handshake request; edit it before ``open()``.
         self.internal_request = self._new_request()
+        self._request_at_open: Request | None = None  # what reconnections copy
 
     def _new_request(self) -> Request:
         """A fresh handshake request from the options (the first, and a fallback one)."""
@@ -309,6 +366,9 @@ class WebSocket:
     buffer_pool: _Setting[BufferPool] = _Setting("The pool ``on_binary`` segments come from.")
     http2: _Setting[HTTP2Settings] = _Setting(
         "How this socket uses HTTP/2 (RFC 8441); see :class:`~blockws.HTTP2Settings`."
+    )
+    reconnect: _Setting[Reconnect | None] = _Setting(
+        "The reconnection policy (a :class:`~blockws.Reconnect`), or ``None`` when off."
     )
 
     @property
@@ -421,12 +481,14 @@ class WebSocket:
 
     @property
     def close_code(self) -> int | None:
-        """The code ``on_closed`` reports, once the socket is closed."""
+        """The code ``on_closed`` reports, once the socket is closed (while
+        reconnecting: the code the lost connection ended with)."""
         return self._engine.close_code
 
     @property
     def close_reason(self) -> str:
-        """The reason ``on_closed`` reports, once the socket is closed."""
+        """The reason ``on_closed`` reports, once the socket is closed (while
+        reconnecting: the lost connection's)."""
         return self._engine.close_reason
 
     @property
@@ -467,6 +529,10 @@ class WebSocket:
                 open_timeout=request.open_timeout, close_timeout=request.close_timeout
             )
             engine.configure(self._options)
+            self._request_at_open = dataclasses.replace(
+                request, headers=Headers(request.headers.raw_items()),
+                subprotocols=list(request.subprotocols),
+            )
         engine.open()
         return self
 
@@ -479,7 +545,9 @@ class WebSocket:
         ``CloseTimeout``). Raises ``ValueError`` for a code or reason RFC 6455
         forbids. A no-op when the socket is already closing or closed; a
         socket still connecting is abandoned (``on_closed`` with 1006); a
-        socket never opened is closed at once, without ``on_closed``.
+        socket never opened is closed at once, without ``on_closed``. A socket
+        waiting to reconnect is closed at once (``on_closed`` with 1006 and
+        ``error`` None), and one in a reconnection attempt abandons it.
         """
         self._engine.close(code, reason)
 
@@ -524,6 +592,15 @@ class WebSocket:
         is already compressed). Raises ``TypeError`` for anything else than
         ``str`` or a bytes-like object, :class:`InvalidState` before the
         socket is open and :class:`ConnectionClosed` once it is closing.
+
+        While the socket reconnects (``reconnect=``), from the end of one
+        connection until ``on_open`` is queued for the next, ``send`` raises
+        :class:`InvalidState` and nothing is queued; what was queued and not
+        yet written when the connection ended is dropped. Refusing is the
+        rule because the new connection is a new session for the server: your
+        ``on_open`` must run first (to log in, subscribe, resend the state of
+        the game), and messages held through an outage of unknown length
+        would go out stale, ahead of it, and grow without bound.
         """
         flag = 0 if compress else _UNCOMPRESSED
         if isinstance(data, str):
@@ -634,6 +711,9 @@ class WebSocket:
         seconds (the socket stays open), :class:`ConnectionClosed` once the
         socket has closed and every earlier message was received, and
         :class:`InvalidState` before ``open()`` or when called from a callback.
+        While the socket reconnects (``reconnect=``) it keeps waiting, for
+        the messages of the next connection; ``on_reconnecting`` and
+        ``on_open`` run meanwhile, on this thread.
         """
         inbox = self._inbox
         if inbox:
