@@ -678,19 +678,13 @@ class Connection:
                 self._set_phase_locked(_CLOSED)
                 self._closed_event.set()
                 return
-            if phase is _RECONNECTING:
-                self._close_requested = True
-                self._end_backoff_locked()
-                return
+            if self._requested_locked():
+                return  # it was waiting to reconnect: ended now
             if phase is _CONNECTING:
-                self._close_requested = True
                 self._set_phase_locked(_CLOSING)
-                if self._error_is_old:
-                    self.error = None  # the application's close ends it, not that error
                 connector, transport = self._connector, self._transport
             elif phase is _OPEN:
                 assert self._proto is not None
-                self._close_requested = True
                 self._set_phase_locked(_CLOSING)
                 if self._proto.state is State.OPEN:
                     self.sender.close_frame_locked(self._proto.encode_close(code, reason))
@@ -719,13 +713,17 @@ class Connection:
         self.log.debug("close timeout: dropping the connection")
         self.abort()
 
-    def abort(self) -> None:
+    def abort(self, requested: bool = False) -> None:
         """Drop the connection at once, without a closing handshake (1006).
 
         Never blocks: it shuts the transport down, and the reader thread,
-        seeing the end, tears the socket down.
+        seeing the end, tears the socket down. ``requested``: the application
+        asked (``WebSocket.abort``), so, as after ``close()``, no reconnection
+        follows.
         """
         with self.lock:
+            if requested and self._phase is not _NEW and self._requested_locked():
+                return
             self._closing_locked()
             transport, connector = self._transport, self._connector
         self._token.cancel()
@@ -884,6 +882,20 @@ class Connection:
             self.error = None
             self._error_is_old = False
         self.keepalive.resume_locked()
+
+    def _requested_locked(self) -> bool:
+        """The application closes or aborts: no reconnection follows, whatever
+        the phase. Returns True if that ended a backoff (see below)."""
+        assert self.lock.locked()
+        if self._phase is _CLOSED:
+            return False
+        self._close_requested = True
+        if self._error_is_old:
+            self.error = None  # its close ends the socket, not an earlier attempt's error
+        if self._phase is _RECONNECTING:
+            self._end_backoff_locked()
+            return True
+        return False
 
     def _end_backoff_locked(self) -> None:
         """``close()`` while RECONNECTING: the socket ends now, without an

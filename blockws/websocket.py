@@ -552,8 +552,11 @@ class WebSocket:
         self._engine.close(code, reason)
 
     def abort(self) -> None:
-        """Drop the connection at once, without a closing handshake (1006)."""
-        self._engine.abort()
+        """Drop the connection at once, without a closing handshake (1006).
+
+        As after :meth:`close`, no reconnection follows.
+        """
+        self._engine.abort(requested=True)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the socket has ended and its threads are gone; True if so.
