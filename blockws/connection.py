@@ -188,8 +188,10 @@ class Listener(Protocol):
     def opened(self, _: None) -> None:
         """The socket is open (inside ``update()``), after each successful attempt."""
 
-    def reconnecting(self, attempt_delay: tuple[int, float]) -> None:
-        """A reconnection attempt starts after ``delay`` seconds (inside ``update()``)."""
+    def reconnecting(self, announced: tuple[int, float, BaseException | None]) -> None:
+        """``(attempt, delay, error)``: a reconnection attempt starts after
+        ``delay`` seconds; ``error`` ended the connection or the attempt
+        before (inside ``update()``)."""
 
     def closed(self, code_reason: tuple[int, str]) -> None:
         """The socket has ended (inside ``update()``), once."""
@@ -856,13 +858,13 @@ class Connection:
             if self._phase is not _RECONNECTING:
                 return  # close() came first; it queued on_closed
             assert self._backoff is not None
-            attempt = self._backoff.attempt
+            attempt, error = self._backoff.attempt, self.error
             self._jobs["retry"] = timer.call_later(delay, self._retry)
         self.log.info(
             "connection lost (%s %r, error: %r): reconnection attempt %d in %.3g s",
-            self.close_code, self.close_reason, self.error, attempt, delay,
+            self.close_code, self.close_reason, error, attempt, delay,
         )
-        self._post(self.listener.reconnecting, (attempt, delay))
+        self._post(self.listener.reconnecting, (attempt, delay, error))
 
     def _retry(self) -> None:
         # Timer thread: the backoff is over. Starting a thread is all it does.

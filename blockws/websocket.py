@@ -137,10 +137,17 @@ class _Events:
         if ws.on_open is not None:
             ws.on_open(ws)
 
-    def reconnecting(self, attempt_delay: tuple[int, float]) -> None:
+    def reconnecting(self, announced: tuple[int, float, BaseException | None]) -> None:
         ws = self.ws
         if ws.on_reconnecting is not None:
-            ws.on_reconnecting(ws, attempt_delay[0], attempt_delay[1])
+            attempt, delay, error = announced
+            # ws.error in the callback is the error this attempt follows, even
+            # when update() runs late and a later attempt has failed meanwhile.
+            ws._announced_error = (error,)
+            try:
+                ws.on_reconnecting(ws, attempt, delay)
+            finally:
+                ws._announced_error = None
 
     def closed(self, code_reason: tuple[int, str]) -> None:
         ws = self.ws
@@ -220,8 +227,9 @@ class WebSocket:
 
     * ``on_reconnecting(ws, attempt, delay)`` runs in ``update()`` before each
       attempt (``attempt`` counts from 1 in each outage; ``delay`` is the wait
-      in seconds); ``ws.error``, ``ws.close_code`` and ``ws.close_reason``
-      say how the connection or the previous attempt ended;
+      in seconds); ``ws.error`` there is what ended the connection or the
+      previous attempt (``None`` after a close frame from the server), and
+      ``ws.close_code``/``ws.close_reason`` how the latest one ended;
     * each attempt sends a new handshake request, a copy of
       ``internal_request`` as it was at ``open()``, and
       ``on_internal_request_created`` runs for it (refresh a token there);
@@ -333,6 +341,8 @@ class WebSocket:
         #: The handshake request; edit it before ``open()``.
         self.internal_request = self._new_request()
         self._request_at_open: Request | None = None  # what reconnections copy
+        # ws.error inside on_reconnecting (see _Events.reconnecting).
+        self._announced_error: tuple[BaseException | None] | None = None
 
     def _new_request(self) -> Request:
         """A fresh handshake request from the options (the first, and a fallback one)."""
@@ -456,7 +466,14 @@ class WebSocket:
 
     @property
     def error(self) -> BaseException | None:
-        """The exception that ended the socket, or ``None`` (a clean close, or not ended)."""
+        """The exception that ended the socket, or ``None`` (a clean close, or not ended).
+
+        While the socket reconnects: the one that ended the connection or the
+        latest attempt (inside ``on_reconnecting``: the one before that attempt).
+        """
+        announced = self._announced_error
+        if announced is not None:
+            return announced[0]
         return self._engine.error
 
     @property

@@ -482,3 +482,25 @@ def test_ping_timeout_reconnects_and_pings_resume(script: Script) -> None:
     ws.close()
     ws.abort()
     assert ws.join(5)
+
+
+def test_on_reconnecting_sees_the_error_it_follows_even_when_late(script: Script) -> None:
+    """update() is not called while three attempts fail: each on_reconnecting, run late,
+    still sees in ws.error the error that preceded its own attempt."""
+    script.fail = {2, 3, 4}
+    events = Events()
+    ws = make(events)
+    ws.open()
+    events.pump(ws, lambda: events.count("open") == 1)
+    script.transports[0].feed_eof()
+    deadline = time.monotonic() + 5
+    while not ws.is_open:  # no update() meanwhile: the callbacks wait
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    events.pump(ws, lambda: events.count("open") == 2)
+    errors = [e[3] for e in events.of("reconnecting")]
+    assert isinstance(errors[0], blockws.ConnectionLost)
+    assert [str(e) for e in errors[1:]] == [f"attempt {n} refused" for n in (2, 3, 4)]
+    assert ws.error is None  # outside the callback: the live value
+    ws.abort()
+    events.pump(ws, lambda: events.count("closed") == 1)
