@@ -46,7 +46,8 @@ caller of ``close``    ``close``: queues the close frame                ``proto_
 caller of ``receive``  the same, while it holds the right to read      ``proto_lock`` then ``lock``
 ``blockws-<id>-writer`` the send queue (:mod:`blockws.sender`)           ``lock``, never across I/O
 ``blockws-timer``      timeouts and pings: set a flag, queue a frame,  ``lock``; never blocks,
-                       or abort the transport                          never joins
+                       or abort the transport; start the reader of     never joins
+                       a reconnection attempt
 ``update()`` caller    the listener's callbacks, joins the threads     none while calling out
 =====================  ==============================================  ==========================
 
