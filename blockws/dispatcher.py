@@ -37,12 +37,12 @@ Item = tuple[Callable[[Any], Any], Any]
 
 # How many dispatchers are running callbacks on this thread (nested when a
 # callback pumps another socket). Blocking helpers refuse to run inside one.
-_running = threading.local()
+_running: dict[int, int] = {}  # thread ident -> nesting depth; empty when no callback runs
 
 
 def in_callback() -> bool:
     """Whether the calling thread is inside a callback run by ``update()``."""
-    return getattr(_running, "depth", 0) > 0
+    return bool(_running) and threading.get_ident() in _running
 
 
 def check_not_in_callback(helper: str) -> None:
@@ -52,7 +52,7 @@ def check_not_in_callback(helper: str) -> None:
     the helper waits for: waiting there could never end (and re-entrant
     ``update()`` calls return 0), so it fails at once instead.
     """
-    if getattr(_running, "depth", 0) > 0:
+    if _running and threading.get_ident() in _running:
         raise InvalidState(
             f"{helper} cannot be called from a callback: callbacks run inside update(), "
             f"which is what delivers what {helper} waits for. Use the callbacks "
@@ -122,8 +122,8 @@ class Dispatcher:
         with self._run_lock:
             self._running_in = me
             running = _running
-            depth = getattr(running, "depth", 0)
-            running.depth = depth + 1
+            depth = running.get(me, 0)
+            running[me] = depth + 1
             count = 0
             try:
                 while pending:
@@ -132,7 +132,10 @@ class Dispatcher:
                     count += 1 if handled is None else handled
             finally:
                 self._running_in = None
-                running.depth = depth
+                if depth:
+                    running[me] = depth
+                else:
+                    del running[me]
             return count
 
     def wait(self, timeout: float | None = None) -> bool:
