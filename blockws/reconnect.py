@@ -86,6 +86,19 @@ class Reconnect:
     Reconnect(max_attempts=3, min_delay=1.0, max_delay=30.0, factor=1.0, jitter=0.0, \
 on_clean_close=True)
 
+    In a game, show the outage and refresh a login token on each attempt::
+
+        def reconnecting(ws, attempt, delay):
+            hud.show(f"connection lost ({ws.error}); retry {attempt} in {delay:.1f} s")
+
+        def fresh_token(ws, request):  # runs for every handshake request
+            request.headers["Authorization"] = "Bearer " + auth.token()
+
+        ws = blockws.WebSocket(url, reconnect=blockws.Reconnect(max_attempts=20),
+                               on_reconnecting=reconnecting,
+                               on_internal_request_created=fresh_token,
+                               on_open=send_login)  # runs again after each reconnection
+
     Values are checked when made (``TypeError``/``ValueError`` naming the field):
 
     >>> Reconnect(factor=0.5)
