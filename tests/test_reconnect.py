@@ -504,3 +504,21 @@ def test_on_reconnecting_sees_the_error_it_follows_even_when_late(script: Script
     assert ws.error is None  # outside the callback: the live value
     ws.abort()
     events.pump(ws, lambda: events.count("closed") == 1)
+
+
+def test_close_while_the_server_closes_does_not_reconnect(script: Script) -> None:
+    """The server starts closing with 1012 (worth a reconnection), then the application
+    calls close() before the connection has ended: its close wins."""
+    events = Events()
+    ws = make(events)
+    ws.open()
+    events.pump(ws, lambda: events.count("open") == 1)
+    transport = script.transports[0]
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1012, "restart")))
+    transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))  # our reply
+    assert not ws.is_open and not ws.closed
+    ws.close()  # while CLOSING: a no-op for the handshake, but no reconnection follows
+    transport.feed_eof()
+    events.pump(ws, lambda: events.count("closed") == 1)
+    assert events.count("reconnecting") == 0 and script.calls == 1
+    assert events.of("closed") == [("closed", 1012, "restart", None)]
