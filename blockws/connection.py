@@ -356,9 +356,20 @@ class Connection:
         reader.start()
 
     def _new_sender(self) -> Sender:
-        return Sender(
-            f"{self.name}-writer", self.lock, self.log, self._write_failed, self._close_written
-        )
+        """The send queue of a link. Once a reconnection has replaced it, what
+        its last write reports (a failure, a close written) is about a link
+        that is gone, and must not reach the new one."""
+
+        def failed(exc: BaseException) -> None:
+            if self.sender is sender:
+                self._write_failed(exc)
+
+        def close_written() -> None:
+            if self.sender is sender:
+                self._close_written()
+
+        sender = Sender(f"{self.name}-writer", self.lock, self.log, failed, close_written)
+        return sender
 
     def _start_link_locked(self) -> threading.Thread:
         """Enter CONNECTING with a fresh link; returns its reader thread, to start.
