@@ -95,6 +95,13 @@ class _Setting(Generic[T]):
         ws._set_option(self.name, value)
 
 
+def _copy_request(request: Request) -> Request:
+    """A request with the same fields, its mutable ones (headers, subprotocols) copied."""
+    return dataclasses.replace(
+        request, headers=Headers(request.headers), subprotocols=list(request.subprotocols)
+    )
+
+
 class _Events:
     """The engine's listener (see :class:`blockws.connection.Listener`)."""
 
@@ -123,13 +130,8 @@ class _Events:
         # A copy of the request as it stood at open(), before the hook ran,
         # so that the hook (a token refresh) starts from the same place each time.
         ws = self.ws
-        template = ws._request_at_open
-        assert template is not None
-        ws.internal_request = dataclasses.replace(
-            template,
-            headers=Headers(template.headers.raw_items()),
-            subprotocols=list(template.subprotocols),
-        )
+        assert ws._request_at_open is not None
+        ws.internal_request = _copy_request(ws._request_at_open)
         return self.first_request()
 
     def opened(self, _: None) -> None:
@@ -547,10 +549,7 @@ class WebSocket:
                 open_timeout=request.open_timeout, close_timeout=request.close_timeout
             )
             engine.configure(self._options)
-            self._request_at_open = dataclasses.replace(
-                request, headers=Headers(request.headers.raw_items()),
-                subprotocols=list(request.subprotocols),
-            )
+            self._request_at_open = _copy_request(request)
         engine.open()
         return self
 
@@ -561,7 +560,8 @@ class WebSocket:
         from now on; ``on_closed`` follows once the server answers, or after
         ``close_timeout`` seconds if it does not (then ``ws.error`` is a
         ``CloseTimeout``). Raises ``ValueError`` for a code or reason RFC 6455
-        forbids. A no-op when the socket is already closing or closed; a
+        forbids. A no-op when the socket is already closing or closed
+        (except that a socket with ``reconnect`` will not reconnect); a
         socket still connecting is abandoned (``on_closed`` with 1006); a
         socket never opened is closed at once, without ``on_closed``. A socket
         waiting to reconnect is closed at once (``on_closed`` with 1006 and
