@@ -50,6 +50,7 @@ from .handshake import Headers, Request
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .proxy import Proxy
+from .reconnect import Reconnect
 from .tls import create_default_context
 from .trace import enable_trace
 from .websocket import WebSocket, connect, update_all, wait
@@ -69,6 +70,7 @@ __all__ = [
     "Headers",
     "HTTP2Settings",
     "Proxy",
+    "Reconnect",
     "Request",
     "DEFAULT_MAX_FRAGMENT_SIZE",
     "DEFAULT_MAX_MESSAGE_SIZE",

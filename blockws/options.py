@@ -27,6 +27,7 @@ from .handshake import DEFAULT_USER_AGENT, Headers, HeadersLike
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .proxy import Proxy, check_proxy_option
+from .reconnect import Reconnect, reconnect_option
 from .redirects import DEFAULT_MAX_REDIRECTS
 
 __all__ = ["Options", "ConnectOptions", "check_fragment_size", "check_ping_frequency"]
@@ -165,6 +166,8 @@ class Options:
     buffer_pool: BufferPool = BufferPool.default
     # HTTP/2
     http2: HTTP2Settings = HTTP2Settings()
+    # reconnection (None: off)
+    reconnect: Reconnect | None = None
 
     @classmethod
     def build(cls, **values: Any) -> Options:
@@ -226,6 +229,7 @@ class Options:
             raise TypeError(f"buffer_pool must be a BufferPool, not {type(pool).__name__}")
         out["buffer_pool"] = pool if pool is not None else BufferPool.default
         out["http2"] = _http2(v.get("http2"))
+        out["reconnect"] = reconnect_option(v.get("reconnect"))
         return cls(**out)
 
     def with_values(self, **values: Any) -> Options:
@@ -241,6 +245,7 @@ OnMessage = Callable[[Any, str], Any]
 OnBinary = Callable[[Any, BufferSegment], Any]
 OnClosed = Callable[[Any, int, str], Any]
 OnRequest = Callable[[Any, Any], Any]
+OnReconnecting = Callable[[Any, int, float], Any]
 
 
 class ConnectOptions(TypedDict, total=False):
@@ -271,3 +276,5 @@ class ConnectOptions(TypedDict, total=False):
     buffer_pool: BufferPool | None
     context: MutableMapping[str, Any] | None
     http2: HTTP2Settings | bool | None
+    reconnect: Reconnect | bool | None
+    on_reconnecting: OnReconnecting | None
