@@ -367,3 +367,29 @@ def test_reconnects_over_http2(transport: str, hypercorn_h2_server: Any,
     events.pump(ws, lambda: events.count("closed") == 1)
     assert events.of("closed")[0][1] == 1000
     assert ws.join(5)
+
+
+def test_each_attempt_follows_the_redirect_again(websockets_server: str) -> None:
+    """A reconnection starts from the URL given at open(), not the one redirected to:
+    the redirect is asked for (and the hook runs) again on each attempt."""
+    from redirectserver import RedirectServer
+
+    events = Events()
+    urls: list[str] = []
+    target = websockets_server.rstrip("/") + "/"
+    with RedirectServer({"/a": (302, target)}) as server:
+        ws = blockws.WebSocket(
+            server.url("/a"), reconnect=QUICK,
+            on_internal_request_created=lambda ws, request: urls.append(request.url),
+            **events.callbacks(),
+        )
+        ws.open()
+        events.pump(ws, lambda: events.count("open") == 1)
+        assert ws.context["url"] == target
+        ws.send("!close 1012 restarting")
+        events.pump(ws, lambda: events.count("open") == 2)
+        events.echo(ws, "after the redirect again")
+        ws.close()
+        events.pump(ws, lambda: events.count("closed") == 1)
+    assert urls == [server.url("/a"), target] * 2
+    assert [seen.path for seen in server.requests] == ["/a", "/a"]
