@@ -45,7 +45,7 @@ from .extensions import Extension
 from .handshake import Headers, Request
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
-from .websocket import WebSocket, connect, update_all, wait
+from .websocket import WebSocket, connect, set_on_pending, update_all, wait
 
 __version__ = "0.1.0"
 
@@ -54,6 +54,7 @@ __all__ = [
     "connect",
     "update_all",
     "wait",
+    "set_on_pending",
     "BufferPool",
     "BufferSegment",
     "Extension",

@@ -22,7 +22,7 @@ from collections import deque
 from typing import Any, Callable, Protocol
 
 from .buffers import BufferPool, BufferSegment
-from .dispatcher import Dispatcher
+from .dispatcher import Budget, Dispatcher
 
 __all__ = ["Delivery", "Handlers", "SCRATCH"]
 
@@ -57,8 +57,14 @@ class Delivery:
         The handlers are looked up per message, so a callback that sets or
         clears one changes where the next message goes. If a callback raises,
         the messages after it go back to the front of the dispatcher's queue,
-        for the next ``update()``. Returns how many messages were handled.
+        for the next ``update()``. Under a budgeted ``update()``
+        (:attr:`Dispatcher.budget <blockws.dispatcher.Dispatcher.budget>`) each
+        message is charged to the budget, and the messages it has no room for
+        go back to the front of the queue. Returns how many messages were handled.
         """
+        budget = self.dispatcher.budget
+        if budget is not None and len(messages) > 1:
+            return self._within(budget, messages)
         ws = self.ws
         inbox = self.inbox
         scratch = self._scratch
@@ -96,6 +102,22 @@ class Delivery:
             if done < len(messages):
                 self.dispatcher.pending.appendleft((self.messages, messages[done:]))
             raise
+        return done
+
+    def _within(self, budget: Budget, messages: list[Any]) -> int:
+        """Deliver messages one at a time until a budgeted ``update()`` is spent;
+        the rest go back to the front of the queue, in order."""
+        done = 0
+        total = len(messages)
+        try:
+            while done < total:
+                done += 1
+                self.messages(messages[done - 1 : done])
+                if budget.charge():
+                    break
+        finally:
+            if done < total:
+                self.dispatcher.pending.appendleft((self.messages, messages[done:]))
         return done
 
     def binary(self, data: bytes | bytearray, n: int) -> None:
