@@ -457,4 +457,3 @@ def wait_any(timeout: float | None = None) -> bool:
     """
     check_not_in_callback("blockws.wait()")
     return wait(_live_dispatchers, timeout)
-
