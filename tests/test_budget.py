@@ -147,6 +147,53 @@ def test_a_read_of_many_messages_under_a_time_budget(clock: FakeClock) -> None:
     assert handlers.seen == [f"m{i}" for i in range(20)]
 
 
+def test_a_time_budget_over_a_large_read_stops_near_its_end(clock: FakeClock) -> None:
+    """Chunked delivery (one clock read per chunk, not per message) still stops
+    within about one callback of the budget, and keeps the order."""
+    d = Dispatcher()
+    handlers = Handlers()
+    delivery = Delivery(handlers, d, BufferPool())
+    step = 2.0**-16  # ~15 us per callback, exact in binary
+
+    def on_message(ws: Any, text: str) -> None:
+        handlers.seen.append(text)
+        clock.now += step
+
+    handlers.on_message = on_message  # type: ignore[method-assign]
+    batch = [f"m{i}" for i in range(1000)]
+    d.post(delivery.messages, batch)
+    ran = d.run(Budget.of(None, 64 * step))
+    assert 64 <= ran <= 65
+    assert handlers.seen == batch[:ran]
+    assert d.run() == 1000 - ran
+    assert handlers.seen == batch
+
+
+def test_a_time_budget_with_instant_callbacks_delivers_a_read_whole(clock: FakeClock) -> None:
+    d = Dispatcher()
+    handlers = Handlers()
+    delivery = Delivery(handlers, d, BufferPool())
+    d.post(delivery.messages, [f"m{i}" for i in range(1000)])
+    assert d.run(Budget.of(None, 0.001)) == 1000  # the clock never moved
+
+
+def test_a_raising_callback_under_a_time_budget_keeps_the_rest_in_order(
+    clock: FakeClock,
+) -> None:
+    d = Dispatcher()
+    handlers = Handlers()
+    handlers.raise_on = "m40"
+    delivery = Delivery(handlers, d, BufferPool())
+    batch = [f"m{i}" for i in range(100)]
+    d.post(delivery.messages, batch)  # chunks of 1, 2, 4, ...: m40 is inside one
+    d.post(handlers.seen.append, "after")
+    with pytest.raises(RuntimeError, match="m40"):
+        d.run(Budget.of(None, 1.0))
+    assert handlers.seen == batch[:41]
+    assert d.run() == 60
+    assert handlers.seen == batch + ["after"]
+
+
 def test_a_raising_callback_under_a_budget_keeps_the_rest() -> None:
     d = Dispatcher()
     handlers = Handlers()
