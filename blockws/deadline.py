@@ -20,9 +20,13 @@ class Deadline:
 
     __slots__ = ("timeout", "deadline")
 
-    def __init__(self, timeout: float | None) -> None:
+    def __init__(self, timeout: float | None, start: float | None = None) -> None:
+        """``start``: the ``time.monotonic()`` the timeout counts from (default: now)."""
         self.timeout = timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        if timeout is None:
+            self.deadline: float | None = None
+        else:
+            self.deadline = (time.monotonic() if start is None else start) + timeout
 
     def left(self) -> float | None:
         """Seconds left, never below zero; ``None`` for no limit."""

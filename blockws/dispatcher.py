@@ -27,8 +27,9 @@ everything at once:
 * **Budgets** (:class:`Budget`): ``run(budget)`` stops once ``max_callbacks``
   callbacks have run or ``max_time`` has passed, checked after each callback,
   and leaves the rest queued in order. An item that holds several messages
-  (the messages of one read) charges the budget per message and puts back
-  what it did not deliver, through :attr:`Dispatcher.budget`.
+  (the messages of one read) charges the budget itself, in chunks, and puts
+  back what it did not deliver, through :attr:`Dispatcher.budget` (see
+  :meth:`blockws.delivery.Delivery.messages`).
 """
 
 from __future__ import annotations
@@ -67,12 +68,12 @@ _perf = time.perf_counter
 
 # How many dispatchers are running callbacks on this thread (nested when a
 # callback pumps another socket). Blocking helpers refuse to run inside one.
-_running = threading.local()
+_running: dict[int, int] = {}  # thread ident -> nesting depth; empty when no callback runs
 
 
 def in_callback() -> bool:
     """Whether the calling thread is inside a callback run by ``update()``."""
-    return getattr(_running, "depth", 0) > 0
+    return bool(_running) and threading.get_ident() in _running
 
 
 def check_not_in_callback(helper: str) -> None:
@@ -82,7 +83,7 @@ def check_not_in_callback(helper: str) -> None:
     the helper waits for: waiting there could never end (and re-entrant
     ``update()`` calls return 0), so it fails at once instead.
     """
-    if getattr(_running, "depth", 0) > 0:
+    if _running and threading.get_ident() in _running:
         raise InvalidState(
             f"{helper} cannot be called from a callback: callbacks run inside update(), "
             f"which is what delivers what {helper} waits for. Use the callbacks "
@@ -94,8 +95,8 @@ class Budget:
     """How much one budgeted ``update()`` may still run.
 
     ``left`` callbacks, until ``deadline`` (a ``time.perf_counter()`` value, or
-    ``None``); :meth:`charge` is called after each callback and tells when it
-    is spent. The budget is never checked before the first callback of a
+    ``None``); :meth:`charge` is called after each callback (or chunk of
+    messages) and tells when it is spent. The budget is never checked before the first callback of a
     call, so a call with ``max_time=0`` still runs one.
     """
 
@@ -274,8 +275,8 @@ class Dispatcher:
         with self._run_lock:
             self._running_in = me
             running = _running
-            depth = getattr(running, "depth", 0)
-            running.depth = depth + 1
+            depth = running.get(me, 0)
+            running[me] = depth + 1
             count = 0
             try:
                 while pending:
@@ -284,7 +285,10 @@ class Dispatcher:
                     count += 1 if handled is None else handled
             finally:
                 self._running_in = None
-                running.depth = depth
+                if depth:
+                    running[me] = depth
+                else:
+                    del running[me]
                 self._rearm()
             return count
 
@@ -299,8 +303,8 @@ class Dispatcher:
             self._running_in = me
             self.budget = budget
             running = _running
-            depth = getattr(running, "depth", 0)
-            running.depth = depth + 1
+            depth = running.get(me, 0)
+            running[me] = depth + 1
             count = 0
             try:
                 while pending:
@@ -317,7 +321,10 @@ class Dispatcher:
             finally:
                 self.budget = None
                 self._running_in = None
-                running.depth = depth
+                if depth:
+                    running[me] = depth
+                else:
+                    del running[me]
                 self._rearm()
             return count
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import sys
 from collections.abc import Iterator, MutableMapping, Sequence
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, Union, overload
 
 from . import dispatcher as _dispatcher
@@ -655,14 +656,18 @@ class WebSocket:
         if self._pending:
             return True
         check_not_in_callback("wait()")
-        deadline = Deadline(timeout)
         wait_for_data = self._engine.wait_for_data
-        while True:
+        # One wait usually does: the Deadline is made only for a second one.
+        start = monotonic()
+        wait_for_data(timeout)
+        if self._pending:
+            return True
+        deadline = Deadline(timeout, start)
+        while not deadline.expired:
             wait_for_data(deadline.left())
             if self._pending:
                 return True
-            if deadline.expired:
-                return False
+        return False
 
     # -- blocking helpers for scripts ---------------------------------------------------
 
@@ -683,7 +688,10 @@ class WebSocket:
         engine = self._engine
         if engine.close_waits_for_inbox:
             engine.inbox_drained()
-        deadline = Deadline(timeout)
+        start = monotonic()
+        left = timeout  # the first wait usually does: a Deadline only for a second one
+        deadline: Deadline | None = None
+        waited = False
         while True:
             if inbox:
                 return inbox.popleft()
@@ -695,10 +703,14 @@ class WebSocket:
                 raise engine.closed_exception()
             if phase is Phase.NEW:
                 raise InvalidState("receive() before open()")
-            left = deadline.left()
-            if left == 0:
-                raise TimeoutError(f"no message within {timeout} s")
+            if waited:
+                if deadline is None:
+                    deadline = Deadline(timeout, start)
+                left = deadline.left()
+                if left == 0:
+                    raise TimeoutError(f"no message within {timeout} s")
             engine.wait_for_data(left)
+            waited = True
 
     def __iter__(self) -> Iterator[str | bytes]:
         """Messages, as :meth:`receive` returns them, until the socket closes.
