@@ -14,7 +14,9 @@ against the benchmark server (``benchmarks/server.py``) on the other CPU:
   (CLOCK_MONOTONIC: one clock for every process of the host); the callback
   takes ``perf_counter_ns()`` minus that stamp. Two loops: one that pumps at
   1 kHz (``update()``, then sleep to the next millisecond: up to 1 ms of the
-  latency is the pump period) and one that blocks in ``ws.wait()``. The
+  latency is the pump period), one that blocks in ``ws.wait()``, and one
+  that sleeps in ``pygame.event.wait()`` and is woken by the event
+  ``blockws.integrations.pygame.attach()`` posts (``on_pending``). The
   figure includes the cross-CPU wake-up of the reader thread (about 70 us on
   this VM).
 * Frame-time overrun: a 60 Hz loop whose frames run ``ws.update()`` and then
@@ -163,6 +165,21 @@ def child_latency(args: argparse.Namespace) -> dict[str, Any]:
         state["sent"] = int(text.split()[1])
 
     ws = connect(args.url, on_binary=on_binary, on_message=on_message)
+    if args.mode == "pygame":
+        # Sleeps in pygame.event.wait(); blockws posts an event when a message
+        # is pending (blockws.integrations.pygame), the loop then runs update().
+        # Set up before the stream starts: SDL's start-up takes a while.
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+        import pygame
+
+        from blockws.integrations import pygame as bw_pygame
+
+        pygame.display.init()
+        pygame.display.set_mode((16, 16))
+        network = bw_pygame.attach(ws)
+        pygame.event.clear()
     ws.send(f"{args.rate} 64 {args.seconds}")
     deadline = perf() + args.seconds + 10
     c0, t0 = cpu_seconds(), perf()
@@ -177,6 +194,12 @@ def child_latency(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(delay)
             else:
                 tick = perf()
+    elif args.mode == "pygame":
+        while not state["done"] and perf() < deadline:
+            if pygame.event.wait(500).type == network:
+                ws.update()
+        bw_pygame.detach(ws)
+        pygame.display.quit()
     else:
         while not state["done"] and perf() < deadline:
             ws.wait(0.5)
@@ -363,9 +386,10 @@ def run_all(
         return r
 
     go("update() idle", ["--test", "idle", "--url", base + "/echo", "--calls", str(calls)])
-    for mode in ("pump", "wait"):
+    loops = {"pump": "1 kHz pump", "wait": "ws.wait()", "pygame": "pygame.event.wait()"}
+    for mode in ("pump", "wait", "pygame"):
         go(
-            f"dispatch latency ({'1 kHz pump' if mode == 'pump' else 'ws.wait()'})",
+            f"dispatch latency ({loops[mode]})",
             [
                 "--test", "latency", "--mode", mode, "--url", base + "/stream",
                 "--rate", "500", "--seconds", str(seconds), "--hz", "1000",
