@@ -272,25 +272,27 @@ class Dispatcher:
         me = threading.get_ident()
         if self._running_in == me:
             return 0
-        with self._run_lock:
-            self._running_in = me
-            running = _running
-            depth = running.get(me, 0)
-            running[me] = depth + 1
-            count = 0
-            try:
-                while pending:
-                    fn, arg = pending.popleft()
-                    handled = fn(arg)
-                    count += 1 if handled is None else handled
-            finally:
-                self._running_in = None
-                if depth:
-                    running[me] = depth
-                else:
-                    del running[me]
-                self._rearm()
-            return count
+        try:
+            with self._run_lock:
+                self._running_in = me
+                running = _running
+                depth = running.get(me, 0)
+                running[me] = depth + 1
+                count = 0
+                try:
+                    while pending:
+                        fn, arg = pending.popleft()
+                        handled = fn(arg)
+                        count += 1 if handled is None else handled
+                finally:
+                    self._running_in = None
+                    if depth:
+                        running[me] = depth
+                    else:
+                        del running[me]
+                return count
+        finally:
+            self._rearm()  # outside the lock: the hook may call update() itself
 
     def _run_budget(self, budget: Budget) -> int:
         pending = self.pending
@@ -299,34 +301,36 @@ class Dispatcher:
         me = threading.get_ident()
         if self._running_in == me:
             return 0
-        with self._run_lock:
-            self._running_in = me
-            self.budget = budget
-            running = _running
-            depth = running.get(me, 0)
-            running[me] = depth + 1
-            count = 0
-            try:
-                while pending:
-                    fn, arg = pending.popleft()
-                    used = budget.used
-                    handled = fn(arg)
-                    n = 1 if handled is None else handled
-                    count += n
-                    # An item holding several messages charged them itself.
-                    if budget.used == used:
-                        budget.charge(n)
-                    if budget.spent:
-                        break
-            finally:
-                self.budget = None
-                self._running_in = None
-                if depth:
-                    running[me] = depth
-                else:
-                    del running[me]
-                self._rearm()
-            return count
+        try:
+            with self._run_lock:
+                self._running_in = me
+                self.budget = budget
+                running = _running
+                depth = running.get(me, 0)
+                running[me] = depth + 1
+                count = 0
+                try:
+                    while pending:
+                        fn, arg = pending.popleft()
+                        used = budget.used
+                        handled = fn(arg)
+                        n = 1 if handled is None else handled
+                        count += n
+                        # An item holding several messages charged them itself.
+                        if budget.used == used:
+                            budget.charge(n)
+                        if budget.spent:
+                            break
+                finally:
+                    self.budget = None
+                    self._running_in = None
+                    if depth:
+                        running[me] = depth
+                    else:
+                        del running[me]
+                return count
+        finally:
+            self._rearm()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a callback is pending or ``timeout`` passes; True if pending.

@@ -364,6 +364,31 @@ def test_a_raising_callback_announces_what_is_left() -> None:
     assert len(hook.calls) == 2
 
 
+def test_a_hook_may_call_update_when_update_announces_leftovers() -> None:
+    """The hook runs after update() has let go of the socket: a hook that
+    pumps the socket itself must not deadlock on it."""
+    d = Dispatcher()
+    seen: list[int] = []
+    calls: list[int] = []
+    inner: list[int] = []
+
+    def hook(_: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the leftovers of the budgeted run below
+            inner.append(d.run())
+
+    d.set_on_pending(hook)
+    post_range(d, seen, 0, 10)
+    assert len(calls) == 1
+    outer: list[int] = []
+    t = threading.Thread(target=lambda: outer.append(d.run(Budget.of(4, None))), daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive(), "deadlock: the hook ran while update() held the socket"
+    assert outer == [4] and inner == [6]
+    assert seen == list(range(10))
+
+
 def test_a_hook_that_raises_is_logged_not_propagated(caplog: pytest.LogCaptureFixture) -> None:
     d = Dispatcher()
 
