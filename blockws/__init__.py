@@ -9,11 +9,13 @@ Background threads do the I/O; your callbacks run when you call
         ws.send("hello")
         print(ws.receive(timeout=5))
 
-See :class:`WebSocket` for options and README.md for the design.
+See :class:`WebSocket` for options, :func:`enable_trace` to see every frame, and
+the documentation in ``docs/`` (``docs/design.rst`` for the design).
 """
 
 from __future__ import annotations
 
+from ._version import __version__
 from .buffers import BufferPool, BufferSegment
 from .deflate import PerMessageDeflate
 from .exceptions import (
@@ -24,6 +26,7 @@ from .exceptions import (
     ConnectionClosedError,
     ConnectionClosedOK,
     ConnectionLost,
+    ConnectionRefused,
     HandshakeError,
     HeadersTooLarge,
     HTTP2Unavailable,
@@ -45,16 +48,19 @@ from .extensions import Extension
 from .handshake import Headers, Request
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .tls import create_default_context
+from .trace import enable_trace
 from .websocket import WebSocket, connect, set_on_pending, update_all, wait
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "WebSocket",
     "connect",
+    "create_default_context",
     "update_all",
     "wait",
     "set_on_pending",
+    "enable_trace",
     "BufferPool",
     "BufferSegment",
     "Extension",
@@ -71,6 +77,7 @@ __all__ = [
     "ConnectionClosedError",
     "ConnectionClosedOK",
     "ConnectionLost",
+    "ConnectionRefused",
     "HandshakeError",
     "HeadersTooLarge",
     "HTTP2Unavailable",

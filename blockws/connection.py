@@ -52,9 +52,10 @@ import enum
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, cast
 
 from . import dispatcher as _dispatcher
+from . import trace as _trace
 from .deadline import Deadline
 from .delivery import Delivery, Handlers
 from .dispatcher import Dispatcher
@@ -240,6 +241,8 @@ class Connection:
     def _set_phase_locked(self, phase: Phase) -> None:
         assert self.lock.locked()
         assert phase in TRANSITIONS[self._phase], f"{self._phase.name} -> {phase.name}"
+        if _trace.enabled:
+            _trace.phase(self.log.context, self._phase.name, phase.name)
         self._phase = phase
 
     def _closing_locked(self) -> None:
@@ -361,6 +364,10 @@ class Connection:
             self.log,
         )
         transport = opened.transport
+        if _trace.enabled:  # this socket's bytes go through the trace (blockws.trace)
+            tracer = _trace.Tracer(self.log.context)
+            transport = cast(Transport, _trace.TracingTransport(transport, tracer))
+            tracer.incoming(opened.extra)
         self.subprotocol = opened.subprotocol
         self.http_version = transport.http_version
         self.extensions = accepted = opened.extensions

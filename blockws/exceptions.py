@@ -14,6 +14,7 @@ TimeoutError`` also work::
     │   └── ConnectionClosedError                         ... by an error
     ├── TransportError                (also OSError)      network-level failures
     │   ├── ConnectError                                  refused, unreachable, DNS
+    │   │   └── ConnectionRefused   (also ConnectionRefusedError) nobody listens there
     │   ├── TLSError                                      certificate, handshake
     │   └── ConnectionLost                                reset or EOF mid-stream
     ├── OpenTimeout                   (also TimeoutError) connect + handshake too slow
@@ -45,6 +46,7 @@ __all__ = [
     "ConnectionClosedError",
     "TransportError",
     "ConnectError",
+    "ConnectionRefused",
     "TLSError",
     "ConnectionLost",
     "OpenTimeout",
@@ -120,11 +122,35 @@ class ConnectionClosedError(ConnectionClosed):
 
 
 class TransportError(BlockwsError, OSError):
-    """A network-level failure, translated from ``OSError`` at the I/O boundary."""
+    """A network-level failure, translated from ``OSError`` at the I/O boundary.
+
+    ``errno`` and ``strerror`` are those of the ``OSError`` it was translated
+    from (``None`` when there was none), so ``except OSError`` handlers that
+    look at ``errno`` keep working; the message is blockws's own.
+    """
+
+    def __init__(self, message: str, *, errno: int | None = None, strerror: str | None = None):
+        super().__init__(message)
+        self.errno = errno
+        self.strerror = strerror
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class ConnectError(TransportError):
-    """The TCP connection could not be made (refused, unreachable, DNS)."""
+    """The TCP connection could not be made (refused, unreachable, DNS).
+
+    The message names the host and port; ``errno`` is kept (for DNS
+    failures, the ``socket.EAI_*`` code of the ``gaierror``).
+    """
+
+
+class ConnectionRefused(ConnectError, ConnectionRefusedError):
+    """Nobody accepts connections at that host and port (``ECONNREFUSED``).
+
+    Also a builtin ``ConnectionRefusedError``.
+    """
 
 
 class TLSError(TransportError):
@@ -188,11 +214,19 @@ class HTTP2Unavailable(HandshakeError):
     ``SETTINGS_ENABLE_CONNECT_PROTOCOL = 1``, or the extended CONNECT is
     refused. With fallback on, the socket then opens over HTTP/1.1; with it
     off, this is ``ws.error``. ``cause`` holds the underlying error if any.
+
+    ``refused`` is True when the server itself said no (the cases above), and
+    False when the attempt ended for a reason that may pass (a GOAWAY, a
+    reset, a connection lost before the answer): only a refusal is
+    remembered for the origin.
     """
 
-    def __init__(self, message: str, cause: BaseException | None = None):
+    def __init__(
+        self, message: str, cause: BaseException | None = None, *, refused: bool = False
+    ):
         super().__init__(message)
         self.cause = cause
+        self.refused = refused
 
 
 # -- protocol (RFC 6455 section 5-7) ------------------------------------------

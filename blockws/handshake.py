@@ -13,11 +13,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 from urllib.parse import unquote, urlsplit
 
+from ._version import __version__
 from .exceptions import (
     HeadersTooLarge,
     InvalidHeader,
@@ -40,11 +42,14 @@ __all__ = [
     "accept_key",
     "negotiate",
     "MAX_RESPONSE_HEAD",
+    "DEFAULT_USER_AGENT",
 ]
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Bound on the response's status line plus headers, in bytes.
 MAX_RESPONSE_HEAD = 64 * 1024
+#: The ``User-Agent`` sent unless the ``user_agent`` option says otherwise.
+DEFAULT_USER_AGENT = f"blockws/{__version__} Python/{sys.version_info[0]}.{sys.version_info[1]}"
 #: Header names whose values never appear in logs or reprs.
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 
@@ -201,6 +206,10 @@ class Request:
     #: The HTTP version that carried this request: ``"2"`` once an RFC 8441
     #: stream opened with it, else ``"1.1"``.
     http_version: str = "1.1"
+    #: Sent as ``User-Agent`` unless ``headers`` has one; ``None`` sends none.
+    #: A socket's requests carry its ``user_agent`` option (by default
+    #: :data:`DEFAULT_USER_AGENT`).
+    user_agent: str | None = None
     _parsed: tuple[str, WSURL] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -241,8 +250,9 @@ def accept_key(key: str) -> str:
 def offer_headers(request: Request, extensions: Sequence[Extension] = ()) -> list[tuple[str, str]]:
     """The headers both HTTP versions send besides their own framing ones.
 
-    Subprotocols, extension offers, ``Origin``, ``Authorization`` from URL
-    userinfo, then the user's headers (which may not override the ones
+    Subprotocols, extension offers, ``Origin``, ``User-Agent`` (unless the
+    user's headers have one), ``Authorization`` from URL userinfo, then the
+    user's headers (which may not override the ones
     blockws writes: ``ValueError``).
     """
     url = request.parsed_url
@@ -253,6 +263,8 @@ def offer_headers(request: Request, extensions: Sequence[Extension] = ()) -> lis
         headers.append(("Sec-WebSocket-Extensions", ", ".join(e.offer() for e in extensions)))
     if request.origin is not None and "origin" not in request.headers:
         headers.append(("Origin", request.origin))
+    if request.user_agent is not None and "user-agent" not in request.headers:
+        headers.append(("User-Agent", request.user_agent))
     if url.user is not None and "authorization" not in request.headers:
         # Userinfo is percent-encoded in the URL (RFC 3986 3.2.1): "p%40ss" is "p@ss".
         creds = f"{unquote(url.user)}:{unquote(url.password or '')}".encode()
@@ -415,9 +427,15 @@ def negotiate(
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password in its userinfo replaced, for logs."""
+    """``url`` with the secret in its userinfo replaced, for logs: the password
+    of ``user:password@``, or the whole of a lone ``token@`` (a user part
+    without a password is often a token)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":<redacted>@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":<redacted>"
+    else:
+        userinfo = "<redacted>"
+    return parts._replace(netloc=f"{userinfo}@{hostport}").geturl()

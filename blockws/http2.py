@@ -15,8 +15,13 @@ does not check it, so this module does); then an extended CONNECT
 ``sec-websocket-version: 13``, the subprotocol and extension offers and the
 user's headers. A 2xx answer opens the socket. Any of these failing raises
 :class:`~blockws.exceptions.HTTP2Unavailable`, which the socket turns into a
-fallback to HTTP/1.1 (or a failure, if fallback is off). Origins that failed
-are remembered for the life of the process.
+fallback to HTTP/1.1 (or a failure, if fallback is off). An origin that
+refused (ALPN did not pick h2 although it was offered, SETTINGS without
+``SETTINGS_ENABLE_CONNECT_PROTOCOL``, a CONNECT answered with a 4xx status or
+reset with PROTOCOL_ERROR or HTTP_1_1_REQUIRED) is remembered in
+:class:`RefusedOrigins` for :data:`REFUSAL_TTL` seconds; an attempt that
+ended for a reason that may pass (a timeout, a GOAWAY, a reset, a lost
+connection) is not.
 
 Threads, locks and writing
 --------------------------
@@ -127,9 +132,10 @@ from .handshake import WSURL, Headers, Request, offer_headers
 from .log import logger
 from .readtoken import Ended
 from .timer import Job, timer
+from .tls import HTTP2_ALPN
 from .transport import Connector, Sink, TCPTransport, Transport
 
-__all__ = ["HTTP2Settings", "H2Stream", "H2Pool", "pool"]
+__all__ = ["HTTP2Settings", "H2Stream", "H2Pool", "RefusedOrigins", "Refusal", "pool"]
 
 BytesLike = Union[bytes, bytearray, memoryview]
 _ENABLE_CONNECT = h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL
@@ -154,6 +160,12 @@ _LINGER = 1.0
 _CANCEL = h2.errors.ErrorCodes.CANCEL
 _FLOW_CONTROL_ERROR = h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
 _FRAME_SIZE_ERROR = h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+#: Resets of an extended CONNECT that mean "not here" rather than "not now".
+_REFUSING_RESETS = frozenset(
+    {h2.errors.ErrorCodes.PROTOCOL_ERROR, h2.errors.ErrorCodes.HTTP_1_1_REQUIRED}
+)
+#: Seconds an origin's refusal of WebSocket over HTTP/2 is remembered.
+REFUSAL_TTL = 300.0
 
 
 def _whole_frames(buf: bytes) -> int:
@@ -425,7 +437,9 @@ class H2Connection:
             try:
                 events = self.h2.receive_data(buf[:whole])
             except h2.exceptions.ProtocolError as exc:
-                raise HTTP2Unavailable(f"the server does not speak HTTP/2: {exc}") from None
+                raise HTTP2Unavailable(
+                    f"the server does not speak HTTP/2: {exc}", refused=True
+                ) from None
             for event in events:
                 if isinstance(event, h2.events.RemoteSettingsChanged):
                     settings = {int(k): v.new_value for k, v in event.changed_settings.items()}
@@ -434,7 +448,9 @@ class H2Connection:
             self.transport.write([self.h2.data_to_send()])
         if settings.get(int(_ENABLE_CONNECT)) != 1:
             raise HTTP2Unavailable(
-                "the server's SETTINGS lack SETTINGS_ENABLE_CONNECT_PROTOCOL = 1 (RFC 8441)"
+                "the server chose h2 but its SETTINGS lack SETTINGS_ENABLE_CONNECT_PROTOCOL = 1: "
+                "no WebSocket over HTTP/2 (RFC 8441) there",
+                refused=True,
             )
         self.max_streams = settings.get(int(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS), 100)
         self._thread = threading.Thread(
@@ -1033,6 +1049,8 @@ class H2Connection:
                 stream.refused = HTTP2Unavailable(
                     f"the server refused the HTTP/2 WebSocket (status {status})",
                     InvalidStatus(status, "", headers),
+                    # A 5xx, a timeout or "too many" may pass; the rest is the server's answer.
+                    refused=400 <= status < 500 and status not in (408, 425, 429),
                 )
                 self.reset_stream(stream)
             stream._responded.set()
@@ -1057,7 +1075,8 @@ class H2Connection:
                 stream.refused = HTTP2Unavailable(
                     "the server ended the stream at once"
                     if code is None
-                    else f"the server reset the CONNECT stream ({code!r})"
+                    else f"the server reset the CONNECT stream ({code!r})",
+                    refused=code in _REFUSING_RESETS,
                 )
             error = None
             if code is not None and code not in (
@@ -1085,6 +1104,63 @@ class H2Connection:
             raise ConnectionLost(f"the server sent GOAWAY ({event.error_code!r})")
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why an origin refused WebSocket over HTTP/2, and when (``time.monotonic()``)."""
+
+    reason: str
+    at: float
+
+
+class RefusedOrigins:
+    """Origins that refused WebSocket over HTTP/2, each remembered for ``ttl`` seconds.
+
+    Thread-safe. An entry expires ``ttl`` seconds after the refusal it
+    records (a server may be upgraded, or a load balancer may send the next
+    connection elsewhere); a new refusal starts the time again.
+
+    >>> refused = RefusedOrigins(ttl=60.0, clock=lambda: 0.0)
+    >>> refused.add(("wss", "example.com", 443), "no SETTINGS_ENABLE_CONNECT_PROTOCOL")
+    >>> ("wss", "example.com", 443) in refused
+    True
+    """
+
+    def __init__(
+        self, ttl: float = REFUSAL_TTL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._refusals: dict[tuple[str, str, int], Refusal] = {}
+
+    def add(self, origin: tuple[str, str, int], reason: str) -> None:
+        with self._lock:
+            self._refusals[origin] = Refusal(reason, self._clock())
+
+    def get(self, origin: tuple[str, str, int]) -> Refusal | None:
+        """The origin's refusal if it has not expired (an expired one is dropped)."""
+        with self._lock:
+            refusal = self._refusals.get(origin)
+            if refusal is not None and self._clock() - refusal.at >= self.ttl:
+                del self._refusals[origin]
+                refusal = None
+            return refusal
+
+    def __contains__(self, origin: object) -> bool:
+        return isinstance(origin, tuple) and self.get(origin) is not None
+
+    def left(self, refusal: Refusal) -> float:
+        """Seconds until ``refusal`` expires."""
+        return max(0.0, refusal.at + self.ttl - self._clock())
+
+    def age(self, refusal: Refusal) -> float:
+        return max(0.0, self._clock() - refusal.at)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._refusals.clear()
+
+
 class H2Pool:
     """HTTP/2 connections by origin and TLS settings, shared between sockets."""
 
@@ -1092,8 +1168,9 @@ class H2Pool:
         self._lock = threading.Lock()
         self._conns: dict[tuple[Any, ...], list[H2Connection]] = {}
         self._creating: dict[tuple[Any, ...], threading.Lock] = {}
-        #: Origins where HTTP/2 failed: later sockets go straight to HTTP/1.1.
-        self.failed_origins: set[tuple[str, str, int]] = set()
+        #: Origins that refused WebSocket over HTTP/2, for a while: later
+        #: sockets with fallback on go straight to HTTP/1.1.
+        self.failed_origins = RefusedOrigins()
 
     def forget(self, conn: H2Connection) -> None:
         with self._lock:
@@ -1161,7 +1238,9 @@ class H2Pool:
     ) -> H2Connection | Transport:
         """A new connection with its HTTP/2 handshake done, or the plain
         transport when TLS ALPN did not choose h2."""
-        transport = connector.connect(url.host, url.port, deadline, ssl_context, server_hostname)
+        transport = connector.connect(
+            url.host, url.port, deadline, ssl_context, server_hostname, alpn=HTTP2_ALPN
+        )
         if url.secure and transport.alpn_protocol != "h2":
             return transport
         conn = H2Connection(transport, key, settings)

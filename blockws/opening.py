@@ -5,37 +5,49 @@
 it could not. The order, for ``wss://`` with HTTP/2 enabled (and ``ws://``
 with cleartext h2c on):
 
-1. unless the origin already failed HTTP/2 in this process, ask the
-   :mod:`blockws.http2` pool for a stream (RFC 8441);
-2. if that raises :class:`~blockws.exceptions.HTTP2Unavailable` and fallback
-   is on, remember the origin, make a **new** request (the socket's
-   ``on_internal_request_created`` hook sees it, as the seed specifies) and
-   continue over HTTP/1.1 -- on the same TLS connection when ALPN simply
-   chose ``http/1.1``;
+1. ask the :mod:`blockws.http2` pool for a stream (RFC 8441), unless fallback
+   is on and the origin refused HTTP/2 within the last few minutes
+   (:class:`~blockws.http2.RefusedOrigins`; the log says so, and so does a
+   note on the exception if HTTP/1.1 then fails). With fallback off, HTTP/2
+   is always tried: it is the only way such a socket can open;
+2. if that raises :class:`~blockws.exceptions.HTTP2Unavailable`, remember the
+   origin when the server refused (``exc.refused``: never for a timeout,
+   a reset or a GOAWAY); with fallback on, make a **new** request (the
+   socket's ``on_internal_request_created`` hook sees it, as the seed
+   specifies) and continue over HTTP/1.1 -- on the same TLS connection when
+   ALPN chose ``http/1.1``, else on a new one offering ``http/1.1`` only;
 3. the HTTP/1.1 upgrade (RFC 6455 section 4).
 
-ALPN: blockws's default TLS contexts offer ``h2, http/1.1`` for the HTTP/2
-attempt and ``http/1.1`` alone for HTTP/1.1. A context you pass is used as it
-is: call ``ctx.set_alpn_protocols(["h2", "http/1.1"])`` on it to allow
-HTTP/2.
+ALPN: the context used -- the caller's ``ssl_context`` or blockws's default
+(:func:`blockws.tls.default_context`) -- gets ``h2, http/1.1`` for the HTTP/2
+attempt and ``http/1.1`` for HTTP/1.1, set per connection under a lock
+(:mod:`blockws.tls`), so a caller's context gets HTTP/2 and the fallback
+exactly as the default does.
 """
 
 from __future__ import annotations
 
 import ssl
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
-import certifi
-
+from . import trace as _trace
 from .deadline import Deadline
-from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidHeader
+from .exceptions import BlockwsError, ConnectionLost, HTTP2Unavailable, InvalidHeader
 from .extensions import Extension
-from .handshake import Request, ResponseReader, build_request, negotiate, new_key, validate_response
+from .handshake import (
+    Request,
+    ResponseReader,
+    build_request,
+    negotiate,
+    new_key,
+    offer_headers,
+    validate_response,
+)
 from .http2 import H2Stream, HTTP2Settings, pool
 from .log import ContextAdapter
+from .tls import HTTP1_ALPN, default_context
 from .transport import Connector, Transport
 
 __all__ = ["Opened", "open_transport", "default_context"]
@@ -48,24 +60,6 @@ class Opened:
     extensions: list[Extension]
     #: Bytes that followed the HTTP/1.1 response head: the first frames.
     extra: bytes = b""
-
-
-_contexts: dict[bool, ssl.SSLContext] = {}
-_contexts_lock = threading.Lock()
-
-
-def default_context(http2: bool) -> ssl.SSLContext:
-    """The shared client context: certifi's CA bundle, hostname checks, ALPN.
-
-    Created once per process and ALPN list (loading the bundle costs a few ms).
-    """
-    with _contexts_lock:
-        ctx = _contexts.get(http2)
-        if ctx is None:
-            ctx = ssl.create_default_context(cafile=certifi.where())
-            ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
-            _contexts[http2] = ctx
-        return ctx
 
 
 def open_transport(
@@ -90,35 +84,49 @@ def open_transport(
     url = request.parsed_url
     reuse: Transport | None = None
     wants_h2 = http2.enabled and (url.secure or http2.cleartext)
-    if wants_h2 and url.origin_key in pool.failed_origins and not http2.fallback:
-        raise HTTP2Unavailable("HTTP/2 failed earlier for this origin, and fallback is off")
-    if wants_h2 and url.origin_key not in pool.failed_origins:
+    refused = pool.failed_origins
+    remembered = refused.get(url.origin_key) if wants_h2 and http2.fallback else None
+    skipped = ""
+    if remembered is not None:
+        skipped = (
+            f"HTTP/2 not tried: this origin refused it {refused.age(remembered):.0f} s ago "
+            f"({remembered.reason}); remembered for {refused.left(remembered):.0f} s more"
+        )
+        log.info("%s", skipped)
+    if wants_h2 and remembered is None:
         offered = [e.fresh() for e in extensions]
-        ctx = (ssl_context or default_context(True)) if url.secure else None
+        ctx = (ssl_context or default_context()) if url.secure else None
         try:
             attempt = pool.open(
                 url, request, offered, deadline, http2, connector, ctx, server_hostname, register
             )
             if not isinstance(attempt, H2Stream):
-                # A new TLS connection on which ALPN chose HTTP/1.1.
+                # A new TLS connection on which ALPN chose HTTP/1.1 although h2 was offered.
                 reuse = attempt
                 if not http2.fallback:
                     reuse.abort()
                     reuse.close()
                 raise HTTP2Unavailable(
-                    f"TLS ALPN chose {attempt.alpn_protocol or 'no protocol'}, not h2"
+                    f"TLS ALPN chose {attempt.alpn_protocol or 'no protocol'}, not h2",
+                    refused=True,
                 )
         except HTTP2Unavailable as exc:
-            pool.failed_origins.add(url.origin_key)
+            if exc.refused:
+                refused.add(url.origin_key, str(exc))
+            if _trace.enabled:
+                _trace.event(log.context, f"HTTP/2 attempt failed: {exc}")
             if not http2.fallback:
                 raise
-            log.info("HTTP/2 unavailable (%s): falling back to HTTP/1.1", exc)
+            log.debug("HTTP/2 unavailable (%s): falling back to HTTP/1.1", exc)
             request = new_request()
             url = request.parsed_url
         else:
             stream = attempt
             request.http_version = "2"
             assert stream.response is not None
+            if _trace.enabled:
+                _trace.request_http2(log.context, request.url, offer_headers(request, offered))
+                _trace.response(log.context, "2", stream.status, "", stream.response)
             try:
                 subprotocol, accepted = negotiate(stream.response, request.subprotocols, offered)
             except BaseException:
@@ -128,21 +136,28 @@ def open_transport(
     if reuse is not None:
         transport = reuse
     else:
-        ctx = (ssl_context or default_context(False)) if url.secure else None
+        ctx = (ssl_context or default_context()) if url.secure else None
         log.debug("connecting to %s:%s", url.host, url.port)
-        transport = connector.connect(url.host, url.port, deadline, ctx, server_hostname)
+        try:
+            transport = connector.connect(
+                url.host, url.port, deadline, ctx, server_hostname, alpn=HTTP1_ALPN
+            )
+        except BlockwsError as exc:
+            _note(exc, skipped)
+            raise
     register(transport)
-    if transport.alpn_protocol == "h2":
-        # Python cannot change ALPN per connection, and HTTP/1.1 cannot be
-        # spoken once the server picked h2: say so instead of failing obscurely.
-        transport.abort()
-        transport.close()
-        raise HTTP2Unavailable(
-            "the server chose h2 by ALPN but does not accept WebSocket over HTTP/2, so "
-            "HTTP/1.1 is needed: pass an ssl_context whose ALPN protocols leave out 'h2' "
-            "(ctx.set_alpn_protocols(['http/1.1'])) or none at all"
-        )
-    return _upgrade_http1(transport, request, extensions, deadline, log)
+    try:
+        return _upgrade_http1(transport, request, extensions, deadline, log)
+    except BlockwsError as exc:
+        _note(exc, skipped)
+        raise
+
+
+def _note(exc: BaseException, note: str) -> None:
+    """Say on ``exc`` (Python 3.11+: a note shown in tracebacks) why HTTP/2 was skipped."""
+    add_note = getattr(exc, "add_note", None)
+    if note and add_note is not None:
+        add_note(note)
 
 
 def _upgrade_http1(
@@ -155,7 +170,10 @@ def _upgrade_http1(
     """The HTTP/1.1 upgrade (RFC 6455 section 4.1) on a connected transport."""
     offered = [e.fresh() for e in extensions]
     key = new_key()
-    transport.write([build_request(request, key, offered)])
+    raw = build_request(request, key, offered)
+    transport.write([raw])
+    if _trace.enabled:
+        _trace.request_http1(log.context, raw)
     log.debug("sent upgrade request, headers %s", request.headers.redacted())
     reader = ResponseReader()
     response = None
@@ -164,7 +182,22 @@ def _upgrade_http1(
         if not data:
             if transport.aborted:
                 raise ConnectionLost("connection aborted during the opening handshake")
-            raise InvalidHeader("connection closed before the handshake response was complete")
+            url = request.parsed_url
+            hint = ""
+            if url.secure and transport.bytes_read == 0:
+                # TLS 1.3: a server refusing our (missing) client certificate
+                # often just closes after the handshake, without an alert.
+                hint = (
+                    ": the server closed the TLS connection without answering; if it requires "
+                    "a client certificate, pass ssl_context= a context that loaded it "
+                    "(ctx.load_cert_chain('client.pem', 'client.key'))"
+                )
+            raise InvalidHeader(
+                f"connection to {url.host}:{url.port} closed before the handshake response "
+                f"was complete{hint}"
+            )
         response = reader.feed(data)
+    if _trace.enabled:
+        _trace.response(log.context, "1.1", response.status, response.reason, response.headers)
     subprotocol, accepted = validate_response(response, key, request.subprotocols, offered)
     return Opened(transport, subprotocol, accepted, response.extra)

@@ -23,7 +23,7 @@ from typing import Any, Callable, TypedDict
 from .buffers import BufferPool, BufferSegment
 from .deflate import PerMessageDeflate
 from .extensions import Extension
-from .handshake import Headers, HeadersLike
+from .handshake import DEFAULT_USER_AGENT, Headers, HeadersLike
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 
@@ -145,6 +145,7 @@ class Options:
     # HTTP
     headers: tuple[tuple[str, str], ...] = ()
     origin: str | None = None
+    user_agent: str | None = DEFAULT_USER_AGENT
     # TLS
     ssl_context: ssl.SSLContext | None = None
     server_hostname: str | None = None
@@ -189,6 +190,13 @@ class Options:
             if text is not None and not isinstance(text, str):
                 raise TypeError(f"{name} must be a str or None, not {type(text).__name__}")
             out[name] = text
+        agent = v.get("user_agent", DEFAULT_USER_AGENT)
+        if agent is not None:
+            if not isinstance(agent, str):
+                raise TypeError(f"user_agent must be a str or None, not {type(agent).__name__}")
+            if "\r" in agent or "\n" in agent:
+                raise ValueError("user_agent must not contain a line break")
+        out["user_agent"] = agent
         ctx = v.get("ssl_context")
         if ctx is not None and not isinstance(ctx, ssl.SSLContext):
             raise TypeError(f"ssl_context must be an ssl.SSLContext, not {type(ctx).__name__}")
@@ -233,6 +241,7 @@ class ConnectOptions(TypedDict, total=False):
     max_message_size: int | None
     headers: HeadersLike | None
     origin: str | None
+    user_agent: str | None
     ssl_context: ssl.SSLContext | None
     server_hostname: str | None
     open_timeout: float | None

@@ -40,11 +40,15 @@ from .exceptions import (
     BlockwsError,
     ConnectError,
     ConnectionLost,
+    ConnectionRefused,
     OpenTimeout,
     TLSError,
     TransportError,
 )
 from .readtoken import BUSY_RECHECK, Ended
+from .tls import HTTP1_ALPN
+from .tls import handshake as tls_handshake
+from .tls import start as tls_start
 
 __all__ = [
     "Sink",
@@ -97,32 +101,48 @@ class Sink(Protocol):
 
 
 @contextlib.contextmanager
-def map_os_errors(connecting: bool = False) -> Iterator[None]:
-    """Translate ``OSError`` and ``ssl.SSLError`` into blockws exceptions."""
+def map_os_errors(connecting: bool = False, where: str = "") -> Iterator[None]:
+    """Translate ``OSError`` and ``ssl.SSLError`` into blockws exceptions.
+
+    ``where`` (``"host:port"``) goes into the messages of connect failures.
+    """
     try:
         yield
     except TransportError:
         raise
     except OSError as exc:
-        raise os_error(exc, connecting) from exc
+        raise os_error(exc, connecting, where) from exc
 
 
-def os_error(exc: OSError, connecting: bool = False) -> BlockwsError:
+def os_error(exc: OSError, connecting: bool = False, where: str = "") -> BlockwsError:
     """The blockws exception for ``exc`` (:func:`map_os_errors` without a ``with``,
-    for the per-message paths, where a context manager's cost shows)."""
+    for the per-message paths, where a context manager's cost shows).
+
+    ``errno`` and ``strerror`` are kept; a refused connection is a
+    :class:`~blockws.exceptions.ConnectionRefused` (a ``ConnectionRefusedError``).
+    """
+    errno, strerror = exc.errno, exc.strerror
+    what = strerror or str(exc)
+    at = f" {where}" if where else ""
     if isinstance(exc, socket.timeout):  # TimeoutError on 3.10+
-        return OpenTimeout("timed out opening the WebSocket")
+        return OpenTimeout(f"timed out opening the WebSocket{' to' + at if at else ''}")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return TLSError(f"TLS certificate verification failed: {exc.verify_message}")
+        return TLSError(f"TLS certificate verification failed{at}: {exc.verify_message}")
     if isinstance(exc, ssl.SSLError):
         if connecting:
-            return TLSError(f"TLS handshake failed: {exc}")
+            return TLSError(f"TLS handshake failed{at}: {exc}")
         return ConnectionLost(f"TLS error: {exc}")
     if isinstance(exc, socket.gaierror):
-        return ConnectError(f"cannot resolve host: {exc.strerror or exc}")
+        host = where.rsplit(":", 1)[0] if where else ""
+        return ConnectError(
+            f"cannot resolve host {host!r}: {what}" if host else f"cannot resolve host: {what}",
+            errno=errno, strerror=strerror,
+        )
     if connecting:
-        return ConnectError(f"cannot connect: {exc.strerror or exc}")
-    return ConnectionLost(f"connection lost: {exc.strerror or exc}")
+        kind = ConnectionRefused if isinstance(exc, ConnectionRefusedError) else ConnectError
+        return kind(f"cannot connect to{at or ' the server'}: {what}", errno=errno,
+                    strerror=strerror)
+    return ConnectionLost(f"connection lost: {what}", errno=errno, strerror=strerror)
 
 
 class Transport:
@@ -438,6 +458,13 @@ class Connector:
                 raise ConnectError("connection aborted by close()")
             self._sock = sock
 
+    def _probe(self, host: str, port: int, timeout: float) -> socket.socket:
+        """A new plain connection for reading a rejected certificate (:mod:`blockws.tls`),
+        registered so that :meth:`abort` ends it too."""
+        sock = socket.create_connection((host, port), timeout)
+        self._register(sock)  # closes it and raises if aborted meanwhile
+        return sock
+
     def connect(
         self,
         host: str,
@@ -445,9 +472,15 @@ class Connector:
         deadline: Deadline,
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        alpn: Sequence[str] = HTTP1_ALPN,
     ) -> TCPTransport:
-        """Resolve, connect (trying each address) and optionally start TLS."""
-        with map_os_errors(connecting=True):
+        """Resolve, connect (trying each address) and optionally start TLS.
+
+        With ``ssl_context``, TLS offers ``alpn`` (set on the context for this
+        connection: see :mod:`blockws.tls`). Failures name ``host:port``.
+        """
+        where = f"{host}:{port}"
+        with map_os_errors(connecting=True, where=where):
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         last: BaseException | None = None
         for family, type_, proto, _, addr in infos:
@@ -456,7 +489,7 @@ class Connector:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.settimeout(deadline.remaining())
-                with map_os_errors(connecting=True):
+                with map_os_errors(connecting=True, where=where):
                     sock.connect(addr)
             except ConnectError as exc:
                 self._register(None)
@@ -475,11 +508,15 @@ class Connector:
             raise last
         try:
             if ssl_context is not None:
-                with map_os_errors(connecting=True):
+                with map_os_errors(connecting=True, where=where):
                     sock.settimeout(deadline.remaining())
-                    tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
-                self._register(tls)
-                sock = tls
+                    tls = tls_start(ssl_context, sock, server_hostname or host, alpn)
+                    sock = tls  # owns the descriptor now
+                    self._register(tls)
+                    tls_handshake(
+                        tls, host, port, reconnect=lambda t: self._probe(host, port, t),
+                        time_left=deadline.remaining(),
+                    )
         except BaseException:
             self._register(None)
             sock.close()

@@ -25,7 +25,7 @@ import itertools
 import sys
 from collections.abc import Iterator, MutableMapping, Sequence
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Generic, NoReturn, TypeVar, Union, overload
 
 from . import dispatcher as _dispatcher
 from .buffers import BufferPool, BufferSegment
@@ -35,7 +35,7 @@ from .dispatcher import Budget, check_not_in_callback
 from .exceptions import ConnectionClosedOK, InvalidState, OpenTimeout
 from .extensions import Extension
 from .frames import Opcode
-from .handshake import Headers, HeadersLike, Request, redact_url
+from .handshake import DEFAULT_USER_AGENT, Headers, HeadersLike, Request, redact_url
 from .http2 import HTTP2Settings
 from .log import ContextAdapter
 from .options import ConnectOptions, Options
@@ -153,10 +153,14 @@ class WebSocket:
       ``max_message_size`` (default 16 MiB; a larger incoming message fails
       the connection with 1009).
     * HTTP: ``headers`` (a mapping or (name, value) pairs, added to the
-      upgrade request), ``origin``.
-    * TLS: ``ssl_context`` (an ``ssl.SSLContext``; default: certifi's CA
-      bundle, hostname checked), ``server_hostname`` (SNI and certificate
-      name, default the URL's host).
+      upgrade request), ``origin``, ``user_agent`` (default
+      ``blockws/<version> Python/<x.y>``; ``None`` sends no ``User-Agent``;
+      a ``User-Agent`` in ``headers`` wins; like ``origin`` it is copied into
+      ``internal_request``, where ``internal_request.user_agent`` may be
+      edited until ``open()``).
+    * TLS: ``ssl_context`` (an ``ssl.SSLContext``; default: see "Networks"
+      below), ``server_hostname`` (SNI and certificate name, default the
+      URL's host).
     * HTTP/2: ``http2`` (an :class:`~blockws.HTTP2Settings`; ``True`` for the
       default, ``False`` for HTTP/1.1 only).
     * Timeouts (seconds): ``open_timeout`` (connect + handshake, default 10),
@@ -180,6 +184,41 @@ class WebSocket:
     The keepalive settings and ``max_fragment_size`` may be changed at any
     time; the other options until ``open()``, after which setting one raises
     :class:`~blockws.exceptions.InvalidState`.
+
+    Networks -- trust. Without ``ssl_context``, ``wss://`` verifies the
+    server's certificate and name against certifi's bundle, the operating
+    system's store, and ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when set (so
+    ``SSL_CERT_FILE=ca.pem python app.py`` reaches a server with a private
+    CA); ``SSLKEYLOGFILE`` names a file TLS secrets are written to, for
+    Wireshark. That context is built once per process, by the first
+    ``wss://`` socket's connecting thread (60-80 ms of CPU; see
+    :mod:`blockws.tls`). :func:`blockws.create_default_context` returns a
+    new context with that trust, to add to (a client certificate for mutual
+    TLS: ``ctx.load_cert_chain(...)``). A context you pass is used for trust
+    and client certificates as you set it up, except ALPN: blockws sets its ALPN list on each
+    connection attempt (``h2, http/1.1`` for HTTP/2, ``http/1.1`` for
+    HTTP/1.1 and the fallback), under a lock that keeps blockws's own
+    concurrent connects apart, so HTTP/2 and the fallback work with your
+    context as with the default. The context keeps the last list set; do not
+    use it for other connections at the same moment if their ALPN matters. A
+    TLS failure (:class:`~blockws.exceptions.TLSError`) names the host and
+    port and what to do: the issuer that is not trusted, the date the
+    certificate expired, or the names it holds.
+
+    Networks -- HTTP/2. Over ``wss://`` HTTP/2 is tried first (RFC 8441). A
+    server that refuses it (no h2 by ALPN, SETTINGS without
+    ``SETTINGS_ENABLE_CONNECT_PROTOCOL``, the extended CONNECT refused) is
+    remembered per origin for 5 minutes, and sockets with fallback on go
+    straight to HTTP/1.1 meanwhile (logged; on Python 3.11+ also a note on
+    ``ws.error`` if HTTP/1.1 then fails). Timeouts, resets and GOAWAYs are
+    never remembered. With ``HTTP2Settings(fallback=False)`` HTTP/2 is always
+    tried.
+
+    Networks -- errors. A connection that cannot be made raises
+    :class:`~blockws.exceptions.ConnectError`, an ``OSError`` with the
+    ``errno`` kept and the host and port in its message; a refused one is a
+    :class:`~blockws.exceptions.ConnectionRefused`, also a
+    ``ConnectionRefusedError``.
 
     Failures are reported in order. When the server breaks the protocol,
     parsing stops at the bad frame, but the messages that arrived before it
@@ -207,6 +246,7 @@ class WebSocket:
         # HTTP
         headers: HeadersLike | None = None,
         origin: str | None = None,
+        user_agent: str | None = DEFAULT_USER_AGENT,
         # TLS
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
@@ -237,6 +277,7 @@ class WebSocket:
             max_message_size=max_message_size,
             headers=headers,
             origin=origin,
+            user_agent=user_agent,
             ssl_context=ssl_context,
             server_hostname=server_hostname,
             open_timeout=open_timeout,
@@ -296,6 +337,7 @@ class WebSocket:
             headers=Headers(list(options.headers)),
             subprotocols=list(options.subprotocols),
             origin=options.origin,
+            user_agent=options.user_agent,
             open_timeout=options.open_timeout,
             close_timeout=options.close_timeout,
         )
@@ -312,7 +354,11 @@ class WebSocket:
         "Largest incoming message in bytes (``None``: no limit); a larger one fails with 1009."
     )
     ssl_context: _Setting[ssl.SSLContext | None] = _Setting(
-        "The ``ssl.SSLContext`` for ``wss://`` (``None``: blockws's default)."
+        "The ``ssl.SSLContext`` for ``wss://`` (``None``: blockws's default: certifi, the "
+        "system store, ``SSL_CERT_FILE``/``SSL_CERT_DIR``). blockws sets its ALPN list on it "
+        "for each connection attempt (``h2, http/1.1``, or ``http/1.1`` for HTTP/1.1), under "
+        "a lock that keeps blockws's concurrent connects apart; the context keeps the last "
+        "list set. Trust, client certificates and the rest are used as you set them."
     )
     server_hostname: _Setting[str | None] = _Setting(
         "SNI and certificate name (``None``: the URL's host)."
@@ -746,7 +792,7 @@ def connect(url: str, timeout: float | None = None, **options: Unpack[ConnectOpt
     try:
         while not ws._open_dispatched:
             if ws.closed and not ws._pending:
-                raise ws.error or ws._engine.closed_exception()
+                _raise_cause(ws.error or ws._engine.closed_exception())
             if deadline.expired:
                 raise OpenTimeout(f"not open within {timeout} s")
             left = deadline.left()
@@ -761,6 +807,17 @@ def connect(url: str, timeout: float | None = None, **options: Unpack[ConnectOpt
             ws.log.exception("a callback raised while connect() was failing")
         raise
     return ws
+
+
+def _raise_cause(error: BaseException) -> NoReturn:
+    """Raise ``error`` here, without the reader thread's frames it was raised among.
+
+    The error was raised (and caught) on the connecting thread; raising the
+    same object again would append this thread's frames to those. Its own
+    cause (say, the ``ConnectionRefusedError`` behind a ``ConnectError``)
+    stays chained, with its short traceback.
+    """
+    raise error.with_traceback(None) from error.__cause__
 
 
 update_all = _dispatcher.update_all

@@ -264,8 +264,9 @@ def fresh_h2_pool() -> Iterator[None]:
 def tls_context_h2(tls_certs: TLSCerts) -> ssl.SSLContext:
     """A client context trusting tls_certs that offers ALPN ``h2, http/1.1``.
 
-    A context the user passes is used as it is (blockws.opening), so it must offer h2 for
-    an HTTP/2 attempt. One per test: blockws's HTTP/2 pool shares connections per context.
+    blockws sets the ALPN list itself on each attempt (blockws.tls), so the list set here
+    only stands for a user's context that had one. One per test: blockws's HTTP/2 pool
+    shares connections per context.
     """
     ctx = tls_certs.client_context()
     ctx.set_alpn_protocols(["h2", "http/1.1"])

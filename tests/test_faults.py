@@ -467,8 +467,8 @@ def test_connection_refused() -> None:
     url = f"ws://127.0.0.1:{free_port()}/"
     ws, rec, code, _ = run_to_close(url)
     assert rec.events == [("closed", 1006, "")]
-    assert type(ws.error) is blockws.ConnectError, repr(ws.error)
-    assert isinstance(ws.error, OSError)
+    assert type(ws.error) is blockws.ConnectionRefused, repr(ws.error)
+    assert isinstance(ws.error, blockws.ConnectError) and isinstance(ws.error, OSError)
     with pytest.raises(blockws.ConnectError):
         blockws.connect(url, timeout=5.0)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import sys
 
 import pytest
 
+import blockws
 from blockws.exceptions import (
     HandshakeError,
     HeadersTooLarge,
@@ -15,6 +17,7 @@ from blockws.exceptions import (
     NegotiationError,
 )
 from blockws.handshake import (
+    DEFAULT_USER_AGENT,
     WSURL,
     Headers,
     Request,
@@ -297,7 +300,8 @@ def test_wsurl_authority_and_origin_key() -> None:
 
 def test_redact_url() -> None:
     assert redact_url("wss://user:hunter2@h/p") == "wss://user:<redacted>@h/p"
-    assert redact_url("wss://user@h/p") == "wss://user@h/p"
+    assert redact_url("wss://s3cr3t-token@h/p") == "wss://<redacted>@h/p"
+    assert redact_url("wss://user:@h:8443/p?q=1") == "wss://user:<redacted>@h:8443/p?q=1"
     assert redact_url("ws://h/") == "ws://h/"
 
 
@@ -501,3 +505,32 @@ def test_subprotocol_is_case_sensitive() -> None:
     r = response(*GOOD, ("Sec-WebSocket-Protocol", "Chat"))
     with pytest.raises(NegotiationError):
         validate_response(r, KEY, ["chat"], [])
+
+
+# -- User-Agent ---------------------------------------------------------------------------
+
+
+def test_user_agent_is_sent_unless_the_headers_have_one() -> None:
+    agent = "blockws/1.2.3 Python/3.11"
+    assert build_request(Request("ws://h/", user_agent=agent), KEY) == head(
+        "/", "h", f"User-Agent: {agent}"
+    )
+    assert build_request(Request("ws://h/", user_agent=None), KEY) == head("/", "h")
+    own = Request("ws://h/", user_agent=agent)
+    own.headers["user-agent"] = "game/2"
+    assert build_request(own, KEY) == head("/", "h", "user-agent: game/2")
+
+
+def test_default_user_agent_names_blockws_and_python() -> None:
+    major, minor = sys.version_info[:2]
+    assert DEFAULT_USER_AGENT == f"blockws/{blockws.__version__} Python/{major}.{minor}"
+    assert blockws.WebSocket("ws://h/").internal_request.user_agent == DEFAULT_USER_AGENT
+    assert blockws.WebSocket("ws://h/", user_agent=None).internal_request.user_agent is None
+    assert blockws.WebSocket("ws://h/", user_agent="x/1").internal_request.user_agent == "x/1"
+
+
+@pytest.mark.parametrize("value, error", [(b"x", TypeError), (3, TypeError),
+                                          ("a\r\nb: c", ValueError)])
+def test_user_agent_option_is_checked(value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="user_agent"):
+        blockws.WebSocket("ws://h/", user_agent=value)  # type: ignore[arg-type]

@@ -18,24 +18,40 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import ssl
+import struct
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from faultserver import Recorder, random_text
-from h2peers import CountingProxy, counting_proxy
+from h2peers import (
+    END_HEADERS,
+    GOAWAY,
+    HEADERS,
+    PROTOCOL_ERROR,
+    RST_STREAM,
+    SETTINGS,
+    SETTINGS_ENABLE_CONNECT_PROTOCOL,
+    CountingProxy,
+    MiniConn,
+    MiniH2,
+    counting_proxy,
+    frame,
+)
 
 import blockws
 import blockws.opening
+import blockws.tls
 from blockws.exceptions import HTTP2Unavailable
-from blockws.http2 import HTTP2Settings, pool
+from blockws.http2 import HTTP2Settings, RefusedOrigins, pool
 from peerutil import PEERS_DIR, free_port, start_server
 
 TIMEOUT = 10.0
@@ -82,20 +98,20 @@ def nghttpx_target(request: pytest.FixtureRequest) -> Target:
     return make_target(request, request.param)
 
 
+@pytest.fixture(scope="session")
+def default_context_trusting(tls_certs: Any) -> ssl.SSLContext:
+    """A default context (blockws.tls) that also trusts the test CA; built once (~70 ms)."""
+    ctx = blockws.tls.build_default_context()
+    tls_certs.ca.configure_trust(ctx)
+    return ctx
+
+
 @pytest.fixture
-def trusting_defaults(tls_certs: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """blockws's own default contexts (ALPN h2+http/1.1 for the HTTP/2 attempt, http/1.1
-    for HTTP/1.1), trusting the test CA: what a user who passes no ssl_context gets."""
-    contexts: dict[bool, ssl.SSLContext] = {}
-
-    def default_context(http2: bool) -> ssl.SSLContext:
-        if http2 not in contexts:
-            ctx = tls_certs.client_context()
-            ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
-            contexts[http2] = ctx
-        return contexts[http2]
-
-    monkeypatch.setattr(blockws.opening, "default_context", default_context)
+def trusting_defaults(default_context_trusting: ssl.SSLContext,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """blockws's default context (blockws sets its ALPN per attempt), trusting the test CA
+    as well: what a user who passes no ssl_context gets."""
+    monkeypatch.setattr(blockws.opening, "default_context", lambda: default_context_trusting)
 
 
 def open_socket(url: str, rec: Recorder, **options: Any) -> blockws.WebSocket:
@@ -358,21 +374,17 @@ def test_fallback_no_connect_protocol_default_context(node_h2_server: Any,
 
 def test_fallback_no_connect_protocol_user_context(node_h2_server: Any,
                                                    tls_context_h2: ssl.SSLContext) -> None:
-    """The same with the user's context offering h2: the server picks h2 again by ALPN on
-    the fallback connection, where HTTP/1.1 cannot be spoken, and Python cannot change
-    ALPN per connection. The socket ends with a clear HTTP2Unavailable saying what to do."""
-    rec = Recorder(text=False, binary=False)
-    ws = blockws.WebSocket(node_h2_server.wss, ssl_context=tls_context_h2, **rec.callbacks())
-    ws.open()
-    assert rec.wait_closed(ws) == (1006, "")
-    assert isinstance(ws.error, blockws.HTTP2Unavailable)
-    assert "set_alpn_protocols" in str(ws.error)
-    with pytest.raises(blockws.HTTP2Unavailable):
-        blockws.connect(node_h2_server.wss, timeout=10, ssl_context=tls_context_h2)
-    # Doing what the message says works: a context offering http/1.1 only.
-    tls_context_h2.set_alpn_protocols(["http/1.1"])
-    with blockws.connect(node_h2_server.wss, timeout=10, ssl_context=tls_context_h2) as ws:
-        assert ws.http_version == "1.1"
+    """The same with the caller's context offering h2 (issue 10, bug 2: the socket failed
+    with HTTP2Unavailable because the fallback connection offered h2 again): blockws sets
+    the context's ALPN per attempt, so the fallback offers http/1.1 only and opens."""
+    with counting_proxy(node_h2_server.wss) as proxy:
+        url = proxy.url("wss", "localhost")
+        ws, hook = open_with_hook(url, ssl_context=tls_context_h2)
+        with ws:
+            check_fallback(ws, hook)
+            assert proxy.accepted == 2  # the h2 attempt, then HTTP/1.1
+        assert ws.error is None
+        check_second_socket_skips_http2(url, proxy, ssl_context=tls_context_h2)
 
 
 def test_fallback_many_sockets_at_once(node_h2_server: Any, trusting_defaults: None) -> None:
@@ -438,11 +450,8 @@ def test_fallback_fails_on_h2_only_server(nghttpd_server: Any, context: str,
     assert rec.wait_closed(ws) == (1006, "")
     assert rec.events == [("closed", 1006, "")]
     assert isinstance(ws.error, blockws.BlockwsError), repr(ws.error)
-    if context == "user":
-        # ALPN picks h2 again on the fallback connection: the clear error of opening.py.
-        assert isinstance(ws.error, HTTP2Unavailable) and "ALPN" in str(ws.error)
-    else:
-        assert not isinstance(ws.error, HTTP2Unavailable)  # the HTTP/1.1 attempt's failure
+    # The fallback offered http/1.1 only, with either context: the HTTP/1.1 attempt's failure.
+    assert not isinstance(ws.error, HTTP2Unavailable), repr(ws.error)
     assert len(hook.requests) == 2 and hook.requests[1].http_version == "1.1"
 
 
@@ -483,22 +492,42 @@ def test_fallback_disabled(no_rfc8441_url: str, tls_context_h2: ssl.SSLContext,
 def test_fallback_disabled_after_remembered_failure(
     hypercorn_h1_only_server: Any, tls_context_h2: ssl.SSLContext
 ) -> None:
-    """An origin that already failed HTTP/2 (remembered) still means "HTTP/2 or fail"."""
-    url = hypercorn_h1_only_server.wss
-    with blockws.connect(url, timeout=TIMEOUT, ssl_context=tls_context_h2) as ws:
-        assert ws.http_version == "1.1"  # fell back; the origin is remembered
-    hook = HookLog()
-    rec = Recorder()
-    ws = blockws.WebSocket(url, ssl_context=tls_context_h2, http2=HTTP2Settings(fallback=False),
-                           on_internal_request_created=hook, **rec.callbacks())
-    ws.open()
-    rec.pump_until(ws, lambda: bool(rec.closes) or rec.opened, what="open or closed")
-    if rec.opened:
+    """An origin that refused HTTP/2 (remembered) still means "HTTP/2 or fail" with fallback
+    off, and the socket really tries (issue 10: it used to fail at once, from memory)."""
+    with counting_proxy(hypercorn_h1_only_server.wss) as proxy:
+        url = proxy.url("wss", "localhost")
+        with blockws.connect(url, timeout=TIMEOUT, ssl_context=tls_context_h2) as ws:
+            assert ws.http_version == "1.1"  # fell back; the origin is remembered
+        assert pool.failed_origins.get(("wss", "localhost", proxy.port)) is not None
+        before = proxy.accepted
+        hook = HookLog()
+        rec = Recorder()
+        ws = blockws.WebSocket(url, ssl_context=tls_context_h2,
+                               http2=HTTP2Settings(fallback=False),
+                               on_internal_request_created=hook, **rec.callbacks())
+        ws.open()
+        assert rec.wait_closed(ws) == (1006, "")
+        assert rec.events == [("closed", 1006, "")], "opened over HTTP/1.1 despite fallback=False"
+        assert isinstance(ws.error, HTTP2Unavailable), repr(ws.error)
+        assert "ALPN chose http/1.1" in str(ws.error)  # the attempt's own answer
+        assert proxy.accepted == before + 1  # it connected: not a failure from memory
+        assert len(hook.requests) == 1
+
+
+def test_fallback_disabled_tries_despite_memory(hypercorn_h2_server: Any,
+                                                trusting_defaults: None) -> None:
+    """A remembered refusal does not stop a fallback=False socket from trying, and the
+    server may accept this time (here: hypercorn refused the CONNECT to /h1-only, and
+    accepts it to /)."""
+    with blockws.connect(hypercorn_h2_server.wss + "/h1-only", timeout=TIMEOUT) as ws:
         assert ws.http_version == "1.1"
-        ws.abort()
-    assert rec.wait_closed(ws) == (1006, "")
-    assert rec.events == [("closed", 1006, "")], "opened over HTTP/1.1 despite fallback=False"
-    assert isinstance(ws.error, HTTP2Unavailable), repr(ws.error)
+    assert ("wss", "localhost", int(hypercorn_h2_server.wss.rsplit(":", 1)[1])) in \
+        pool.failed_origins
+    with blockws.connect(hypercorn_h2_server.wss, timeout=TIMEOUT,
+                         http2=HTTP2Settings(fallback=False)) as ws:
+        assert ws.http_version == "2"
+        assert ask(ws, "!version") == "2"
+    assert ws.error is None
 
 
 def test_fallback_disabled_h2c(websockets_server: str) -> None:
@@ -759,3 +788,188 @@ def test_url_credentials_and_origin_reach_the_server_over_http2(hypercorn_h2_ser
     assert seen["authorization"] == "Basic " + base64.b64encode(b"user:p@ss").decode()
     assert seen["origin"] == "https://game.example"
     assert "chat" in seen["sec-websocket-protocol"]
+
+
+# -- the caller's context, and what is remembered (issue 10) ----------------------------------
+
+
+def origin_of(url: str) -> tuple[str, str, int]:
+    return blockws.Request(url).parsed_url.origin_key
+
+
+def test_caller_context_without_alpn_gets_http2(hypercorn_h2_server: Any, tls_certs: Any,
+                                                tls_context_h2: ssl.SSLContext) -> None:
+    """Issue 10, bug 1: a context offering no ALPN opened over HTTP/1.1 and the origin was
+    remembered as "no HTTP/2", so the next socket, whose context offered h2, failed with
+    HTTP2Unavailable. blockws now sets the ALPN list itself: both open over HTTP/2."""
+    url = hypercorn_h2_server.wss
+    bare = tls_certs.client_context()  # no set_alpn_protocols()
+    with blockws.connect(url, timeout=TIMEOUT, ssl_context=bare) as ws:
+        assert ws.http_version == "2" and ask(ws, "!version") == "2"
+    assert origin_of(url) not in pool.failed_origins
+    with blockws.connect(url, timeout=TIMEOUT, ssl_context=tls_context_h2) as ws:
+        assert ws.http_version == "2" and ask(ws, "!version") == "2"
+    assert ws.error is None
+
+
+def test_one_context_for_http2_and_fallback_at_once(hypercorn_h2_server: Any,
+                                                    node_h2_server: Any, tls_certs: Any) -> None:
+    """Sockets sharing one caller's context connect at the same time, some to an RFC 8441
+    server (ALPN h2 wanted) and some falling back (ALPN http/1.1 wanted): each connection
+    gets the list of its own attempt."""
+    ctx = tls_certs.client_context()
+    sockets = []
+    for i in range(8):
+        url = hypercorn_h2_server.wss if i % 2 else node_h2_server.wss
+        rec = Recorder(text=False, binary=False)
+        ws = blockws.WebSocket(url, ssl_context=ctx, on_open=rec.on_open,
+                               on_closed=rec.on_closed, http2=HTTP2Settings(share=False))
+        ws.open()
+        sockets.append((i, ws, rec))
+    for i, ws, rec in sockets:
+        rec.wait_open(ws)
+        assert ws.http_version == ("2" if i % 2 else "1.1"), i
+    for _, ws, rec in sockets:
+        assert close_socket(ws, rec) == (1000, "")
+    assert origin_of(hypercorn_h2_server.wss) not in pool.failed_origins
+    assert origin_of(node_h2_server.wss) in pool.failed_origins
+
+
+def test_timeout_is_not_remembered(hypercorn_h2_server: Any, trusting_defaults: None) -> None:
+    """h2_asgi_app answers the CONNECT to /slow after 3 s: the attempt times out, and the
+    origin is not remembered: the next socket opens over HTTP/2."""
+    with pytest.raises(blockws.OpenTimeout):
+        blockws.connect(hypercorn_h2_server.wss + "/slow", timeout=1.0)
+    assert origin_of(hypercorn_h2_server.wss) not in pool.failed_origins
+    with blockws.connect(hypercorn_h2_server.wss, timeout=TIMEOUT) as ws:
+        assert ws.http_version == "2"
+
+
+def _settings_then(then: bytes) -> Callable[[MiniConn], None]:
+    """A MiniH2 scenario: the server's SETTINGS (extended CONNECT on) followed by ``then``
+    in the same write, before the client's CONNECT; then wait for the client to leave."""
+    def scenario(conn: MiniConn) -> None:
+        conn.read_frame()  # the client's SETTINGS
+        conn.send(frame(SETTINGS, 0, 0, struct.pack("!HI", SETTINGS_ENABLE_CONNECT_PROTOCOL, 1))
+                  + then)
+        conn.read_until(lambda f: False)
+    return scenario
+
+
+def _answer_connect(answer: Callable[[int], bytes]) -> Callable[[MiniConn], None]:
+    """A MiniH2 scenario: a normal HTTP/2 handshake, then ``answer(stream_id)`` to the
+    extended CONNECT; then wait for the client to leave."""
+    def scenario(conn: MiniConn) -> None:
+        conn.handshake()
+        request = conn.read_until(lambda f: f.type == HEADERS)
+        conn.send(answer(request.stream_id))
+        conn.read_until(lambda f: False)
+    return scenario
+
+
+def _hangs_up(conn: MiniConn) -> None:
+    conn.read_frame()  # the client's SETTINGS, then close without ours
+
+
+def _status(code: bytes) -> Callable[[int], bytes]:
+    # HPACK literal header field without indexing, name ":status" (static index 8).
+    return lambda sid: frame(HEADERS, END_HEADERS, sid, b"\x08\x03" + code)
+
+
+REFUSED_STREAM, ENHANCE_YOUR_CALM, HTTP_1_1_REQUIRED = 0x7, 0xB, 0xD
+
+#: name: (scenario, remembered?)
+H2_ENDINGS: dict[str, tuple[Callable[[MiniConn], None], bool]] = {
+    "goaway-before-connect": (_settings_then(frame(GOAWAY, 0, 0, struct.pack(
+        "!II", 0, ENHANCE_YOUR_CALM))), False),
+    "closed-before-settings": (_hangs_up, False),
+    "connect-reset-refused-stream": (_answer_connect(lambda sid: frame(
+        RST_STREAM, 0, sid, struct.pack("!I", REFUSED_STREAM))), False),
+    "connect-503": (_answer_connect(_status(b"503")), False),
+    "connect-reset-protocol-error": (_answer_connect(lambda sid: frame(
+        RST_STREAM, 0, sid, struct.pack("!I", PROTOCOL_ERROR))), True),
+    "connect-reset-http-1.1-required": (_answer_connect(lambda sid: frame(
+        RST_STREAM, 0, sid, struct.pack("!I", HTTP_1_1_REQUIRED))), True),
+    "connect-403": (_answer_connect(_status(b"403")), True),
+    "no-connect-protocol": (lambda conn: conn.handshake({SETTINGS_ENABLE_CONNECT_PROTOCOL: 0})
+                            or conn.read_until(lambda f: False), True),
+}
+
+
+@pytest.mark.parametrize("ending", list(H2_ENDINGS))
+def test_only_refusals_are_remembered(ending: str) -> None:
+    """Issue 10: a GOAWAY, a reset or a lost connection is never remembered (it was); the
+    server's own "no" is. A transient failure leaves the next socket trying HTTP/2 again."""
+    scenario, remembered = H2_ENDINGS[ending]
+    # Not shared: each socket makes its own connection, which the scenario serves.
+    settings = HTTP2Settings(cleartext=True, fallback=False, share=False, idle_timeout=0.2)
+    with MiniH2(scenario) as server:
+        with pytest.raises(HTTP2Unavailable) as info:
+            blockws.connect(server.url, timeout=TIMEOUT, http2=settings)
+        assert info.value.refused is remembered, str(info.value)
+        assert (origin_of(server.url) in pool.failed_origins) is remembered
+        with pytest.raises(HTTP2Unavailable):
+            blockws.connect(server.url, timeout=TIMEOUT, http2=settings)
+        assert len(server.conns) == 2  # fallback=False tries again, remembered or not
+
+
+def test_remembered_refusal_expires(node_h2_server: Any, trusting_defaults: None,
+                                    monkeypatch: pytest.MonkeyPatch,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The refusal skips HTTP/2 for later sockets (the log says it came from memory) until it
+    expires; then HTTP/2 is tried again."""
+    now = [1000.0]
+    monkeypatch.setattr(pool, "failed_origins", RefusedOrigins(ttl=300.0, clock=lambda: now[0]))
+    with counting_proxy(node_h2_server.wss) as proxy:
+        url = proxy.url("wss", "localhost")
+        with blockws.connect(url, timeout=TIMEOUT) as ws:
+            assert ws.http_version == "1.1"
+        assert proxy.accepted == 2  # refused HTTP/2, then HTTP/1.1
+        now[0] += 299.0
+        with caplog.at_level(logging.INFO, logger="blockws"):
+            check_second_socket_skips_http2(url, proxy)
+        assert "HTTP/2 not tried: this origin refused it 299 s ago" in caplog.text
+        assert "SETTINGS_ENABLE_CONNECT_PROTOCOL" in caplog.text  # the reason remembered
+        now[0] += 1.0
+        before = proxy.accepted
+        ws, hook = open_with_hook(url)
+        with ws:
+            check_fallback(ws, hook)  # tried HTTP/2 again, and fell back
+        assert proxy.accepted == before + 2
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_error_says_http2_was_skipped_from_memory(nghttpd_server: Any,
+                                                  trusting_defaults: None) -> None:
+    """nghttpd speaks h2 only, without RFC 8441: the first socket's fallback fails; the
+    second skips HTTP/2 from memory, and its error says so."""
+    with pytest.raises(blockws.BlockwsError) as first:
+        blockws.connect(nghttpd_server.wss, timeout=TIMEOUT)
+    assert not getattr(first.value, "__notes__", None)
+    with pytest.raises(blockws.BlockwsError) as second:
+        blockws.connect(nghttpd_server.wss, timeout=TIMEOUT)
+    notes = getattr(second.value, "__notes__", [])
+    assert any("HTTP/2 not tried: this origin refused it" in note for note in notes), notes
+
+
+@pytest.mark.unit
+def test_refused_origins_expire() -> None:
+    now = [0.0]
+    refused = RefusedOrigins(ttl=300.0, clock=lambda: now[0])
+    origin = ("wss", "example.com", 443)
+    assert refused.get(origin) is None and origin not in refused
+    refused.add(origin, "no RFC 8441")
+    now[0] = 120.0
+    got = refused.get(origin)
+    assert got is not None and got.reason == "no RFC 8441"
+    assert refused.age(got) == 120.0 and refused.left(got) == 180.0
+    now[0] = 299.9
+    assert origin in refused
+    refused.add(origin, "again")  # a new refusal starts the time again
+    now[0] = 500.0
+    assert origin in refused
+    now[0] = 599.9 + 0.1
+    assert origin not in refused
+    refused.add(origin, "x")
+    refused.clear()
+    assert origin not in refused

@@ -74,7 +74,7 @@ def test_many_sockets_leave_nothing_behind(websockets_server: str, no_leaks: Non
             ws = run(bad.url, "failure")
             assert ws.close_code == 1002 and type(ws.error) is blockws.ProtocolError
             ws = run(refused, "refused")
-            assert type(ws.error) is blockws.ConnectError
+            assert type(ws.error) is blockws.ConnectionRefused
             ws = run(silent.url, "open-timeout", open_timeout=0.1)
             assert type(ws.error) is blockws.OpenTimeout
             ws = run(silent.url, "abandon-while-connecting")

@@ -76,6 +76,7 @@ class FakeConnector:
         deadline: Deadline,
         ssl_context: Any = None,
         server_hostname: str | None = None,
+        alpn: Sequence[str] = ("http/1.1",),
     ) -> ServerTransport:
         self.calls.append((host, port, deadline, ssl_context, server_hostname))
         return self.transport
