@@ -112,9 +112,13 @@ if __name__ == "__main__":
     parser.add_argument(
         "url", nargs="?", help="a ws:// or wss:// URL (default: a local echo server)"
     )
-    parser.add_argument("--frames", type=int, help="step N frames and quit (default: base.run())")
+    parser.add_argument(
+        "--frames", type=int, help="step N frames and quit (default: base.run(); 300 when headless)"
+    )
     parser.add_argument("--headless", action="store_true", help="no window, no audio")
     args = parser.parse_args()
+    if args.headless and args.frames is None:
+        args.frames = 300  # nobody can close a window that is not there
     with contextlib.ExitStack() as stack:
         target = args.url or stack.enter_context(EchoServer()).url
         result = run(target, args.frames, args.headless)

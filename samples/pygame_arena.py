@@ -143,7 +143,9 @@ if __name__ == "__main__":
     parser.add_argument(
         "url", nargs="?", help="a ws:// or wss:// URL (default: a local echo server)"
     )
-    parser.add_argument("--frames", type=int, help="quit after N frames (default: until closed)")
+    parser.add_argument(
+        "--frames", type=int, help="quit after N frames (default: until closed; 300 when headless)"
+    )
     parser.add_argument(
         "--headless", action="store_true", help="no window; the player moves by itself"
     )
@@ -154,6 +156,8 @@ if __name__ == "__main__":
         "--burst", type=int, default=1, help="messages each bot sends a frame (default 1)"
     )
     args = parser.parse_args()
+    if args.headless and args.frames is None:
+        args.frames = 300  # nobody can close a window that is not there
     with contextlib.ExitStack() as stack:
         target = args.url or stack.enter_context(EchoServer()).url
         result = run(target, args.frames, args.headless, args.bots, args.burst)

@@ -165,10 +165,12 @@ if __name__ == "__main__":
         "url", nargs="?", help="a ws:// or wss:// URL (default: a local echo server)"
     )
     parser.add_argument(
-        "--frames", type=int, help="quit after N redraws (default: run until closed)"
+        "--frames", type=int, help="quit after N redraws (default: until closed; 300 when headless)"
     )
     parser.add_argument("--headless", action="store_true", help="no window; type lines by itself")
     args = parser.parse_args()
+    if args.headless and args.frames is None:
+        args.frames = 300  # nobody can close a window that is not there
     with contextlib.ExitStack() as stack:
         target = args.url or stack.enter_context(EchoServer()).url
         result = run(target, args.frames, args.headless)
