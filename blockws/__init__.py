@@ -40,6 +40,7 @@ from .exceptions import (
     OpenTimeout,
     PingTimeout,
     ProtocolError,
+    ProxyError,
     SegmentReleasedTwice,
     TLSError,
     TransportError,
@@ -48,6 +49,8 @@ from .extensions import Extension
 from .handshake import Headers, Request
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .proxy import Proxy
+from .reconnect import Reconnect
 from .tls import create_default_context
 from .trace import enable_trace
 from .websocket import WebSocket, connect, set_on_pending, update_all, wait
@@ -67,6 +70,8 @@ __all__ = [
     "PerMessageDeflate",
     "Headers",
     "HTTP2Settings",
+    "Proxy",
+    "Reconnect",
     "Request",
     "DEFAULT_MAX_FRAGMENT_SIZE",
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -91,6 +96,7 @@ __all__ = [
     "OpenTimeout",
     "PingTimeout",
     "ProtocolError",
+    "ProxyError",
     "SegmentReleasedTwice",
     "TLSError",
     "TransportError",

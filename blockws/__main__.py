@@ -18,7 +18,6 @@ are one line on stderr and a non-zero exit status, without a traceback.
 from __future__ import annotations
 
 import argparse
-import inspect
 import ssl
 import sys
 import threading
@@ -302,8 +301,6 @@ def socket_options(args: argparse.Namespace) -> dict[str, Any]:
         options.update(send_pings=True, ping_frequency=args.ping,
                        close_after_no_message=max(2.0, args.ping))
     if args.proxy is not None:
-        if "proxy" not in inspect.signature(WebSocket).parameters:
-            raise Usage("--proxy: this version of blockws has no proxy support")
         options["proxy"] = args.proxy
     return options
 
@@ -341,7 +338,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--insecure", action="store_true",
                    help="do NOT verify the server's certificate (testing only)")
     g.add_argument("--proxy", metavar="URL",
-                   help="connect through this proxy (http://, https://, socks5://)")
+                   help="connect through this proxy (http://[user:pass@]host:port, https://, "
+                        "socks5://, socks5h://, socks4://); default: the *_proxy environment "
+                        "variables")
     g = p.add_argument_group("session")
     g.add_argument("--ping", type=float, metavar="SECONDS",
                    help="send a ping every SECONDS and print each round trip")

@@ -18,9 +18,22 @@ question (``is_open``, ``closed``, ``repr``, ``join``)::
      └──close()──┐      └──close(), timeout──▶ CLOSING                          │
                  ▼                                   ▼                          ▼
                CLOSED ◀───────── teardown (_finish): transport ended ◀──────────┘
+                 ▲                                                              │
+                 └─ close(), give up ── RECONNECTING ◀── (reconnect= policy) ───┘
+                                             │
+                                             └── backoff over ──▶ CONNECTING
 
 ``CLOSED`` is entered once, by the teardown, which also queues ``on_closed``:
 from then on ``closed`` is True, ``join()`` returns True and ``repr`` says so.
+
+With a reconnection policy (:mod:`blockws.reconnect`) the teardown of a
+connection that should be retried enters ``RECONNECTING`` instead: it queues
+``on_reconnecting`` and arms a job on the shared timer, which after the
+backoff delay starts a new reader thread for the next attempt (a new
+*link*: transport, protocol, send queue, read token). No thread of the
+socket sleeps through the backoff, and ``close()`` ends it at once. Jobs of
+the old link that were already running when it ended finish before that
+job runs (one timer thread runs them in order), so none reaches the next link.
 
 Threads and locks
 -----------------
@@ -33,7 +46,8 @@ caller of ``close``    ``close``: queues the close frame                ``proto_
 caller of ``receive``  the same, while it holds the right to read      ``proto_lock`` then ``lock``
 ``blockws-<id>-writer`` the send queue (:mod:`blockws.sender`)           ``lock``, never across I/O
 ``blockws-timer``      timeouts and pings: set a flag, queue a frame,  ``lock``; never blocks,
-                       or abort the transport                          never joins
+                       or abort the transport; start the reader of     never joins
+                       a reconnection attempt
 ``update()`` caller    the listener's callbacks, joins the threads     none while calling out
 =====================  ==============================================  ==========================
 
@@ -67,22 +81,27 @@ from .exceptions import (
     ConnectionClosedOK,
     ConnectionLost,
     InvalidState,
+    InvalidStatus,
     OpenTimeout,
     PingTimeout,
 )
 from .extensions import Extension
 from .frames import CLOSE_ABNORMAL, Opcode, pack_close
 from .handshake import Request
+from .http2 import H2Stream
 from .keepalive import Keepalive
 from .log import ContextAdapter
-from .opening import Opened, open_transport
+from .opening import Opened, default_context, open_transport
 from .options import Options, check_fragment_size
 from .protocol import BinaryMessage, CloseReceived, Failure, Pong, Role, State
 from .protocol import Protocol as WSProtocol
 from .readtoken import ReadToken
+from .reconnect import Backoff
+from .redirects import follow_redirects
 from .sender import Sender
 from .timer import Job, timer
 from .transport import Connector, Transport
+from .tunnel import tunnel_for
 
 __all__ = ["Connection", "Listener", "Phase", "TRANSITIONS", "WRITER_JOIN", "open_over_network"]
 
@@ -93,23 +112,26 @@ class Phase(enum.IntEnum):
     OPEN = 2
     CLOSING = 3
     CLOSED = 4
+    RECONNECTING = 5  # a connection was lost; waiting out the backoff delay
 
 
 #: The lifecycle's only legal moves (see the module docstring).
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.NEW: frozenset({Phase.CONNECTING, Phase.CLOSED}),
-    Phase.CONNECTING: frozenset({Phase.OPEN, Phase.CLOSING, Phase.CLOSED}),
-    Phase.OPEN: frozenset({Phase.CLOSING, Phase.CLOSED}),
-    Phase.CLOSING: frozenset({Phase.CLOSED}),
+    Phase.CONNECTING: frozenset({Phase.OPEN, Phase.CLOSING, Phase.CLOSED, Phase.RECONNECTING}),
+    Phase.OPEN: frozenset({Phase.CLOSING, Phase.CLOSED, Phase.RECONNECTING}),
+    Phase.CLOSING: frozenset({Phase.CLOSED, Phase.RECONNECTING}),
+    Phase.RECONNECTING: frozenset({Phase.CONNECTING, Phase.CLOSED}),
     Phase.CLOSED: frozenset(),
 }
 
-_NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED = (
+_NEW, _CONNECTING, _OPEN, _CLOSING, _CLOSED, _RECONNECTING = (
     Phase.NEW,
     Phase.CONNECTING,
     Phase.OPEN,
     Phase.CLOSING,
     Phase.CLOSED,
+    Phase.RECONNECTING,
 )
 #: Longest wait for the writer thread in the teardown and before ``on_closed``:
 #: an aborted TCP transport unblocks its writer at once, but a writer may be
@@ -132,22 +154,59 @@ def open_over_network(
     register: Callable[[Transport], None],
     new_request: Callable[[], Request],
     log: ContextAdapter,
+    redirect_request: Callable[[str, bool], Request] | None = None,
 ) -> Opened:
-    """How an engine opens: over HTTP/2 or HTTP/1.1 (:mod:`blockws.opening`).
+    """How an engine opens: over HTTP/2 or HTTP/1.1 (:mod:`blockws.opening`),
+    through the proxy each request calls for (:mod:`blockws.proxy`), following
+    redirects (:mod:`blockws.redirects`); ``open_timeout`` bounds it all.
 
     The engine looks this name up when it opens, so a test can put a memory
     transport in its place.
     """
-    return open_transport(
+    deadline = Deadline(options.open_timeout)
+
+    def open_hop(hop: Request) -> Opened:
+        url = hop.parsed_url
+        connector.tunnel = tunnel_for(
+            options.proxy, url, options.proxy_ssl_context,
+            default_context=default_context,  # ALPN is set per connection (blockws.tls)
+        )
+        if connector.tunnel is not None:
+            log.debug("reaching %s:%s through proxy %s", url.host, url.port,
+                      connector.tunnel.proxy.redacted)
+        made: list[Transport] = []
+
+        def register_hop(transport: Transport) -> None:
+            made.append(transport)
+            register(transport)
+
+        try:
+            return open_transport(
+                hop,
+                deadline=deadline,
+                connector=connector,
+                ssl_context=options.ssl_context,
+                server_hostname=options.server_hostname,
+                extensions=options.extensions,
+                http2=options.http2,
+                register=register_hop,
+                new_request=new_request,
+                log=log,
+            )
+        except InvalidStatus:
+            # A redirect (or a refusal) ends this hop's connection; an HTTP/2
+            # stream was already given back to its shared connection.
+            for transport in made:
+                if not isinstance(transport, H2Stream):
+                    transport.abort()
+                    transport.close()
+            raise
+
+    return follow_redirects(
         request,
-        deadline=Deadline(options.open_timeout),
-        connector=connector,
-        ssl_context=options.ssl_context,
-        server_hostname=options.server_hostname,
-        extensions=options.extensions,
-        http2=options.http2,
-        register=register,
-        new_request=new_request,
+        max_redirects=options.max_redirects,
+        open_hop=open_hop,
+        next_request=redirect_request,
         log=log,
     )
 
@@ -155,8 +214,8 @@ def open_over_network(
 class Listener(Protocol):
     """What the engine tells its facade.
 
-    ``opened`` and ``closed`` are posted to the dispatcher and run inside
-    ``update()``; ``first_request`` and ``fallback_request`` run on the
+    ``opened``, ``reconnecting`` and ``closed`` are posted to the dispatcher
+    and run inside ``update()``; the ``*_request`` methods run on the
     connecting thread, so that the user's request hook sees every request.
     """
 
@@ -166,8 +225,20 @@ class Listener(Protocol):
     def fallback_request(self) -> Request:
         """A fresh request for the HTTP/1.1 fallback, after the user's hook."""
 
+    def redirect_request(self, url: str, keep_credentials: bool) -> Request:
+        """A fresh request to ``url`` for a redirect, after the user's hook
+        (``Authorization`` and ``Cookie`` left out unless ``keep_credentials``)."""
+
+    def retry_request(self) -> Request:
+        """A fresh request for a reconnection attempt, after the user's hook."""
+
     def opened(self, _: None) -> None:
-        """The socket is open (inside ``update()``)."""
+        """The socket is open (inside ``update()``), after each successful attempt."""
+
+    def reconnecting(self, announced: tuple[int, float, BaseException | None]) -> None:
+        """``(attempt, delay, error)``: a reconnection attempt starts after
+        ``delay`` seconds; ``error`` ended the connection or the attempt
+        before (inside ``update()``)."""
 
     def closed(self, code_reason: tuple[int, str]) -> None:
         """The socket has ended (inside ``update()``), once."""
@@ -207,9 +278,7 @@ class Connection:
         self._deliver = self.delivery.messages
         self._post = self.dispatcher.post
         self._nudge = self.dispatcher.nudge
-        self.sender = Sender(
-            f"{name}-writer", self.lock, log, self._write_failed, self._close_written
-        )
+        self.sender = self._new_sender()
         self.keepalive = Keepalive(
             self, options.send_pings, options.ping_frequency, options.close_after_no_message
         )
@@ -231,6 +300,14 @@ class Connection:
         #: The transport's bounded read, when its reading may be lent.
         self._read_bounded: Callable[[float | None], bytes | None] | None = None
         self._token = ReadToken()
+        # Reconnection (blockws.reconnect): the attempts of the current outage,
+        # set by open() when the options ask for it; whether any connection
+        # opened (only a socket that was open reconnects); whether self.error
+        # belongs to an earlier attempt (shown until this one has its own).
+        self._backoff: Backoff | None = None
+        self._was_open = False
+        self._error_is_old = False
+        self._retired: list[threading.Thread] = []  # threads of earlier links
 
     # -- the lifecycle ---------------------------------------------------------------
 
@@ -320,16 +397,56 @@ class Connection:
         with self.lock:
             if self._phase is not _NEW:
                 raise InvalidState("open() was already called")
-            self._set_phase_locked(_CONNECTING)
-            self._connector = Connector()
-            timeout = self.options.open_timeout
-            if timeout is not None:
-                self._jobs["open"] = timer.call_later(timeout, self._open_timed_out)
+            policy = self.options.reconnect
+            self._backoff = Backoff(policy) if policy is not None else None
+            reader = self._start_link_locked()
         _dispatcher.register(self.dispatcher, True)
+        reader.start()
+
+    def _new_sender(self) -> Sender:
+        """The send queue of a link. Once a reconnection has replaced it, what
+        its last write reports (a failure, a close written) is about a link
+        that is gone, and must not reach the new one."""
+
+        def failed(exc: BaseException) -> None:
+            if self.sender is sender:
+                self._write_failed(exc)
+
+        def close_written() -> None:
+            if self.sender is sender:
+                self._close_written()
+
+        sender = Sender(f"{self.name}-writer", self.lock, self.log, failed, close_written)
+        return sender
+
+    def _start_link_locked(self) -> threading.Thread:
+        """Enter CONNECTING with a fresh link; returns its reader thread, to start.
+
+        A link is what one connection attempt owns: the connector, then the
+        transport, protocol, send queue and read token. ``open()`` starts the
+        first; :meth:`_retry` each later one.
+        """
+        assert self.lock.locked()
+        if self._phase is _RECONNECTING:
+            # What the ended link owned starts afresh; its threads, if still
+            # ending, are joined with the socket's (join_threads).
+            self._retired = [t for t in (*self._retired, self._reader, self.sender.thread)
+                             if t is not None and t.is_alive()]
+            self.sender = self._new_sender()
+            self._token = ReadToken()
+            self._transport = self._proto = None
+            self._stream_finished = False
+            self.close_waits_for_inbox = False
+            self._error_is_old = self.error is not None
+        self._set_phase_locked(_CONNECTING)
+        self._connector = Connector()
+        timeout = self.options.open_timeout
+        if timeout is not None:
+            self._jobs["open"] = timer.call_later(timeout, self._open_timed_out)
         self._reader = threading.Thread(
             target=self._reader_main, name=f"{self.name}-reader", daemon=True
         )
-        self._reader.start()
+        return self._reader
 
     def _open_timed_out(self) -> None:
         # Timer thread: record why, and abort (never blocks).
@@ -353,7 +470,8 @@ class Connection:
     def _connect(self) -> Transport:
         """Connect and handshake (RFC 8441 or RFC 6455 4.1); returns the transport once open."""
         options = self.options
-        request = self.listener.first_request()
+        retrying = self._was_open
+        request = self.listener.retry_request() if retrying else self.listener.first_request()
         assert self._connector is not None
         opened = open_over_network(
             request,
@@ -362,6 +480,7 @@ class Connection:
             self._register_transport,
             self.listener.fallback_request,
             self.log,
+            self.listener.redirect_request,
         )
         transport = opened.transport
         if _trace.enabled:  # this socket's bytes go through the trace (blockws.trace)
@@ -393,6 +512,9 @@ class Connection:
             self._proto = proto
             proto.max_fragment_size = self._max_fragment_size  # a change made meanwhile
             self._set_phase_locked(_OPEN)
+            self._was_open = True
+            if retrying:
+                self._backoff_opened_locked()
             if self._lend_reading:
                 self._read_bounded = transport.read
             job = self._jobs.pop("open", None)
@@ -513,8 +635,10 @@ class Connection:
         """Wait up to ``timeout`` for incoming data: read it on this thread while
         holding the read token, or else be woken when the reader thread has
         delivered it (or has granted this thread the token)."""
-        read = self._read_bounded
-        if read is None or not self._token.read_here(read, self, timeout, self._nudge):
+        # The token first: a new link (reconnection) replaces the token before
+        # it has a bounded read, so a stale read never pairs with a new token.
+        token, read = self._token, self._read_bounded
+        if read is None or not token.read_here(read, self, timeout, self._nudge):
             self.dispatcher.wait(timeout)
 
     # -- sending (any thread) -------------------------------------------------------------
@@ -531,6 +655,12 @@ class Connection:
 
     def _state_error_locked(self) -> BlockwsError:
         phase = self._phase
+        if phase is _RECONNECTING or (phase is _CONNECTING and self._was_open):
+            return InvalidState(
+                "the socket is reconnecting: send() is refused until on_open "
+                f"(attempt {self._backoff.attempt if self._backoff else 0}; last error: "
+                f"{self.error!r})"
+            )
         if phase is _NEW or phase is _CONNECTING:
             return InvalidState("the socket is not open yet (wait for on_open)")
         if phase is _CLOSED:
@@ -615,13 +745,13 @@ class Connection:
                 self._set_phase_locked(_CLOSED)
                 self._closed_event.set()
                 return
+            if self._requested_locked():
+                return  # it was waiting to reconnect: ended now
             if phase is _CONNECTING:
-                self._close_requested = True
                 self._set_phase_locked(_CLOSING)
                 connector, transport = self._connector, self._transport
             elif phase is _OPEN:
                 assert self._proto is not None
-                self._close_requested = True
                 self._set_phase_locked(_CLOSING)
                 if self._proto.state is State.OPEN:
                     self.sender.close_frame_locked(self._proto.encode_close(code, reason))
@@ -650,13 +780,17 @@ class Connection:
         self.log.debug("close timeout: dropping the connection")
         self.abort()
 
-    def abort(self) -> None:
+    def abort(self, requested: bool = False) -> None:
         """Drop the connection at once, without a closing handshake (1006).
 
         Never blocks: it shuts the transport down, and the reader thread,
-        seeing the end, tears the socket down.
+        seeing the end, tears the socket down. ``requested``: the application
+        asked (``WebSocket.abort``), so, as after ``close()``, no reconnection
+        follows.
         """
         with self.lock:
+            if requested and self._phase is not _NEW and self._requested_locked():
+                return
             self._closing_locked()
             transport, connector = self._transport, self._connector
         self._token.cancel()
@@ -666,10 +800,14 @@ class Connection:
             transport.abort()
 
     def _set_error(self, exc: BaseException, closing: bool = True) -> None:
-        """Record the first error that ends the socket; later ones are effects of it."""
+        """Record the first error that ends the socket (or this reconnection
+        attempt); later ones are effects of it."""
         with self.lock:
-            if self.error is None and self._phase is not _CLOSED:
-                self.error = exc
+            phase = self._phase
+            if (self.error is None or self._error_is_old) and phase is not _CLOSED:
+                if phase is not _RECONNECTING:  # a late effect of the link that ended
+                    self.error = exc
+                    self._error_is_old = False
             if closing and self._phase is _OPEN:
                 self._set_phase_locked(_CLOSING)
 
@@ -721,7 +859,7 @@ class Connection:
         before ``on_closed`` runs.
         """
         with self.lock:
-            if self._phase is _CLOSED:
+            if self._phase is _CLOSED or self._phase is _RECONNECTING:
                 return
             writer = self.sender.stop_locked()
             self.keepalive.stop_locked()
@@ -730,7 +868,9 @@ class Connection:
             jobs = list(self._jobs.values())
             self._jobs.clear()
             self.close_code, self.close_reason = self._closing_code()
-            self._set_phase_locked(_CLOSED)
+            delay = self._retry_delay_locked()
+            self._set_phase_locked(_CLOSED if delay is None else _RECONNECTING)
+            self._read_bounded = None
         for job in jobs:
             job.cancel()
         self._token.cancel()
@@ -741,6 +881,9 @@ class Connection:
             writer.join(WRITER_JOIN)
         if transport is not None:
             transport.close()
+        if delay is not None:
+            self._await_retry(delay)
+            return
         self.log.debug("closed: %s %r (error: %r)", self.close_code, self.close_reason, self.error)
         self._closed_event.set()
         self._post(self.listener.closed, (self.close_code, self.close_reason))
@@ -754,6 +897,87 @@ class Connection:
                 return proto.failure.close_code, ""
         return CLOSE_ABNORMAL, ""
 
+    # -- reconnecting (blockws.reconnect) ------------------------------------------------
+
+    def _retry_delay_locked(self) -> float | None:
+        """The teardown asks: the backoff delay before the next attempt, or
+        ``None`` when the socket ends here (see :meth:`Reconnect.retries_after`)."""
+        assert self.lock.locked()
+        backoff = self._backoff
+        if backoff is None or self._close_requested or not self._was_open:
+            return None  # only a socket that was open reconnects, never after close()
+        proto = self._proto
+        server_code = None
+        if proto is not None and proto.close_received is not None:
+            server_code = proto.close_received[0]
+        if not backoff.policy.retries_after(server_code):
+            return None
+        delay = backoff.next_delay()
+        if delay is None:
+            self.log.info("giving up after %d reconnection attempt(s)", backoff.attempt)
+        return delay
+
+    def _await_retry(self, delay: float) -> None:
+        """RECONNECTING: announce the attempt and arm it on the shared timer."""
+        with self.lock:
+            if self._phase is not _RECONNECTING:
+                return  # close() came first; it queued on_closed
+            assert self._backoff is not None
+            attempt, error = self._backoff.attempt, self.error
+            self._jobs["retry"] = timer.call_later(delay, self._retry)
+        self.log.info(
+            "connection lost (%s %r, error: %r): reconnection attempt %d in %.3g s",
+            self.close_code, self.close_reason, error, attempt, delay,
+        )
+        self._post(self.listener.reconnecting, (attempt, delay, error))
+
+    def _retry(self) -> None:
+        # Timer thread: the backoff is over. Starting a thread is all it does.
+        with self.lock:
+            if self._phase is not _RECONNECTING:
+                return
+            self._jobs.pop("retry", None)
+            reader = self._start_link_locked()
+        reader.start()
+
+    def _backoff_opened_locked(self) -> None:
+        """A reconnection attempt opened: the earlier attempts' error goes, the
+        count starts again, and the keepalive serves the new link."""
+        assert self.lock.locked() and self._backoff is not None
+        self._backoff.opened()
+        if self._error_is_old:
+            self.error = None
+            self._error_is_old = False
+        self.keepalive.resume_locked()
+
+    def _requested_locked(self) -> bool:
+        """The application closes or aborts: no reconnection follows, whatever
+        the phase. Returns True if that ended a backoff (see below)."""
+        assert self.lock.locked()
+        if self._phase is _CLOSED:
+            return False
+        self._close_requested = True
+        if self._error_is_old:
+            self.error = None  # its close ends the socket, not an earlier attempt's error
+        if self._phase is _RECONNECTING:
+            self._end_backoff_locked()
+            return True
+        return False
+
+    def _end_backoff_locked(self) -> None:
+        """``close()`` while RECONNECTING: the socket ends now, without an
+        error (the application ended it), and ``on_closed`` is queued."""
+        assert self.lock.locked()
+        self._set_phase_locked(_CLOSED)
+        job = self._jobs.pop("retry", None)
+        if job is not None:
+            job.cancel()
+        self.error = None
+        self.close_code, self.close_reason = CLOSE_ABNORMAL, ""
+        self.log.debug("closed while waiting to reconnect")
+        self._closed_event.set()
+        self._post(self.listener.closed, (self.close_code, self.close_reason))
+
     def join(self, timeout: float | None) -> bool:
         """Wait until the socket has ended and its threads are gone; True if so."""
         deadline = Deadline(timeout)
@@ -765,7 +989,7 @@ class Connection:
         """Join the socket's reader and writer threads (not the calling one)."""
         deadline = Deadline(timeout)
         me = threading.current_thread()
-        for thread in (self._reader, self.sender.thread):
+        for thread in (*self._retired, self._reader, self.sender.thread):
             if thread is not None and thread is not me:
                 thread.join(deadline.left())
                 if thread.is_alive():

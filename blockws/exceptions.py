@@ -16,12 +16,14 @@ TimeoutError`` also work::
     │   ├── ConnectError                                  refused, unreachable, DNS
     │   │   └── ConnectionRefused   (also ConnectionRefusedError) nobody listens there
     │   ├── TLSError                                      certificate, handshake
+    │   ├── ProxyError                                    the proxy refused the tunnel
     │   └── ConnectionLost                                reset or EOF mid-stream
     ├── OpenTimeout                   (also TimeoutError) connect + handshake too slow
     ├── PingTimeout                   (also TimeoutError) close_after_no_message fired
     ├── CloseTimeout                  (also TimeoutError) the closing handshake stalled
     ├── HandshakeError                                    the HTTP upgrade failed
-    │   ├── InvalidStatus                                 status other than 101
+    │   ├── InvalidStatus                                 status other than 101 (and
+    │   │                                                 redirects that cannot be followed)
     │   ├── InvalidHeader                                 Upgrade/Connection/Accept
     │   │   └── HeadersTooLarge                           response headers over bound
     │   ├── NegotiationError                              subprotocol/extension not offered
@@ -48,6 +50,7 @@ __all__ = [
     "ConnectError",
     "ConnectionRefused",
     "TLSError",
+    "ProxyError",
     "ConnectionLost",
     "OpenTimeout",
     "PingTimeout",
@@ -157,6 +160,26 @@ class TLSError(TransportError):
     """The TLS handshake failed (e.g. the certificate did not verify)."""
 
 
+class ProxyError(TransportError):
+    """The proxy did not open a tunnel to the server.
+
+    ``status`` is what the proxy answered: the HTTP status of its reply to
+    ``CONNECT`` (407 when it wants credentials, 403 when it forbids the
+    destination, 502 when it could not reach it), or the SOCKS reply code;
+    ``None`` when it broke the protocol or ended the connection. ``proxy``
+    is the proxy's URL without its credentials, which never appear in the
+    message, the ``repr`` or a log record.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, reason: str = "", proxy: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.proxy = proxy
+
+
 class ConnectionLost(TransportError):
     """The connection was reset or ended while the socket was open."""
 
@@ -184,15 +207,30 @@ class InvalidStatus(HandshakeError):
     """The server answered with a status other than 101.
 
     ``status``, ``reason``, ``headers`` and ``body`` (possibly truncated)
-    describe the response.
+    describe the response. When the response was a redirect that was not
+    followed (a loop, more than ``max_redirects`` hops, ``wss`` to ``ws``),
+    ``message`` says why and ``chain`` lists the URLs visited, first to last
+    (passwords redacted).
     """
 
-    def __init__(self, status: int, reason: str, headers: object = None, body: bytes = b""):
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: object = None,
+        body: bytes = b"",
+        *,
+        message: str | None = None,
+        chain: tuple[str, ...] = (),
+    ):
         self.status = status
         self.reason = reason
         self.headers = headers
         self.body = body
-        super().__init__(f"server rejected the WebSocket upgrade: HTTP {status} {reason}".rstrip())
+        self.chain = chain
+        if message is None:
+            message = f"server rejected the WebSocket upgrade: HTTP {status} {reason}".rstrip()
+        super().__init__(message)
 
 
 class InvalidHeader(HandshakeError):

@@ -133,7 +133,7 @@ from .log import logger
 from .readtoken import Ended
 from .timer import Job, timer
 from .tls import HTTP2_ALPN
-from .transport import Connector, Sink, TCPTransport, Transport
+from .transport import Connector, Sink, Transport
 
 __all__ = ["HTTP2Settings", "H2Stream", "H2Pool", "RefusedOrigins", "Refusal", "pool"]
 
@@ -363,7 +363,7 @@ class H2Connection:
     """One HTTP/2 connection: the ``h2`` state machine, its socket and reader thread."""
 
     def __init__(
-        self, transport: TCPTransport, key: tuple[Any, ...], settings: HTTP2Settings
+        self, transport: Transport, key: tuple[Any, ...], settings: HTTP2Settings
     ) -> None:
         self.id = next(_conn_ids)
         self.transport = transport
@@ -1149,6 +1149,12 @@ class RefusedOrigins:
     def __contains__(self, origin: object) -> bool:
         return isinstance(origin, tuple) and self.get(origin) is not None
 
+    def __len__(self) -> int:
+        """How many origins are remembered (expired ones are not counted)."""
+        with self._lock:
+            now = self._clock()
+            return sum(1 for r in self._refusals.values() if now - r.at < self.ttl)
+
     def left(self, refusal: Refusal) -> float:
         """Seconds until ``refusal`` expires."""
         return max(0.0, refusal.at + self.ttl - self._clock())
@@ -1210,7 +1216,9 @@ class H2Pool:
         ALPN chose HTTP/1.1: the caller may go on with HTTP/1.1 on it.
         Raises :class:`HTTP2Unavailable` when HTTP/2 or RFC 8441 is not on offer.
         """
-        key = (url.secure, url.host.lower(), url.port, id(ssl_context), server_hostname)
+        # Sockets through different proxies (or none) never share a connection.
+        key = (url.secure, url.host.lower(), url.port, id(ssl_context), server_hostname,
+               connector.route_key)
         conn = self._reserve(key) if settings.share else None
         if conn is None:
             with self._lock:

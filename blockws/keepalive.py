@@ -120,6 +120,12 @@ class Keepalive:
         for job in jobs:
             job.cancel()
 
+    def resume_locked(self) -> None:
+        """The socket reconnected: serve its new connection (call :meth:`start_locked`
+        next). The old connection's pings are forgotten: their pongs will not come."""
+        self._stopped = False
+        self._pings.clear()
+
     def sent_locked(self, payload: bytes, when: float) -> None:
         """Remember a ping sent at ``when`` so that its pong gives the latency."""
         pings = self._pings

@@ -34,7 +34,7 @@ from typing import Callable
 
 from . import trace as _trace
 from .deadline import Deadline
-from .exceptions import BlockwsError, ConnectionLost, HTTP2Unavailable, InvalidHeader
+from .exceptions import BlockwsError, ConnectionLost, HTTP2Unavailable, InvalidHeader, InvalidStatus
 from .extensions import Extension
 from .handshake import (
     Request,
@@ -47,6 +47,7 @@ from .handshake import (
 )
 from .http2 import H2Stream, HTTP2Settings, pool
 from .log import ContextAdapter
+from .redirects import REDIRECT_STATUSES
 from .tls import HTTP1_ALPN, default_context
 from .transport import Connector, Transport
 
@@ -111,6 +112,9 @@ def open_transport(
                     refused=True,
                 )
         except HTTP2Unavailable as exc:
+            if isinstance(exc.cause, InvalidStatus) and exc.cause.status in REDIRECT_STATUSES:
+                # A redirect answers the request; it does not refuse HTTP/2 (blockws.redirects).
+                raise exc.cause from None
             if exc.refused:
                 refused.add(url.origin_key, str(exc))
             if _trace.enabled:

@@ -26,6 +26,9 @@ from .extensions import Extension
 from .handshake import DEFAULT_USER_AGENT, Headers, HeadersLike
 from .http2 import HTTP2Settings
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .proxy import Proxy, check_proxy_option
+from .reconnect import Reconnect, reconnect_option
+from .redirects import DEFAULT_MAX_REDIRECTS
 
 __all__ = ["Options", "ConnectOptions", "check_fragment_size", "check_ping_frequency"]
 
@@ -146,6 +149,10 @@ class Options:
     headers: tuple[tuple[str, str], ...] = ()
     origin: str | None = None
     user_agent: str | None = DEFAULT_USER_AGENT
+    max_redirects: int = DEFAULT_MAX_REDIRECTS
+    # networks: True reads the environment, None is no proxy
+    proxy: Proxy | bool | None = True
+    proxy_ssl_context: ssl.SSLContext | None = None
     # TLS
     ssl_context: ssl.SSLContext | None = None
     server_hostname: str | None = None
@@ -159,6 +166,8 @@ class Options:
     buffer_pool: BufferPool = BufferPool.default
     # HTTP/2
     http2: HTTP2Settings = HTTP2Settings()
+    # reconnection (None: off)
+    reconnect: Reconnect | None = None
 
     @classmethod
     def build(cls, **values: Any) -> Options:
@@ -197,10 +206,16 @@ class Options:
             if "\r" in agent or "\n" in agent:
                 raise ValueError("user_agent must not contain a line break")
         out["user_agent"] = agent
-        ctx = v.get("ssl_context")
-        if ctx is not None and not isinstance(ctx, ssl.SSLContext):
-            raise TypeError(f"ssl_context must be an ssl.SSLContext, not {type(ctx).__name__}")
-        out["ssl_context"] = ctx
+        redirects = _int("max_redirects", v.get("max_redirects", DEFAULT_MAX_REDIRECTS))
+        if redirects < 0:
+            raise ValueError("max_redirects must be 0 (no redirects followed) or more")
+        out["max_redirects"] = redirects
+        out["proxy"] = check_proxy_option(v.get("proxy", True))
+        for name in ("ssl_context", "proxy_ssl_context"):
+            ctx = v.get(name)
+            if ctx is not None and not isinstance(ctx, ssl.SSLContext):
+                raise TypeError(f"{name} must be an ssl.SSLContext, not {type(ctx).__name__}")
+            out[name] = ctx
         out["open_timeout"] = _positive_or_none("open_timeout", v.get("open_timeout", 10.0))
         out["close_timeout"] = _positive_or_none("close_timeout", v.get("close_timeout", 5.0))
         pings = v.get("send_pings", False)
@@ -214,6 +229,7 @@ class Options:
             raise TypeError(f"buffer_pool must be a BufferPool, not {type(pool).__name__}")
         out["buffer_pool"] = pool if pool is not None else BufferPool.default
         out["http2"] = _http2(v.get("http2"))
+        out["reconnect"] = reconnect_option(v.get("reconnect"))
         return cls(**out)
 
     def with_values(self, **values: Any) -> Options:
@@ -230,6 +246,7 @@ OnBinary = Callable[[Any, BufferSegment], Any]
 OnClosed = Callable[[Any, int, str], Any]
 OnRequest = Callable[[Any, Any], Any]
 OnPending = Callable[[Any], Any]
+OnReconnecting = Callable[[Any, int, float], Any]
 
 
 class ConnectOptions(TypedDict, total=False):
@@ -242,6 +259,9 @@ class ConnectOptions(TypedDict, total=False):
     headers: HeadersLike | None
     origin: str | None
     user_agent: str | None
+    max_redirects: int
+    proxy: str | Proxy | bool | None
+    proxy_ssl_context: ssl.SSLContext | None
     ssl_context: ssl.SSLContext | None
     server_hostname: str | None
     open_timeout: float | None
@@ -258,3 +278,5 @@ class ConnectOptions(TypedDict, total=False):
     buffer_pool: BufferPool | None
     context: MutableMapping[str, Any] | None
     http2: HTTP2Settings | bool | None
+    reconnect: Reconnect | bool | None
+    on_reconnecting: OnReconnecting | None

@@ -171,6 +171,19 @@ def start(
         return ctx.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
 
 
+def start_bio(
+    ctx: ssl.SSLContext,
+    incoming: ssl.MemoryBIO,
+    outgoing: ssl.MemoryBIO,
+    server_hostname: str,
+    alpn: Sequence[str],
+) -> ssl.SSLObject:
+    """:func:`start` for TLS over memory buffers (TLS inside a proxy's TLS)."""
+    with _alpn_lock:
+        ctx.set_alpn_protocols(list(alpn))
+        return ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+
+
 def handshake(
     tls: ssl.SSLSocket,
     host: str,

@@ -32,7 +32,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Callable, Protocol, Union
 
 from .deadline import Deadline
@@ -54,6 +54,8 @@ __all__ = [
     "Sink",
     "Transport",
     "TCPTransport",
+    "Connector",
+    "Tunnel",
     "map_os_errors",
 ]
 
@@ -426,13 +428,49 @@ class TCPTransport(Transport):
             self.sock.close()
 
 
+class Tunnel(Protocol):
+    """A route to hosts through a proxy (:mod:`blockws.proxy` makes them).
+
+    ``key`` tells routes apart where connections are shared (the HTTP/2 pool):
+    equal keys, the same route. ``open`` reaches ``host:port`` through the
+    proxy with the connector's help (so ``close()`` can abort it) and starts
+    TLS to the host inside the tunnel when ``ssl_context`` is given.
+    """
+
+    @property
+    def key(self) -> Hashable: ...
+
+    def open(
+        self,
+        connector: Connector,
+        host: str,
+        port: int,
+        deadline: Deadline,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+        alpn: Sequence[str] = ...,
+    ) -> Transport: ...
+
+
 class Connector:
-    """Opens a TCP (and TLS) connection, abortable from another thread."""
+    """Opens a TCP (and TLS) connection, abortable from another thread.
+
+    With a :attr:`tunnel` set, :meth:`connect` goes through that proxy; the
+    opening sets it before each request (a redirect may lead elsewhere).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self.aborted = False
+        #: The proxy route :meth:`connect` takes, or ``None`` to connect directly.
+        self.tunnel: Tunnel | None = None
+
+    @property
+    def route_key(self) -> Hashable:
+        """What tells this connector's route apart (``None``: direct)."""
+        tunnel = self.tunnel
+        return None if tunnel is None else tunnel.key
 
     def abort(self) -> None:
         with self._lock:
@@ -473,6 +511,22 @@ class Connector:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         alpn: Sequence[str] = HTTP1_ALPN,
+    ) -> Transport:
+        """Reach ``host:port`` (through :attr:`tunnel` when set) and optionally
+        start TLS offering ``alpn``."""
+        tunnel = self.tunnel
+        if tunnel is not None:
+            return tunnel.open(self, host, port, deadline, ssl_context, server_hostname, alpn)
+        return self.connect_direct(host, port, deadline, ssl_context, server_hostname, alpn)
+
+    def connect_direct(
+        self,
+        host: str,
+        port: int,
+        deadline: Deadline,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        alpn: Sequence[str] = HTTP1_ALPN,
     ) -> TCPTransport:
         """Resolve, connect (trying each address) and optionally start TLS.
 
@@ -506,21 +560,45 @@ class Connector:
         else:
             assert last is not None
             raise last
+        if ssl_context is None:
+            return TCPTransport(sock)
+        return self.start_tls(
+            sock, deadline, ssl_context, server_hostname or host, alpn, host, port, probe=True
+        )
+
+    def start_tls(
+        self,
+        sock: socket.socket,
+        deadline: Deadline,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str,
+        alpn: Sequence[str],
+        host: str,
+        port: int,
+        *,
+        probe: bool = False,
+    ) -> TCPTransport:
+        """TLS offering ``alpn`` over ``sock``, a connection this connector made
+        to ``host:port`` (directly, or a tunnel through a proxy); on failure
+        ``sock`` is closed. With ``probe``, a failed verification reads the
+        server's certificate over a new direct connection for the message (see
+        :mod:`blockws.tls`); through a tunnel there is none."""
+        where = f"{host}:{port}"
         try:
-            if ssl_context is not None:
-                with map_os_errors(connecting=True, where=where):
-                    sock.settimeout(deadline.remaining())
-                    tls = tls_start(ssl_context, sock, server_hostname or host, alpn)
-                    sock = tls  # owns the descriptor now
-                    self._register(tls)
-                    tls_handshake(
-                        tls, host, port, reconnect=lambda t: self._probe(host, port, t),
-                        time_left=deadline.remaining(),
-                    )
+            with map_os_errors(connecting=True, where=where):
+                sock.settimeout(deadline.remaining())
+                tls = tls_start(ssl_context, sock, server_hostname, alpn)
+                sock = tls  # owns the descriptor now
+                self._register(tls)
+                tls_handshake(
+                    tls, host, port,
+                    reconnect=(lambda t: self._probe(host, port, t)) if probe else None,
+                    time_left=deadline.remaining(),
+                )
         except BaseException:
             self._register(None)
             sock.close()
             if self.aborted:
                 raise ConnectError("connection aborted by close()") from None
             raise
-        return TCPTransport(sock)
+        return TCPTransport(tls)

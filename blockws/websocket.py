@@ -21,6 +21,7 @@ this class what happened through a listener whose calls run inside
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from collections.abc import Iterator, MutableMapping, Sequence
@@ -40,6 +41,9 @@ from .http2 import HTTP2Settings
 from .log import ContextAdapter
 from .options import ConnectOptions, Options
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
+from .proxy import Proxy
+from .reconnect import Reconnect
+from .redirects import DEFAULT_MAX_REDIRECTS, strip_credentials
 from .sender import UNCOMPRESSED as _UNCOMPRESSED
 
 if TYPE_CHECKING:  # pragma: no cover - typing only: Unpack is in typing from 3.11
@@ -59,6 +63,7 @@ OnBinary = Callable[["WebSocket", BufferSegment], Any]
 OnClosed = Callable[["WebSocket", int, str], Any]
 OnRequest = Callable[["WebSocket", Request], Any]
 OnPending = Callable[["WebSocket"], Any]
+OnReconnecting = Callable[["WebSocket", int, float], Any]
 
 # Plain ints: an enum member look-up costs ten times a global's, and these
 # are on the path of every message.
@@ -93,28 +98,57 @@ class _Setting(Generic[T]):
         ws._set_option(self.name, value)
 
 
+def _copy_request(request: Request) -> Request:
+    """A request with the same fields, its mutable ones (headers, subprotocols) copied."""
+    return dataclasses.replace(
+        request, headers=Headers(request.headers), subprotocols=list(request.subprotocols)
+    )
+
+
 class _Events:
     """The engine's listener (see :class:`blockws.connection.Listener`)."""
 
-    __slots__ = ("ws",)
+    __slots__ = ("ws", "keep_credentials")
 
     def __init__(self, ws: WebSocket) -> None:
         self.ws = ws
+        #: False once a redirect left the first request's origin: the
+        #: requests that follow carry no Authorization or Cookie from the options.
+        self.keep_credentials = True
 
     def first_request(self) -> Request:
+        self.keep_credentials = True
+        return self._hooked(self.ws.internal_request)
+
+    def _hooked(self, request: Request) -> Request:
         ws = self.ws
-        request = ws.internal_request
         hook = ws.on_internal_request_created
         if hook is not None:
             # On the connecting thread, as the API specifies, so that every
-            # request the socket sends -- a fallback one too -- gets the
-            # user's customizations in one place.
+            # request the socket sends -- a fallback or a redirect one too --
+            # gets the user's customizations in one place.
             hook(ws, request)
         return request
 
     def fallback_request(self) -> Request:
         ws = self.ws
-        ws.internal_request = ws._new_request()
+        ws.internal_request = ws._new_request(ws.internal_request.url, self.keep_credentials)
+        return self._hooked(ws.internal_request)
+
+    def redirect_request(self, url: str, keep_credentials: bool) -> Request:
+        ws = self.ws
+        self.keep_credentials = keep_credentials
+        ws.internal_request = ws._new_request(url, keep_credentials)
+        ws.context["url"] = redact_url(url)
+        return self._hooked(ws.internal_request)
+
+    def retry_request(self) -> Request:
+        # A copy of the request as it stood at open(), before the hook ran,
+        # so that the hook (a token refresh) starts from the same place each time.
+        ws = self.ws
+        assert ws._request_at_open is not None
+        ws.internal_request = _copy_request(ws._request_at_open)
+        ws.context["url"] = redact_url(ws.internal_request.url)  # redirects start again
         return self.first_request()
 
     def opened(self, _: None) -> None:
@@ -122,6 +156,18 @@ class _Events:
         ws._open_dispatched = True
         if ws.on_open is not None:
             ws.on_open(ws)
+
+    def reconnecting(self, announced: tuple[int, float, BaseException | None]) -> None:
+        ws = self.ws
+        if ws.on_reconnecting is not None:
+            attempt, delay, error = announced
+            # ws.error in the callback is the error this attempt follows, even
+            # when update() runs late and a later attempt has failed meanwhile.
+            ws._announced_error = (error,)
+            try:
+                ws.on_reconnecting(ws, attempt, delay)
+            finally:
+                ws._announced_error = None
 
     def closed(self, code_reason: tuple[int, str]) -> None:
         ws = self.ws
@@ -157,7 +203,24 @@ class WebSocket:
       ``blockws/<version> Python/<x.y>``; ``None`` sends no ``User-Agent``;
       a ``User-Agent`` in ``headers`` wins; like ``origin`` it is copied into
       ``internal_request``, where ``internal_request.user_agent`` may be
-      edited until ``open()``).
+      edited until ``open()``), ``max_redirects`` (default 10; 0 follows
+      none): 301, 302, 303, 307 and 308 answers are followed with a new
+      request (the hook below sees it), ``wss`` never down to ``ws``, and
+      ``Authorization``, ``Cookie`` and URL credentials only within the
+      origin; a loop or one hop too many raises
+      :class:`~blockws.exceptions.InvalidStatus` naming the chain
+      (:mod:`blockws.redirects`).
+    * Proxies: ``proxy`` -- ``True`` (default) takes it from the
+      environment when the socket opens (``wss_proxy``/``ws_proxy``, then
+      ``https_proxy``/``http_proxy``, then ``all_proxy``, either case,
+      honouring ``no_proxy``); a URL ``http://[user:pass@]host:port``,
+      ``https://...``, ``socks5://``, ``socks5h://``, ``socks4://`` (SOCKS
+      needs ``pip install 'blockws[socks]'``); ``None`` for none.
+      ``proxy_ssl_context`` verifies an ``https://`` proxy (default:
+      blockws's default context). A proxy's refusal raises
+      :class:`~blockws.exceptions.ProxyError` (``on_closed`` gets 1006);
+      credentials never show in logs, messages or ``repr``
+      (:mod:`blockws.proxy`).
     * TLS: ``ssl_context`` (an ``ssl.SSLContext``; default: see "Networks"
       below), ``server_hostname`` (SNI and certificate name, default the
       URL's host).
@@ -180,6 +243,9 @@ class WebSocket:
       socket without its own.
     * Memory and logging: ``buffer_pool`` (default ``BufferPool.default``),
       ``context`` (extra fields for the logging context).
+    * Reconnection: ``reconnect`` (``False``, the default; ``True``; or a
+      :class:`~blockws.Reconnect` policy) and ``on_reconnecting(ws, attempt,
+      delay)``; see "Reconnection" below.
 
     The keepalive settings and ``max_fragment_size`` may be changed at any
     time; the other options until ``open()``, after which setting one raises
@@ -230,6 +296,33 @@ class WebSocket:
     Iterating over a socket (``for message in ws``) receives messages until
     it closes; see :meth:`__iter__`.
 
+    Reconnection. With ``reconnect`` on, a socket whose connection had opened
+    and then ends by anything other than your own :meth:`close` -- a network
+    failure, a timeout, a protocol error, a close frame from the server
+    (except a clean one: 1000, 1001 or no code, unless the policy's
+    ``on_clean_close`` is True) -- opens a new connection after a backoff
+    delay, again after each failed attempt, until one opens or the policy's
+    ``max_attempts`` run out. A first ``open()`` that fails is not retried.
+    Meanwhile:
+
+    * ``on_reconnecting(ws, attempt, delay)`` runs in ``update()`` before each
+      attempt (``attempt`` counts from 1 in each outage; ``delay`` is the wait
+      in seconds); ``ws.error`` there is what ended the connection or the
+      previous attempt (``None`` after a close frame from the server), and
+      ``ws.close_code``/``ws.close_reason`` how the latest one ended;
+    * each attempt sends a new handshake request, a copy of
+      ``internal_request`` as it was at ``open()``, and
+      ``on_internal_request_created`` runs for it (refresh a token there);
+    * ``on_open`` runs again on each success; ``on_closed`` runs once only,
+      when the socket gives up or you close it (during the backoff,
+      :meth:`close` ends it at once: ``on_closed`` with 1006, ``error`` None);
+    * ``is_open`` is False, and ``send*`` raise :class:`InvalidState` (see
+      :meth:`send` for why nothing is queued); :meth:`receive` and iteration
+      keep waiting, and the messages received before the loss stay queued.
+
+    The backoff runs on the shared timer thread: no thread of the socket
+    waits through it.
+
     Raises :class:`~blockws.exceptions.InvalidURL` (a ``ValueError``) for a
     URL that is not ``ws://`` or ``wss://``, before any I/O.
     """
@@ -247,6 +340,10 @@ class WebSocket:
         headers: HeadersLike | None = None,
         origin: str | None = None,
         user_agent: str | None = DEFAULT_USER_AGENT,
+        max_redirects: int = DEFAULT_MAX_REDIRECTS,
+        # proxies
+        proxy: str | Proxy | bool | None = True,
+        proxy_ssl_context: ssl.SSLContext | None = None,
         # TLS
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
@@ -268,6 +365,9 @@ class WebSocket:
         context: MutableMapping[str, Any] | None = None,
         # HTTP/2
         http2: HTTP2Settings | bool | None = None,
+        # reconnection
+        reconnect: Reconnect | bool | None = False,
+        on_reconnecting: OnReconnecting | None = None,
     ) -> None:
         _ = Request(url).parsed_url  # InvalidURL before anything else
         self._options = Options.build(
@@ -278,6 +378,9 @@ class WebSocket:
             headers=headers,
             origin=origin,
             user_agent=user_agent,
+            max_redirects=max_redirects,
+            proxy=proxy,
+            proxy_ssl_context=proxy_ssl_context,
             ssl_context=ssl_context,
             server_hostname=server_hostname,
             open_timeout=open_timeout,
@@ -287,6 +390,7 @@ class WebSocket:
             close_after_no_message=close_after_no_message,
             buffer_pool=buffer_pool,
             http2=http2,
+            reconnect=reconnect,
         )
         for name, callback in (
             ("on_open", on_open),
@@ -295,6 +399,7 @@ class WebSocket:
             ("on_closed", on_closed),
             ("on_internal_request_created", on_internal_request_created),
             ("on_pending", on_pending),
+            ("on_reconnecting", on_reconnecting),
         ):
             if callback is not None and not callable(callback):
                 raise TypeError(f"{name} must be callable, not {type(callback).__name__}")
@@ -312,6 +417,7 @@ class WebSocket:
         self.on_binary = on_binary
         self.on_closed = on_closed
         self.on_internal_request_created = on_internal_request_created
+        self.on_reconnecting = on_reconnecting
 
         self._url = url
         self._open_dispatched = False  # on_open has run (connect() waits for it)
@@ -328,12 +434,17 @@ class WebSocket:
         self._inbox = engine.inbox
         #: The handshake request; edit it before ``open()``.
         self.internal_request = self._new_request()
+        self._request_at_open: Request | None = None  # what reconnections copy
+        # ws.error inside on_reconnecting (see _Events.reconnecting).
+        self._announced_error: tuple[BaseException | None] | None = None
 
-    def _new_request(self) -> Request:
-        """A fresh handshake request from the options (the first, and a fallback one)."""
+    def _new_request(self, url: str | None = None, credentials: bool = True) -> Request:
+        """A fresh handshake request from the options: the first one, and those
+        made for a fallback or a redirect (to ``url``; without the
+        ``Authorization`` and ``Cookie`` headers unless ``credentials``)."""
         options = self._options
-        return Request(
-            url=self._url,
+        request = Request(
+            url=self._url if url is None else url,
             headers=Headers(list(options.headers)),
             subprotocols=list(options.subprotocols),
             origin=options.origin,
@@ -341,6 +452,9 @@ class WebSocket:
             open_timeout=options.open_timeout,
             close_timeout=options.close_timeout,
         )
+        if not credentials:
+            strip_credentials(request)
+        return request
 
     def _set_option(self, name: str, value: Any) -> None:
         if self._engine.phase is not Phase.NEW:
@@ -366,6 +480,19 @@ class WebSocket:
     buffer_pool: _Setting[BufferPool] = _Setting("The pool ``on_binary`` segments come from.")
     http2: _Setting[HTTP2Settings] = _Setting(
         "How this socket uses HTTP/2 (RFC 8441); see :class:`~blockws.HTTP2Settings`."
+    )
+    proxy: _Setting[Proxy | bool | None] = _Setting(
+        "The proxy: ``True`` (from the environment), ``None``, or a :class:`~blockws.Proxy` "
+        "(set it with a URL); its ``repr`` hides credentials."
+    )
+    proxy_ssl_context: _Setting[ssl.SSLContext | None] = _Setting(
+        "The ``ssl.SSLContext`` that verifies an ``https://`` proxy (``None``: the default)."
+    )
+    max_redirects: _Setting[int] = _Setting(
+        "Redirects of the upgrade request followed (0: none); default 10."
+    )
+    reconnect: _Setting[Reconnect | None] = _Setting(
+        "The reconnection policy (a :class:`~blockws.Reconnect`), or ``None`` when off."
     )
 
     @property
@@ -453,7 +580,14 @@ class WebSocket:
 
     @property
     def error(self) -> BaseException | None:
-        """The exception that ended the socket, or ``None`` (a clean close, or not ended)."""
+        """The exception that ended the socket, or ``None`` (a clean close, or not ended).
+
+        While the socket reconnects: the one that ended the connection or the
+        latest attempt (inside ``on_reconnecting``: the one before that attempt).
+        """
+        announced = self._announced_error
+        if announced is not None:
+            return announced[0]
         return self._engine.error
 
     @property
@@ -478,12 +612,14 @@ class WebSocket:
 
     @property
     def close_code(self) -> int | None:
-        """The code ``on_closed`` reports, once the socket is closed."""
+        """The code ``on_closed`` reports, once the socket is closed (while
+        reconnecting: the code the lost connection ended with)."""
         return self._engine.close_code
 
     @property
     def close_reason(self) -> str:
-        """The reason ``on_closed`` reports, once the socket is closed."""
+        """The reason ``on_closed`` reports, once the socket is closed (while
+        reconnecting: the lost connection's)."""
         return self._engine.close_reason
 
     @property
@@ -524,6 +660,7 @@ class WebSocket:
                 open_timeout=request.open_timeout, close_timeout=request.close_timeout
             )
             engine.configure(self._options)
+            self._request_at_open = _copy_request(request)
         engine.open()
         return self
 
@@ -534,15 +671,21 @@ class WebSocket:
         from now on; ``on_closed`` follows once the server answers, or after
         ``close_timeout`` seconds if it does not (then ``ws.error`` is a
         ``CloseTimeout``). Raises ``ValueError`` for a code or reason RFC 6455
-        forbids. A no-op when the socket is already closing or closed; a
+        forbids. A no-op when the socket is already closing or closed
+        (except that a socket with ``reconnect`` will not reconnect); a
         socket still connecting is abandoned (``on_closed`` with 1006); a
-        socket never opened is closed at once, without ``on_closed``.
+        socket never opened is closed at once, without ``on_closed``. A socket
+        waiting to reconnect is closed at once (``on_closed`` with 1006 and
+        ``error`` None), and one in a reconnection attempt abandons it.
         """
         self._engine.close(code, reason)
 
     def abort(self) -> None:
-        """Drop the connection at once, without a closing handshake (1006)."""
-        self._engine.abort()
+        """Drop the connection at once, without a closing handshake (1006).
+
+        As after :meth:`close`, no reconnection follows.
+        """
+        self._engine.abort(requested=True)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the socket has ended and its threads are gone; True if so.
@@ -581,6 +724,15 @@ class WebSocket:
         is already compressed). Raises ``TypeError`` for anything else than
         ``str`` or a bytes-like object, :class:`InvalidState` before the
         socket is open and :class:`ConnectionClosed` once it is closing.
+
+        While the socket reconnects (``reconnect=``), from the end of one
+        connection until ``on_open`` is queued for the next, ``send`` raises
+        :class:`InvalidState` and nothing is queued; what was queued and not
+        yet written when the connection ended is dropped. Refusing is the
+        rule because the new connection is a new session for the server: your
+        ``on_open`` must run first (to log in, subscribe, resend the state of
+        the game), and messages held through an outage of unknown length
+        would go out stale, ahead of it, and grow without bound.
         """
         flag = 0 if compress else _UNCOMPRESSED
         if isinstance(data, str):
@@ -726,6 +878,9 @@ class WebSocket:
         seconds (the socket stays open), :class:`ConnectionClosed` once the
         socket has closed and every earlier message was received, and
         :class:`InvalidState` before ``open()`` or when called from a callback.
+        While the socket reconnects (``reconnect=``) it keeps waiting, for
+        the messages of the next connection; ``on_reconnecting`` and
+        ``on_open`` run meanwhile, on this thread.
         """
         inbox = self._inbox
         if inbox:

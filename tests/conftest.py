@@ -244,6 +244,19 @@ def no_leaks() -> Iterator[None]:
     )
 
 
+#: What blockws's default ``proxy=True`` reads (lower and upper case).
+PROXY_VARIABLES = ("wss_proxy", "ws_proxy", "https_proxy", "http_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sockets read a proxy from the environment by default: a machine's own proxy settings
+    must not route the tests' 127.0.0.1 connections. Tests that want a variable set it."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 # -- HTTP/2 (RFC 8441) peers: tests/test_http2.py ----------------------------------------
 
 

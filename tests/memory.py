@@ -138,7 +138,14 @@ class MemoryOpener:
         self.gate: threading.Event | None = None  # set: the handshake "completes"
 
     def __call__(
-        self, request: Any, options: Any, connector: Any, register: Any, new_request: Any, log: Any
+        self,
+        request: Any,
+        options: Any,
+        connector: Any,
+        register: Any,
+        new_request: Any,
+        log: Any,
+        redirect_request: Any = None,
     ) -> Opened:
         self.requests.append(request)
         transport = self.factory()

@@ -18,6 +18,7 @@ Echoes text as text and binary as binary, except these text commands:
 
 A WebSocket to the path ``/h1-only`` is refused (HTTP 403) when it comes over HTTP/2, and
 accepted over HTTP/1.1: an RFC 8441 server that refuses the extended CONNECT. A WebSocket to
+``/redirect`` gets HTTP 302 with ``Location: /redirected`` (over either version). A WebSocket to
 ``/slow`` is accepted after 3 seconds. Any plain HTTP request gets 404. hypercorn's WebSocket
 is wsproto's, which accepts permessage-deflate when the client offers it.
 """
@@ -67,6 +68,12 @@ async def _websocket(scope: Message, receive: Receive, send: Send) -> None:
         return
     if scope["path"] == "/h1-only" and scope.get("http_version") == "2":
         await send({"type": "websocket.close", "code": 1000})  # before accept: HTTP 403
+        return
+    if scope["path"] == "/redirect":
+        # The ASGI "websocket.http.response" extension: an HTTP answer instead of accepting.
+        await send({"type": "websocket.http.response.start", "status": 302,
+                    "headers": [(b"location", b"/redirected"), (b"content-length", b"0")]})
+        await send({"type": "websocket.http.response.body", "body": b""})
         return
     if scope["path"] == "/slow":
         await asyncio.sleep(3.0)
