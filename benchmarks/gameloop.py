@@ -14,7 +14,9 @@ against the benchmark server (``benchmarks/server.py``) on the other CPU:
   (CLOCK_MONOTONIC: one clock for every process of the host); the callback
   takes ``perf_counter_ns()`` minus that stamp. Two loops: one that pumps at
   1 kHz (``update()``, then sleep to the next millisecond: up to 1 ms of the
-  latency is the pump period) and one that blocks in ``ws.wait()``. The
+  latency is the pump period), one that blocks in ``ws.wait()``, and one
+  that sleeps in ``pygame.event.wait()`` and is woken by the event
+  ``blockws.integrations.pygame.attach()`` posts (``on_pending``). The
   figure includes the cross-CPU wake-up of the reader thread (about 70 us on
   this VM).
 * Frame-time overrun: a 60 Hz loop whose frames run ``ws.update()`` and then
@@ -30,6 +32,19 @@ against the benchmark server (``benchmarks/server.py``) on the other CPU:
   loops do, with the reader thread parsing whenever data comes (during the
   frames too), or ``ws.wait()`` + ``update()``, where the loop's own thread
   reads and dispatches in its idle time and the reader thread stays parked.
+  Each row also gives the time stolen from the frame's work (its wall time
+  minus the game thread's CPU time over it, ``time.thread_time()``: waiting
+  for the GIL or for a CPU; the row without network shows the host's own
+  share), the lag of a message (server write to callback, in frames), and
+  the messages the server says it sent, against those dispatched: the loop
+  keeps pumping after its last frame until every stream has ended.
+* The frame budget and the loads a real game brings, each loop idling in a
+  wait with a 2 ms budget per ``update()``: at 100 k msgs/s, one socket
+  (``ws.update(max_time=0.002)``) and 8 sockets sharing the rate pumped by
+  one ``blockws.update_all(max_time=0.002)``; then, from
+  ``benchmarks/tls_stream.py`` (``wss://``, permessage-deflate on, HTTP/1.1):
+  100 k msgs/s of ~64 B JSON (each parsed with ``json.loads``), and a 256 KiB
+  binary snapshot 60 times a second.
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ import argparse
 import collections
 import json
 import os
+import ssl
 import struct
 import sys
 import tempfile
@@ -49,6 +65,7 @@ from ._harness import cpu_seconds, free_port, pin, run_child, server, table
 
 perf = time.perf_counter
 perf_ns = time.perf_counter_ns
+thread_time = time.thread_time
 FPS = 60.0
 WORK_MS = 5.0
 _stamp = struct.Struct("!Q")
@@ -151,6 +168,21 @@ def child_latency(args: argparse.Namespace) -> dict[str, Any]:
         state["sent"] = int(text.split()[1])
 
     ws = connect(args.url, on_binary=on_binary, on_message=on_message)
+    if args.mode == "pygame":
+        # Sleeps in pygame.event.wait(); blockws posts an event when a message
+        # is pending (blockws.integrations.pygame), the loop then runs update().
+        # Set up before the stream starts: SDL's start-up takes a while.
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+        import pygame
+
+        from blockws.integrations import pygame as bw_pygame
+
+        pygame.display.init()
+        pygame.display.set_mode((16, 16))
+        network = bw_pygame.attach(ws)
+        pygame.event.clear()
     ws.send(f"{args.rate} 64 {args.seconds}")
     deadline = perf() + args.seconds + 10
     c0, t0 = cpu_seconds(), perf()
@@ -165,6 +197,12 @@ def child_latency(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(delay)
             else:
                 tick = perf()
+    elif args.mode == "pygame":
+        while not state["done"] and perf() < deadline:
+            if pygame.event.wait(500).type == network:
+                ws.update()
+        bw_pygame.detach(ws)
+        pygame.display.quit()
     else:
         while not state["done"] and perf() < deadline:
             ws.wait(0.5)
@@ -186,20 +224,68 @@ def child_latency(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def child_overrun(args: argparse.Namespace) -> dict[str, Any]:
+    import blockws
+
     iters = args.iters or calibrate(WORK_MS)
     got = [0]
+    lags: list[int] = []  # ns from the server's write to the callback
+    lag_append = lags.append
+    unpack = _stamp.unpack_from
+    done: list[int] = []  # messages each stream says it sent
 
     def on_binary(ws: Any, seg: Any) -> None:
         got[0] += 1
+        lag_append(perf_ns() - unpack(seg.data, seg.offset)[0])
 
-    ws = None
+    loads = json.loads
+
+    def on_message(ws: Any, text: str) -> None:
+        if text.startswith("done "):
+            done.append(int(text.split()[1]))
+            return
+        got[0] += 1  # a JSON state (benchmarks/tls_stream.py): parsed, as a game would
+        lag_append(perf_ns() - loads(text)["t"])
+
+    sockets: list[Any] = []
+    budget = args.budget_ms / 1e3 if args.budget_ms else None
+    seconds = args.frames / FPS + 1.0
     if args.rate > 0:
-        ws = connect(args.url, on_binary=on_binary)
-        ws.send(f"{args.rate} 64 {args.frames / FPS + 1.0}")
+        for _ in range(args.sockets):
+            if args.load == "stream":
+                sock = connect(args.url, on_binary=on_binary, on_message=on_message)
+            else:  # wss://, permessage-deflate on (the default), HTTP/1.1
+                sock = blockws.connect(
+                    args.url, timeout=10, on_binary=on_binary, on_message=on_message,
+                    ssl_context=ssl.create_default_context(cafile=args.cafile), http2=False,
+                )  # fmt: skip
+            sockets.append(sock)
+        for ws in sockets:
+            rate = args.rate / len(sockets)
+            if args.load == "json":
+                ws.send(f"json {rate} {seconds}")
+            elif args.load == "snapshot":
+                ws.send(f"snapshot {args.size} {rate} {seconds}")
+            else:
+                ws.send(f"{rate} 64 {seconds}")
         time.sleep(0.2)  # let the stream settle before the first frame
-    update = ws.update if ws is not None else (lambda: 0)
+        while blockws.update_all():  # and start from an empty queue
+            pass
+        lags.clear()
+    ws = sockets[0] if len(sockets) == 1 else None
+
+    def update() -> int:
+        if len(sockets) > 1:
+            return blockws.update_all(max_time=budget)
+        if ws is not None:
+            return int(ws.update(max_time=budget))
+        return 0
+
+    def wait(timeout: float) -> bool:
+        return bool(ws.wait(timeout) if ws is not None else blockws.wait(timeout))
+
     period = 1.0 / FPS
     frame_ms: list[float] = []
+    stolen_ms: list[float] = []
     late_ms: list[float] = []
     per_frame: list[int] = []
     missed = 0
@@ -210,20 +296,24 @@ def child_overrun(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.frames):
         before = got[0]
         update()
+        # Time stolen from the work: wall time beyond this thread's CPU time
+        # (waiting for the GIL, or for a CPU the host gave to someone else).
+        cpu0, work0 = thread_time(), perf()
         busy(iters)
         end = perf()
+        stolen_ms.append(((end - work0) - (thread_time() - cpu0)) * 1e3)
         frame_ms.append((end - start) * 1e3)
         per_frame.append(got[0] - before)
         due = t0 + (i + 1) * period
         if end > due:
             missed += 1
         delay = due - perf()
-        if ws is not None and args.mode == "wait":
+        if sockets and args.mode == "wait":
             # Idle time spent in ws.wait(): this thread reads the socket itself,
             # so the reader thread stays out of the frames, and what arrives is
             # dispatched now rather than in the next frame's update().
             while delay > 0:
-                if ws.wait(delay):
+                if wait(delay):
                     update()
                 delay = due - perf()
         elif delay > 0:
@@ -231,10 +321,17 @@ def child_overrun(args: argparse.Namespace) -> dict[str, Any]:
         start = perf()
         late_ms.append(max(0.0, start - due) * 1e3)
     elapsed, cpu = perf() - t0, cpu_seconds() - c0
-    if ws is not None:
-        ws.abort()
-        ws.join(5)
-        ws.update()
+    framed_lags = len(lags)  # the lag is of messages handled during the frames
+    # Everything delivered? Pump until every stream has said how much it sent.
+    drain_deadline = perf() + 5.0
+    while sockets and len(done) < len(sockets) and perf() < drain_deadline:
+        wait(0.05)
+        blockws.update_all()
+    for sock in sockets:
+        sock.abort()
+    for sock in sockets:
+        sock.join(5)
+    blockws.update_all()
     nominal = args.nominal_ms or pct(frame_ms, 0.5)
     over = [f - nominal for f in frame_ms]
     return {
@@ -250,6 +347,12 @@ def child_overrun(args: argparse.Namespace) -> dict[str, Any]:
         "wakeup_late_p99_ms": pct(late_ms, 0.99),
         "missed": missed,
         "msgs": got[0],
+        "sent": sum(done),
+        "stolen_p99_ms": pct(stolen_ms, 0.99),
+        "stolen_max_ms": max(stolen_ms),
+        "lag_p99_frames": (
+            pct([x / 1e9 * FPS for x in lags[:framed_lags]], 0.99) if framed_lags else 0.0
+        ),
         "msgs_per_frame_p50": pct([float(x) for x in per_frame], 0.5),
         "client_cpu_pct": 100 * cpu / elapsed,
     }
@@ -312,9 +415,10 @@ def run_all(
         return r
 
     go("update() idle", ["--test", "idle", "--url", base + "/echo", "--calls", str(calls)])
-    for mode in ("pump", "wait"):
+    loops = {"pump": "1 kHz pump", "wait": "ws.wait()", "pygame": "pygame.event.wait()"}
+    for mode in ("pump", "wait", "pygame"):
         go(
-            f"dispatch latency ({'1 kHz pump' if mode == 'pump' else 'ws.wait()'})",
+            f"dispatch latency ({loops[mode]})",
             [
                 "--test", "latency", "--mode", mode, "--url", base + "/stream",
                 "--rate", "500", "--seconds", str(seconds), "--hz", "1000",
@@ -333,6 +437,43 @@ def run_all(
                 "--mode", mode,
             ],
         )  # fmt: skip
+    # The frame budget (update(max_time=...)), and one update_all() over 8 sockets.
+    for sockets, label in (
+        (1, "update(max_time=2 ms)"),
+        (8, "8 sockets, update_all(max_time=2 ms)"),
+    ):
+        go(
+            f"60 Hz, 100 k msgs/s, {label}, idle in wait()",
+            [
+                "--test", "overrun", "--url", base + "/stream", "--rate", "100000",
+                "--frames", str(frames), "--iters", iters, "--nominal-ms", nominal,
+                "--mode", "wait", "--sockets", str(sockets), "--budget-ms", "2",
+            ],
+        )  # fmt: skip
+    # The loads a real game brings: wss:// with permessage-deflate, from
+    # benchmarks/tls_stream.py (its own process, on the server CPU).
+    tls_port = free_port()
+    with tempfile.TemporaryDirectory(prefix="blockws-bench-tls-") as certdir:
+        cmd = [sys.executable, "-m", "benchmarks.tls_stream", str(tls_port), certdir]
+        with server(cmd, tls_port) as tls_proc:
+            pin(tls_proc.pid, {server_cpu})
+            tls = [
+                "--test", "overrun", "--url", f"wss://127.0.0.1:{tls_port}/",
+                "--cafile", os.path.join(certdir, "ca.pem"), "--frames", str(frames),
+                "--iters", iters, "--nominal-ms", nominal, "--mode", "wait", "--budget-ms", "2",
+            ]  # fmt: skip
+            go(
+                "60 Hz, wss:// + deflate, 100 k msgs/s of ~64 B JSON, update(max_time=2 ms)",
+                [*tls, "--load", "json", "--rate", "100000"],
+            )
+            go(
+                "60 Hz, wss:// + deflate, a 256 KiB snapshot 60 times a second, "
+                "update(max_time=2 ms)",
+                [*tls, "--load", "snapshot", "--size", str(256 * 1024), "--rate", "60"],
+            )
+            if pool is not None:  # the server must outlive the children
+                for future in list(futures):
+                    future.result()
     if pool is not None:
         for future in futures:
             future.result()
@@ -391,6 +532,9 @@ def report(rows: list[dict[str, Any]]) -> str:
                     ("overrun_p99_ms", "overrun p99 ms", ".2f"),
                     ("target", "target met", "s"),
                     ("missed", "missed frames", "d"),
+                    ("stolen_p99_ms", "stolen p99 ms", ".2f"),
+                    ("lag_p99_frames", "lag p99 frames", ".2f"),
+                    ("sent", "msgs sent", "d"),
                     ("wakeup_late_p99_ms", "wake-up late p99 ms", ".2f"),
                     ("msgs_per_frame_p50", "msgs/frame", ".0f"),
                     ("msgs", "msgs", "d"),
@@ -419,6 +563,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--frames", type=int, default=120, help=argparse.SUPPRESS)
     ap.add_argument("--iters", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--nominal-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--sockets", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--budget-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--load", default="stream", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
+    ap.add_argument("--cafile", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(args)

@@ -53,7 +53,7 @@ from .proxy import Proxy
 from .reconnect import Reconnect
 from .tls import create_default_context
 from .trace import enable_trace
-from .websocket import WebSocket, connect, update_all, wait
+from .websocket import WebSocket, connect, set_on_pending, update_all, wait
 
 __all__ = [
     "__version__",
@@ -62,6 +62,7 @@ __all__ = [
     "create_default_context",
     "update_all",
     "wait",
+    "set_on_pending",
     "enable_trace",
     "BufferPool",
     "BufferSegment",

@@ -10,19 +10,46 @@ with nothing pending it is one method call and an empty-deque test.
 Posting is a ``deque.append`` (atomic under the GIL) plus a notify only when
 a thread is actually waiting in :meth:`Dispatcher.wait` or in the global
 :func:`wait`.
+
+Two things serve loops that do not poll every frame, or cannot afford to run
+everything at once:
+
+* **The wake-up hook** (``on_pending``, per socket, or :func:`set_on_pending`
+  for all). It is called when a socket's queue goes from empty to non-empty,
+  once per such transition, so it costs nothing per message. A flag
+  (``_armed``) is set by ``run()`` once it has emptied the queue and cleared
+  by the post that fills it again; the poster appends *then* tests the flag,
+  ``run()`` sets the flag *then* tests the queue, so at least one of them
+  sees the other (no lost wake-up) and the test-and-clear is under a lock
+  (no double one). When ``run()`` returns leaving callbacks pending (a budget
+  ran out, a callback raised), it calls the hook again itself: the loop was
+  told to come back, and must be told again.
+* **Budgets** (:class:`Budget`): ``run(budget)`` stops once ``max_callbacks``
+  callbacks have run or ``max_time`` has passed, checked after each callback,
+  and leaves the rest queued in order. An item that holds several messages
+  (the messages of one read) charges the budget itself, in chunks, and puts
+  back what it did not deliver, through :attr:`Dispatcher.budget` (see
+  :meth:`blockws.delivery.Delivery.messages`).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from collections import deque
 from typing import Any, Callable
 
 from .deadline import Deadline
 from .exceptions import InvalidState
+from .log import logger
 
 __all__ = [
+    "Budget",
     "Dispatcher",
+    "OnPending",
+    "set_on_pending",
+    "live_count",
     "wait",
     "register",
     "update_all",
@@ -34,6 +61,10 @@ __all__ = [
 #: ``(function, argument)``: the function returns how many events it handled
 #: (``None`` counts as one), which is what ``update()`` reports.
 Item = tuple[Callable[[Any], Any], Any]
+#: ``fn(ws)``: told that a socket has callbacks pending (see the module docstring).
+OnPending = Callable[[Any], Any]
+
+_perf = time.perf_counter
 
 # How many dispatchers are running callbacks on this thread (nested when a
 # callback pumps another socket). Blocking helpers refuse to run inside one.
@@ -60,6 +91,60 @@ def check_not_in_callback(helper: str) -> None:
         )
 
 
+class Budget:
+    """How much one budgeted ``update()`` may still run.
+
+    ``left`` callbacks, until ``deadline`` (a ``time.perf_counter()`` value, or
+    ``None``); :meth:`charge` is called after each callback (or chunk of
+    messages) and tells when it is spent. The budget is never checked before the first callback of a
+    call, so a call with ``max_time=0`` still runs one.
+    """
+
+    __slots__ = ("left", "deadline", "used", "spent")
+
+    def __init__(self, left: int | None, deadline: float | None) -> None:
+        self.left = sys.maxsize if left is None else left
+        self.deadline = deadline
+        #: Callbacks charged so far.
+        self.used = 0
+        self.spent = self.left <= 0
+
+    @classmethod
+    def of(cls, max_callbacks: int | None, max_time: float | None) -> Budget:
+        """Check ``update()``'s arguments and make the budget (the clock starts now).
+
+        Raises ``TypeError`` for a wrong type, ``ValueError`` for a negative value.
+        """
+        if max_callbacks is not None:
+            if type(max_callbacks) is bool or not isinstance(max_callbacks, int):
+                raise TypeError(
+                    f"max_callbacks must be an int or None, not {type(max_callbacks).__name__}"
+                )
+            if max_callbacks < 0:
+                raise ValueError(f"max_callbacks must be >= 0, not {max_callbacks}")
+        deadline = None
+        if max_time is not None:
+            if type(max_time) is bool or not isinstance(max_time, (int, float)):
+                raise TypeError(f"max_time must be seconds or None, not {type(max_time).__name__}")
+            if not max_time >= 0:  # NaN too
+                raise ValueError(f"max_time must be >= 0 seconds, not {max_time}")
+            deadline = _perf() + max_time
+        return cls(max_callbacks, deadline)
+
+    def charge(self, n: int = 1) -> bool:
+        """Count ``n`` callbacks that ran; True once the budget is spent."""
+        self.used += n
+        left = self.left = self.left - n
+        deadline = self.deadline
+        if left <= 0 or (deadline is not None and _perf() >= deadline):
+            self.spent = True
+        return self.spent
+
+
+# The hook for sockets without one of their own (blockws.set_on_pending).
+_global_on_pending: OnPending | None = None
+
+
 # Global wake-up for blockws.wait(): any post on any dispatcher notifies it.
 _global_cond = threading.Condition(threading.Lock())
 _global_waiters = 0
@@ -68,25 +153,87 @@ _global_waiters = 0
 class Dispatcher:
     """A FIFO of pending callbacks, run by whichever thread calls :meth:`run`."""
 
-    __slots__ = ("pending", "_cond", "_waiters", "_run_lock", "_running_in")
+    __slots__ = (
+        "pending",
+        "owner",
+        "on_pending",
+        "budget",
+        "_cond",
+        "_waiters",
+        "_run_lock",
+        "_running_in",
+        "_armed",
+        "_hook_lock",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Any = None) -> None:
         self.pending: deque[Item] = deque()
+        #: What the ``on_pending`` hook is called with (the ``WebSocket``).
+        self.owner = owner
+        #: This socket's wake-up hook; ``None``: the global one, if any.
+        self.on_pending: OnPending | None = None
+        #: The budget of the run in progress, for items that charge it per
+        #: message; ``None`` outside a budgeted run.
+        self.budget: Budget | None = None
         self._cond = threading.Condition(threading.Lock())
         self._waiters = 0
         self._run_lock = threading.Lock()
         self._running_in: int | None = None
+        # Set when the queue was seen empty by run(); the post that fills the
+        # queue again clears it and calls the hook (see the module docstring).
+        self._armed = True
+        self._hook_lock = threading.Lock()
 
     def post(self, fn: Callable[[Any], Any], arg: Any) -> None:
         """Queue ``fn(arg)``; thread-safe, never blocks on the consumer."""
         self.pending.append((fn, arg))
+        if self._armed:
+            self._announce()
         self._wake()
 
     def post_many(self, items: list[Item]) -> None:
         """Queue several calls at once, with a single wake-up for a waiter."""
         if items:
             self.pending.extend(items)
+            if self._armed:
+                self._announce()
             self._wake()
+
+    def _announce(self) -> None:
+        """The queue has become non-empty: call the wake-up hook, once.
+
+        Runs on the posting thread (or on the thread of ``run()``, see
+        :meth:`_rearm`). An exception from the hook is logged, never raised:
+        the poster is a reader thread that must go on reading.
+        """
+        hook = self.on_pending or _global_on_pending
+        if hook is None:
+            self._armed = False  # no hook: nothing to make exactly-once
+            return
+        with self._hook_lock:
+            if not self._armed:
+                return  # another thread took this transition
+            self._armed = False
+        try:
+            hook(self.owner)
+        except Exception:  # noqa: BLE001 - the hook must not break the poster
+            logger.exception("the on_pending hook %r raised (for %r)", hook, self.owner)
+
+    def _rearm(self) -> None:
+        """After a run: arm for the next transition; if callbacks are still
+        pending (a budget, an exception, or a post racing with this), tell the
+        hook now, on this thread."""
+        self._armed = True
+        if self.pending:
+            self._announce()
+
+    def set_on_pending(self, hook: OnPending | None) -> None:
+        """Set this socket's hook; if callbacks are already pending, call it now."""
+        if hook is not None and not callable(hook):
+            raise TypeError(f"on_pending must be callable, not {type(hook).__name__}")
+        self.on_pending = hook
+        if hook is not None:
+            self._rearm()
 
     def nudge(self) -> None:
         """Wake threads in :meth:`wait` with nothing posted: their wait may now
@@ -105,38 +252,85 @@ class Dispatcher:
             with _global_cond:
                 _global_cond.notify_all()
 
-    def run(self) -> int:
-        """Run every pending callback on this thread; returns how many ran.
+    def run(self, budget: Budget | None = None) -> int:
+        """Run pending callbacks on this thread; returns how many ran.
 
-        A callback that raises stops the run: the exception propagates to the
-        caller, and the callbacks after it stay queued for the next call. A
-        call from inside a callback (re-entrant) returns 0 at once; a call
-        from another thread waits for the running one to finish.
+        Without a budget, every pending callback, including those posted
+        meanwhile; with one, until it is spent (see :class:`Budget`), the rest
+        staying queued in order. A callback that raises stops the run: the
+        exception propagates to the caller, and the callbacks after it stay
+        queued for the next call. A call from inside a callback (re-entrant)
+        returns 0 at once; a call from another thread waits for the running
+        one to finish. Either way, callbacks left pending are announced to the
+        ``on_pending`` hook again before this returns.
         """
+        if budget is not None:
+            return self._run_budget(budget)
         pending = self.pending
         if not pending:
             return 0
         me = threading.get_ident()
         if self._running_in == me:
             return 0
-        with self._run_lock:
-            self._running_in = me
-            running = _running
-            depth = running.get(me, 0)
-            running[me] = depth + 1
-            count = 0
-            try:
-                while pending:
-                    fn, arg = pending.popleft()
-                    handled = fn(arg)
-                    count += 1 if handled is None else handled
-            finally:
-                self._running_in = None
-                if depth:
-                    running[me] = depth
-                else:
-                    del running[me]
-            return count
+        try:
+            with self._run_lock:
+                self._running_in = me
+                running = _running
+                depth = running.get(me, 0)
+                running[me] = depth + 1
+                count = 0
+                try:
+                    while pending:
+                        fn, arg = pending.popleft()
+                        handled = fn(arg)
+                        count += 1 if handled is None else handled
+                finally:
+                    self._running_in = None
+                    if depth:
+                        running[me] = depth
+                    else:
+                        del running[me]
+                return count
+        finally:
+            self._rearm()  # outside the lock: the hook may call update() itself
+
+    def _run_budget(self, budget: Budget) -> int:
+        pending = self.pending
+        if not pending or budget.spent:
+            return 0
+        me = threading.get_ident()
+        if self._running_in == me:
+            return 0
+        try:
+            with self._run_lock:
+                self._running_in = me
+                self.budget = budget
+                running = _running
+                depth = running.get(me, 0)
+                running[me] = depth + 1
+                count = 0
+                try:
+                    while pending:
+                        fn, arg = pending.popleft()
+                        used = budget.used
+                        handled = fn(arg)
+                        n = 1 if handled is None else handled
+                        count += n
+                        # An item holding several messages charged them itself.
+                        if budget.used == used:
+                            budget.charge(n)
+                        if budget.spent:
+                            break
+                finally:
+                    self.budget = None
+                    self._running_in = None
+                    if depth:
+                        running[me] = depth
+                    else:
+                        del running[me]
+                return count
+        finally:
+            self._rearm()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a callback is pending or ``timeout`` passes; True if pending.
@@ -198,13 +392,73 @@ def _live_dispatchers() -> list[Dispatcher]:
     return list(_live_snapshot)
 
 
-def update_all() -> int:
-    """Run pending callbacks of every open or opening socket; returns how many ran."""
+def live_count() -> int:
+    """How many sockets are between ``open()`` and the end of their ``on_closed``."""
+    return len(_live_snapshot)
+
+
+def update_all(max_callbacks: int | None = None, max_time: float | None = None) -> int:
+    """Run pending callbacks of every open or opening socket; returns how many ran.
+
+    With a budget (``max_callbacks``, ``max_time`` seconds), the budget is
+    shared: each socket with callbacks pending gets an even share of what is
+    left when its turn comes (what one does not use goes to the next), and
+    rounds repeat while budget and callbacks remain. The rest stays pending,
+    in order, for the next call. Raises ``TypeError``/``ValueError`` for a
+    wrong budget.
+    """
     count = 0
     for dispatcher in _live_snapshot:
         if dispatcher.pending:
+            # The budget is looked at only once something is pending, so that
+            # the idle call (every frame) stays one loop over the live sockets.
+            if max_callbacks is not None or max_time is not None:
+                return count + _update_all_within(max_callbacks, max_time)
             count += dispatcher.run()
     return count
+
+
+def _update_all_within(max_callbacks: int | None, max_time: float | None) -> int:
+    total = Budget.of(max_callbacks, max_time)
+    count = 0
+    while not total.spent:
+        busy = [d for d in _live_snapshot if d.pending]
+        if not busy:
+            break
+        ran = 0
+        for i, dispatcher in enumerate(busy):
+            shares = len(busy) - i
+            deadline = total.deadline
+            if deadline is not None:
+                now = _perf()
+                deadline = now + max(0.0, deadline - now) / shares
+            share = Budget(None if max_callbacks is None else -(-total.left // shares), deadline)
+            n = dispatcher.run(share)
+            ran += n
+            if total.charge(n):
+                break
+        count += ran
+        if not ran:
+            break  # only re-entrant or racing calls: nothing can run now
+    return count
+
+
+def set_on_pending(hook: OnPending | None) -> None:
+    """Set the wake-up hook of every socket that has none of its own.
+
+    ``hook(ws)`` runs when a socket's pending callbacks go from none to
+    some (see :attr:`Dispatcher.on_pending`); ``None`` removes it. Sockets
+    that already have callbacks pending are announced at once, on the
+    calling thread.
+    """
+    global _global_on_pending
+    if hook is not None and not callable(hook):
+        raise TypeError(f"set_on_pending() takes a callable or None, not {type(hook).__name__}")
+    _global_on_pending = hook
+    if hook is not None:
+        for dispatcher in _live_snapshot:
+            if dispatcher.on_pending is None and dispatcher.pending:
+                dispatcher._rearm()
 
 
 def wait_any(timeout: float | None = None) -> bool:
@@ -214,4 +468,3 @@ def wait_any(timeout: float | None = None) -> bool:
     """
     check_not_in_callback("blockws.wait()")
     return wait(_live_dispatchers, timeout)
-

@@ -245,6 +245,7 @@ OnMessage = Callable[[Any, str], Any]
 OnBinary = Callable[[Any, BufferSegment], Any]
 OnClosed = Callable[[Any, int, str], Any]
 OnRequest = Callable[[Any, Any], Any]
+OnPending = Callable[[Any], Any]
 OnReconnecting = Callable[[Any, int, float], Any]
 
 
@@ -273,6 +274,7 @@ class ConnectOptions(TypedDict, total=False):
     on_binary: OnBinary | None
     on_closed: OnClosed | None
     on_internal_request_created: OnRequest | None
+    on_pending: OnPending | None
     buffer_pool: BufferPool | None
     context: MutableMapping[str, Any] | None
     http2: HTTP2Settings | bool | None

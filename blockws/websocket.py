@@ -32,7 +32,7 @@ from . import dispatcher as _dispatcher
 from .buffers import BufferPool, BufferSegment
 from .connection import WRITER_JOIN, Connection, Phase
 from .deadline import Deadline
-from .dispatcher import check_not_in_callback
+from .dispatcher import Budget, check_not_in_callback
 from .exceptions import ConnectionClosedOK, InvalidState, OpenTimeout
 from .extensions import Extension
 from .frames import Opcode
@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only: Unpack is in typing from 3.
     else:
         from typing_extensions import Unpack
 
-__all__ = ["WebSocket", "connect", "update_all", "wait"]
+__all__ = ["WebSocket", "connect", "update_all", "wait", "set_on_pending"]
 
 BytesLike = Union[bytes, bytearray, memoryview]
 OnOpen = Callable[["WebSocket"], Any]
@@ -62,6 +62,7 @@ OnMessage = Callable[["WebSocket", str], Any]
 OnBinary = Callable[["WebSocket", BufferSegment], Any]
 OnClosed = Callable[["WebSocket", int, str], Any]
 OnRequest = Callable[["WebSocket", Request], Any]
+OnPending = Callable[["WebSocket"], Any]
 OnReconnecting = Callable[["WebSocket", int, float], Any]
 
 # Plain ints: an enum member look-up costs ten times a global's, and these
@@ -236,6 +237,10 @@ class WebSocket:
       connecting thread just before each handshake request is sent; an
       exception there ends the socket (``on_closed`` with 1006, the exception
       in ``ws.error``).
+    * Waking a loop that sleeps: ``on_pending(ws)`` runs on a background
+      thread when the socket's pending callbacks go from none to some (see
+      :attr:`on_pending`); :func:`blockws.set_on_pending` sets one for every
+      socket without its own.
     * Memory and logging: ``buffer_pool`` (default ``BufferPool.default``),
       ``context`` (extra fields for the logging context).
     * Reconnection: ``reconnect`` (``False``, the default; ``True``; or a
@@ -354,6 +359,7 @@ class WebSocket:
         on_binary: OnBinary | None = None,
         on_closed: OnClosed | None = None,
         on_internal_request_created: OnRequest | None = None,
+        on_pending: OnPending | None = None,
         # memory and logging
         buffer_pool: BufferPool | None = None,
         context: MutableMapping[str, Any] | None = None,
@@ -392,6 +398,7 @@ class WebSocket:
             ("on_binary", on_binary),
             ("on_closed", on_closed),
             ("on_internal_request_created", on_internal_request_created),
+            ("on_pending", on_pending),
             ("on_reconnecting", on_reconnecting),
         ):
             if callback is not None and not callable(callback):
@@ -417,6 +424,9 @@ class WebSocket:
         self._engine = engine = Connection(
             self._options, _Events(self), self, self.log, f"blockws-{self._id}"
         )
+        self._dispatcher = engine.dispatcher
+        self._dispatcher.owner = self  # what on_pending is called with
+        self._dispatcher.on_pending = on_pending
         # The hot paths, bound once.
         self._enqueue = engine.enqueue
         self._pending = engine.dispatcher.pending
@@ -789,17 +799,48 @@ class WebSocket:
 
     # -- dispatching (the thread that calls update()) -----------------------------------
 
-    def update(self) -> int:
+    @property
+    def on_pending(self) -> OnPending | None:
+        """``fn(ws)``, called when this socket's pending callbacks go from none to some.
+
+        It wakes a loop that sleeps instead of polling: ``pygame.event.post``,
+        ``os.write`` to a pipe, ``loop.call_soon_threadsafe``, Panda3D's
+        ``messenger``. It runs on the thread that queued the callback (the
+        reader thread, or a thread reading in :meth:`wait`), once per
+        transition, not once per message, and must be quick and thread-safe.
+        When :meth:`update` returns with callbacks still pending (a budget ran
+        out, a callback raised), it runs again, on the thread of
+        :meth:`update`, so the loop comes back for the rest. An exception it
+        raises is logged to the ``blockws`` logger, not propagated. ``None``
+        (default): the hook set by :func:`blockws.set_on_pending`, if any.
+        May be set at any time; setting it while callbacks are pending calls
+        it at once, on the setting thread.
+        """
+        return self._dispatcher.on_pending
+
+    @on_pending.setter
+    def on_pending(self, hook: OnPending | None) -> None:
+        self._dispatcher.set_on_pending(hook)
+
+    def update(self, max_callbacks: int | None = None, max_time: float | None = None) -> int:
         """Run this socket's pending callbacks on the calling thread; returns how many.
 
         With nothing pending this costs about as much as testing an empty
-        deque. An exception raised by a callback propagates; the events after
-        it stay queued for the next call. Called from inside one of this
-        socket's callbacks it does nothing and returns 0.
+        deque. A budget bounds the call: it stops once ``max_callbacks``
+        callbacks have run or ``max_time`` seconds have passed (checked after
+        each callback, so one slow callback can overrun it, and at least one
+        runs), and what is left stays pending, in order, for the next call;
+        each message counts as one callback. An exception raised by a callback
+        propagates; the events after it stay queued for the next call. Called
+        from inside one of this socket's callbacks it does nothing and returns
+        0. Raises ``TypeError``/``ValueError`` for a wrong budget (when
+        something is pending).
         """
         if not self._pending:
             return 0
-        return self._run()
+        if max_callbacks is None and max_time is None:
+            return self._run()
+        return self._run(Budget.of(max_callbacks, max_time))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until a callback is pending (True) or ``timeout`` passes (False).
@@ -936,3 +977,4 @@ def _raise_cause(error: BaseException) -> NoReturn:
 
 update_all = _dispatcher.update_all
 wait = _dispatcher.wait_any
+set_on_pending = _dispatcher.set_on_pending
