@@ -50,6 +50,7 @@ __all__ = [
     "OnPending",
     "set_on_pending",
     "live_count",
+    "live_sockets",
     "wait",
     "register",
     "update_all",
@@ -395,6 +396,12 @@ def _live_dispatchers() -> list[Dispatcher]:
 def live_count() -> int:
     """How many sockets are between ``open()`` and the end of their ``on_closed``."""
     return len(_live_snapshot)
+
+
+def live_sockets() -> tuple[Any, ...]:
+    """The sockets between ``open()`` and the end of their ``on_closed`` (a snapshot):
+    what :func:`update_all` pumps. For diagnostics and tests."""
+    return tuple(d.owner for d in _live_snapshot)
 
 
 def update_all(max_callbacks: int | None = None, max_time: float | None = None) -> int:

@@ -257,6 +257,21 @@ def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name.upper(), raising=False)
 
 
+@pytest.fixture(autouse=True)
+def no_socket_left_live() -> Iterator[None]:
+    """A socket a test leaves between open() and on_closed (open, or closed with its
+    on_closed never pumped) would stay in the live set that update_all() and the engine
+    integrations see in later tests: abort it and pump its on_closed after the test."""
+    before = set(map(id, blockws.dispatcher.live_sockets()))
+    yield
+    for ws in blockws.dispatcher.live_sockets():
+        if id(ws) not in before and ws is not None:
+            ws.abort()
+            ws.join(2)
+            with contextlib.suppress(Exception):
+                ws.update()
+
+
 # -- HTTP/2 (RFC 8441) peers: tests/test_http2.py ----------------------------------------
 
 
