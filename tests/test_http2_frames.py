@@ -162,6 +162,44 @@ def test_frame_over_max_frame_size(split: bool) -> None:
     assert [(f.type, f.error_code) for f in answers] == [(GOAWAY, FRAME_SIZE_ERROR)]
 
 
+# -- what came before a connection error -------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("path", ["fast", "h2"])
+def test_data_before_a_connection_error_is_delivered(path: str) -> None:
+    """Found by benchmarks/fuzz (target http2): messages in DATA frames that came in the same
+    read as a frame that fails the connection were dropped, and delivered when TCP happened
+    to cut the stream between them. Valid frames before the bad one now take effect first:
+    on the fast path (DATA, then a frame over SETTINGS_MAX_FRAME_SIZE), and through h2
+    (padded DATA, then an RST_STREAM of the wrong length, which h2 refuses with
+    FRAME_SIZE_ERROR)."""
+    answers: list[Any] = []
+
+    def scenario(conn: MiniConn) -> None:
+        conn.handshake()
+        sid = conn.accept()
+        first_message(conn, sid)
+        if path == "fast":
+            good = conn.data(sid, frame_bytes(OP_TEXT, b"before"))
+            bad = frame(DATA, 0, sid, length=blockws.http2._MAX_FRAME + 1)
+        else:
+            good = frame(DATA, PADDED, sid, bytes([2]) + frame_bytes(OP_TEXT, b"before") + bytes(2))
+            bad = frame(RST_STREAM, 0, sid, bytes(5))
+        conn.send(good + bad)  # one write: one read, most likely
+        answers.append(conn.read_until(lambda f: f.type == GOAWAY))
+
+    with MiniH2(scenario) as server:
+        rec = Recorder()
+        ws = open_h2(server.url, rec)
+        ws.send("hello")
+        assert rec.wait_closed(ws)[0] == 1006
+        assert isinstance(ws.error, blockws.ConnectionLost), repr(ws.error)
+        assert server.done.wait(10)
+    assert rec.messages == ["before"]
+    assert answers[0].error_code == FRAME_SIZE_ERROR  # h2 says so too, for the RST_STREAM
+
+
 # -- the fast path is taken -------------------------------------------------------------------
 
 

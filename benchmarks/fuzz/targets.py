@@ -1,0 +1,675 @@
+"""The fuzz targets: one function per parser, ``target(data: bytes) -> None``.
+
+Each target turns the fuzzer's bytes into calls on one part of blockws and
+checks the rules every input must keep. A rule broken raises an exception
+that is not in :data:`ALLOWED` (an ``AssertionError`` for a broken oracle):
+that is a finding. The rules:
+
+* **Exceptions.** Only the documented ones come out: :class:`ProtocolError`
+  and its subclasses from the frame parsers (or none at all where the
+  streaming parser turns them into a ``Failure`` event), the
+  :class:`HandshakeError` family from the HTTP/1.1 reader and the
+  negotiation, ``ValueError`` from :func:`parse_extension_header` (its
+  docstring says so), and nothing at all escaping the HTTP/2 reader's
+  catch-all (which would log "reader failed").
+* **Split invariance.** Bytes fed in one call or cut into pieces (where the
+  fuzzer chooses the cuts) give the same events, the same bytes to send and
+  the same failure. A reader must not depend on how TCP cut the stream.
+* **Pure and C agree.** The pure-Python masking and the C speedup give the
+  same bytes, and the server role's parser gives the same events with each.
+* **Memory.** No delivered message is over ``max_message_size`` (set small
+  here so it trips), and inflation never returns more than its limit.
+  The fuzzer's RSS limit (``-rss_limit_mb``) bounds the rest.
+
+Nothing here is imported by blockws; ``python -m benchmarks.fuzz`` runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable
+
+from blockws import frames as frames_mod
+from blockws import protocol as protocol_mod
+from blockws.deadline import Deadline
+from blockws.deflate import PerMessageDeflate
+from blockws.exceptions import (
+    HandshakeError,
+    MessageTooBig,
+    NegotiationError,
+    ProtocolError,
+    TransportError,
+)
+from blockws.extensions import Extension, parse_extension_header
+from blockws.frames import Frame, Opcode, parse_close, parse_header, py_apply_mask
+from blockws.handshake import (
+    Headers,
+    Request,
+    ResponseReader,
+    accept_key,
+    negotiate,
+    parse_url,
+    validate_response,
+)
+from blockws.http2 import H2Connection, HTTP2Settings
+from blockws.protocol import (
+    BinaryMessage,
+    CloseReceived,
+    Failure,
+    Ping,
+    Pong,
+    Protocol,
+    Role,
+    TextMessage,
+)
+
+__all__ = ["TARGETS", "Input", "seeds"]
+
+
+class Input:
+    """The fuzzer's bytes as a stream of choices (like atheris' FuzzedDataProvider,
+    which this keeps out of the targets so they run without atheris too).
+
+    Choices come from the front; the rest is data. Past the end every choice
+    is 0 and every read empty, so any input is valid.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            return 0
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def int(self, n: int) -> int:
+        """A number in ``range(n)`` (n <= 65536)."""
+        if n <= 256:
+            return self.byte() % n
+        return ((self.byte() << 8) | self.byte()) % n
+
+    def bool(self) -> bool:
+        return bool(self.byte() & 1)
+
+    def bytes(self, n: int) -> bytes:
+        out = self.data[self.pos : self.pos + n]
+        self.pos += len(out)
+        return out
+
+    def rest(self) -> bytes:
+        out = self.data[self.pos :]
+        self.pos = len(self.data)
+        return out
+
+    def cuts(self, total: int) -> list[int]:
+        """Up to 8 sorted cut points in ``range(1, total)``."""
+        if total < 2:
+            return []
+        return sorted({1 + self.int(total - 1) for _ in range(self.int(9))})
+
+
+def _pieces(data: bytes, cuts: Sequence[int]) -> Iterator[bytes]:
+    start = 0
+    for cut in cuts:
+        yield data[start:cut]
+        start = cut
+    yield data[start:]
+
+
+# -- frames.py: the header parser, Frame.parse, masking, close payloads ----------------
+
+
+def target_frames(data: bytes) -> None:
+    """The one header parser and the whole-buffer parser, in each MASK mode; pure and C
+    masking; close payloads; serialize/parse round trips."""
+    inp = Input(data)
+    masked = (None, True, False)[inp.int(3)]
+    allowed = inp.int(8) << 4
+    rest = inp.rest()
+    for pos in range(min(len(rest), 3)):
+        try:
+            header = parse_header(rest, pos, allowed_rsv=allowed, masked=masked)
+        except ProtocolError:
+            continue
+        if header is None:
+            continue
+        assert header.end <= len(rest) and header.end - pos >= 2
+        assert header.length >= 0 and header.length < 1 << 63
+        assert header.rsv & ~allowed == 0
+        assert masked is None or (header.mask_key is not None) == masked
+        if header.opcode >= 8:
+            assert header.fin and header.length <= 125 and not header.rsv
+    try:
+        parsed = Frame.parse(rest, masked=masked)
+    except ProtocolError:
+        parsed = None
+    if parsed is not None:
+        frame, used = parsed
+        assert used <= len(rest)
+        key = rest[used - len(frame.payload) - 4 : used - len(frame.payload)]
+        again = frame.serialize(key if rest[1] & 0x80 else None)
+        # Lengths may be encoded non-minimally on the wire; the re-encoding is minimal.
+        assert Frame.parse(again, masked=masked) == (frame, len(again))
+        if frame.opcode == Opcode.CLOSE:
+            try:
+                code, reason = parse_close(frame.payload)
+            except ProtocolError:
+                pass
+            else:
+                assert code == 1005 or frames_mod.is_valid_close_code(code)
+                assert isinstance(reason, str)
+    # Masking: pure and C agree, and masking twice gives the data back.
+    key = (rest[:4] + b"\x00\x00\x00\x00")[:4]
+    body = rest[4:]
+    pure = py_apply_mask(body, key)
+    assert py_apply_mask(pure, key) == body
+    if frames_mod.c_apply_mask is not None:
+        assert frames_mod.c_apply_mask(body, key) == pure
+        assert frames_mod.c_apply_mask(memoryview(body), key) == pure
+        assert frames_mod.c_apply_mask(bytearray(body), key) == pure
+
+
+# -- protocol.py: the streaming parser in every reporting mode ---------------------------
+
+
+class _CountingPool:
+    """An ``allocate``/``release`` pair that checks releases are of its own buffers."""
+
+    def __init__(self) -> None:
+        self.out: set[int] = set()
+
+    def allocate(self, size: int) -> bytearray:
+        buf = bytearray(size + (size & 7))  # sometimes larger, as a pool's are
+        self.out.add(id(buf))
+        return buf
+
+    def release(self, buf: bytearray) -> None:
+        assert id(buf) in self.out, "release() of a buffer allocate() never gave"
+        self.out.discard(id(buf))
+
+
+def _fixed_keys() -> Callable[[], bytes]:
+    keys = iter(range(1 << 30))
+    return lambda: next(keys).to_bytes(4, "big")
+
+
+def _deflate(params: int) -> PerMessageDeflate:
+    ext = PerMessageDeflate(min_size=0)
+    answer: list[tuple[str, str | None]] = []
+    if params & 1:
+        answer.append(("server_no_context_takeover", None))
+    if params & 2:
+        answer.append(("server_max_window_bits", str(8 + (params >> 2) % 8)))
+    ext.accept(answer)
+    return ext
+
+
+def _normalize(events: list[Any]) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for event in events:
+        if isinstance(event, str):
+            out.append(("text", event))
+        elif isinstance(event, bytes):
+            out.append(("binary", event))
+        elif isinstance(event, TextMessage):
+            out.append(("text", event.text))
+        elif isinstance(event, BinaryMessage):
+            out.append(("binary", bytes(event)))
+        elif isinstance(event, Ping):
+            out.append(("ping", event.payload))
+        elif isinstance(event, Pong):
+            out.append(("pong", event.payload))
+        elif isinstance(event, CloseReceived):
+            out.append(("close", event.code, event.reason))
+        elif isinstance(event, Failure):
+            # Which error a message that is bad in two ways reports first (bad deflate
+            # data that also inflates to bad UTF-8) depends on where the bytes were cut:
+            # checks run as early as the bytes allow. That it fails, and where, may not.
+            out.append(("failure",))
+        else:
+            raise AssertionError(f"unknown event {event!r}")
+    return out
+
+
+_MAX_MESSAGE = 4096
+
+
+def _run_protocol(
+    mode: int, pieces: Iterator[bytes], mask: Callable[..., bytes]
+) -> tuple[list[tuple[Any, ...]], list[bytes], Any]:
+    server = bool(mode & 1)
+    pool = _CountingPool()
+    exts: list[Extension] = [_deflate(mode >> 5)] if mode & 16 else []
+    saved = protocol_mod.apply_mask
+    protocol_mod.apply_mask = mask
+    try:
+        proto = Protocol(
+            Role.SERVER if server else Role.CLIENT,
+            max_message_size=_MAX_MESSAGE,
+            extensions=exts,
+            allocate=pool.allocate if mode & 8 else None,
+            release=pool.release if mode & 8 else None,
+            mask_keys=_fixed_keys(),
+            auto_close_reply=not mode & 128,
+        )
+        proto.compact_messages = bool(mode & 2)
+        proto.binary_as_bytes = bool(mode & 4)
+        events: list[Any] = []
+        sent: list[bytes] = []
+        for piece in pieces:
+            # Nothing escapes receive_data: a protocol error becomes a Failure event.
+            got = proto.receive_data(piece)
+            events.extend(got)
+            sent.extend(proto.data_to_send())
+    finally:
+        protocol_mod.apply_mask = saved
+    for event in events:
+        size = 0
+        if isinstance(event, (str, bytes)):
+            size = len(event.encode() if isinstance(event, str) else event)
+        elif isinstance(event, TextMessage):
+            size = len(event.text.encode("utf-8", "surrogatepass"))
+        elif isinstance(event, BinaryMessage):
+            size = event.length
+            assert len(event.data) >= event.length
+        assert size <= _MAX_MESSAGE, f"a message of {size} bytes passed max_message_size"
+    failures = [e for e in events if isinstance(e, Failure)]
+    assert len(failures) <= 1 and (not failures or events[-1] is failures[0])
+    if failures and sent and sent[-1][0] == 0x88:
+        # The close frame of the failure carries its code (see _normalize): check it
+        # here, leave it out of the comparison.
+        code = failures[0].error.close_code
+        assert Frame.parse(sent[-1])[0].payload[:2] in (  # type: ignore[index]
+            code.to_bytes(2, "big"),
+            py_apply_mask(code.to_bytes(2, "big"), sent[-1][2:6]),
+        ), (sent[-1], code)
+        sent = sent[:-1]
+    return _normalize(events), sent, proto.state
+
+
+def target_protocol(data: bytes) -> None:
+    """Protocol.receive_data: client and server roles, compact or event reporting,
+    bytes or pooled binary, with and without permessage-deflate, automatic close reply
+    or not; the same bytes whole and cut into pieces, with pure and C masking."""
+    inp = Input(data)
+    mode = inp.byte()
+    stream = inp.rest()
+    cuts = Input(stream[-8:]).cuts(len(stream))
+    whole = _run_protocol(mode, iter([stream]), py_apply_mask)
+    cut = _run_protocol(mode, _pieces(stream, cuts), py_apply_mask)
+    assert whole == cut, f"cut at {cuts}: {whole} != {cut}"
+    if frames_mod.c_apply_mask is not None and mode & 1:
+        fast = _run_protocol(mode, _pieces(stream, cuts), frames_mod.c_apply_mask)
+        assert fast == whole, "C and pure masking disagree"
+
+
+# -- handshake.py: the HTTP/1.1 response reader and its validation ---------------------
+
+
+_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+_ACCEPT = accept_key(_KEY)
+
+
+def _read_response(pieces: list[bytes], limit: int) -> tuple[Any, ...]:
+    reader = ResponseReader(limit)
+    try:
+        response = None
+        used = 0
+        while response is None and used < len(pieces):
+            response = reader.feed(pieces[used])
+            used += 1
+        if response is None:
+            return ("incomplete",)
+        # What follows the head goes on to the WebSocket, in later reads too.
+        extra = response.extra + b"".join(pieces[used:])
+        head = (response.status, response.reason, response.headers.raw_items(), extra)
+        try:
+            protocol, accepted = validate_response(
+                response, _KEY, ["chat", "superchat"], [PerMessageDeflate()]
+            )
+        except HandshakeError as exc:
+            return ("invalid", head, type(exc))
+        return ("ok", head, protocol, [e.name for e in accepted])
+    except HandshakeError as exc:
+        return ("error", type(exc))
+
+
+def target_handshake(data: bytes) -> None:
+    """ResponseReader.feed and validate_response: only HandshakeError subclasses, and
+    the same outcome whole and cut into pieces."""
+    inp = Input(data)
+    limit = 64 + inp.int(2048)
+    body = inp.rest().replace(b"@ACCEPT@", _ACCEPT.encode())
+    whole = _read_response([body], limit)
+    cut = _read_response(list(_pieces(body, Input(body[-8:]).cuts(len(body)))), limit)
+    assert cut == whole, (whole, cut)
+
+
+# -- extensions.py and deflate.py: negotiation -------------------------------------------
+
+
+def target_extensions(data: bytes) -> None:
+    """parse_extension_header, negotiate() and PerMessageDeflate.accept on any answer."""
+    inp = Input(data)
+    config = inp.byte()
+    offered_server = (None, 8 + inp.int(8))[config & 1]
+    offered_client: int | bool = (True, False, 8 + inp.int(8))[inp.int(3)]
+    deflate = PerMessageDeflate(
+        server_no_context_takeover=bool(config & 2),
+        client_no_context_takeover=bool(config & 4),
+        server_max_window_bits=offered_server,
+        client_max_window_bits=offered_client,
+    )
+    text = inp.rest().decode("latin-1")
+    try:
+        items = parse_extension_header(text)
+    except ValueError:
+        items = None
+    else:
+        for name, params in items:
+            assert name and name == name.strip()
+            assert all(key for key, _ in params)
+    headers = Headers()
+    for line in text.split("\n"):
+        try:
+            headers.add("Sec-WebSocket-Extensions", line)
+        except ValueError:
+            pass
+    try:
+        _, accepted = negotiate(headers, [], [deflate])
+    except NegotiationError:
+        return
+    for ext in accepted:
+        assert ext is deflate
+        agreed = deflate.agreed
+        assert agreed is not None
+        server_bits = agreed["server_max_window_bits"]
+        client_bits = agreed["client_max_window_bits"]
+        if server_bits is not None:
+            assert 8 <= server_bits <= 15
+            assert offered_server is None or server_bits <= offered_server
+        if client_bits is not None:
+            assert offered_client is not False and 8 <= client_bits <= 15
+            assert offered_client is True or client_bits <= offered_client
+        if deflate.client_no_context_takeover:
+            assert agreed["client_no_context_takeover"]
+        # What was agreed works: a message goes through and back.
+        message = text.encode("utf-8", "surrogatepass")[:512] * 3
+        payload, rsv = deflate.encode(Opcode.TEXT, message)
+        assert deflate.begin_message(Opcode.TEXT, rsv) == bool(rsv)
+        if rsv:
+            peer = zlib.decompressobj(-max(client_bits or 15, 9))
+            assert peer.decompress(payload + b"\x00\x00\xff\xff") == message
+
+
+# -- deflate.py: inflation ------------------------------------------------------------------
+
+
+def target_inflate(data: bytes) -> None:
+    """PerMessageDeflate.decode on arbitrary and on real compressed data, cut into
+    chunks, with a small limit: output never over the limit, real data round-trips."""
+    inp = Input(data)
+    mode = inp.byte()
+    limit = 1 + inp.int(8192)
+    ext = _deflate(mode)
+    agreed = ext.agreed or {}
+    body = inp.rest()
+    real = bool(mode & 64)  # the fuzzer's bytes compressed as a server would
+    bits = max(agreed.get("server_max_window_bits") or 15, 9)
+    comp = zlib.compressobj(1 + (mode >> 7) * 5, zlib.DEFLATED, -bits)
+    for _ in range(2):  # a second message exercises context takeover
+        if real:
+            if agreed.get("server_no_context_takeover"):
+                comp = zlib.compressobj(1 + (mode >> 7) * 5, zlib.DEFLATED, -bits)
+            stream = comp.compress(body) + comp.flush(zlib.Z_SYNC_FLUSH)
+            assert stream.endswith(b"\x00\x00\xff\xff")
+            stream = stream[:-4]
+        else:
+            stream = body
+        chunks = list(_pieces(stream, Input(body[-8:]).cuts(len(stream))))
+        out = bytearray()
+        assert ext.begin_message(Opcode.BINARY, frames_mod.RSV1)
+        try:
+            for i, chunk in enumerate(chunks):
+                room = limit - len(out)
+                got = ext.decode(chunk, i == len(chunks) - 1, room)
+                assert len(got) <= room, f"decode returned {len(got)} bytes past a limit of {room}"
+                out += got
+        except MessageTooBig:
+            assert not real or len(body) > limit, "1009 for a message within the limit"
+            return
+        except ProtocolError:
+            assert not real, "real deflate data refused"
+            return
+        if real:
+            assert out == body, "inflated data differs"
+
+
+# -- http2.py: the DATA fast path, behind a whole HTTP/2 connection --------------------------
+
+
+# The server's half of an RFC 8441 exchange, written by hand: SETTINGS with
+# ENABLE_CONNECT_PROTOCOL = 1, the ACK of ours, and HEADERS (:status 200, HPACK's static
+# index 8) answering stream 1.
+_H2_SETTINGS = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x08\x00\x00\x00\x01"
+_H2_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
+_H2_ANSWER = b"\x00\x00\x01\x01\x04\x00\x00\x00\x01\x88"
+
+
+class _H2Peer:
+    """A transport whose reads are the test's bytes: the server of one H2Connection."""
+
+    alpn_protocol = "h2"
+
+    def __init__(self) -> None:
+        self.incoming: queue.Queue[bytes] = queue.Queue()
+        self.cond = threading.Condition()
+        self.blocked = False  # the reader waits on an empty queue
+        self.idle_reads = 0  # reads that found the queue empty
+        self.ended = False
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        with self.cond:
+            if self.incoming.empty():
+                self.blocked = True
+                self.idle_reads += 1
+                self.cond.notify_all()
+        data = self.incoming.get()
+        with self.cond:
+            self.blocked = False
+        return data
+
+    def write(self, chunks: Sequence[Any]) -> None:
+        for chunk in chunks:
+            data = bytes(chunk)
+            pos = 0
+            while len(data) - pos >= 9:
+                # Answer the extended CONNECT (a HEADERS frame on stream 1).
+                if data[pos + 3] == 1 and data[pos + 5 : pos + 9] == b"\x00\x00\x00\x01":
+                    self.incoming.put(_H2_ANSWER)
+                pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
+
+    def feed(self, pieces: Sequence[bytes]) -> None:
+        """Queue ``pieces`` and wait until the reader has handled them all."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.blocked or self.ended, 10.0)
+            before = self.idle_reads
+            for piece in pieces:
+                self.incoming.put(piece)
+            assert self.cond.wait_for(lambda: self.idle_reads > before or self.ended, 10.0)
+
+    def abort(self) -> None:
+        with self.cond:
+            if not self.ended:
+                self.ended = True
+                self.incoming.put(b"")
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        self.abort()
+
+
+class _StreamSink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lost: list[Any] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.append(type(exc) if exc is not None else None)
+
+
+class _ReaderFailed(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_reader_failed = _ReaderFailed()
+
+_H2_TYPES = (0, 0, 0, 1, 2, 3, 4, 6, 7, 8, 9)  # DATA mostly; then every other type
+
+
+def _h2_frames(inp: Input) -> bytes:
+    """Frames built from the fuzzer's choices: DATA on the open stream mostly."""
+    out = bytearray()
+    while inp.pos < len(inp.data):
+        kind = inp.byte()
+        ftype = _H2_TYPES[kind % len(_H2_TYPES)] if kind < 0xF0 else kind & 0x0F
+        flags = (0, 0, 0x01, 0x08, 0x09, 0x04)[inp.int(6)] if inp.bool() else inp.byte()
+        sid = (1, 1, 1, 0, 3, 2)[inp.int(6)]
+        n = inp.int(300)
+        payload = inp.bytes(n)
+        if ftype == 0 and flags & 0x08 and payload:
+            payload = bytes([min(payload[0], len(payload) - 1)]) + payload[1:]  # pad length
+        length = len(payload) if inp.byte() < 250 else inp.int(1 << 16)
+        out += length.to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big")
+        out += payload
+    return bytes(out)
+
+
+def _run_h2(pieces: list[bytes]) -> tuple[Any, ...]:
+    if _reader_failed not in logging.getLogger("blockws").handlers:
+        logging.getLogger("blockws").addHandler(_reader_failed)
+    peer = _H2Peer()
+    peer.incoming.put(_H2_SETTINGS + _H2_ACK)
+    conn = H2Connection(peer, ("fuzz", id(peer)), HTTP2Settings())  # type: ignore[arg-type]
+    conn.handshake(Deadline(5.0))
+    conn.reserved = 1  # as the pool does for the stream about to open
+    stream = conn.open_stream(_URL, Request("ws://fuzz/"), [], Deadline(5.0), lambda t: None)
+    sink = _StreamSink()
+    stream.run(sink)
+    peer.feed(pieces)
+    alive = not peer.ended  # the reader is back in recv(): nothing changes until we act
+    delivered = bytes(sink.data)
+    stream.close()
+    conn.close()  # joins the reader thread
+    dead = None if alive else conn.dead
+    assert not _reader_failed.records, _reader_failed.records[0].getMessage()
+    assert dead is None or isinstance(dead, TransportError), repr(dead)
+    return delivered, type(dead), tuple(sink.lost[:1])
+
+
+_URL = parse_url("ws://fuzz/")
+
+
+def target_http2(data: bytes) -> None:
+    """H2Connection's reader: DATA frames of an open, answered stream take the fast path;
+    every other frame goes through h2. The same bytes in one read and in several give
+    the same data to the stream and the same end; nothing reaches the reader's catch-all."""
+    inp = Input(data)
+    raw = inp.byte() >= 0xE0
+    stream = inp.rest() if raw else _h2_frames(inp)
+    if not stream:
+        return
+    cuts = Input(data[-8:]).cuts(len(stream))
+    whole = _run_h2([stream])
+    cut = _run_h2(list(_pieces(stream, cuts)))
+    # The flow-control windows (4 MiB, 16 MiB) are far larger than any input, and
+    # credit returned between reads cannot change the outcome.
+    assert whole == cut, (cuts, whole, cut)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "frames": target_frames,
+    "protocol": target_protocol,
+    "handshake": target_handshake,
+    "extensions": target_extensions,
+    "inflate": target_inflate,
+    "http2": target_http2,
+}
+
+
+# -- seeds: valid inputs the fuzzer starts from ----------------------------------------------
+
+
+def _ws_frames(server: bool) -> list[bytes]:
+    key = b"\x01\x02\x03\x04" if server else None
+    comp = zlib.compressobj(1, zlib.DEFLATED, -15)
+    deflated = (comp.compress(b"hello hello hello") + comp.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    return [
+        Frame(Opcode.TEXT, "héllo".encode()).serialize(key),
+        Frame(Opcode.BINARY, bytes(range(200))).serialize(key),
+        Frame(Opcode.TEXT, b"frag", fin=False).serialize(key)
+        + Frame(Opcode.PING, b"p").serialize(key)
+        + Frame(Opcode.CONT, b"ment").serialize(key),
+        Frame(Opcode.BINARY, b"a" * 70000)
+        .serialize(key)[:40],
+        Frame(Opcode.TEXT, deflated, rsv=frames_mod.RSV1).serialize(key),
+        Frame(Opcode.CLOSE, b"\x03\xe8bye").serialize(key),
+        Frame(Opcode.PONG, b"").serialize(key) + Frame(Opcode.CLOSE, b"").serialize(key),
+    ]
+
+
+def seeds(target: str) -> list[bytes]:
+    """A few valid inputs per target, in the form the target reads."""
+    if target in ("frames", "protocol"):
+        out = []
+        for mode in (0, 1, 2, 3, 4, 6, 8, 16, 17, 18, 20, 24):
+            frames = _ws_frames(bool(mode & 1))
+            out.append(bytes([mode]) + b"".join(frames))
+            out.extend(bytes([mode]) + f for f in frames)
+        return out
+    if target == "handshake":
+        ok = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: @ACCEPT@\r\nSec-WebSocket-Protocol: chat\r\n"
+            b"Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=12; "
+            b"client_max_window_bits=12\r\n\r\n\x81\x02hi"
+        )
+        return [b"\x40" + ok, b"\xff" + ok, b"\x10HTTP/1.1 404 Not Found\r\nX: y\r\n\r\nbody"]
+    if target == "extensions":
+        return [
+            b"\x00\x00permessage-deflate",
+            b"\x01\x09\x02permessage-deflate; server_max_window_bits=10; client_max_window_bits=9",
+            b"\x06\x00permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+            b"\x00\x01x-other, permessage-deflate; client_max_window_bits=\"15\"",
+        ]
+    if target == "inflate":
+        return [b"\x40\x20\x00" + b"hello " * 50, b"\x43\x10\x00" + bytes(range(256)),
+                b"\x00\x20\x00" + _ws_frames(False)[4][2:]]
+    if target == "http2":
+        def data(payload: bytes, flags: int = 0) -> bytes:
+            # _h2_frames' choices: DATA, flags from the short list, stream 1, length, payload.
+            n = len(payload)
+            return bytes([0, 1, flags, 0, n >> 8, n & 255]) + payload + b"\x00"
+
+        ws = _ws_frames(False)
+        return [
+            b"\x00" + data(ws[0]) + data(ws[1][:100]) + data(ws[1][100:]),
+            b"\x00" + data(ws[2]) + data(ws[5], 2),
+            b"\x00" + data(ws[0], 3) + data(ws[0]),
+            b"\xff" + _H2_SETTINGS + b"\x00\x00\x05\x00\x00\x00\x00\x00\x01" + ws[0][:5],
+        ]
+    raise KeyError(target)
