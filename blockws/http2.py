@@ -987,7 +987,9 @@ class H2Connection:
                     frames.append(_window_update(0, conn_hand))
                     self._recv_window += conn_hand
                 for stream, n in through.items():
-                    if not stream._ended:
+                    # n is 0 for an empty DATA frame with END_STREAM, and h2 refuses an
+                    # increment of 0 with a ValueError (found by benchmarks/fuzz).
+                    if n and not stream._ended:
                         with contextlib.suppress(h2.exceptions.H2Error, KeyError):
                             self.h2.increment_flow_control_window(n, stream.stream_id)
                             stream._recv_window += n

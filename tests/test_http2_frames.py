@@ -21,6 +21,7 @@ import pytest
 from faultserver import OP_BINARY, OP_TEXT, Recorder, frame_bytes
 from h2peers import (
     DATA,
+    END_STREAM,
     FLOW_CONTROL_ERROR,
     FRAME_SIZE_ERROR,
     GOAWAY,
@@ -198,6 +199,37 @@ def test_data_before_a_connection_error_is_delivered(path: str) -> None:
         assert server.done.wait(10)
     assert rec.messages == ["before"]
     assert answers[0].error_code == FRAME_SIZE_ERROR  # h2 says so too, for the RST_STREAM
+
+
+@pytest.mark.timeout(30)
+def test_empty_data_with_end_stream_keeps_the_connection() -> None:
+    """Found by benchmarks/fuzz (target http2): an empty DATA frame with END_STREAM (how many
+    servers end a stream) on a stream not yet handed to its socket made the reader return a
+    credit of 0 through h2, which raises ValueError: the reader died, and with it every
+    socket on the connection. Here the server answers the CONNECT and ends the stream in
+    one write; that socket ends (1006), and the next one on the connection works."""
+    def scenario(conn: MiniConn) -> None:
+        conn.handshake()
+        conn.accept(then=frame(DATA, END_STREAM, 1))  # the answer, then an empty DATA
+        second = conn.accept()
+        first_message(conn, second)
+        conn.send(conn.data(second, frame_bytes(OP_TEXT, b"still here")))
+        conn.read_until(lambda f: f.type == DATA and f.stream_id == second and bool(f.payload))
+
+    with MiniH2(scenario) as server:
+        rec1, rec2 = Recorder(), Recorder()
+        ws1 = blockws.WebSocket(server.url, http2=H2C, extensions=[], **rec1.callbacks())
+        ws1.open()
+        assert rec1.wait_closed(ws1)[0] == 1006
+        ws2 = open_h2(server.url, rec2)
+        ws2.send("two")
+        rec2.pump_until(ws2, lambda: bool(rec2.messages) or bool(rec2.closes))
+        assert rec2.messages == ["still here"] and not rec2.closes
+        ws2.send("bye")
+        assert server.done.wait(10)
+        ws2.abort()
+        rec2.wait_closed(ws2)
+    assert len(server.conns) == 1
 
 
 # -- the fast path is taken -------------------------------------------------------------------
