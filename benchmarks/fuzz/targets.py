@@ -357,9 +357,9 @@ def target_handshake(data: bytes) -> None:
 def target_extensions(data: bytes) -> None:
     """parse_extension_header, negotiate() and PerMessageDeflate.accept on any answer."""
     inp = Input(data)
-    config = inp.byte()
-    offered_server = (None, 8 + inp.int(8))[config & 1]
-    offered_client: int | bool = (True, False, 8 + inp.int(8))[inp.int(3)]
+    config, server_bits, client_choice, client_bits = inp.bytes(4).ljust(4, b"\0")
+    offered_server = 8 + server_bits % 8 if config & 1 else None
+    offered_client: int | bool = (True, False, 8 + client_bits % 8)[client_choice % 3]
     deflate = PerMessageDeflate(
         server_no_context_takeover=bool(config & 2),
         client_no_context_takeover=bool(config & 4),
@@ -648,17 +648,24 @@ def seeds(target: str) -> list[bytes]:
             b"Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=12; "
             b"client_max_window_bits=12\r\n\r\n\x81\x02hi"
         )
-        return [b"\x40" + ok, b"\xff" + ok, b"\x10HTTP/1.1 404 Not Found\r\nX: y\r\n\r\nbody"]
+        # Two bytes of limit first: 64 + 0x07ff % 2048 = 2111, and 64 + 0x0040 = 128.
+        return [b"\x07\xff" + ok, b"\x00\x40" + ok,
+                b"\x07\xffHTTP/1.1 404 Not Found\r\nX: y\r\n\r\nbody"]
     if target == "extensions":
+        # config, server bits, client choice (True, False, bits), client bits; the answer.
         return [
-            b"\x00\x00permessage-deflate",
-            b"\x01\x09\x02permessage-deflate; server_max_window_bits=10; client_max_window_bits=9",
-            b"\x06\x00permessage-deflate; server_no_context_takeover; client_no_context_takeover",
-            b"\x00\x01x-other, permessage-deflate; client_max_window_bits=\"15\"",
+            b"\x00\x00\x00\x00permessage-deflate",
+            b"\x01\x04\x02\x03permessage-deflate; server_max_window_bits=10; "
+            b"client_max_window_bits=9",
+            b"\x06\x00\x00\x00permessage-deflate; server_no_context_takeover; "
+            b"client_no_context_takeover",
+            b"\x00\x00\x00\x00x-other, permessage-deflate; client_max_window_bits=\"15\"",
+            b"\x00\x00\x02\x00permessage-deflate; client_max_window_bits=8",
         ]
     if target == "inflate":
-        return [b"\x40\x20\x00" + b"hello " * 50, b"\x43\x10\x00" + bytes(range(256)),
-                b"\x00\x20\x00" + _ws_frames(False)[4][2:]]
+        # mode (0x40: real data), two bytes of limit (1 + 0x1000 = 4097), the data.
+        return [b"\x40\x10\x00" + b"hello " * 50, b"\x43\x10\x00" + bytes(range(256)),
+                b"\xc2\x00\x80" + b"hello " * 50, b"\x00\x10\x00" + _ws_frames(False)[4][2:]]
     if target == "http2":
         def data(payload: bytes, flags: int = 0) -> bytes:
             # _h2_frames' choices: DATA, flags from the short list, stream 1, length, payload.
