@@ -31,6 +31,17 @@ class Row:
     branches: int
     branch_pct: float
     cover: float
+    gaps: str  # missing lines, as ranges
+
+
+def _ranges(lines: list[int]) -> str:
+    out: list[str] = []
+    for n in sorted(lines):
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
 
 
 def module_figures(data_file: str) -> list[Row]:
@@ -45,9 +56,13 @@ def module_figures(data_file: str) -> list[Row]:
         summary = info["summary"]
         branches = summary.get("num_branches", 0)
         covered = summary.get("covered_branches", 0)
+        partial = sorted({src for src, _ in info.get("missing_branches", [])})
+        gaps = _ranges(info["missing_lines"])
+        if partial:
+            gaps += ("; " if gaps else "") + "partial branches at " + _ranges(partial)
         rows.append(Row(Path(path).name, summary["num_statements"], summary["missing_lines"],
                         branches, 100.0 * covered / branches if branches else 100.0,
-                        summary["percent_covered"]))
+                        summary["percent_covered"], gaps))
     return sorted(rows, key=lambda r: r.cover)
 
 
@@ -73,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"every module at {threshold:g} % or more")
         return 0
     print(f"{len(below)} module(s) below {threshold:g} %: {', '.join(below)}")
+    print("lines not run, by module:")
+    for r in rows:
+        if r.cover < threshold:
+            print(f"  {r.module}: {r.gaps}")
     if args.fail_under is not None:
         return 1
     print("(report only: pass --fail-under to make this a gate)")

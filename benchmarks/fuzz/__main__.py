@@ -80,7 +80,8 @@ def _run(target: str, args: argparse.Namespace) -> bool:
     if importlib.util.find_spec("atheris") is None or args.no_atheris:
         n, took, crash = _fallback(target, args.runs, args.seconds)
         print(f"{target}: {n} inputs in {took:.1f} s ({n / max(took, 1e-9):.0f}/s), "
-              f"random mutation (atheris not installed: not coverage-guided)"
+              f"random mutation, not coverage-guided ("
+              + ("--no-atheris" if args.no_atheris else "atheris is not installed") + ")"
               + (f", CRASH\n{crash}" if crash else ", no crash"), flush=True)
         return not crash
     from benchmarks.fuzz.targets import seeds
