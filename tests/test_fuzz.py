@@ -1,8 +1,9 @@
 """The fuzz targets (``benchmarks/fuzz``, issue 11): the inputs that found bugs, and a smoke.
 
-The unit tests run every target on its seeds and on each input the fuzzer found a bug
-with (a regression test of its own sits beside the code it fixed; these keep the
-harness honest: each input fails its target on the old code). The smoke runs each target
+The unit tests run every target on its seeds and on each input the fuzzer stopped at.
+Four found bugs (each has a regression test of its own beside the code it fixed; the
+inputs fail their targets on the code before the fixes); one found an oracle that was
+too strict (``protocol``), kept so that it stays right. The smoke runs each target
 under atheris for ``BLOCKWS_FUZZ_SECONDS`` (default 10) seconds in a child process: CI
 time is shared, so it is a smoke; the issue's full run is ``python -m benchmarks.fuzz
 --runs 10000000``.

@@ -536,8 +536,6 @@ class _ReaderFailed(logging.Handler):
         self.records.append(record)
 
 
-_reader_failed = _ReaderFailed()
-
 _H2_TYPES = (0, 0, 0, 1, 2, 3, 4, 6, 7, 8, 9)  # DATA mostly; then every other type
 
 
@@ -560,23 +558,28 @@ def _h2_frames(inp: Input) -> bytes:
 
 
 def _run_h2(pieces: list[bytes]) -> tuple[Any, ...]:
-    if _reader_failed not in logging.getLogger("blockws").handlers:
-        logging.getLogger("blockws").addHandler(_reader_failed)
-    peer = _H2Peer()
-    peer.incoming.put(_H2_SETTINGS + _H2_ACK)
-    conn = H2Connection(peer, ("fuzz", id(peer)), HTTP2Settings())  # type: ignore[arg-type]
-    conn.handshake(Deadline(5.0))
-    conn.reserved = 1  # as the pool does for the stream about to open
-    stream = conn.open_stream(_URL, Request("ws://fuzz/"), [], Deadline(5.0), lambda t: None)
-    sink = _StreamSink()
-    stream.run(sink)
-    peer.feed(pieces)
-    alive = not peer.ended  # the reader is back in recv(): nothing changes until we act
-    delivered = bytes(sink.data)
-    stream.close()
-    conn.close()  # joins the reader thread
+    watch = _ReaderFailed()  # the reader's catch-all logs "reader failed" at ERROR
+    blockws_logger = logging.getLogger("blockws")
+    blockws_logger.addHandler(watch)
+    try:
+        peer = _H2Peer()
+        peer.incoming.put(_H2_SETTINGS + _H2_ACK)
+        conn = H2Connection(peer, ("fuzz", id(peer)), HTTP2Settings())  # type: ignore[arg-type]
+        conn.handshake(Deadline(5.0))
+        conn.reserved = 1  # as the pool does for the stream about to open
+        stream = conn.open_stream(_URL, Request("ws://fuzz/"), [], Deadline(5.0),
+                                  lambda t: None)
+        sink = _StreamSink()
+        stream.run(sink)
+        peer.feed(pieces)
+        alive = not peer.ended  # the reader is back in recv(): nothing changes until we act
+        delivered = bytes(sink.data)
+        stream.close()
+        conn.close()  # joins the reader thread
+    finally:
+        blockws_logger.removeHandler(watch)
     dead = None if alive else conn.dead
-    assert not _reader_failed.records, _reader_failed.records[0].getMessage()
+    assert not watch.records, watch.records[0].getMessage()
     assert dead is None or isinstance(dead, TransportError), repr(dead)
     return delivered, type(dead), tuple(sink.lost[:1])
 
