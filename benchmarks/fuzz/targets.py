@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 from blockws import frames as frames_mod
+from blockws import http2 as http2_mod
 from blockws import protocol as protocol_mod
 from blockws.deadline import Deadline
 from blockws.deflate import PerMessageDeflate
@@ -590,18 +591,30 @@ _URL = parse_url("ws://fuzz/")
 def target_http2(data: bytes) -> None:
     """H2Connection's reader: DATA frames of an open, answered stream take the fast path;
     every other frame goes through h2. The same bytes in one read and in several give
-    the same data to the stream and the same end; nothing reaches the reader's catch-all."""
+    the same data to the stream and the same end; nothing reaches the reader's catch-all.
+    One input in eight runs with receive windows of 300 bytes (stream) and 65535 + 600
+    (connection), so that DATA beyond a window is common; then the outcome may depend on
+    the cuts (credit goes back between reads), and only the other rules hold."""
     inp = Input(data)
-    raw = inp.byte() >= 0xE0
+    first = inp.byte()
+    raw = first >= 0xE0
+    small = not raw and first & 7 == 7
     stream = inp.rest() if raw else _h2_frames(inp)
     if not stream:
         return
     cuts = Input(data[-8:]).cuts(len(stream))
-    whole = _run_h2([stream])
-    cut = _run_h2(list(_pieces(stream, cuts)))
-    # The flow-control windows (4 MiB, 16 MiB) are far larger than any input, and
-    # credit returned between reads cannot change the outcome.
-    assert whole == cut, (cuts, whole, cut)
+    windows = http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW
+    if small:
+        http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW = 300, 600
+    try:
+        whole = _run_h2([stream])
+        cut = _run_h2(list(_pieces(stream, cuts)))
+    finally:
+        http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW = windows
+    if not small:
+        # The windows (4 MiB, 16 MiB) are far larger than any input: credit returned
+        # between reads cannot change the outcome.
+        assert whole == cut, (cuts, whole, cut)
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
@@ -680,6 +693,8 @@ def seeds(target: str) -> list[bytes]:
             b"\x00" + data(ws[0]) + data(ws[1][:100]) + data(ws[1][100:]),
             b"\x00" + data(ws[2]) + data(ws[5], 2),
             b"\x00" + data(ws[0], 3) + data(ws[0]),
+            # Small windows (first byte & 7 == 7): the second frame is beyond the stream's.
+            b"\x07" + data(bytes(200)) + data(bytes(200)) + data(ws[0]),
             b"\xff" + _H2_SETTINGS + b"\x00\x00\x05\x00\x00\x00\x00\x00\x01" + ws[0][:5],
         ]
     raise KeyError(target)
