@@ -5,7 +5,8 @@
     python -m benchmarks.soak --urls ws://127.0.0.1:P1,ws://127.0.0.1:P2 --json out.json
 
 Half the sockets go to the `websockets` echo peer and half to Node's `ws` one
-(``tests/peers``; both started here unless ``--urls`` names running ones). Every
+(``tests/peers``; both started here unless ``--urls`` names running ones; with
+``--deflate`` every socket and peer uses permessage-deflate). Every
 socket pings every second (``send_pings``, ``close_after_no_message=2``) and sends
 ``--rate`` messages a second, text and binary in turn, 16 B to 1 KiB, each carrying
 its socket's sequence number; the peers echo them, so traffic flows both ways. One
@@ -79,7 +80,7 @@ def payload(sock_id: int, seq: int) -> bytes:
 class Peer:
     """One socket's sending and checking state (touched on the loop's thread only)."""
 
-    def __init__(self, sock_id: int, url: str, stats: Stats) -> None:
+    def __init__(self, sock_id: int, url: str, stats: Stats, deflate: bool = False) -> None:
         self.id = sock_id
         self.url = url
         self.stats = stats
@@ -89,7 +90,8 @@ class Peer:
         self.closed: tuple[int, str] | None = None
         self.ws = blockws.WebSocket(
             url,
-            extensions=[],
+            # min_size=0: every message compressed, both ways (the peers compress too).
+            extensions=[blockws.PerMessageDeflate(min_size=0)] if deflate else [],
             send_pings=True,
             ping_frequency=1.0,
             close_after_no_message=2.0,
@@ -136,6 +138,7 @@ class Stats:
     sockets: int = 0
     seconds: float = 0.0
     rate: float = 0.0
+    deflate: bool = False
     sent: int = 0
     received: int = 0
     lost: int = 0
@@ -167,11 +170,11 @@ def _readers() -> int:
 
 
 def run(urls: list[str], sockets: int, seconds: float, rate: float,
-        progress: bool = True) -> Stats:
-    stats = Stats(sockets=sockets, seconds=seconds, rate=rate)
+        progress: bool = True, deflate: bool = False) -> Stats:
+    stats = Stats(sockets=sockets, seconds=seconds, rate=rate, deflate=deflate)
     warmup = min(60.0, seconds / 2)
     stats.warmup_seconds = warmup
-    peers = [Peer(i, urls[i % len(urls)], stats) for i in range(sockets)]
+    peers = [Peer(i, urls[i % len(urls)], stats, deflate) for i in range(sockets)]
     for peer in peers:
         peer.ws.open()
     deadline = time.monotonic() + 30
@@ -287,9 +290,9 @@ def _judge(stats: Stats) -> None:
 def summary(stats: Stats) -> str:
     tcache = "off" if "tcache_count=0" in os.environ.get("GLIBC_TUNABLES", "") else "on"
     lines = [
-        f"soak: {stats.sockets} sockets, {stats.seconds:.0f} s, {stats.rate:g} msgs/s each way "
-        f"per socket, pings every 1 s (warm-up {stats.warmup_seconds:.0f} s, glibc tcache "
-        f"{tcache})",
+        f"soak: {stats.sockets} sockets{' with deflate' if stats.deflate else ''}, "
+        f"{stats.seconds:.0f} s, {stats.rate:g} msgs/s each way per socket, pings every 1 s "
+        f"(warm-up {stats.warmup_seconds:.0f} s, glibc tcache {tcache})",
         f"  messages: sent {stats.sent}, echoed {stats.received}, lost {stats.lost}, "
         f"reordered {stats.reordered}, corrupt {stats.corrupt}",
         f"  closes: early {len(stats.early_closes)}, not 1000 at the end "
@@ -308,15 +311,16 @@ def summary(stats: Stats) -> str:
 
 
 @contextlib.contextmanager
-def peers() -> Iterator[list[str]]:
-    """Start the `websockets` and Node `ws` echo peers; yields their URLs."""
+def peers(*flags: str) -> Iterator[list[str]]:
+    """Start the `websockets` and Node `ws` echo peers (with ``flags``); yields their URLs."""
     node = shutil.which("node")
     if node is None or not (PEERS_DIR / "node_modules" / "ws").is_dir():
         raise SystemExit("the Node ws peer is missing: npm install --prefix tests/peers")
     p1, p2 = free_port(), free_port()
-    with start_server([sys.executable, str(PEERS_DIR / "ws_echo_server.py"), "--port", str(p1)],
-                      p1), \
-         start_server([node, str(PEERS_DIR / "node_ws_server.js"), "--port", str(p2)], p2):
+    with start_server([sys.executable, str(PEERS_DIR / "ws_echo_server.py"), "--port", str(p1),
+                       *flags], p1), \
+         start_server([node, str(PEERS_DIR / "node_ws_server.js"), "--port", str(p2), *flags],
+                      p2):
         yield [f"ws://127.0.0.1:{p1}", f"ws://127.0.0.1:{p2}"]
 
 
@@ -328,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=5.0, help="messages/s per socket")
     parser.add_argument("--urls", help="comma-separated echo servers (default: start both)")
     parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--deflate", action="store_true",
+                        help="permessage-deflate on every socket (and on the peers started)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--no-tcache", action="store_true",
                         help="turn glibc's per-thread caches off (see above)")
@@ -338,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.soak",
                                    *(argv if argv is not None else sys.argv[1:])], env)
     with contextlib.ExitStack() as stack:
-        urls = args.urls.split(",") if args.urls else stack.enter_context(peers())
-        stats = run(urls, args.sockets, args.seconds, args.rate, progress=not args.quiet)
+        urls = args.urls.split(",") if args.urls else stack.enter_context(
+            peers(*(["--deflate"] if args.deflate else [])))
+        stats = run(urls, args.sockets, args.seconds, args.rate, progress=not args.quiet,
+                    deflate=args.deflate)
     print(summary(stats), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(stats), indent=1))
