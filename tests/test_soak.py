@@ -2,10 +2,10 @@
 echo peers, pings every second, traffic both ways (``benchmarks/soak.py`` has the rules).
 
 It runs in its own process, so that its thread, descriptor and memory figures are its own.
-It runs with glibc's per-thread caches off (``--no-tcache``): in 30 s those caches fill
-up with the blocks of messages of many sizes and hide a leak or fake one; the soak's
-docstring says more. The full soak (500 sockets, 10 minutes) is ``python -m
-benchmarks.soak``.
+It runs with glibc's per-thread caches off (``--no-tcache``): with them, RSS grows for
+minutes as those caches fill with blocks of messages of many sizes (no memory lost, but
+a 30 s run cannot tell that from a leak); the soak's docstring has the figures. The full
+soak (500 sockets, 10 minutes) is ``python -m benchmarks.soak``.
 """
 
 from __future__ import annotations
