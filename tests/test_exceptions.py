@@ -42,10 +42,11 @@ def test_builtins_where_they_fit(cls: type[BaseException], builtin: type[BaseExc
 
 
 def test_the_branches_of_the_tree() -> None:
-    for cls in (exc.ConnectionClosedOK, exc.ConnectionClosedError):
-        assert issubclass(cls, exc.ConnectionClosed)
-    for cls in (exc.InvalidStatus, exc.InvalidHeader, exc.NegotiationError, exc.HTTP2Unavailable):
-        assert issubclass(cls, exc.HandshakeError)
+    for closed in (exc.ConnectionClosedOK, exc.ConnectionClosedError):
+        assert issubclass(closed, exc.ConnectionClosed)
+    for refused in (exc.InvalidStatus, exc.InvalidHeader, exc.NegotiationError,
+                    exc.HTTP2Unavailable):
+        assert issubclass(refused, exc.HandshakeError)
     assert issubclass(exc.HeadersTooLarge, exc.InvalidHeader)
     assert not issubclass(exc.HandshakeError, exc.ProtocolError)
     codes = [(c, c.close_code) for c in (exc.ProtocolError, exc.InvalidPayload, exc.MessageTooBig)]
