@@ -4,7 +4,8 @@
     python -m benchmarks.fuzz --target all --runs 10000000
     python -m benchmarks.fuzz --target http2 --replay crash-1234...   # rerun one input
 
-Targets (``benchmarks/fuzz/targets.py`` says what each checks): ``frames``
+Targets (``benchmarks/fuzz/targets.py`` says what each checks; the HTTP/2 one is in
+``h2.py``): ``frames``
 (the header parser, ``Frame.parse``, pure and C masking), ``protocol`` (the
 streaming parser in every reporting mode, both roles, with and without
 permessage-deflate, whole and cut into pieces), ``handshake`` (the HTTP/1.1

@@ -26,37 +26,28 @@ Nothing here is imported by blockws; ``python -m benchmarks.fuzz`` runs them.
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from blockws import frames as frames_mod
-from blockws import http2 as http2_mod
 from blockws import protocol as protocol_mod
-from blockws.deadline import Deadline
 from blockws.deflate import PerMessageDeflate
 from blockws.exceptions import (
     HandshakeError,
     MessageTooBig,
     NegotiationError,
     ProtocolError,
-    TransportError,
 )
 from blockws.extensions import Extension, parse_extension_header
 from blockws.frames import Frame, Opcode, parse_close, parse_header, py_apply_mask
 from blockws.handshake import (
     Headers,
-    Request,
     ResponseReader,
     accept_key,
     negotiate,
-    parse_url,
     validate_response,
 )
-from blockws.http2 import H2Connection, HTTP2Settings
 from blockws.protocol import (
     BinaryMessage,
     CloseReceived,
@@ -68,59 +59,10 @@ from blockws.protocol import (
     TextMessage,
 )
 
+from .h2 import http2_seeds, target_http2
+from .inputs import Input, pieces, ws_frames
+
 __all__ = ["TARGETS", "Input", "seeds"]
-
-
-class Input:
-    """The fuzzer's bytes as a stream of choices (like atheris' FuzzedDataProvider,
-    which this keeps out of the targets so they run without atheris too).
-
-    Choices come from the front; the rest is data. Past the end every choice
-    is 0 and every read empty, so any input is valid.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            return 0
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def int(self, n: int) -> int:
-        """A number in ``range(n)`` (n <= 65536)."""
-        if n <= 256:
-            return self.byte() % n
-        return ((self.byte() << 8) | self.byte()) % n
-
-    def bool(self) -> bool:
-        return bool(self.byte() & 1)
-
-    def bytes(self, n: int) -> bytes:
-        out = self.data[self.pos : self.pos + n]
-        self.pos += len(out)
-        return out
-
-    def rest(self) -> bytes:
-        out = self.data[self.pos :]
-        self.pos = len(self.data)
-        return out
-
-    def cuts(self, total: int) -> list[int]:
-        """Up to 8 sorted cut points in ``range(1, total)``."""
-        if total < 2:
-            return []
-        return sorted({1 + self.int(total - 1) for _ in range(self.int(9))})
-
-
-def _pieces(data: bytes, cuts: Sequence[int]) -> Iterator[bytes]:
-    start = 0
-    for cut in cuts:
-        yield data[start:cut]
-        start = cut
-    yield data[start:]
 
 
 # -- frames.py: the header parser, Frame.parse, masking, close payloads ----------------
@@ -303,10 +245,10 @@ def target_protocol(data: bytes) -> None:
     stream = inp.rest()
     cuts = Input(stream[-8:]).cuts(len(stream))
     whole = _run_protocol(mode, iter([stream]), py_apply_mask)
-    cut = _run_protocol(mode, _pieces(stream, cuts), py_apply_mask)
+    cut = _run_protocol(mode, pieces(stream, cuts), py_apply_mask)
     assert whole == cut, f"cut at {cuts}: {whole} != {cut}"
     if frames_mod.c_apply_mask is not None and mode & 1:
-        fast = _run_protocol(mode, _pieces(stream, cuts), frames_mod.c_apply_mask)
+        fast = _run_protocol(mode, pieces(stream, cuts), frames_mod.c_apply_mask)
         assert fast == whole, "C and pure masking disagree"
 
 
@@ -348,7 +290,7 @@ def target_handshake(data: bytes) -> None:
     limit = 64 + inp.int(2048)
     body = inp.rest().replace(b"@ACCEPT@", _ACCEPT.encode())
     whole = _read_response([body], limit)
-    cut = _read_response(list(_pieces(body, Input(body[-8:]).cuts(len(body)))), limit)
+    cut = _read_response(list(pieces(body, Input(body[-8:]).cuts(len(body)))), limit)
     assert cut == whole, (whole, cut)
 
 
@@ -433,7 +375,7 @@ def target_inflate(data: bytes) -> None:
             stream = stream[:-4]
         else:
             stream = body
-        chunks = list(_pieces(stream, Input(body[-8:]).cuts(len(stream))))
+        chunks = list(pieces(stream, Input(body[-8:]).cuts(len(stream))))
         out = bytearray()
         assert ext.begin_message(Opcode.BINARY, frames_mod.RSV1)
         try:
@@ -452,171 +394,6 @@ def target_inflate(data: bytes) -> None:
             assert out == body, "inflated data differs"
 
 
-# -- http2.py: the DATA fast path, behind a whole HTTP/2 connection --------------------------
-
-
-# The server's half of an RFC 8441 exchange, written by hand: SETTINGS with
-# ENABLE_CONNECT_PROTOCOL = 1, the ACK of ours, and HEADERS (:status 200, HPACK's static
-# index 8) answering stream 1.
-_H2_SETTINGS = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x08\x00\x00\x00\x01"
-_H2_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
-_H2_ANSWER = b"\x00\x00\x01\x01\x04\x00\x00\x00\x01\x88"
-
-
-class _H2Peer:
-    """A transport whose reads are the test's bytes: the server of one H2Connection."""
-
-    alpn_protocol = "h2"
-
-    def __init__(self) -> None:
-        self.incoming: queue.Queue[bytes] = queue.Queue()
-        self.cond = threading.Condition()
-        self.blocked = False  # the reader waits on an empty queue
-        self.idle_reads = 0  # reads that found the queue empty
-        self.ended = False
-
-    def recv(self, timeout: float | None = None) -> bytes:
-        with self.cond:
-            if self.incoming.empty():
-                self.blocked = True
-                self.idle_reads += 1
-                self.cond.notify_all()
-        data = self.incoming.get()
-        with self.cond:
-            self.blocked = False
-        return data
-
-    def write(self, chunks: Sequence[Any]) -> None:
-        for chunk in chunks:
-            data = bytes(chunk)
-            pos = 0
-            while len(data) - pos >= 9:
-                # Answer the extended CONNECT (a HEADERS frame on stream 1).
-                if data[pos + 3] == 1 and data[pos + 5 : pos + 9] == b"\x00\x00\x00\x01":
-                    self.incoming.put(_H2_ANSWER)
-                pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
-
-    def feed(self, pieces: Sequence[bytes]) -> None:
-        """Queue ``pieces`` and wait until the reader has handled them all."""
-        with self.cond:
-            assert self.cond.wait_for(lambda: self.blocked or self.ended, 10.0)
-            before = self.idle_reads
-            for piece in pieces:
-                self.incoming.put(piece)
-            assert self.cond.wait_for(lambda: self.idle_reads > before or self.ended, 10.0)
-
-    def abort(self) -> None:
-        with self.cond:
-            if not self.ended:
-                self.ended = True
-                self.incoming.put(b"")
-                self.cond.notify_all()
-
-    def close(self) -> None:
-        self.abort()
-
-
-class _StreamSink:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.lost: list[Any] = []
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.lost.append(type(exc) if exc is not None else None)
-
-
-class _ReaderFailed(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-_H2_TYPES = (0, 0, 0, 1, 2, 3, 4, 6, 7, 8, 9)  # DATA mostly; then every other type
-
-
-def _h2_frames(inp: Input) -> bytes:
-    """Frames built from the fuzzer's choices: DATA on the open stream mostly."""
-    out = bytearray()
-    while inp.pos < len(inp.data):
-        kind = inp.byte()
-        ftype = _H2_TYPES[kind % len(_H2_TYPES)] if kind < 0xF0 else kind & 0x0F
-        flags = (0, 0, 0x01, 0x08, 0x09, 0x04)[inp.int(6)] if inp.bool() else inp.byte()
-        sid = (1, 1, 1, 0, 3, 2)[inp.int(6)]
-        n = inp.int(300)
-        payload = inp.bytes(n)
-        if ftype == 0 and flags & 0x08 and payload:
-            payload = bytes([min(payload[0], len(payload) - 1)]) + payload[1:]  # pad length
-        length = len(payload) if inp.byte() < 250 else inp.int(1 << 16)
-        out += length.to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big")
-        out += payload
-    return bytes(out)
-
-
-def _run_h2(pieces: list[bytes]) -> tuple[Any, ...]:
-    watch = _ReaderFailed()  # the reader's catch-all logs "reader failed" at ERROR
-    blockws_logger = logging.getLogger("blockws")
-    blockws_logger.addHandler(watch)
-    try:
-        peer = _H2Peer()
-        peer.incoming.put(_H2_SETTINGS + _H2_ACK)
-        conn = H2Connection(peer, ("fuzz", id(peer)), HTTP2Settings())  # type: ignore[arg-type]
-        conn.handshake(Deadline(5.0))
-        conn.reserved = 1  # as the pool does for the stream about to open
-        stream = conn.open_stream(_URL, Request("ws://fuzz/"), [], Deadline(5.0),
-                                  lambda t: None)
-        sink = _StreamSink()
-        stream.run(sink)
-        peer.feed(pieces)
-        alive = not peer.ended  # the reader is back in recv(): nothing changes until we act
-        delivered = bytes(sink.data)
-        stream.close()
-        conn.close()  # joins the reader thread
-    finally:
-        blockws_logger.removeHandler(watch)
-    dead = None if alive else conn.dead
-    assert not watch.records, watch.records[0].getMessage()
-    assert dead is None or isinstance(dead, TransportError), repr(dead)
-    return delivered, type(dead), tuple(sink.lost[:1])
-
-
-_URL = parse_url("ws://fuzz/")
-
-
-def target_http2(data: bytes) -> None:
-    """H2Connection's reader: DATA frames of an open, answered stream take the fast path;
-    every other frame goes through h2. The same bytes in one read and in several give
-    the same data to the stream and the same end; nothing reaches the reader's catch-all.
-    One input in eight runs with receive windows of 300 bytes (stream) and 65535 + 600
-    (connection), so that DATA beyond a window is common; then the outcome may depend on
-    the cuts (credit goes back between reads), and only the other rules hold."""
-    inp = Input(data)
-    first = inp.byte()
-    raw = first >= 0xE0
-    small = not raw and first & 7 == 7
-    stream = inp.rest() if raw else _h2_frames(inp)
-    if not stream:
-        return
-    cuts = Input(data[-8:]).cuts(len(stream))
-    windows = http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW
-    if small:
-        http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW = 300, 600
-    try:
-        whole = _run_h2([stream])
-        cut = _run_h2(list(_pieces(stream, cuts)))
-    finally:
-        http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW = windows
-    if not small:
-        # The windows (4 MiB, 16 MiB) are far larger than any input: credit returned
-        # between reads cannot change the outcome.
-        assert whole == cut, (cuts, whole, cut)
-
-
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "frames": target_frames,
     "protocol": target_protocol,
@@ -630,30 +407,12 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 # -- seeds: valid inputs the fuzzer starts from ----------------------------------------------
 
 
-def _ws_frames(server: bool) -> list[bytes]:
-    key = b"\x01\x02\x03\x04" if server else None
-    comp = zlib.compressobj(1, zlib.DEFLATED, -15)
-    deflated = (comp.compress(b"hello hello hello") + comp.flush(zlib.Z_SYNC_FLUSH))[:-4]
-    return [
-        Frame(Opcode.TEXT, "héllo".encode()).serialize(key),
-        Frame(Opcode.BINARY, bytes(range(200))).serialize(key),
-        Frame(Opcode.TEXT, b"frag", fin=False).serialize(key)
-        + Frame(Opcode.PING, b"p").serialize(key)
-        + Frame(Opcode.CONT, b"ment").serialize(key),
-        Frame(Opcode.BINARY, b"a" * 70000)
-        .serialize(key)[:40],
-        Frame(Opcode.TEXT, deflated, rsv=frames_mod.RSV1).serialize(key),
-        Frame(Opcode.CLOSE, b"\x03\xe8bye").serialize(key),
-        Frame(Opcode.PONG, b"").serialize(key) + Frame(Opcode.CLOSE, b"").serialize(key),
-    ]
-
-
 def seeds(target: str) -> list[bytes]:
     """A few valid inputs per target, in the form the target reads."""
     if target in ("frames", "protocol"):
         out = []
         for mode in (0, 1, 2, 3, 4, 6, 8, 16, 17, 18, 20, 24):
-            frames = _ws_frames(bool(mode & 1))
+            frames = ws_frames(bool(mode & 1))
             out.append(bytes([mode]) + b"".join(frames))
             out.extend(bytes([mode]) + f for f in frames)
         return out
@@ -681,20 +440,7 @@ def seeds(target: str) -> list[bytes]:
     if target == "inflate":
         # mode (0x40: real data), two bytes of limit (1 + 0x1000 = 4097), the data.
         return [b"\x40\x10\x00" + b"hello " * 50, b"\x43\x10\x00" + bytes(range(256)),
-                b"\xc2\x00\x80" + b"hello " * 50, b"\x00\x10\x00" + _ws_frames(False)[4][2:]]
+                b"\xc2\x00\x80" + b"hello " * 50, b"\x00\x10\x00" + ws_frames(False)[4][2:]]
     if target == "http2":
-        def data(payload: bytes, flags: int = 0) -> bytes:
-            # _h2_frames' choices: DATA, flags from the short list, stream 1, length, payload.
-            n = len(payload)
-            return bytes([0, 1, flags, 0, n >> 8, n & 255]) + payload + b"\x00"
-
-        ws = _ws_frames(False)
-        return [
-            b"\x00" + data(ws[0]) + data(ws[1][:100]) + data(ws[1][100:]),
-            b"\x00" + data(ws[2]) + data(ws[5], 2),
-            b"\x00" + data(ws[0], 3) + data(ws[0]),
-            # Small windows (first byte & 7 == 7): the second frame is beyond the stream's.
-            b"\x07" + data(bytes(200)) + data(bytes(200)) + data(ws[0]),
-            b"\xff" + _H2_SETTINGS + b"\x00\x00\x05\x00\x00\x00\x00\x00\x01" + ws[0][:5],
-        ]
+        return http2_seeds()
     raise KeyError(target)
