@@ -938,6 +938,13 @@ class H2Connection:
                     credit[stream] = credit.get(stream, 0) + length
                     conn_h2 += length
                 pos = stop
+        except _ConnectionError:
+            # The frames before the bad one were valid: they take effect first, as
+            # they would have had they come in an earlier read (found by fuzzing).
+            self._deliver_held(held)
+            if start < pos:
+                self._through_h2(bytes(buf[start:pos]))
+            raise
         finally:
             self._recv_window = window
             self._credit_conn_hand += conn_hand
@@ -956,11 +963,20 @@ class H2Connection:
         held.clear()
 
     def _through_h2(self, frames: bytes) -> None:
-        with self.lock:
-            events = self.h2.receive_data(frames)
-            self._collect_locked()
-        for event in events:
-            self._handle(event)
+        """Feed whole frames to h2 and handle its events, one frame at a time: h2
+        raises on a bad frame and drops the events of the good frames before it in
+        the same call (DATA a socket should have had before the connection failed;
+        found by benchmarks/fuzz, target http2)."""
+        pos = 0
+        end = len(frames)
+        while pos < end:
+            stop = pos + 9 + int.from_bytes(frames[pos : pos + 3], "big")
+            with self.lock:
+                events = self.h2.receive_data(frames[pos:stop] if pos or stop < end else frames)
+                self._collect_locked()
+            for event in events:
+                self._handle(event)
+            pos = stop
 
     def _stream_flow_error(self, stream: H2Stream) -> None:
         logger.info(
@@ -987,7 +1003,9 @@ class H2Connection:
                     frames.append(_window_update(0, conn_hand))
                     self._recv_window += conn_hand
                 for stream, n in through.items():
-                    if not stream._ended:
+                    # n is 0 for an empty DATA frame with END_STREAM, and h2 refuses an
+                    # increment of 0 with a ValueError (found by benchmarks/fuzz).
+                    if n and not stream._ended:
                         with contextlib.suppress(h2.exceptions.H2Error, KeyError):
                             self.h2.increment_flow_control_window(n, stream.stream_id)
                             stream._recv_window += n

@@ -362,10 +362,31 @@ def test_reader_bounded_without_terminator() -> None:
 def test_reader_bounded_byte_by_byte() -> None:
     reader = ResponseReader(limit=64)
     data = b"HTTP/1.1 101 OK\r\nX: " + b"a" * 100
-    for i in range(64):
+    # A 64-byte head may still end in the next 3 bytes' "\r\n\r\n" (up to 67 bytes).
+    for i in range(67):
         assert reader.feed(data[i : i + 1]) is None
-    with pytest.raises(HeadersTooLarge):  # as soon as the bound is passed
-        reader.feed(data[64:65])
+    with pytest.raises(HeadersTooLarge):  # as soon as no head within the bound can come
+        reader.feed(data[67:68])
+
+
+def test_reader_bound_does_not_depend_on_how_the_head_is_cut() -> None:
+    """Found by benchmarks/fuzz (target handshake): a head of exactly ``limit`` bytes
+    passed in one read but failed HeadersTooLarge when a read ended inside its blank line
+    (the 3 bytes "\r\n\r" pushed the buffer past the limit before the terminator came)."""
+    head = b"HTTP/1.1 101 OK\r\nX: " + b"a" * 80
+    assert len(head) == 100
+    assert ResponseReader(limit=100).feed(head + b"\r\n\r\n") is not None
+    for cut in range(1, 4):
+        reader = ResponseReader(limit=100)
+        assert reader.feed(head + b"\r\n\r\n"[:cut]) is None
+        response = reader.feed(b"\r\n\r\n"[cut:] + b"\x81\x00")
+        assert response is not None and response.extra == b"\x81\x00"
+    with pytest.raises(HeadersTooLarge):  # one byte more: too large either way
+        ResponseReader(limit=100).feed(head + b"a\r\n\r\n")
+    reader = ResponseReader(limit=100)
+    assert reader.feed(head + b"a\r\n") is None
+    with pytest.raises(HeadersTooLarge):
+        reader.feed(b"\r\n")
 
 
 def test_reader_bounded_with_terminator() -> None:
@@ -374,6 +395,15 @@ def test_reader_bounded_with_terminator() -> None:
         ResponseReader(limit=100).feed(head)
     assert ResponseReader(limit=len(head)).feed(head) is not None
     assert issubclass(HeadersTooLarge, InvalidHeader)
+
+
+@pytest.mark.parametrize("status", ["\u00b901", "1\u00b20", "10\u00b3"])
+def test_status_with_superscript_digits_is_an_invalid_header(status: str) -> None:
+    """Found by benchmarks/fuzz (target handshake): "¹01" passes str.isdigit() but not int(),
+    so a status line with a Latin-1 superscript digit raised a bare ValueError."""
+    head = f"HTTP/1.1 {status} OK\r\n\r\n".encode("latin-1")
+    with pytest.raises(InvalidHeader, match="malformed status line"):
+        ResponseReader().feed(head)
 
 
 def test_default_limit_accepts_a_large_head() -> None:

@@ -21,6 +21,7 @@ import pytest
 from faultserver import OP_BINARY, OP_TEXT, Recorder, frame_bytes
 from h2peers import (
     DATA,
+    END_STREAM,
     FLOW_CONTROL_ERROR,
     FRAME_SIZE_ERROR,
     GOAWAY,
@@ -160,6 +161,75 @@ def test_frame_over_max_frame_size(split: bool) -> None:
         check_lost(ws, rec, "FRAME_SIZE_ERROR")
         assert server.done.wait(10)
     assert [(f.type, f.error_code) for f in answers] == [(GOAWAY, FRAME_SIZE_ERROR)]
+
+
+# -- what came before a connection error -------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("path", ["fast", "h2"])
+def test_data_before_a_connection_error_is_delivered(path: str) -> None:
+    """Found by benchmarks/fuzz (target http2): messages in DATA frames that came in the same
+    read as a frame that fails the connection were dropped, and delivered when TCP happened
+    to cut the stream between them. Valid frames before the bad one now take effect first:
+    on the fast path (DATA, then a frame over SETTINGS_MAX_FRAME_SIZE), and through h2
+    (padded DATA, then an RST_STREAM of the wrong length, which h2 refuses with
+    FRAME_SIZE_ERROR)."""
+    answers: list[Any] = []
+
+    def scenario(conn: MiniConn) -> None:
+        conn.handshake()
+        sid = conn.accept()
+        first_message(conn, sid)
+        if path == "fast":
+            good = conn.data(sid, frame_bytes(OP_TEXT, b"before"))
+            bad = frame(DATA, 0, sid, length=blockws.http2._MAX_FRAME + 1)
+        else:
+            good = frame(DATA, PADDED, sid, bytes([2]) + frame_bytes(OP_TEXT, b"before") + bytes(2))
+            bad = frame(RST_STREAM, 0, sid, bytes(5))
+        conn.send(good + bad)  # one write: one read, most likely
+        answers.append(conn.read_until(lambda f: f.type == GOAWAY))
+
+    with MiniH2(scenario) as server:
+        rec = Recorder()
+        ws = open_h2(server.url, rec)
+        ws.send("hello")
+        assert rec.wait_closed(ws)[0] == 1006
+        assert isinstance(ws.error, blockws.ConnectionLost), repr(ws.error)
+        assert server.done.wait(10)
+    assert rec.messages == ["before"]
+    assert answers[0].error_code == FRAME_SIZE_ERROR  # h2 says so too, for the RST_STREAM
+
+
+@pytest.mark.timeout(30)
+def test_empty_data_with_end_stream_keeps_the_connection() -> None:
+    """Found by benchmarks/fuzz (target http2): an empty DATA frame with END_STREAM (how many
+    servers end a stream) on a stream not yet handed to its socket made the reader return a
+    credit of 0 through h2, which raises ValueError: the reader died, and with it every
+    socket on the connection. Here the server answers the CONNECT and ends the stream in
+    one write; that socket ends (1006), and the next one on the connection works."""
+    def scenario(conn: MiniConn) -> None:
+        conn.handshake()
+        conn.accept(then=frame(DATA, END_STREAM, 1))  # the answer, then an empty DATA
+        second = conn.accept()
+        first_message(conn, second)
+        conn.send(conn.data(second, frame_bytes(OP_TEXT, b"still here")))
+        conn.read_until(lambda f: f.type == DATA and f.stream_id == second and bool(f.payload))
+
+    with MiniH2(scenario) as server:
+        rec1, rec2 = Recorder(), Recorder()
+        ws1 = blockws.WebSocket(server.url, http2=H2C, extensions=[], **rec1.callbacks())
+        ws1.open()
+        assert rec1.wait_closed(ws1)[0] == 1006
+        ws2 = open_h2(server.url, rec2)
+        ws2.send("two")
+        rec2.pump_until(ws2, lambda: bool(rec2.messages) or bool(rec2.closes))
+        assert rec2.messages == ["still here"] and not rec2.closes
+        ws2.send("bye")
+        assert server.done.wait(10)
+        ws2.abort()
+        rec2.wait_closed(ws2)
+    assert len(server.conns) == 1
 
 
 # -- the fast path is taken -------------------------------------------------------------------
