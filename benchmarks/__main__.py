@@ -40,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
+from . import builds
 from ._harness import ROOT, free_port, median, pin, run_child, server, table
 from .workloads import BLOCKWS, CLIENTS, PEERS, THREADED_PEERS, WORKLOADS, scaled_count
 
@@ -56,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--clients", help="comma-separated subset of: " + ", ".join(CLIENTS))
     ap.add_argument("--workloads", help="comma-separated subset of: " + ", ".join(WORKLOADS))
+    ap.add_argument(
+        "--allow-uncompiled",
+        action="store_true",
+        help="exit 0 even when a client ran without its compiled build (its column still "
+        "gets no ratios)",
+    )
     ap.add_argument("--no-gameloop", action="store_true", help="skip benchmarks/gameloop.py")
     ap.add_argument(
         "--json",
@@ -244,14 +251,22 @@ def progress(r: dict[str, Any], took: float) -> str:
     w = WORKLOADS[r["workload"]]
     client, server = (100 * r[k] / r["elapsed"] for k in ("cpu", "server_cpu"))
     cpu = f"client CPU {client:3.0f}%, server {server:3.0f}%"
-    return f"{head} {rate(r):>12,.1f} {w.metric:<7} {cpu} ({took:.1f} s)"
+    segs = ""
+    if r.get("segs_out") and r.get("segs_in"):
+        segs = f", ops/segment out {r['ops'] / r['segs_out']:.1f} in {r['ops'] / r['segs_in']:.1f}"
+    return f"{head} {rate(r):>12,.1f} {w.metric:<7} {cpu}{segs} ({took:.1f} s)"
 
 
 # -- summarizing -------------------------------------------------------------------------
 
 
 def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (workload, client): medians over the rounds, ratios, targets."""
+    """One row per (workload, client): medians and spreads over the rounds, ratios, targets.
+
+    A client whose children did not run the build its column names (see
+    ``benchmarks/builds.py``) gets ``invalid`` (the reasons) and no ratios, and is
+    left out of every other row's ratios.
+    """
     rows: list[dict[str, Any]] = []
     by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in data["runs"]:
@@ -264,13 +279,23 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
         if not ok:
             rows.append(row)
             continue
-        row["rate"] = median([rate(r) for r in ok])
+        bad = sorted({p for r in ok for p in builds.problems(client, r.get("build"))})
+        if bad:
+            row["invalid"] = "; ".join(bad)
+        rates = [rate(r) for r in ok]
+        row["rate"] = median(rates)
+        row["rate_min"], row["rate_max"] = min(rates), max(rates)
+        row["rate_by_round"] = {str(r["round"]): rate(r) for r in ok}
         row["ops"] = median([r["ops"] for r in ok])
         row["requested"] = ok[0]["requested"]
         row["cpu_us_per_op"] = median([r["cpu"] / max(1, r["ops"]) * 1e6 for r in ok])
         row["client_cpu_pct"] = median([100 * r["cpu"] / r["elapsed"] for r in ok])
         row["server_cpu_pct"] = median([100 * r["server_cpu"] / r["elapsed"] for r in ok])
         row["peak_rss_mb"] = max(r["maxrss_kb"] for r in ok) / 1024
+        for key, seg in (("ops_per_seg_out", "segs_out"), ("ops_per_seg_in", "segs_in")):
+            per = [r["ops"] / r[seg] for r in ok if r.get(seg)]
+            if per:
+                row[key] = median(per)
         for key in ("p50_us", "p99_us", "open_s", "close_s", "threads_open", "threads_base"):
             if key in ok[0]:
                 row[key] = median([r[key] for r in ok])
@@ -288,23 +313,44 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def paired_ratio(row: dict[str, Any], ref: dict[str, Any]) -> list[float]:
+    """``row``'s rate over ``ref``'s, round by round (rounds where both ran)."""
+    mine, theirs = row["rate_by_round"], ref["rate_by_round"]
+    return [mine[k] / theirs[k] for k in sorted(mine, key=int) if theirs.get(k)]
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    rates = {r["client"]: r["rate"] for r in rows if "rate" in r}
-    peers = [rates[c] for c in PEERS if c in rates]
-    threaded = [rates[c] for c in THREADED_PEERS if c in rates]
-    best_peer = max(peers, default=None)
-    best_threaded = max(threaded, default=None)
-    tcp = rates.get("tcp")
+    """Each row's ratios to the best peer, the best threaded peer and the TCP ceiling.
+
+    The reference is the client with the best median rate; the ratio is the
+    median of the per-round ratios (rounds are interleaved, so round k of both
+    ran under the same load), with their min and max beside it (``*_min``,
+    ``*_max``, every round's in ``*_rounds``). Invalid rows neither get ratios
+    nor serve as a reference.
+    """
+    valid = {r["client"]: r for r in rows if "rate" in r and "invalid" not in r}
+    peers = [valid[c] for c in PEERS if c in valid]
+    threaded = [valid[c] for c in THREADED_PEERS if c in valid]
+    refs = {
+        "x_best_peer": max(peers, key=lambda r: r["rate"], default=None),
+        "x_best_threaded": max(threaded, key=lambda r: r["rate"], default=None),
+        "x_picows": valid.get("picows"),
+        "x_tcp": valid.get("tcp"),
+    }
     w = WORKLOADS[rows[0]["workload"]]
     for row in rows:
-        if "rate" not in row:
+        if "rate" not in row or "invalid" in row:
             continue
-        if best_peer:
-            row["x_best_peer"] = row["rate"] / best_peer
-        if best_threaded:
-            row["x_best_threaded"] = row["rate"] / best_threaded
-        if tcp:
-            row["x_tcp"] = row["rate"] / tcp
+        for key, ref in refs.items():
+            if ref is None or not ref["rate"]:
+                continue
+            per_round = paired_ratio(row, ref)
+            if not per_round:
+                continue
+            row[key] = median(per_round)
+            row[key + "_min"], row[key + "_max"] = min(per_round), max(per_round)
+            row[key + "_rounds"] = per_round
+            row[key + "_ref"] = ref["client"]
         if row["client"] in BLOCKWS:
             row["target"] = w.target
             row["target_met"] = target_met(row, rows)
@@ -331,7 +377,9 @@ def headroom(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for wname in WORKLOADS:
         ws = [r for r in rows if r["workload"] == wname and "rate" in r]
         probe = next((r for r in ws if r["client"] == "probe"), None)
-        real = [r for r in ws if CLIENTS[r["client"]].kind in ("blockws", "peer")]
+        real = [
+            r for r in ws if CLIENTS[r["client"]].kind in ("blockws", "peer") and "invalid" not in r
+        ]
         if probe is None or not real:
             continue
         best = max(real, key=lambda r: r["rate"])
@@ -366,6 +414,51 @@ def yes_no(value: Any) -> str:
     return "" if value is None else ("yes" if value else "**no**")
 
 
+RATIO_KEYS = ("x_best_peer", "x_best_threaded", "x_picows", "x_tcp")
+
+
+def with_spread(row: dict[str, Any], key: str) -> str | None:
+    """``"1.23 [0.98-1.40]"``: the median ratio and its min-max over the rounds."""
+    if key not in row:
+        return None
+    text = f"{row[key]:.2f}"
+    if len(row.get(key + "_rounds", ())) > 1:
+        text += f" [{row[key + '_min']:.2f}-{row[key + '_max']:.2f}]"
+    return text
+
+
+def rate_spread(row: dict[str, Any]) -> str | None:
+    if row.get("runs", 0) < 2 or not row.get("rate"):
+        return None
+    return f"{100 * (row['rate_max'] - row['rate_min']) / row['rate']:.0f}%"
+
+
+def invalid_builds(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Client -> why its build was refused (first workload that said so)."""
+    out: dict[str, str] = {}
+    for r in rows:
+        if r.get("invalid"):
+            out.setdefault(r["client"], r["invalid"])
+    return out
+
+
+def build_lines(data: dict[str, Any]) -> list[str]:
+    """The report header's list of what each client's children had loaded."""
+    seen: dict[str, str] = {}
+    for r in data["runs"]:
+        if "error" not in r and r["client"] not in seen:
+            seen[r["client"]] = builds.summary(r["client"], r.get("build"))
+    if not seen:
+        return []
+    bad = invalid_builds(data.get("rows", []))
+    lines = ["Builds (what each client's children had loaded):", ""]
+    for client in CLIENTS:
+        if client in seen:
+            mark = f" **INVALID: {bad[client]}; its column has no ratios**" if client in bad else ""
+            lines.append(f"- {client}: {seen[client]}{mark}")
+    return [*lines, ""]
+
+
 def report(data: dict[str, Any]) -> str:
     meta = data["meta"]
     rows = data["rows"]
@@ -389,10 +482,16 @@ def report(data: dict[str, Any]) -> str:
             if meta.get("jobs", 1) > 1
             else []
         ),
+        *build_lines(data),
         "`x peer`: ratio to the best peer (websocket-client with or without wsaccel, websockets "
         "sync, picows); `x threaded`: to the best threaded peer (the targets' reference); "
-        "`x TCP`: to the plain-TCP ceiling. CPU % is of one core. `ops` is the median count done "
-        "(a long run stops at the budget).",
+        "`x picows`: to picows; `x TCP`: to the plain-TCP ceiling. Each ratio is the median of "
+        "the per-round ratios (rounds are interleaved: round k of every client ran back to back), "
+        "with their [min-max] over the rounds beside it; a rate's `spread` is (max - min) / median "
+        "of its rounds. `msgs/seg` is messages per TCP data segment the client sent (out) and "
+        "received (in): a client whose small writes each leave as their own segment pays the "
+        "loopback's TCP path per message (see benchmarks/README.md). CPU % is of one core. `ops` "
+        "is the median count done (a long run stops at the budget).",
     ]
     for wname, w in WORKLOADS.items():
         ws = [r for r in rows if r["workload"] == wname]
@@ -405,8 +504,13 @@ def report(data: dict[str, Any]) -> str:
         for r in ws:
             cell = dict(r)
             cell["target_met"] = yes_no(r.get("target_met"))
+            for key in RATIO_KEYS:
+                cell[key] = with_spread(r, key)
+            cell["spread"] = rate_spread(r)
             if r.get("errors"):
                 cell["client"] = f"{r['client']} ({len(r['errors'])} failed)"
+            if r.get("invalid"):
+                cell["client"] = f"{cell['client']} **INVALID build**"
             cells.append(cell)
         if wname == "W7":
             cols = [
@@ -417,8 +521,8 @@ def report(data: dict[str, Any]) -> str:
                 ("rss_open_mb", "RSS open MB", ".1f"),
                 ("rss_kb_per_conn", "kB/conn", ".1f"),
                 ("threads_open", "threads", ".0f"),
-                ("x_best_peer", "x peer", ".2f"),
-                ("x_best_threaded", "x threaded", ".2f"),
+                ("x_best_peer", "x peer", "s"),
+                ("x_best_threaded", "x threaded", "s"),
                 ("target_met", "target met", "s"),
                 ("cpu_us_per_op", "client CPU us/conn", ".0f"),
                 ("server_cpu_pct", "server CPU %", ".0f"),
@@ -428,10 +532,14 @@ def report(data: dict[str, Any]) -> str:
             cols = [
                 ("client", "client", "s"),
                 ("rate", w.metric, ",.1f" if w.metric == "MB/s" else ",.0f"),
-                ("x_best_peer", "x peer", ".2f"),
-                ("x_best_threaded", "x threaded", ".2f"),
+                ("spread", "spread", "s"),
+                ("x_best_peer", "x peer", "s"),
+                ("x_best_threaded", "x threaded", "s"),
+                ("x_picows", "x picows", "s"),
                 ("target_met", "target met", "s"),
-                ("x_tcp", "x TCP", ".2f"),
+                ("x_tcp", "x TCP", "s"),
+                ("ops_per_seg_out", "msgs/seg out", ".1f"),
+                ("ops_per_seg_in", "msgs/seg in", ".1f"),
             ]
             if wname == "W1":
                 cols += [("p50_us", "p50 us", ".1f"), ("p99_us", "p99 us", ".1f")]
@@ -538,6 +646,17 @@ def main(argv: list[str] | None = None) -> None:
     write(args.json, json.dumps(data, indent=1, default=str))
     if args.json:
         log(args, f"results: {args.json}" + (f", {args.md}" if args.md else ""))
+    bad = invalid_builds(data["rows"])
+    if bad:
+        for client, why in bad.items():
+            print(f"benchmarks: {client} did not run its compiled build: {why}", file=sys.stderr)
+        if not args.allow_uncompiled:
+            print(
+                "benchmarks: refusing these columns (no ratios in the report); exit status 3. "
+                "--allow-uncompiled exits 0 (the columns stay without ratios).",
+                file=sys.stderr,
+            )
+            raise SystemExit(3)
 
 
 if __name__ == "__main__":

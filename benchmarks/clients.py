@@ -39,12 +39,14 @@ import gc
 import os
 import resource
 import socket
+import struct
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
+from . import builds
 from ._harness import cpu_seconds, proc_cpu
 from .workloads import WORKLOADS, Workload
 
@@ -68,6 +70,8 @@ class Params:
         self.ws_url = f"ws://127.0.0.1:{args.ws_port}{self.workload.path}"
         self.ws_port: int = args.ws_port
         self.tcp_port: int = args.tcp_port
+        # the port whose TCP segments are counted (Meter): the plain-TCP twin's for ``tcp``
+        self.seg_port = self.tcp_port if self.client == "tcp" else self.ws_port
         self.budget: float = args.budget if self.workload.capped else 1e9
         self.server_pid: int | None = args.server_pid
         self.stop = 0.0  # perf() deadline, set by Meter.start
@@ -79,12 +83,63 @@ class Params:
         return os.urandom(self.size)
 
 
+# struct tcp_info (linux/tcp.h): tcpi_data_segs_in and tcpi_data_segs_out, two __u32 at
+# byte offsets 152 and 156 (Linux 4.6 and later); data segments only, ACKs not counted.
+_TCPI_DATA_SEGS = struct.Struct("=II")
+_TCPI_DATA_SEGS_AT = 152
+
+
+def tcp_data_segments(port: int) -> tuple[int, int]:
+    """(data segments received, sent) so far on this process's TCP sockets to ``port``.
+
+    Found through ``/proc/self/fd`` and read with ``getsockopt(TCP_INFO)`` on a
+    duplicate of each descriptor, so it needs nothing from the client library. On
+    the loopback, messages per segment tell whether the sender's small writes were
+    coalesced (one segment for many messages) or went out one segment per write,
+    which costs both ends a trip through the TCP stack each (see benchmarks/README.md).
+    (0, 0) where the kernel does not report them.
+    """
+    segs_in = segs_out = 0
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0, 0
+    for name in fds:
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            dup = os.dup(int(name))
+        except OSError:
+            continue
+        try:
+            s = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            continue
+        with s:
+            try:
+                if s.type != socket.SOCK_STREAM or s.getpeername()[1] != port:
+                    continue
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            except (OSError, IndexError, TypeError):
+                continue
+            if len(info) >= _TCPI_DATA_SEGS_AT + _TCPI_DATA_SEGS.size:
+                a, b = _TCPI_DATA_SEGS.unpack_from(info, _TCPI_DATA_SEGS_AT)
+                segs_in += a
+                segs_out += b
+    return segs_in, segs_out
+
+
 class Meter:
     """Wall time, this process's CPU and the server's CPU over the measured interval."""
 
     def __init__(self, p: Params) -> None:
         self.p = p
         self.t0 = self.c0 = self.s0 = 0.0
+        self.segs0 = (0, 0)
+        #: the class of the transport under the connection, where the client shows it
+        #: (picows: aiofastnet's or asyncio's); read by ``builds.probe``
+        self.transport_type: type | None = None
         self.result: dict[str, Any] = {}
         self.opened: tuple[float, float, float, dict[str, int]] = (0.0, 0.0, 0.0, {})
 
@@ -94,6 +149,7 @@ class Meter:
 
     def start(self) -> None:
         gc.collect()
+        self.segs0 = tcp_data_segments(self.p.seg_port)
         self.s0 = self._server_cpu()
         self.c0 = cpu_seconds()
         self.t0 = perf()
@@ -103,8 +159,16 @@ class Meter:
         elapsed = perf() - self.t0
         cpu = cpu_seconds() - self.c0
         server = self._server_cpu() - self.s0
+        segs_in, segs_out = tcp_data_segments(self.p.seg_port)
         self.result.update(
-            ops=ops, bytes=nbytes, elapsed=elapsed, cpu=cpu, server_cpu=server, **extra
+            ops=ops,
+            bytes=nbytes,
+            elapsed=elapsed,
+            cpu=cpu,
+            server_cpu=server,
+            segs_in=segs_in - self.segs0[0],
+            segs_out=segs_out - self.segs0[1],
+            **extra,
         )
 
     def mark_open(self) -> None:
@@ -623,7 +687,10 @@ def run_picows(m: Meter) -> None:
 
     async def connect() -> tuple[Any, Listener]:
         return await ws_connect(  # type: ignore[no-any-return]
-            Listener, p.ws_url, max_frame_size=64 * 1024 * 1024
+            Listener,
+            p.ws_url,
+            max_frame_size=64 * 1024 * 1024,
+            use_aiofastnet=os.environ.get("BENCH_PICOWS_AIOFASTNET", "1") != "0",
         )
 
     async def close(t: Any) -> None:
@@ -638,11 +705,14 @@ def run_picows(m: Meter) -> None:
             m.start()
             pairs = await asyncio.gather(*[connect() for _ in range(count)])
             m.mark_open()
+            if pairs:
+                m.transport_type = type(pairs[0][0].underlying_transport)
             await asyncio.gather(*[close(t) for t, _ in pairs])
             m.stop_open_close(len(pairs), base)
             return
 
         t, lst = await connect()
+        m.transport_type = type(t.underlying_transport)
         done: asyncio.Future[Any] = loop.create_future()
         st: dict[str, Any] = {"got": 0, "sent": 0, "requested": 0}
         lat: list[int] = []
@@ -1068,6 +1138,7 @@ def child(args: Any) -> dict[str, Any]:
         RUNNERS[p.client](m)
     r = m.result
     r.update(
+        build=builds.probe(p.client, m.transport_type),
         client=p.client,
         workload=p.workload.name,
         requested=p.count,
