@@ -137,6 +137,7 @@ class Meter:
         self.p = p
         self.t0 = self.c0 = self.s0 = 0.0
         self.segs0 = (0, 0)
+        self.quick = False
         #: the class of the transport under the connection, where the client shows it
         #: (picows: aiofastnet's or asyncio's); read by ``builds.probe``
         self.transport_type: type | None = None
@@ -147,9 +148,13 @@ class Meter:
         pid = self.p.server_pid
         return proc_cpu(pid) if pid else 0.0
 
-    def start(self) -> None:
-        gc.collect()
-        self.segs0 = tcp_data_segments(self.p.seg_port)
+    def start(self, quick: bool = False) -> None:
+        """Start the clock; ``quick``: without a garbage collection and segment counts
+        first (W8 starts inside its frame loop, where neither may stall a frame)."""
+        self.quick = quick
+        if not quick:
+            gc.collect()
+            self.segs0 = tcp_data_segments(self.p.seg_port)
         self.s0 = self._server_cpu()
         self.c0 = cpu_seconds()
         self.t0 = perf()
@@ -159,7 +164,7 @@ class Meter:
         elapsed = perf() - self.t0
         cpu = cpu_seconds() - self.c0
         server = self._server_cpu() - self.s0
-        segs_in, segs_out = tcp_data_segments(self.p.seg_port)
+        segs_in, segs_out = (0, 0) if self.quick else tcp_data_segments(self.p.seg_port)
         self.result.update(
             ops=ops,
             bytes=nbytes,
@@ -407,11 +412,166 @@ def _pump(ws: Any, done: Callable[[], bool]) -> None:
             raise RuntimeError(f"socket closed: {ws.close_code} {ws.error!r}")
 
 
+#: W8: messages per second each socket receives, frames per second of the loop.
+PULSE_RATE = 10.0
+FRAME_HZ = 60.0
+
+
+def idle_update_all_us(update_all: Callable[[], Any], calls: int = 1000, batches: int = 7) -> float:
+    """Median over ``batches`` of the mean cost of ``update_all()`` with nothing pending (us)."""
+    out = []
+    for _ in range(batches):
+        t = perf_ns()
+        for _ in range(calls):
+            update_all()
+        out.append((perf_ns() - t) / calls / 1e3)
+    out.sort()
+    return out[len(out) // 2]
+
+
+def run_pulse_frames(m: Meter) -> None:
+    """W8: ``count`` sockets, each sent PULSE_RATE msgs/s by ``/pulse``, pumped at 60 Hz.
+
+    One thread runs a 60 Hz frame loop that calls ``blockws.update_all()`` once
+    per frame (no arguments) and sleeps until the next frame. After a warm-up
+    second, the measured window records: messages delivered to ``on_binary``,
+    the process's CPU (every thread: the sockets' readers too) per message, the
+    duration of each ``update_all()`` (p50/p99/max), and each message's delay
+    from the server's write to its callback. Once every stream has ended (each
+    socket's ``"done N"`` text), ``update_all()`` with nothing pending is timed
+    at this socket count, and before any socket was opened.
+    """
+    import blockws
+
+    p = m.p
+    n, size = p.count, max(8, p.size)
+    window = min(4.0, max(0.5, 2 * p.budget))
+    warmup = 1.0
+    seconds = warmup + window + 0.5
+    frame = 1.0 / FRAME_HZ
+    update_all = blockws.update_all
+    idle_before = idle_update_all_us(update_all)
+
+    st = {"open": 0, "closed": 0, "done": 0, "got": 0, "counting": False}
+    lat: list[int] = []
+    unpack = struct.Struct("!Q").unpack_from
+
+    def on_open(ws: Any) -> None:
+        st["open"] += 1
+
+    def on_closed(ws: Any, code: int, reason: str) -> None:
+        st["closed"] += 1
+
+    def on_binary(ws: Any, seg: Any) -> None:
+        if st["counting"]:
+            st["got"] += 1
+            lat.append(perf_ns() - unpack(seg.data, seg.offset)[0])
+
+    def on_message(ws: Any, text: str) -> None:
+        if text.startswith("done"):
+            st["done"] += 1
+
+    def pump_until(key: str, goal: int, limit: float) -> None:
+        deadline = perf() + limit
+        while st[key] < goal:
+            blockws.wait(0.1)
+            update_all()
+            if perf() > deadline:
+                raise TimeoutError(f"{st[key]} of {goal} sockets {key}")
+
+    base = proc_status()
+    t_open = perf()
+    conns = [
+        blockws.WebSocket(
+            p.ws_url,
+            on_open=on_open,
+            on_closed=on_closed,
+            on_binary=on_binary,
+            on_message=on_message,
+            **blockws_options(),
+        ).open()
+        for _ in range(n)
+    ]
+    pump_until("open", n, TIMEOUT + n / 50)
+    open_s = perf() - t_open
+    opened = proc_status()
+    command = f"{PULSE_RATE} {size} {seconds}"
+    for ws in conns:
+        ws.send(command)
+    gc.collect()
+
+    frames_ns: list[int] = []
+    late = 0
+    start = perf()
+    measure_at, end_at = start + warmup, start + warmup + window
+    next_frame = start
+    measuring = False
+    while True:
+        now = perf()
+        if not measuring and now >= measure_at:
+            measuring = st["counting"] = True
+            m.start(quick=True)
+        if measuring and now >= end_at:
+            st["counting"] = False
+            m.stop(st["got"], st["got"] * size)
+            break
+        t = perf_ns()
+        update_all()
+        took = perf_ns() - t
+        if measuring:
+            frames_ns.append(took)
+        next_frame += frame
+        delay = next_frame - perf()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            if measuring:
+                late += 1
+            next_frame = perf()
+    pump_until("done", n, TIMEOUT + seconds)
+    update_all()
+    idle = idle_update_all_us(update_all)
+    single: list[int] = []
+    for _ in range(2000):
+        t = perf_ns()
+        update_all()
+        single.append(perf_ns() - t)
+    single.sort()
+    for ws in conns:
+        ws.close()
+    pump_until("closed", n, TIMEOUT + n / 50)
+    frames_ns.sort()
+    k = len(frames_ns)
+    m.result.update(
+        sockets=n,
+        rate_per_socket=PULSE_RATE,
+        window_s=window,
+        expected=int(n * PULSE_RATE * window),
+        frames=k,
+        late_frames=late,
+        frame_p50_us=frames_ns[k // 2] / 1e3 if k else None,
+        frame_p99_us=frames_ns[min(k - 1, (k * 99) // 100)] / 1e3 if k else None,
+        frame_max_us=frames_ns[-1] / 1e3 if k else None,
+        idle_update_all_us=idle,
+        idle_update_all_p99_us=single[(len(single) * 99) // 100] / 1e3,
+        idle_update_all_us_no_sockets=idle_before,
+        open_s=open_s,
+        rss_open_kb=opened["VmRSS"],
+        rss_base_kb=base["VmRSS"],
+        threads_open=opened["Threads"],
+        threads_base=base["Threads"],
+        **{("lat_" + k_): v for k_, v in percentiles_us(lat).items()},
+    )
+
+
 def run_blockws_cb(m: Meter) -> None:
     import blockws
 
     p = m.p
     w = p.workload.name
+    if w == "W8":
+        run_pulse_frames(m)
+        return
     if w == "W7":
         state = {"open": 0, "closed": 0}
 

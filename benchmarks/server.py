@@ -22,6 +22,13 @@ WebSocket endpoints (the path picks the behaviour):
   first 8 bytes of each payload are ``time.perf_counter_ns()`` (CLOCK_MONOTONIC,
   the same clock in every process of the host) when it was written. Ends with
   a text message ``"done SENT"``.
+* ``/pulse``: the same command and messages as ``/stream``, for many sockets
+  at low rates (W8: 2,000 sockets at 10 msgs/s each): one scheduler task
+  serves every ``/pulse`` socket from a heap of due times, instead of a task
+  per socket waking every millisecond. Each socket's first message is due at
+  a random phase within its period, so the load is spread evenly; a socket
+  whose message is late gets it as soon as the task runs again, and its next
+  one a full period later (no bursts to catch up).
 
 The plain-TCP listener (the "TCP ceiling": the same payload bytes with no
 WebSocket framing) reads one command line first: ``echo``, ``flood TOTAL``
@@ -32,7 +39,10 @@ or ``idle``.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import random
+import resource
 import struct
 import sys
 import time
@@ -203,7 +213,85 @@ class Stream(_Base):
             self.write(data_frame(1, f"done {sent}".encode()))
 
 
-_ROUTES = {b"/echo": Echo, b"/flood": Flood, b"/sink": Sink, b"/stream": Stream}
+class Pulses:
+    """The one scheduler of every ``/pulse`` socket: a heap of (due, seq, Pulse)."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int, Pulse]] = []
+        self.seq = 0
+        self.task: asyncio.Future[None] | None = None
+        self.wake: asyncio.Event | None = None
+
+    def add(self, listener: Pulse, rate: float, size: int, seconds: float) -> None:
+        now = time.perf_counter_ns()
+        listener.period_ns = max(1, int(1e9 / rate))
+        listener.end_ns = now + int(seconds * 1e9)
+        size = max(size, 8)
+        listener.head = frame_header(0x82, size)
+        listener.pad = bytes(size - 8)
+        self.push(now + random.randrange(listener.period_ns), listener)
+        if self.wake is None:
+            self.wake = asyncio.Event()
+        self.wake.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self.run())
+
+    def push(self, due: int, listener: Pulse) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (due, self.seq, listener))
+
+    async def run(self) -> None:
+        assert self.wake is not None
+        heap, now, pack = self.heap, time.perf_counter_ns, struct.Struct("!Q").pack
+        while True:
+            if not heap:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            t = now()
+            while heap and heap[0][0] <= t:
+                due, _, lst = heapq.heappop(heap)
+                assert lst.transport is not None
+                if lst.transport.is_disconnected:
+                    continue
+                if t >= lst.end_ns:
+                    lst.write(data_frame(1, f"done {lst.sent}".encode()))
+                    continue
+                lst.write(lst.head + pack(t) + lst.pad)
+                lst.sent += 1
+                self.push(max(due + lst.period_ns, t + 1), lst)
+            if heap:
+                delay = (heap[0][0] - now()) / 1e9
+                if delay > 0:
+                    await asyncio.sleep(min(delay, 0.05))
+                else:
+                    await asyncio.sleep(0)
+
+
+PULSES = Pulses()
+
+
+class Pulse(_Base):
+    def __init__(self) -> None:
+        super().__init__()
+        self.period_ns = self.end_ns = self.sent = 0
+        self.head = self.pad = b""
+
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        if frame.msg_type == WSMsgType.TEXT:
+            rate, size, seconds = frame.get_payload_as_ascii_text().split()
+            PULSES.add(self, float(rate), int(size), float(seconds))
+        elif frame.msg_type == WSMsgType.CLOSE:
+            self.on_close(transport, frame)
+
+
+_ROUTES = {
+    b"/echo": Echo,
+    b"/flood": Flood,
+    b"/sink": Sink,
+    b"/stream": Stream,
+    b"/pulse": Pulse,
+}
 
 
 def route(request: Any) -> WSListener | None:
@@ -290,6 +378,9 @@ async def serve(ws_port: int, tcp_port: int) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.ERROR)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 8192 <= hard:  # W8 holds 2,000 sockets (more with --scale)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (8192, hard))
     ws_port, tcp_port = int(sys.argv[1]), int(sys.argv[2])
     asyncio.run(serve(ws_port, tcp_port))
 
