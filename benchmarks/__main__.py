@@ -304,6 +304,7 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
             per = [r["ops"] / r[seg] for r in ok if r.get(seg)]
             if per:
                 row[key] = median(per)
+                row[key + "_rounds"] = per
         for key in ("p50_us", "p99_us", "open_s", "close_s", "threads_open", "threads_base"):
             if key in ok[0]:
                 row[key] = median([r[key] for r in ok])
@@ -461,6 +462,30 @@ def with_spread(row: dict[str, Any], key: str) -> str | None:
     if len(row.get(key + "_rounds", ())) > 1:
         text += f" [{row[key + '_min']:.2f}-{row[key + '_max']:.2f}]"
     return text
+
+
+#: Fewer messages than this per TCP data segment sent: the writes were not coalesced.
+SEGMENT_FEW = 4.0
+
+
+def segment_note(rows: list[dict[str, Any]]) -> list[str]:
+    """A note under a table where a client's small writes went out one segment each."""
+    few = []
+    for r in rows:
+        per = r.get("ops_per_seg_out_rounds") or []
+        n = sum(1 for x in per if x < SEGMENT_FEW)
+        if n and WORKLOADS[r["workload"]].size < 4096 and r["workload"] != "W1":
+            few.append(f"{r['client']} in {n} of {len(per)} round(s)")
+    if not few:
+        return []
+    return [
+        "",
+        f"Fewer than {SEGMENT_FEW:.0f} messages per TCP segment sent: "
+        + ", ".join(few)
+        + ". Such a round measures the loopback's per-segment cost as much as the client: the "
+        "same client runs 2-4x faster in rounds where its writes coalesce (benchmarks/README.md, "
+        "'Why picows' figures swing').",
+    ]
 
 
 def with_range(row: dict[str, Any], key: str) -> str | None:
@@ -637,6 +662,7 @@ def report(data: dict[str, Any]) -> str:
                 ("ops", "ops", ",.0f"),
             ]
         lines.append(table(cells, cols))
+        lines += segment_note(ws)
     if data.get("headroom"):
         lines += [
             "",

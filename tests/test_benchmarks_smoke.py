@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import builds  # noqa: E402
-from benchmarks.__main__ import report, summarize  # noqa: E402
+from benchmarks.__main__ import report, segment_note, summarize  # noqa: E402
 from benchmarks.clients import tcp_data_segments  # noqa: E402
 from benchmarks.workloads import CLIENTS, WORKLOADS  # noqa: E402
 
@@ -265,3 +265,15 @@ def test_tcp_data_segments_counts_this_process_sockets_to_a_port() -> None:
                 assert c.recv(10) == b"y"
                 seg_in, seg_out = tcp_data_segments(port)
     assert seg_out - before[1] == 3 and seg_in - before[0] == 1
+
+
+@pytest.mark.unit
+def test_a_round_whose_small_writes_went_out_one_segment_each_is_pointed_out() -> None:
+    rows = [
+        {"workload": "W5", "client": "picows", "ops_per_seg_out_rounds": [1.3, 88.0, 1.1]},
+        {"workload": "W5", "client": "blockws-cb", "ops_per_seg_out_rounds": [800.0] * 3},
+    ]
+    note = " ".join(segment_note(rows))
+    assert "picows in 2 of 3 round(s)" in note and "blockws-cb" not in note
+    rows[0]["workload"] = rows[1]["workload"] = "W5b"  # 1 MiB messages span many segments
+    assert segment_note(rows) == []
