@@ -415,6 +415,7 @@ def _pump(ws: Any, done: Callable[[], bool]) -> None:
 #: W8: messages per second each socket receives, frames per second of the loop.
 PULSE_RATE = 10.0
 FRAME_HZ = 60.0
+WARMUP_FRAMES = 60
 
 
 def idle_update_all_us(update_all: Callable[[], Any], calls: int = 1000, batches: int = 7) -> float:
@@ -437,22 +438,23 @@ def run_pulse_frames(m: Meter) -> None:
     second, the measured window records: messages delivered to ``on_binary``,
     the process's CPU (every thread: the sockets' readers too) per message, the
     duration of each ``update_all()`` (p50/p99/max), and each message's delay
-    from the server's write to its callback. Once every stream has ended (each
-    socket's ``"done N"`` text), ``update_all()`` with nothing pending is timed
-    at this socket count, and before any socket was opened.
+    from the server's write to its callback. Then ``"stop"`` ends every
+    stream; once each socket has had its ``"done N"`` text, ``update_all()``
+    with nothing pending is timed at this socket count (and was timed before
+    any socket was opened). ``before_window``: messages delivered during the
+    warm-up frames.
     """
     import blockws
 
     p = m.p
     n, size = p.count, max(8, p.size)
     window = min(4.0, max(0.5, 2 * p.budget))
-    warmup = 1.0
-    seconds = warmup + window + 0.5
+    warmup = WARMUP_FRAMES / FRAME_HZ
     frame = 1.0 / FRAME_HZ
     update_all = blockws.update_all
     idle_before = idle_update_all_us(update_all)
 
-    st = {"open": 0, "closed": 0, "done": 0, "got": 0, "counting": False}
+    st = {"open": 0, "closed": 0, "done": 0, "got": 0, "all": 0, "counting": False}
     lat: list[int] = []
     unpack = struct.Struct("!Q").unpack_from
 
@@ -463,6 +465,7 @@ def run_pulse_frames(m: Meter) -> None:
         st["closed"] += 1
 
     def on_binary(ws: Any, seg: Any) -> None:
+        st["all"] += 1
         if st["counting"]:
             st["got"] += 1
             lat.append(perf_ns() - unpack(seg.data, seg.offset)[0])
@@ -481,9 +484,10 @@ def run_pulse_frames(m: Meter) -> None:
 
     base = proc_status()
     t_open = perf()
+    url = f"{p.ws_url}?{os.getpid()}"  # this child's group of /pulse sockets
     conns = [
         blockws.WebSocket(
-            p.ws_url,
+            url,
             on_open=on_open,
             on_closed=on_closed,
             on_binary=on_binary,
@@ -495,40 +499,48 @@ def run_pulse_frames(m: Meter) -> None:
     pump_until("open", n, TIMEOUT + n / 50)
     open_s = perf() - t_open
     opened = proc_status()
-    command = f"{PULSE_RATE} {size} {seconds}"
-    for ws in conns:
-        ws.send(command)
-    gc.collect()
+    # One message starts every stream; they run until "stop" (capped, should the
+    # child die). The window is counted in frames: WARMUP_FRAMES, then the
+    # window's, so a frame that takes seconds shows in the figures instead of
+    # ending the window before it began; a wall-clock cap ends a stalled loop.
+    t_send = perf()
+    conns[0].send(f"start {PULSE_RATE} {size} {TIMEOUT + 60}")
+    send_s = perf() - t_send
 
     frames_ns: list[int] = []
     late = 0
+    window_frames = int(window * FRAME_HZ)
     start = perf()
-    measure_at, end_at = start + warmup, start + warmup + window
+    cap = start + warmup + window + TIMEOUT / 2
     next_frame = start
-    measuring = False
+    got_before = 0
+    frame_no = 0
     while True:
-        now = perf()
-        if not measuring and now >= measure_at:
-            measuring = st["counting"] = True
+        if frame_no == WARMUP_FRAMES:
+            st["counting"] = True
+            got_before = st["all"]
             m.start(quick=True)
-        if measuring and now >= end_at:
+        if frame_no == WARMUP_FRAMES + window_frames or perf() > cap:
             st["counting"] = False
             m.stop(st["got"], st["got"] * size)
             break
         t = perf_ns()
         update_all()
         took = perf_ns() - t
-        if measuring:
+        if frame_no >= WARMUP_FRAMES:
             frames_ns.append(took)
+        frame_no += 1
         next_frame += frame
         delay = next_frame - perf()
         if delay > 0:
             time.sleep(delay)
         else:
-            if measuring:
+            if frame_no > WARMUP_FRAMES:
                 late += 1
             next_frame = perf()
-    pump_until("done", n, TIMEOUT + seconds)
+    window = m.result["elapsed"]
+    conns[0].send("stop")
+    pump_until("done", n, TIMEOUT)
     update_all()
     idle = idle_update_all_us(update_all)
     single: list[int] = []
@@ -556,6 +568,8 @@ def run_pulse_frames(m: Meter) -> None:
         idle_update_all_p99_us=single[(len(single) * 99) // 100] / 1e3,
         idle_update_all_us_no_sockets=idle_before,
         open_s=open_s,
+        send_s=send_s,
+        before_window=got_before,
         rss_open_kb=opened["VmRSS"],
         rss_base_kb=base["VmRSS"],
         threads_open=opened["Threads"],
