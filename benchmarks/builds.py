@@ -111,8 +111,14 @@ def _aiofastnet(transport_type: type | None) -> dict[str, Any]:
     return _combine([part], modname.split(".")[0] == "aiofastnet")
 
 
-def probe(client: str, transport_type: type | None = None) -> dict[str, dict[str, Any]]:
-    """In the child, after its run: what each component of ``client`` was, by name."""
+def probe(
+    client: str, transport_type: type | None = None, details: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """In the child, after its run: what each component of ``client`` was, by name.
+
+    ``details``: what else the client said about itself (picows: its masking
+    implementation), kept under each component whose name begins the key.
+    """
     out: dict[str, dict[str, Any]] = {}
     for comp in COMPONENTS.get(client, ()):
         if comp == "blockws-speedups":
@@ -125,6 +131,10 @@ def probe(client: str, transport_type: type | None = None) -> dict[str, dict[str
             out[comp] = _picows()
         elif comp == "aiofastnet":
             out[comp] = _aiofastnet(transport_type)
+    for key, value in (details or {}).items():
+        comp = key.split()[0]
+        if comp in out:
+            out[comp][key] = value
     return out
 
 
@@ -164,5 +174,6 @@ def summary(client: str, build: dict[str, dict[str, Any]] | None) -> str:
         else:
             state = "in use, NOT compiled"
         where = b.get("file") or b.get("module")
-        parts.append(f"{comp} {state} ({where})")
+        extra = "".join(f", {k.split(' ', 1)[1]} {v}" for k, v in b.items() if " " in k)
+        parts.append(f"{comp} {state} ({where}{extra})")
     return "; ".join(parts) or "nothing reported"

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
+import re
 import resource
 import socket
 import struct
@@ -141,6 +143,8 @@ class Meter:
         #: the class of the transport under the connection, where the client shows it
         #: (picows: aiofastnet's or asyncio's); read by ``builds.probe``
         self.transport_type: type | None = None
+        #: anything else a client says about its build (``builds.probe`` adds it)
+        self.details: dict[str, str] = {}
         self.result: dict[str, Any] = {}
         self.opened: tuple[float, float, float, dict[str, int]] = (0.0, 0.0, 0.0, {})
 
@@ -859,6 +863,22 @@ def run_picows(m: Meter) -> None:
                 self.resumed = asyncio.Event()
                 await self.resumed.wait()
 
+    # picows logs its masking implementation (SIMD or not) once per connection, at
+    # INFO: listen for the first such line, then stop listening (builds.probe).
+    plog = logging.getLogger("picows.client")
+
+    class MaskImpl(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.search(r"mask_impl=(\w+)", record.getMessage())
+            if found:
+                m.details["picows mask_impl"] = found.group(1)
+                plog.removeHandler(self)
+                plog.setLevel(logging.WARNING)
+
+    plog.addHandler(MaskImpl())
+    plog.setLevel(logging.INFO)
+    plog.propagate = False
+
     async def connect() -> tuple[Any, Listener]:
         return await ws_connect(  # type: ignore[no-any-return]
             Listener,
@@ -1312,7 +1332,7 @@ def child(args: Any) -> dict[str, Any]:
         RUNNERS[p.client](m)
     r = m.result
     r.update(
-        build=builds.probe(p.client, m.transport_type),
+        build=builds.probe(p.client, m.transport_type, m.details),
         client=p.client,
         workload=p.workload.name,
         requested=p.count,
