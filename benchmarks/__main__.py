@@ -493,7 +493,12 @@ def with_range(row: dict[str, Any], key: str) -> str | None:
     if row.get(key) is None:
         return None
     value = row[key]
-    fmt = ".0f" if abs(value) >= 100 else ".2f" if abs(value) < 10 else ".1f"
+    if float(value).is_integer() and all(
+        float(row.get(key + k, 0) or 0).is_integer() for k in ("_min", "_max")
+    ):
+        fmt = ".0f"  # counts: sockets, frames
+    else:
+        fmt = ".0f" if abs(value) >= 100 else ".2f" if abs(value) < 10 else ".1f"
     text = format(value, fmt)
     lo, hi = row.get(key + "_min"), row.get(key + "_max")
     if row.get("runs", 0) > 1 and lo is not None and hi is not None and lo != hi:
