@@ -1,7 +1,7 @@
 """blockws beside the other Python WebSocket clients: ``python -m benchmarks``.
 
-    python -m benchmarks --quick            # 1 round, small counts: under a minute
-    python -m benchmarks                    # the full run: 3 rounds, under 6 minutes
+    python -m benchmarks --quick            # 1 round, small counts: under two minutes
+    python -m benchmarks                    # the full run: 3 rounds, 6-10 minutes
     python -m benchmarks --workloads W1,W4 --clients blockws-cb,picows,probe
     python -m benchmarks --profile blockws-cb:W4     # cProfile one child, every thread
 
@@ -17,10 +17,17 @@ its own process, pinned to one CPU; each measurement runs in a fresh
 interpreter pinned to the other CPU, except W1, where a cross-CPU wake-up
 (about 70 us on this VM) would dominate a round trip: there the server is
 moved to the client's CPU. Clients are interleaved round by round (A B C,
-A B C); the report gives medians, the ratio to the best peer and to the best
-threaded peer (the targets' reference), the ratio to the TCP ceiling, client
-CPU per operation, client and server CPU load, and peak RSS. Then the
-game-loop measurements of ``benchmarks/gameloop.py``.
+A B C); the report gives medians, the ratios to the best peer, to the best
+threaded peer (the targets' reference), to picows and to the TCP ceiling (each
+the median of the per-round ratios, with their min-max), client CPU per
+operation, client and server CPU load, messages per TCP segment, and peak RSS;
+W7 the RSS per idle connection, W8 (blockws only) the cost of pumping 2,000
+sockets with ``update_all()`` at 60 Hz. Then the game-loop measurements of
+``benchmarks/gameloop.py``.
+
+Every child reports which build of its client it ran (``benchmarks/builds.py``);
+a column that ran without its compiled build gets no ratios and the run exits
+with status 3 after writing its report (``--allow-uncompiled``: status 0).
 
 Output: a Markdown report (printed, and written with ``--md``) and a JSON
 file (``--json``) holding every run. Nothing here asserts a figure; the
