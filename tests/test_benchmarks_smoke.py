@@ -72,7 +72,7 @@ def test_harness_produces_a_row_for_every_client_and_workload(tmp_path: Path) ->
         timeout=220,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode in (0, 3), proc.stderr[-4000:]
     data = json.loads(out_json.read_text())
 
     failed = [
@@ -89,21 +89,25 @@ def test_harness_produces_a_row_for_every_client_and_workload(tmp_path: Path) ->
     # W8 is blockws only, and says so
     assert {c for w, c in rows if w == "W8"} == set(WORKLOADS["W8"].clients)
     # every child reported its build, and every build here is the one its column names
+    # (but blockws' own C speedup, where this install could not build it)
     assert all("build" in r for r in data["runs"])
-    assert not [(w, c, r["invalid"]) for (w, c), r in rows.items() if r.get("invalid")]
-    assert proc.returncode == 0
+    refused = {c for (w, c), r in rows.items() if r.get("invalid")}
+    if builds.is_compiled(_speedups_file()):
+        assert not refused and proc.returncode == 0
+    else:
+        assert refused == {"blockws-cb", "blockws-recv"} and proc.returncode == 3
     for (workload, client), row in rows.items():
         assert row["runs"] == 1, (workload, client)
         for key in ("rate", "cpu_us_per_op", "client_cpu_pct", "server_cpu_pct", "peak_rss_mb"):
             assert key in row, (workload, client, key)
-        if client != "tcp" and workload != "W8":  # W8 has no peer and no TCP twin
+        if client != "tcp" and workload != "W8" and client not in refused:  # W8: no peer
             assert "x_tcp" in row and "x_best_peer" in row, (workload, client)
     for client in CLIENTS:
         assert "p50_us" in rows["W1", client] and "p99_us" in rows["W1", client]
         assert "threads_open" in rows["W7", client] and "rss_open_mb" in rows["W7", client]
         assert "rss_kb_per_conn" in rows["W7", client]
     for workload in WORKLOADS:
-        assert "target" in rows[workload, "blockws-cb"]
+        assert "target" in rows[workload, "blockws-cb"] or "blockws-cb" in refused
     w8 = rows["W8", "blockws-cb"]
     assert w8["ops"] > 0 and w8["frames"] > 0 and w8["sockets"] == WORKLOADS["W8"].min_count
     for key in ("frame_p50_us", "frame_p99_us", "idle_update_all_us", "cpu_us_per_op"):
