@@ -26,8 +26,9 @@ WebSocket endpoints (the path picks the behaviour):
   rates (W8: 2,000 sockets at 10 msgs/s each): one scheduler task serves
   every ``/pulse`` socket from a heap of due times, instead of a task per
   socket waking every millisecond. ``"start RATE SIZE SECONDS"`` on any socket
-  of GROUP (the query string: W8 uses its process id) starts every socket of
-  the group, so one message starts 2,000 streams; ``"stop"`` ends them all,
+  of GROUP (the query string: W8 uses its process id) starts every other
+  socket of the group, so one message on a control connection starts 2,000
+  streams; ``"stop"`` ends them all,
   each with its ``"done SENT"``; ``"RATE SIZE SECONDS"`` starts just the one
   socket. Each socket's first message is due at a random phase within its
   period, so the load is spread evenly; a late message goes out as soon as
@@ -242,9 +243,12 @@ class Pulses:
         if self.task is None or self.task.done():
             self.task = asyncio.ensure_future(self.run())
 
-    def start_group(self, group: bytes, rate: float, size: int, seconds: float) -> None:
+    def start_group(
+        self, sender: Pulse, group: bytes, rate: float, size: int, seconds: float
+    ) -> None:
+        """Start every socket of ``group`` but ``sender`` (a control connection)."""
         for lst in list(self.groups.get(group, ())):
-            if not lst.streaming:
+            if not lst.streaming and lst is not sender:
                 self.add(lst, rate, size, seconds)
 
     def stop_group(self, group: bytes) -> None:
@@ -294,8 +298,8 @@ class Pulse(_Base):
     """``/pulse?GROUP``: a socket of GROUP (any bytes; the query string, maybe empty).
 
     Text commands: ``"RATE SIZE SECONDS"`` streams to this socket; ``"start RATE
-    SIZE SECONDS"`` to every socket of the group connected now; ``"stop"`` ends
-    every stream of the group at once.
+    SIZE SECONDS"`` to every other socket of the group connected now; ``"stop"``
+    ends every stream of the group at once.
     """
 
     def __init__(self, group: bytes = b"") -> None:
@@ -330,7 +334,7 @@ class Pulse(_Base):
                 PULSES.stop_group(self.group)
             elif words[0] == "start":
                 rate, size, seconds = words[1:]
-                PULSES.start_group(self.group, float(rate), int(size), float(seconds))
+                PULSES.start_group(self, self.group, float(rate), int(size), float(seconds))
             else:
                 rate, size, seconds = words
                 PULSES.add(self, float(rate), int(size), float(seconds))
