@@ -323,6 +323,9 @@ def summarize(data: dict[str, Any]) -> list[dict[str, Any]]:
         if "expected" in ok[0]:
             row["delivered_pct"] = median([100 * r["ops"] / max(1, r["expected"]) for r in ok])
             row["stalled"] = f"{sum(1 for r in ok if r.get('stalled'))} of {len(ok)}"
+            early = sum(1 for r in ok if r.get("warmed_up") is False)
+            if early:
+                row["stalled"] += f" ({early} in the warm-up: figures from the first frame)"
         if "rss_open_kb" in ok[0]:
             row["rss_open_mb"] = median([r["rss_open_kb"] for r in ok]) / 1024
             # W7 opens ``ops`` connections; W8 holds ``sockets`` (its ops are messages)

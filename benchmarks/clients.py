@@ -546,10 +546,17 @@ def run_pulse_frames(m: Meter) -> None:
     next_frame = start
     got_before = 0
     frame_no = 0
+    # Counted from the first frame, and again from the end of the warm-up: a loop
+    # that stalls during the warm-up reports its frames from the start.
+    st["counting"] = True
+    m.start(quick=True)
     while True:
         if frame_no == WARMUP_FRAMES:
-            st["counting"] = True
             got_before = st["all"]
+            st["got"] = 0
+            lat.clear()
+            frames_ns.clear()
+            late = 0
             m.start(quick=True)
         if frame_no == WARMUP_FRAMES + window_frames or perf() > cap:
             st["counting"] = False
@@ -557,17 +564,14 @@ def run_pulse_frames(m: Meter) -> None:
             break
         t = perf_ns()
         update_all()
-        took = perf_ns() - t
-        if frame_no >= WARMUP_FRAMES:
-            frames_ns.append(took)
+        frames_ns.append(perf_ns() - t)
         frame_no += 1
         next_frame += frame
         delay = next_frame - perf()
         if delay > 0:
             time.sleep(delay)
         else:
-            if frame_no > WARMUP_FRAMES:
-                late += 1
+            late += 1
             next_frame = perf()
     loop_done.set()
     window = m.result["elapsed"]
@@ -610,6 +614,7 @@ def run_pulse_frames(m: Meter) -> None:
         send_s=send_s,
         before_window=got_before,
         stalled=stalled,
+        warmed_up=frame_no > WARMUP_FRAMES,
         rss_open_kb=opened["VmRSS"],
         rss_base_kb=base["VmRSS"],
         threads_open=opened["Threads"],
