@@ -458,7 +458,8 @@ def run_pulse_frames(m: Meter) -> None:
     update_all = blockws.update_all
     idle_before = idle_update_all_us(update_all)
 
-    st = {"open": 0, "closed": 0, "done": 0, "got": 0, "all": 0, "counting": False}
+    st = {"open": 0, "closed": 0, "done": 0, "got": 0, "all": 0, "server_sent": 0}
+    st["counting"] = False
     lat: list[int] = []
     unpack = struct.Struct("!Q").unpack_from
 
@@ -477,6 +478,7 @@ def run_pulse_frames(m: Meter) -> None:
     def on_message(ws: Any, text: str) -> None:
         if text.startswith("done"):
             st["done"] += 1
+            st["server_sent"] += int(text.split()[1])
 
     def pump_until(key: str, goal: int, limit: float, strict: bool = True) -> None:
         deadline = perf() + limit
@@ -575,6 +577,8 @@ def run_pulse_frames(m: Meter) -> None:
             next_frame = perf()
     loop_done.set()
     window = m.result["elapsed"]
+    # the streams ran for the whole window, unless the watchdog stopped them first
+    streamed = min(window, max(0.0, stopped[0] - m.t0)) if stopped else window
     stalled = bool(stopped)  # the watchdog had to stop the streams
     stop_streams()
     guard.join(10)
@@ -601,7 +605,8 @@ def run_pulse_frames(m: Meter) -> None:
         sockets_closed=st["closed"],
         rate_per_socket=PULSE_RATE,
         window_s=window,
-        expected=int(n_open * PULSE_RATE * window),
+        expected=int(n_open * PULSE_RATE * streamed),
+        server_sent=st["server_sent"],
         frames=k,
         late_frames=late,
         frame_p50_us=frames_ns[k // 2] / 1e3 if k else None,
