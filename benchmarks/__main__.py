@@ -601,8 +601,8 @@ def report(data: dict[str, Any]) -> str:
                 "delay from the server's write to its callback, and `update_all()` with nothing "
                 "pending: the mean of 1,000 calls at this socket count, one call's p99, and the "
                 "mean before any socket was opened. `stalled`: rounds whose frame loop was "
-                "still inside one `update_all()` 10 s after the window's end, so the streams "
-                "were stopped for it to return. [min-max] over the rounds.",
+                "still inside one `update_all()` 10 s after the window's end, when the server "
+                "ends the streams (so that the call returns). [min-max] over the rounds.",
                 "",
             ]
         cells = []

@@ -420,6 +420,7 @@ def _pump(ws: Any, done: Callable[[], bool]) -> None:
 PULSE_RATE = 10.0
 FRAME_HZ = 60.0
 WARMUP_FRAMES = 60
+STALL_CAP = 10.0  # seconds past the window's end after which the server stops W8's streams
 
 
 def idle_update_all_us(update_all: Callable[[], Any], calls: int = 1000, batches: int = 7) -> float:
@@ -512,39 +513,21 @@ def run_pulse_frames(m: Meter) -> None:
         raise RuntimeError(f"none of {n} sockets opened in {open_s:.0f} s")
     opened = proc_status()
     # A raw control connection of the same group starts every stream with one
-    # message and stops them all with another, independently of the sockets under
+    # message and stops them with another, independently of the sockets under
     # test. The window is counted in frames (WARMUP_FRAMES, then the window's), so
     # a frame that takes seconds shows in the figures instead of ending the window
-    # before it began. Should the loop stall (an update_all() that keeps draining
-    # messages that keep arriving), a watchdog thread stops the streams at the cap,
-    # so that call returns and the figures are reported.
+    # before it began. The server ends the streams by itself STALL_CAP seconds
+    # after the window's nominal end: an update_all() that keeps draining messages
+    # that keep arriving (a stalled loop) then returns, and the loop reports it.
     control, _ = raw_handshake(p.ws_port, f"{p.workload.path}?{os.getpid()}")
-    stop_lock = threading.Lock()
-    stopped: list[float] = []
-
-    def stop_streams() -> None:
-        with stop_lock:
-            if not stopped:
-                stopped.append(perf())
-                control.sendall(masked_frame(1, b"stop"))
-
-    t_send = perf()
-    control.sendall(masked_frame(1, f"start {PULSE_RATE} {size} {TIMEOUT + 60}".encode()))
-    send_s = perf() - t_send
+    window_frames = int(window * FRAME_HZ)
+    seconds = warmup + window + STALL_CAP
+    start = perf()
+    control.sendall(masked_frame(1, f"start {PULSE_RATE} {size} {seconds}".encode()))
+    cap = stream_end = start + seconds
 
     frames_ns: list[int] = []
     late = 0
-    window_frames = int(window * FRAME_HZ)
-    start = perf()
-    cap = start + warmup + window + 10.0
-    loop_done = threading.Event()
-
-    def watchdog() -> None:
-        if not loop_done.wait(cap - perf()):
-            stop_streams()
-
-    guard = threading.Thread(target=watchdog, name="bench-w8-watchdog", daemon=True)
-    guard.start()
     next_frame = start
     got_before = 0
     frame_no = 0
@@ -552,6 +535,7 @@ def run_pulse_frames(m: Meter) -> None:
     # that stalls during the warm-up reports its frames from the start.
     st["counting"] = True
     m.start(quick=True)
+    stalled = False
     while True:
         if frame_no == WARMUP_FRAMES:
             got_before = st["all"]
@@ -560,9 +544,10 @@ def run_pulse_frames(m: Meter) -> None:
             frames_ns.clear()
             late = 0
             m.start(quick=True)
-        if frame_no == WARMUP_FRAMES + window_frames or perf() > cap:
-            st["counting"] = False
-            m.stop(st["got"], st["got"] * size)
+        if frame_no == WARMUP_FRAMES + window_frames:
+            break
+        if perf() > cap:
+            stalled = True
             break
         t = perf_ns()
         update_all()
@@ -575,13 +560,12 @@ def run_pulse_frames(m: Meter) -> None:
         else:
             late += 1
             next_frame = perf()
-    loop_done.set()
+    st["counting"] = False
+    m.stop(st["got"], st["got"] * size)
     window = m.result["elapsed"]
-    # the streams ran for the whole window, unless the watchdog stopped them first
-    streamed = min(window, max(0.0, stopped[0] - m.t0)) if stopped else window
-    stalled = bool(stopped)  # the watchdog had to stop the streams
-    stop_streams()
-    guard.join(10)
+    # the time the server streamed within the window
+    streamed = max(0.0, min(m.t0 + window, stream_end) - m.t0)
+    control.sendall(masked_frame(1, b"stop"))
     pump_until("done", n_open, TIMEOUT, strict=False)
     done = st["done"]
     update_all()
@@ -616,7 +600,6 @@ def run_pulse_frames(m: Meter) -> None:
         idle_update_all_p99_us=single[(len(single) * 99) // 100] / 1e3,
         idle_update_all_us_no_sockets=idle_before,
         open_s=open_s,
-        send_s=send_s,
         before_window=got_before,
         stalled=stalled,
         warmed_up=frame_no > WARMUP_FRAMES,
