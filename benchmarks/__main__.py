@@ -495,7 +495,7 @@ def segment_note(rows: list[dict[str, Any]]) -> list[str]:
         f"Fewer than {SEGMENT_FEW:.0f} messages per TCP segment sent: "
         + ", ".join(few)
         + ". Such a round measures the loopback's per-segment cost as much as the client: the "
-        "same client runs 2-4x faster in rounds where its writes coalesce (benchmarks/README.md, "
+        "same client runs 2-3x faster in rounds where its writes coalesce (benchmarks/README.md, "
         "'Why picows' figures swing').",
     ]
 
