@@ -21,7 +21,10 @@ Components:
 * ``picows``: ``picows.picows``, the Cython core (picows has no pure-Python
   fallback, so it is always compiled when it imports);
 * ``aiofastnet``: the transport under picows' connection (the child records
-  its type); picows falls back to asyncio's own transport without it.
+  its type); picows falls back to asyncio's own transport without it;
+* ``aiohttp-speedups``: ``aiohttp._websocket.reader_c`` (its Cython frame
+  reader) and ``aiohttp._websocket.mask``, in use when aiohttp's
+  ``WebSocketReader`` and ``websocket_mask`` are theirs (``benchmarks/deflate.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "websocket-client+wsaccel": ("wsaccel",),
     "websockets-sync": ("websockets-speedups",),
     "picows": ("picows", "aiofastnet"),
+    # benchmarks/deflate.py's clients
+    "blockws": ("blockws-speedups",),
+    "websockets": ("websockets-speedups",),
+    "aiohttp": ("aiohttp-speedups",),
 }
 FORBIDS: dict[str, tuple[str, ...]] = {
     "blockws-pure": ("blockws-speedups",),
@@ -96,6 +103,19 @@ def _wsaccel() -> dict[str, Any]:
     return _combine(parts, in_use)
 
 
+def _aiohttp_speedups() -> dict[str, Any]:
+    parts = [_module("aiohttp._websocket.reader_c"), _module("aiohttp._websocket.mask")]
+    reader, reader_c = (sys.modules.get(f"aiohttp._websocket.{m}") for m in ("reader", "reader_c"))
+    helpers, mask = (sys.modules.get(f"aiohttp._websocket.{m}") for m in ("helpers", "mask"))
+    in_use = (
+        reader_c is not None
+        and getattr(reader, "WebSocketReader", None) is getattr(reader_c, "WebSocketReader", 0)
+        and mask is not None
+        and getattr(helpers, "websocket_mask", None) is getattr(mask, "_websocket_mask_cython", 0)
+    )
+    return _combine(parts, bool(in_use))
+
+
 def _picows() -> dict[str, Any]:
     part = _module("picows.picows")
     return _combine([part], part["loaded"])
@@ -131,6 +151,8 @@ def probe(
             out[comp] = _picows()
         elif comp == "aiofastnet":
             out[comp] = _aiofastnet(transport_type)
+        elif comp == "aiohttp-speedups":
+            out[comp] = _aiohttp_speedups()
     for key, value in (details or {}).items():
         comp = key.split()[0]
         if comp in out:

@@ -168,8 +168,9 @@ def _good_build(client: str) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.unit
 def test_build_problems_name_what_is_missing_or_wrongly_in_use() -> None:
-    for client in CLIENTS:
+    for client in [*CLIENTS, "blockws", "websockets", "aiohttp"]:  # + benchmarks/deflate.py's
         assert builds.problems(client, _good_build(client)) == [], client
+    assert builds.problems("aiohttp", {}) == ["aiohttp-speedups: not reported"]
     b = _good_build("picows")
     b["aiofastnet"]["in_use"] = False
     assert builds.problems("picows", b) == ["aiofastnet: loaded but not used by the client"]
@@ -281,3 +282,33 @@ def test_a_round_whose_small_writes_went_out_one_segment_each_is_pointed_out() -
     assert "picows in 2 of 3 round(s)" in note and "blockws-cb" not in note
     rows[0]["workload"] = rows[1]["workload"] = "W5b"  # 1 MiB messages span many segments
     assert segment_note(rows) == []
+
+
+@pytest.mark.timeout(60)
+def test_build_probe_tells_aiohttp_with_and_without_its_extensions() -> None:
+    pytest.importorskip("aiohttp")
+    code = (
+        "import json, aiohttp, aiohttp.http_websocket; from benchmarks import builds; "
+        "print(json.dumps(builds.probe('aiohttp')['aiohttp-speedups']))"
+    )
+
+    def probe(**env: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=50,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+            check=True,
+        )
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    with_ext = probe()
+    if not with_ext["compiled"]:
+        pytest.skip("this aiohttp has no compiled extensions")
+    assert with_ext["in_use"] and builds.problems("aiohttp", {"aiohttp-speedups": with_ext}) == []
+    without = probe(AIOHTTP_NO_EXTENSIONS="1")
+    assert not without["in_use"]
+    assert builds.problems("aiohttp", {"aiohttp-speedups": without})
