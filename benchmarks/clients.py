@@ -36,15 +36,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
+import re
 import resource
 import socket
+import struct
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
 
+from . import builds
 from ._harness import cpu_seconds, proc_cpu
 from .workloads import WORKLOADS, Workload
 
@@ -68,6 +72,8 @@ class Params:
         self.ws_url = f"ws://127.0.0.1:{args.ws_port}{self.workload.path}"
         self.ws_port: int = args.ws_port
         self.tcp_port: int = args.tcp_port
+        # the port whose TCP segments are counted (Meter): the plain-TCP twin's for ``tcp``
+        self.seg_port = self.tcp_port if self.client == "tcp" else self.ws_port
         self.budget: float = args.budget if self.workload.capped else 1e9
         self.server_pid: int | None = args.server_pid
         self.stop = 0.0  # perf() deadline, set by Meter.start
@@ -79,12 +85,66 @@ class Params:
         return os.urandom(self.size)
 
 
+# struct tcp_info (linux/tcp.h): tcpi_data_segs_in and tcpi_data_segs_out, two __u32 at
+# byte offsets 152 and 156 (Linux 4.6 and later); data segments only, ACKs not counted.
+_TCPI_DATA_SEGS = struct.Struct("=II")
+_TCPI_DATA_SEGS_AT = 152
+
+
+def tcp_data_segments(port: int) -> tuple[int, int]:
+    """(data segments received, sent) so far on this process's TCP sockets to ``port``.
+
+    Found through ``/proc/self/fd`` and read with ``getsockopt(TCP_INFO)`` on a
+    duplicate of each descriptor, so it needs nothing from the client library. On
+    the loopback, messages per segment tell whether the sender's small writes were
+    coalesced (one segment for many messages) or went out one segment per write,
+    which costs both ends a trip through the TCP stack each (see benchmarks/README.md).
+    (0, 0) where the kernel does not report them.
+    """
+    segs_in = segs_out = 0
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0, 0
+    for name in fds:
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            dup = os.dup(int(name))
+        except OSError:
+            continue
+        try:
+            s = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            continue
+        with s:
+            try:
+                if s.type != socket.SOCK_STREAM or s.getpeername()[1] != port:
+                    continue
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            except (OSError, IndexError, TypeError):
+                continue
+            if len(info) >= _TCPI_DATA_SEGS_AT + _TCPI_DATA_SEGS.size:
+                a, b = _TCPI_DATA_SEGS.unpack_from(info, _TCPI_DATA_SEGS_AT)
+                segs_in += a
+                segs_out += b
+    return segs_in, segs_out
+
+
 class Meter:
     """Wall time, this process's CPU and the server's CPU over the measured interval."""
 
     def __init__(self, p: Params) -> None:
         self.p = p
         self.t0 = self.c0 = self.s0 = 0.0
+        self.segs0 = (0, 0)
+        self.quick = False
+        #: the class of the transport under the connection, where the client shows it
+        #: (picows: aiofastnet's or asyncio's); read by ``builds.probe``
+        self.transport_type: type | None = None
+        #: anything else a client says about its build (``builds.probe`` adds it)
+        self.details: dict[str, str] = {}
         self.result: dict[str, Any] = {}
         self.opened: tuple[float, float, float, dict[str, int]] = (0.0, 0.0, 0.0, {})
 
@@ -92,8 +152,13 @@ class Meter:
         pid = self.p.server_pid
         return proc_cpu(pid) if pid else 0.0
 
-    def start(self) -> None:
-        gc.collect()
+    def start(self, quick: bool = False) -> None:
+        """Start the clock; ``quick``: without a garbage collection and segment counts
+        first (W8 starts inside its frame loop, where neither may stall a frame)."""
+        self.quick = quick
+        if not quick:
+            gc.collect()
+            self.segs0 = tcp_data_segments(self.p.seg_port)
         self.s0 = self._server_cpu()
         self.c0 = cpu_seconds()
         self.t0 = perf()
@@ -103,8 +168,16 @@ class Meter:
         elapsed = perf() - self.t0
         cpu = cpu_seconds() - self.c0
         server = self._server_cpu() - self.s0
+        segs_in, segs_out = (0, 0) if self.quick else tcp_data_segments(self.p.seg_port)
         self.result.update(
-            ops=ops, bytes=nbytes, elapsed=elapsed, cpu=cpu, server_cpu=server, **extra
+            ops=ops,
+            bytes=nbytes,
+            elapsed=elapsed,
+            cpu=cpu,
+            server_cpu=server,
+            segs_in=segs_in - self.segs0[0],
+            segs_out=segs_out - self.segs0[1],
+            **extra,
         )
 
     def mark_open(self) -> None:
@@ -343,11 +416,209 @@ def _pump(ws: Any, done: Callable[[], bool]) -> None:
             raise RuntimeError(f"socket closed: {ws.close_code} {ws.error!r}")
 
 
+#: W8: messages per second each socket receives, frames per second of the loop.
+PULSE_RATE = 10.0
+FRAME_HZ = 60.0
+WARMUP_FRAMES = 60
+STALL_CAP = 10.0  # seconds past the window's end after which the server stops W8's streams
+
+
+def idle_update_all_us(update_all: Callable[[], Any], calls: int = 1000, batches: int = 7) -> float:
+    """Median over ``batches`` of the mean cost of ``update_all()`` with nothing pending (us)."""
+    out = []
+    for _ in range(batches):
+        t = perf_ns()
+        for _ in range(calls):
+            update_all()
+        out.append((perf_ns() - t) / calls / 1e3)
+    out.sort()
+    return out[len(out) // 2]
+
+
+def run_pulse_frames(m: Meter) -> None:
+    """W8: ``count`` sockets, each sent PULSE_RATE msgs/s by ``/pulse``, pumped at 60 Hz.
+
+    One thread runs a 60 Hz frame loop that calls ``blockws.update_all()`` once
+    per frame (no arguments) and sleeps until the next frame. After a warm-up
+    second, the measured window records: messages delivered to ``on_binary``,
+    the process's CPU (every thread: the sockets' readers too) per message, the
+    duration of each ``update_all()`` (p50/p99/max), and each message's delay
+    from the server's write to its callback. Then ``"stop"`` ends every
+    stream; once each socket has had its ``"done N"`` text, ``update_all()``
+    with nothing pending is timed at this socket count (and was timed before
+    any socket was opened). ``before_window``: messages delivered during the
+    warm-up frames.
+    """
+    import blockws
+
+    p = m.p
+    n, size = p.count, max(8, p.size)
+    window = min(4.0, max(0.5, 2 * p.budget))
+    warmup = WARMUP_FRAMES / FRAME_HZ
+    frame = 1.0 / FRAME_HZ
+    update_all = blockws.update_all
+    idle_before = idle_update_all_us(update_all)
+
+    st = {"open": 0, "closed": 0, "done": 0, "got": 0, "all": 0, "server_sent": 0}
+    st["counting"] = False
+    lat: list[int] = []
+    unpack = struct.Struct("!Q").unpack_from
+
+    def on_open(ws: Any) -> None:
+        st["open"] += 1
+
+    def on_closed(ws: Any, code: int, reason: str) -> None:
+        st["closed"] += 1
+
+    def on_binary(ws: Any, seg: Any) -> None:
+        st["all"] += 1
+        if st["counting"]:
+            st["got"] += 1
+            lat.append(perf_ns() - unpack(seg.data, seg.offset)[0])
+
+    def on_message(ws: Any, text: str) -> None:
+        if text.startswith("done"):
+            st["done"] += 1
+            st["server_sent"] += int(text.split()[1])
+
+    def pump_until(key: str, goal: int, limit: float, strict: bool = True) -> None:
+        deadline = perf() + limit
+        while st[key] < goal:
+            blockws.wait(0.1)
+            update_all()
+            if perf() > deadline:
+                if not strict:
+                    return
+                raise TimeoutError(f"{st[key]} of {goal} sockets {key}")
+
+    base = proc_status()
+    t_open = perf()
+    url = f"{p.ws_url}?{os.getpid()}"  # this child's group of /pulse sockets
+    conns = [
+        blockws.WebSocket(
+            url,
+            on_open=on_open,
+            on_closed=on_closed,
+            on_binary=on_binary,
+            on_message=on_message,
+            **blockws_options(),
+        ).open()
+        for _ in range(n)
+    ]
+    # Sockets that did not open in time (or failed) are reported, not waited for.
+    pump_until("open", n, TIMEOUT / 2 + n / 100, strict=False)
+    open_s = perf() - t_open
+    n_open = st["open"]
+    if n_open == 0:
+        raise RuntimeError(f"none of {n} sockets opened in {open_s:.0f} s")
+    opened = proc_status()
+    # A raw control connection of the same group starts every stream with one
+    # message and stops them with another, independently of the sockets under
+    # test. The window is counted in frames (WARMUP_FRAMES, then the window's), so
+    # a frame that takes seconds shows in the figures instead of ending the window
+    # before it began. The server ends the streams by itself STALL_CAP seconds
+    # after the window's nominal end: an update_all() that keeps draining messages
+    # that keep arriving (a stalled loop) then returns, and the loop reports it.
+    control, _ = raw_handshake(p.ws_port, f"{p.workload.path}?{os.getpid()}")
+    window_frames = int(window * FRAME_HZ)
+    seconds = warmup + window + STALL_CAP
+    start = perf()
+    control.sendall(masked_frame(1, f"start {PULSE_RATE} {size} {seconds}".encode()))
+    cap = stream_end = start + seconds
+
+    frames_ns: list[int] = []
+    late = 0
+    next_frame = start
+    got_before = 0
+    frame_no = 0
+    # Counted from the first frame, and again from the end of the warm-up: a loop
+    # that stalls during the warm-up reports its frames from the start.
+    st["counting"] = True
+    m.start(quick=True)
+    stalled = False
+    while True:
+        if frame_no == WARMUP_FRAMES:
+            got_before = st["all"]
+            st["got"] = 0
+            lat.clear()
+            frames_ns.clear()
+            late = 0
+            m.start(quick=True)
+        if frame_no == WARMUP_FRAMES + window_frames:
+            break
+        if perf() > cap:
+            stalled = True
+            break
+        t = perf_ns()
+        update_all()
+        frames_ns.append(perf_ns() - t)
+        frame_no += 1
+        next_frame += frame
+        delay = next_frame - perf()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            late += 1
+            next_frame = perf()
+    st["counting"] = False
+    m.stop(st["got"], st["got"] * size)
+    window = m.result["elapsed"]
+    # the time the server streamed within the window
+    streamed = max(0.0, min(m.t0 + window, stream_end) - m.t0)
+    control.sendall(masked_frame(1, b"stop"))
+    pump_until("done", n_open, TIMEOUT, strict=False)
+    done = st["done"]
+    update_all()
+    control.close()
+    idle = idle_update_all_us(update_all)
+    single: list[int] = []
+    for _ in range(2000):
+        t = perf_ns()
+        update_all()
+        single.append(perf_ns() - t)
+    single.sort()
+    for ws in conns:
+        ws.close()
+    pump_until("closed", n, TIMEOUT + n / 50, strict=False)
+    frames_ns.sort()
+    k = len(frames_ns)
+    m.result.update(
+        sockets=n,
+        sockets_open=n_open,
+        streams_done=done,
+        sockets_closed=st["closed"],
+        rate_per_socket=PULSE_RATE,
+        window_s=window,
+        expected=int(n_open * PULSE_RATE * streamed),
+        server_sent=st["server_sent"],
+        frames=k,
+        late_frames=late,
+        frame_p50_us=frames_ns[k // 2] / 1e3 if k else None,
+        frame_p99_us=frames_ns[min(k - 1, (k * 99) // 100)] / 1e3 if k else None,
+        frame_max_us=frames_ns[-1] / 1e3 if k else None,
+        idle_update_all_us=idle,
+        idle_update_all_p99_us=single[(len(single) * 99) // 100] / 1e3,
+        idle_update_all_us_no_sockets=idle_before,
+        open_s=open_s,
+        before_window=got_before,
+        stalled=stalled,
+        warmed_up=frame_no > WARMUP_FRAMES,
+        rss_open_kb=opened["VmRSS"],
+        rss_base_kb=base["VmRSS"],
+        threads_open=opened["Threads"],
+        threads_base=base["Threads"],
+        **{("lat_" + k_): v for k_, v in percentiles_us(lat).items()},
+    )
+
+
 def run_blockws_cb(m: Meter) -> None:
     import blockws
 
     p = m.p
     w = p.workload.name
+    if w == "W8":
+        run_pulse_frames(m)
+        return
     if w == "W7":
         state = {"open": 0, "closed": 0}
 
@@ -621,9 +892,28 @@ def run_picows(m: Meter) -> None:
                 self.resumed = asyncio.Event()
                 await self.resumed.wait()
 
+    # picows logs its masking implementation (SIMD or not) once per connection, at
+    # INFO: listen for the first such line, then stop listening (builds.probe).
+    plog = logging.getLogger("picows.client")
+
+    class MaskImpl(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            found = re.search(r"mask_impl=(\w+)", record.getMessage())
+            if found:
+                m.details["picows mask_impl"] = found.group(1)
+                plog.removeHandler(self)
+                plog.setLevel(logging.WARNING)
+
+    plog.addHandler(MaskImpl())
+    plog.setLevel(logging.INFO)
+    plog.propagate = False
+
     async def connect() -> tuple[Any, Listener]:
         return await ws_connect(  # type: ignore[no-any-return]
-            Listener, p.ws_url, max_frame_size=64 * 1024 * 1024
+            Listener,
+            p.ws_url,
+            max_frame_size=64 * 1024 * 1024,
+            use_aiofastnet=os.environ.get("BENCH_PICOWS_AIOFASTNET", "1") != "0",
         )
 
     async def close(t: Any) -> None:
@@ -638,11 +928,14 @@ def run_picows(m: Meter) -> None:
             m.start()
             pairs = await asyncio.gather(*[connect() for _ in range(count)])
             m.mark_open()
+            if pairs:
+                m.transport_type = type(pairs[0][0].underlying_transport)
             await asyncio.gather(*[close(t) for t, _ in pairs])
             m.stop_open_close(len(pairs), base)
             return
 
         t, lst = await connect()
+        m.transport_type = type(t.underlying_transport)
         done: asyncio.Future[Any] = loop.create_future()
         st: dict[str, Any] = {"got": 0, "sent": 0, "requested": 0}
         lat: list[int] = []
@@ -1068,6 +1361,7 @@ def child(args: Any) -> dict[str, Any]:
         RUNNERS[p.client](m)
     r = m.result
     r.update(
+        build=builds.probe(p.client, m.transport_type, m.details),
         client=p.client,
         workload=p.workload.name,
         requested=p.count,

@@ -17,7 +17,10 @@ the bottleneck (80-95% CPU at ~5-9 k msgs/s).
 
 Each measurement runs in a fresh process; clients are interleaved per round
 and the median is reported with the ratio to websockets' sync client. Client
-and server CPU seconds per run show who was the bottleneck.
+and server CPU seconds per run show who was the bottleneck. Each child
+reports its build (``benchmarks/builds.py``: blockws' and websockets' C
+masking, aiohttp's Cython reader and mask); a client without its compiled
+build gets no ratio and the run exits 3 (``--allow-uncompiled``: 0).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from . import builds
 from ._harness import cpu_seconds, free_port, median, run_child, server, table
 
 CLIENTS = ("blockws", "websockets", "aiohttp")
@@ -164,7 +168,13 @@ def child(client: str, workload: str, url: str, scale: float) -> None:
     distinct = [make_message(i, size) for i in range(unique)]
     msgs = [distinct[i % len(distinct)] for i in range(count)]
     result = RUNNERS[client](url, msgs, window)
-    result.update(client=client, workload=workload, count=count, bytes=sum(map(len, msgs)))
+    result.update(
+        client=client,
+        workload=workload,
+        count=count,
+        bytes=sum(map(len, msgs)),
+        build=builds.probe(client),
+    )
     print(json.dumps(result))
 
 
@@ -188,6 +198,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="1 round at 1/5 scale")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument(
+        "--allow-uncompiled",
+        action="store_true",
+        help="exit 0 even when a client ran without its compiled build (no ratio for it)",
+    )
     args = parser.parse_args(argv)
     if args.child:
         child(args.client, args.workload, args.url, args.scale)
@@ -223,10 +238,13 @@ def main(argv: list[str] | None = None) -> None:
                 rs = runs[client]
                 count = rs[0]["count"]
                 elapsed = median([r["elapsed"] for r in rs])
+                bad = sorted({p for r in rs for p in builds.problems(client, r.get("build"))})
                 rows.append(
                     {
                         "workload": workload,
                         "client": client,
+                        "build": "INVALID: " + "; ".join(bad) if bad else "compiled",
+                        "builds": [r.get("build") for r in rs],
                         "deflate": "yes" if all(r["deflate"] for r in rs) else "NO",
                         "msgs/s": count / elapsed,
                         "MB/s": rs[0]["bytes"] / elapsed / 1e6,
@@ -234,9 +252,11 @@ def main(argv: list[str] | None = None) -> None:
                         "server cpu %": 100 * median([r["server_cpu"] / r["elapsed"] for r in rs]),
                     }
                 )
+            # A column without its compiled build gets no ratio, nor serves as the reference.
             ref = next(r for r in rows if r["workload"] == workload and r["client"] == "websockets")
             for row in rows:
-                if row["workload"] == workload:
+                valid = row["build"] == "compiled" and ref["build"] == "compiled"
+                if row["workload"] == workload and valid:
                     row["x websockets"] = row["msgs/s"] / ref["msgs/s"]
     print(f"permessage-deflate, {args.rounds} round(s), scale {args.scale}, median per client")
     print(
@@ -246,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
                 ("workload", "workload", "s"),
                 ("client", "client", "s"),
                 ("deflate", "deflate", "s"),
+                ("build", "build", "s"),
                 ("msgs/s", "msgs/s", ",.0f"),
                 ("MB/s", "MB/s", ".1f"),
                 ("x websockets", "x websockets sync", ".2f"),
@@ -257,6 +278,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"python": sys.version.split()[0], "rows": rows}, f, indent=2)
+    refused = sorted({f"{r['client']} ({r['build']})" for r in rows if r["build"] != "compiled"})
+    if refused:
+        print("benchmarks.deflate: without their compiled build: " + ", ".join(refused),
+              file=sys.stderr)  # fmt: skip
+        if not args.allow_uncompiled:
+            raise SystemExit(3)
 
 
 if __name__ == "__main__":

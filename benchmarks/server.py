@@ -22,6 +22,17 @@ WebSocket endpoints (the path picks the behaviour):
   first 8 bytes of each payload are ``time.perf_counter_ns()`` (CLOCK_MONOTONIC,
   the same clock in every process of the host) when it was written. Ends with
   a text message ``"done SENT"``.
+* ``/pulse?GROUP``: the same messages as ``/stream``, for many sockets at low
+  rates (W8: 2,000 sockets at 10 msgs/s each): one scheduler task serves
+  every ``/pulse`` socket from a heap of due times, instead of a task per
+  socket waking every millisecond. ``"start RATE SIZE SECONDS"`` on any socket
+  of GROUP (the query string: W8 uses its process id) starts every other
+  socket of the group, so one message on a control connection starts 2,000
+  streams; ``"stop"`` ends them all,
+  each with its ``"done SENT"``; ``"RATE SIZE SECONDS"`` starts just the one
+  socket. Each socket's first message is due at a random phase within its
+  period, so the load is spread evenly; a late message goes out as soon as
+  the task runs again, and the next one a full period later (no bursts).
 
 The plain-TCP listener (the "TCP ceiling": the same payload bytes with no
 WebSocket framing) reads one command line first: ``echo``, ``flood TOTAL``
@@ -32,7 +43,10 @@ or ``idle``.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import random
+import resource
 import struct
 import sys
 import time
@@ -203,11 +217,144 @@ class Stream(_Base):
             self.write(data_frame(1, f"done {sent}".encode()))
 
 
-_ROUTES = {b"/echo": Echo, b"/flood": Flood, b"/sink": Sink, b"/stream": Stream}
+class Pulses:
+    """The one scheduler of every ``/pulse`` socket: a heap of (due, seq, Pulse), and groups."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, int, Pulse]] = []
+        self.groups: dict[bytes, set[Pulse]] = {}
+        self.seq = 0
+        self.task: asyncio.Future[None] | None = None
+        self.wake: asyncio.Event | None = None
+
+    def add(self, listener: Pulse, rate: float, size: int, seconds: float) -> None:
+        now = time.perf_counter_ns()
+        listener.period_ns = max(1, int(1e9 / rate))
+        listener.end_ns = now + int(seconds * 1e9)
+        listener.sent = 0
+        size = max(size, 8)
+        listener.head = frame_header(0x82, size)
+        listener.pad = bytes(size - 8)
+        listener.streaming = True
+        self.push(now + random.randrange(listener.period_ns), listener)
+        if self.wake is None:
+            self.wake = asyncio.Event()
+        self.wake.set()
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self.run())
+
+    def start_group(
+        self, sender: Pulse, group: bytes, rate: float, size: int, seconds: float
+    ) -> None:
+        """Start every socket of ``group`` but ``sender`` (a control connection)."""
+        for lst in list(self.groups.get(group, ())):
+            if not lst.streaming and lst is not sender:
+                self.add(lst, rate, size, seconds)
+
+    def stop_group(self, group: bytes) -> None:
+        """End every stream of ``group`` now: each of its sockets gets ``"done SENT"``."""
+        for lst in self.groups.get(group, ()):
+            if lst.streaming:
+                lst.done()
+        self.heap[:] = [e for e in self.heap if e[2].streaming]
+        heapq.heapify(self.heap)
+
+    def push(self, due: int, listener: Pulse) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (due, self.seq, listener))
+
+    async def run(self) -> None:
+        assert self.wake is not None
+        heap, now, pack = self.heap, time.perf_counter_ns, struct.Struct("!Q").pack
+        while True:
+            if not heap:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            t = now()
+            while heap and heap[0][0] <= t:
+                due, _, lst = heapq.heappop(heap)
+                assert lst.transport is not None
+                if lst.transport.is_disconnected or not lst.streaming:
+                    continue
+                if t >= lst.end_ns:
+                    lst.done()
+                    continue
+                lst.write(lst.head + pack(t) + lst.pad)
+                lst.sent += 1
+                self.push(max(due + lst.period_ns, t + 1), lst)
+            if heap:
+                delay = (heap[0][0] - now()) / 1e9
+                if delay > 0:
+                    await asyncio.sleep(min(delay, 0.05))
+                else:
+                    await asyncio.sleep(0)
+
+
+PULSES = Pulses()
+
+
+class Pulse(_Base):
+    """``/pulse?GROUP``: a socket of GROUP (any bytes; the query string, maybe empty).
+
+    Text commands: ``"RATE SIZE SECONDS"`` streams to this socket; ``"start RATE
+    SIZE SECONDS"`` to every other socket of the group connected now; ``"stop"``
+    ends every stream of the group at once.
+    """
+
+    def __init__(self, group: bytes = b"") -> None:
+        super().__init__()
+        self.group = group
+        self.period_ns = self.end_ns = self.sent = 0
+        self.head = self.pad = b""
+        self.streaming = False
+
+    def done(self) -> None:
+        self.streaming = False
+        if self.transport is not None and not self.transport.is_disconnected:
+            self.write(data_frame(1, f"done {self.sent}".encode()))
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        super().on_ws_connected(transport)
+        PULSES.groups.setdefault(self.group, set()).add(self)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        super().on_ws_disconnected(transport)
+        self.streaming = False
+        members = PULSES.groups.get(self.group)
+        if members is not None:
+            members.discard(self)
+            if not members:
+                del PULSES.groups[self.group]
+
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        if frame.msg_type == WSMsgType.TEXT:
+            words = frame.get_payload_as_ascii_text().split()
+            if words == ["stop"]:
+                PULSES.stop_group(self.group)
+            elif words[0] == "start":
+                rate, size, seconds = words[1:]
+                PULSES.start_group(self, self.group, float(rate), int(size), float(seconds))
+            else:
+                rate, size, seconds = words
+                PULSES.add(self, float(rate), int(size), float(seconds))
+        elif frame.msg_type == WSMsgType.CLOSE:
+            self.on_close(transport, frame)
+
+
+_ROUTES = {
+    b"/echo": Echo,
+    b"/flood": Flood,
+    b"/sink": Sink,
+    b"/stream": Stream,
+    b"/pulse": Pulse,
+}
 
 
 def route(request: Any) -> WSListener | None:
-    path = request.path.split(b"?", 1)[0]
+    path, _, query = request.path.partition(b"?")
+    if path == b"/pulse":
+        return Pulse(query)
     cls = _ROUTES.get(path)
     return cls() if cls is not None else None
 
@@ -290,6 +437,9 @@ async def serve(ws_port: int, tcp_port: int) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.ERROR)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 8192 <= hard:  # W8 holds 2,000 sockets (more with --scale)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (8192, hard))
     ws_port, tcp_port = int(sys.argv[1]), int(sys.argv[2])
     asyncio.run(serve(ws_port, tcp_port))
 
