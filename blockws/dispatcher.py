@@ -165,6 +165,7 @@ class Dispatcher:
         "_running_in",
         "_armed",
         "_hook_lock",
+        "_in_ready",
     )
 
     def __init__(self, owner: Any = None) -> None:
@@ -184,6 +185,8 @@ class Dispatcher:
         # queue again clears it and calls the hook (see the module docstring).
         self._armed = True
         self._hook_lock = threading.Lock()
+        # Whether this dispatcher is in the ready queue update_all() drains.
+        self._in_ready = False
 
     def post(self, fn: Callable[[Any], Any], arg: Any) -> None:
         """Queue ``fn(arg)``; thread-safe, never blocks on the consumer."""
@@ -207,6 +210,8 @@ class Dispatcher:
         :meth:`_rearm`). An exception from the hook is logged, never raised:
         the poster is a reader thread that must go on reading.
         """
+        if not self._in_ready:
+            _make_ready(self)
         hook = self.on_pending or _global_on_pending
         if hook is None:
             self._armed = False  # no hook: nothing to make exactly-once
@@ -256,8 +261,9 @@ class Dispatcher:
     def run(self, budget: Budget | None = None) -> int:
         """Run pending callbacks on this thread; returns how many ran.
 
-        Without a budget, every pending callback, including those posted
-        meanwhile; with one, until it is spent (see :class:`Budget`), the rest
+        Without a budget, the callbacks pending when it starts (those posted
+        meanwhile wait for the next call, so that a call always ends, however
+        fast the network posts); with one, until it is spent (see :class:`Budget`), the rest
         staying queued in order. A callback that raises stops the run: the
         exception propagates to the caller, and the callbacks after it stay
         queued for the next call. A call from inside a callback (re-entrant)
@@ -281,7 +287,7 @@ class Dispatcher:
                 running[me] = depth + 1
                 count = 0
                 try:
-                    while pending:
+                    for _ in range(len(pending)):
                         fn, arg = pending.popleft()
                         handled = fn(arg)
                         count += 1 if handled is None else handled
@@ -311,7 +317,7 @@ class Dispatcher:
                 running[me] = depth + 1
                 count = 0
                 try:
-                    while pending:
+                    while pending:  # bounded by the budget
                         fn, arg = pending.popleft()
                         used = budget.used
                         handled = fn(arg)
@@ -378,6 +384,33 @@ _live_snapshot: tuple[Dispatcher, ...] = ()
 _live_lock = threading.Lock()
 
 
+# Dispatchers whose queue went from empty to non-empty since update_all() last
+# took them: what update_all() runs, so that it costs O(pending), not
+# O(sockets). Each is in it at most once (Dispatcher._in_ready); an entry may
+# be stale (its socket's own update() ran the callbacks meanwhile), which
+# costs update_all() one empty run.
+_ready: deque[Dispatcher] = deque()
+_ready_lock = threading.Lock()
+
+
+def _make_ready(dispatcher: Dispatcher) -> None:
+    with _ready_lock:
+        # Only a live socket's: update_all() runs those (and a post that comes
+        # after on_closed must not keep a dead socket in the queue).
+        if not dispatcher._in_ready and dispatcher in _live:
+            dispatcher._in_ready = True
+            _ready.append(dispatcher)
+
+
+def _take_ready() -> Dispatcher | None:
+    with _ready_lock:
+        if not _ready:
+            return None
+        dispatcher = _ready.popleft()
+        dispatcher._in_ready = False  # before it runs: a post meanwhile makes it ready again
+        return dispatcher
+
+
 def register(dispatcher: Dispatcher, alive: bool) -> None:
     """Add a socket's dispatcher to the live set (``open()``) or remove it (``on_closed``)."""
     global _live_snapshot
@@ -387,6 +420,14 @@ def register(dispatcher: Dispatcher, alive: bool) -> None:
         else:
             _live.discard(dispatcher)
         _live_snapshot = tuple(_live)
+    if alive:
+        if dispatcher.pending:  # posted before open() made it live
+            _make_ready(dispatcher)
+    else:
+        with _ready_lock:  # a closed socket is not kept alive by the ready queue
+            if dispatcher._in_ready:
+                dispatcher._in_ready = False
+                _ready.remove(dispatcher)
 
 
 def _live_dispatchers() -> list[Dispatcher]:
@@ -414,14 +455,22 @@ def update_all(max_callbacks: int | None = None, max_time: float | None = None) 
     in order, for the next call. Raises ``TypeError``/``ValueError`` for a
     wrong budget.
     """
+    if not _ready:
+        return 0  # the idle call, every frame: whatever the number of sockets
+    if max_callbacks is not None or max_time is not None:
+        return _update_all_within(max_callbacks, max_time)
     count = 0
-    for dispatcher in _live_snapshot:
-        if dispatcher.pending:
-            # The budget is looked at only once something is pending, so that
-            # the idle call (every frame) stays one loop over the live sockets.
-            if max_callbacks is not None or max_time is not None:
-                return count + _update_all_within(max_callbacks, max_time)
+    # The sockets ready when it starts: one made ready meanwhile (by a post
+    # during its run, say) waits for the next call, so that a call always ends.
+    for _ in range(len(_ready)):
+        dispatcher = _take_ready()
+        if dispatcher is None:
+            break
+        try:
             count += dispatcher.run()
+        finally:
+            if dispatcher.pending:  # a callback raised, or a re-entrant call ran nothing
+                _make_ready(dispatcher)
     return count
 
 
@@ -429,21 +478,33 @@ def _update_all_within(max_callbacks: int | None, max_time: float | None) -> int
     total = Budget.of(max_callbacks, max_time)
     count = 0
     while not total.spent:
-        busy = [d for d in _live_snapshot if d.pending]
+        busy = []
+        while True:
+            dispatcher = _take_ready()
+            if dispatcher is None:
+                break
+            if dispatcher.pending:
+                busy.append(dispatcher)
         if not busy:
             break
         ran = 0
-        for i, dispatcher in enumerate(busy):
-            shares = len(busy) - i
-            deadline = total.deadline
-            if deadline is not None:
-                now = _perf()
-                deadline = now + max(0.0, deadline - now) / shares
-            share = Budget(None if max_callbacks is None else -(-total.left // shares), deadline)
-            n = dispatcher.run(share)
-            ran += n
-            if total.charge(n):
-                break
+        try:
+            for i, dispatcher in enumerate(busy):
+                shares = len(busy) - i
+                deadline = total.deadline
+                if deadline is not None:
+                    now = _perf()
+                    deadline = now + max(0.0, deadline - now) / shares
+                left = total.left
+                share = Budget(None if max_callbacks is None else -(-left // shares), deadline)
+                n = dispatcher.run(share)
+                ran += n
+                if total.charge(n):
+                    break
+        finally:
+            for dispatcher in busy:  # those the budget did not reach, or left with work
+                if dispatcher.pending:
+                    _make_ready(dispatcher)
         count += ran
         if not ran:
             break  # only re-entrant or racing calls: nothing can run now

@@ -310,7 +310,7 @@ def test_on_pending_fires_once_per_empty_to_non_empty_transition() -> None:
     assert len(hook.calls) == 2
 
 
-def test_posts_made_while_update_runs_are_not_announced() -> None:
+def test_posts_made_while_update_runs_are_announced_once_when_it_ends() -> None:
     d = Dispatcher()
     hook = Hook()
     d.set_on_pending(hook)
@@ -318,11 +318,14 @@ def test_posts_made_while_update_runs_are_not_announced() -> None:
 
     def callback(_: object) -> None:
         d.post(seen.append, "posted inside")
+        d.post(seen.append, "and another")
 
     d.post(callback, None)
     assert len(hook.calls) == 1
-    d.run()  # runs the inner post too: the loop saw it, no need to wake it
-    assert seen == ["posted inside"] and len(hook.calls) == 1
+    assert d.run() == 1  # what was pending when it started; the rest waits
+    assert seen == [] and len(hook.calls) == 2  # told once, as the run ended
+    assert d.run() == 2
+    assert seen == ["posted inside", "and another"] and len(hook.calls) == 2
 
 
 def test_on_pending_runs_on_the_posting_thread() -> None:
@@ -506,3 +509,64 @@ def test_websocket_update_budget_and_on_pending(monkeypatch: pytest.MonkeyPatch)
         ws.update()
     with pytest.raises(TypeError, match="on_pending"):
         blockws.WebSocket("ws://example.invalid/", on_pending=42)  # type: ignore[arg-type]
+
+
+# -- update_all() costs O(pending) and always ends --------------------------------------------
+
+
+def test_a_callback_that_posts_again_cannot_keep_update_all_running(live: list[Dispatcher]) -> None:
+    """A run takes what was pending when it started (a flood posting as fast as update_all()
+    runs used to keep one call going for seconds at 2,000 sockets)."""
+    d = Dispatcher()
+    live.append(d)
+    dispatcher_module.register(d, True)
+    runs: list[int] = []
+
+    def again(n: int) -> None:
+        runs.append(n)
+        d.post(again, n + 1)  # always one more
+
+    d.post(again, 0)
+    assert blockws.update_all() == 1
+    assert blockws.update_all() == 1
+    assert d.run() == 1
+    assert runs == [0, 1, 2]
+
+
+def test_update_all_runs_the_sockets_made_ready_in_order_and_skips_idle_ones(
+    live: list[Dispatcher],
+) -> None:
+    idle = [Dispatcher() for _ in range(1000)]
+    busy = [Dispatcher() for _ in range(3)]
+    for d in idle + busy:
+        live.append(d)
+        dispatcher_module.register(d, True)
+    seen: list[int] = []
+    for i, d in enumerate(reversed(busy)):
+        d.post(seen.append, i)
+    busy[0].run()  # its own update(): a stale entry for update_all() costs nothing
+    assert blockws.update_all() == 2
+    assert seen == [2, 0, 1]
+    assert blockws.update_all() == 0
+
+
+def test_a_closed_socket_is_not_kept_by_update_all(live: list[Dispatcher]) -> None:
+    """A socket whose on_closed ran leaves the queue of ready sockets at once, even if
+    update_all() is never called (a script that pumps each socket with its own update())."""
+    import gc
+    import weakref
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    d = Dispatcher(owner)
+    dispatcher_module.register(d, True)
+    d.post(print, None)
+    d.pending.clear()  # as its own update() would have
+    dispatcher_module.register(d, False)
+    d.post(print, None)  # a late post after on_closed
+    gone = weakref.ref(owner)
+    del owner, d
+    gc.collect()
+    assert gone() is None

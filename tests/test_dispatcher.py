@@ -76,9 +76,12 @@ def test_reentrant_run_returns_zero() -> None:
 
     d.post(callback, None)
     d.post(seen.append, "second")
-    assert d.run() == 3
+    assert d.run() == 2
     assert inner == [0]
-    # The item posted from inside the callback ran after the ones already queued.
+    # The item posted from inside the callback waits for the next run, after the
+    # ones already queued: a run runs what was pending when it started.
+    assert seen == ["outer", "second"]
+    assert d.run() == 1
     assert seen == ["outer", "second", "posted inside"]
 
 
