@@ -441,10 +441,15 @@ class WebSocket:
 
     @property
     def buffered_amount(self) -> int:
-        """Bytes accepted by ``send*`` and not yet written to the transport.
+        """Bytes accepted by ``send*`` and not yet written to the transport,
+        plus queued control frames (pongs, pings, a close reply).
 
-        Counted as given to ``send*``: compression runs on the writer thread
-        just before a message is written, so queued bytes are uncompressed.
+        Messages count as given to ``send*``: compression runs on the writer
+        thread just before a message is written, so queued bytes are
+        uncompressed. Control frames count as their bytes on the wire. Pongs
+        are bounded: while the transport is busy, a new pong replaces the one
+        still waiting (RFC 6455 5.5.3), so a server that floods pings and never
+        reads grows this by one pong, not one per ping.
         """
         return self._engine.buffered
 
