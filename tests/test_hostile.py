@@ -14,9 +14,22 @@ import threading
 import time
 
 import pytest
-from faultserver import OP_PING, OP_PONG, Peer, Recorder, fault_server, frame_bytes
+from faultserver import (
+    OP_BINARY,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    Peer,
+    Recorder,
+    fault_server,
+    frame_bytes,
+)
+from h2peers import DATA, MiniConn, MiniH2
 
 import blockws
+from blockws.http2 import HTTP2Settings
+
+H2C = HTTP2Settings(cleartext=True, fallback=False)
 
 pytestmark = [pytest.mark.usefixtures("no_leaks"), pytest.mark.timeout(60)]
 
@@ -30,6 +43,11 @@ def rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def first_message(conn: MiniConn, stream_id: int) -> None:
+    """Wait for the client's first message on ``stream_id`` (the stream is then open)."""
+    conn.read_until(lambda f: f.type == DATA and f.stream_id == stream_id and bool(f.payload))
 
 
 def flood(peer: Peer, chunk: bytes, stop: threading.Event, seconds: float) -> int:
@@ -114,3 +132,40 @@ def test_every_ping_of_one_read_is_answered_when_the_writer_is_idle() -> None:
         ws.close()
         assert rec.wait_closed(ws)[0] == 1000
     assert got == payloads
+
+
+# -- item 4: fragments -----------------------------------------------------------------------
+
+
+def test_endless_empty_continuation_frames_over_http2_fail_with_1009() -> None:
+    """Probe "fragment bookkeeping" (issue 11, item 4) over HTTP/2: endless empty
+    continuation frames in DATA frames kept a message in progress for ever; each frame
+    now counts as a byte of the message, so max_message_size ends it with 1009, and
+    the frames before cost nothing."""
+    closes: list[bytes] = []
+
+    def scenario(conn: MiniConn) -> None:
+        conn.handshake()
+        sid = conn.accept()
+        first_message(conn, sid)
+        conn.send(conn.data(sid, frame_bytes(OP_BINARY, b"x", fin=False)))
+        empties = frame_bytes(OP_CONT, fin=False) * 8000  # 16 KB: one DATA frame
+        for _ in range(20):
+            conn.send(conn.data(sid, empties))
+        got = conn.read_until(
+            lambda f: f.type == DATA and f.stream_id == sid and len(f.payload) >= 8
+        )
+        closes.append(got.payload)
+
+    with MiniH2(scenario) as server:
+        rec = Recorder()
+        ws = blockws.WebSocket(server.url, http2=H2C, extensions=[], max_message_size=100_000,
+                               close_timeout=0.5, **rec.callbacks())
+        ws.open()
+        rec.wait_open(ws)
+        ws.send("hello")
+        code, _ = rec.wait_closed(ws)
+        assert server.done.wait(10)
+    assert code == 1009
+    assert isinstance(ws.error, blockws.MessageTooBig), repr(ws.error)
+    assert closes and closes[0][0] == 0x88  # the client's close frame, 1009 inside
