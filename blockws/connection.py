@@ -52,7 +52,8 @@ import enum
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Protocol
+from collections.abc import Sized
+from typing import Any, Callable, Protocol, cast
 
 from . import dispatcher as _dispatcher
 from .deadline import Deadline
@@ -83,7 +84,15 @@ from .sender import Sender
 from .timer import Job, timer
 from .transport import Connector, Transport
 
-__all__ = ["Connection", "Listener", "Phase", "TRANSITIONS", "WRITER_JOIN", "open_over_network"]
+__all__ = [
+    "Connection",
+    "Listener",
+    "Phase",
+    "TRANSITIONS",
+    "WRITER_JOIN",
+    "open_over_network",
+    "queue_limit",
+]
 
 
 class Phase(enum.IntEnum):
@@ -121,7 +130,17 @@ FAILURE_GRACE = 0.5
 # What a compact Protocol reports a message as (see Protocol.compact_messages).
 _MESSAGES = (bytes, str, BinaryMessage)
 _PING = int(Opcode.PING)
+_Sizes = list[Sized]  # the messages of one read: str, bytes, BinaryMessage
 _STATE_OPEN, _STATE_CLOSE_SENT, _STATE_CLOSED = State.OPEN, State.CLOSE_SENT, State.CLOSED
+
+
+def queue_limit(options: Options) -> int | None:
+    """Undelivered bytes at which a socket stops reading: ``max_queued_bytes``, but
+    at least one whole message of ``max_message_size``; ``None`` for no limit."""
+    limit = options.max_queued_bytes
+    if limit is None:
+        return None
+    return max(limit, options.max_message_size or 0)
 
 
 def open_over_network(
@@ -201,7 +220,8 @@ class Connection:
         self.extensions: list[Extension] | None = None  # accepted ones, once open
         self.last_received: float | None = None
         self.dispatcher = Dispatcher()
-        self.delivery = Delivery(handlers, self.dispatcher, options.buffer_pool)
+        self.delivery = Delivery(handlers, self.dispatcher, options.buffer_pool, log)
+        self.delivery.on_drained = self._drained
         self.inbox: deque[str | bytes] = self.delivery.inbox
         self._deliver = self.delivery.messages
         self._post = self.dispatcher.post
@@ -319,6 +339,7 @@ class Connection:
                 raise InvalidState("open() was already called")
             self._set_phase_locked(_CONNECTING)
             self._connector = Connector()
+            self.delivery.limit = queue_limit(self.options)
             timeout = self.options.open_timeout
             if timeout is not None:
                 self._jobs["open"] = timer.call_later(timeout, self._open_timed_out)
@@ -442,6 +463,8 @@ class Connection:
                 self._set_error(event.error, closing=not deferred)
                 self.log.info("failing the connection: %s", event.error)
         messages = [e for e in events if type(e) in _MESSAGES] if mixed else events
+        # Backpressure: counted before they are posted (see blockws.delivery).
+        full = self.delivery.received(sum(map(len, cast(_Sizes, messages)))) if messages else False
         if deferred:
             items: list[_dispatcher.Item] = [(self._release_deferred_close, None)]
             if messages:
@@ -451,6 +474,37 @@ class Connection:
             self._post(self._deliver, messages)
         if before is _STATE_CLOSE_SENT and proto.state is _STATE_CLOSED:
             self._finish_stream()  # the server answered our close, which was written
+        if full:
+            self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        """More than ``max_queued_bytes`` wait for ``update()``/``receive()``: stop
+        reading until they drain to half (probe "no backpressure on receiving").
+
+        Over HTTP/2 the stream withholds its credit (the shared connection's
+        reader must go on for the other streams); over TCP the socket's reader
+        thread waits here, and the kernel's buffers then push back on the
+        server. A caller reading in the reader's place (``receive()``,
+        ``wait()``) does not wait: it delivers next. Closing or aborting the
+        socket ends the wait, so the closing handshake is read.
+        """
+        transport = self._transport
+        if transport is not None and transport.pause_reading():
+            return
+        if threading.current_thread() is not self._reader:
+            return
+        with self.lock:
+            if self._phase is not _OPEN:
+                self.delivery.resume()
+                return
+        self.log.debug("%d bytes undelivered: reading paused", self.delivery.queued)
+        self.delivery.wait_resumed()
+
+    def _drained(self) -> None:
+        """The paused socket's queue is down to half (the delivering thread)."""
+        transport = self._transport
+        if transport is not None:
+            transport.resume_reading()
 
     def _queue_replies_locked(self, frames: list[bytes], events: list[Any], was_open: bool) -> bool:
         """Queue what the protocol produced while parsing: pongs, a close reply,
@@ -551,8 +605,14 @@ class Connection:
     # -- the keepalive's host (blockws.keepalive.Host) ---------------------------------------
 
     def pinging_locked(self) -> bool:
+        # Not while reading is paused by backpressure: a pong would wait unread.
         assert self.lock.locked()
-        return self._phase is _OPEN and self._proto is not None and self._deferred_close is None
+        return (
+            self._phase is _OPEN
+            and self._proto is not None
+            and self._deferred_close is None
+            and not self.delivery.paused
+        )
 
     def send_ping_locked(self, payload: bytes) -> None:
         assert self.lock.locked() and self._proto is not None
@@ -575,6 +635,7 @@ class Connection:
         # reply to a peer that already hung up) is not what ended the socket.
         if proto is None or proto.close_received is None:
             self._set_error(exc)
+        self.delivery.resume()
         self._token.cancel()
         transport = self._transport
         if transport is not None:
@@ -616,6 +677,7 @@ class Connection:
                 assert self._proto is not None
                 self._close_requested = True
                 self._set_phase_locked(_CLOSING)
+                self.delivery.resume()  # the server's close must be read
                 if self._proto.state is State.OPEN:
                     self.sender.close_frame_locked(self._proto.encode_close(code, reason))
                 self._queue_deferred_close_locked()
@@ -652,6 +714,7 @@ class Connection:
         with self.lock:
             self._closing_locked()
             transport, connector = self._transport, self._connector
+        self.delivery.resume()
         self._token.cancel()
         if connector is not None:
             connector.abort()

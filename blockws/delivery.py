@@ -12,17 +12,36 @@ in pooled memory, as a :class:`~blockws.protocol.BinaryMessage`.
 until the callback returns. Small messages share one scratch buffer per socket
 (callbacks never overlap, so one is enough, and nothing is allocated per
 message); larger ones come from the socket's buffer pool, and go back to it
-when the callback returns, unless it released the segment itself. Without a
-handler, messages queue for ``receive()`` as ``str`` and ``bytes``.
+when the callback returns, unless it released the segment itself.
+
+Which way messages go (one rule per socket, looked up per message): a socket
+with neither ``on_message`` nor ``on_binary`` keeps every message for
+``receive()``, as ``str`` and ``bytes``. A socket with either one is in
+callback mode: a message whose own handler is missing (a binary message on a
+socket with only ``on_message``, say) is dropped, with one WARNING per
+socket, rather than kept for a ``receive()`` that a game never calls.
+
+Backpressure (issue 11): :attr:`Delivery.queued` counts the messages posted
+and not yet delivered -- handed to a handler, or taken from the inbox by
+``receive()`` -- in bytes (binary) and characters (text). The reading side
+adds a read's messages with :meth:`Delivery.received`, which returns True once
+that count reaches ``limit``: the socket then stops reading (see
+``Connection.data_received``). The count is taken down as messages are
+delivered, on the thread that calls ``update()``/``receive()``, and once it
+falls to half the limit ``on_drained`` is called there, and reading resumes.
+The counters are guarded by one lock, taken once per read and once per
+delivered batch.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import Any, Callable, Protocol
 
 from .buffers import BufferPool, BufferSegment
 from .dispatcher import Dispatcher
+from .log import ContextAdapter
 
 __all__ = ["Delivery", "Handlers", "SCRATCH"]
 
@@ -41,15 +60,125 @@ class Handlers(Protocol):
 class Delivery:
     """Where one socket's messages go; :meth:`messages` runs inside ``update()``."""
 
-    __slots__ = ("ws", "dispatcher", "pool", "inbox", "_scratch")
+    __slots__ = (
+        "ws",
+        "dispatcher",
+        "pool",
+        "inbox",
+        "_scratch",
+        "log",
+        "limit",
+        "on_drained",
+        "paused",
+        "_received",
+        "_delivered",
+        "_lock",
+        "_cond",
+        "_warned",
+    )
 
-    def __init__(self, ws: Handlers, dispatcher: Dispatcher, pool: BufferPool) -> None:
+    def __init__(
+        self,
+        ws: Handlers,
+        dispatcher: Dispatcher,
+        pool: BufferPool,
+        log: ContextAdapter | None = None,
+    ) -> None:
         self.ws = ws
         self.dispatcher = dispatcher
         self.pool = pool
+        self.log = log
         #: Messages no handler took, for ``receive()``.
         self.inbox: deque[str | bytes] = deque()
         self._scratch: memoryview | None = None
+        #: Undelivered bytes at which reading stops (``None``: never).
+        self.limit: int | None = None
+        #: Called (on the delivering thread, no lock held) when a paused
+        #: socket's queue has fallen to half the limit.
+        self.on_drained: Callable[[], None] | None = None
+        #: Reading is stopped until the queue drains (guarded by the lock).
+        self.paused = False
+        self._received = 0  # posted: written by the reading side, under the lock
+        self._delivered = 0  # delivered: written by the delivering side, under the lock
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # the paused reader waits on it
+        self._warned = False
+
+    # -- backpressure ------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Bytes (characters for text) posted and not yet delivered."""
+        return self._received - self._delivered
+
+    def received(self, size: int) -> bool:
+        """The reading side posts ``size`` more; True if reading must now stop.
+
+        Call it before posting the messages, so the delivering side never
+        counts more delivered than received.
+        """
+        limit = self.limit
+        with self._lock:
+            self._received += size
+            if limit is None or self._received - self._delivered < limit:
+                return False
+            self.paused = True
+            return True
+
+    def wait_resumed(self) -> None:
+        """Block the reading thread until reading may go on: the queue drained
+        to half the limit, or :meth:`resume` was called."""
+        with self._cond:
+            while self.paused:
+                self._cond.wait()
+
+    def resume(self) -> None:
+        """Let reading go on whatever the queue (the socket is closing or ending)."""
+        with self._cond:
+            self.paused = False
+            self._cond.notify_all()
+
+    def _done(self, size: int) -> None:
+        """``size`` more delivered; resumes reading at half the limit."""
+        with self._lock:
+            self._delivered += size
+            if not self.paused:
+                return
+            limit = self.limit
+            if limit is not None and self._received - self._delivered > limit // 2:
+                return
+            self.paused = False
+            self._cond.notify_all()
+        drained = self.on_drained
+        if drained is not None:
+            drained()
+
+    def take(self) -> str | bytes:
+        """The oldest message kept for ``receive()`` (the inbox must not be empty)."""
+        message = self.inbox.popleft()
+        self._done(len(message))
+        return message
+
+    def _no_handler(self, message: Any) -> bool:
+        """A message without a handler of its type: keep it for ``receive()``
+        (True), or, in callback mode, drop it with one WARNING (False)."""
+        ws = self.ws
+        if ws.on_message is None and ws.on_binary is None:
+            return True
+        if not self._warned:
+            self._warned = True
+            kind = "text" if type(message) is str else "binary"
+            missing = "on_message" if kind == "text" else "on_binary"
+            if self.log is not None:
+                self.log.warning(
+                    "a %s message arrived on a socket with callbacks but no %s: "
+                    "dropped (and so will be any other without a handler); "
+                    "receive() gets messages only on a socket with no on_message "
+                    "and no on_binary",
+                    kind,
+                    missing,
+                )
+        return False
 
     def messages(self, messages: list[Any]) -> int:
         """Hand the messages of one read to the handlers, or to the inbox.
@@ -63,6 +192,7 @@ class Delivery:
         inbox = self.inbox
         scratch = self._scratch
         done = 0
+        kept = 0  # bytes gone to the inbox: still queued, until receive() takes them
         try:
             for message in messages:
                 done += 1
@@ -71,7 +201,9 @@ class Delivery:
                     handler = ws.on_binary
                     n = len(message)
                     if handler is None:
-                        inbox.append(message)  # no copy
+                        if self._no_handler(message):
+                            inbox.append(message)  # no copy
+                            kept += n
                     elif n <= SCRATCH:
                         if scratch is None:
                             scratch = self._scratch = memoryview(bytearray(SCRATCH))
@@ -87,27 +219,35 @@ class Delivery:
                 elif cls is str:
                     on_text = ws.on_message
                     if on_text is None:
-                        inbox.append(message)
+                        if self._no_handler(message):
+                            inbox.append(message)
+                            kept += len(message)
                     else:
                         on_text(ws, message)
                 else:  # a BinaryMessage: in pooled memory, from the general path
-                    self.binary(message.data, message.length)
+                    if self.binary(message.data, message.length):
+                        kept += message.length
         except BaseException:
             if done < len(messages):
                 self.dispatcher.pending.appendleft((self.messages, messages[done:]))
+            self._done(sum(map(len, messages[:done])) - kept)
             raise
+        self._done(sum(map(len, messages)) - kept)
         return done
 
-    def binary(self, data: bytes | bytearray, n: int) -> None:
-        """A binary message too large for the scratch buffer, or in pooled memory."""
+    def binary(self, data: bytes | bytearray, n: int) -> bool:
+        """A binary message too large for the scratch buffer, or in pooled memory.
+        Returns True when it went to the inbox (still queued)."""
         ws = self.ws
         handler = ws.on_binary
         pool = self.pool
-        if handler is None:  # kept for receive()
-            self.inbox.append(bytes(memoryview(data)[:n]))
+        if handler is None:
+            kept = self._no_handler(b"")
+            if kept:  # for receive()
+                self.inbox.append(bytes(memoryview(data)[:n]))
             if type(data) is bytearray:
                 pool.give_back(data)
-            return
+            return kept
         if type(data) is bytes:  # larger than the scratch buffer: pooled memory
             segment = pool.get(n)
             segment.data[:n] = data
@@ -118,3 +258,4 @@ class Delivery:
         finally:
             if not segment.released:
                 segment.release()
+        return False

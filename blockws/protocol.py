@@ -146,6 +146,9 @@ class BinaryMessage(Event):
     def __bytes__(self) -> bytes:
         return bytes(self.data[: self.length])
 
+    def __len__(self) -> int:
+        return self.length
+
     def __repr__(self) -> str:
         return f"BinaryMessage(<{self.length} bytes>)"
 

@@ -164,6 +164,18 @@ class Transport:
     def abort(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def pause_reading(self) -> bool:
+        """The sink holds too much undelivered data: stop taking more from the
+        peer. Returns True if the transport did so itself (an HTTP/2 stream
+        withholds its flow-control credit); False, the default, leaves it to
+        the caller, which stops calling :meth:`recv` (TCP: the kernel's
+        buffers then push back on the peer). Called on the thread that
+        delivered the data; must not block."""
+        return False
+
+    def resume_reading(self) -> None:
+        """Undo :meth:`pause_reading` (any thread; must not block)."""
+
     def finish_closing(self) -> None:
         """Both close frames are through, and ours has been written.
 

@@ -37,7 +37,7 @@ from .frames import Opcode
 from .handshake import Headers, HeadersLike, Request, redact_url
 from .http2 import HTTP2Settings
 from .log import ContextAdapter
-from .options import ConnectOptions, Options
+from .options import DEFAULT_MAX_QUEUED_BYTES, ConnectOptions, Options
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .sender import UNCOMPRESSED as _UNCOMPRESSED
 
@@ -150,6 +150,15 @@ class WebSocket:
       ``[PerMessageDeflate()]``; ``[]`` turns compression off), ``max_fragment_size``,
       ``max_message_size`` (default 16 MiB; a larger incoming message fails
       the connection with 1009).
+    * Limits: ``max_queued_bytes`` (default 16 MiB, and at least
+      ``max_message_size``; ``None``: no limit): once this many received bytes
+      wait undelivered (``queued_amount``: no ``update()`` or ``receive()``
+      came for them), the socket stops reading -- over TCP the kernel's
+      buffers then push back on the server, over HTTP/2 the stream's
+      WINDOW_UPDATE is withheld while other streams flow -- and reads again
+      once they drain to half. Nothing is dropped, and order is kept. Pings
+      from this side pause meanwhile, so a paused socket is not closed as
+      silent.
     * HTTP: ``headers`` (a mapping or (name, value) pairs, added to the
       upgrade request), ``origin``.
     * TLS: ``ssl_context`` (an ``ssl.SSLContext``; default: certifi's CA
@@ -198,6 +207,8 @@ class WebSocket:
         extensions: Sequence[Extension] | None = None,
         max_fragment_size: int = DEFAULT_MAX_FRAGMENT_SIZE,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        # limits
+        max_queued_bytes: int | None = DEFAULT_MAX_QUEUED_BYTES,
         # HTTP
         headers: HeadersLike | None = None,
         origin: str | None = None,
@@ -228,6 +239,7 @@ class WebSocket:
             extensions=extensions,
             max_fragment_size=max_fragment_size,
             max_message_size=max_message_size,
+            max_queued_bytes=max_queued_bytes,
             headers=headers,
             origin=origin,
             ssl_context=ssl_context,
@@ -274,6 +286,7 @@ class WebSocket:
         self._pending = engine.dispatcher.pending
         self._run = engine.dispatcher.run
         self._inbox = engine.inbox
+        self._take = engine.delivery.take
         #: The handshake request; edit it before ``open()``.
         self.internal_request = self._new_request()
 
@@ -299,6 +312,10 @@ class WebSocket:
 
     max_message_size: _Setting[int | None] = _Setting(
         "Largest incoming message in bytes (``None``: no limit); a larger one fails with 1009."
+    )
+    max_queued_bytes: _Setting[int | None] = _Setting(
+        "Received bytes held undelivered before the socket stops reading (default "
+        "16 MiB, at least ``max_message_size``; ``None``: no limit); see ``queued_amount``."
     )
     ssl_context: _Setting[ssl.SSLContext | None] = _Setting(
         "The ``ssl.SSLContext`` for ``wss://`` (``None``: blockws's default)."
@@ -452,6 +469,14 @@ class WebSocket:
         reads grows this by one pong, not one per ping.
         """
         return self._engine.buffered
+
+    @property
+    def queued_amount(self) -> int:
+        """Bytes received and not yet delivered: messages waiting for ``update()``
+        (their callback) or for ``receive()``, binary counted in bytes and text in
+        characters. Reading stops while this is at least ``max_queued_bytes``,
+        and resumes once it falls to half (see the class docstring)."""
+        return self._engine.delivery.queued
 
     def __repr__(self) -> str:
         phase = self._engine.phase.name.lower()
@@ -633,8 +658,10 @@ class WebSocket:
     def receive(self, timeout: float | None = None) -> str | bytes:
         """The next message: ``str`` for text, ``bytes`` for binary.
 
-        Messages reach this queue only when no ``on_message``/``on_binary``
-        handler takes them. Pumps this socket's callbacks on the calling
+        Messages reach this queue only on a socket with neither ``on_message``
+        nor ``on_binary``; a socket with either one delivers through its
+        callbacks and drops a message whose handler is missing (one WARNING
+        per socket). Pumps this socket's callbacks on the calling
         thread while it waits. Raises ``TimeoutError`` after ``timeout``
         seconds (the socket stays open), :class:`ConnectionClosed` once the
         socket has closed and every earlier message was received, and
@@ -642,7 +669,7 @@ class WebSocket:
         """
         inbox = self._inbox
         if inbox:
-            return inbox.popleft()
+            return self._take()
         check_not_in_callback("receive()")
         engine = self._engine
         if engine.close_waits_for_inbox:
@@ -650,7 +677,7 @@ class WebSocket:
         deadline = Deadline(timeout)
         while True:
             if inbox:
-                return inbox.popleft()
+                return self._take()
             if self._pending:
                 self.update()
                 continue

@@ -9,6 +9,7 @@ MiB within a second or two, far above the bounds asserted here.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -24,9 +25,10 @@ from faultserver import (
     fault_server,
     frame_bytes,
 )
-from h2peers import DATA, MiniConn, MiniH2
+from h2peers import DATA, WINDOW_UPDATE, MiniConn, MiniH2
 
 import blockws
+import blockws.http2
 from blockws.http2 import HTTP2Settings
 
 H2C = HTTP2Settings(cleartext=True, fallback=False)
@@ -169,3 +171,191 @@ def test_endless_empty_continuation_frames_over_http2_fail_with_1009() -> None:
     assert code == 1009
     assert isinstance(ws.error, blockws.MessageTooBig), repr(ws.error)
     assert closes and closes[0][0] == 0x88  # the client's close frame, 1009 inside
+
+
+# -- item 2: backpressure on receiving ---------------------------------------------------
+
+
+def numbered(count: int, size: int = 64) -> bytes:
+    """``count`` binary messages of ``size`` bytes from a server, each starting with its
+    number (4 bytes, big-endian)."""
+    pad = bytes(size - 4)
+    header = bytes((0x82, size))
+    return b"".join(header + i.to_bytes(4, "big") + pad for i in range(count))
+
+
+@pytest.mark.parametrize("mode", ["callbacks", "receive"])
+def test_flood_without_a_pump_stops_reading_and_loses_nothing(mode: str) -> None:
+    """Probe "no backpressure on receiving" (issue 11, item 2): with no update() or
+    receive() (a loading screen), the reader kept reading: a 64 B flood reached 1.8 GB
+    in 8 s. Now the reader stops at max_queued_bytes (TCP pushes back: the server's
+    send blocks), memory stays flat, and once the pump resumes every message arrives,
+    in order."""
+    count = 200_000  # 12.8 MB of payload: far more than the limit and the kernel buffers
+    flood_bytes = numbered(count)
+    sent_all = threading.Event()
+
+    def handler(peer: Peer) -> None:
+        peer.handshake()
+        peer.sock.settimeout(30)
+        peer.send(flood_bytes)
+        sent_all.set()
+        peer.read_until_close()
+        peer.send_frame(0x8, b"\x03\xe8")
+
+    got: list[int] = []
+
+    def on_binary(ws: blockws.WebSocket, segment: blockws.BufferSegment) -> None:
+        got.append(int.from_bytes(segment.view()[:4], "big"))
+
+    limit = 1 * MiB
+    callbacks: dict[str, object] = {"on_binary": on_binary} if mode == "callbacks" else {}
+    with fault_server(handler) as server:
+        ws = blockws.connect(server.url, extensions=[], max_message_size=64 * 1024,
+                             max_queued_bytes=limit, **callbacks)  # type: ignore[arg-type]
+        gc.collect()
+        before = rss()
+        # No pump: the flood must stall instead of growing.
+        assert not sent_all.wait(1.0)
+        middle = rss()
+        assert not sent_all.wait(1.0)
+        after = rss()
+        queued = ws.queued_amount
+        assert limit <= queued < limit + 256 * 1024, queued
+        assert ws.is_open
+        # The pump resumes: everything arrives, in order.
+        deadline = time.monotonic() + 30
+        while len(got) < count:
+            assert time.monotonic() < deadline, len(got)
+            if mode == "callbacks":
+                ws.wait(1.0)
+                ws.update()
+            else:
+                message = ws.receive(timeout=10)
+                assert isinstance(message, bytes) and len(message) == 64
+                got.append(int.from_bytes(message[:4], "big"))
+        assert sent_all.wait(10)
+        assert ws.queued_amount == 0
+        ws.close()
+        ws.join(5)
+        ws.update()
+    assert got == list(range(count))
+    assert after - before < 16 * MiB, f"RSS grew by {(after - before) / MiB:.1f} MiB"
+    assert after - middle < 4 * MiB, f"RSS still growing: {(after - middle) / MiB:.1f} MiB"
+
+
+def test_paused_socket_still_closes_promptly() -> None:
+    """Probe "no backpressure on receiving" (issue 11, item 2): a socket whose reading
+    is paused by a full queue must still read the server's close reply when the
+    application closes it (the pause ends on close())."""
+    flood_bytes = numbered(50_000)
+
+    def handler(peer: Peer) -> None:
+        peer.handshake()
+        peer.sock.settimeout(30)
+        with contextlib.suppress(OSError):
+            peer.send(flood_bytes)
+        peer.read_until_close()
+        peer.send_frame(0x8, b"\x03\xe8")
+
+    with fault_server(handler) as server:
+        rec = Recorder()
+        ws = blockws.WebSocket(server.url, extensions=[], max_message_size=4096,
+                               max_queued_bytes=64 * 1024, close_timeout=5, **rec.callbacks())
+        ws.open()
+        rec.wait_open(ws)
+        deadline = time.monotonic() + 5
+        while ws.queued_amount < 64 * 1024:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        start = time.monotonic()
+        ws.close()
+        assert ws.join(4.0), "the paused reader never read the close reply"
+        elapsed = time.monotonic() - start
+        code, _ = rec.wait_closed(ws)
+    assert code == 1000 and ws.error is None
+    assert elapsed < 3.0
+    assert len(rec.messages) > 1000  # what was queued before the close was still delivered
+
+
+def test_http2_paused_stream_withholds_its_window_while_others_flow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Probe "no backpressure on receiving" over HTTP/2 (issue 11, item 2): WINDOW_UPDATE
+    credit went back as soon as bytes were parsed, so a flood on one stream grew without
+    bound (1.9 GB in 8 s). Now a socket past max_queued_bytes withholds its stream's
+    credit -- the connection's still goes back, and another stream on the same
+    connection keeps flowing -- and returns it once update() drains the queue."""
+    monkeypatch.setattr(blockws.http2, "_STREAM_WINDOW", 256 * 1024)
+    window = 256 * 1024
+    messages = b"".join(
+        frame_bytes(OP_BINARY, i.to_bytes(4, "big") + bytes(1016)) for i in range(256)
+    )  # 1024 bytes each on the wire: exactly the stream's window
+    seen: dict[str, int] = {}
+    paused_checked = threading.Event()
+
+    def credit(conn: MiniConn, sid: int) -> int:
+        return sum(
+            f.increment for f in conn.frames if f.type == WINDOW_UPDATE and f.stream_id == sid
+        )
+
+    def scenario(conn: MiniConn) -> None:
+        conn.handshake()
+        sid1 = conn.accept()
+        first_message(conn, sid1)
+        conn.send(conn.data(sid1, messages))
+        sid2 = conn.accept()  # the second socket opens meanwhile, on this connection
+        conn.send(conn.data(sid2, frame_bytes(0x1, b"other stream flows")))
+        first_message(conn, sid2)
+        seen["stream_before"] = credit(conn, sid1)
+        seen["connection_before"] = credit(conn, 0)
+        paused_checked.set()
+        conn.read_until(lambda f: f.type == WINDOW_UPDATE and f.stream_id == sid1
+                        and credit(conn, sid1) >= window)
+        seen["stream_after"] = credit(conn, sid1)
+        first_message(conn, sid1)  # "bye" (masked)
+
+    got: list[int] = []
+
+    def on_binary(ws: blockws.WebSocket, segment: blockws.BufferSegment) -> None:
+        got.append(int.from_bytes(segment.view()[:4], "big"))
+
+    with MiniH2(scenario) as server:
+        ws = blockws.WebSocket(server.url, http2=H2C, extensions=[], max_message_size=4096,
+                               max_queued_bytes=64 * 1024, on_binary=on_binary)
+        ws.open()
+        deadline = time.monotonic() + 10
+        while not ws.is_open:
+            assert time.monotonic() < deadline
+            ws.wait(0.1)
+        ws.update()
+        ws.send("hello")  # stream 1's first message: the server floods it
+        while ws.queued_amount < 64 * 1024:
+            assert time.monotonic() < deadline, ws.queued_amount
+            time.sleep(0.01)
+        # A second socket on the same connection still receives while the first is paused.
+        rec2 = Recorder()
+        ws2 = blockws.WebSocket(server.url, http2=H2C, extensions=[], **rec2.callbacks())
+        ws2.open()
+        rec2.pump_until(ws2, lambda: bool(rec2.messages) or bool(rec2.closes))
+        assert rec2.messages == ["other stream flows"]
+        ws2.send("hi")
+        assert paused_checked.wait(10)
+        assert ws.queued_amount >= 64 * 1024 and got == []
+        # The pump resumes: the withheld credit goes back and everything arrives.
+        while len(got) < 256:
+            assert time.monotonic() < deadline + 10, len(got)
+            ws.wait(0.5)
+            ws.update()
+        ws.send("bye")
+        assert server.done.wait(10)
+        ws.abort()
+        ws2.abort()
+        ws.join(5)
+        ws2.join(5)
+        ws.update()
+        ws2.update()
+    assert got == list(range(256))
+    assert seen["connection_before"] >= window  # the connection's credit went back
+    assert seen["stream_before"] <= window - 128 * 1024  # the stream's was withheld
+    assert seen["stream_after"] >= window

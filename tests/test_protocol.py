@@ -1049,4 +1049,3 @@ def test_binary_as_bytes_still_bounds_the_message_size() -> None:
         + wire(Role.CLIENT, Opcode.CONT, b"y" * 60)
     )
     assert summarize(events) == [("failure", MessageTooBig, 1009)]
-
