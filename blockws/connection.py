@@ -249,6 +249,7 @@ class Connection:
         self._lend_reading = False  # see _connect
         #: The transport's bounded read, when its reading may be lent.
         self._read_bounded: Callable[[float | None], bytes | None] | None = None
+        self._held: deque[bytes] | None = None  # what a caller read and has not parsed
         self._token = ReadToken()
 
     # -- the lifecycle ---------------------------------------------------------------
@@ -409,6 +410,7 @@ class Connection:
             self._set_phase_locked(_OPEN)
             if self._lend_reading:
                 self._read_bounded = transport.read
+                self._held = getattr(transport, "held", None)
             job = self._jobs.pop("open", None)
             if job is not None:
                 job.cancel()
@@ -561,7 +563,9 @@ class Connection:
         holding the read token, or else be woken when the reader thread has
         delivered it (or has granted this thread the token)."""
         read = self._read_bounded
-        if read is None or not self._token.read_here(read, self, timeout, self._nudge):
+        if read is None or not self._token.read_here(
+            read, self, timeout, self._nudge, self._held
+        ):
             self.dispatcher.wait(timeout)
 
     # -- sending (any thread) -------------------------------------------------------------

@@ -32,6 +32,7 @@ import ssl
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Callable, Protocol, Union
 
@@ -249,6 +250,10 @@ class TCPTransport(Transport):
         self._rcvtimeo_set = False  # SO_RCVTIMEO is set (by the first long bounded read)
         self._poller: select.poll | None = None  # see _wait_readable
         self._quiet = True  # a socket starts out waiting for its first message
+        #: Bytes a caller's :meth:`read` took from the socket and has not yet
+        #: parsed (an interrupted caller leaves them here): :meth:`recv` and
+        #: the next caller return these first. See blockws.readtoken.
+        self.held: deque[bytes] = deque()
 
     def recv(self, timeout: float | None = None) -> bytes:
         """Blocking read (``b""`` at EOF or after our own abort).
@@ -258,6 +263,8 @@ class TCPTransport(Transport):
         last read waited longer than :data:`_QUIET`, first waits in
         :meth:`_wait_readable`, buffer-less; an active one just reads.
         """
+        if self.held:
+            return self.held.popleft()  # left by an interrupted caller: in order
         sock = self.sock
         if timeout is not None:
             sock.settimeout(timeout)
@@ -312,14 +319,20 @@ class TCPTransport(Transport):
             pass
 
     def read(self, timeout: float | None) -> bytes | None:
+        """See :meth:`Transport.read`. What it reads is also left in :attr:`held`,
+        in the same C-level step as the read (``deque.extend`` over ``map``: no
+        bytecode runs in between, so no ``KeyboardInterrupt`` can land between
+        the bytes leaving the socket and their being kept); the caller takes
+        them off once parsed (blockws.readtoken)."""
         sock = self.sock
+        held = self.held
         try:
             if timeout is None or timeout >= _RCVTIMEO_LONG:
                 if not self._rcvtimeo_set:
                     self._set_rcvtimeo(_RCVTIMEO_CAP)
-                data = sock.recv(self._recv_size)
+                held.extend(map(sock.recv, (self._recv_size,)))
             elif timeout <= 0 or self._readable_within(timeout):
-                data = sock.recv(self._recv_size, _DONTWAIT)
+                held.extend(map(sock.recv, (self._recv_size,), (_DONTWAIT,)))
             else:
                 return None
         except BlockingIOError:
@@ -328,6 +341,7 @@ class TCPTransport(Transport):
             if self.aborted:
                 return b""  # our own abort, not a network failure
             raise os_error(exc) from exc
+        data = held[-1]
         n = len(data)
         self._recv_size = RECV_SIZE if n >= RECV_SMALL else RECV_SMALL
         self.bytes_read += n
