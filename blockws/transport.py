@@ -25,6 +25,7 @@ I/O boundary (:func:`map_os_errors`).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import math
 import select
 import socket
@@ -34,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import Callable, Protocol, Union
+from typing import Any, Callable, Protocol, Union
 
 from .deadline import Deadline
 from .exceptions import (
@@ -433,22 +434,74 @@ class TCPTransport(Transport):
 
 
 class Connector:
-    """Opens a TCP (and TLS) connection, abortable from another thread."""
+    """Opens a TCP (and TLS) connection, abortable from another thread.
+
+    :meth:`abort` ends every phase at once (probe "close() ignored during a
+    TLS handshake", issue 11): the host lookup runs on a helper thread that
+    an abort abandons (a resolver that hangs finishes there, unheeded); the
+    TCP connect and the TLS handshake run on a registered socket that abort
+    shuts down, which wakes the blocked call. The TLS socket is registered
+    before its handshake starts: ``wrap_socket`` moves the descriptor into
+    it, so shutting down the plain socket then no longer reached it.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._lookup: threading.Event | None = None  # set when the lookup ends, or on abort
         self.aborted = False
 
     def abort(self) -> None:
         with self._lock:
             self.aborted = True
-            sock = self._sock
+            sock, lookup = self._sock, self._lookup
+        if lookup is not None:
+            lookup.set()
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                # On the raw descriptor: SSLSocket.shutdown would drop its SSL
+                # object under the thread that is in its handshake.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
+
+    def _resolve(self, host: str, port: int, deadline: Deadline) -> list[Any]:
+        """``getaddrinfo`` on a helper thread, so that an abort or the deadline
+        need not wait for a resolver that hangs (numeric hosts skip the thread)."""
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(host.strip("[]"))
+            with map_os_errors(connecting=True):
+                return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        result: list[Any] = []
+        woken = threading.Event()  # the lookup ended, or abort()
+
+        def lookup() -> None:
+            try:
+                result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            except BaseException as exc:  # noqa: BLE001 - handed to the connecting thread
+                result.append(exc)
+            woken.set()
+
+        with self._lock:
+            if self.aborted:
+                raise ConnectError("connection aborted by close()")
+            self._lookup = woken
+        threading.Thread(target=lookup, name="blockws-resolve", daemon=True).start()
+        woken.wait(deadline.remaining())
+        with self._lock:
+            self._lookup = None
+        if not result:
+            if self.aborted:
+                raise ConnectError("connection aborted by close()")
+            raise OpenTimeout(f"looking up {host!r} took too long")
+        if isinstance(result[0], OSError):
+            raise os_error(result[0], connecting=True) from result[0]
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        if self.aborted:
+            raise ConnectError("connection aborted by close()")
+        infos: list[Any] = result[0]
+        return infos
 
     def detach(self) -> None:
         """Forget the connected socket: it now belongs to someone else (a shared
@@ -473,8 +526,7 @@ class Connector:
         server_hostname: str | None = None,
     ) -> TCPTransport:
         """Resolve, connect (trying each address) and optionally start TLS."""
-        with map_os_errors(connecting=True):
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = self._resolve(host, port, deadline)
         last: BaseException | None = None
         for family, type_, proto, _, addr in infos:
             sock = socket.socket(family, type_, proto)
@@ -503,9 +555,12 @@ class Connector:
             if ssl_context is not None:
                 with map_os_errors(connecting=True):
                     sock.settimeout(deadline.remaining())
-                    tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
-                self._register(tls)
-                sock = tls
+                    tls = ssl_context.wrap_socket(
+                        sock, server_hostname=server_hostname or host, do_handshake_on_connect=False
+                    )
+                    sock = tls
+                    self._register(tls)  # before the handshake: abort must reach it
+                    tls.do_handshake()
         except BaseException:
             self._register(None)
             sock.close()

@@ -14,6 +14,8 @@ import gc
 import os
 import random
 import signal
+import socket
+import ssl
 import threading
 import time
 from typing import Any, Callable
@@ -481,3 +483,125 @@ def test_ctrl_c_during_a_stream_loses_nothing(how: str, size: int) -> None:
         assert ws.close_code == 1006
         assert isinstance(ws.error, blockws.ConnectionLost), repr(ws.error)
         assert isinstance(ws.error.__cause__, KeyboardInterrupt), repr(ws.error.__cause__)
+
+
+# -- item 5: close() in every phase of opening ---------------------------------------------
+
+#: close() must end a socket within this, whatever phase it is in (issue 11, item 5).
+CLOSE_BOUND = 0.1
+
+
+def close_and_time(ws: blockws.WebSocket, rec: Recorder) -> float:
+    """close() now; returns how long until the socket had ended (threads joined)."""
+    start = time.monotonic()
+    ws.close()
+    assert ws.join(5.0), "the socket did not end"
+    elapsed = time.monotonic() - start
+    code, _ = rec.wait_closed(ws)
+    assert code == 1006
+    return elapsed
+
+
+def test_close_during_a_tls_handshake_ends_the_socket_at_once() -> None:
+    """Probe "close() ignored during a TLS handshake" (issue 11, item 5): wrap_socket
+    moved the descriptor into the TLS socket, so abort closed the old object (EBADF,
+    suppressed) and on_closed came only at open_timeout -- never with None, leaking the
+    reader thread and its descriptor. Now close() ends it within 100 ms."""
+    hello = threading.Event()
+
+    def handler(peer: Peer) -> None:
+        peer.sock.recv(4096)  # the ClientHello; never answered
+        hello.set()
+        peer.drain_forever()
+
+    with fault_server(handler) as server:
+        rec = Recorder()
+        ws = blockws.WebSocket(server.url.replace("ws://", "wss://"), open_timeout=None,
+                               **rec.callbacks())
+        ws.open()
+        assert hello.wait(10)
+        elapsed = close_and_time(ws, rec)
+    assert elapsed < CLOSE_BOUND, f"{elapsed * 1000:.0f} ms"
+
+
+def test_close_while_a_dns_lookup_hangs_ends_the_socket_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Probe "close() during a hanging DNS lookup" (issue 11, item 5): close() and
+    open_timeout waited for the resolver. Now the lookup is abandoned on its thread and
+    on_closed comes at once."""
+    release = threading.Event()
+    asked = threading.Event()
+    real = socket.getaddrinfo
+
+    def hanging(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "hangs.example":
+            asked.set()
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "too late")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    try:
+        rec = Recorder()
+        ws = blockws.WebSocket("ws://hangs.example/", open_timeout=None, **rec.callbacks())
+        ws.open()
+        assert asked.wait(10)
+        elapsed = close_and_time(ws, rec)
+        assert elapsed < CLOSE_BOUND, f"{elapsed * 1000:.0f} ms"
+        # open_timeout does not wait for the resolver either.
+        rec2 = Recorder()
+        ws2 = blockws.WebSocket("ws://hangs.example/", open_timeout=0.3, **rec2.callbacks())
+        start = time.monotonic()
+        ws2.open()
+        assert rec2.wait_closed(ws2)[0] == 1006
+        assert time.monotonic() - start < 0.3 + CLOSE_BOUND + 0.2
+        assert isinstance(ws2.error, blockws.OpenTimeout), repr(ws2.error)
+    finally:
+        release.set()
+
+
+def test_close_while_waiting_for_the_upgrade_response_ends_the_socket_at_once() -> None:
+    """Probe "close() in any phase" (issue 11, item 5): the HTTP/1.1 upgrade."""
+    asked = threading.Event()
+
+    def handler(peer: Peer) -> None:
+        peer.read_request()
+        asked.set()
+        peer.drain_forever()
+
+    with fault_server(handler) as server:
+        rec = Recorder()
+        ws = blockws.WebSocket(server.url, open_timeout=None, **rec.callbacks())
+        ws.open()
+        assert asked.wait(10)
+        elapsed = close_and_time(ws, rec)
+    assert elapsed < CLOSE_BOUND, f"{elapsed * 1000:.0f} ms"
+
+
+def test_close_during_the_http2_handshake_ends_the_socket_at_once(tls_certs: Any) -> None:
+    """Probe "close() in any phase" (issue 11, item 5): the HTTP/2 attempt. The server
+    completes TLS with ALPN h2, then never sends its SETTINGS."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(tls_certs.certfile, tls_certs.keyfile)
+    server_ctx.set_alpn_protocols(["h2"])
+    preface = threading.Event()
+
+    def handler(peer: Peer) -> None:
+        tls = server_ctx.wrap_socket(peer.sock, server_side=True)
+        tls.recv(4096)  # the client's preface and SETTINGS
+        preface.set()
+        with contextlib.suppress(OSError):
+            while tls.recv(4096):
+                pass
+
+    with fault_server(handler) as server:
+        rec = Recorder()
+        ctx = tls_certs.client_context()
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        ws = blockws.WebSocket(f"wss://localhost:{server.port}/", open_timeout=None,
+                               ssl_context=ctx, **rec.callbacks())
+        ws.open()
+        assert preface.wait(10)
+        elapsed = close_and_time(ws, rec)
+    assert elapsed < CLOSE_BOUND, f"{elapsed * 1000:.0f} ms"
