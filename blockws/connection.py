@@ -235,6 +235,7 @@ class Connection:
         self._max_fragment_size = options.max_fragment_size
         self._proto: WSProtocol | None = None
         self._transport: Transport | None = None
+        self._final_bytes = (0, 0)  # the transport's counters, kept when it is let go
         self._connector: Connector | None = None
         self._reader: threading.Thread | None = None
         self._closed_event = threading.Event()
@@ -287,12 +288,12 @@ class Connection:
     @property
     def bytes_sent(self) -> int:
         transport = self._transport
-        return transport.bytes_written if transport is not None else 0
+        return transport.bytes_written if transport is not None else self._final_bytes[0]
 
     @property
     def bytes_received(self) -> int:
         transport = self._transport
-        return transport.bytes_read if transport is not None else 0
+        return transport.bytes_read if transport is not None else self._final_bytes[1]
 
     # -- settings --------------------------------------------------------------------------
 
@@ -435,7 +436,8 @@ class Connection:
         self.last_received = time.monotonic()
         self.sender.direct_ok = True  # a reply: the next send may skip the writer
         proto = self._proto
-        assert proto is not None
+        if proto is None:
+            return  # closed meanwhile (a caller's read racing the teardown)
         # Without on_binary, messages end up as bytes for receive(): have the
         # parser build them so, without a pooled buffer and a second copy.
         proto.binary_as_bytes = self.handlers.on_binary is None
@@ -801,9 +803,32 @@ class Connection:
             writer.join(WRITER_JOIN)
         if transport is not None:
             transport.close()
+        self._let_go()
         self.log.debug("closed: %s %r (error: %r)", self.close_code, self.close_reason, self.error)
         self._closed_event.set()
         self._post(self.listener.closed, (self.close_code, self.close_reason))
+
+    def _let_go(self) -> None:
+        """Release what a closed socket no longer needs -- the protocol (parser
+        buffers, mask keys), the extensions' compressors, the transport (and its
+        TLS buffers), the send buffers -- keeping only what its pending callbacks
+        and properties read (probe "leaks": 500 closed sockets never pumped kept
+        42 MiB). A closed socket then costs a few hundred bytes until its
+        ``on_closed`` runs and it leaves the live set."""
+        with self.lock:
+            proto, transport = self._proto, self._transport
+            if transport is not None:
+                self._final_bytes = (transport.bytes_written, transport.bytes_read)
+            self._proto = None
+            self._transport = None
+            self._connector = None
+            self._read_bounded = None
+            self._held = None
+            self.sender.release_locked()
+        self.delivery.release()
+        if proto is not None:
+            for ext in proto.extensions:
+                ext.close()
 
     def _closing_code(self) -> tuple[int, str]:
         proto = self._proto

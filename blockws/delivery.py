@@ -153,6 +153,11 @@ class Delivery:
         if drained is not None:
             drained()
 
+    def release(self) -> None:
+        """The socket has ended: drop the scratch buffer (a message still to be
+        delivered makes a new one)."""
+        self._scratch = None
+
     def take(self) -> str | bytes:
         """The oldest message kept for ``receive()`` (the inbox must not be empty)."""
         message = self.inbox.popleft()

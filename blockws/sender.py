@@ -214,7 +214,12 @@ class Sender:
     def direct_write(self, opcode: int, payload: Any, segment: BufferSegment | None) -> None:
         """Write one message now without blocking; the rest goes to the writer."""
         proto, transport = self.proto, self.transport
-        assert proto is not None and transport is not None
+        if proto is None or transport is None:  # the socket ended meanwhile
+            with self.lock:
+                self._writing = False
+            if segment is not None and not segment.released:
+                segment.release()
+            return
         frames: list[bytes] = []
         written = 0
         try:
@@ -380,6 +385,15 @@ class Sender:
         return any(frame[0] & 0x0F == _CLOSE_OPCODE for frame in control)
 
     # -- the end ----------------------------------------------------------------------
+
+    def release_locked(self) -> None:
+        """The socket has ended (after :meth:`stop_locked`): let go of the
+        protocol, the transport and the write buffer. A writer still running
+        keeps its own references until it returns."""
+        assert self.lock.locked()
+        self.proto = None
+        self.transport = None
+        self._out = None
 
     @property
     def thread(self) -> threading.Thread | None:

@@ -18,6 +18,7 @@ import socket
 import ssl
 import threading
 import time
+import tracemalloc
 from typing import Any, Callable
 
 import pytest
@@ -605,3 +606,102 @@ def test_close_during_the_http2_handshake_ends_the_socket_at_once(tls_certs: Any
         assert preface.wait(10)
         elapsed = close_and_time(ws, rec)
     assert elapsed < CLOSE_BOUND, f"{elapsed * 1000:.0f} ms"
+
+
+# -- item 6: leaks ----------------------------------------------------------------------------
+
+
+def test_closed_sockets_never_pumped_release_their_heavy_state(
+    websockets_deflate_server: str,
+) -> None:
+    """Probe "leaks" (issue 11, item 6): every closed socket stays in the live set until
+    its on_closed is pumped, and kept its protocol, compressors, transport and buffers
+    meanwhile: 500 sockets closed and joined but never updated kept +42 MiB (~138 KiB
+    each here, with compression). Now a closed socket keeps only its pending callbacks
+    and a few locks: under 32 KiB each, and nothing once pumped."""
+    count = 100
+    warm = blockws.connect(websockets_deflate_server)
+    warm.close()
+    warm.join(5)
+    warm.update()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        sockets = [
+            blockws.WebSocket(websockets_deflate_server, on_message=lambda ws, text: None)
+            for _ in range(count)
+        ]
+        for ws in sockets:
+            ws.open()
+        deadline = time.monotonic() + 30
+        for ws in sockets:
+            while not ws.is_open:
+                assert time.monotonic() < deadline and not ws.closed, ws.error
+                time.sleep(0.002)
+            ws.send("hello " * 100)  # compressed both ways
+        for ws in sockets:
+            while ws.bytes_received < 300:  # the echo came back (undelivered)
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            ws.close()
+        for ws in sockets:
+            assert ws.join(10)
+        gc.collect()
+        held = (tracemalloc.get_traced_memory()[0] - base) / count
+        assert all(ws.bytes_sent > 0 and ws.bytes_received > 0 for ws in sockets)
+        assert all(ws.close_code == 1000 for ws in sockets)
+        blockws.update_all()  # on_closed: the sockets leave the live set
+        del sockets, ws
+        gc.collect()
+        after = (tracemalloc.get_traced_memory()[0] - base) / count
+    finally:
+        tracemalloc.stop()
+    assert held < 32 * 1024, f"{held / 1024:.1f} KiB per closed socket"
+    assert after < 2 * 1024, f"{after / 1024:.1f} KiB per socket after on_closed"
+
+
+def test_connect_closes_the_socket_when_on_open_raises() -> None:
+    """Probe "leaks" (issue 11, item 6): an on_open that raises inside connect() left the
+    half-made socket running, out of the caller's reach. connect() closes it first."""
+
+    def handler(peer: Peer) -> None:
+        peer.handshake()
+        peer.drain_forever()
+
+    def on_open(ws: blockws.WebSocket) -> None:
+        raise RuntimeError("on_open failed")
+
+    with fault_server(handler) as server:
+        before = set(threading.enumerate())
+        with pytest.raises(RuntimeError, match="on_open failed"):
+            blockws.connect(server.url, on_open=on_open)
+        left = [t.name for t in set(threading.enumerate()) - before
+                if t.name.startswith("blockws-") and "timer" not in t.name]
+        assert left == []
+        assert blockws.update_all() == 0
+
+
+def test_connect_interrupted_by_ctrl_c_closes_the_socket() -> None:
+    """Probe "leaks" (issue 11, item 6): Ctrl-C while connect() waits (the server never
+    answers the upgrade) closes the half-made socket before the interrupt propagates."""
+    asked = threading.Event()
+
+    def handler(peer: Peer) -> None:
+        peer.read_request()
+        asked.set()
+        peer.drain_forever()
+
+    main = threading.main_thread().ident
+    assert main is not None
+    with fault_server(handler) as server:
+        before = set(threading.enumerate())
+        timer = threading.Thread(target=lambda: asked.wait(10) and signal.pthread_kill(
+            main, signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            blockws.connect(server.url, open_timeout=None)
+        timer.join(5)
+        left = [t.name for t in set(threading.enumerate()) - before
+                if t.name.startswith("blockws-") and "timer" not in t.name]
+        assert left == []
