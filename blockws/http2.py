@@ -128,6 +128,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hpack import NeverIndexedHeaderTuple
 
 from .deadline import Deadline
 from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidStatus, OpenTimeout, TransportError
@@ -477,7 +478,14 @@ class H2Connection:
         deadline: Deadline,
         register: Callable[[Transport], None],
     ) -> H2Stream:
-        """Send the extended CONNECT and wait for the answer (RFC 8441 section 4)."""
+        """Send the extended CONNECT and wait for the answer (RFC 8441 section 4).
+
+        Credential headers (``request.headers.is_sensitive``: Authorization,
+        Cookie, Proxy-Authorization, Set-Cookie and the ones the user marked)
+        go as never-indexed fields (RFC 7541 section 7.1.3): no HPACK table
+        holds them, and hpack's own debug log shows them redacted.
+        """
+        marks = request.headers
         headers: list[tuple[bytes, bytes]] = [
             (b":method", b"CONNECT"),
             (b":protocol", b"websocket"),
@@ -486,10 +494,9 @@ class H2Connection:
             (b":authority", url.authority.encode()),
             (b"sec-websocket-version", b"13"),
         ]
-        headers.extend(
-            (name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in offer_headers(request, extensions)
-        )
+        for name, value in offer_headers(request, extensions):
+            field = (name.lower().encode("latin-1"), value.encode("latin-1"))
+            headers.append(NeverIndexedHeaderTuple(*field) if marks.is_sensitive(name) else field)
         with self.lock:
             self.reserved -= 1  # the slot reserved by the pool becomes a stream, or is freed
             self._check_alive()

@@ -9,8 +9,10 @@ MiB within a second or two, far above the bounds asserted here.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gc
+import logging
 import os
 import random
 import signal
@@ -21,6 +23,7 @@ import time
 import tracemalloc
 from typing import Any, Callable
 
+import hpack
 import pytest
 from faultserver import (
     OP_BINARY,
@@ -32,7 +35,16 @@ from faultserver import (
     fault_server,
     frame_bytes,
 )
-from h2peers import DATA, WINDOW_UPDATE, MiniConn, MiniH2
+from h2peers import (
+    DATA,
+    END_HEADERS,
+    HEADERS,
+    STATUS_200,
+    WINDOW_UPDATE,
+    MiniConn,
+    MiniH2,
+    frame,
+)
 
 import blockws
 import blockws.http2
@@ -705,3 +717,94 @@ def test_connect_interrupted_by_ctrl_c_closes_the_socket() -> None:
         left = [t.name for t in set(threading.enumerate()) - before
                 if t.name.startswith("blockws-") and "timer" not in t.name]
         assert left == []
+
+
+# -- item 7: secrets ----------------------------------------------------------------------------
+
+SECRETS = ("hunter2", "TOKEN-5f2a", "cookie-secret-0123456789", "api-key-secret", "proxy-secret")
+
+
+def _leaks(text: str) -> list[str]:
+    return [secret for secret in SECRETS if secret in text]
+
+
+@pytest.mark.unit
+def test_urls_and_requests_show_no_credentials() -> None:
+    """Probe "secrets" (issue 11, item 7): repr(ws.internal_request) showed
+    wss://alice:hunter2@example.com/chat, every InvalidURL message held the raw URL with
+    its password, and a token as the URL's user part was redacted nowhere."""
+    ws = blockws.WebSocket("wss://alice:hunter2@example.com/chat")
+    assert _leaks(repr(ws.internal_request)) == []
+    assert "alice:<redacted>@example.com" in repr(ws.internal_request)
+    assert _leaks(repr(ws.internal_request.parsed_url)) == []
+    assert _leaks(repr(ws)) == []
+    token = blockws.WebSocket("wss://TOKEN-5f2a@example.com/")
+    assert _leaks(repr(token.internal_request)) == [] and _leaks(repr(token)) == []
+    assert _leaks(str(token.context)) == []
+    for bad in (
+        "https://alice:hunter2@example.com/",
+        "wss://alice:hunter2@example.com/#frag",
+        "wss://alice:hunter2@:443/",
+        "wss://alice:hunter2@example.com:99999/",
+        "ftp://TOKEN-5f2a@example.com/",
+    ):
+        with pytest.raises(blockws.InvalidURL) as info:
+            blockws.WebSocket(bad)
+        assert _leaks(str(info.value)) == [], str(info.value)
+        assert _leaks(repr(info.value)) == [], repr(info.value)
+    request = ws.internal_request
+    request.headers["Cookie"] = "cookie-secret-0123456789"
+    request.headers["X-Api-Key"] = "api-key-secret"
+    request.headers.mark_sensitive("x-api-key")
+    assert _leaks(repr(request)) == []
+
+
+def test_http2_sends_credentials_never_indexed_and_logs_none(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Probe "secrets" (issue 11, item 7) over HTTP/2: Authorization, Cookie,
+    Proxy-Authorization and user-marked headers (X-Api-Key) go as never-indexed fields
+    (RFC 7541 7.1.3); with every logger at DEBUG (h2 and hpack included), no secret
+    appears in any record, exception or repr."""
+    fields: list[Any] = []
+
+    def scenario(conn: MiniConn) -> None:
+        conn.handshake()
+        request = conn.read_until(lambda f: f.type == HEADERS)
+        fields.extend(hpack.Decoder().decode(request.payload, raw=True))
+        conn.send(frame(HEADERS, END_HEADERS, request.stream_id, STATUS_200))
+        first_message(conn, request.stream_id)
+
+    def mark(ws: blockws.WebSocket, request: Any) -> None:
+        request.headers.mark_sensitive("X-Api-Key")
+
+    with caplog.at_level(logging.DEBUG), MiniH2(scenario) as server:
+        for name in ("hpack", "hpack.hpack", "hpack.table", "h2", "blockws"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
+        url = server.url.replace("ws://", "ws://alice:hunter2@")
+        ws = blockws.WebSocket(
+            url, http2=H2C, extensions=[], on_internal_request_created=mark,
+            headers={"Cookie": "cookie-secret-0123456789", "X-Api-Key": "api-key-secret",
+                     "Proxy-Authorization": "Basic proxy-secret", "X-Plain": "visible"},
+        )
+        rec = Recorder()
+        for name, cb in rec.callbacks().items():
+            setattr(ws, name, cb)
+        ws.open()
+        rec.wait_open(ws)
+        ws.send("hello")
+        assert server.done.wait(10)
+        ws.abort()
+        rec.wait_closed(ws)
+        # (The test server's own hpack decoding logs, on its thread, are not blockws's.)
+        texts = [r.getMessage() for r in caplog.records if not r.threadName.startswith("mini-h2")]
+        texts += [repr(ws), repr(ws.internal_request), str(ws.error), repr(ws.error)]
+    kinds = {bytes(f[0]).decode(): type(f).__name__ for f in fields}
+    for name in ("authorization", "cookie", "proxy-authorization", "x-api-key"):
+        assert kinds[name] == "NeverIndexedHeaderTuple", kinds
+    assert kinds["x-plain"] == "HeaderTuple"
+    basic = base64.b64encode(b"alice:hunter2").decode()
+    leaked = [t for t in texts if _leaks(t) or basic in t]
+    assert leaked == [], leaked[:3]
+    assert any(r.name.startswith("hpack") and not r.threadName.startswith("mini-h2")
+               for r in caplog.records)  # the client's hpack did log at DEBUG
