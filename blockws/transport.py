@@ -120,11 +120,17 @@ def os_error(exc: OSError, connecting: bool = False) -> BlockwsError:
         if connecting:
             return TLSError(f"TLS handshake failed: {exc}")
         return ConnectionLost(f"TLS error: {exc}")
+    error: TransportError
     if isinstance(exc, socket.gaierror):
-        return ConnectError(f"cannot resolve host: {exc.strerror or exc}")
-    if connecting:
-        return ConnectError(f"cannot connect: {exc.strerror or exc}")
-    return ConnectionLost(f"connection lost: {exc.strerror or exc}")
+        error = ConnectError(f"cannot resolve host: {exc.strerror or exc}")
+    elif connecting:
+        error = ConnectError(f"cannot connect: {exc.strerror or exc}")
+    else:
+        error = ConnectionLost(f"connection lost: {exc.strerror or exc}")
+    # The errno travels with it (EMFILE, ECONNREFUSED, ...): blockws's
+    # transport errors are OSErrors too.
+    error.errno = exc.errno
+    return error
 
 
 class Transport:
@@ -529,7 +535,8 @@ class Connector:
         infos = self._resolve(host, port, deadline)
         last: BaseException | None = None
         for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
+            with map_os_errors(connecting=True):  # EMFILE, ENFILE, ENOBUFS: mapped too
+                sock = socket.socket(family, type_, proto)
             self._register(sock)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -527,13 +527,24 @@ class WebSocket:
     def __enter__(self) -> WebSocket:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        """Close, wait (up to ``close_timeout`` + 1 s) and run pending callbacks."""
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        """Close, wait (up to ``close_timeout`` + 1 s) and run pending callbacks.
+
+        When the block is left by an exception, that exception wins: one
+        raised by a callback meanwhile (``on_closed``, say) is logged, not
+        raised in its place.
+        """
         self.close()
         if self._engine.phase is Phase.CLOSED and not self._pending:
             return
         self.join((self.close_timeout or 5.0) + 1.0)
-        self.update()
+        if exc_type is None:
+            self.update()
+            return
+        try:
+            self.update()
+        except Exception:  # noqa: BLE001 - logged: the block's own exception propagates
+            self.log.exception("a callback raised while the with block was unwinding")
 
     # -- sending ------------------------------------------------------------------------
 

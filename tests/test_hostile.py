@@ -808,3 +808,63 @@ def test_http2_sends_credentials_never_indexed_and_logs_none(
     assert leaked == [], leaked[:3]
     assert any(r.name.startswith("hpack") and not r.threadName.startswith("mini-h2")
                for r in caplog.records)  # the client's hpack did log at DEBUG
+
+
+# -- item 8: exception types ----------------------------------------------------------------------
+
+
+def test_running_out_of_descriptors_raises_a_blockws_error_with_its_errno() -> None:
+    """Probe "wrong exception types" (issue 11, item 8): with no descriptor left (EMFILE),
+    connect() raised a bare OSError(24) from socket.socket(), outside the mapping. Now it
+    is a ConnectError (a blockws error, and an OSError) carrying errno EMFILE."""
+    import errno
+    import resource
+
+    socket.getaddrinfo("127.0.0.1", 9, type=socket.SOCK_STREAM)  # imports its codec now
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.dup(0))
+        with pytest.raises(blockws.BlockwsError) as info:
+            blockws.connect("ws://127.0.0.1:9/", open_timeout=5)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    error = info.value
+    assert isinstance(error, blockws.ConnectError) and isinstance(error, OSError), repr(error)
+    assert error.errno == errno.EMFILE, error.errno
+    assert "Too many open files" in str(error)
+
+
+def test_on_closed_raising_while_a_with_block_unwinds_does_not_replace_its_exception(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Probe "wrong exception types" (issue 11, item 8): an on_closed that raised while a
+    `with` block unwound replaced the block's own exception. The block's exception now
+    wins, and the callback's is logged."""
+
+    def handler(peer: Peer) -> None:
+        peer.handshake()
+        peer.read_until_close()
+        peer.send_frame(0x8, b"\x03\xe8")
+
+    def on_closed(ws: blockws.WebSocket, code: int, reason: str) -> None:
+        raise RuntimeError("on_closed failed")
+
+    class Mine(Exception):
+        pass
+
+    with fault_server(handler) as server, caplog.at_level(logging.ERROR, logger="blockws"):
+        with pytest.raises(Mine):
+            with blockws.connect(server.url, on_closed=on_closed):
+                raise Mine("the user's own error")
+        # Without an exception in the block, the callback's propagates as before.
+        with pytest.raises(RuntimeError, match="on_closed failed"):
+            with blockws.connect(server.url, on_closed=on_closed):
+                pass
+    logged = [r for r in caplog.records if r.exc_info and "on_closed failed" in str(r.exc_info[1])]
+    assert len(logged) == 1
