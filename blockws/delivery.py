@@ -30,7 +30,12 @@ that count reaches ``limit``: the socket then stops reading (see
 delivered, on the thread that calls ``update()``/``receive()``, and once it
 falls to half the limit ``on_drained`` is called there, and reading resumes.
 The counters are guarded by one lock, taken once per read and once per
-delivered batch.
+delivered batch -- except ``receive()``'s count of what it took, which costs
+a single ``+=`` per message (no bytecode in it lets the GIL go, so it is
+atomic on CPython) and takes the lock only while reading is paused. The
+reader re-reads the counts after it sets ``paused``, and ``receive()`` reads
+``paused`` after its ``+=``: one of the two always sees the other, so a pause
+is never left standing over a queue that drained meanwhile.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class Delivery:
         "paused",
         "_received",
         "_delivered",
+        "taken",
         "_lock",
         "_cond",
         "_warned",
@@ -100,6 +106,10 @@ class Delivery:
         self.paused = False
         self._received = 0  # posted: written by the reading side, under the lock
         self._delivered = 0  # delivered: written by the delivering side, under the lock
+        #: Bytes ``receive()`` took from the inbox; only it adds to this, one
+        #: ``+=`` per message, then calls :meth:`check_drained` if ``paused``
+        #: (see the module docstring).
+        self.taken = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # the paused reader waits on it
         self._warned = False
@@ -109,7 +119,7 @@ class Delivery:
     @property
     def queued(self) -> int:
         """Bytes (characters for text) posted and not yet delivered."""
-        return self._received - self._delivered
+        return self._received - self._delivered - self.taken
 
     def received(self, size: int) -> bool:
         """The reading side posts ``size`` more; True if reading must now stop.
@@ -120,9 +130,12 @@ class Delivery:
         limit = self.limit
         with self._lock:
             self._received += size
-            if limit is None or self._received - self._delivered < limit:
+            if limit is None or self.queued < limit:
                 return False
             self.paused = True
+            if self.queued <= limit // 2:  # receive() took meanwhile (re-read after the flag)
+                self.paused = False
+                return False
             return True
 
     def wait_resumed(self) -> None:
@@ -144,8 +157,13 @@ class Delivery:
             self._delivered += size
             if not self.paused:
                 return
+        self.check_drained()
+
+    def check_drained(self) -> None:
+        """Reading is paused: resume it if the queue is down to half the limit."""
+        with self._lock:
             limit = self.limit
-            if limit is not None and self._received - self._delivered > limit // 2:
+            if not self.paused or (limit is not None and self.queued > limit // 2):
                 return
             self.paused = False
             self._cond.notify_all()
@@ -161,15 +179,14 @@ class Delivery:
     def take(self) -> str | bytes:
         """The oldest message kept for ``receive()`` (the inbox must not be empty)."""
         message = self.inbox.popleft()
-        self._done(len(message))
+        self.taken += len(message)
+        if self.paused:
+            self.check_drained()
         return message
 
-    def _no_handler(self, message: Any) -> bool:
-        """A message without a handler of its type: keep it for ``receive()``
-        (True), or, in callback mode, drop it with one WARNING (False)."""
-        ws = self.ws
-        if ws.on_message is None and ws.on_binary is None:
-            return True
+    def _drop(self, message: Any) -> None:
+        """A message without a handler of its type, on a socket in callback mode:
+        dropped, with one WARNING per socket."""
         if not self._warned:
             self._warned = True
             kind = "text" if type(message) is str else "binary"
@@ -183,7 +200,6 @@ class Delivery:
                     kind,
                     missing,
                 )
-        return False
 
     def messages(self, messages: list[Any]) -> int:
         """Hand the messages of one read to the handlers, or to the inbox.
@@ -206,9 +222,11 @@ class Delivery:
                     handler = ws.on_binary
                     n = len(message)
                     if handler is None:
-                        if self._no_handler(message):
+                        if ws.on_message is None:  # no callbacks at all: for receive()
                             inbox.append(message)  # no copy
                             kept += n
+                        else:
+                            self._drop(message)
                     elif n <= SCRATCH:
                         if scratch is None:
                             scratch = self._scratch = memoryview(bytearray(SCRATCH))
@@ -224,9 +242,11 @@ class Delivery:
                 elif cls is str:
                     on_text = ws.on_message
                     if on_text is None:
-                        if self._no_handler(message):
+                        if ws.on_binary is None:
                             inbox.append(message)
                             kept += len(message)
+                        else:
+                            self._drop(message)
                     else:
                         on_text(ws, message)
                 else:  # a BinaryMessage: in pooled memory, from the general path
@@ -247,9 +267,11 @@ class Delivery:
         handler = ws.on_binary
         pool = self.pool
         if handler is None:
-            kept = self._no_handler(b"")
+            kept = ws.on_message is None
             if kept:  # for receive()
                 self.inbox.append(bytes(memoryview(data)[:n]))
+            else:
+                self._drop(b"")
             if type(data) is bytearray:
                 pool.give_back(data)
             return kept

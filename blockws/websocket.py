@@ -286,6 +286,7 @@ class WebSocket:
         self._pending = engine.dispatcher.pending
         self._run = engine.dispatcher.run
         self._inbox = engine.inbox
+        self._delivery = engine.delivery
         self._take = engine.delivery.take
         #: The handshake request; edit it before ``open()``.
         self.internal_request = self._new_request()
@@ -680,7 +681,12 @@ class WebSocket:
         """
         inbox = self._inbox
         if inbox:
-            return self._take()
+            message = inbox.popleft()  # Delivery.take, inline: this runs once per message
+            delivery = self._delivery
+            delivery.taken += len(message)
+            if delivery.paused:
+                delivery.check_drained()
+            return message
         check_not_in_callback("receive()")
         engine = self._engine
         if engine.close_waits_for_inbox:
