@@ -83,6 +83,9 @@ _QUIET = 0.1
 #: Most chunks written with one sendmsg(): POSIX guarantees 16 and Linux takes
 #: 1024, but more than a few dozen are small frames, cheaper to join.
 _IOV_MAX = 64
+# read()'s arguments to recv, made once (see TCPTransport.read).
+_SIZES = {RECV_SIZE: (RECV_SIZE,), RECV_SMALL: (RECV_SMALL,)}
+_DONTWAITS = (_DONTWAIT,)
 _select = select.select
 _timeval = struct.Struct("@ll")
 _poll = getattr(select, "poll", None)  # POSIX
@@ -337,9 +340,9 @@ class TCPTransport(Transport):
             if timeout is None or timeout >= _RCVTIMEO_LONG:
                 if not self._rcvtimeo_set:
                     self._set_rcvtimeo(_RCVTIMEO_CAP)
-                held.extend(map(sock.recv, (self._recv_size,)))
+                held.extend(map(sock.recv, _SIZES[self._recv_size]))
             elif timeout <= 0 or self._readable_within(timeout):
-                held.extend(map(sock.recv, (self._recv_size,), (_DONTWAIT,)))
+                held.extend(map(sock.recv, _SIZES[self._recv_size], _DONTWAITS))
             else:
                 return None
         except BlockingIOError:
