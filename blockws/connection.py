@@ -669,6 +669,7 @@ class Connection:
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; see :meth:`blockws.WebSocket.close`."""
         pack_close(code, reason)  # validate before changing any state
+        resumed = False
         with self.proto_lock, self.lock:
             phase = self._phase
             if phase is _NEW:
@@ -683,14 +684,16 @@ class Connection:
                 assert self._proto is not None
                 self._close_requested = True
                 self._set_phase_locked(_CLOSING)
-                self.delivery.resume()  # the server's close must be read
+                resumed = self.delivery.resume()  # the server's close must be read
                 if self._proto.state is State.OPEN:
                     self.sender.close_frame_locked(self._proto.encode_close(code, reason))
                 self._queue_deferred_close_locked()
                 self._arm_close_timeout_locked()
-                return
+                connector = transport = None
             else:
                 return
+        if resumed:
+            self._drained()  # over HTTP/2: the withheld credit, for the close reply
         if connector is not None:
             connector.abort()
         if transport is not None:
@@ -720,7 +723,8 @@ class Connection:
         with self.lock:
             self._closing_locked()
             transport, connector = self._transport, self._connector
-        self.delivery.resume()
+        if self.delivery.resume():
+            self._drained()
         self._token.cancel()
         if connector is not None:
             connector.abort()

@@ -145,11 +145,15 @@ class Delivery:
             while self.paused:
                 self._cond.wait()
 
-    def resume(self) -> None:
-        """Let reading go on whatever the queue (the socket is closing or ending)."""
+    def resume(self) -> bool:
+        """Let reading go on whatever the queue (the socket is closing or ending).
+        Returns whether reading was paused (the caller then calls what
+        ``on_drained`` would have)."""
         with self._cond:
+            was = self.paused
             self.paused = False
             self._cond.notify_all()
+        return was
 
     def _done(self, size: int) -> None:
         """``size`` more delivered; resumes reading at half the limit."""

@@ -872,3 +872,51 @@ def test_on_closed_raising_while_a_with_block_unwinds_does_not_replace_its_excep
                 pass
     logged = [r for r in caplog.records if r.exc_info and "on_closed failed" in str(r.exc_info[1])]
     assert len(logged) == 1
+
+
+def test_http2_close_of_a_paused_stream_returns_its_credit_for_the_reply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Probe "no backpressure on receiving" over HTTP/2 (issue 11, item 2): a stream whose
+    credit is withheld must get it back when the application closes the socket, or the
+    server has no window left for its close reply (the close would time out)."""
+    monkeypatch.setattr(blockws.http2, "_STREAM_WINDOW", 128 * 1024)
+    window = 128 * 1024
+    messages = b"".join(frame_bytes(OP_BINARY, bytes(1020)) for _ in range(128))
+    seen: dict[str, int] = {}
+
+    def credit(conn: MiniConn, sid: int) -> int:
+        return sum(
+            f.increment for f in conn.frames if f.type == WINDOW_UPDATE and f.stream_id == sid
+        )
+
+    def scenario(conn: MiniConn) -> None:
+        conn.handshake()
+        sid = conn.accept()
+        first_message(conn, sid)
+        conn.send(conn.data(sid, messages))  # the whole window
+        # The client's close frame (masked: 0x88 then the mask bit and length).
+        conn.read_until(
+            lambda f: f.type == DATA and f.stream_id == sid and f.payload[:1] == b"\x88"
+        )
+        seen["credit"] = credit(conn, sid)
+        conn.send(conn.data(sid, frame_bytes(0x8, b"\x03\xe8")))  # within the credit returned
+        with contextlib.suppress(OSError, EOFError):
+            conn.read_until(lambda f: False)
+
+    with MiniH2(scenario) as server:
+        rec = Recorder()
+        ws = blockws.WebSocket(server.url, http2=H2C, extensions=[], max_message_size=4096,
+                               max_queued_bytes=32 * 1024, close_timeout=3, **rec.callbacks())
+        ws.open()
+        rec.wait_open(ws)
+        ws.send("hello")
+        deadline = time.monotonic() + 10
+        while ws.queued_amount < 32 * 1024:
+            assert time.monotonic() < deadline, ws.queued_amount
+            time.sleep(0.01)
+        ws.close()
+        code, _ = rec.wait_closed(ws)
+        ws.abort()
+    assert seen["credit"] >= window - 32 * 1024  # most of the window came back at close()
+    assert code == 1000 and ws.error is None, repr(ws.error)
