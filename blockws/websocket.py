@@ -172,7 +172,10 @@ class WebSocket:
       (default 2).
     * Callbacks, plain attributes you may also set later: ``on_open(ws)``,
       ``on_message(ws, text)``, ``on_binary(ws, segment)``, ``on_closed(ws,
-      code, reason)`` (run inside ``update()``), and
+      code, reason)`` (run inside ``update()``; a socket with either
+      ``on_message`` or ``on_binary`` delivers through callbacks only, and
+      drops a message whose handler is missing, with one WARNING; one with
+      neither keeps every message for :meth:`receive`), and
       ``on_internal_request_created(ws, request)``, which runs on the
       connecting thread just before each handshake request is sent; an
       exception there ends the socket (``on_closed`` with 1006, the exception
