@@ -920,3 +920,40 @@ def test_http2_close_of_a_paused_stream_returns_its_credit_for_the_reply(
         ws.abort()
     assert seen["credit"] >= window - 32 * 1024  # most of the window came back at close()
     assert code == 1000 and ws.error is None, repr(ws.error)
+
+
+def test_close_during_a_tcp_connect_that_hangs_ends_the_socket_at_once() -> None:
+    """Probe "close() in any phase" (issue 11, item 5): the TCP connect. A listener whose
+    accept queue is full drops SYNs, so connect() hangs; close() still ends the socket."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            probe.connect(("127.0.0.1", port))
+            pytest.skip("the accept queue did not fill: connect() does not hang here")
+        except TimeoutError:
+            pass
+        finally:
+            probe.close()
+        rec = Recorder()
+        ws = blockws.WebSocket(f"ws://127.0.0.1:{port}/", open_timeout=None, **rec.callbacks())
+        ws.open()
+        time.sleep(0.2)  # in connect() by now (no event tells)
+        assert not ws.closed
+        elapsed = close_and_time(ws, rec)
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert elapsed < CLOSE_BOUND + CLOSE_SLACK, f"{elapsed * 1000:.0f} ms"
