@@ -111,7 +111,9 @@ class Delivery:
         #: (see the module docstring).
         self.taken = 0
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)  # the paused reader waits on it
+        # The paused reader waits on this; made at the first pause (a socket
+        # that never fills its queue does not pay for it).
+        self._cond: threading.Condition | None = None
         self._warned = False
 
     # -- backpressure ------------------------------------------------------------------
@@ -141,18 +143,22 @@ class Delivery:
     def wait_resumed(self) -> None:
         """Block the reading thread until reading may go on: the queue drained
         to half the limit, or :meth:`resume` was called."""
-        with self._cond:
+        with self._lock:
+            cond = self._cond
+            if cond is None:
+                cond = self._cond = threading.Condition(self._lock)
             while self.paused:
-                self._cond.wait()
+                cond.wait()
 
     def resume(self) -> bool:
         """Let reading go on whatever the queue (the socket is closing or ending).
         Returns whether reading was paused (the caller then calls what
         ``on_drained`` would have)."""
-        with self._cond:
+        with self._lock:
             was = self.paused
             self.paused = False
-            self._cond.notify_all()
+            if self._cond is not None:
+                self._cond.notify_all()
         return was
 
     def _done(self, size: int) -> None:
@@ -170,7 +176,8 @@ class Delivery:
             if not self.paused or (limit is not None and self.queued > limit // 2):
                 return
             self.paused = False
-            self._cond.notify_all()
+            if self._cond is not None:
+                self._cond.notify_all()
         drained = self.on_drained
         if drained is not None:
             drained()
