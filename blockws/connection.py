@@ -44,6 +44,12 @@ caller of ``receive``  the same, while it holds the right to read      ``proto_l
   writer keep going during a large incoming message. Lock order: ``proto_lock``
   before ``lock``.
 * Methods named ``*_locked`` expect ``lock`` held and assert it.
+* Backpressure (``max_queued_bytes``): the delivery's lock, around the
+  queued-bytes counters, is innermost. Past the limit the reader thread waits
+  for ``update()``/``receive()`` to drain the queue to half, holding no other
+  lock (:meth:`Connection._pause_reading`); ``close()``, ``abort()`` and a
+  failed write end that wait. An HTTP/2 stream withholds its credit instead:
+  the shared connection's reader never waits.
 """
 
 from __future__ import annotations
