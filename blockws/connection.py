@@ -409,6 +409,7 @@ class Connection:
             release=options.buffer_pool.give_back,
         )
         proto.compact_messages = True  # messages as str/bytes: see blockws.delivery
+        proto.inflate_budget = self.delivery.limit  # see data_received
         with self.lock:
             if self._phase is not _CONNECTING:
                 raise ConnectionLost("connection aborted during the opening handshake")
@@ -438,7 +439,18 @@ class Connection:
     # -- receiving (the reader thread, or a caller holding the right to read) ---------------
 
     def data_received(self, data: bytes) -> None:
-        """Sink method: bytes from the transport."""
+        """Sink method: bytes from the transport.
+
+        A compressed read is parsed in installments of at most the queue limit
+        of inflated bytes (``Protocol.inflate_budget``), so that backpressure
+        bounds what a read of a thousandfold-compressible flood inflates to.
+        """
+        self._receive(data)
+        proto = self._proto
+        while proto is not None and proto.more:
+            self._receive(b"")
+
+    def _receive(self, data: bytes) -> None:
         self.last_received = time.monotonic()
         self.sender.direct_ok = True  # a reply: the next send may skip the writer
         proto = self._proto

@@ -344,6 +344,16 @@ class Protocol:
         #: WebSocket). A binary message in ``allocate``'s memory stays a
         #: BinaryMessage, which carries its length.
         self.compact_messages = False
+        #: Most inflated (extension-decoded) bytes one :meth:`receive_data`
+        #: call produces: past it, parsing stops at the next frame boundary,
+        #: keeps the rest and sets :attr:`more` (``None``: no bound). A read
+        #: of compressed data can inflate a thousandfold; a consumer that
+        #: applies backpressure parses such a read in installments.
+        self.inflate_budget: int | None = None
+        #: The last :meth:`receive_data` stopped at ``inflate_budget`` with
+        #: bytes left: call ``receive_data(b"")`` to go on.
+        self.more = False
+        self._inflated = 0
         self._m_len = 0
         self._m_frames = 0  # frames of the message so far: see _start_data_frame
         self._m_text = _Pieces("")
@@ -474,8 +484,10 @@ class Protocol:
         further data is ignored.
         """
         events: list[Received] = []
-        if self._phase == _DONE or not data:
+        if self._phase == _DONE or not (data or self._buf):
             return events
+        self.more = False
+        self._inflated = 0
         buf = self._buf + data if self._buf else data if type(data) is bytes else bytes(data)
         try:
             pos = self._parse(buf, events)
@@ -548,6 +560,11 @@ class Protocol:
                 if pos >= end:
                     break
             if self._phase == _HEADER:
+                if self._inflated:
+                    budget = self.inflate_budget
+                    if budget is not None and self._inflated >= budget:
+                        self.more = True
+                        break
                 hdr = self._read_header(buf, pos, end)
                 if hdr < 0:
                     break
@@ -663,6 +680,7 @@ class Protocol:
             room = (limit - self._m_len) if limit is not None else 1 << 62
             for ext in reversed(self._m_ext):
                 chunk = ext.decode(chunk, message_end, room)
+            self._inflated += len(chunk)
             if limit is not None and self._m_len + len(chunk) > limit:
                 raise MessageTooBig(f"decoded message exceeds max_message_size={limit}")
         if self._m_opcode == Opcode.TEXT:

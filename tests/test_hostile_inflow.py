@@ -530,3 +530,59 @@ def test_ctrl_c_during_a_stream_loses_nothing(how: str, size: int) -> None:
         assert ws.close_code == 1006
         assert isinstance(ws.error, blockws.ConnectionLost), repr(ws.error)
         assert isinstance(ws.error.__cause__, KeyboardInterrupt), repr(ws.error.__cause__)
+
+
+def test_compressed_flood_without_a_pump_is_bounded_in_inflated_bytes() -> None:
+    """Probe "no backpressure on receiving" (issue 11, item 2), compressed: one read of a
+    thousandfold-compressible flood inflates to ~80 MB, so stopping after each read
+    would not bound memory. A compressed read is parsed in installments of at most
+    max_queued_bytes inflated, with the pause between them: memory stays near the limit
+    and every message still arrives, in order."""
+    import zlib
+
+    count, size = 5000, 64 * 1024
+    flood_bytes = bytearray()
+    for i in range(count):
+        comp = zlib.compressobj(wbits=-15)
+        data = comp.compress(i.to_bytes(4, "big") + bytes(size - 4)) + comp.flush(zlib.Z_SYNC_FLUSH)
+        flood_bytes += frame_bytes(OP_BINARY, data[:-4], rsv=0x40)  # RSV1: compressed
+    sent_all = threading.Event()
+
+    def handler(peer: Peer) -> None:
+        peer.handshake(extra=["Sec-WebSocket-Extensions: permessage-deflate"])
+        peer.sock.settimeout(30)
+        peer.send(bytes(flood_bytes))
+        sent_all.set()
+        peer.read_until_close()
+        peer.send_frame(0x8, b"\x03\xe8")
+
+    got: list[int] = []
+
+    def on_binary(ws: blockws.WebSocket, segment: blockws.BufferSegment) -> None:
+        assert len(segment) == size
+        got.append(int.from_bytes(segment.view()[:4], "big"))
+
+    limit = 1 * MiB
+    with fault_server(handler) as server:
+        gc.collect()
+        before = rss()
+        ws = blockws.connect(server.url, max_message_size=size, max_queued_bytes=limit,
+                             on_binary=on_binary)
+        assert ws.extensions, "permessage-deflate was not negotiated"
+        deadline = time.monotonic() + 10
+        while ws.queued_amount < limit:
+            assert time.monotonic() < deadline, ws.queued_amount
+            time.sleep(0.01)
+        time.sleep(0.5)  # no pump: nothing more is inflated meanwhile
+        grown = rss() - before
+        assert limit <= ws.queued_amount <= limit + size, ws.queued_amount
+        deadline = time.monotonic() + 60
+        while len(got) < count:
+            assert time.monotonic() < deadline, len(got)
+            ws.wait(1.0)
+            ws.update()
+        ws.close()
+        ws.join(5)
+        ws.update()
+    assert got == list(range(count))
+    assert grown < 24 * MiB, f"RSS grew by {grown / MiB:.1f} MiB"

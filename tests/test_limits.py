@@ -141,3 +141,32 @@ def test_compressed_message_in_tiny_fragments_is_bounded() -> None:
     peak, events = _peak_while_feeding(proto, bytes(data))
     assert events == [payload]
     assert peak < 3.5 * size, f"peak {peak / size:.1f}x the message"
+
+
+def test_inflate_budget_parses_a_compressed_read_in_installments() -> None:
+    """Probe "no backpressure on receiving" (issue 11, item 2), in the parser: a read of
+    compressed messages stops once ``inflate_budget`` inflated bytes came, at a frame
+    boundary, and ``receive_data(b"")`` goes on from there; nothing is lost or reordered."""
+    size = 16 * 1024
+    wire = bytearray()
+    for i in range(40):
+        comp = zlib.compressobj(wbits=-15)
+        data = comp.compress(i.to_bytes(4, "big") + bytes(size - 4)) + comp.flush(zlib.Z_SYNC_FLUSH)
+        wire += bytes((0xC2, len(data) - 4)) + data[:-4]  # FIN, RSV1, binary; < 126 bytes
+    ext = PerMessageDeflate().fresh()
+    ext.accept([])
+    proto = Protocol(Role.CLIENT, extensions=[ext])
+    proto.compact_messages = proto.binary_as_bytes = True
+    proto.inflate_budget = 100 * 1024
+    got: list[int] = []
+    installments = 0
+    events = proto.receive_data(bytes(wire))
+    while True:
+        installments += 1
+        assert sum(map(len, events)) <= 100 * 1024 + size
+        got.extend(int.from_bytes(m[:4], "big") for m in events)
+        if not proto.more:
+            break
+        events = proto.receive_data(b"")
+    assert got == list(range(40))
+    assert installments == 6  # 40 messages of 16 KiB; each stop comes after 7 (112 KiB)
