@@ -278,3 +278,9 @@ class PerMessageDeflate(Extension):
             # A finished stream inflates nothing more: the next message starts a new one.
             self._decompressor = None
         return out
+
+    def close(self) -> None:
+        """Free the compressor and decompressor (tens of KiB) once the socket ended;
+        the negotiated parameters (``agreed``) stay."""
+        self._compressor = None
+        self._decompressor = None

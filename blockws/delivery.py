@@ -12,25 +12,49 @@ in pooled memory, as a :class:`~blockws.protocol.BinaryMessage`.
 until the callback returns. Small messages share one scratch buffer per socket
 (callbacks never overlap, so one is enough, and nothing is allocated per
 message); larger ones come from the socket's buffer pool, and go back to it
-when the callback returns, unless it released the segment itself. Without a
-handler, messages queue for ``receive()`` as ``str`` and ``bytes``.
+when the callback returns, unless it released the segment itself.
+
+Which way messages go (one rule per socket, looked up per message): a socket
+with neither ``on_message`` nor ``on_binary`` keeps every message for
+``receive()``, as ``str`` and ``bytes``. A socket with either one is in
+callback mode: a message whose own handler is missing (a binary message on a
+socket with only ``on_message``, say) is dropped, with one WARNING per
+socket, rather than kept for a ``receive()`` that a game never calls.
+
+Backpressure (issue 11): :attr:`Delivery.queued` counts the messages posted
+and not yet delivered -- handed to a handler, or taken from the inbox by
+``receive()`` -- in bytes (binary) and characters (text). The reading side
+adds a read's messages with :meth:`Delivery.received`, which returns True once
+that count reaches ``limit``: the socket then stops reading (see
+``Connection.data_received``). The count is taken down as messages are
+delivered, on the thread that calls ``update()``/``receive()``, and once it
+falls to half the limit ``on_drained`` is called there, and reading resumes.
+The counters are guarded by one lock, taken once per read and once per
+delivered batch -- except ``receive()``'s count of what it took, which costs
+a single ``+=`` per message (no bytecode in it lets the GIL go, so it is
+atomic on CPython) and takes the lock only while reading is paused. The
+reader re-reads the counts after it sets ``paused``, and ``receive()`` reads
+``paused`` after its ``+=``: one of the two always sees the other, so a pause
+is never left standing over a queue that drained meanwhile.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
 from .buffers import BufferPool, BufferSegment
 from .dispatcher import Budget, Dispatcher
+from .log import ContextAdapter
 
 __all__ = ["Delivery", "Handlers", "SCRATCH"]
 
-_perf = time.perf_counter
-
 #: Binary messages up to this size reach on_binary in the per-socket scratch buffer.
 SCRATCH = 4096
+
+_perf = time.perf_counter
 
 
 class Handlers(Protocol):
@@ -44,15 +68,152 @@ class Handlers(Protocol):
 class Delivery:
     """Where one socket's messages go; :meth:`messages` runs inside ``update()``."""
 
-    __slots__ = ("ws", "dispatcher", "pool", "inbox", "_scratch")
+    __slots__ = (
+        "ws",
+        "dispatcher",
+        "pool",
+        "inbox",
+        "_scratch",
+        "log",
+        "limit",
+        "on_drained",
+        "paused",
+        "_received",
+        "_delivered",
+        "taken",
+        "_lock",
+        "_cond",
+        "_warned",
+    )
 
-    def __init__(self, ws: Handlers, dispatcher: Dispatcher, pool: BufferPool) -> None:
+    def __init__(
+        self,
+        ws: Handlers,
+        dispatcher: Dispatcher,
+        pool: BufferPool,
+        log: ContextAdapter | None = None,
+    ) -> None:
         self.ws = ws
         self.dispatcher = dispatcher
         self.pool = pool
+        self.log = log
         #: Messages no handler took, for ``receive()``.
         self.inbox: deque[str | bytes] = deque()
         self._scratch: memoryview | None = None
+        #: Undelivered bytes at which reading stops (``None``: never).
+        self.limit: int | None = None
+        #: Called (on the delivering thread, no lock held) when a paused
+        #: socket's queue has fallen to half the limit.
+        self.on_drained: Callable[[], None] | None = None
+        #: Reading is stopped until the queue drains (guarded by the lock).
+        self.paused = False
+        self._received = 0  # posted: written by the reading side, under the lock
+        self._delivered = 0  # delivered: written by the delivering side, under the lock
+        #: Bytes ``receive()`` took from the inbox; only it adds to this, one
+        #: ``+=`` per message, then calls :meth:`check_drained` if ``paused``
+        #: (see the module docstring).
+        self.taken = 0
+        self._lock = threading.Lock()
+        # The paused reader waits on this; made at the first pause (a socket
+        # that never fills its queue does not pay for it).
+        self._cond: threading.Condition | None = None
+        self._warned = False
+
+    # -- backpressure ------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Bytes (characters for text) posted and not yet delivered."""
+        return self._received - self._delivered - self.taken
+
+    def received(self, size: int) -> bool:
+        """The reading side posts ``size`` more; True if reading must now stop.
+
+        Call it before posting the messages, so the delivering side never
+        counts more delivered than received.
+        """
+        limit = self.limit
+        with self._lock:
+            self._received += size
+            if limit is None or self.queued < limit:
+                return False
+            self.paused = True
+            if self.queued <= limit // 2:  # receive() took meanwhile (re-read after the flag)
+                self.paused = False
+                return False
+            return True
+
+    def wait_resumed(self) -> None:
+        """Block the reading thread until reading may go on: the queue drained
+        to half the limit, or :meth:`resume` was called."""
+        with self._lock:
+            cond = self._cond
+            if cond is None:
+                cond = self._cond = threading.Condition(self._lock)
+            while self.paused:
+                cond.wait()
+
+    def resume(self) -> bool:
+        """Let reading go on whatever the queue (the socket is closing or ending).
+        Returns whether reading was paused (the caller then calls what
+        ``on_drained`` would have)."""
+        with self._lock:
+            was = self.paused
+            self.paused = False
+            if self._cond is not None:
+                self._cond.notify_all()
+        return was
+
+    def _done(self, size: int) -> None:
+        """``size`` more delivered; resumes reading at half the limit."""
+        with self._lock:
+            self._delivered += size
+            if not self.paused:
+                return
+        self.check_drained()
+
+    def check_drained(self) -> None:
+        """Reading is paused: resume it if the queue is down to half the limit."""
+        with self._lock:
+            limit = self.limit
+            if not self.paused or (limit is not None and self.queued > limit // 2):
+                return
+            self.paused = False
+            if self._cond is not None:
+                self._cond.notify_all()
+        drained = self.on_drained
+        if drained is not None:
+            drained()
+
+    def release(self) -> None:
+        """The socket has ended: drop the scratch buffer (a message still to be
+        delivered makes a new one)."""
+        self._scratch = None
+
+    def take(self) -> str | bytes:
+        """The oldest message kept for ``receive()`` (the inbox must not be empty)."""
+        message = self.inbox.popleft()
+        self.taken += len(message)
+        if self.paused:
+            self.check_drained()
+        return message
+
+    def _drop(self, message: Any) -> None:
+        """A message without a handler of its type, on a socket in callback mode:
+        dropped, with one WARNING per socket."""
+        if not self._warned:
+            self._warned = True
+            kind = "text" if type(message) is str else "binary"
+            missing = "on_message" if kind == "text" else "on_binary"
+            if self.log is not None:
+                self.log.warning(
+                    "a %s message arrived on a socket with callbacks but no %s: "
+                    "dropped (and so will be any other without a handler); "
+                    "receive() gets messages only on a socket with no on_message "
+                    "and no on_binary",
+                    kind,
+                    missing,
+                )
 
     def messages(self, messages: list[Any], rest: tuple[list[Any], int] | None = None) -> int:
         """Hand the messages of one read to the handlers, or to the inbox.
@@ -75,6 +236,7 @@ class Delivery:
         inbox = self.inbox
         scratch = self._scratch
         done = 0
+        kept = 0  # bytes gone to the inbox: still queued, until receive() takes them
         try:
             for message in messages:
                 done += 1
@@ -83,7 +245,11 @@ class Delivery:
                     handler = ws.on_binary
                     n = len(message)
                     if handler is None:
-                        inbox.append(message)  # no copy
+                        if ws.on_message is None:  # no callbacks at all: for receive()
+                            inbox.append(message)  # no copy
+                            kept += n
+                        else:
+                            self._drop(message)
                     elif n <= SCRATCH:
                         if scratch is None:
                             scratch = self._scratch = memoryview(bytearray(SCRATCH))
@@ -99,18 +265,25 @@ class Delivery:
                 elif cls is str:
                     on_text = ws.on_message
                     if on_text is None:
-                        inbox.append(message)
+                        if ws.on_binary is None:
+                            inbox.append(message)
+                            kept += len(message)
+                        else:
+                            self._drop(message)
                     else:
                         on_text(ws, message)
                 else:  # a BinaryMessage: in pooled memory, from the general path
-                    self.binary(message.data, message.length)
+                    if self.binary(message.data, message.length):
+                        kept += message.length
         except BaseException:
             left = messages[done:]
             if rest is not None:
                 left += rest[0][rest[1] :]
             if left:
                 self.dispatcher.pending.appendleft((self.messages, left))
+            self._done(sum(map(len, messages[:done])) - kept)
             raise
+        self._done(sum(map(len, messages)) - kept)
         return done
 
     def _within(self, budget: Budget, messages: list[Any]) -> int:
@@ -123,6 +296,7 @@ class Delivery:
         budget starts with one message and sizes each next chunk to fill at
         most half of the time left, from the time per message so far: the
         overrun stays about one callback's time, as when checking after each.
+        Each chunk counts as delivered (for backpressure) as it goes.
         """
         total = len(messages)
         done = 0
@@ -146,16 +320,21 @@ class Delivery:
             self.dispatcher.pending.appendleft((self.messages, messages[done:]))
         return done
 
-    def binary(self, data: bytes | bytearray, n: int) -> None:
-        """A binary message too large for the scratch buffer, or in pooled memory."""
+    def binary(self, data: bytes | bytearray, n: int) -> bool:
+        """A binary message too large for the scratch buffer, or in pooled memory.
+        Returns True when it went to the inbox (still queued)."""
         ws = self.ws
         handler = ws.on_binary
         pool = self.pool
-        if handler is None:  # kept for receive()
-            self.inbox.append(bytes(memoryview(data)[:n]))
+        if handler is None:
+            kept = ws.on_message is None
+            if kept:  # for receive()
+                self.inbox.append(bytes(memoryview(data)[:n]))
+            else:
+                self._drop(b"")
             if type(data) is bytearray:
                 pool.give_back(data)
-            return
+            return kept
         if type(data) is bytes:  # larger than the scratch buffer: pooled memory
             segment = pool.get(n)
             segment.data[:n] = data
@@ -166,3 +345,4 @@ class Delivery:
         finally:
             if not segment.released:
                 segment.release()
+        return False

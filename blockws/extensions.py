@@ -85,6 +85,10 @@ class Extension:
         """
         return data
 
+    def close(self) -> None:
+        """The socket has ended: free per-connection state (compressors, ...).
+        Called once, on the thread that tears the socket down."""
+
 
 def parse_extension_header(value: str) -> list[tuple[str, list[tuple[str, str | None]]]]:
     """Split a ``Sec-WebSocket-Extensions`` value into ``[(name, params)]``.

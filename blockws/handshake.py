@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -62,10 +63,18 @@ class Headers(MutableMapping[str, str]):
     ``h["X"]`` gets the first value (``KeyError`` if absent), ``h["X"] = v``
     replaces every ``X`` with one value, :meth:`add` appends another value,
     and :meth:`get_all` lists them. ``repr()`` hides credentials.
+
+    Credentials: the values of :data:`SENSITIVE_HEADERS` and of any name given
+    to :meth:`mark_sensitive` never appear in logs or reprs, and over HTTP/2
+    they are sent as never-indexed fields (RFC 7541 section 7.1.3), which no
+    proxy may add to a compression table.
     """
 
     def __init__(self, items: HeadersLike | None = None) -> None:
         self._items: list[tuple[str, str]] = []
+        self._sensitive: set[str] = set()
+        if isinstance(items, Headers):
+            self._sensitive.update(items._sensitive)
         if items is not None:
             # A Headers is a Mapping too, but its items() keep only the first
             # value of a repeated name: copy every pair instead.
@@ -121,9 +130,19 @@ class Headers(MutableMapping[str, str]):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and any(n.lower() == name.lower() for n, _ in self._items)
 
+    def mark_sensitive(self, *names: str) -> None:
+        """Treat these headers as credentials too (``headers.mark_sensitive("X-Api-Key")``):
+        their values are redacted in logs and reprs, and sent never-indexed over HTTP/2."""
+        self._sensitive.update(name.lower() for name in names)
+
+    def is_sensitive(self, name: str) -> bool:
+        """Whether ``name``'s values are credentials (built in, or marked)."""
+        key = name.lower()
+        return key in SENSITIVE_HEADERS or key in self._sensitive
+
     def redacted(self) -> list[tuple[str, str]]:
         """Pairs safe to log: credential values replaced by ``"<redacted>"``."""
-        return [(n, "<redacted>" if n.lower() in SENSITIVE_HEADERS else v) for n, v in self._items]
+        return [(n, "<redacted>" if self.is_sensitive(n) else v) for n, v in self._items]
 
     def __repr__(self) -> str:
         return f"Headers({self.redacted()!r})"
@@ -137,8 +156,8 @@ class WSURL:
     host: str
     port: int
     resource: str  # path and query, at least "/"
-    user: str | None = None
-    password: str | None = None
+    user: str | None = field(default=None, repr=False)  # may be a token: never shown
+    password: str | None = field(default=None, repr=False)
 
     @property
     def authority(self) -> str:
@@ -160,15 +179,17 @@ def parse_url(url: str) -> WSURL:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise InvalidURL(f"invalid URL {url!r}: {exc}") from None
+        raise InvalidURL(f"invalid URL {redact_url(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("ws", "wss"):
-        raise InvalidURL(f"URL scheme must be ws or wss, not {parts.scheme!r}: {url!r}")
+        raise InvalidURL(
+            f"URL scheme must be ws or wss, not {parts.scheme!r}: {redact_url(url)!r}"
+        )
     if parts.fragment or "#" in url:  # an empty fragment is still a fragment
-        raise InvalidURL(f"a WebSocket URL cannot have a fragment: {url!r}")
+        raise InvalidURL(f"a WebSocket URL cannot have a fragment: {redact_url(url)!r}")
     host = parts.hostname
     if not host:
-        raise InvalidURL(f"URL has no host: {url!r}")
+        raise InvalidURL(f"URL has no host: {redact_url(url)!r}")
     secure = scheme == "wss"
     resource = parts.path or "/"
     if parts.query:
@@ -211,6 +232,15 @@ class Request:
     #: :data:`DEFAULT_USER_AGENT`).
     user_agent: str | None = None
     _parsed: tuple[str, WSURL] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        # The URL's userinfo and the credential headers are secrets (issue 11).
+        return (
+            f"Request(url={redact_url(self.url)!r}, headers={self.headers!r}, "
+            f"subprotocols={self.subprotocols!r}, origin={self.origin!r}, "
+            f"open_timeout={self.open_timeout!r}, close_timeout={self.close_timeout!r}, "
+            f"http_version={self.http_version!r})"
+        )
 
     @property
     def parsed_url(self) -> WSURL:
@@ -430,16 +460,19 @@ def negotiate(
     return protocol, accepted
 
 
+#: A URL's userinfo: everything before the last "@" of its authority.
+_USERINFO = re.compile(r"^(?:[^:/?#]*://)?([^/?#]*)@")
+
+
 def redact_url(url: str) -> str:
-    """``url`` with the secret in its userinfo replaced, for logs: the password
-    of ``user:password@``, or the whole of a lone ``token@`` (a user part
-    without a password is often a token)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    """``url`` safe to show: a password in its userinfo becomes ``<redacted>``,
+    and so does a user part with no password (often a token, ``wss://TOKEN@host``).
+    Works on any string, parseable or not."""
+    if not isinstance(url, str):
+        return repr(url)
+    match = _USERINFO.match(url)
+    if match is None:
         return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    if ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":<redacted>"
-    else:
-        userinfo = "<redacted>"
-    return parts._replace(netloc=f"{userinfo}@{hostport}").geturl()
+    user, colon, _ = match.group(1).partition(":")
+    safe = f"{user}:<redacted>" if colon else "<redacted>"
+    return url[: match.start(1)] + safe + url[match.end(1) :]

@@ -93,6 +93,15 @@ windows match what the server was told. Credit goes back after each read,
 once the sockets have consumed the data: by hand-made WINDOW_UPDATE for
 data ``h2`` never saw, through ``h2`` for data it did.
 
+Backpressure: a socket whose undelivered messages reach its
+``max_queued_bytes`` pauses its stream (:meth:`H2Stream.pause_reading`): the
+stream's credit is then withheld -- the connection's is still returned, so
+the other streams flow -- and the server stops within the stream's window.
+When the socket's queue drains to half, :meth:`H2Stream.resume_reading`
+(on the delivering thread) returns the withheld credit at once, written by a
+flusher if nobody holds the write turn; the reader folds that credit into its
+view of the stream's window (``_late``) before it checks the next DATA.
+
 Closing (RFC 8441 section 5 and peer quirks): once both close frames have
 been exchanged and ours is written (:meth:`H2Stream.finish_closing`), the
 socket lets the server end the stream: a server END_STREAM or RST_STREAM
@@ -124,6 +133,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hpack import NeverIndexedHeaderTuple
 
 from .deadline import Deadline
 from .exceptions import ConnectionLost, HTTP2Unavailable, InvalidStatus, OpenTimeout, TransportError
@@ -251,6 +261,13 @@ class H2Stream(Transport):
         self._released = False
         #: Our view of the stream's receive window (the reader thread's alone).
         self._recv_window = window
+        # Backpressure (guarded by the state lock): credit is withheld while
+        # paused, per path, and credit returned by resume_reading is added to
+        # _recv_window by the reader (see "Backpressure" in the module docstring).
+        self._paused = False
+        self._withheld_hand = 0
+        self._withheld_h2 = 0
+        self._late = 0
         #: time.monotonic() when our last write on the stream ended (the writer's).
         self._written_at = 0.0
 
@@ -329,6 +346,17 @@ class H2Stream(Transport):
         self.aborted = True
         self.conn.reset_stream(self)
         self._lose(None)
+
+    def pause_reading(self) -> bool:
+        """Withhold this stream's credit until :meth:`resume_reading` (the
+        connection's reader thread, from inside the socket's ``data_received``)."""
+        with self.conn.lock:
+            self._paused = True
+        return True
+
+    def resume_reading(self) -> None:
+        """Return the withheld credit now; never blocks (a flusher writes it)."""
+        self.conn.return_withheld(self)
 
     def finish_closing(self) -> None:
         """Both close frames are through and ours is written: let the server end
@@ -466,7 +494,14 @@ class H2Connection:
         deadline: Deadline,
         register: Callable[[Transport], None],
     ) -> H2Stream:
-        """Send the extended CONNECT and wait for the answer (RFC 8441 section 4)."""
+        """Send the extended CONNECT and wait for the answer (RFC 8441 section 4).
+
+        Credential headers (``request.headers.is_sensitive``: Authorization,
+        Cookie, Proxy-Authorization, Set-Cookie and the ones the user marked)
+        go as never-indexed fields (RFC 7541 section 7.1.3): no HPACK table
+        holds them, and hpack's own debug log shows them redacted.
+        """
+        marks = request.headers
         headers: list[tuple[bytes, bytes]] = [
             (b":method", b"CONNECT"),
             (b":protocol", b"websocket"),
@@ -475,10 +510,9 @@ class H2Connection:
             (b":authority", url.authority.encode()),
             (b"sec-websocket-version", b"13"),
         ]
-        headers.extend(
-            (name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in offer_headers(request, extensions)
-        )
+        for name, value in offer_headers(request, extensions):
+            field = (name.lower().encode("latin-1"), value.encode("latin-1"))
+            headers.append(NeverIndexedHeaderTuple(*field) if marks.is_sensitive(name) else field)
         with self.lock:
             self.reserved -= 1  # the slot reserved by the pool becomes a stream, or is freed
             self._check_alive()
@@ -918,6 +952,10 @@ class H2Connection:
                     conn_h2 += length  # h2 handles DATA of closed streams
                     pos = stop
                     continue
+                if stream._late:  # credit resume_reading returned meanwhile
+                    with self.lock:
+                        stream._recv_window += stream._late
+                        stream._late = 0
                 stream._recv_window -= length
                 if stream._recv_window < 0:
                     # A stream error (RFC 9113 5.4.2): reset it, drop the frame.
@@ -996,16 +1034,20 @@ class H2Connection:
         with self.lock:
             if self.dead is None:
                 for stream, n in hand.items():
-                    if not stream._ended:  # no credit for a stream we will not read
+                    if stream._paused:
+                        stream._withheld_hand += n  # backpressure: see resume_reading
+                    elif not stream._ended:  # no credit for a stream we will not read
                         frames.append(_window_update(stream.stream_id, n))
                         stream._recv_window += n
                 if conn_hand:
                     frames.append(_window_update(0, conn_hand))
                     self._recv_window += conn_hand
                 for stream, n in through.items():
+                    if stream._paused:
+                        stream._withheld_h2 += n
                     # n is 0 for an empty DATA frame with END_STREAM, and h2 refuses an
                     # increment of 0 with a ValueError (found by benchmarks/fuzz).
-                    if n and not stream._ended:
+                    elif n and not stream._ended:
                         with contextlib.suppress(h2.exceptions.H2Error, KeyError):
                             self.h2.increment_flow_control_window(n, stream.stream_id)
                             stream._recv_window += n
@@ -1018,6 +1060,26 @@ class H2Connection:
         hand.clear()
         through.clear()
         self._credit_conn_hand = self._credit_conn_h2 = 0
+
+    def return_withheld(self, stream: H2Stream) -> None:
+        """Unpause ``stream`` and return the credit withheld meanwhile (any
+        thread; never blocks: the frame is written by a flusher, the turn
+        holder or the reader)."""
+        with self.lock:
+            stream._paused = False
+            hand, through = stream._withheld_hand, stream._withheld_h2
+            stream._withheld_hand = stream._withheld_h2 = 0
+            if not (hand or through) or stream._ended or self.dead is not None:
+                return
+            if hand:
+                self._out.append(_window_update(stream.stream_id, hand))
+                stream._late += hand
+            if through:
+                with contextlib.suppress(h2.exceptions.H2Error, KeyError):
+                    self.h2.increment_flow_control_window(through, stream.stream_id)
+                    stream._late += through
+                self._collect_locked()
+        self._kick()
 
     def _die(self, exc: BaseException | None) -> None:
         with contextlib.suppress(OSError):

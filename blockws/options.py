@@ -30,10 +30,19 @@ from .proxy import Proxy, check_proxy_option
 from .reconnect import Reconnect, reconnect_option
 from .redirects import DEFAULT_MAX_REDIRECTS
 
-__all__ = ["Options", "ConnectOptions", "check_fragment_size", "check_ping_frequency"]
+__all__ = [
+    "Options",
+    "ConnectOptions",
+    "check_fragment_size",
+    "check_ping_frequency",
+    "DEFAULT_MAX_QUEUED_BYTES",
+]
 
 #: The shortest ``ping_frequency`` accepted, in seconds.
 MIN_PING_FREQUENCY = 0.1
+#: Default ``max_queued_bytes``: received bytes held undelivered before the
+#: socket stops reading (16 MiB, one default ``max_message_size``).
+DEFAULT_MAX_QUEUED_BYTES = 16 * 1024 * 1024
 
 
 def _positive_or_none(name: str, value: object) -> float | None:
@@ -145,6 +154,7 @@ class Options:
     extensions: tuple[Extension, ...] = ()
     max_fragment_size: int = DEFAULT_MAX_FRAGMENT_SIZE
     max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE
+    max_queued_bytes: int | None = DEFAULT_MAX_QUEUED_BYTES
     # HTTP
     headers: tuple[tuple[str, str], ...] = ()
     origin: str | None = None
@@ -193,6 +203,10 @@ class Options:
         if size is not None and _int("max_message_size", size) < 1:
             raise ValueError("max_message_size must be at least 1 (or None)")
         out["max_message_size"] = size
+        queued = v.get("max_queued_bytes", DEFAULT_MAX_QUEUED_BYTES)
+        if queued is not None and _int("max_queued_bytes", queued) < 1:
+            raise ValueError("max_queued_bytes must be at least 1 (or None)")
+        out["max_queued_bytes"] = queued
         out["headers"] = _headers(v.get("headers"))
         for name in ("origin", "server_hostname"):
             text = v.get(name)
@@ -256,6 +270,7 @@ class ConnectOptions(TypedDict, total=False):
     extensions: Sequence[Extension] | None
     max_fragment_size: int
     max_message_size: int | None
+    max_queued_bytes: int | None
     headers: HeadersLike | None
     origin: str | None
     user_agent: str | None

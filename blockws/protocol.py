@@ -35,7 +35,7 @@ from __future__ import annotations
 import codecs
 import enum
 from collections.abc import Iterator, Sequence
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 from .exceptions import InvalidPayload, InvalidState, MessageTooBig, ProtocolError
 from .extensions import Extension
@@ -80,6 +80,11 @@ DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 _HINT_CAP = 4 * 1024 * 1024
 #: Default size above which outgoing messages are split into frames.
 DEFAULT_MAX_FRAGMENT_SIZE = 32768
+#: Pieces of a message in progress smaller than this are joined in groups
+#: (see _Pieces), so that a message in tiny fragments costs about its size.
+_SMALL_PIECE = 4096
+#: ... in groups of at most this many pieces.
+_GROUP = 512
 
 
 class Role(enum.Enum):
@@ -140,6 +145,9 @@ class BinaryMessage(Event):
 
     def __bytes__(self) -> bytes:
         return bytes(self.data[: self.length])
+
+    def __len__(self) -> int:
+        return self.length
 
     def __repr__(self) -> str:
         return f"BinaryMessage(<{self.length} bytes>)"
@@ -204,6 +212,61 @@ def _default_allocate(size: int) -> bytearray:
     return bytearray(size)
 
 
+class _Pieces:
+    """The pieces of a message in progress (``bytes`` or ``str``), joined as they come.
+
+    Keeping every piece as it came cost ~50 bytes of object header and list
+    slot per piece: a legal 16 MiB message in 2-byte fragments held 470-600 MB
+    (issue 11, "fragment bookkeeping"). Pieces of :data:`_SMALL_PIECE` or more
+    are kept as they are (no copy); smaller ones wait in a group that is
+    joined into one piece once it holds :data:`_GROUP` pieces or
+    :data:`_SMALL_PIECE` bytes. A message in progress thus costs its size plus
+    a few percent, and its join at the end a second copy: about 2x at the peak.
+    Empty pieces are not kept at all.
+    """
+
+    __slots__ = ("empty", "parts", "small", "small_size")
+
+    def __init__(self, empty: Any) -> None:
+        self.empty = empty  # b"" or ""
+        self.parts: list[Any] = []
+        self.small: list[Any] = []
+        self.small_size = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.parts or self.small)
+
+    def add(self, piece: Any) -> None:
+        n = len(piece)
+        if n >= _SMALL_PIECE:
+            if self.small:
+                self._group()
+            self.parts.append(piece)
+        elif n:
+            small = self.small
+            small.append(piece)
+            self.small_size += n
+            if len(small) >= _GROUP or self.small_size >= _SMALL_PIECE:
+                self._group()
+
+    def _group(self) -> None:
+        self.parts.append(self.empty.join(self.small))
+        self.small = []
+        self.small_size = 0
+
+    def join(self, last: Any) -> Any:
+        """Every piece and then ``last``, joined; empties the pieces."""
+        parts = self.parts
+        if self.small:
+            parts.extend(self.small)
+        parts.append(last)
+        out = self.empty.join(parts)
+        self.parts = []
+        self.small = []
+        self.small_size = 0
+        return out
+
+
 class Protocol:
     """One WebSocket connection's protocol state, after the opening handshake.
 
@@ -266,7 +329,7 @@ class Protocol:
         self._f_key_pos = 0
         self._control = b""
         self._m_opcode = 0  # 0: no data message in progress
-        self._m_parts: list[bytes] = []
+        self._m_parts = _Pieces(b"")
         # A binary message that spans reads or frames, assembled in allocate's
         # memory as it comes (see _binary_data), and the size of the last one.
         self._m_buf: bytearray | None = None
@@ -281,8 +344,19 @@ class Protocol:
         #: WebSocket). A binary message in ``allocate``'s memory stays a
         #: BinaryMessage, which carries its length.
         self.compact_messages = False
+        #: Most inflated (extension-decoded) bytes one :meth:`receive_data`
+        #: call produces: past it, parsing stops at the next frame boundary,
+        #: keeps the rest and sets :attr:`more` (``None``: no bound). A read
+        #: of compressed data can inflate a thousandfold; a consumer that
+        #: applies backpressure parses such a read in installments.
+        self.inflate_budget: int | None = None
+        #: The last :meth:`receive_data` stopped at ``inflate_budget`` with
+        #: bytes left: call ``receive_data(b"")`` to go on.
+        self.more = False
+        self._inflated = 0
         self._m_len = 0
-        self._m_text: list[str] = []
+        self._m_frames = 0  # frames of the message so far: see _start_data_frame
+        self._m_text = _Pieces("")
         self._m_decoder: codecs.IncrementalDecoder | None = None
         self._m_ext: list[Extension] = []
 
@@ -410,8 +484,10 @@ class Protocol:
         further data is ignored.
         """
         events: list[Received] = []
-        if self._phase == _DONE or not data:
+        if self._phase == _DONE or not (data or self._buf):
             return events
+        self.more = False
+        self._inflated = 0
         buf = self._buf + data if self._buf else data if type(data) is bytes else bytes(data)
         try:
             pos = self._parse(buf, events)
@@ -431,9 +507,9 @@ class Protocol:
     def _fail(self, exc: ProtocolError, events: list[Received]) -> None:
         self.failure = exc
         self._phase = _DONE
-        self._m_parts = []
+        self._m_parts = _Pieces(b"")
         self._m_buf = None
-        self._m_text = []
+        self._m_text = _Pieces("")
         if self.state in (State.OPEN, State.CLOSE_RECEIVED):
             self._outgoing.append(self.encode_close(exc.close_code, ""))
         events.append(Failure(exc))
@@ -484,6 +560,11 @@ class Protocol:
                 if pos >= end:
                     break
             if self._phase == _HEADER:
+                if self._inflated:
+                    budget = self.inflate_budget
+                    if budget is not None and self._inflated >= budget:
+                        self.more = True
+                        break
                 hdr = self._read_header(buf, pos, end)
                 if hdr < 0:
                     break
@@ -546,6 +627,7 @@ class Protocol:
         if opcode:  # first frame of a message
             self._m_opcode = opcode
             self._m_len = 0
+            self._m_frames = 0
             self._m_ext = (
                 [e for e in self.extensions if e.begin_message(opcode, rsv)]
                 if self.extensions
@@ -553,19 +635,28 @@ class Protocol:
             )
             if rsv and not self._m_ext:
                 raise ProtocolError("RSV bits set but no extension claimed the message")
+            # (Pieces are emptied by the join that ends a message.)
             if opcode == Opcode.TEXT:
                 self._m_decoder = None
-                self._m_text = []
             else:
-                self._m_parts = []
                 self._m_buf = None
         elif rsv:
             raise ProtocolError("RSV bits set on a continuation frame")
         limit = self.max_message_size
-        if not self._m_ext and limit is not None and self._m_len + length > limit:
-            raise MessageTooBig(
-                f"message of at least {self._m_len + length} bytes exceeds max_message_size={limit}"
-            )
+        if limit is not None:
+            if not self._m_ext and self._m_len + length > limit:
+                raise MessageTooBig(
+                    f"message of at least {self._m_len + length} bytes "
+                    f"exceeds max_message_size={limit}"
+                )
+            # Every frame counts as at least one byte: endless empty
+            # continuation frames (or compressed ones that inflate to nothing)
+            # would otherwise keep a message in progress for ever.
+            self._m_frames += 1
+            if self._m_frames > limit:
+                raise MessageTooBig(
+                    f"message of more than {limit} frames exceeds max_message_size={limit}"
+                )
 
     def _frame_data(self, chunk: bytes, events: list[Received], frame_end: bool) -> None:
         """Handle a chunk of the current frame's payload (the whole rest if ``frame_end``)."""
@@ -589,6 +680,7 @@ class Protocol:
             room = (limit - self._m_len) if limit is not None else 1 << 62
             for ext in reversed(self._m_ext):
                 chunk = ext.decode(chunk, message_end, room)
+            self._inflated += len(chunk)
             if limit is not None and self._m_len + len(chunk) > limit:
                 raise MessageTooBig(f"decoded message exceeds max_message_size={limit}")
         if self._m_opcode == Opcode.TEXT:
@@ -615,13 +707,12 @@ class Protocol:
         except UnicodeDecodeError as exc:
             raise InvalidPayload(f"text message is not valid UTF-8: {exc.reason}") from None
         self._m_len += len(chunk)
-        if part:
-            self._m_text.append(part)
         if message_end:
-            text = "".join(self._m_text)
+            text = self._m_text.join(part)
             events.append(text if self.compact_messages else TextMessage(text))
-            self._m_text = []
             self._m_decoder = None
+        elif part:
+            self._m_text.add(part)
 
     def _binary_data(self, chunk: bytes, message_end: bool, events: list[Received]) -> None:
         # A message that spans frames or reads is assembled as its pieces
@@ -639,12 +730,10 @@ class Protocol:
         parts = self._m_parts
         if buf is None and (parts or self.binary_as_bytes):
             if not message_end:
-                parts.append(chunk)
+                parts.add(chunk)
                 return
             if parts:
-                parts.append(chunk)
-                chunk = b"".join(parts)
-                self._m_parts = []
+                chunk = parts.join(chunk)
             if self.binary_as_bytes:
                 events.append(chunk if self.compact_messages else BinaryMessage(chunk, total))
                 return

@@ -18,6 +18,18 @@ reader thread to a waiting caller, and back:
   (which the reader thread then reports, so the end is always reported from
   one place), or at once on :meth:`cancel` (the socket is being aborted).
 
+Ctrl-C (issue 11, "data loss on Ctrl-C"): a ``KeyboardInterrupt`` reaches
+the main thread at any bytecode boundary, so one that lands just after a read
+returned could throw away the bytes read. So a caller's bytes live in a
+*held* deque from the moment they are read (the transport appends them in one
+C-level step, see ``TCPTransport.read``) until they are parsed, and each one
+leaves it only once parsed. An interrupt before parsing begins leaves them
+there, and whoever reads next -- the reader thread or the next caller --
+parses them first: nothing is lost and the socket goes on. An interrupt
+*during* parsing cannot be undone (part of the bytes changed the protocol's
+state): the socket then fails loudly, ``ConnectionLost`` (1006) with the
+interrupt as its cause, never carrying on out of step.
+
 Every field is guarded by one lock; nothing here touches a socket, so this
 is unit-tested without one (``tests/test_readtoken.py``).
 """
@@ -25,7 +37,10 @@ is unit-tested without one (``tests/test_readtoken.py``).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import Callable, Optional, Protocol
+
+from .exceptions import ConnectionLost
 
 __all__ = ["ReadToken", "READ_LEASE", "Ended"]
 
@@ -64,6 +79,7 @@ class ReadToken:
         "_ended",
         "_wake",
         "_cancelled",
+        "_held",
         "wanted",
     )
 
@@ -78,6 +94,7 @@ class ReadToken:
         self._ended: Ended | None = None  # what the caller met, for the reader to report
         self._wake: Callable[[], None] | None = None
         self._cancelled = False
+        self._held: deque[bytes] = deque()  # see read_here's ``held``
         #: A caller asked for the right. The reader thread tests this without
         #: the lock between reads: a stale False only delays a grant by a read.
         self.wanted = False
@@ -116,6 +133,7 @@ class ReadToken:
         sink: Sink,
         timeout: float | None,
         wake: Callable[[], None],
+        held: deque[bytes] | None = None,
     ) -> bool:
         """Read once on the calling thread, if it holds the right (or note the wish).
 
@@ -125,8 +143,16 @@ class ReadToken:
         nothing came; ``b""``: end of stream) whose data went to
         ``sink.data_received`` on this thread. The end of the stream, a
         network error, or an exception from the sink are handed to the reader
-        thread, which reports them; a ``KeyboardInterrupt`` while parsing also
-        propagates here (the socket ends: the bytes read are lost with it).
+        thread, which reports them.
+
+        ``held`` holds bytes read and not yet parsed (the transport's, which
+        its reader-thread reads drain first; by default the token's own).
+        ``read`` may put what it reads there itself, in one step (so that an
+        interrupt cannot come between the read and the keeping); what it
+        returns and did not put there is put there. Bytes already held are
+        parsed before anything new is read. A ``KeyboardInterrupt`` (see the
+        module docstring) propagates: before parsing, the socket goes on with
+        nothing lost; during parsing, the socket fails (``ConnectionLost``).
         """
         lock = self._lock
         with lock:  # acquire(), inline: this runs once per message
@@ -137,21 +163,41 @@ class ReadToken:
                 return False
             self._busy = True
         ended: Ended | None = None
+        if held is None:
+            held = self._held
+        parsing = False
         try:
             try:
-                data = read(timeout)
+                data = held[0] if held else read(timeout)
             except Exception as exc:  # noqa: BLE001 - the network failed: the reader reports it
                 ended, data = (exc,), None
-            # (A KeyboardInterrupt while waiting propagates; the socket goes on.)
-            if data:
-                try:
-                    sink.data_received(data)
-                except BaseException as exc:  # noqa: BLE001 - the reader thread reports it
-                    ended = (exc,)
-                    if not isinstance(exc, Exception):
-                        raise  # KeyboardInterrupt mid-parse: the caller hears it too
-            elif data is not None and ended is None:
+            # (A KeyboardInterrupt while waiting propagates; what was read stays held.)
+            if data and (not held or (held[-1] is not data and held[0] is not data)):
+                held.append(data)
+            elif data is not None and not data and ended is None:
                 ended = (None,)  # end of stream
+            while held and ended is None:
+                chunk = held[0]
+                if not chunk:  # an end of stream kept by the transport's read
+                    held.popleft()
+                    ended = (None,)
+                    break
+                parsing = True
+                try:
+                    sink.data_received(chunk)
+                except Exception as exc:  # noqa: BLE001 - the reader thread reports it
+                    ended = (exc,)
+                held.popleft()
+                parsing = False
+        except BaseException as exc:
+            if parsing:
+                # Interrupted inside the parser: the stream cannot be resumed.
+                lost = ConnectionLost(
+                    f"interrupted ({type(exc).__name__}) while parsing incoming data"
+                )
+                lost.__cause__ = exc
+                ended = (lost,)
+            raise
         finally:
             if ended is None:
                 with lock:  # release(), inline

@@ -16,6 +16,15 @@ first (pongs, a close reply), then messages in batches of up to
 than that is framed one fragment at a time into a reusable buffer and
 written a batch at a time, with control frames slipped in between.
 
+Control frames (pongs, pings, close replies) count in ``buffered_amount`` as
+their bytes on the wire, from the moment they are queued until they are
+written. Pongs are bounded (RFC 6455 5.5.3 lets an endpoint answer only the
+most recent ping): while a write is under way -- the transport is not taking
+bytes as fast as they come -- a new pong replaces every pong still waiting,
+so a server that floods pings and never reads costs one pending pong, not
+one per ping. Pongs that arrive while the writer is idle all go out together
+(every ping answered, as Autobahn case 2.10 checks).
+
 Every method whose name ends in ``_locked`` expects the socket's lock, which
 the :class:`Sender` shares with its :class:`~blockws.websocket.WebSocket`:
 one lock keeps "is the socket open?" and "append to the queue" atomic, so no
@@ -48,6 +57,7 @@ CLOSE_FRAME = -1
 #: Set in a queued message's opcode when it must skip compression.
 UNCOMPRESSED = 0x100
 _CLOSE_OPCODE = 0x8
+_PONG_OPCODE = 0xA
 
 # (opcode, payload, segment to release once written, size counted in buffered_amount)
 Item = tuple[int, Any, "BufferSegment | None", int]
@@ -154,9 +164,26 @@ class Sender:
         self._kick_locked()
 
     def control_locked(self, frames: list[bytes] | tuple[bytes, ...]) -> None:
-        """Queue control frames (pongs, pings, a close reply) ahead of messages."""
+        """Queue control frames (pongs, pings, a close reply) ahead of messages.
+
+        They count in ``buffered`` until written. While a write is under way,
+        only the newest pong is kept (see the module docstring).
+        """
         assert self.lock.locked()
-        self.control.extend(frames)
+        control = self.control
+        if self._writing and any(f[0] & 0x0F == _PONG_OPCODE for f in frames):
+            # Probe "pong queue without bound": answer only the most recent
+            # ping while the transport is busy (RFC 6455 5.5.3).
+            last = max(i for i, f in enumerate(frames) if f[0] & 0x0F == _PONG_OPCODE)
+            frames = [f for i, f in enumerate(frames) if i == last or f[0] & 0x0F != _PONG_OPCODE]
+            stale = [f for f in control if f[0] & 0x0F == _PONG_OPCODE]
+            if stale:
+                kept = [f for f in control if f[0] & 0x0F != _PONG_OPCODE]
+                control.clear()
+                control.extend(kept)
+                self.buffered -= sum(map(len, stale))
+        control.extend(frames)
+        self.buffered += sum(map(len, frames))
         self._kick_locked()
 
     def drop_locked(self) -> int:
@@ -187,7 +214,12 @@ class Sender:
     def direct_write(self, opcode: int, payload: Any, segment: BufferSegment | None) -> None:
         """Write one message now without blocking; the rest goes to the writer."""
         proto, transport = self.proto, self.transport
-        assert proto is not None and transport is not None
+        if proto is None or transport is None:  # the socket ended meanwhile
+            with self.lock:
+                self._writing = False
+            if segment is not None and not segment.released:
+                segment.release()
+            return
         frames: list[bytes] = []
         written = 0
         try:
@@ -249,6 +281,7 @@ class Sender:
                     closing = False
                     if control:
                         closing = any(frame[0] & 0x0F == _CLOSE_OPCODE for frame in control)
+                        rest_size += sum(map(len, control))  # counted off once written
                         chunks.extend(control)
                         control.clear()
                     batch: list[Item] = []
@@ -344,10 +377,23 @@ class Sender:
         if not control:
             transport.write([data])
             return False
-        transport.write([data, *control])  # control frames between fragments
+        try:
+            transport.write([data, *control])  # control frames between fragments
+        finally:
+            with self.lock:
+                self.buffered -= sum(map(len, control))
         return any(frame[0] & 0x0F == _CLOSE_OPCODE for frame in control)
 
     # -- the end ----------------------------------------------------------------------
+
+    def release_locked(self) -> None:
+        """The socket has ended (after :meth:`stop_locked`): let go of the
+        protocol, the transport and the write buffer. A writer still running
+        keeps its own references until it returns."""
+        assert self.lock.locked()
+        self.proto = None
+        self.transport = None
+        self._out = None
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -359,8 +405,8 @@ class Sender:
         assert self.lock.locked()
         self._stopped = True
         self.drop_locked()
+        self.buffered -= sum(map(len, self.control)) + sum(map(len, self.rest))
         self.control.clear()
-        self.buffered -= sum(map(len, self.rest))
         self.rest = []
         self._wake.notify_all()
         return self._thread

@@ -25,6 +25,7 @@ I/O boundary (:func:`map_os_errors`).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import math
 import select
 import socket
@@ -32,8 +33,9 @@ import ssl
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
-from typing import Callable, Protocol, Union
+from typing import Any, Callable, Protocol, Union
 
 from .deadline import Deadline
 from .exceptions import (
@@ -87,6 +89,9 @@ _QUIET = 0.1
 #: Most chunks written with one sendmsg(): POSIX guarantees 16 and Linux takes
 #: 1024, but more than a few dozen are small frames, cheaper to join.
 _IOV_MAX = 64
+# read()'s arguments to recv, made once (see TCPTransport.read).
+_SIZES = {RECV_SIZE: (RECV_SIZE,), RECV_SMALL: (RECV_SMALL,)}
+_DONTWAITS = (_DONTWAIT,)
 _select = select.select
 _timeval = struct.Struct("@ll")
 _poll = getattr(select, "poll", None)  # POSIX
@@ -186,6 +191,18 @@ class Transport:
     def abort(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def pause_reading(self) -> bool:
+        """The sink holds too much undelivered data: stop taking more from the
+        peer. Returns True if the transport did so itself (an HTTP/2 stream
+        withholds its flow-control credit); False, the default, leaves it to
+        the caller, which stops calling :meth:`recv` (TCP: the kernel's
+        buffers then push back on the peer). Called on the thread that
+        delivered the data; must not block."""
+        return False
+
+    def resume_reading(self) -> None:
+        """Undo :meth:`pause_reading` (any thread; must not block)."""
+
     def finish_closing(self) -> None:
         """Both close frames are through, and ours has been written.
 
@@ -259,6 +276,10 @@ class TCPTransport(Transport):
         self._rcvtimeo_set = False  # SO_RCVTIMEO is set (by the first long bounded read)
         self._poller: select.poll | None = None  # see _wait_readable
         self._quiet = True  # a socket starts out waiting for its first message
+        #: Bytes a caller's :meth:`read` took from the socket and has not yet
+        #: parsed (an interrupted caller leaves them here): :meth:`recv` and
+        #: the next caller return these first. See blockws.readtoken.
+        self.held: deque[bytes] = deque()
 
     def recv(self, timeout: float | None = None) -> bytes:
         """Blocking read (``b""`` at EOF or after our own abort).
@@ -268,6 +289,8 @@ class TCPTransport(Transport):
         last read waited longer than :data:`_QUIET`, first waits in
         :meth:`_wait_readable`, buffer-less; an active one just reads.
         """
+        if self.held:
+            return self.held.popleft()  # left by an interrupted caller: in order
         sock = self.sock
         if timeout is not None:
             sock.settimeout(timeout)
@@ -322,14 +345,20 @@ class TCPTransport(Transport):
             pass
 
     def read(self, timeout: float | None) -> bytes | None:
+        """See :meth:`Transport.read`. What it reads is also left in :attr:`held`,
+        in the same C-level step as the read (``deque.extend`` over ``map``: no
+        bytecode runs in between, so no ``KeyboardInterrupt`` can land between
+        the bytes leaving the socket and their being kept); the caller takes
+        them off once parsed (blockws.readtoken)."""
         sock = self.sock
+        held = self.held
         try:
             if timeout is None or timeout >= _RCVTIMEO_LONG:
                 if not self._rcvtimeo_set:
                     self._set_rcvtimeo(_RCVTIMEO_CAP)
-                data = sock.recv(self._recv_size)
+                held.extend(map(sock.recv, _SIZES[self._recv_size]))
             elif timeout <= 0 or self._readable_within(timeout):
-                data = sock.recv(self._recv_size, _DONTWAIT)
+                held.extend(map(sock.recv, _SIZES[self._recv_size], _DONTWAITS))
             else:
                 return None
         except BlockingIOError:
@@ -338,6 +367,7 @@ class TCPTransport(Transport):
             if self.aborted:
                 return b""  # our own abort, not a network failure
             raise os_error(exc) from exc
+        data = held[-1]
         n = len(data)
         self._recv_size = RECV_SIZE if n >= RECV_SMALL else RECV_SMALL
         self.bytes_read += n
@@ -457,11 +487,19 @@ class Connector:
 
     With a :attr:`tunnel` set, :meth:`connect` goes through that proxy; the
     opening sets it before each request (a redirect may lead elsewhere).
+    :meth:`abort` ends every phase at once (probe "close() ignored during a
+    TLS handshake", issue 11): the host lookup runs on a helper thread that
+    an abort abandons (a resolver that hangs finishes there, unheeded); the
+    TCP connect and the TLS handshake run on a registered socket that abort
+    shuts down, which wakes the blocked call. The TLS socket is registered
+    before its handshake starts: ``wrap_socket`` moves the descriptor into
+    it, so shutting down the plain socket then no longer reached it.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._lookup: threading.Event | None = None  # set when the lookup ends, or on abort
         self.aborted = False
         #: The proxy route :meth:`connect` takes, or ``None`` to connect directly.
         self.tunnel: Tunnel | None = None
@@ -475,12 +513,54 @@ class Connector:
     def abort(self) -> None:
         with self._lock:
             self.aborted = True
-            sock = self._sock
+            sock, lookup = self._sock, self._lookup
+        if lookup is not None:
+            lookup.set()
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                # On the raw descriptor: SSLSocket.shutdown would drop its SSL
+                # object under the thread that is in its handshake.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
+
+    def _resolve(self, host: str, port: int, deadline: Deadline) -> list[Any]:
+        """``getaddrinfo`` on a helper thread, so that an abort or the deadline
+        need not wait for a resolver that hangs (numeric hosts skip the thread)."""
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(host.strip("[]"))
+            with map_os_errors(connecting=True, where=f"{host}:{port}"):
+                return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        result: list[Any] = []
+        woken = threading.Event()  # the lookup ended, or abort()
+
+        def lookup() -> None:
+            try:
+                result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+            except BaseException as exc:  # noqa: BLE001 - handed to the connecting thread
+                result.append(exc)
+            woken.set()
+
+        with self._lock:
+            if self.aborted:
+                raise ConnectError("connection aborted by close()")
+            self._lookup = woken
+        threading.Thread(target=lookup, name="blockws-resolve", daemon=True).start()
+        woken.wait(deadline.remaining())
+        with self._lock:
+            self._lookup = None
+        if not result:
+            if self.aborted:
+                raise ConnectError("connection aborted by close()")
+            raise OpenTimeout(f"looking up {host!r} took too long")
+        if isinstance(result[0], OSError):
+            raise os_error(result[0], connecting=True, where=f"{host}:{port}") from result[0]
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        if self.aborted:
+            raise ConnectError("connection aborted by close()")
+        infos: list[Any] = result[0]
+        return infos
 
     def detach(self) -> None:
         """Forget the connected socket: it now belongs to someone else (a shared
@@ -534,11 +614,11 @@ class Connector:
         connection: see :mod:`blockws.tls`). Failures name ``host:port``.
         """
         where = f"{host}:{port}"
-        with map_os_errors(connecting=True, where=where):
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = self._resolve(host, port, deadline)
         last: BaseException | None = None
         for family, type_, proto, _, addr in infos:
-            sock = socket.socket(family, type_, proto)
+            with map_os_errors(connecting=True, where=where):  # EMFILE, ENFILE, ENOBUFS too
+                sock = socket.socket(family, type_, proto)
             self._register(sock)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

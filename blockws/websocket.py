@@ -39,7 +39,7 @@ from .frames import Opcode
 from .handshake import DEFAULT_USER_AGENT, Headers, HeadersLike, Request, redact_url
 from .http2 import HTTP2Settings
 from .log import ContextAdapter
-from .options import ConnectOptions, Options
+from .options import DEFAULT_MAX_QUEUED_BYTES, ConnectOptions, Options
 from .protocol import DEFAULT_MAX_FRAGMENT_SIZE, DEFAULT_MAX_MESSAGE_SIZE
 from .proxy import Proxy
 from .reconnect import Reconnect
@@ -198,6 +198,15 @@ class WebSocket:
       ``[PerMessageDeflate()]``; ``[]`` turns compression off), ``max_fragment_size``,
       ``max_message_size`` (default 16 MiB; a larger incoming message fails
       the connection with 1009).
+    * Limits: ``max_queued_bytes`` (default 16 MiB, and at least
+      ``max_message_size``; ``None``: no limit): once this many received bytes
+      wait undelivered (``queued_amount``: no ``update()`` or ``receive()``
+      came for them), the socket stops reading -- over TCP the kernel's
+      buffers then push back on the server, over HTTP/2 the stream's
+      WINDOW_UPDATE is withheld while other streams flow -- and reads again
+      once they drain to half. Nothing is dropped, and order is kept. Pings
+      from this side pause meanwhile, so a paused socket is not closed as
+      silent.
     * HTTP: ``headers`` (a mapping or (name, value) pairs, added to the
       upgrade request), ``origin``, ``user_agent`` (default
       ``blockws/<version> Python/<x.y>``; ``None`` sends no ``User-Agent``;
@@ -232,7 +241,10 @@ class WebSocket:
       (default 2).
     * Callbacks, plain attributes you may also set later: ``on_open(ws)``,
       ``on_message(ws, text)``, ``on_binary(ws, segment)``, ``on_closed(ws,
-      code, reason)`` (run inside ``update()``), and
+      code, reason)`` (run inside ``update()``; a socket with either
+      ``on_message`` or ``on_binary`` delivers through callbacks only, and
+      drops a message whose handler is missing, with one WARNING; one with
+      neither keeps every message for :meth:`receive`), and
       ``on_internal_request_created(ws, request)``, which runs on the
       connecting thread just before each handshake request is sent; an
       exception there ends the socket (``on_closed`` with 1006, the exception
@@ -336,6 +348,8 @@ class WebSocket:
         extensions: Sequence[Extension] | None = None,
         max_fragment_size: int = DEFAULT_MAX_FRAGMENT_SIZE,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        # limits
+        max_queued_bytes: int | None = DEFAULT_MAX_QUEUED_BYTES,
         # HTTP
         headers: HeadersLike | None = None,
         origin: str | None = None,
@@ -375,6 +389,7 @@ class WebSocket:
             extensions=extensions,
             max_fragment_size=max_fragment_size,
             max_message_size=max_message_size,
+            max_queued_bytes=max_queued_bytes,
             headers=headers,
             origin=origin,
             user_agent=user_agent,
@@ -432,6 +447,8 @@ class WebSocket:
         self._pending = engine.dispatcher.pending
         self._run = engine.dispatcher.run
         self._inbox = engine.inbox
+        self._delivery = engine.delivery
+        self._take = engine.delivery.take
         #: The handshake request; edit it before ``open()``.
         self.internal_request = self._new_request()
         self._request_at_open: Request | None = None  # what reconnections copy
@@ -466,6 +483,10 @@ class WebSocket:
 
     max_message_size: _Setting[int | None] = _Setting(
         "Largest incoming message in bytes (``None``: no limit); a larger one fails with 1009."
+    )
+    max_queued_bytes: _Setting[int | None] = _Setting(
+        "Received bytes held undelivered before the socket stops reading (default "
+        "16 MiB, at least ``max_message_size``; ``None``: no limit); see ``queued_amount``."
     )
     ssl_context: _Setting[ssl.SSLContext | None] = _Setting(
         "The ``ssl.SSLContext`` for ``wss://`` (``None``: blockws's default: certifi, the "
@@ -634,12 +655,25 @@ class WebSocket:
 
     @property
     def buffered_amount(self) -> int:
-        """Bytes accepted by ``send*`` and not yet written to the transport.
+        """Bytes accepted by ``send*`` and not yet written to the transport,
+        plus queued control frames (pongs, pings, a close reply).
 
-        Counted as given to ``send*``: compression runs on the writer thread
-        just before a message is written, so queued bytes are uncompressed.
+        Messages count as given to ``send*``: compression runs on the writer
+        thread just before a message is written, so queued bytes are
+        uncompressed. Control frames count as their bytes on the wire. Pongs
+        are bounded: while the transport is busy, a new pong replaces the one
+        still waiting (RFC 6455 5.5.3), so a server that floods pings and never
+        reads grows this by one pong, not one per ping.
         """
         return self._engine.buffered
+
+    @property
+    def queued_amount(self) -> int:
+        """Bytes received and not yet delivered: messages waiting for ``update()``
+        (their callback) or for ``receive()``, binary counted in bytes and text in
+        characters. Reading stops while this is at least ``max_queued_bytes``,
+        and resumes once it falls to half (see the class docstring)."""
+        return self._engine.delivery.queued
 
     def __repr__(self) -> str:
         phase = self._engine.phase.name.lower()
@@ -697,13 +731,24 @@ class WebSocket:
     def __enter__(self) -> WebSocket:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        """Close, wait (up to ``close_timeout`` + 1 s) and run pending callbacks."""
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        """Close, wait (up to ``close_timeout`` + 1 s) and run pending callbacks.
+
+        When the block is left by an exception, that exception wins: one
+        raised by a callback meanwhile (``on_closed``, say) is logged, not
+        raised in its place.
+        """
         self.close()
         if self._engine.phase is Phase.CLOSED and not self._pending:
             return
         self.join((self.close_timeout or 5.0) + 1.0)
-        self.update()
+        if exc_type is None:
+            self.update()
+            return
+        try:
+            self.update()
+        except Exception:  # noqa: BLE001 - logged: the block's own exception propagates
+            self.log.exception("a callback raised while the with block was unwinding")
 
     # -- sending ------------------------------------------------------------------------
 
@@ -872,8 +917,10 @@ class WebSocket:
     def receive(self, timeout: float | None = None) -> str | bytes:
         """The next message: ``str`` for text, ``bytes`` for binary.
 
-        Messages reach this queue only when no ``on_message``/``on_binary``
-        handler takes them. Pumps this socket's callbacks on the calling
+        Messages reach this queue only on a socket with neither ``on_message``
+        nor ``on_binary``; a socket with either one delivers through its
+        callbacks and drops a message whose handler is missing (one WARNING
+        per socket). Pumps this socket's callbacks on the calling
         thread while it waits. Raises ``TimeoutError`` after ``timeout``
         seconds (the socket stays open), :class:`ConnectionClosed` once the
         socket has closed and every earlier message was received, and
@@ -884,7 +931,12 @@ class WebSocket:
         """
         inbox = self._inbox
         if inbox:
-            return inbox.popleft()
+            message = inbox.popleft()  # Delivery.take, inline: this runs once per message
+            delivery = self._delivery
+            delivery.taken += len(message)
+            if delivery.paused:
+                delivery.check_drained()
+            return message
         check_not_in_callback("receive()")
         engine = self._engine
         if engine.close_waits_for_inbox:
@@ -895,7 +947,7 @@ class WebSocket:
         waited = False
         while True:
             if inbox:
-                return inbox.popleft()
+                return self._take()
             if self._pending:
                 self.update()
                 continue

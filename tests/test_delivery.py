@@ -3,6 +3,7 @@ scratch and pooled segments, and what happens when a handler raises."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from blockws.buffers import BufferPool, BufferSegment
 from blockws.delivery import SCRATCH, Delivery
 from blockws.dispatcher import Dispatcher
+from blockws.log import ContextAdapter
 from blockws.protocol import BinaryMessage
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
@@ -150,12 +152,55 @@ def test_without_handlers_messages_queue_in_order() -> None:
     assert delivery.inbox[3] is big  # exact bytes are queued without a copy
 
 
-def test_text_and_binary_handlers_are_independent() -> None:
+def test_a_message_without_its_handler_is_dropped_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Probe "no backpressure on receiving", the trap (issue 11, item 2): a socket
+    with on_message but no on_binary kept binary messages for a receive() that a
+    game never calls, for ever. The rule now: any callback set means callback mode;
+    a message without a handler of its type is dropped, with one WARNING per socket,
+    and counts as delivered."""
     texts: list[str] = []
-    delivery, _, _ = make(Handlers(on_message=lambda ws, t: texts.append(t)))
-    assert delivery.messages(["a", b"b", "c"]) == 3
+    pool = BufferPool()
+    delivery = Delivery(
+        Handlers(on_message=lambda ws, t: texts.append(t)),
+        Dispatcher(),
+        pool,
+        ContextAdapter({"id": 1}),
+    )
+    big = pooled(pool, b"B" * (SCRATCH * 2))
+    assert delivery.received(1 + 1 + 1 + len(big) + len(b"e" * 10)) is False
+    with caplog.at_level(logging.WARNING, logger="blockws"):
+        assert delivery.messages(["a", b"b", "c", big, b"e" * 10]) == 5
     assert texts == ["a", "c"]
-    assert list(delivery.inbox) == [b"b"]
+    assert list(delivery.inbox) == []
+    assert delivery.queued == 0
+    assert pool.pooled_bytes >= SCRATCH * 2  # the pooled one went back to the pool
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "on_binary" in warnings[0].getMessage()
+
+
+def test_queued_counts_until_delivered_and_drains_at_half_the_limit() -> None:
+    """Probe "no backpressure on receiving" (issue 11, item 2), the bookkeeping:
+    ``queued`` counts posted and undelivered messages, inbox included until taken;
+    reaching the limit pauses, and on_drained runs once half is left."""
+    delivery, dispatcher, _ = make(Handlers())
+    delivery.limit = 100
+    drained: list[int] = []
+    delivery.on_drained = lambda: drained.append(delivery.queued)
+    assert delivery.received(60) is False
+    dispatcher.post(delivery.messages, [b"x" * 30, "y" * 30])
+    assert delivery.received(40) is True  # 100 queued: reading stops
+    dispatcher.post(delivery.messages, [b"z" * 40])
+    assert delivery.paused
+    assert dispatcher.run() == 3
+    assert delivery.queued == 100  # in the inbox: not delivered yet
+    assert delivery.take() == b"x" * 30
+    assert delivery.paused and drained == []
+    assert delivery.take() == "y" * 30  # 40 left: at most half
+    assert not delivery.paused and drained == [40]
+    assert delivery.take() == b"z" * 40
+    assert delivery.queued == 0 and drained == [40]
 
 
 def test_handler_that_raises_leaves_the_rest_at_the_front_of_the_queue() -> None:
@@ -215,7 +260,11 @@ def test_handlers_are_looked_up_per_message() -> None:
 
     def once(ws: Handlers, segment: BufferSegment) -> None:
         binaries.append(bytes(segment))
-        ws.on_binary = None  # later binaries go to the inbox
+        ws.on_binary = None  # later binaries have no handler: dropped (on_message is set)
+
+    def last(ws: Handlers, text: str) -> None:
+        second.append(text)
+        ws.on_message = None  # no handler at all: later messages go to the inbox
 
     ws.on_message = switch
     ws.on_binary = once
@@ -224,4 +273,8 @@ def test_handlers_are_looked_up_per_message() -> None:
     assert first == ["a"]
     assert second == ["b", "c"]
     assert binaries == [b"x"]
+    assert list(delivery.inbox) == []
+    ws.on_message = last
+    assert delivery.messages(["d", b"y", b"z" * 5000]) == 3
+    assert second == ["b", "c", "d"]
     assert list(delivery.inbox) == [b"y", b"z" * 5000]

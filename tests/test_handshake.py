@@ -302,7 +302,12 @@ def test_redact_url() -> None:
     assert redact_url("wss://user:hunter2@h/p") == "wss://user:<redacted>@h/p"
     assert redact_url("wss://s3cr3t-token@h/p") == "wss://<redacted>@h/p"
     assert redact_url("wss://user:@h:8443/p?q=1") == "wss://user:<redacted>@h:8443/p?q=1"
+    # A user part alone is often a token (issue 11, item 7): redacted too.
+    assert redact_url("wss://TOKEN@h/p") == "wss://<redacted>@h/p"
+    assert redact_url("wss://u:p@ss@h/p?q=a@b") == "wss://u:<redacted>@h/p?q=a@b"
+    assert redact_url("wss://u:pw@[::1:443/") == "wss://u:<redacted>@[::1:443/"  # unparseable
     assert redact_url("ws://h/") == "ws://h/"
+    assert redact_url("ws://h/a@b") == "ws://h/a@b"
 
 
 def test_request_parsed_url() -> None:

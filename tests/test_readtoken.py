@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Callable
 
 import pytest
 
+from blockws.exceptions import ConnectionLost
 from blockws.readtoken import Ended, ReadToken
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
@@ -192,7 +194,8 @@ def test_an_interrupt_while_parsing_reaches_the_caller_and_ends_the_stream(
         with pytest.raises(KeyboardInterrupt):
             token.read_here(reads(b"x"), Sink(raises=interrupt), 1.0, lambda: None)
         reader.thread.join(5)
-        assert reader.ended == [(interrupt,)]
+        ((lost,),) = reader.ended
+        assert isinstance(lost, ConnectionLost) and lost.__cause__ is interrupt
     finally:
         reader.finish()
 
@@ -205,6 +208,33 @@ def test_an_interrupt_while_waiting_leaves_the_stream_going(token: ReadToken) ->
             token.read_here(reads(KeyboardInterrupt()), Sink(), 1.0, lambda: None)
         assert token.read_here(reads(b"after"), Sink(), 1.0, lambda: None) is True
         assert reader.ended == []
+    finally:
+        reader.finish()
+
+
+def test_bytes_read_before_an_interrupt_are_parsed_by_the_next_reader(
+    token: ReadToken,
+) -> None:
+    """Probe "data loss on Ctrl-C" (issue 11, item 1): a KeyboardInterrupt just after
+    the read returned (before parsing) threw the bytes away. They are now held until
+    parsed: the next read parses them first, in order, and the socket goes on."""
+    held: deque[bytes] = deque()
+
+    def read_then_interrupted(timeout: float | None) -> bytes | None:
+        held.extend([b"first"])  # what TCPTransport.read does, in one C-level step
+        raise KeyboardInterrupt  # lands between the read and the parse
+
+    reader = Reader(token)
+    try:
+        grant(token)
+        sink = Sink()
+        with pytest.raises(KeyboardInterrupt):
+            token.read_here(read_then_interrupted, sink, 1.0, lambda: None, held)
+        assert sink.data == [] and list(held) == [b"first"]
+        assert token.read_here(reads(b"second"), sink, 1.0, lambda: None, held) is True
+        assert token.read_here(reads(b"second"), sink, 1.0, lambda: None, held) is True
+        assert [d for d, _ in sink.data] == [b"first", b"second"]
+        assert not held and reader.ended == []
     finally:
         reader.finish()
 

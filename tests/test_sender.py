@@ -253,10 +253,49 @@ def test_buffered_counts_queued_payload_bytes_until_written(rigs: Callable[..., 
     rig.enqueue(TEXT, b"y" * 250)
     rig.enqueue(BINARY, b"z" * 10)
     assert rig.sender.buffered == 1260  # payload bytes: the batch in flight too
-    rig.ping()  # control frames are not counted
-    assert rig.sender.buffered == 1260
+    rig.ping()  # control frames count as their bytes on the wire
+    assert rig.sender.buffered == 1260 + 2 + 4 + 1
     rig.transport.unblock_writes()
     rig.wait_frames(4)
+    rig.wait_idle()
+    assert rig.sender.buffered == 0
+
+
+def pong(proto: Protocol, payload: bytes) -> bytes:
+    return proto.encode_control(Opcode.PONG, payload)
+
+
+def test_pongs_queued_while_a_write_is_under_way_keep_only_the_newest(
+    rigs: Callable[..., Rig],
+) -> None:
+    """Probe "pong queue without bound" (issue 11, item 3): a server floods pings
+    and never reads. While the writer is stuck, each new pong replaces the one
+    still waiting (RFC 6455 5.5.3), and the pending pong counts in buffered."""
+    rig = rigs(MemoryTransport(block_writes=True))
+    rig.enqueue(BINARY, b"x" * 100)
+    assert rig.transport.write_started.wait(WAIT)  # the writer is stuck in write()
+    for i in range(1000):
+        rig.control(pong(rig.proto, b"%d" % i))
+    rig.control(*[pong(rig.proto, b"batch-%d" % i) for i in range(50)])
+    rig.ping(b"mine")  # other control frames are kept
+    assert len(rig.sender.control) == 2
+    assert rig.sender.buffered == 100 + len(pong(rig.proto, b"batch-49")) + 2 + 4 + 4
+    rig.transport.unblock_writes()
+    frames = rig.wait_frames(3)
+    rig.wait_idle()
+    assert [(f.opcode, f.payload) for f in frames[1:]] == [
+        (Opcode.PONG, b"batch-49"),
+        (Opcode.PING, b"mine"),
+    ]
+    assert rig.sender.buffered == 0
+
+
+def test_pongs_that_arrive_while_the_writer_is_idle_all_go_out(rigs: Callable[..., Rig]) -> None:
+    """Every ping of one read is answered when nothing is being written (Autobahn 2.10)."""
+    rig = rigs()
+    rig.control(*[pong(rig.proto, b"payload-%d" % i) for i in range(10)])
+    frames = rig.wait_frames(10)
+    assert [f.payload for f in frames] == [b"payload-%d" % i for i in range(10)]
     rig.wait_idle()
     assert rig.sender.buffered == 0
 

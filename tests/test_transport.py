@@ -270,7 +270,12 @@ def test_a_sink_failing_on_the_caller_ends_the_stream_once(exc: BaseException) -
             with pytest.raises(KeyboardInterrupt):
                 t.read()
         t.ended()
-    assert t.sink.lost == [exc] and t.sink.lost_on == ["reader"]
+    assert t.sink.lost_on == ["reader"] and len(t.sink.lost) == 1
+    if isinstance(exc, Exception):
+        assert t.sink.lost == [exc]
+    else:  # interrupted mid-parse: the socket fails loudly, the interrupt as the cause
+        assert isinstance(t.sink.lost[0], ConnectionLost)
+        assert t.sink.lost[0].__cause__ is exc
 
 
 def test_a_second_caller_is_refused_while_the_first_reads() -> None:
