@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from faultserver import Peer, fault_server
+from test_proxy import ProxyPeer, tinyproxy_auth  # noqa: F401 - the fixture, for --proxy
 
 from blockws.__main__ import COMMANDS, hexdump
 from blockws.server import EchoServer
@@ -220,6 +221,21 @@ def test_http2_by_default_and_http1_when_asked(hypercorn_h2_server: Any, tls_cer
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("* connected (HTTP/1.1,")
     assert replies(result) == ["1.1"]
+
+
+@pytest.mark.timeout(60)
+def test_proxy_option(tinyproxy_auth: ProxyPeer, websockets_server: str) -> None:  # noqa: F811
+    """``--proxy http://user:pass@host:port`` goes through the proxy (tinyproxy), and a
+    refusal is one line naming the status, without the credentials."""
+    port = int(websockets_server.rsplit(":", 1)[1].split("/")[0])
+    url = f"ws://localhost:{port}/"
+    result = cli(url, "--text", "through the proxy", "--proxy", tinyproxy_auth.with_credentials())
+    assert result.returncode == 0, result.stderr
+    assert replies(result) == ["through the proxy"]
+    assert tinyproxy_auth.logged(f"localhost:{port}")
+    refused = cli(url, "--text", "x", "--proxy", tinyproxy_auth.url)
+    one_line_error(refused, 3, "407")
+    assert tinyproxy_auth.password not in refused.stderr + refused.stdout
 
 
 # -- one-shot use and exit statuses ----------------------------------------------------------

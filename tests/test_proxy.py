@@ -21,7 +21,6 @@ import os
 import shutil
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -804,20 +803,3 @@ def test_docstring_examples() -> None:
     assert doctest.testmod(blockws.proxy).attempted > 5
     assert doctest.testmod(blockws.proxy).failed == 0
 
-
-@pytest.mark.timeout(60)
-def test_command_line_proxy_option(tinyproxy_auth: ProxyPeer, websockets_server: str) -> None:
-    """``python -m blockws URL --proxy http://user:pass@host:port`` goes through the
-    proxy, and a refusal is one line naming the status, without the credentials."""
-    url = _localhost(websockets_server)
-    command = [sys.executable, "-m", "blockws", url, "--text", "through the proxy"]
-    result = subprocess.run(command + ["--proxy", tinyproxy_auth.with_credentials()],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    assert "< through the proxy" in result.stdout.splitlines()
-    assert tinyproxy_auth.logged(f"localhost:{_port(url)}")
-    refused = subprocess.run(command + ["--proxy", tinyproxy_auth.url],
-                             capture_output=True, text=True, timeout=30)
-    assert refused.returncode == 3, (refused.stdout, refused.stderr)
-    assert "Traceback" not in refused.stderr and "407" in refused.stderr
-    assert tinyproxy_auth.password not in refused.stderr + refused.stdout
