@@ -161,6 +161,9 @@ _MESSAGES = (bytes, str, BinaryMessage)
 _PING = int(Opcode.PING)
 _Sizes = list[Sized]  # the messages of one read: str, bytes, BinaryMessage
 _STATE_OPEN, _STATE_CLOSE_SENT, _STATE_CLOSED = State.OPEN, State.CLOSE_SENT, State.CLOSED
+# Guards each socket's ended flag and its join() Event, made lazily (a leaf
+# lock: nothing else is taken while it is held).
+_ended_lock = threading.Lock()
 
 
 def queue_limit(options: Options) -> int | None:
@@ -272,6 +275,54 @@ class Listener(Protocol):
 class Connection:
     """One socket's engine (see the module docstring)."""
 
+    # One per socket: no instance dict (W7, idle sockets' memory).
+    __slots__ = (
+        "_backoff",
+        "_close_requested",
+        "_closed_event",
+        "_connector",
+        "_deferred_close",
+        "_deliver",
+        "_ended",
+        "_error_is_old",
+        "_final_bytes",
+        "_held",
+        "_jobs",
+        "_lend_reading",
+        "_max_fragment_size",
+        "_nudge",
+        "_phase",
+        "_post",
+        "_proto",
+        "_read_bounded",
+        "_reader",
+        "_retired",
+        "_stream_finished",
+        "_token",
+        "_transport",
+        "_was_open",
+        "close_code",
+        "close_reason",
+        "close_waits_for_inbox",
+        "delivery",
+        "dispatcher",
+        "error",
+        "extensions",
+        "handlers",
+        "http_version",
+        "inbox",
+        "keepalive",
+        "last_received",
+        "listener",
+        "lock",
+        "log",
+        "name",
+        "options",
+        "proto_lock",
+        "sender",
+        "subprotocol",
+    )
+
     def __init__(
         self,
         options: Options,
@@ -314,7 +365,10 @@ class Connection:
         self._final_bytes = (0, 0)  # the transport's counters, kept when it is let go
         self._connector: Connector | None = None
         self._reader: threading.Thread | None = None
-        self._closed_event = threading.Event()
+        # Set once the socket has ended; the Event is made only when join()
+        # has to wait for it (an idle socket should not carry one).
+        self._ended = False
+        self._closed_event: threading.Event | None = None
         self._close_requested = False
         self._stream_finished = False  # Transport.finish_closing was called
         # The close frame of a protocol failure, held until the messages that
@@ -829,7 +883,7 @@ class Connection:
             phase = self._phase
             if phase is _NEW:
                 self._set_phase_locked(_CLOSED)
-                self._closed_event.set()
+                self._mark_ended()
                 return
             if self._requested_locked():
                 return  # it was waiting to reconnect: ended now
@@ -977,7 +1031,7 @@ class Connection:
             self._await_retry(delay)
             return
         self.log.debug("closed: %s %r (error: %r)", self.close_code, self.close_reason, self.error)
-        self._closed_event.set()
+        self._mark_ended()
         self._post(self.listener.closed, (self.close_code, self.close_reason))
 
     def _let_go(self) -> None:
@@ -1089,15 +1143,30 @@ class Connection:
         self.error = None
         self.close_code, self.close_reason = CLOSE_ABNORMAL, ""
         self.log.debug("closed while waiting to reconnect")
-        self._closed_event.set()
+        self._mark_ended()
         self._post(self.listener.closed, (self.close_code, self.close_reason))
 
     def join(self, timeout: float | None) -> bool:
         """Wait until the socket has ended and its threads are gone; True if so."""
         deadline = Deadline(timeout)
-        if not self._closed_event.wait(timeout):
+        with _ended_lock:
+            event = None
+            if not self._ended:
+                event = self._closed_event
+                if event is None:
+                    event = self._closed_event = threading.Event()
+        if event is not None and not event.wait(timeout):
             return False
         return self.join_threads(deadline.left())
+
+    def _mark_ended(self) -> None:
+        """The socket has ended: wake the threads in :meth:`join` (any thread,
+        with or without ``self.lock``: ``_ended_lock`` is taken inside it only)."""
+        with _ended_lock:
+            self._ended = True
+            event = self._closed_event
+        if event is not None:
+            event.set()
 
     def join_threads(self, timeout: float | None = None) -> bool:
         """Join the socket's reader and writer threads (not the calling one)."""

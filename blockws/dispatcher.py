@@ -177,7 +177,8 @@ class Dispatcher:
         #: The budget of the run in progress, for items that charge it per
         #: message; ``None`` outside a budgeted run.
         self.budget: Budget | None = None
-        self._cond = threading.Condition(threading.Lock())
+        # Made by the first wait() (an idle socket that nobody waits on has none).
+        self._cond: threading.Condition | None = None
         self._waiters = 0
         self._run_lock = threading.Lock()
         self._running_in: int | None = None
@@ -244,16 +245,18 @@ class Dispatcher:
     def nudge(self) -> None:
         """Wake threads in :meth:`wait` with nothing posted: their wait may now
         be done differently (a socket's reading has become theirs to do)."""
-        if self._waiters:
-            with self._cond:
-                self._cond.notify_all()
+        cond = self._cond
+        if self._waiters and cond is not None:  # a waiter made it before counting itself
+            with cond:
+                cond.notify_all()
 
     def _wake(self) -> None:
         # A waiter registers itself before checking `pending`, so reading the
         # counters after the append cannot miss one (see wait()).
-        if self._waiters:
-            with self._cond:
-                self._cond.notify_all()
+        cond = self._cond
+        if self._waiters and cond is not None:  # a waiter made it before counting itself
+            with cond:
+                cond.notify_all()
         if _global_waiters:
             with _global_cond:
                 _global_cond.notify_all()
@@ -346,12 +349,18 @@ class Dispatcher:
         """
         if self.pending:
             return True
-        with self._cond:
+        cond = self._cond
+        if cond is None:
+            with _global_cond:  # makes it once, however many threads come at once
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition(threading.Lock())
+        with cond:
             self._waiters += 1
             try:
                 if self.pending:
                     return True
-                self._cond.wait(timeout)
+                cond.wait(timeout)
             finally:
                 self._waiters -= 1
         return bool(self.pending)

@@ -87,14 +87,14 @@ class ReadToken:
         # The caller's side takes the bare lock (a C-level context manager: it
         # runs twice per message); the reader waits on a Condition over it.
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond: threading.Condition | None = None  # made by the first lend()
         self._lent = False  # a caller holds the right
         self._busy = False  # ... and is inside a read right now
         self._reads = 0  # reads the caller has done: the lease lapses when it stops
         self._ended: Ended | None = None  # what the caller met, for the reader to report
         self._wake: Callable[[], None] | None = None
         self._cancelled = False
-        self._held: deque[bytes] = deque()  # see read_here's ``held``
+        self._held: deque[bytes] | None = None  # see read_here's ``held`` (made lazily)
         #: A caller asked for the right. The reader thread tests this without
         #: the lock between reads: a stale False only delays a grant by a read.
         self.wanted = False
@@ -125,7 +125,8 @@ class ReadToken:
             if ended is not None:
                 self._ended = ended
                 self._lent = False
-                self._cond.notify_all()
+                if self._cond is not None:
+                    self._cond.notify_all()
 
     def read_here(
         self,
@@ -165,6 +166,8 @@ class ReadToken:
         ended: Ended | None = None
         if held is None:
             held = self._held
+            if held is None:
+                held = self._held = deque()
         parsing = False
         try:
             try:
@@ -222,7 +225,10 @@ class ReadToken:
         Returns what the caller met that ended the stream, or ``None`` when
         the lease lapsed (or :meth:`cancel` was called) and the reader reads on.
         """
-        cond = self._cond
+        with self._lock:
+            cond = self._cond
+            if cond is None:  # over the same lock: release() sees it, or no waiter
+                cond = self._cond = threading.Condition(self._lock)
         wake = None
         with cond:
             if self.wanted and not self._cancelled:
@@ -247,10 +253,11 @@ class ReadToken:
     def cancel(self) -> None:
         """The socket is ending: the right goes back to the reader thread for good
         (once a caller inside a read returns), and no wish is granted any more."""
-        with self._cond:
+        with self._lock:
             self._cancelled = True
             self.wanted = False
-            self._cond.notify_all()
+            if self._cond is not None:
+                self._cond.notify_all()
 
     @property
     def lent(self) -> bool:

@@ -92,7 +92,8 @@ class Sender:
         # Called after a batch that carried a close frame (ours, or our reply):
         # the point from which an HTTP/2 stream may be ended.
         self._on_close_written = on_written
-        self._wake = threading.Condition(lock)
+        # Made with the first writer thread (an idle socket has none).
+        self._wake: threading.Condition | None = None
         self._waiting = False  # the writer thread is in _wake.wait (lock held to change)
         self.queue: deque[Item] = deque()
         self.control: deque[bytes] = deque()
@@ -202,11 +203,14 @@ class Sender:
         if self._stopped or self.transport is None:
             return
         if self._thread is None:
+            if self._wake is None:
+                self._wake = threading.Condition(self.lock)
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
         elif self._waiting:
             # Only a waiting writer needs waking: a busy one looks at the queue
             # again before it waits (Condition.notify costs more than send()).
+            assert self._wake is not None
             self._wake.notify()
 
     # -- the direct write (caller's thread, lock NOT held) ------------------------------
@@ -253,6 +257,7 @@ class Sender:
         proto, transport = self.proto, self.transport
         assert proto is not None and transport is not None
         lock, wake, queue, control = self.lock, self._wake, self.queue, self.control
+        assert wake is not None  # made before the thread was started
         try:
             while True:
                 with lock:
@@ -408,5 +413,6 @@ class Sender:
         self.buffered -= sum(map(len, self.control)) + sum(map(len, self.rest))
         self.control.clear()
         self.rest = []
-        self._wake.notify_all()
+        if self._wake is not None:
+            self._wake.notify_all()
         return self._thread

@@ -212,8 +212,21 @@ def test_global_wait_sees_dispatchers_added_while_waiting(
     assert dispatcher_module.wait(lambda: list(live), WAIT * 2) is True
 
 
+def test_condition_is_made_by_the_first_wait() -> None:
+    d = Dispatcher()
+    assert d._cond is None  # an idle socket carries no Condition (issue 14, W7)
+    d.post(print, None)  # posting without waiters needs none either
+    assert d._cond is None
+    assert d.wait(0) is True  # something is pending: no Condition needed
+    d.run()
+    assert d.wait(0) is False
+    assert d._cond is not None
+
+
 def test_post_without_waiters_does_not_take_locks() -> None:
     d = Dispatcher()
+    d.wait(0)  # makes the Condition
+    assert d._cond is not None
     with d._cond, dispatcher_module._global_cond:
         # Both locks are held here: post must still return (nobody waits).
         d.post(print, None)
