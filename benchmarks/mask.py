@@ -1,9 +1,9 @@
-"""Masking speed: blockws's pure-Python big-integer XOR, its C speedup, and simpler ways.
+"""Masking speed: blockws's pure-Python masking, its C speedup, and simpler ways.
 
     python -m benchmarks.mask
 
-Prints MB/s per payload size and the ratio to a per-byte loop and to the
-``bytes.translate``-free table approach. Figures vary with the machine; the
+Prints MB/s per payload size and the ratio to a per-byte loop and to a
+32-bit-word ``array`` loop. Figures vary with the machine; the
 ratios are what to quote.
 """
 

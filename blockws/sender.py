@@ -36,6 +36,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterator
+from itertools import chain, islice
 from typing import Any, Callable, Union
 
 from .buffers import BufferSegment
@@ -43,13 +44,26 @@ from .log import ContextAdapter
 from .protocol import Protocol
 from .transport import Transport
 
-__all__ = ["Sender", "CLOSE_FRAME", "DIRECT_MAX", "UNCOMPRESSED", "WRITE_BATCH", "WRITER_IDLE"]
+__all__ = [
+    "Sender",
+    "CLOSE_FRAME",
+    "DIRECT_MAX",
+    "GATHER_FROM",
+    "UNCOMPRESSED",
+    "WRITE_BATCH",
+    "WRITER_IDLE",
+]
 
 #: Bytes encoded and written per batch before control frames get a turn.
 WRITE_BATCH = 256 * 1024
 #: Largest message written directly on the caller's thread; larger ones go
 #: to the writer, which writes them through its reusable buffer.
 DIRECT_MAX = 64 * 1024
+#: A large message's frames go to a gathering transport as they are (see
+#: Sender._write_large) when its fragments are at least this large; smaller
+#: ones are copied into one buffer (a system call per few hundred bytes would
+#: cost more than the copy).
+GATHER_FROM = 8 * 1024
 #: Seconds an idle writer thread waits for work before it ends.
 WRITER_IDLE = 1.0
 #: The queue item opcode of a pre-encoded close frame.
@@ -340,18 +354,42 @@ class Sender:
         return False
 
     def _write_large(self, frames: Iterator[bytes]) -> bool:
-        """Write a large message's frames in batches through one reusable buffer.
+        """Write a large message's frames in batches of about :data:`WRITE_BATCH`
+        bytes, with control frames queued meanwhile between batches; when one
+        of them is a close frame (a reply to the server's close), the message
+        stops there and this returns True.
 
-        Frames are made one at a time and copied into the buffer, so each is
-        freed before the next exists: holding a whole message's frames (or
-        joining them) would allocate and free megabytes per message, and the
-        C allocator answers that with fresh pages, trimmed and faulted in
-        again, that cost more than the copy. Control frames queued meanwhile
-        go out between batches; when one of them is a close frame (a reply to
-        the server's close), the message stops there and this returns True.
+        A transport that :attr:`~blockws.transport.Transport.gathers` writes
+        (plain TCP) gets each batch as its frames, one ``sendmsg`` for them
+        all: no copy of the payload between the masking and the kernel. A
+        batch's frames are at most ``WRITE_BATCH`` bytes together, and each
+        is freed before the next batch is made, so the C allocator reuses the
+        same memory (holding a whole message's frames, or joining them, made
+        it trim its heap and fault fresh pages in again for every message).
+        Any other transport (TLS, HTTP/2), and fragments smaller than
+        :data:`GATHER_FROM`, get the frames copied into one reusable buffer,
+        written as one chunk.
         """
         transport = self.transport
         assert transport is not None
+        # The first two frames tell the fragment size (a server's frames come
+        # as header and payload): every fragment but the last has it.
+        first = list(islice(frames, 2))
+        frames = chain(first, frames)
+        if transport.gathers and max(map(len, first), default=0) >= GATHER_FROM:
+            batch: list[BytesLike] = []
+            pos = 0
+            for frame in frames:
+                batch.append(frame)
+                pos += len(frame)
+                if pos >= WRITE_BATCH:
+                    if self._flush_large(transport, batch):
+                        return True
+                    batch = []
+                    pos = 0
+            if batch:
+                transport.write(batch)
+            return False
         out = self._out
         if out is None:
             out = self._out = memoryview(bytearray(WRITE_BATCH + 4096))
@@ -361,7 +399,7 @@ class Sender:
             n = len(frame)
             if pos + n > room:
                 if pos:
-                    if self._flush_large(transport, out[:pos]):
+                    if self._flush_large(transport, [out[:pos]]):
                         return True
                     pos = 0
                 if n > room:  # a frame larger than the buffer goes as it is
@@ -373,17 +411,17 @@ class Sender:
             transport.write([out[:pos]])
         return False
 
-    def _flush_large(self, transport: Transport, data: memoryview) -> bool:
+    def _flush_large(self, transport: Transport, data: list[BytesLike]) -> bool:
         """Write a batch of fragments and the control frames queued meanwhile;
         True if one of those was a close frame."""
         with self.lock:
             control = list(self.control)
             self.control.clear()
         if not control:
-            transport.write([data])
+            transport.write(data)
             return False
         try:
-            transport.write([data, *control])  # control frames between fragments
+            transport.write([*data, *control])  # control frames between fragments
         finally:
             with self.lock:
                 self.buffered -= sum(map(len, control))

@@ -163,6 +163,10 @@ class Transport:
     aborted = False
     #: Whether :meth:`try_write` can take bytes without blocking (plain TCP).
     can_try_write = False
+    #: Whether :meth:`write` sends a few large chunks with one gathering system
+    #: call (``sendmsg``), without joining them first (plain TCP on POSIX).
+    #: Without it, a writer that has large frames copies them into one buffer.
+    gathers = False
     #: Bytes read and written so far, handshake included (on the wire, after
     #: compression; before TLS). Each is updated by one thread only.
     bytes_read = 0
@@ -270,6 +274,7 @@ class TCPTransport(Transport):
         # (shared with the reader thread) alone, so only plain TCP writes directly.
         self.can_try_write = not self._tls and _DONTWAIT != 0
         self._sendmsg = not self._tls and hasattr(sock, "sendmsg")
+        self.gathers = self._sendmsg
         self.can_read_bounded = self.can_try_write
         if isinstance(sock, ssl.SSLSocket):
             self.alpn_protocol = sock.selected_alpn_protocol()

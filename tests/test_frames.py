@@ -347,6 +347,27 @@ def test_mask_implementations_match_the_reference(
         assert impl(memoryview(data)[3:], key) == naive_mask(data[3:], key)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mask_across_the_pure_paths_switch(impl: Callable[[bytes, bytes], bytes]) -> None:
+    """The pure path changes method at frames_module._TRANSLATE_FROM bytes
+    (big integers below, byte-translation tables from there): every length
+    around it, every alignment of the input, and every byte value of a key."""
+    edge = frames_module._TRANSLATE_FROM
+    data = random_bytes(edge + 80)
+    keys = [bytes((k, k ^ 0x55, 255 - k, (k * 7) & 0xFF)) for k in range(256)]
+    for length in range(edge - 9, edge + 9):
+        for start in range(4):
+            chunk = data[start : start + length]
+            key = keys[(length * 4 + start) % 256]
+            expected = naive_mask(chunk, key)
+            assert impl(chunk, key) == expected, (length, start)
+            assert impl(memoryview(data)[start : start + length], key) == expected
+    for key in keys:  # every table the translation builds
+        assert impl(data, key) == naive_mask(data, key)
+    masked = impl(data, KEY)
+    assert type(masked) is bytes and impl(masked, KEY) == data
+
+
 @pytest.mark.skipif(c_apply_mask is None, reason="C speedup not built")
 def test_c_mask_rejects_a_bad_key() -> None:
     assert c_apply_mask is not None

@@ -65,17 +65,21 @@ class TryWriteTransport(MemoryTransport):
 
 class HookTransport(MemoryTransport):
     """A memory transport that calls ``hook(index)`` before each write and keeps
-    the size of every write."""
+    the size of every write and the chunks it was given. With ``gathers`` it
+    says it writes many chunks with one system call (as plain TCP does)."""
 
-    def __init__(self, hook: Callable[[int], None] | None = None) -> None:
+    def __init__(self, hook: Callable[[int], None] | None = None, gathers: bool = False) -> None:
         super().__init__()
         self.hook = hook
+        self.gathers = gathers
         self.writes: list[int] = []
+        self.chunks: list[list[Any]] = []
 
     def write(self, chunks: Sequence[Any]) -> None:
         if self.hook is not None:
             self.hook(len(self.writes))
         self.writes.append(sum(len(c) for c in chunks))
+        self.chunks.append(list(chunks))
         super().write(chunks)
 
 
@@ -426,8 +430,9 @@ def test_partial_direct_write_rest_goes_first_then_later_messages(
 # -- large messages ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("gathers", [False, True], ids=["buffer", "gather"])
 def test_large_message_is_fragmented_with_control_frames_between_batches(
-    rigs: Callable[..., Rig],
+    rigs: Callable[..., Rig], gathers: bool
 ) -> None:
     rig: Rig
 
@@ -435,7 +440,7 @@ def test_large_message_is_fragmented_with_control_frames_between_batches(
         if index == 0:  # during the first batch of the large message
             rig.ping(b"between")
 
-    transport = HookTransport(hook)
+    transport = HookTransport(hook, gathers)
     rig = rigs(transport, max_fragment_size=60000)
     message = bytes(range(256)) * 2400  # 614400 bytes: 11 fragments, 3 batches
     assert len(message) > WRITE_BATCH
@@ -451,15 +456,40 @@ def test_large_message_is_fragmented_with_control_frames_between_batches(
     assert [len(f.payload) for f in data] == [60000] * 10 + [14400]
     assert b"".join(f.payload for f in data) == message
     assert len(transport.writes) >= 3
-    assert max(transport.writes) <= WRITE_BATCH + 4096 + 64  # one buffer (plus the ping)
+    # one buffer, or one batch of at most WRITE_BATCH plus a fragment (plus the ping)
+    assert max(transport.writes) <= WRITE_BATCH + 60014 + 64
+    if gathers:  # the frames themselves, several per write: never copied into a buffer
+        assert max(map(len, transport.chunks)) > 1
+        assert all(type(c) is bytes for chunks in transport.chunks for c in chunks)
+    else:  # the buffer: one chunk of data per write (and the ping beside one)
+        assert all(sum(len(c) > 1000 for c in chunks) == 1 for chunks in transport.chunks)
     rig.wait_idle()
     assert rig.sender.buffered == 0
 
 
-def test_fragment_larger_than_the_write_buffer_is_written_as_it_is(
+def test_small_fragments_of_a_large_message_are_joined_even_when_gathering(
     rigs: Callable[..., Rig],
 ) -> None:
-    transport = HookTransport()
+    """Fragments below GATHER_FROM go through the writer's buffer: a gathering
+    write of a few hundred bytes per system call would cost more than the copy."""
+    transport = HookTransport(gathers=True)
+    rig = rigs(transport, max_fragment_size=1000)
+    message = bytes(range(256)) * 1200  # 307200 bytes: 308 fragments
+    assert len(message) > WRITE_BATCH
+    rig.enqueue(BINARY, message)
+    frames = rig.wait_frames(308)
+    assert b"".join(payloads(frames)) == message
+    assert all(len(chunks) == 1 for chunks in transport.chunks)
+    assert len(transport.writes) == 2  # 308 fragments in two writes
+    rig.wait_idle()
+    assert rig.sender.buffered == 0
+
+
+@pytest.mark.parametrize("gathers", [False, True], ids=["buffer", "gather"])
+def test_fragment_larger_than_the_write_buffer_is_written_as_it_is(
+    rigs: Callable[..., Rig], gathers: bool
+) -> None:
+    transport = HookTransport(gathers=gathers)
     rig = rigs(transport, max_fragment_size=300000)
     message = bytes(range(7)) * 100000
     rig.enqueue(BINARY, message)
@@ -469,8 +499,9 @@ def test_fragment_larger_than_the_write_buffer_is_written_as_it_is(
     assert b"".join(payloads(frames)) == message
 
 
+@pytest.mark.parametrize("gathers", [False, True], ids=["buffer", "gather"])
 def test_no_data_frame_follows_a_close_reply_slipped_into_a_large_message(
-    rigs: Callable[..., Rig],
+    rigs: Callable[..., Rig], gathers: bool
 ) -> None:
     rig: Rig
 
@@ -478,7 +509,7 @@ def test_no_data_frame_follows_a_close_reply_slipped_into_a_large_message(
         if index == 0:  # the server's close arrives: Connection queues the reply as control
             rig.control(masked_close())
 
-    rig = rigs(HookTransport(hook), max_fragment_size=60000)
+    rig = rigs(HookTransport(hook, gathers), max_fragment_size=60000)
     rig.enqueue(BINARY, bytes(614400))
     rig.transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))
     rig.wait_idle()  # the large message is abandoned at the close: the writer is done
@@ -488,8 +519,9 @@ def test_no_data_frame_follows_a_close_reply_slipped_into_a_large_message(
     assert len(opcodes) < 12  # 11 fragments make the whole message: it was cut short
 
 
+@pytest.mark.parametrize("gathers", [False, True], ids=["buffer", "gather"])
 def test_close_written_after_a_close_reply_slipped_into_a_large_message(
-    rigs: Callable[..., Rig],
+    rigs: Callable[..., Rig], gathers: bool
 ) -> None:
     rig: Rig
 
@@ -497,7 +529,7 @@ def test_close_written_after_a_close_reply_slipped_into_a_large_message(
         if index == 0:
             rig.control(masked_close())
 
-    rig = rigs(HookTransport(hook), max_fragment_size=60000)
+    rig = rigs(HookTransport(hook, gathers), max_fragment_size=60000)
     rig.enqueue(BINARY, bytes(614400))
     rig.transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))
     rig.ping(b"marker")  # batches run in order: once it is out, the large batch is done

@@ -66,6 +66,28 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/")[0])
 
 
+# -- large messages over TLS and over plain TCP ----------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_large_messages_arrive_whole(websockets_server: str, websockets_tls_server: str,
+                                     tls_certs: Any, tls: bool) -> None:
+    """Issue 14: over plain TCP a large message's fragments go out with one sendmsg
+    per batch, over TLS (no sendmsg) through the writer's buffer; either way the
+    echoes come back whole, in order, with a ping answered between them."""
+    url = websockets_tls_server if tls else websockets_server
+    options: dict[str, Any] = {"ssl_context": tls_certs.client_context()} if tls else {}
+    messages = [bytes([i]) * 3 + os.urandom(700_000 + i) for i in range(3)]
+    with blockws.connect(url, timeout=TIMEOUT, extensions=[], **options) as ws:
+        for message in messages:
+            ws.send(message)
+        ws.ping(b"between")
+        for message in messages:
+            assert ws.receive(timeout=TIMEOUT) == message
+        ws.send("done")
+        assert ws.receive(timeout=TIMEOUT) == "done"
+
+
 # -- the default context ------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -64,6 +65,11 @@ def test_an_exception_in_the_sink_ends_the_stream_through_connection_lost() -> N
     assert len(sink.lost) == 1 and isinstance(sink.lost[0], MemoryError)
     transport.close()
     b.close()
+    tls = ssl.create_default_context().wrap_socket(
+        socket.socket(), server_hostname="localhost", do_handshake_on_connect=False
+    )
+    assert TCPTransport(tls).gathers is False
+    tls.close()
 
 
 def test_abort_from_another_thread_wakes_the_reader_as_eof() -> None:
@@ -76,6 +82,11 @@ def test_abort_from_another_thread_wakes_the_reader_as_eof() -> None:
     assert sink.lost == [None] and transport.aborted
     transport.close()
     b.close()
+    tls = ssl.create_default_context().wrap_socket(
+        socket.socket(), server_hostname="localhost", do_handshake_on_connect=False
+    )
+    assert TCPTransport(tls).gathers is False
+    tls.close()
 
 
 def test_write_counts_bytes_and_a_reset_peer_raises_connection_lost() -> None:
@@ -332,3 +343,44 @@ def test_a_short_wait_on_the_caller_is_precise() -> None:
         took.sort()
         assert 0.0015 <= took[5] < 0.005, took
         assert t.sink.data == [b"first"]  # nothing else came
+
+
+# -- gathering writes (issue 14) ------------------------------------------------------------
+
+
+def test_plain_tcp_writes_large_chunks_in_order_with_one_gathering_call() -> None:
+    """Plain TCP says it ``gathers``: a writer hands it a large message's frames as
+    they are, and a batch larger than the socket's buffer (sendmsg takes part of
+    it) arrives whole and in order; a TLS socket does not say so (no sendmsg)."""
+    a, b = socket.socketpair()
+    transport = TCPTransport(a)
+    assert transport.gathers is True
+    chunks: list[Any] = [
+        bytes(range(256)) * 1600,
+        memoryview(bytes(range(255, -1, -1)) * 1600)[7:],
+        b"\x01\x02",
+        bytearray(b"\x5a" * 300_001),
+    ]
+    expected = b"".join(bytes(c) for c in chunks)
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(expected):
+            data = b.recv(65536)
+            if not data:
+                return
+            got.extend(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    transport.write(chunks)
+    reader.join(10)
+    assert not reader.is_alive()
+    assert bytes(got) == expected and transport.bytes_written == len(expected)
+    transport.close()
+    b.close()
+    tls = ssl.create_default_context().wrap_socket(
+        socket.socket(), server_hostname="localhost", do_handshake_on_connect=False
+    )
+    assert TCPTransport(tls).gathers is False
+    tls.close()
