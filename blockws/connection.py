@@ -72,7 +72,6 @@ import enum
 import threading
 import time
 from collections import deque
-from collections.abc import Sized
 from typing import Any, Callable, Protocol, cast
 
 from . import dispatcher as _dispatcher
@@ -159,7 +158,6 @@ FAILURE_GRACE = 0.5
 # What a compact Protocol reports a message as (see Protocol.compact_messages).
 _MESSAGES = (bytes, str, BinaryMessage)
 _PING = int(Opcode.PING)
-_Sizes = list[Sized]  # the messages of one read: str, bytes, BinaryMessage
 _STATE_OPEN, _STATE_CLOSE_SENT, _STATE_CLOSED = State.OPEN, State.CLOSE_SENT, State.CLOSED
 # Guards each socket's ended flag and its join() Event, made lazily (a leaf
 # lock: nothing else is taken while it is held).
@@ -669,9 +667,13 @@ class Connection:
             elif isinstance(event, Failure):
                 self._set_error(event.error, closing=not deferred)
                 self.log.info("failing the connection: %s", event.error)
-        messages = [e for e in events if type(e) in _MESSAGES] if mixed else events
+        messages: list[Any] = [e for e in events if type(e) in _MESSAGES] if mixed else events
         # Backpressure: counted before they are posted (see blockws.delivery).
-        full = self.delivery.received(sum(map(len, cast(_Sizes, messages)))) if messages else False
+        if messages:
+            size = len(messages[0]) if len(messages) == 1 else sum(map(len, messages))
+            full = self.delivery.received(size)
+        else:
+            full = False
         if deferred:
             items: list[_dispatcher.Item] = [(self._release_deferred_close, None)]
             if messages:

@@ -29,12 +29,12 @@ that count reaches ``limit``: the socket then stops reading (see
 ``Connection.data_received``). The count is taken down as messages are
 delivered, on the thread that calls ``update()``/``receive()``, and once it
 falls to half the limit ``on_drained`` is called there, and reading resumes.
-The counters are guarded by one lock, taken once per read and once per
-delivered batch -- except ``receive()``'s count of what it took, which costs
-a single ``+=`` per message (no bytecode in it lets the GIL go, so it is
-atomic on CPython) and takes the lock only while reading is paused. The
-reader re-reads the counts after it sets ``paused``, and ``receive()`` reads
-``paused`` after its ``+=``: one of the two always sees the other, so a pause
+Each counter has one writer -- the reading side (one reading thread at a
+time), the delivering side (``update()``, serialized) and ``receive()`` --
+which adds to it with a single ``+=`` and no lock; the lock is taken only
+around a pause and a resume. The reader re-reads the counts after it sets
+``paused`` (under the lock), and the delivering side and ``receive()`` read
+``paused`` after their ``+=``: one of the two always sees the other, so a pause
 is never left standing over a queue that drained meanwhile.
 """
 
@@ -132,10 +132,15 @@ class Delivery:
         Call it before posting the messages, so the delivering side never
         counts more delivered than received.
         """
+        # Only the reading side writes _received (one reading thread at a
+        # time), so the += needs no lock; nor does the test below the limit,
+        # the common case, which reads the other sides' counters as they are.
+        self._received += size
         limit = self.limit
+        if limit is None or self._received - self._delivered - self.taken < limit:
+            return False
         with self._lock:
-            self._received += size
-            if limit is None or self.queued < limit:
+            if self.queued < limit:
                 return False
             self.paused = True
             if self.queued <= limit // 2:  # receive() took meanwhile (re-read after the flag)
@@ -166,11 +171,12 @@ class Delivery:
 
     def _done(self, size: int) -> None:
         """``size`` more delivered; resumes reading at half the limit."""
-        with self._lock:
-            self._delivered += size
-            if not self.paused:
-                return
-        self.check_drained()
+        # Only the delivering side (update(), one thread at a time) writes
+        # _delivered; it reads ``paused`` after its +=, as receive() does after
+        # its own (see the module docstring).
+        self._delivered += size
+        if self.paused:
+            self.check_drained()
 
     def check_drained(self) -> None:
         """Reading is paused: resume it if the queue is down to half the limit."""

@@ -302,7 +302,11 @@ class Dispatcher:
                         del running[me]
                 return count
         finally:
-            self._rearm()  # outside the lock: the hook may call update() itself
+            # _rearm(), inline (once per update()): outside the lock, as the
+            # hook may call update() itself.
+            self._armed = True
+            if self.pending:
+                self._announce()
 
     def _run_budget(self, budget: Budget) -> int:
         pending = self.pending
