@@ -888,13 +888,15 @@ class H2Connection:
         """Handle one read: first the frame left incomplete by the last read,
         completed from the front of ``data``, then the rest of ``data`` in place.
 
-        The leftover is kept as views of the reads it came in (bytes, which
-        never change), and joined once, when its frame is whole; the payloads
-        of DATA frames are sliced as views and copied once, when they are
-        handed to their socket: one ``data_received`` per stream and read,
-        the completed leftover included.
+        The leftover is kept as views of the reads it came in (when they are
+        ``bytes``, which never change; copied otherwise), and joined once,
+        when its frame is whole; the payloads of DATA frames are sliced as
+        views and copied once, when they are handed to their socket: one
+        ``data_received`` per stream and read, the completed leftover included.
         """
         view = memoryview(data)
+        # Views of ``data`` may outlive this call only if it cannot change.
+        keep = type(data) is bytes
         held: dict[H2Stream, list[memoryview]] = {}  # data coalesced per stream, in order
         parts = self._inparts
         if parts:
@@ -910,7 +912,7 @@ class H2Connection:
                 raise _ConnectionError(_FRAME_SIZE_ERROR, f"a frame of {length} bytes")
             need = 9 + length - self._inlen
             if need > len(view):
-                parts.append(view)
+                parts.append(view if keep else bytes(view))
                 self._inlen += len(view)
                 return
             parts.append(view[:need])
@@ -922,7 +924,7 @@ class H2Connection:
         pos = self._receive(view, held)
         self._deliver_held(held)
         if pos < len(view):
-            parts.append(view[pos:])
+            parts.append(view[pos:] if keep else bytes(view[pos:]))
             self._inlen = len(view) - pos
 
     def _receive(self, buf: memoryview, held: dict[H2Stream, list[memoryview]]) -> int:
