@@ -47,6 +47,11 @@ from .frames import RSV1
 __all__ = ["PerMessageDeflate"]
 
 _TAIL = b"\x00\x00\xff\xff"
+#: The last piece of a message is inflated together with the tail, in one call,
+#: up to this size (joining copies the piece; beyond it, two calls cost less).
+_JOIN_TAIL = 8192
+_SYNC_FLUSH = zlib.Z_SYNC_FLUSH
+_FULL_FLUSH = zlib.Z_FULL_FLUSH
 _BITS = re.compile(r"[1-9][0-9]?\Z")
 _PARAMS = (
     "server_no_context_takeover",
@@ -242,11 +247,12 @@ class PerMessageDeflate(Extension):
             )
         # Without context takeover a full flush empties the dictionary, so the
         # next message starts afresh, with no new compressor to allocate.
-        flush = zlib.Z_SYNC_FLUSH if self._send_takeover else zlib.Z_FULL_FLUSH
-        data = comp.compress(payload) + comp.flush(flush)
-        if data.endswith(_TAIL):
-            data = data[:-4]
-        return data, RSV1
+        data = comp.compress(payload)
+        tail = comp.flush(_SYNC_FLUSH if self._send_takeover else _FULL_FLUSH)
+        data = data + tail if data else tail
+        # Both flushes end in the empty stored block 00 00 ff ff, which the
+        # receiver puts back (RFC 7692 7.2.1).
+        return (data[:-4] if data.endswith(_TAIL) else data), RSV1
 
     def begin_message(self, opcode: int, rsv: int) -> bool:
         self._inflating = bool(rsv & RSV1)
@@ -257,21 +263,34 @@ class PerMessageDeflate(Extension):
         decomp = self._decompressor
         if decomp is None:
             decomp = self._decompressor = zlib.decompressobj(-self._recv_bits)
+        out: bytes
         try:
-            out = decomp.decompress(data, limit + 1) if data else b""
-            if decomp.unconsumed_tail or len(out) > limit:
-                raise MessageTooBig(f"inflated message exceeds the {limit} bytes left")
-            if decomp.eof:
-                # A block with BFINAL set ended the stream (RFC 7692 7.2.3.3). zlib
-                # would keep whatever follows in unused_data, without bound: refuse it.
-                if decomp.unused_data:
-                    raise ProtocolError("permessage-deflate: data after the final deflate block")
-            elif end:
-                room = limit - len(out)
-                tail = decomp.decompress(_TAIL, room + 1)
-                if decomp.unconsumed_tail or len(tail) > room:
+            if end and 0 < len(data) <= _JOIN_TAIL:
+                # A small last piece (most messages come whole): inflate it with
+                # the tail in one call. The tail inflates to nothing; after a
+                # final block it is left in unused_data, and only it may be.
+                out = decomp.decompress(data + _TAIL, limit + 1)
+                if decomp.unconsumed_tail or len(out) > limit:
                     raise MessageTooBig(f"inflated message exceeds the {limit} bytes left")
-                out += tail
+                if decomp.eof and decomp.unused_data != _TAIL:
+                    raise ProtocolError("permessage-deflate: data after the final deflate block")
+            else:
+                out = decomp.decompress(data, limit + 1) if data else b""
+                if decomp.unconsumed_tail or len(out) > limit:
+                    raise MessageTooBig(f"inflated message exceeds the {limit} bytes left")
+                if decomp.eof:
+                    # A block with BFINAL set ended the stream (RFC 7692 7.2.3.3). zlib
+                    # would keep whatever follows in unused_data, without bound: refuse it.
+                    if decomp.unused_data:
+                        raise ProtocolError(
+                            "permessage-deflate: data after the final deflate block"
+                        )
+                elif end:
+                    room = limit - len(out)
+                    tail = decomp.decompress(_TAIL, room + 1)
+                    if decomp.unconsumed_tail or len(tail) > room:
+                        raise MessageTooBig(f"inflated message exceeds the {limit} bytes left")
+                    out += tail
         except zlib.error as exc:
             raise ProtocolError(f"permessage-deflate: invalid compressed data: {exc}") from None
         if end and (not self._recv_takeover or decomp.eof):

@@ -121,6 +121,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -187,6 +188,10 @@ def _whole_frames(buf: bytes) -> int:
             break
         pos = stop
     return pos
+
+
+#: An HTTP/2 frame header (RFC 9113 4.1): length << 8 | type, flags, stream id.
+_HEADER = struct.Struct(">IBI").unpack_from
 
 
 def _data_header(size: int, stream_id: int) -> bytes:
@@ -422,7 +427,9 @@ class H2Connection:
         # Reading (the reader thread's alone). Bytes of an incomplete frame:
         # h2 is only ever fed whole frames, so the reader can take DATA frames
         # out of the stream (see _receive).
-        self._inbuf = b""
+        self._inbuf = b""  # the handshake's, then moved to _inparts
+        self._inparts: list[BytesLike] = []  # views of the reads it came in
+        self._inlen = 0  # bytes in _inparts
         self._stream_window = _STREAM_WINDOW  # what SETTINGS told the server
         self._recv_window = _DEFAULT_WINDOW  # our view of the connection's receive window
         # Credit to return after the current read (see _return_credit).
@@ -481,6 +488,10 @@ class H2Connection:
                 refused=True,
             )
         self.max_streams = settings.get(int(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS), 100)
+        if self._inbuf:  # frames that came with the SETTINGS: the reader's now
+            self._inparts = [self._inbuf]
+            self._inlen = len(self._inbuf)
+            self._inbuf = b""
         self._thread = threading.Thread(
             target=self._reader, name=f"blockws-h2-{self.id}", daemon=True
         )
@@ -877,51 +888,66 @@ class H2Connection:
         """Handle one read: first the frame left incomplete by the last read,
         completed from the front of ``data``, then the rest of ``data`` in place.
 
-        Joining the leftover to the whole read would copy every byte once more;
-        the payloads of DATA frames are sliced as views and copied once, when
-        they are handed to their socket.
+        The leftover is kept as views of the reads it came in (when they are
+        ``bytes``, which never change; copied otherwise), and joined once,
+        when its frame is whole; the payloads of DATA frames are sliced as
+        views and copied once, when they are handed to their socket: one
+        ``data_received`` per stream and read, the completed leftover included.
         """
         view = memoryview(data)
-        inbuf = self._inbuf
-        if inbuf:
-            if len(inbuf) < 9:  # the frame header itself was cut
-                take = 9 - len(inbuf)
-                inbuf += bytes(view[:take])
-                view = view[take:]
-                if len(inbuf) < 9:
-                    self._inbuf = inbuf
+        # Views of ``data`` may outlive this call only if it cannot change.
+        keep = type(data) is bytes
+        held: dict[H2Stream, list[memoryview]] = {}  # data coalesced per stream, in order
+        parts = self._inparts
+        if parts:
+            if self._inlen < 9:  # the frame header itself was cut: make it whole
+                head = b"".join(parts) + bytes(view[: 9 - self._inlen])
+                view = view[len(head) - self._inlen :]
+                parts[:] = [head]
+                self._inlen = len(head)
+                if len(head) < 9:
                     return
-            length = int.from_bytes(inbuf[:3], "big")
+            length = int.from_bytes(parts[0][:3], "big")
             if length > _MAX_FRAME:
                 raise _ConnectionError(_FRAME_SIZE_ERROR, f"a frame of {length} bytes")
-            size = 9 + length
-            frame = inbuf + bytes(view[: size - len(inbuf)])
-            view = view[size - len(inbuf) :]
-            if len(frame) < size:
-                self._inbuf = frame
+            need = 9 + length - self._inlen
+            if need > len(view):
+                parts.append(view if keep else bytes(view))
+                self._inlen += len(view)
                 return
-            self._inbuf = b""
-            self._receive(memoryview(frame))
-        self._receive(view)
+            parts.append(view[:need])
+            view = view[need:]
+            frame = memoryview(b"".join(parts))
+            parts.clear()
+            self._inlen = 0
+            self._receive(frame, held)
+        pos = self._receive(view, held)
+        self._deliver_held(held)
+        if pos < len(view):
+            parts.append(view[pos:] if keep else bytes(view[pos:]))
+            self._inlen = len(view) - pos
 
-    def _receive(self, buf: memoryview) -> None:
-        """Handle the whole frames in ``buf``; keep the rest for the next read.
+    def _receive(self, buf: memoryview, held: dict[H2Stream, list[memoryview]]) -> int:
+        """Handle the whole frames in ``buf`` and return where the first
+        incomplete one starts.
 
         DATA frames of open, answered streams (no END_STREAM, no padding) go
-        straight to their socket; every other frame goes through h2, in order.
-        Every frame's length, and every DATA frame's flow control, is checked
-        here (see "Receiving" in the module docstring).
+        to ``held``, delivered by the caller (or here, before a frame that
+        goes through h2, to keep the order); every other frame goes through
+        h2, in order. Every frame's length, and every DATA frame's flow
+        control, is checked here (see "Receiving" in the module docstring).
         """
-        held: dict[H2Stream, list[memoryview]] = {}  # data coalesced per stream, in order
         streams = self.streams
         hand = self._credit_hand
+        header = _HEADER
         pos = start = 0
         end = len(buf)
         window = self._recv_window
         conn_hand = conn_h2 = 0  # connection credit, added to the read's in the end
         try:
             while end - pos >= 9:
-                length = int.from_bytes(buf[pos : pos + 3], "big")
+                kind, flags, sid = header(buf, pos)
+                length = kind >> 8
                 if length > _MAX_FRAME:
                     raise _ConnectionError(
                         _FRAME_SIZE_ERROR,
@@ -931,7 +957,7 @@ class H2Connection:
                 stop = pos + 9 + length
                 if stop > end:
                     break
-                if buf[pos + 3] != 0:  # not DATA
+                if kind & 0xFF:  # not DATA
                     pos = stop
                     continue
                 window -= length  # every DATA frame counts (RFC 9113 6.9.1)
@@ -939,8 +965,7 @@ class H2Connection:
                     raise _ConnectionError(
                         _FLOW_CONTROL_ERROR, "DATA beyond the connection's receive window"
                     )
-                sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                stream = streams.get(sid)
+                stream = streams.get(sid & 0x7FFFFFFF)
                 if stream is not None and not stream._ended and start < pos:
                     # The frames before it go through h2 first: they may answer
                     # its CONNECT (the fast path is open from the first DATA
@@ -964,10 +989,14 @@ class H2Connection:
                     conn_hand += length
                     self._stream_flow_error(stream)
                     continue
-                if stream.response is not None and not buf[pos + 4] & 0x09:
+                if stream.response is not None and not flags & 0x09:
                     # The fast path: no END_STREAM, no PADDED.
                     if length:
-                        held.setdefault(stream, []).append(buf[pos + 9 : stop])
+                        parts = held.get(stream)
+                        if parts is None:
+                            held[stream] = [buf[pos + 9 : stop]]
+                        else:
+                            parts.append(buf[pos + 9 : stop])
                         hand[stream] = hand.get(stream, 0) + length
                         conn_hand += length
                     start = stop
@@ -990,8 +1019,7 @@ class H2Connection:
         if start < pos:
             self._deliver_held(held)
             self._through_h2(bytes(buf[start:pos]))
-        self._deliver_held(held)
-        self._inbuf = bytes(buf[pos:])
+        return pos
 
     @staticmethod
     def _deliver_held(held: dict[H2Stream, list[memoryview]]) -> None:

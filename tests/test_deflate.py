@@ -718,6 +718,30 @@ def test_data_after_the_final_block_fails() -> None:
         assert queued_close(proto) == 1002
 
 
+@pytest.mark.parametrize("size", [100, 8000, 9000, 40_000])
+def test_last_piece_inflated_with_the_tail_or_after_it(size: int) -> None:
+    """The last piece of a message is inflated with the tail in one call when it is small
+    (blockws.deflate._JOIN_TAIL), in two calls when not: both decode a message ending in a
+    BFINAL block or in a sync flush, in one frame or two, and both refuse data after a
+    BFINAL block (a tail left over after the final block is not such data)."""
+    import blockws.deflate
+
+    assert blockws.deflate._JOIN_TAIL < 9000  # the sizes cover both paths
+    message = noise(size // 2) + b"hello " * (size // 12)
+    for server in (ZlibServer(finish=True), ZlibServer()):
+        payload = server.compress(message)
+        for fragments in ((), [len(payload) // 2]):
+            wire = server_message(OP_BINARY, payload, fragments=fragments)
+            assert feed(client(negotiated()), wire) == [("binary", message)]
+    payload = ZlibServer(finish=True).compress(message)
+    for junk in (b"x", bytes(4), b"\x00\x00\xff\xff"):
+        for fragments in ((), [len(payload)]):
+            proto = client(negotiated())
+            wire = server_message(OP_BINARY, payload + junk, fragments=fragments)
+            assert feed(proto, wire) == [("failure", ProtocolError, 1002)]
+            assert queued_close(proto) == 1002
+
+
 # -- round trips: fragmentation and control frames -----------------------------------------
 
 

@@ -316,3 +316,38 @@ def test_fast_path_with_hypercorn(hypercorn_h2_server: Any, monkeypatch: pytest.
     assert spy.data_frames == 0
     ws.close()
     assert rec.wait_closed(ws) == (1000, "")
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(60)
+def test_frames_cut_across_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DATA frames cut anywhere (in the 9-byte header, in the payload, over three reads)
+    reach the socket whole and in order, one data_received per read that completes data:
+    the completed leftover frame goes with the rest of its read, not on its own."""
+    from benchmarks.fuzz import h2 as harness
+
+    calls: list[int] = []
+    real = harness._StreamSink.data_received
+
+    def counting(self: Any, data: bytes) -> None:
+        calls.append(len(data))
+        real(self, data)
+
+    monkeypatch.setattr(harness._StreamSink, "data_received", counting)
+
+    def data(payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01" + payload
+
+    payloads = [bytes([i]) * n for i, n in enumerate([100, 5000, 1, 300])]
+    wire = b"".join(data(p) for p in payloads)
+    expected = b"".join(payloads)
+    first = 9 + 100
+    for cut in (3, 9, 50, first + 4, first + 2000):
+        for second in (None, cut + 7, cut + 3000):
+            cuts = [0, cut] + ([second] if second is not None and second < len(wire) else [])
+            pieces = [wire[a:b] for a, b in zip(cuts, cuts[1:] + [len(wire)])]
+            calls.clear()
+            delivered, dead, _ = harness._run_h2(pieces)
+            assert (delivered, dead) == (expected, type(None)), (cut, second)
+            # Every read here completes some data, and none is delivered in two calls.
+            assert len(calls) <= len(pieces), (cut, second, calls, [len(p) for p in pieces])
