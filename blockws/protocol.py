@@ -37,6 +37,7 @@ import enum
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Union
 
+from . import frames as _frames
 from .exceptions import InvalidPayload, InvalidState, MessageTooBig, ProtocolError
 from .extensions import Extension
 from .frames import (
@@ -526,37 +527,18 @@ class Protocol:
         fast = self._fast
         limit = self.max_message_size
         small = 65535 if limit is None or limit > 65535 else limit
-        compact = self.compact_messages
-        append = events.append
+        wrap_binary = wrap_text = None
+        if not self.compact_messages:
+            wrap_binary, wrap_text = BinaryMessage, TextMessage
+        # The C version when built (see blockws.frames.split_messages): looked
+        # up per call, so that tests can run the parser on either.
+        split = _frames.split_messages
         while pos < end:
             if fast and self._phase == _HEADER and not self._m_opcode:
                 # Frame after frame, with nothing looked up but the bytes;
-                # anything else (or a frame cut short) leaves for the general path.
-                while end - pos >= 2:
-                    b0 = buf[pos]
-                    if b0 != 0x82 and b0 != 0x81:
-                        break
-                    n = buf[pos + 1]  # MASK clear means the byte is below 128
-                    start = pos + 2
-                    if n >= 126:
-                        if n != 126 or end - pos < 4:
-                            break  # MASK set, a 64-bit length, or a header cut short
-                        n = (buf[start] << 8) | buf[pos + 3]
-                        start = pos + 4
-                    stop = start + n
-                    if n > small or stop > end:
-                        break
-                    if b0 == 0x82:
-                        append(buf[start:stop] if compact else BinaryMessage(buf[start:stop], n))
-                    else:
-                        try:
-                            text = buf[start:stop].decode("utf-8")
-                            append(text if compact else TextMessage(text))
-                        except UnicodeDecodeError as exc:
-                            raise InvalidPayload(
-                                f"text message is not valid UTF-8: {exc.reason}"
-                            ) from None
-                    pos = stop
+                # anything else (or a frame cut short, or text that is not
+                # UTF-8) is left for the general path, which fails on it.
+                pos = split(buf, pos, small, events, wrap_binary, wrap_text)
                 if pos >= end:
                     break
             if self._phase == _HEADER:
