@@ -34,7 +34,8 @@ CHILD = """
 import sys
 from blockws import frames
 from blockws.protocol import Protocol, Role
-size, binary, as_bytes, n = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4])
+size, binary, as_bytes = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+n = int(sys.argv[4])
 payload = (b"x" if binary else b"y") * size
 frame = frames.Frame(2 if binary else 1, payload).serialize(None)
 read = 127 * 1024
