@@ -706,6 +706,9 @@ class Protocol:
         # (15-25 k page faults per benchmark run against 6 k). The pooled buffer
         # starts at the size of the last such message (so a steady stream never
         # grows one) and doubles, when it must, within the pool.
+        # Copies go through a memoryview of the target: ``bytearray[a:b] = x``
+        # first copies any ``x`` that is not a bytearray into a new one (CPython's
+        # bytearray_ass_subscript), a second copy of every byte of the message.
         start = self._m_len
         total = self._m_len = start + len(chunk)
         buf = self._m_buf
@@ -720,13 +723,13 @@ class Protocol:
                 events.append(chunk if self.compact_messages else BinaryMessage(chunk, total))
                 return
             buf = self._allocate(total)
-            buf[:total] = chunk
+            memoryview(buf)[:total] = chunk  # (see _binary_data on copies)
             events.append(BinaryMessage(buf, total))
             return
         if buf is None:
             if message_end:  # the whole message in one piece: one copy
                 buf = self._allocate(total)
-                buf[:total] = chunk
+                memoryview(buf)[:total] = chunk  # (see _binary_data on copies)
                 events.append(BinaryMessage(buf, total))
                 return
             # Room for what came, and as much again of what the frame still
@@ -736,11 +739,11 @@ class Protocol:
             buf = self._m_buf = self._allocate(max(need, min(self._m_hint, _HINT_CAP)))
         elif total > len(buf):
             grown = self._allocate(max(total + min(self._f_remaining, total), 2 * len(buf)))
-            grown[:start] = memoryview(buf)[:start]
+            memoryview(grown)[:start] = memoryview(buf)[:start]
             if self._release is not None:
                 self._release(buf)
             buf = self._m_buf = grown
-        buf[start:total] = chunk
+        memoryview(buf)[start:total] = chunk
         if message_end:
             self._m_buf = None
             self._m_hint = total

@@ -1081,3 +1081,30 @@ def test_bad_utf8_among_many_small_messages_fails_in_order(compact: bool) -> Non
     got = summarize(proto.receive_data(good + bad + after))
     assert got == [("text", f"m{i}") for i in range(50)] + [("failure", InvalidPayload, 1007)]
     assert [f.payload[:2] for f in sent_frames(proto)] == [b"\x03\xef"]
+
+
+def test_a_message_spanning_reads_is_copied_once_into_pooled_memory() -> None:
+    """Regression: ``bytearray[a:b] = chunk`` copied every chunk of a message that
+    spans reads into a temporary bytearray before copying it into the pooled
+    buffer (a second copy of every byte, 1 MiB per W3 message). The middle reads
+    of a message now allocate nothing near their size."""
+    import tracemalloc
+
+    pooled = bytearray(2 << 20)
+    proto = make(Role.CLIENT, allocate=lambda n: pooled if n <= len(pooled) else bytearray(n))
+    size, piece = 1 << 20, 64 * 1024
+    stream = wire(Role.CLIENT, Opcode.BINARY, binary_of(size))
+    head = len(stream) - size
+    assert proto.receive_data(stream[: head + piece]) == []
+    middle = [stream[i : i + piece] for i in range(head + piece, len(stream) - piece, piece)]
+    tracemalloc.start()
+    try:
+        for data in middle:
+            assert proto.receive_data(data) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < piece // 4, peak
+    events = proto.receive_data(stream[len(stream) - piece :])
+    assert summarize(events) == [("binary", binary_of(size))]
+    assert isinstance(events[0], BinaryMessage) and events[0].data is pooled
