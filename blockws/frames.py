@@ -26,7 +26,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Union
 
 from .exceptions import InvalidPayload, ProtocolError
 
@@ -36,6 +36,9 @@ __all__ = [
     "apply_mask",
     "py_apply_mask",
     "c_apply_mask",
+    "split_messages",
+    "py_split_messages",
+    "c_split_messages",
     "encode_header",
     "MaskKeys",
     "pack_close",
@@ -136,6 +139,82 @@ apply_mask: Callable[[BytesLike, bytes], bytes] = (
     c_apply_mask
     if c_apply_mask is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
     else py_apply_mask
+)
+
+
+def py_split_messages(
+    buf: BytesLike,
+    pos: int,
+    small: int,
+    out: list[Any],
+    wrap_binary: Callable[[bytes, int], Any] | None,
+    wrap_text: Callable[[str], Any] | None,
+) -> int:
+    """The receive path's fast loop: whole small messages from ``buf[pos:]``.
+
+    Takes frame after frame while each is whole, final (FIN), unmasked, free
+    of RSV bits, text or binary, and at most ``small`` bytes long (``small``
+    is at most 65535: no 64-bit lengths); appends each message to ``out`` --
+    binary as ``bytes``, text as its decoded ``str``, through
+    ``wrap_binary(data, length)`` / ``wrap_text(text)`` unless those are
+    None -- and returns the offset where it stopped. Anything else (a frame
+    cut short, a control frame, a fragment, a mask, RSV bits, a longer frame,
+    text that is not valid UTF-8) stops it *before* that frame, for the
+    general parser to handle or fail on, so this never raises a protocol
+    error and cannot change the order in which errors are found.
+
+    This is the reference; ``blockws._speedups.split_messages`` is the C
+    version, and the two agree byte for byte (tests/test_frames.py).
+    """
+    view = buf if type(buf) is bytes else bytes(buf)
+    end = len(view)
+    if pos < 0 or pos > end:
+        raise ValueError("pos out of range")
+    append = out.append
+    while end - pos >= 2:
+        b0 = view[pos]
+        if b0 != 0x82 and b0 != 0x81:
+            break
+        n = view[pos + 1]  # MASK clear means the byte is below 128
+        start = pos + 2
+        if n >= 126:
+            if n != 126 or end - pos < 4:
+                break  # MASK set, a 64-bit length, or a header cut short
+            n = (view[start] << 8) | view[pos + 3]
+            start = pos + 4
+        stop = start + n
+        if n > small or stop > end:
+            break
+        if b0 == 0x82:
+            data = view[start:stop]
+            append(data if wrap_binary is None else wrap_binary(data, n))
+        else:
+            try:
+                text = view[start:stop].decode("utf-8")
+            except UnicodeDecodeError:
+                break  # the general parser fails the connection on it
+            append(text if wrap_text is None else wrap_text(text))
+        pos = stop
+    return pos
+
+
+SplitMessages = Callable[
+    [BytesLike, int, int, "list[Any]", "Callable[[bytes, int], Any] | None",
+     "Callable[[str], Any] | None"],
+    int,
+]
+c_split_messages: SplitMessages | None
+try:
+    from ._speedups import split_messages as c_split_messages
+except ImportError:  # pragma: no cover - depends on the install (or an older build)
+    c_split_messages = None
+
+#: The fast loop as used by the protocol: the C version when built, else the
+#: pure-Python one; ``BLOCKWS_PURE_PYTHON=1`` forces the pure-Python one.
+split_messages: SplitMessages = (
+    c_split_messages
+    if c_split_messages is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
+    else py_split_messages
 )
 
 

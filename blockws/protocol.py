@@ -37,6 +37,7 @@ import enum
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Union
 
+from . import frames as _frames
 from .exceptions import InvalidPayload, InvalidState, MessageTooBig, ProtocolError
 from .extensions import Extension
 from .frames import (
@@ -526,37 +527,18 @@ class Protocol:
         fast = self._fast
         limit = self.max_message_size
         small = 65535 if limit is None or limit > 65535 else limit
-        compact = self.compact_messages
-        append = events.append
+        wrap_binary = wrap_text = None
+        if not self.compact_messages:
+            wrap_binary, wrap_text = BinaryMessage, TextMessage
+        # The C version when built (see blockws.frames.split_messages): looked
+        # up per call, so that tests can run the parser on either.
+        split = _frames.split_messages
         while pos < end:
             if fast and self._phase == _HEADER and not self._m_opcode:
                 # Frame after frame, with nothing looked up but the bytes;
-                # anything else (or a frame cut short) leaves for the general path.
-                while end - pos >= 2:
-                    b0 = buf[pos]
-                    if b0 != 0x82 and b0 != 0x81:
-                        break
-                    n = buf[pos + 1]  # MASK clear means the byte is below 128
-                    start = pos + 2
-                    if n >= 126:
-                        if n != 126 or end - pos < 4:
-                            break  # MASK set, a 64-bit length, or a header cut short
-                        n = (buf[start] << 8) | buf[pos + 3]
-                        start = pos + 4
-                    stop = start + n
-                    if n > small or stop > end:
-                        break
-                    if b0 == 0x82:
-                        append(buf[start:stop] if compact else BinaryMessage(buf[start:stop], n))
-                    else:
-                        try:
-                            text = buf[start:stop].decode("utf-8")
-                            append(text if compact else TextMessage(text))
-                        except UnicodeDecodeError as exc:
-                            raise InvalidPayload(
-                                f"text message is not valid UTF-8: {exc.reason}"
-                            ) from None
-                    pos = stop
+                # anything else (or a frame cut short, or text that is not
+                # UTF-8) is left for the general path, which fails on it.
+                pos = split(buf, pos, small, events, wrap_binary, wrap_text)
                 if pos >= end:
                     break
             if self._phase == _HEADER:
@@ -724,6 +706,9 @@ class Protocol:
         # (15-25 k page faults per benchmark run against 6 k). The pooled buffer
         # starts at the size of the last such message (so a steady stream never
         # grows one) and doubles, when it must, within the pool.
+        # Copies go through a memoryview of the target: ``bytearray[a:b] = x``
+        # first copies any ``x`` that is not a bytearray into a new one (CPython's
+        # bytearray_ass_subscript), a second copy of every byte of the message.
         start = self._m_len
         total = self._m_len = start + len(chunk)
         buf = self._m_buf
@@ -738,13 +723,13 @@ class Protocol:
                 events.append(chunk if self.compact_messages else BinaryMessage(chunk, total))
                 return
             buf = self._allocate(total)
-            buf[:total] = chunk
+            memoryview(buf)[:total] = chunk  # (see _binary_data on copies)
             events.append(BinaryMessage(buf, total))
             return
         if buf is None:
             if message_end:  # the whole message in one piece: one copy
                 buf = self._allocate(total)
-                buf[:total] = chunk
+                memoryview(buf)[:total] = chunk  # (see _binary_data on copies)
                 events.append(BinaryMessage(buf, total))
                 return
             # Room for what came, and as much again of what the frame still
@@ -754,11 +739,11 @@ class Protocol:
             buf = self._m_buf = self._allocate(max(need, min(self._m_hint, _HINT_CAP)))
         elif total > len(buf):
             grown = self._allocate(max(total + min(self._f_remaining, total), 2 * len(buf)))
-            grown[:start] = memoryview(buf)[:start]
+            memoryview(grown)[:start] = memoryview(buf)[:start]
             if self._release is not None:
                 self._release(buf)
             buf = self._m_buf = grown
-        buf[start:total] = chunk
+        memoryview(buf)[start:total] = chunk
         if message_end:
             self._m_buf = None
             self._m_hint = total

@@ -375,6 +375,155 @@ def test_c_mask_rejects_a_bad_key() -> None:
         c_apply_mask(b"abc", b"123")
 
 
+# -- both fast receive loops (split_messages) -----------------------------------------
+# The C loop (blockws._speedups.split_messages) and the pure-Python reference
+# (frames.py_split_messages) must agree byte for byte: the messages, their types,
+# and the offset where each stops -- before anything it does not take, so that the
+# general parser finds every error, in the same order, whichever loop ran first.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from blockws.frames import c_split_messages, py_split_messages  # noqa: E402
+from blockws.protocol import BinaryMessage, TextMessage  # noqa: E402
+
+SPLITS = [pytest.param(py_split_messages, id="python")]
+if c_split_messages is not None:
+    SPLITS.append(pytest.param(c_split_messages, id="c"))
+
+
+def test_the_c_split_is_built_and_used_here() -> None:
+    assert c_split_messages is not None
+    import os
+
+    if not os.environ.get("BLOCKWS_PURE_PYTHON"):
+        assert frames_module.split_messages is c_split_messages
+    else:
+        assert frames_module.split_messages is py_split_messages
+
+
+def split_all(impl: Any, buf: Any, pos: int = 0, small: int = 65535, wrapped: bool = False) -> Any:
+    out: list[Any] = []
+    wraps = (BinaryMessage, TextMessage) if wrapped else (None, None)
+    stop = impl(buf, pos, small, out, *wraps)
+    summary = []
+    for item in out:
+        if isinstance(item, BinaryMessage):
+            assert type(item.data) is bytes and len(item.data) == item.length
+            summary.append(("B", item.data))
+        elif isinstance(item, TextMessage):
+            summary.append(("T", item.text))
+        else:
+            summary.append((type(item).__name__, item))
+    return stop, summary
+
+
+def frame(
+    opcode: int, payload: bytes, fin: bool = True, rsv: int = 0, key: bytes | None = None
+) -> bytes:
+    return Frame(opcode, payload, fin, rsv).serialize(key)
+
+
+@pytest.mark.parametrize("impl", SPLITS)
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_split_takes_whole_small_data_frames(impl: Any, wrapped: bool) -> None:
+    stream = (
+        frame(Opcode.TEXT, "héllo".encode())
+        + frame(Opcode.BINARY, b"")
+        + frame(Opcode.BINARY, b"\x00" * 125)
+        + frame(Opcode.BINARY, b"\x01" * 126)
+        + frame(Opcode.TEXT, b"z" * 65535)
+    )
+    stop, got = split_all(impl, stream, wrapped=wrapped)
+    assert stop == len(stream)
+    b, t = ("B", "T") if wrapped else ("bytes", "str")
+    assert got == [(t, "héllo"), (b, b""), (b, b"\x00" * 125), (b, b"\x01" * 126), (t, "z" * 65535)]
+
+
+STOPPERS = {
+    "cut header": frame(Opcode.BINARY, b"x" * 200)[:3],
+    "cut payload": frame(Opcode.BINARY, b"x" * 200)[:-1],
+    "one byte": b"\x82",
+    "ping": frame(Opcode.PING, b"p"),
+    "close": frame(Opcode.CLOSE, b"\x03\xe8"),
+    "first fragment": frame(Opcode.TEXT, b"ab", fin=False),
+    "continuation": frame(Opcode.CONT, b"ab"),
+    "rsv1": frame(Opcode.BINARY, b"ab", rsv=RSV1),
+    "masked": frame(Opcode.BINARY, b"ab", key=KEY),
+    "masked 16-bit": frame(Opcode.BINARY, b"a" * 300, key=KEY),
+    "64-bit length": frame(Opcode.BINARY, b"a" * 65536),
+    "reserved opcode": bytes((0x83, 0)),
+    "bad utf-8": frame(Opcode.TEXT, b"ok\xff"),
+    "cut utf-8": frame(Opcode.TEXT, "é".encode()[:1]),
+    "surrogate": frame(Opcode.TEXT, b"\xed\xa0\x80"),
+    "over small": frame(Opcode.BINARY, b"a" * 1001),
+}
+
+
+@pytest.mark.parametrize("impl", SPLITS)
+@pytest.mark.parametrize("stopper", sorted(STOPPERS))
+def test_split_stops_before_anything_else(impl: Any, stopper: str) -> None:
+    head = frame(Opcode.TEXT, b"a") + frame(Opcode.BINARY, b"b")
+    stream = head + STOPPERS[stopper]
+    if not stopper.startswith(("cut", "one")):  # (a cut frame would take the next one's bytes)
+        stream += frame(Opcode.TEXT, b"after")
+    stop, got = split_all(impl, stream, small=1000)
+    assert stop == len(head)
+    assert got == [("str", "a"), ("bytes", b"b")]
+
+
+@pytest.mark.parametrize("impl", SPLITS)
+def test_split_starts_at_pos_and_accepts_buffers(impl: Any) -> None:
+    stream = b"junk" + frame(Opcode.BINARY, b"xy") + frame(Opcode.TEXT, b"z")
+    for buf in (stream, bytearray(stream), memoryview(stream)):
+        assert split_all(impl, buf, 4) == (len(stream), [("bytes", b"xy"), ("str", "z")])
+    assert split_all(impl, stream, len(stream)) == (len(stream), [])
+    for pos in (-1, len(stream) + 1):
+        with pytest.raises(ValueError):
+            split_all(impl, stream, pos)
+
+
+@pytest.mark.parametrize("impl", SPLITS)
+def test_split_lets_a_wrappers_error_through_and_keeps_what_came_before(impl: Any) -> None:
+    out: list[Any] = []
+
+    def boom(text: str) -> Any:
+        raise RuntimeError("wrapper")
+
+    stream = frame(Opcode.BINARY, b"1") + frame(Opcode.TEXT, b"2")
+    with pytest.raises(RuntimeError, match="wrapper"):
+        impl(stream, 0, 65535, out, None, boom)
+    assert out == [b"1"]
+
+
+_chunks = st.one_of(
+    st.builds(lambda p: frame(Opcode.TEXT, p), st.text(max_size=300).map(str.encode)),
+    st.builds(lambda p: frame(Opcode.BINARY, p), st.binary(max_size=300)),
+    st.builds(lambda p: frame(Opcode.TEXT, p), st.binary(max_size=8)),  # often not UTF-8
+    st.binary(min_size=1, max_size=6),  # garbage
+    st.sampled_from(sorted(STOPPERS.values())),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    st.lists(_chunks, max_size=12),
+    st.integers(0, 20),
+    st.sampled_from([0, 1, 125, 126, 300, 65535]),
+    st.booleans(),
+)
+def test_hypothesis_both_splits_agree_byte_for_byte(
+    chunks: list[bytes], pos: int, small: int, wrapped: bool
+) -> None:
+    stream = b"".join(chunks)
+    pos = min(pos, len(stream))
+    expected = split_all(py_split_messages, stream, pos, small, wrapped)
+    if c_split_messages is not None:
+        assert split_all(c_split_messages, stream, pos, small, wrapped) == expected
+    # Every message it took is whole, and the rest starts at a frame it did not take.
+    assert pos <= expected[0] <= len(stream)
+
+
 # -- masking keys across threads (RFC 6455 5.3) -----------------------------------------
 
 

@@ -6,13 +6,14 @@ queued in ``data_to_send()`` are checked byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Union
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import blockws.frames as frames_module
 from blockws.exceptions import InvalidPayload, InvalidState, MessageTooBig, ProtocolError
 from blockws.frames import RSV1, RSV2, RSV3, Frame, Opcode, is_valid_close_code, pack_close
 from blockws.protocol import (
@@ -30,6 +31,22 @@ from blockws.protocol import (
 )
 
 pytestmark = pytest.mark.unit
+
+_SPLITS = [pytest.param(frames_module.py_split_messages, id="py-split")]
+if frames_module.c_split_messages is not None:
+    _SPLITS.append(pytest.param(frames_module.c_split_messages, id="c-split"))
+
+
+@pytest.fixture(autouse=True, scope="module", params=_SPLITS)
+def split_impl(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Every test here runs on both fast receive loops (the C one and the pure
+    reference): events, queued frames and the order of failures must not differ."""
+    saved = frames_module.split_messages
+    frames_module.split_messages = request.param
+    try:
+        yield request.param
+    finally:
+        frames_module.split_messages = saved
 
 KEY = b"\x37\xfa\x21\x3d"
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 1 << 20]
@@ -1049,3 +1066,45 @@ def test_binary_as_bytes_still_bounds_the_message_size() -> None:
         + wire(Role.CLIENT, Opcode.CONT, b"y" * 60)
     )
     assert summarize(events) == [("failure", MessageTooBig, 1009)]
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_bad_utf8_among_many_small_messages_fails_in_order(compact: bool) -> None:
+    """The fast loop (C or Python) stops before a text frame that is not UTF-8;
+    the general parser fails on it: the messages before it are reported, the
+    ones after it are not, and the close carries 1007."""
+    proto = make(Role.CLIENT)
+    proto.compact_messages = compact
+    good = b"".join(wire(Role.CLIENT, Opcode.TEXT, b"m%d" % i) for i in range(50))
+    bad = wire(Role.CLIENT, Opcode.TEXT, b"ok\xc3(")
+    after = wire(Role.CLIENT, Opcode.BINARY, b"never")
+    got = summarize(proto.receive_data(good + bad + after))
+    assert got == [("text", f"m{i}") for i in range(50)] + [("failure", InvalidPayload, 1007)]
+    assert [f.payload[:2] for f in sent_frames(proto)] == [b"\x03\xef"]
+
+
+def test_a_message_spanning_reads_is_copied_once_into_pooled_memory() -> None:
+    """Regression: ``bytearray[a:b] = chunk`` copied every chunk of a message that
+    spans reads into a temporary bytearray before copying it into the pooled
+    buffer (a second copy of every byte, 1 MiB per W3 message). The middle reads
+    of a message now allocate nothing near their size."""
+    import tracemalloc
+
+    pooled = bytearray(2 << 20)
+    proto = make(Role.CLIENT, allocate=lambda n: pooled if n <= len(pooled) else bytearray(n))
+    size, piece = 1 << 20, 64 * 1024
+    stream = wire(Role.CLIENT, Opcode.BINARY, binary_of(size))
+    head = len(stream) - size
+    assert proto.receive_data(stream[: head + piece]) == []
+    middle = [stream[i : i + piece] for i in range(head + piece, len(stream) - piece, piece)]
+    tracemalloc.start()
+    try:
+        for data in middle:
+            assert proto.receive_data(data) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < piece // 4, peak
+    events = proto.receive_data(stream[len(stream) - piece :])
+    assert summarize(events) == [("binary", binary_of(size))]
+    assert isinstance(events[0], BinaryMessage) and events[0].data is pooled
