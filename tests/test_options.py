@@ -4,6 +4,7 @@ option; unknown keywords are refused; headers come as a mapping, pairs or ``Head
 
 from __future__ import annotations
 
+import re
 import ssl
 from typing import Any
 
@@ -63,7 +64,8 @@ OUT_OF_RANGE: list[tuple[str, Any]] = [
 
 
 def _ids(cases: list[tuple[str, Any]]) -> list[str]:
-    return [f"{name}={value!r}" for name, value in cases]
+    # No object addresses in the ids: pytest-xdist's workers must collect the same names.
+    return [re.sub(r" at 0x[0-9a-f]+", "", f"{name}={value!r}") for name, value in cases]
 
 
 @pytest.mark.parametrize(("name", "value"), WRONG_TYPES, ids=_ids(WRONG_TYPES))
