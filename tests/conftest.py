@@ -257,6 +257,27 @@ def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name.upper(), raising=False)
 
 
+@pytest.fixture
+def coverage_paused() -> Iterator[None]:
+    """For tests that weigh blockws's own allocations with tracemalloc: coverage's tracer
+    (CI measures coverage) allocates per thread and per newly seen branch, and tracemalloc
+    charges that to the blockws frame running then. Pause it for the test."""
+    try:
+        import coverage
+    except ImportError:
+        yield
+        return
+    cov = coverage.Coverage.current()
+    if cov is None:
+        yield
+        return
+    cov.stop()
+    try:
+        yield
+    finally:
+        cov.start()
+
+
 @pytest.fixture(autouse=True)
 def no_socket_left_live() -> Iterator[None]:
     """A socket a test leaves between open() and on_closed (open, or closed with its

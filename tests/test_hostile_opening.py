@@ -206,7 +206,7 @@ def test_close_during_a_tcp_connect_that_hangs_ends_the_socket_at_once() -> None
 
 
 def test_closed_sockets_never_pumped_release_their_heavy_state(
-    websockets_deflate_server: str,
+    websockets_deflate_server: str, coverage_paused: None
 ) -> None:
     """Probe "leaks" (issue 11, item 6): every closed socket stays in the live set until
     its on_closed is pumped, and kept its protocol, compressors, transport and buffers

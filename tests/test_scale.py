@@ -45,7 +45,7 @@ def _client_bytes(snapshot: tracemalloc.Snapshot) -> int:
     return sum(stat.size for stat in kept.statistics("filename"))
 
 
-def test_idle_sockets_keep_little_python_memory(echo_url: str) -> None:
+def test_idle_sockets_keep_little_python_memory(echo_url: str, coverage_paused: None) -> None:
     opened: list[Any] = []
     closed: list[Any] = []
     warm = blockws.connect(echo_url, timeout=WAIT, extensions=[])
