@@ -410,9 +410,6 @@ class _TracingSink:
         self._inner = inner
         self._tracer = tracer
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
     def data_received(self, data: bytes) -> None:
         self._tracer.incoming(data)
         self._inner.data_received(data)

@@ -39,8 +39,8 @@ __all__ = ["attach", "detach", "DEFAULT_SORT", "TASK_NAME"]
 DEFAULT_SORT = -10
 TASK_NAME = "blockws-update"
 
-# The attached task and its manager, or None.
-_attached: tuple[Any, Any] | None = None
+# The task manager, the attached task and its function, or None.
+_attached: tuple[Any, Any, _Pump] | None = None
 
 
 class _Pump:
@@ -58,14 +58,16 @@ class _Pump:
             self.seen_sockets = True
         self.callbacks += update_all(self.max_callbacks, self.max_time)
         if self.seen_sockets and not live_count():
-            _forget(task)
+            _forget(self)
             return task.done
         return task.cont
 
 
-def _forget(task: Any) -> None:
+def _forget(pump: _Pump) -> None:
+    # Found by the pump, not by the task: Panda3D hands the task function a new
+    # Python object for the same task each time (``task is added`` is False).
     global _attached
-    if _attached is not None and _attached[1] is task:
+    if _attached is not None and _attached[2] is pump:
         _attached = None
 
 
@@ -91,8 +93,9 @@ def attach(
     if task_mgr is None:
         task_mgr = importlib.import_module("direct.task.TaskManagerGlobal").taskMgr
     detach()
-    task = task_mgr.add(_Pump(max_callbacks, max_time), TASK_NAME, sort=sort)
-    _attached = (task_mgr, task)
+    pump = _Pump(max_callbacks, max_time)
+    task = task_mgr.add(pump, TASK_NAME, sort=sort)
+    _attached = (task_mgr, task, pump)
     return task
 
 
@@ -101,5 +104,5 @@ def detach() -> None:
     global _attached
     attached, _attached = _attached, None
     if attached is not None:
-        task_mgr, task = attached
+        task_mgr, task, _pump = attached
         task_mgr.remove(task)
