@@ -383,8 +383,10 @@ class TLSInTLSTransport(Transport):
                     data = None
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     # close_notify, or the stream ended without one (as an
-                    # SSLSocket with suppress_ragged_eofs, the default)
-                    data = b""
+                    # SSLSocket with suppress_ragged_eofs, the default). The
+                    # alert OpenSSL queues about a missing close_notify is not
+                    # sent: the tunnel it would go through has ended.
+                    return b""
                 except ssl.SSLError as exc:
                     if self.aborted:
                         return b""

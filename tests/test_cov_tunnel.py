@@ -238,19 +238,133 @@ def test_close_during_the_inner_handshake_is_an_abort(
 
 
 @contextlib.contextmanager
-def inner_tls_server(tls_certs: Any) -> Iterator[int]:
+def inner_tls_server(tls_certs: Any, then: Callable[[ssl.SSLSocket], None] | None = None,
+                     ctx: ssl.SSLContext | None = None) -> Iterator[int]:
     """A TLS server that completes the handshake, sends nothing (no session tickets
-    either) and reads until the client goes away; yields its port."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tls_certs.certfile, tls_certs.keyfile)
+    either) unless ``then(tls_socket)`` does, and reads until the client goes away;
+    yields its port."""
+    if ctx is None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tls_certs.certfile, tls_certs.keyfile)
     ctx.num_tickets = 0
 
     def handler(peer: Peer) -> None:
+        assert ctx is not None
         peer.sock = ctx.wrap_socket(peer.sock, server_side=True)
+        if then is not None:
+            then(peer.sock)
         peer.drain_forever()
 
     with FaultServer(handler) as server:
         yield server.port
+
+
+@contextlib.contextmanager
+def tls_in_tls(tls_certs: Any, proxy: ConnectProxy, port: int,
+               ssl_context: ssl.SSLContext | None = None) -> Iterator[tuple[Any, Any]]:
+    """A TLSInTLSTransport to ``localhost:port`` through ``proxy``, built by hand so the
+    test holds the outer transport too; yields (transport, outer), closes them after."""
+    connector = Connector()
+    deadline = Deadline(TIMEOUT)
+    outer = connector.connect_direct("localhost", proxy.port, deadline,
+                                     tls_certs.client_context())
+    outer.write([f"CONNECT localhost:{port} HTTP/1.1\r\n\r\n".encode()])
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += outer.recv(TIMEOUT)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    transport = TLSInTLSTransport(outer, ssl_context or tls_certs.client_context(),
+                                  "localhost", deadline)
+    try:
+        yield transport, outer
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("ending", ["close_notify", "cut"])
+def test_tunnel_end_is_the_end_of_the_stream(
+        tls_certs: Any, proxy_server_context: ssl.SSLContext, ending: str) -> None:
+    """The server ends its TLS with close_notify, or its connection without one (the proxy
+    then ends the tunnel): recv() returns what came before, then b"" (the end), without
+    an error, as an SSLSocket does (suppress_ragged_eofs). When cut, it used to raise
+    ConnectionLost "TLS error: EOF occurred in violation of protocol" (see
+    test_server_that_drops_the_connection)."""
+    def last_words(tls: ssl.SSLSocket) -> None:
+        tls.sendall(b"last words")
+        if ending == "close_notify":
+            with contextlib.suppress(OSError):  # it waits for ours, which never comes
+                tls.unwrap()
+        else:
+            tls.close()
+
+    with inner_tls_server(tls_certs, last_words) as port, \
+            ConnectProxy(proxy_server_context) as proxy, \
+            tls_in_tls(tls_certs, proxy, port) as (transport, _):
+        received = b""
+        while not received.endswith(b"last words"):
+            data = transport.recv(TIMEOUT)
+            assert data, received
+            received += data
+        assert received == b"last words"
+        assert transport.recv(TIMEOUT) == b""
+        assert transport.recv(TIMEOUT) == b""  # and stays ended
+
+
+@pytest.mark.parametrize("through", ["direct", "https proxy"])
+def test_server_that_drops_the_connection(tls_certs: Any, proxy_server_context: ssl.SSLContext,
+                                          through: str) -> None:
+    """A wss:// server that opens, then ends its connection without a close frame or a
+    close_notify: the same error whether a proxy's TLS is around it or not. Through an
+    https:// proxy it used to be "TLS error: EOF occurred in violation of protocol": the
+    alert OpenSSL queued about the missing close_notify was written to the ended tunnel,
+    and that write's failure replaced the end of the stream."""
+    def handler(peer: Peer) -> None:
+        peer.sock = proxy_server_context.wrap_socket(peer.sock, server_side=True)
+        peer.handshake()
+        peer.sock.close()
+
+    with FaultServer(handler) as server, ConnectProxy(proxy_server_context) as proxy:
+        rec = Recorder()
+        ws = blockws.WebSocket(f"wss://localhost:{server.port}/", http2=False,
+                               ssl_context=tls_certs.client_context(),
+                               proxy=proxy.url if through == "https proxy" else None,
+                               proxy_ssl_context=tls_certs.client_context(), **rec.callbacks())
+        ws.open()
+        assert rec.wait_closed(ws, TIMEOUT) == (1006, "")
+        assert proxy.requests == ([f"CONNECT localhost:{server.port} HTTP/1.1"]
+                                  if through == "https proxy" else [])
+    assert isinstance(ws.error, ConnectionLost), repr(ws.error)
+    assert str(ws.error) == "connection closed without a close frame"
+
+
+def test_post_handshake_client_certificate(tls_certs: Any,
+                                           proxy_server_context: ssl.SSLContext) -> None:
+    """A TLS 1.3 server that asks for the client certificate after the handshake (post-
+    handshake authentication, ``post_handshake_auth`` on the caller's context): the answer
+    is made while reading, and recv() sends it on."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tls_certs.certfile, tls_certs.keyfile)
+    server_ctx.load_verify_locations(tls_certs.cafile)
+    server_ctx.verify_mode = ssl.CERT_OPTIONAL
+    server_ctx.post_handshake_auth = True
+
+    def ask_for_a_certificate(tls: ssl.SSLSocket) -> None:
+        assert tls.getpeercert() is None
+        tls.verify_client_post_handshake()
+        tls.sendall(b"who are you?")  # carries the CertificateRequest
+        assert tls.recv(100) == b"ok"  # the client's certificate comes before it
+        subject = dict(item[0] for item in tls.getpeercert()["subject"])
+        tls.sendall(f"hello {subject['commonName']}".encode())
+
+    client = tls_certs.client_context()
+    tls_certs.ca.issue_cert("client.example", common_name="client.example").configure_cert(client)
+    client.post_handshake_auth = True
+    with inner_tls_server(tls_certs, ask_for_a_certificate, server_ctx) as port, \
+            ConnectProxy(proxy_server_context) as proxy, \
+            tls_in_tls(tls_certs, proxy, port, client) as (transport, _):
+        assert transport.recv(TIMEOUT) == b"who are you?"
+        transport.write([b"ok"])
+        assert transport.recv(TIMEOUT) == b"hello client.example"
 
 
 def test_abort_makes_recv_end_even_with_garbage_waiting(
@@ -260,18 +374,7 @@ def test_abort_makes_recv_end_even_with_garbage_waiting(
     raise ConnectionLost."""
     with inner_tls_server(tls_certs) as port, ConnectProxy(proxy_server_context) as proxy:
         for aborted in (False, True):
-            connector = Connector()
-            deadline = Deadline(TIMEOUT)
-            outer = connector.connect_direct("localhost", proxy.port, deadline,
-                                             tls_certs.client_context())
-            outer.write([f"CONNECT localhost:{port} HTTP/1.1\r\n\r\n".encode()])
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += outer.recv(TIMEOUT)
-            assert answer.startswith(b"HTTP/1.1 200 ")
-            transport = TLSInTLSTransport(outer, tls_certs.client_context(), "localhost",
-                                          deadline)
-            try:
+            with tls_in_tls(tls_certs, proxy, port) as (transport, outer):
                 proxy.inject(GARBAGE_RECORD)
                 # The garbage is in the socket's buffer before anything reads it.
                 assert select.select([outer.sock], [], [], TIMEOUT)[0]
@@ -281,8 +384,6 @@ def test_abort_makes_recv_end_even_with_garbage_waiting(
                 else:
                     with pytest.raises(ConnectionLost, match="^TLS error: "):
                         transport.recv(TIMEOUT)
-            finally:
-                transport.close()
 
 
 @pytest.mark.unit
