@@ -203,7 +203,8 @@ def test_tls_in_tls_with_the_servers_bytes_in_pieces(
 
 
 def test_garbage_inside_the_tunnel_is_a_tls_error(
-        websockets_tls_server: str, tls_certs: Any, proxy_server_context: ssl.SSLContext) -> None:
+        websockets_tls_server: str, tls_certs: Any, proxy_server_context: ssl.SSLContext,
+        no_leaks: None) -> None:
     """A record the server's keys did not make (a proxy that corrupts the stream) ends
     the socket with ConnectionLost naming the TLS error, on_closed 1006."""
     with ConnectProxy(proxy_server_context) as proxy:
@@ -312,7 +313,7 @@ def test_tunnel_end_is_the_end_of_the_stream(
 
 @pytest.mark.parametrize("through", ["direct", "https proxy"])
 def test_server_that_drops_the_connection(tls_certs: Any, proxy_server_context: ssl.SSLContext,
-                                          through: str) -> None:
+                                          through: str, no_leaks: None) -> None:
     """A wss:// server that opens, then ends its connection without a close frame or a
     close_notify: the same error whether a proxy's TLS is around it or not. Through an
     https:// proxy it used to be "TLS error: EOF occurred in violation of protocol": the
