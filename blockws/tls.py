@@ -198,14 +198,19 @@ def handshake(
     timeout or connection error through, for the caller to map) with the
     host, the port and advice. ``reconnect(timeout)`` opens a new plain
     connection to the same server, for reading its certificate after a
-    verification failure (see the module docstring); ``time_left`` bounds it.
-    Shutting down the socket ``reconnect`` returned (an abort from another
-    thread) ends that read at once; the message then lacks the details.
+    verification failure (see the module docstring). ``time_left``, the
+    seconds left to open when the handshake starts, bounds the handshake and
+    that read together: when the handshake used it all, nothing is read and
+    the message lacks the details. Shutting down the socket ``reconnect``
+    returned (an abort from another thread) ends that read at once, with the
+    same result.
     """
+    started = time.monotonic()
     try:
         tls.do_handshake()
     except ssl.SSLCertVerificationError as exc:
-        cert = _read_certificate(tls, reconnect, time_left)
+        left = None if time_left is None else time_left - (time.monotonic() - started)
+        cert = _read_certificate(tls, reconnect, left)
         raise TLSError(verification_message(exc, host, port, tls.server_hostname, cert)) from exc
     except ssl.SSLError as exc:
         raise TLSError(handshake_message(exc, host, port)) from exc
@@ -229,9 +234,9 @@ def verification_message(
     head = f"TLS certificate of {where} rejected: {verify_message}"
     if code in _UNTRUSTED:
         issuer = _name(cert, "issuer") if cert else None
-        who = f"its issuer {issuer!r}" if issuer else "its issuer"
+        who = f"Its issuer {issuer!r}" if issuer else "Its issuer"
         return (
-            f"{head}. {who.capitalize()} is not a CA this client trusts (trusted: certifi's "
+            f"{head}. {who} is not a CA this client trusts (trusted: certifi's "
             "bundle, the system store, SSL_CERT_FILE/SSL_CERT_DIR). If the server uses a "
             "private CA, set SSL_CERT_FILE=/path/to/ca.pem or pass ssl_context= a context that "
             "loaded it (ctx.load_verify_locations('ca.pem')); if the server sends an "
@@ -345,12 +350,18 @@ def decode_certificate(der: bytes) -> dict[str, Any] | None:
     return result if isinstance(result, dict) else None
 
 
-def _name(cert: dict[str, Any], which: str) -> str | None:
-    """A distinguished name's common name (or organization), e.g. the issuer's."""
+def _fields(cert: dict[str, Any], which: str) -> dict[str, str]:
+    """A distinguished name's attributes (the first of each), e.g. the issuer's."""
     fields: dict[str, str] = {}
     for rdn in cert.get(which, ()):
         for key, value in rdn:
             fields.setdefault(key, value)
+    return fields
+
+
+def _name(cert: dict[str, Any], which: str) -> str | None:
+    """A distinguished name's common name (or organization), e.g. the issuer's."""
+    fields = _fields(cert, which)
     name = fields.get("commonName") or fields.get("organizationName")
     if name and fields.get("organizationName") and fields["organizationName"] != name:
         return f"{name} ({fields['organizationName']})"
@@ -362,8 +373,8 @@ def _names(cert: dict[str, Any]) -> list[str]:
     alt = cert.get("subjectAltName", ())
     names = [_address(value) if kind == "IP Address" else value
              for kind, value in alt if kind in ("DNS", "IP Address")]
-    if not names:
-        common = _name(cert, "subject")
+    if not names:  # an old certificate: its common name is the name (RFC 6125 section 6.4.4)
+        common = _fields(cert, "subject").get("commonName")
         names = [common] if common else []
     return names
 

@@ -32,6 +32,7 @@ meanwhile aborts the connector, which ends a wait for the proxy at once;
 from __future__ import annotations
 
 import base64
+import socket
 import ssl
 import threading
 from collections.abc import Mapping, Sequence
@@ -120,12 +121,23 @@ class ProxyTunnel:
     ) -> Transport:
         """A transport to ``host:port`` through the proxy, with TLS to the host
         inside (offering ``alpn``) when ``ssl_context`` is given. Raises :class:`ProxyError` when
-        the proxy refuses, ``ConnectError`` when it cannot be reached."""
-        if self.proxy.scheme in ("http", "https"):
-            return self._open_connect(
+        the proxy refuses, ``ConnectError`` when it cannot be reached, ``OpenTimeout`` when
+        ``deadline`` passes first, and ``ConnectionLost`` when ``connector`` was aborted
+        meanwhile (``close()`` from another thread)."""
+        try:
+            if self.proxy.scheme in ("http", "https"):
+                return self._open_connect(
+                    connector, host, port, deadline, ssl_context, server_hostname, alpn
+                )
+            return self._open_socks(
                 connector, host, port, deadline, ssl_context, server_hostname, alpn
             )
-        return self._open_socks(connector, host, port, deadline, ssl_context, server_hostname, alpn)
+        except BaseException:
+            # Whatever an abort broke (a read that ended, a descriptor closed under
+            # a call about to use it, a handshake cut short), close() caused it.
+            if connector.aborted:
+                raise ConnectionLost("connection aborted by close()") from None
+            raise
 
     # -- HTTP CONNECT -------------------------------------------------------------------
 
@@ -150,6 +162,10 @@ class ProxyTunnel:
         )
         try:
             self._connect_request(outer, host, port, deadline)
+            if ssl_context is not None and over_tls:
+                return TLSInTLSTransport(
+                    outer, ssl_context, server_hostname or host, deadline, alpn
+                )
         except BaseException:
             outer.abort()
             outer.close()
@@ -157,18 +173,9 @@ class ProxyTunnel:
         if ssl_context is None:
             outer.alpn_protocol = None  # the proxy's ALPN, not the server's
             return outer
-        if not over_tls:
-            return connector.start_tls(
-                outer.sock, deadline, ssl_context, server_hostname or host, alpn, host, port
-            )
-        try:
-            return TLSInTLSTransport(outer, ssl_context, server_hostname or host, deadline, alpn)
-        except BaseException:
-            outer.abort()
-            outer.close()
-            if connector.aborted:
-                raise ConnectionLost("connection aborted by close()") from None
-            raise
+        return connector.start_tls(
+            outer.sock, deadline, ssl_context, server_hostname or host, alpn, host, port
+        )
 
     def _connect_request(
         self, outer: TCPTransport, host: str, port: int, deadline: Deadline
@@ -187,8 +194,6 @@ class ProxyTunnel:
             while response is None:
                 data = outer.recv(deadline.remaining())
                 if not data:
-                    if outer.aborted:
-                        raise ConnectionLost("connection aborted by close()")
                     raise ProxyError(
                         f"proxy {proxy.redacted} closed the connection before answering "
                         f"CONNECT {target}",
@@ -266,8 +271,6 @@ class ProxyTunnel:
         except ProxyTimeoutError:
             raise OpenTimeout(f"timed out waiting for proxy {proxy.redacted}") from None
         except SocksError as exc:
-            if connector.aborted:
-                raise ConnectionLost("connection aborted by close()") from None
             code = getattr(exc, "error_code", None)
             raise ProxyError(
                 f"proxy {proxy.redacted} refused to connect to {_authority(host, port)}: "
@@ -279,7 +282,11 @@ class ProxyTunnel:
         except BlockwsError:
             raise  # from our hop to the proxy (ConnectError, OpenTimeout)
         except OSError as exc:
-            raise os_error(exc, connecting=True) from exc
+            # python-socks resolves the server's name here for socks4:// and socks5://,
+            # so a lookup failure is about the server; anything else, about the proxy.
+            where = (_authority(host, port) if isinstance(exc, socket.gaierror)
+                     else f"proxy {proxy.redacted}")
+            raise os_error(exc, connecting=True, where=where) from exc
         if ssl_context is None:
             return TCPTransport(sock)
         return connector.start_tls(
@@ -376,8 +383,10 @@ class TLSInTLSTransport(Transport):
                     data = None
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     # close_notify, or the stream ended without one (as an
-                    # SSLSocket with suppress_ragged_eofs, the default)
-                    data = b""
+                    # SSLSocket with suppress_ragged_eofs, the default). The
+                    # alert OpenSSL queues about a missing close_notify is not
+                    # sent: the tunnel it would go through has ended.
+                    return b""
                 except ssl.SSLError as exc:
                     if self.aborted:
                         return b""
@@ -388,8 +397,9 @@ class TLSInTLSTransport(Transport):
             if data is not None:
                 self.bytes_read += len(data)
                 return data
-            if self._incoming.eof:
-                return b""  # the outer stream ended: no more records can come
+            # After _feed() found the outer stream ended, the next read raises
+            # SSLEOFError (or returns b"" with OP_IGNORE_UNEXPECTED_EOF), never
+            # SSLWantReadError: test_memory_bio_at_eof_never_asks_for_more.
             self._feed(timeout)
 
     def write(self, chunks: Sequence[BytesLike]) -> None:
