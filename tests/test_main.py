@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -324,3 +325,36 @@ def test_upgrade_rejected_with_403() -> None:
 def test_text_and_binary_need_a_url() -> None:
     result = cli("--text", "x")
     assert result.returncode == 2 and "need a URL" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_in_a_session_closes_cleanly_and_exits_130() -> None:
+    """Ctrl-C while the client waits for input: it closes the socket (1000), prints how
+    it closed, and exits with 130, without a traceback."""
+    with EchoServer() as server:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blockws", server.url], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline().startswith("* connected")
+            proc.stdin.write("before\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == "< before\n"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err
+    assert out.splitlines()[-1].startswith("* closed: 1000 ")
+
+
+@pytest.mark.timeout(90)
+def test_demo_with_verbose_traces_its_frames() -> None:
+    result = cli("--verbose")
+    assert result.returncode == 0, result.stderr
+    assert "< hello, blockws" in result.stdout
+    # The trace logs each frame both ways (blockws.trace, on stderr).
+    assert "TEXT" in result.stderr and "hello, blockws" in result.stderr, result.stderr[:2000]
