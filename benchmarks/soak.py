@@ -129,6 +129,8 @@ class Peer:
         if self.closed is not None:
             self.stats.double_closes += 1
         self.closed = (code, reason)
+        if ws.error is not None:
+            self.stats.close_errors.append((self.id, repr(ws.error)))
 
     def send_next(self) -> None:
         data = payload(self.id, self.sent)
@@ -149,6 +151,7 @@ class Stats:
     reordered: int = 0
     corrupt: int = 0
     early_closes: list[Any] = field(default_factory=list)
+    close_errors: list[Any] = field(default_factory=list)  # (socket, repr(ws.error))
     bad_final_closes: list[Any] = field(default_factory=list)
     double_closes: int = 0
     latency_p50_ms: float | None = None
@@ -272,7 +275,8 @@ def _judge(stats: Stats) -> None:
     if stats.lost or stats.reordered or stats.corrupt:
         f.append(f"lost {stats.lost}, reordered {stats.reordered}, corrupt {stats.corrupt}")
     if stats.early_closes:
-        f.append(f"{len(stats.early_closes)} socket(s) closed early: {stats.early_closes[:5]}")
+        f.append(f"{len(stats.early_closes)} socket(s) closed early: {stats.early_closes[:5]}"
+                 f" (errors: {stats.close_errors[:5]})")
     if stats.bad_final_closes:
         f.append(f"{len(stats.bad_final_closes)} socket(s) did not close with 1000: "
                  f"{stats.bad_final_closes[:5]}")
