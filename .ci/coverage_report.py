@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -66,6 +67,14 @@ def module_figures(data_file: str) -> list[Row]:
     return sorted(rows, key=lambda r: r.cover)
 
 
+def total_cover(data_file: str) -> float:
+    """coverage.py's own figure for the whole package (statements and branches)."""
+    cov = coverage.Coverage(data_file=data_file)
+    cov.load()
+    with open(os.devnull, "w") as sink:
+        return float(cov.report(file=sink))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         mark = f"  < {threshold:g}" if r.cover < threshold else ""
         print(f"{r.module:<16} {r.statements:>6} {r.missing:>5} {r.branches:>9} "
               f"{r.branch_pct:>9.1f} {r.cover:>8.1f}{mark}")
+    print(f"{'all of blockws/':<16} {sum(r.statements for r in rows):>6} "
+          f"{sum(r.missing for r in rows):>5} {sum(r.branches for r in rows):>9} "
+          f"{'':>9} {total_cover(args.data_file):>8.1f}  (lowest: {rows[0].module} "
+          f"{rows[0].cover:.1f})")
     below = [r.module for r in rows if r.cover < threshold]
     if not below:
         print(f"every module at {threshold:g} % or more")
