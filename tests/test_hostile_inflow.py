@@ -269,7 +269,9 @@ def test_paused_socket_still_closes_promptly() -> None:
                                max_queued_bytes=64 * 1024, close_timeout=5, **rec.callbacks())
         ws.open()
         rec.wait_open(ws)
-        deadline = time.monotonic() + 5
+        # Filling takes well under a second alone; a full CI run under coverage on a
+        # busy machine once took more than 5 s.
+        deadline = time.monotonic() + 20
         while ws.queued_amount < 64 * 1024:
             assert time.monotonic() < deadline
             time.sleep(0.01)
