@@ -29,16 +29,20 @@ def _child(target: str, libfuzzer_args: list[str], corpus: str) -> None:
         import blockws.handshake  # noqa: F401
         import blockws.http2  # noqa: F401
         import blockws.protocol  # noqa: F401
+    from benchmarks.fuzz.h2 import hold_timer
     from benchmarks.fuzz.targets import TARGETS
 
+    hold_timer()
     atheris.Setup([sys.argv[0], *libfuzzer_args, corpus], TARGETS[target])
     atheris.Fuzz()
 
 
 def _fallback(target: str, runs: int | None, seconds: float | None) -> tuple[int, float, str]:
     """Random mutation of the seeds, when atheris is missing: not coverage-guided."""
+    from benchmarks.fuzz.h2 import hold_timer
     from benchmarks.fuzz.targets import TARGETS, seeds
 
+    hold_timer()
     fn = TARGETS[target]
     pool = seeds(target)
     rng = random.Random(1)

@@ -1,28 +1,40 @@
 """The HTTP/2 fuzz target: a whole H2Connection whose server is the fuzzer.
 
-The connection runs as in a socket, its reader thread and all: a fake transport
-(:class:`_H2Peer`) answers the preface and the extended CONNECT by hand, then hands the
-fuzzer's bytes to the reader in the reads the fuzzer chose, and waits until the reader
-is back in ``recv()``. See :func:`target_http2` for the rules.
+The connection runs without threads (``reader_thread=False``): this module is its
+reader, handing the fuzzer's bytes to :meth:`H2Connection.data_received` in the reads
+the fuzzer chose, as the reader thread hands it what ``recv()`` returns. The fake
+transport (:class:`_H2Peer`) answers the preface and the extended CONNECT by hand.
+Everything after the read (parsing, the DATA fast path, h2, credit, the connection's
+end) is the code the reader thread runs. See :func:`target_http2` for the rules.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-from blockws import http2 as http2_mod
 from blockws.deadline import Deadline
 from blockws.exceptions import TransportError
 from blockws.handshake import Request, parse_url
 from blockws.http2 import H2Connection, HTTP2Settings
+from blockws.timer import timer
 
 from .inputs import Input, pieces, ws_frames
 
-__all__ = ["target_http2", "http2_seeds"]
+__all__ = ["target_http2", "http2_seeds", "hold_timer"]
+
+
+def hold_timer() -> None:
+    """Keep blockws's process-wide timer thread running until the process ends.
+
+    The thread ends when its last job is done or cancelled, and each connection
+    here schedules and cancels two (the idle close in ``release``, the GOAWAY
+    linger in ``close``): without a job that stays, a thread starts and ends for
+    each, most of an input's time. For the fuzzing processes only: a test process
+    expects the timer thread to end.
+    """
+    timer.call_later(1e6, lambda: None)
 
 
 # The server's half of an RFC 8441 exchange, written by hand: SETTINGS with
@@ -34,56 +46,46 @@ _H2_ANSWER = b"\x00\x00\x01\x01\x04\x00\x00\x00\x01\x88"
 
 
 class _H2Peer:
-    """A transport whose reads are the test's bytes: the server of one H2Connection."""
+    """The transport of one thread-free H2Connection: its server, answering by hand.
+
+    ``recv`` serves the handshake (the only reads the connection makes itself);
+    ``write`` answers the extended CONNECT at once, by handing the answer to the
+    connection as its next read, as a reader thread could while the CONNECT is
+    still being written.
+    """
 
     alpn_protocol = "h2"
 
     def __init__(self) -> None:
-        self.incoming: queue.Queue[bytes] = queue.Queue()
-        self.cond = threading.Condition()
-        self.blocked = False  # the reader waits on an empty queue
-        self.idle_reads = 0  # reads that found the queue empty
+        self.conn: H2Connection | None = None
+        self.reads = [_H2_SETTINGS + _H2_ACK]
+        self.answered = False
         self.ended = False
 
     def recv(self, timeout: float | None = None) -> bytes:
-        with self.cond:
-            if self.incoming.empty():
-                self.blocked = True
-                self.idle_reads += 1
-                self.cond.notify_all()
-        data = self.incoming.get()
-        with self.cond:
-            self.blocked = False
-        return data
+        return self.reads.pop(0) if self.reads else b""
 
     def write(self, chunks: Sequence[Any]) -> None:
+        if self.answered:
+            return
+        answer = False
         for chunk in chunks:
             data = bytes(chunk)
             pos = 0
             while len(data) - pos >= 9:
-                # Answer the extended CONNECT (a HEADERS frame on stream 1).
+                # The extended CONNECT: a HEADERS frame on stream 1.
                 if data[pos + 3] == 1 and data[pos + 5 : pos + 9] == b"\x00\x00\x00\x01":
-                    self.incoming.put(_H2_ANSWER)
+                    answer = True
                 pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
-
-    def feed(self, pieces: Sequence[bytes]) -> None:
-        """Queue ``pieces`` and wait until the reader has handled them all."""
-        with self.cond:
-            assert self.cond.wait_for(lambda: self.blocked or self.ended, 10.0)
-            before = self.idle_reads
-            for piece in pieces:
-                self.incoming.put(piece)
-            assert self.cond.wait_for(lambda: self.idle_reads > before or self.ended, 10.0)
+        if answer and self.conn is not None and not self.ended:
+            self.answered = True
+            self.conn.data_received(_H2_ANSWER)
 
     def abort(self) -> None:
-        with self.cond:
-            if not self.ended:
-                self.ended = True
-                self.incoming.put(b"")
-                self.cond.notify_all()
+        self.ended = True
 
     def close(self) -> None:
-        self.abort()
+        self.ended = True
 
 
 class _StreamSink:
@@ -128,34 +130,60 @@ def _h2_frames(inp: Input) -> bytes:
     return bytes(out)
 
 
-def _run_h2(pieces: list[bytes]) -> tuple[Any, ...]:
+def _run_h2(
+    pieces: Sequence[bytes], windows: tuple[int, int] | None = None, close: bool = True
+) -> tuple[Any, ...]:
+    """Open a stream on a thread-free connection and hand it ``pieces`` as its reads;
+    then, if it is alive, end it: by ``close()`` (the stream's first, as a socket's
+    close does), or else as a server that closes the connection does. Returns the data
+    the stream got, the connection's death (if the reads killed it) and the stream's
+    end (if the reads ended it), all taken before the ending."""
     watch = _ReaderFailed()  # the reader's catch-all logs "reader failed" at ERROR
     blockws_logger = logging.getLogger("blockws")
     blockws_logger.addHandler(watch)
     try:
         peer = _H2Peer()
-        peer.incoming.put(_H2_SETTINGS + _H2_ACK)
-        conn = H2Connection(peer, ("fuzz", id(peer)), HTTP2Settings())  # type: ignore[arg-type]
+        stream_window, connection_window = windows or (None, None)
+        conn = H2Connection(
+            peer,  # type: ignore[arg-type]
+            ("fuzz", id(peer)),
+            HTTP2Settings(),
+            reader_thread=False,
+            stream_window=stream_window,
+            connection_window=connection_window,
+        )
+        peer.conn = conn
         conn.handshake(Deadline(5.0))
         conn.reserved = 1  # as the pool does for the stream about to open
-        stream = conn.open_stream(_URL, Request("ws://fuzz/"), [], Deadline(5.0),
-                                  lambda t: None)
+        stream = conn.open_stream(_URL, _REQUEST, [], Deadline(5.0), lambda t: None)
         sink = _StreamSink()
         stream.run(sink)
-        peer.feed(pieces)
-        alive = not peer.ended  # the reader is back in recv(): nothing changes until we act
+        alive = True
+        for piece in pieces:
+            if not conn.data_received(piece):
+                alive = False  # the connection ended: a reader thread would read no more
+                break
         delivered = bytes(sink.data)
-        stream.close()
-        conn.close()  # joins the reader thread
+        dead = None if alive else conn.dead
+        end = tuple(sink.lost[:1])
+        if close:
+            stream.close()
+            conn.close()
+            if alive:
+                conn.data_received(b"")  # the end of the transport that close() aborted
+        elif alive:
+            conn.data_received(b"")  # the server closed the connection
+            assert isinstance(conn.dead, TransportError), repr(conn.dead)
+            stream.close()
     finally:
         blockws_logger.removeHandler(watch)
-    dead = None if alive else conn.dead
     assert not watch.records, watch.records[0].getMessage()
     assert dead is None or isinstance(dead, TransportError), repr(dead)
-    return delivered, type(dead), tuple(sink.lost[:1])
+    return delivered, type(dead), end
 
 
 _URL = parse_url("ws://fuzz/")
+_REQUEST = Request("ws://fuzz/")  # open_stream only reads it
 
 
 def target_http2(data: bytes) -> None:
@@ -173,14 +201,12 @@ def target_http2(data: bytes) -> None:
     if not stream:
         return
     cuts = Input(data[-8:]).cuts(len(stream))
-    windows = http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW
-    if small:
-        http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW = 300, 600
-    try:
-        whole = _run_h2([stream])
-        cut = _run_h2(list(pieces(stream, cuts)))
-    finally:
-        http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW = windows
+    windows = (300, 600) if small else None
+    whole = _run_h2([stream], windows)
+    if not cuts:
+        return  # the same reads again: nothing to compare
+    # Ended as a server ends it (close() ended the whole run): both endings run.
+    cut = _run_h2(list(pieces(stream, cuts)), windows, close=False)
     if not small:
         # The windows (4 MiB, 16 MiB) are far larger than any input: credit returned
         # between reads cannot change the outcome.
