@@ -27,11 +27,13 @@ Threads, locks and writing
 --------------------------
 One reader thread per connection (``blockws-h2-<n>``) parses HTTP/2 frames
 and feeds each stream's data to its socket's protocol, then returns
-flow-control credit (WINDOW_UPDATE) for what the socket consumed. Sockets'
-writer threads send DATA, never more than the peer's windows and maximum
-frame size allow. One peer that stops reading must stall only the sockets
-on its own connection, never the process-wide timer thread (whose jobs
-abort transports) nor other connections. So:
+flow-control credit (WINDOW_UPDATE) for what the socket consumed, one read
+at a time (``H2Connection.data_received``; a connection made with
+``reader_thread=False`` is driven that way by its caller, without threads,
+as the fuzz target does). Sockets' writer threads send DATA, never more than
+the peer's windows and maximum frame size allow. One peer that stops reading
+must stall only the sockets on its own connection, never the process-wide
+timer thread (whose jobs abort transports) nor other connections. So:
 
 * ``H2Connection.lock`` -- the *state* lock -- guards the ``h2`` state
   machine, the streams, the windows and the queue of outgoing control
@@ -393,15 +395,41 @@ class H2Stream(Transport):
 
 
 class H2Connection:
-    """One HTTP/2 connection: the ``h2`` state machine, its socket and reader thread."""
+    """One HTTP/2 connection: the ``h2`` state machine, its socket and reader thread.
+
+    ``stream_window`` and ``connection_window`` set the receive windows that
+    :meth:`handshake` announces (``None``: 4 MiB per stream, and 16 MiB on top
+    of the connection's initial 65535).
+
+    ``reader_thread=False`` is for driving a connection over an in-memory
+    transport (the fuzz target in ``benchmarks/fuzz``). No reader thread and
+    no flusher thread start: the caller is the reader, handing each read to
+    :meth:`data_received` (``b""`` for the end, also after :meth:`close`), from
+    one thread at a time; frames a flusher would write are written at once by
+    the thread that queued them, so the transport's ``write`` must not block.
+    :meth:`handshake` reads the transport itself, as always. :meth:`open_stream`
+    waits for the answer, so the transport must hand it to
+    :meth:`data_received` from within ``write`` (as a reader thread could
+    while the request is being written), or the wait times out. The timer's
+    jobs (the idle close, the close grace) work as with the thread.
+    """
 
     def __init__(
-        self, transport: Transport, key: tuple[Any, ...], settings: HTTP2Settings
+        self,
+        transport: Transport,
+        key: tuple[Any, ...],
+        settings: HTTP2Settings,
+        *,
+        reader_thread: bool = True,
+        stream_window: int | None = None,
+        connection_window: int | None = None,
     ) -> None:
         self.id = next(_conn_ids)
         self.transport = transport
         self.key = key
         self.settings = settings
+        self._reader_thread = reader_thread
+        self._windows = stream_window, connection_window
         #: The state lock (see the module docstring).
         self.lock = threading.Lock()
         #: Notified on WINDOW_UPDATE and SETTINGS, a stream's end, the write
@@ -441,8 +469,12 @@ class H2Connection:
     # -- setup --------------------------------------------------------------------
 
     def handshake(self, deadline: Deadline) -> None:
-        """Preface, then wait for the server's SETTINGS; check extended CONNECT."""
-        self._stream_window = _STREAM_WINDOW
+        """Preface, then wait for the server's SETTINGS; check extended CONNECT;
+        then start the reader thread (unless ``reader_thread=False``)."""
+        stream_window, connection_window = self._windows
+        self._stream_window = _STREAM_WINDOW if stream_window is None else stream_window
+        if connection_window is None:
+            connection_window = _CONNECTION_WINDOW
         self.h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
@@ -457,9 +489,9 @@ class H2Connection:
         # h2 keeps its own inbound limit apart from the settings it announces.
         self.h2.max_inbound_frame_size = _MAX_FRAME
         self._recv_window = _DEFAULT_WINDOW
-        if _CONNECTION_WINDOW > 0:
-            self.h2.increment_flow_control_window(_CONNECTION_WINDOW)
-            self._recv_window += _CONNECTION_WINDOW
+        if connection_window > 0:
+            self.h2.increment_flow_control_window(connection_window)
+            self._recv_window += connection_window
         self.transport.write([self.h2.data_to_send()])
         settings: dict[int, int] | None = None
         while settings is None:
@@ -492,6 +524,8 @@ class H2Connection:
             self._inparts = [self._inbuf]
             self._inlen = len(self._inbuf)
             self._inbuf = b""
+        if not self._reader_thread:
+            return
         self._thread = threading.Thread(
             target=self._reader, name=f"blockws-h2-{self.id}", daemon=True
         )
@@ -630,6 +664,10 @@ class H2Connection:
         if nobody holds the write turn, a flusher thread writes them."""
         if threading.current_thread() is self._thread:
             return  # the reader writes what is queued after each read
+        if not self._reader_thread:  # no threads: write them now (see the class docstring)
+            with contextlib.suppress(Exception):  # a broken connection: the reader reports it
+                self._flush()
+            return
         with self.lock:
             if self._flushing or self._writing or not self._out or self.dead is not None:
                 return
@@ -832,7 +870,8 @@ class H2Connection:
 
     def close(self) -> None:
         """GOAWAY, close the socket, and join the reader thread (blocks; not
-        for the timer thread)."""
+        for the timer thread). Without a reader thread, the connection ends
+        when the caller hands the end (``b""``) to :meth:`data_received`."""
         with self.lock:
             self._start_close_locked()
         pool.forget(self)
@@ -845,21 +884,43 @@ class H2Connection:
     # -- the reader thread ----------------------------------------------------------
 
     def _reader(self) -> None:
-        exc: BaseException | None = None
+        recv = self.transport.recv
+        while True:
+            try:
+                data = recv()
+            except Exception as err:  # noqa: BLE001 - reported to every stream
+                self._fail(err)
+                return
+            if not self.data_received(data):
+                return
+
+    def data_received(self, data: bytes) -> bool:
+        """Handle one read from the transport (``b""``: it ended), on the reader
+        thread, or on the caller's with ``reader_thread=False``: parse it,
+        deliver its data, return the credit and write what is queued. Returns
+        False once the connection has ended (its streams are told, the
+        transport closed): nothing more may be handed in."""
+        if not data:
+            exc = self._abort_reason
+            if exc is None and not self.closing:
+                exc = ConnectionLost("the HTTP/2 connection was closed")
+            self._die(exc)
+            return False
         try:
-            while True:
-                data = self.transport.recv()
-                if not data:
-                    if self._abort_reason is not None:
-                        exc = self._abort_reason
-                    elif not self.closing:
-                        exc = ConnectionLost("the HTTP/2 connection was closed")
-                    break
-                self._feed(data)
-                self._return_credit()
-                if self._out:  # what this thread queued is visible to it
-                    self._flush()
-        except _ConnectionError as err:
+            self._feed(data)
+            self._return_credit()
+            if self._out:  # what this thread queued is visible to it
+                self._flush()
+        except Exception as err:  # noqa: BLE001 - reported to every stream
+            self._fail(err)
+            return False
+        return True
+
+    def _fail(self, err: Exception) -> None:
+        """End the connection for ``err``, raised by a read or its handling
+        (called in the ``except`` block: the catch-all logs the traceback)."""
+        exc: BaseException
+        if isinstance(err, _ConnectionError):
             logger.info("HTTP/2 connection %d: connection error %r: %s", self.id, err.code, err)
             exc = ConnectionLost(f"HTTP/2 connection error ({err.code!r}): {err}")
             with self.lock:
@@ -867,14 +928,14 @@ class H2Connection:
                     self.h2.close_connection(error_code=err.code)
                 self._collect_locked()
             self._goodbye()
-        except h2.exceptions.ProtocolError as err:
+        elif isinstance(err, h2.exceptions.ProtocolError):
             exc = ConnectionLost(f"HTTP/2 protocol error: {err}")
             with self.lock:
                 self._collect_locked()  # h2's GOAWAY
             self._goodbye()
-        except TransportError as err:
+        elif isinstance(err, TransportError):
             exc = self._abort_reason or err
-        except Exception as err:  # noqa: BLE001 - reported to every stream
+        else:
             logger.exception("HTTP/2 connection %d reader failed", self.id)
             exc = ConnectionLost(f"HTTP/2 reader failed: {err!r}")
         self._die(exc)

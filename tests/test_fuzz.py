@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.fuzz.inputs import pieces
 from benchmarks.fuzz.targets import TARGETS, seeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +96,26 @@ def test_fuzz_smoke(target: str, smoke_runs: dict[str, subprocess.CompletedProce
     # The run went on for the time asked, not stopping at once ("N inputs in T s").
     took = re.search(r"inputs in (\d+(?:\.\d+)?) s", proc.stdout)
     assert took is not None and float(took.group(1)) >= SECONDS * 0.9, proc.stdout
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ending", ["close", "stream", "server"])
+def test_http2_copies_behave_as_opened(ending: str) -> None:
+    """The http2 target runs on copies of one connection opened once (a pickle round trip:
+    opening costs three times as much); a copy must behave as a connection opened for real,
+    on every seed and found input, whole and cut, with each ending."""
+    from benchmarks.fuzz import h2 as harness
+
+    def data(n: int) -> bytes:  # a DATA frame of n bytes in the target's choices
+        return bytes([0, 1, 0, 0, n >> 8, n & 255]) + bytes(n) + b"\x00"
+
+    inputs = seeds("http2") + [base64.b64decode(e) for t, e in FOUND if t == "http2"]
+    inputs += [b"\x00" + data(280) + data(280), b"\x07" + data(280) + data(280)]  # windows
+    for data in inputs:
+        plan = harness._plan(data)
+        assert plan is not None
+        for reads in ([plan.stream], list(pieces(plan.stream, plan.cuts))):
+            copied = harness._run_h2(reads, plan.windows, ending)
+            opened = harness._run_h2(reads, plan.windows, ending, copy=False)
+            assert copied == opened, (data, reads)

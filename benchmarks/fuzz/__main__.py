@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import random
@@ -29,16 +30,23 @@ def _child(target: str, libfuzzer_args: list[str], corpus: str) -> None:
         import blockws.handshake  # noqa: F401
         import blockws.http2  # noqa: F401
         import blockws.protocol  # noqa: F401
+    from benchmarks.fuzz.h2 import hold_timer
     from benchmarks.fuzz.targets import TARGETS
 
+    hold_timer()
     atheris.Setup([sys.argv[0], *libfuzzer_args, corpus], TARGETS[target])
+    # What is alive now lives to the end: full collections need not scan it again
+    # (the http2 target leaves cyclic garbage, h2's connections, with every input).
+    gc.freeze()
     atheris.Fuzz()
 
 
 def _fallback(target: str, runs: int | None, seconds: float | None) -> tuple[int, float, str]:
     """Random mutation of the seeds, when atheris is missing: not coverage-guided."""
+    from benchmarks.fuzz.h2 import hold_timer
     from benchmarks.fuzz.targets import TARGETS, seeds
 
+    hold_timer()
     fn = TARGETS[target]
     pool = seeds(target)
     rng = random.Random(1)

@@ -1,28 +1,57 @@
 """The HTTP/2 fuzz target: a whole H2Connection whose server is the fuzzer.
 
-The connection runs as in a socket, its reader thread and all: a fake transport
-(:class:`_H2Peer`) answers the preface and the extended CONNECT by hand, then hands the
-fuzzer's bytes to the reader in the reads the fuzzer chose, and waits until the reader
-is back in ``recv()``. See :func:`target_http2` for the rules.
+The connection runs without threads (``reader_thread=False``): this module is its
+reader, handing the fuzzer's bytes to :meth:`H2Connection.data_received` in the reads
+the fuzzer chose, as the reader thread hands it what ``recv()`` returns. The fake
+transport (:class:`_H2Peer`) answers the preface and the extended CONNECT by hand.
+Everything after the read (parsing, the DATA fast path, h2, credit, the connection's
+end) is the code the reader thread runs. See :func:`target_http2` for the rules.
+
+Speed (``python -m benchmarks.fuzz --target http2``): each run takes a copy of one
+connection opened once per process (:func:`_opened`), and the fuzzing processes keep
+the timer thread asleep (:func:`hold_timer`). What is left is about half the copy
+(a pickle round trip of h2's state, ~120 us) and half the reads themselves.
 """
 
 from __future__ import annotations
 
+import copyreg
+import io
 import logging
-import queue
+import pickle
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from blockws import http2 as http2_mod
 from blockws.deadline import Deadline
 from blockws.exceptions import TransportError
 from blockws.handshake import Request, parse_url
-from blockws.http2 import H2Connection, HTTP2Settings
+from blockws.http2 import H2Connection, H2Stream, HTTP2Settings
+from blockws.timer import timer
 
 from .inputs import Input, pieces, ws_frames
 
-__all__ = ["target_http2", "http2_seeds"]
+__all__ = ["target_http2", "http2_seeds", "hold_timer"]
+
+
+def hold_timer() -> None:
+    """Keep blockws's process-wide timer thread running, and asleep, until the process
+    ends: for the fuzzing processes only (a test process expects the thread to end).
+
+    Each connection here schedules and cancels two timer jobs: the idle close in
+    ``release()``, 5 s away, and the GOAWAY linger in ``close()``, 1 s away. The thread
+    ends when no job is left, so without a job that stays it starts and ends for each
+    (most of an input's time); and a job that becomes the earliest wakes the thread,
+    which then takes the GIL from the fuzzer. So a job that reschedules itself every
+    0.1 s stays the earliest: the thread wakes ten times a second, not per connection.
+    """
+    def tick() -> None:
+        timer.call_later(_TICK, tick)
+
+    timer.call_later(_TICK, tick)
+
+
+_TICK = 0.1
 
 
 # The server's half of an RFC 8441 exchange, written by hand: SETTINGS with
@@ -34,56 +63,46 @@ _H2_ANSWER = b"\x00\x00\x01\x01\x04\x00\x00\x00\x01\x88"
 
 
 class _H2Peer:
-    """A transport whose reads are the test's bytes: the server of one H2Connection."""
+    """The transport of one thread-free H2Connection: its server, answering by hand.
+
+    ``recv`` serves the handshake (the only reads the connection makes itself);
+    ``write`` answers the extended CONNECT at once, by handing the answer to the
+    connection as its next read, as a reader thread could while the CONNECT is
+    still being written.
+    """
 
     alpn_protocol = "h2"
 
     def __init__(self) -> None:
-        self.incoming: queue.Queue[bytes] = queue.Queue()
-        self.cond = threading.Condition()
-        self.blocked = False  # the reader waits on an empty queue
-        self.idle_reads = 0  # reads that found the queue empty
+        self.conn: H2Connection | None = None
+        self.reads = [_H2_SETTINGS + _H2_ACK]
+        self.answered = False
         self.ended = False
 
     def recv(self, timeout: float | None = None) -> bytes:
-        with self.cond:
-            if self.incoming.empty():
-                self.blocked = True
-                self.idle_reads += 1
-                self.cond.notify_all()
-        data = self.incoming.get()
-        with self.cond:
-            self.blocked = False
-        return data
+        return self.reads.pop(0) if self.reads else b""
 
     def write(self, chunks: Sequence[Any]) -> None:
+        if self.answered:
+            return
+        answer = False
         for chunk in chunks:
             data = bytes(chunk)
             pos = 0
             while len(data) - pos >= 9:
-                # Answer the extended CONNECT (a HEADERS frame on stream 1).
+                # The extended CONNECT: a HEADERS frame on stream 1.
                 if data[pos + 3] == 1 and data[pos + 5 : pos + 9] == b"\x00\x00\x00\x01":
-                    self.incoming.put(_H2_ANSWER)
+                    answer = True
                 pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
-
-    def feed(self, pieces: Sequence[bytes]) -> None:
-        """Queue ``pieces`` and wait until the reader has handled them all."""
-        with self.cond:
-            assert self.cond.wait_for(lambda: self.blocked or self.ended, 10.0)
-            before = self.idle_reads
-            for piece in pieces:
-                self.incoming.put(piece)
-            assert self.cond.wait_for(lambda: self.idle_reads > before or self.ended, 10.0)
+        if answer and self.conn is not None and not self.ended:
+            self.answered = True
+            self.conn.data_received(_H2_ANSWER)
 
     def abort(self) -> None:
-        with self.cond:
-            if not self.ended:
-                self.ended = True
-                self.incoming.put(b"")
-                self.cond.notify_all()
+        self.ended = True
 
     def close(self) -> None:
-        self.abort()
+        self.ended = True
 
 
 class _StreamSink:
@@ -128,34 +147,134 @@ def _h2_frames(inp: Input) -> bytes:
     return bytes(out)
 
 
-def _run_h2(pieces: list[bytes]) -> tuple[Any, ...]:
+_Opened = tuple[H2Connection, H2Stream, _StreamSink, _H2Peer]
+
+
+def _open(windows: tuple[int, int] | None) -> _Opened:
+    """Open a thread-free connection and its stream for real; returns them, the stream's
+    sink and the connection's transport."""
+    peer = _H2Peer()
+    stream_window, connection_window = windows or (None, None)
+    conn = H2Connection(
+        peer,  # type: ignore[arg-type]
+        ("fuzz", id(peer)),
+        HTTP2Settings(),
+        reader_thread=False,
+        stream_window=stream_window,
+        connection_window=connection_window,
+    )
+    peer.conn = conn
+    conn.handshake(Deadline(5.0))
+    conn.reserved = 1  # as the pool does for the stream about to open
+    stream = conn.open_stream(_URL, _REQUEST, [], Deadline(5.0), lambda t: None)
+    sink = _StreamSink()
+    stream.run(sink)
+    return conn, stream, sink, peer
+
+
+#: Pickled _open() results, per windows (see _opened).
+_OPENED: dict[tuple[int, int] | None, bytes] = {}
+#: Lock types, and how a pickle makes a new one.
+_LOCKS = {
+    type(threading.Lock()): (threading.Lock, ()),
+    type(threading.RLock()): (threading.RLock, ()),
+}
+
+
+def _opened(windows: tuple[int, int] | None) -> _Opened:
+    """What :func:`_open` returns, as a copy of one opened once per process and windows.
+
+    Opening costs three times what the copy does (h2's connection setup, HPACK, the
+    answer: ~400 against ~120 us), most of a run's time; and nothing in an opened
+    connection depends on the input (only its id and its key differ from one to the
+    next). The copy is a pickle round trip of the whole graph (connection, h2's state,
+    stream, sink, peer); the locks, which do not pickle, come back new and unlocked
+    (none is held between reads).
+    """
+    blob = _OPENED.get(windows)
+    if blob is None:
+        out = io.BytesIO()
+        pickler = pickle.Pickler(out, pickle.HIGHEST_PROTOCOL)
+        pickler.dispatch_table = dict(copyreg.dispatch_table)
+        for kind, new in _LOCKS.items():
+            pickler.dispatch_table[kind] = lambda lock, new=new: new
+        pickler.dump(_open(windows))
+        blob = _OPENED[windows] = out.getvalue()
+    opened: _Opened = pickle.loads(blob)
+    return opened
+
+
+def _run_h2(
+    pieces: Sequence[bytes],
+    windows: tuple[int, int] | None = None,
+    ending: str = "close",
+    copy: bool = True,
+) -> tuple[Any, ...]:
+    """Open a stream on a thread-free connection (a copy of one opened for real, unless
+    not ``copy``) and hand it ``pieces`` as its reads; then end what is left:
+
+    * ``"close"``: ``close()`` the connection, then the stream (a pool shutting down);
+    * ``"stream"``: the stream's ``close()`` first, as a socket's close does, then the
+      connection's: the connection, idle, schedules its idle close, a timer job that
+      keeps it alive for 5 s (cancelled, it waits in the timer's heap), so
+      :func:`target_http2` takes this ending for one input in eight;
+    * ``"server"``: the server closes the connection (``b""`` without ``close()``).
+
+    Returns the data the stream got, the connection's death (if the reads killed it)
+    and the stream's end (if the reads ended it), all taken before the ending."""
     watch = _ReaderFailed()  # the reader's catch-all logs "reader failed" at ERROR
     blockws_logger = logging.getLogger("blockws")
     blockws_logger.addHandler(watch)
     try:
-        peer = _H2Peer()
-        peer.incoming.put(_H2_SETTINGS + _H2_ACK)
-        conn = H2Connection(peer, ("fuzz", id(peer)), HTTP2Settings())  # type: ignore[arg-type]
-        conn.handshake(Deadline(5.0))
-        conn.reserved = 1  # as the pool does for the stream about to open
-        stream = conn.open_stream(_URL, Request("ws://fuzz/"), [], Deadline(5.0),
-                                  lambda t: None)
-        sink = _StreamSink()
-        stream.run(sink)
-        peer.feed(pieces)
-        alive = not peer.ended  # the reader is back in recv(): nothing changes until we act
+        conn, stream, sink, peer = _opened(windows) if copy else _open(windows)
+        alive = True
+        for piece in pieces:
+            if not conn.data_received(piece):
+                alive = False  # the connection ended: a reader thread would read no more
+                break
         delivered = bytes(sink.data)
+        dead = None if alive else conn.dead
+        end = tuple(sink.lost[:1])
+        if ending == "stream":
+            stream.close()
+        if ending != "server":
+            conn.close()
+        if alive:
+            conn.data_received(b"")  # the end of the transport (which close() aborted)
+            assert ending != "server" or isinstance(conn.dead, TransportError), repr(conn.dead)
         stream.close()
-        conn.close()  # joins the reader thread
+        peer.conn = None  # close()'s timer job holds the peer for a second, not the rest
     finally:
         blockws_logger.removeHandler(watch)
-    dead = None if alive else conn.dead
     assert not watch.records, watch.records[0].getMessage()
     assert dead is None or isinstance(dead, TransportError), repr(dead)
-    return delivered, type(dead), tuple(sink.lost[:1])
+    return delivered, type(dead), end
 
 
 _URL = parse_url("ws://fuzz/")
+_REQUEST = Request("ws://fuzz/")  # open_stream only reads it
+
+
+class _Plan(NamedTuple):
+    """What :func:`target_http2` does with an input."""
+
+    stream: bytes  # the server's bytes
+    cuts: list[int]  # where the second run's reads end
+    windows: tuple[int, int] | None  # small receive windows, or the defaults
+    ending: str  # how the first run ends (the second: "server"); see _run_h2
+
+
+def _plan(data: bytes) -> _Plan | None:
+    inp = Input(data)
+    first = inp.byte()
+    raw = first >= 0xE0
+    small = not raw and first & 7 == 7
+    stream = inp.rest() if raw else _h2_frames(inp)
+    if not stream:
+        return None
+    cuts = Input(data[-8:]).cuts(len(stream))
+    return _Plan(stream, cuts, (300, 600) if small else None,
+                 "stream" if first & 0x38 == 0x38 else "close")
 
 
 def target_http2(data: bytes) -> None:
@@ -165,26 +284,17 @@ def target_http2(data: bytes) -> None:
     One input in eight runs with receive windows of 300 bytes (stream) and 65535 + 600
     (connection), so that DATA beyond a window is common; then the outcome may depend on
     the cuts (credit goes back between reads), and only the other rules hold."""
-    inp = Input(data)
-    first = inp.byte()
-    raw = first >= 0xE0
-    small = not raw and first & 7 == 7
-    stream = inp.rest() if raw else _h2_frames(inp)
-    if not stream:
+    plan = _plan(data)
+    if plan is None:
         return
-    cuts = Input(data[-8:]).cuts(len(stream))
-    windows = http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW
-    if small:
-        http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW = 300, 600
-    try:
-        whole = _run_h2([stream])
-        cut = _run_h2(list(pieces(stream, cuts)))
-    finally:
-        http2_mod._STREAM_WINDOW, http2_mod._CONNECTION_WINDOW = windows
-    if not small:
+    whole = _run_h2([plan.stream], plan.windows, plan.ending)
+    if not plan.cuts:
+        return  # the same reads again: nothing to compare
+    cut = _run_h2(list(pieces(plan.stream, plan.cuts)), plan.windows, "server")
+    if plan.windows is None:
         # The windows (4 MiB, 16 MiB) are far larger than any input: credit returned
         # between reads cannot change the outcome.
-        assert whole == cut, (cuts, whole, cut)
+        assert whole == cut, (plan.cuts, whole, cut)
 
 
 def http2_seeds() -> list[bytes]:
