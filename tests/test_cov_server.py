@@ -262,6 +262,27 @@ def test_close_drops_open_connections_and_joins_their_threads() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_close_does_not_hang_on_a_client_that_stopped_reading() -> None:
+    """A client sends large messages and never reads the echoes: the connection's thread
+    ends up blocked writing. close() still drops it and returns."""
+    server = EchoServer().start()
+    sock, _ = upgraded(server)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        message = frame_bytes(OP_BINARY, bytes(1 << 20), mask=MASK)
+        sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):  # both ways' buffers full: the echo is stuck
+            for _ in range(256):
+                sock.sendall(message)
+        assert server.echoed >= 1
+        closing = threading.Thread(target=server.close, daemon=True)
+        closing.start()
+        closing.join(5)
+        assert not closing.is_alive(), "close() hung on a connection stuck in a write"
+        assert echo_threads() == []
+
+
+@pytest.mark.timeout(10)
 def test_close_without_start_and_twice() -> None:
     server = EchoServer()
     assert server.url == f"ws://127.0.0.1:{server.port}/"
