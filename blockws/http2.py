@@ -173,6 +173,7 @@ _LINGER = 1.0
 _CANCEL = h2.errors.ErrorCodes.CANCEL
 _FLOW_CONTROL_ERROR = h2.errors.ErrorCodes.FLOW_CONTROL_ERROR
 _FRAME_SIZE_ERROR = h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+_PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
 #: Resets of an extended CONNECT that mean "not here" rather than "not now".
 _REFUSING_RESETS = frozenset(
     {h2.errors.ErrorCodes.PROTOCOL_ERROR, h2.errors.ErrorCodes.HTTP_1_1_REQUIRED}
@@ -1098,12 +1099,44 @@ class H2Connection:
         end = len(frames)
         while pos < end:
             stop = pos + 9 + int.from_bytes(frames[pos : pos + 3], "big")
+            if frames[pos + 3] == 0x7:  # GOAWAY: ours to handle (see _goaway)
+                self._goaway(frames[pos:stop])
+                pos = stop
+                continue
             with self.lock:
                 events = self.h2.receive_data(frames[pos:stop] if pos or stop < end else frames)
                 self._collect_locked()
             for event in events:
                 self._handle(event)
             pos = stop
+
+    def _goaway(self, frame: bytes) -> None:
+        """A GOAWAY from the server (RFC 9113 6.8), kept from h2: h2's state machine
+        closes on any GOAWAY and then refuses every frame in or out, while after a
+        graceful one the streams already open must go on."""
+        if int.from_bytes(frame[5:9], "big") & 0x7FFFFFFF:
+            raise _ConnectionError(_PROTOCOL_ERROR, "a GOAWAY on a stream")
+        if len(frame) < 17:
+            raise _ConnectionError(_FRAME_SIZE_ERROR, "a GOAWAY shorter than 8 bytes")
+        last = int.from_bytes(frame[9:13], "big") & 0x7FFFFFFF
+        value = int.from_bytes(frame[13:17], "big")
+        try:
+            code: Any = h2.errors.ErrorCodes(value)
+        except ValueError:
+            code = value
+        if value != h2.errors.ErrorCodes.NO_ERROR:
+            raise ConnectionLost(f"the server sent GOAWAY ({code!r})")
+        # No new streams here; the live ones may finish. A CONNECT above ``last``
+        # was not processed: it may be tried again (not remembered as a refusal).
+        with self.lock:
+            self.closing = True
+            unanswered = [s for sid, s in self.streams.items()
+                          if sid > last and not s._responded.is_set()]
+        pool.forget(self)
+        for stream in unanswered:
+            stream.refused = HTTP2Unavailable("the server sent GOAWAY before the CONNECT")
+            self.reset_stream(stream)
+            stream._lose(None)
 
     def _stream_flow_error(self, stream: H2Stream) -> None:
         logger.info(
@@ -1209,7 +1242,9 @@ class H2Connection:
                 n = name.decode("latin-1") if isinstance(name, bytes) else name
                 v = value.decode("latin-1") if isinstance(value, bytes) else value
                 if n == ":status":
-                    status = int(v)
+                    # Three ASCII digits (RFC 9110 15); h2 lets anything through, and a
+                    # malformed one ends this stream only (RFC 9113 8.1.1): status 0.
+                    status = int(v) if len(v) == 3 and v.isascii() and v.isdigit() else 0
                 elif not n.startswith(":"):
                     headers.add(n, v)
             stream.status, stream.response = status, headers
@@ -1263,14 +1298,7 @@ class H2Connection:
                     )
                     if changed is not None:
                         self.max_streams = changed.new_value
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            if event.error_code == h2.errors.ErrorCodes.NO_ERROR:
-                # A graceful GOAWAY: no new streams here, live ones may finish.
-                with self.lock:
-                    self.closing = True
-                pool.forget(self)
-                return
-            raise ConnectionLost(f"the server sent GOAWAY ({event.error_code!r})")
+        # (A GOAWAY never reaches h2 here: _through_h2 hands it to _goaway.)
 
 
 @dataclass(frozen=True)

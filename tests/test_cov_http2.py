@@ -248,10 +248,6 @@ def test_graceful_goaway_sends_new_sockets_to_another_connection() -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="bug: h2's state machine goes CLOSED on any GOAWAY, so "
-                   "after a graceful GOAWAY every frame through h2 (PING, WINDOW_UPDATE, "
-                   "RST_STREAM, END_STREAM) fails the connection, and our RST_STREAM is "
-                   "never sent (h2 refuses it, suppressed)")
 def test_graceful_goaway_lets_live_sockets_finish() -> None:
     """RFC 9113 6.8: after GOAWAY(NO_ERROR) the streams already open go on: the server may
     still PING and return credit, and the live socket still talks and, closing, resets its
@@ -591,9 +587,6 @@ def test_abort_during_the_close_grace_resets_at_once(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="bug: a non-numeric :status kills the whole HTTP/2 "
-                   "connection (int() raises in the reader); RFC 9113 8.1.1 makes it a stream "
-                   "error of that stream only")
 def test_malformed_status_fails_only_its_own_stream() -> None:
     """``:status: abc`` (h2 lets it through): the CONNECT is refused as malformed (a stream
     error, RFC 9113 8.1.1), and the other socket on the connection is not touched."""
