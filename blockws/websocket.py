@@ -949,7 +949,7 @@ class WebSocket:
             if inbox:
                 return self._take()
             if self._pending:
-                self.update()
+                self._run()  # update(), inline
                 continue
             phase = engine.phase
             if phase is Phase.CLOSED:
