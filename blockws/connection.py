@@ -597,6 +597,10 @@ class Connection:
             proto.max_fragment_size = self._max_fragment_size  # a change made meanwhile
             self._set_phase_locked(_OPEN)
             self._was_open = True
+            # The transport owns the socket now; abort() ends it through the
+            # transport. (The connector closed it under the reader thread, whose
+            # read then failed, at times, with "Bad file descriptor".)
+            self._connector = None
             if retrying:
                 self._backoff_opened_locked()
             if self._lend_reading:
