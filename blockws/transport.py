@@ -555,9 +555,9 @@ class Connector:
         woken.wait(deadline.remaining())
         with self._lock:
             self._lookup = None
+        if self.aborted:  # whether or not the lookup has ended
+            raise ConnectError("connection aborted by close()")
         if not result:
-            if self.aborted:
-                raise ConnectError("connection aborted by close()")
             raise OpenTimeout(f"looking up {host!r} took too long")
         found = result[0]
         if isinstance(found, OSError):
@@ -565,8 +565,6 @@ class Connector:
         if isinstance(found, BaseException):
             # UnicodeError: not a host name (an IDNA label empty or over 63 characters)
             raise ConnectError(f"cannot resolve host {host!r}: {found}") from found
-        if self.aborted:
-            raise ConnectError("connection aborted by close()")
         infos: list[Any] = found
         return infos
 
