@@ -189,7 +189,7 @@ class Transport:
     def read(self, timeout: float | None) -> bytes | None:
         """One read on the calling thread, waiting up to ``timeout`` seconds (at
         most :data:`~blockws.readtoken.BUSY_RECHECK` at a time): ``None`` if
-        nothing came, ``b""`` at EOF (or after our own abort)."""
+        nothing came, ``b""`` at EOF (or after our own abort or close)."""
         raise NotImplementedError  # pragma: no cover - only where can_read_bounded
 
     def abort(self) -> None:  # pragma: no cover - interface
@@ -287,7 +287,11 @@ class TCPTransport(Transport):
         self.held: deque[bytes] = deque()
 
     def recv(self, timeout: float | None = None) -> bytes:
-        """Blocking read (``b""`` at EOF or after our own abort).
+        """Blocking read (``b""`` at EOF or after our own abort or close).
+
+        Raises :class:`~blockws.exceptions.OpenTimeout` when ``timeout`` runs
+        out (``0``: nothing to read now), ``ConnectionLost`` when the network
+        fails.
 
         With a ``timeout`` (the opening handshake) the socket's timeout bounds
         it. Without one -- the reader thread -- a socket that is new, or whose
