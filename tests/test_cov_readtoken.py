@@ -82,7 +82,8 @@ def test_the_right_is_lent_again_after_it_lapsed(
 ) -> None:
     """The reader lends the right a second time (the token's condition is made by
     the first lend and reused), and the caller reads on its own thread again."""
-    monkeypatch.setattr("blockws.readtoken.READ_LEASE", 0.005)
+    # Long enough for this thread to read after the grant on a loaded machine.
+    monkeypatch.setattr("blockws.readtoken.READ_LEASE", 0.2)
     reader = Reader(token)
     try:
         sink = Sink()
@@ -122,11 +123,12 @@ def test_a_lend_after_cancel_grants_nothing_and_returns_at_once(token: ReadToken
 
 
 def test_an_end_of_stream_left_held_by_an_interrupted_read_ends_the_next_read(
-    token: ReadToken,
+    token: ReadToken, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An interrupt landed after the transport's read kept an end of stream (b"")
     in ``held``: the next caller meets it there without reading, and the reader
     thread reports the end."""
+    monkeypatch.setattr("blockws.readtoken.READ_LEASE", 5.0)  # no lapse between the reads
     held: deque[bytes] = deque()
 
     def eof_then_interrupted(timeout: float | None) -> bytes | None:
