@@ -597,6 +597,10 @@ class Connection:
             proto.max_fragment_size = self._max_fragment_size  # a change made meanwhile
             self._set_phase_locked(_OPEN)
             self._was_open = True
+            # The transport owns the socket now; abort() ends it through the
+            # transport. (The connector closed it under the reader thread, whose
+            # read then failed, at times, with "Bad file descriptor".)
+            self._connector = None
             if retrying:
                 self._backoff_opened_locked()
             if self._lend_reading:
@@ -970,10 +974,10 @@ class Connection:
 
     def inbox_drained(self) -> None:
         """``receive()`` found its queue empty: the app has answered every message
-        that preceded a protocol error, so the failing close may go out now."""
-        if self.close_waits_for_inbox:
-            self.close_waits_for_inbox = False
-            self._send_deferred_close()
+        that preceded a protocol error, so the failing close may go out now
+        (once: a second call finds no deferred close)."""
+        self.close_waits_for_inbox = False
+        self._send_deferred_close()
 
     def _send_deferred_close(self) -> None:
         with self.lock:
@@ -985,9 +989,8 @@ class Connection:
         if frame is None or self._phase is _CLOSED:
             return
         self._deferred_close = None
-        job = self._jobs.pop("failure", None)
-        if job is not None:
-            job.cancel()
+        # Armed with the deferred close (see _queue_replies_locked); both go together.
+        self._jobs.pop("failure").cancel()
         self._queue_close_locked(frame)
 
     def _queue_close_locked(self, frame: bytes) -> None:

@@ -6,7 +6,7 @@ more than the message itself when messages are small, and all of a round
 trip's latency when one is in flight. So the right to read can pass from the
 reader thread to a waiting caller, and back:
 
-* the caller asks (:meth:`ReadToken.acquire` returns False and notes the
+* the caller asks (:meth:`ReadToken.read_here` returns False and notes the
   wish, with a function to wake the caller when the right is granted);
 * the reader thread, between two reads, sees the wish (:attr:`wanted`) and
   grants it (:meth:`ReadToken.lend`), then waits;
@@ -101,33 +101,6 @@ class ReadToken:
 
     # -- the caller's side ------------------------------------------------------------
 
-    def acquire(self, wake: Callable[[], None], ask: bool = True) -> bool:
-        """Take the right for one read (True), or note the wish and return False.
-
-        ``wake()`` is called (from the reader thread) when the right is
-        granted later, so a caller waiting for a delivery can come and read.
-        With ``ask`` False, no wish is noted (a caller that will not wait).
-        """
-        with self._lock:
-            if self._lent and not self._busy and not self._cancelled:
-                self._busy = True
-                return True
-            if ask and not self._lent and self._ended is None and not self._cancelled:
-                self.wanted = True
-                self._wake = wake
-            return False
-
-    def release(self, ended: Ended | None = None) -> None:
-        """One read is done; ``ended`` hands the end of the stream to the reader."""
-        with self._lock:
-            self._reads += 1
-            self._busy = False
-            if ended is not None:
-                self._ended = ended
-                self._lent = False
-                if self._cond is not None:
-                    self._cond.notify_all()
-
     def read_here(
         self,
         read: Callable[[float | None], bytes | None],
@@ -156,7 +129,7 @@ class ReadToken:
         nothing lost; during parsing, the socket fails (``ConnectionLost``).
         """
         lock = self._lock
-        with lock:  # acquire(), inline: this runs once per message
+        with lock:  # this runs once per message: the bare lock, inline
             if not self._lent or self._busy or self._cancelled:
                 if timeout != 0 and not self._lent and self._ended is None and not self._cancelled:
                     self.wanted = True
@@ -179,15 +152,13 @@ class ReadToken:
                 held.append(data)
             elif data is not None and not data and ended is None:
                 ended = (None,)  # end of stream
-            while held and ended is None:
-                chunk = held[0]
-                if not chunk:  # an end of stream kept by the transport's read
-                    held.popleft()
-                    ended = (None,)
-                    break
+            # ``held`` has one chunk at most here: a read happens only when it is
+            # empty, and keeps what it read there once. (An end of stream kept
+            # there by an interrupted read came back above as ``data``, b"".)
+            if held and ended is None:
                 parsing = True
                 try:
-                    sink.data_received(chunk)
+                    sink.data_received(held[0])
                 except Exception as exc:  # noqa: BLE001 - the reader thread reports it
                     ended = (exc,)
                 held.popleft()
@@ -202,12 +173,15 @@ class ReadToken:
                 ended = (lost,)
             raise
         finally:
-            if ended is None:
-                with lock:  # release(), inline
-                    self._reads += 1
-                    self._busy = False
-            else:
-                self.release(ended)
+            with lock:
+                self._reads += 1
+                self._busy = False
+                if ended is not None:  # handed to the reader thread, waiting in lend()
+                    self._ended = ended
+                    self._lent = False
+                    cond = self._cond
+                    assert cond is not None  # lend() made it before lending the right
+                    cond.notify_all()
         return True
 
     # -- the reader thread's side -------------------------------------------------------
@@ -227,7 +201,7 @@ class ReadToken:
         """
         with self._lock:
             cond = self._cond
-            if cond is None:  # over the same lock: release() sees it, or no waiter
+            if cond is None:  # over the same lock, made before the right is first lent
                 cond = self._cond = threading.Condition(self._lock)
         wake = None
         with cond:
@@ -263,3 +237,8 @@ class ReadToken:
     def lent(self) -> bool:
         """Whether a caller holds the right now."""
         return self._lent
+
+    @property
+    def busy(self) -> bool:
+        """Whether the caller holding the right is inside a read now."""
+        return self._busy

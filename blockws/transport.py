@@ -189,7 +189,7 @@ class Transport:
     def read(self, timeout: float | None) -> bytes | None:
         """One read on the calling thread, waiting up to ``timeout`` seconds (at
         most :data:`~blockws.readtoken.BUSY_RECHECK` at a time): ``None`` if
-        nothing came, ``b""`` at EOF (or after our own abort)."""
+        nothing came, ``b""`` at EOF (or after our own abort or close)."""
         raise NotImplementedError  # pragma: no cover - only where can_read_bounded
 
     def abort(self) -> None:  # pragma: no cover - interface
@@ -287,7 +287,11 @@ class TCPTransport(Transport):
         self.held: deque[bytes] = deque()
 
     def recv(self, timeout: float | None = None) -> bytes:
-        """Blocking read (``b""`` at EOF or after our own abort).
+        """Blocking read (``b""`` at EOF or after our own abort or close).
+
+        Raises :class:`~blockws.exceptions.OpenTimeout` when ``timeout`` runs
+        out (``0``: nothing to read now), ``ConnectionLost`` when the network
+        fails.
 
         With a ``timeout`` (the opening handshake) the socket's timeout bounds
         it. Without one -- the reader thread -- a socket that is new, or whose
@@ -297,11 +301,11 @@ class TCPTransport(Transport):
         if self.held:
             return self.held.popleft()  # left by an interrupted caller: in order
         sock = self.sock
-        if timeout is not None:
-            sock.settimeout(timeout)
         started = time.monotonic()
         try:
             with map_os_errors():
+                if timeout is not None:
+                    sock.settimeout(timeout)
                 while True:
                     if timeout is None and self._quiet and _poll is not None:
                         self._wait_readable()
@@ -309,8 +313,8 @@ class TCPTransport(Transport):
                         data = sock.recv(self._recv_size)
                         break
                     except BlockingIOError:
-                        if timeout is not None:
-                            raise
+                        if timeout is not None:  # 0: non-blocking, and nothing came
+                            raise socket.timeout("timed out") from None
                         # SO_RCVTIMEO, set for bounded reads, ran out: wait in poll()
                         self._quiet = True
             n = len(data)
@@ -318,13 +322,13 @@ class TCPTransport(Transport):
             self.bytes_read += n
             return data
         except ConnectionLost:
-            if self.aborted:
-                return b""  # our own abort, not a network failure
+            if self.aborted or self._closed:
+                return b""  # our own abort or close, not a network failure
             raise
-        except ValueError:  # recv on a closed SSL socket
-            if self.aborted:
+        except ValueError as exc:  # on a closed socket: poll's register(), an SSL socket's recv
+            if self.aborted or self._closed:
                 return b""
-            raise
+            raise ConnectionLost(f"connection lost: {exc}") from exc
         finally:
             if timeout is None:
                 self._quiet = time.monotonic() - started > _QUIET  # this wait, poll included
@@ -346,8 +350,9 @@ class TCPTransport(Transport):
             assert _poll is not None
             poller = self._poller = _poll()
             poller.register(self.sock, _POLLIN)
-        while not poller.poll():  # -1 (forever); returns on data, EOF, error or abort
-            pass
+        # No timeout: returns on data, EOF, error or abort, never empty (EINTR is
+        # retried, PEP 475).
+        poller.poll()
 
     def read(self, timeout: float | None) -> bytes | None:
         """See :meth:`Transport.read`. What it reads is also left in :attr:`held`,
@@ -369,8 +374,8 @@ class TCPTransport(Transport):
         except BlockingIOError:
             return None  # nothing within the bound; the caller's loop decides what next
         except OSError as exc:
-            if self.aborted:
-                return b""  # our own abort, not a network failure
+            if self.aborted or self._closed:
+                return b""  # our own abort or close, not a network failure
             raise os_error(exc) from exc
         data = held[-1]
         n = len(data)
@@ -554,17 +559,17 @@ class Connector:
         woken.wait(deadline.remaining())
         with self._lock:
             self._lookup = None
-        if not result:
-            if self.aborted:
-                raise ConnectError("connection aborted by close()")
-            raise OpenTimeout(f"looking up {host!r} took too long")
-        if isinstance(result[0], OSError):
-            raise os_error(result[0], connecting=True, where=f"{host}:{port}") from result[0]
-        if isinstance(result[0], BaseException):
-            raise result[0]
-        if self.aborted:
+        if self.aborted:  # whether or not the lookup has ended
             raise ConnectError("connection aborted by close()")
-        infos: list[Any] = result[0]
+        if not result:
+            raise OpenTimeout(f"looking up {host!r} took too long")
+        found = result[0]
+        if isinstance(found, OSError):
+            raise os_error(found, connecting=True, where=f"{host}:{port}") from found
+        if isinstance(found, BaseException):
+            # UnicodeError: not a host name (an IDNA label empty or over 63 characters)
+            raise ConnectError(f"cannot resolve host {host!r}: {found}") from found
+        infos: list[Any] = found
         return infos
 
     def detach(self) -> None:
@@ -573,13 +578,22 @@ class Connector:
         with self._lock:
             self._sock = None
 
-    def _register(self, sock: socket.socket | None) -> None:
+    def _register(self, sock: socket.socket) -> None:
+        """``sock`` is the one :meth:`abort` ends; closes it and raises if aborted."""
         with self._lock:
             if self.aborted:
-                if sock is not None:
-                    sock.close()
+                sock.close()
                 raise ConnectError("connection aborted by close()")
             self._sock = sock
+
+    def _drop(self, sock: socket.socket) -> None:
+        """A connection attempt failed: forget ``sock`` and close it; then, if
+        :meth:`abort` came meanwhile, raise that as the reason."""
+        with self._lock:
+            self._sock = None
+        sock.close()
+        if self.aborted:
+            raise ConnectError("connection aborted by close()") from None
 
     def _probe(self, host: str, port: int, timeout: float) -> socket.socket:
         """A new plain connection for reading a rejected certificate (:mod:`blockws.tls`),
@@ -630,17 +644,12 @@ class Connector:
                 sock.settimeout(deadline.remaining())
                 with map_os_errors(connecting=True, where=where):
                     sock.connect(addr)
-            except ConnectError as exc:
-                self._register(None)
-                sock.close()
-                if self.aborted:
-                    raise ConnectError("connection aborted by close()") from None
+            except BaseException as exc:
+                self._drop(sock)  # raises if aborted
+                if not isinstance(exc, ConnectError):
+                    raise  # OpenTimeout (the deadline), KeyboardInterrupt...
                 last = exc
-                continue
-            except BaseException:
-                self._register(None)
-                sock.close()
-                raise
+                continue  # the next address
             break
         else:
             assert last is not None
@@ -681,9 +690,6 @@ class Connector:
                     time_left=deadline.remaining(),
                 )
         except BaseException:
-            self._register(None)
-            sock.close()
-            if self.aborted:
-                raise ConnectError("connection aborted by close()") from None
+            self._drop(sock)  # raises if aborted
             raise
         return TCPTransport(tls)

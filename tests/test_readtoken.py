@@ -61,7 +61,11 @@ class Reader:
 
 
 @pytest.fixture
-def token() -> Iterator[ReadToken]:
+def token(monkeypatch: pytest.MonkeyPatch) -> Iterator[ReadToken]:
+    # A lease long enough for a test to read after the grant on a loaded machine
+    # (5 ms lapsed there before a new thread or the test's next line ran); the
+    # tests of the lapse set their own.
+    monkeypatch.setattr("blockws.readtoken.READ_LEASE", 1.0)
     yield ReadToken()
 
 
