@@ -7,6 +7,7 @@ from a reference header encoder in this file, never from blockws' own encoder.
 from __future__ import annotations
 
 import itertools
+import operator
 import random
 import struct
 import sys
@@ -40,8 +41,8 @@ RESERVED_OPCODES = [3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF]
 
 
 def naive_mask(data: bytes, key: bytes) -> bytes:
-    """The reference: RFC 6455 5.3, one byte at a time."""
-    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
+    """The reference: RFC 6455 5.3, one byte at a time (byte i XOR key[i mod 4])."""
+    return bytes(map(operator.xor, data, itertools.cycle(key)))
 
 
 def reference_header(first: int, length: int, key: bytes | None) -> bytes:
@@ -332,12 +333,15 @@ def test_the_c_speedup_is_built_here() -> None:
     assert c_apply_mask is not None
 
 
+_PERIOD_256 = bytes((i * 7 + 3) & 0xFF for i in range(256))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("length", [*range(0, 40), 63, 64, 65, 65535, 65536, 65537, 1 << 20])
 def test_mask_implementations_match_the_reference(
     impl: Callable[[bytes, bytes], bytes], length: int
 ) -> None:
-    data = bytes((i * 7 + 3) & 0xFF for i in range(length))
+    data = (_PERIOD_256 * (length // 256 + 1))[:length]  # byte i is (i * 7 + 3) & 0xFF
     key = b"\x9a\x01\xff\x5c"
     expected = naive_mask(data, key)
     assert impl(data, key) == expected
