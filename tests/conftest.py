@@ -19,13 +19,15 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import certifi
 import pytest
-import trustme
 
 import blockws.http2
 from peerutil import PEERS_DIR, free_port, start_server
+
+if TYPE_CHECKING:
+    import trustme  # imported where used: the fast tier (-m unit) never needs it
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
@@ -53,6 +55,8 @@ class TLSCerts:
 
     def client_context(self) -> ssl.SSLContext:
         """certifi's bundle plus this CA: what a client trusting the test server uses."""
+        import certifi
+
         ctx = ssl.create_default_context(cafile=certifi.where())
         self.ca.configure_trust(ctx)
         return ctx
@@ -61,6 +65,8 @@ class TLSCerts:
 @pytest.fixture(scope="session")
 def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> TLSCerts:
     directory = tmp_path_factory.mktemp("tls")
+    import trustme  # (cryptography: ~50 ms to import, in every xdist worker)
+
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
     certfile, keyfile, cafile = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
