@@ -314,6 +314,34 @@ def test_mask_keys_are_four_bytes_and_refill_in_batches() -> None:
     assert len(set(drawn)) > len(drawn) // 2  # random, not a constant
 
 
+def test_mask_keys_start_with_a_small_batch_and_double_to_64_kib(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A socket that sends a few frames read (and kept) 64 KiB of keys: now the
+    first batch is 1 KiB and each refill doubles, up to 64 KiB; every key of a
+    batch is handed out before the next one is read."""
+    sizes: list[int] = []
+    real_urandom = frames_module.os.urandom
+
+    def urandom(n: int) -> bytes:
+        sizes.append(n)
+        return real_urandom(n)
+
+    monkeypatch.setattr(frames_module.os, "urandom", urandom)
+    keys = MaskKeys()
+    assert sizes == []  # nothing read before the first key
+    keys()
+    assert sizes == [1024]
+    drawn = 1
+    for _ in range(8):  # through every size, and past the largest
+        drawn_before = len(sizes)
+        while len(sizes) == drawn_before:
+            keys()
+            drawn += 1
+        assert drawn == (sum(sizes[:-1]) // 4) + 1  # the refill came after the last key
+    assert sizes == [1024, 2048, 4096, 8192, 16384, 32768, 65536, 65536, 65536]
+
+
 # -- both masking implementations ---------------------------------------------------
 # The C speedup (blockws._speedups, built by setup.py when a compiler is present)
 # and the pure-Python reference must agree byte for byte; the pure one is also what
