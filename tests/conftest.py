@@ -8,6 +8,7 @@ the URL to connect to. The peers' text commands (!stats, !close, !ping, !headers
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import os
 import shutil
@@ -42,6 +43,17 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
         return None
     return "mark.unit" not in collection_path.read_text(encoding="utf-8")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move what collection made (test modules, items, hypothesis strategies: most of
+    the heap, and all of it lives to the end) out of the cyclic collector's view.
+
+    Every full collection walked it again: those the run triggers, and the five pytest
+    makes at the end of a session; about 1 s of CPU in each xdist worker of the fast
+    tier. Objects created by tests are collected as before.
+    """
+    gc.freeze()
 
 
 @dataclass
