@@ -253,22 +253,34 @@ _DEXT = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9, 10, 1
 _CL_ORDER = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15]
 
 
+#: Each byte's bits in the order DEFLATE reads them: from the lowest (RFC 1951 3.1.1).
+_BYTE_BITS = [format(b, "08b")[::-1] for b in range(256)]
+
+
 class _BitReader:
+    """The bits of ``data`` as a string of "0"/"1" in reading order (a string
+    rather than a byte and a shift per bit: the window tests decode ~100 KB)."""
+
     def __init__(self, data: bytes) -> None:
         self.data = data
+        self.stream = "".join([_BYTE_BITS[b] for b in data])
         self.pos = 0  # in bits
 
     def bits(self, n: int) -> int:
-        value = 0
-        for i in range(n):
-            byte = self.data[self.pos >> 3]  # IndexError: the stream is truncated
-            value |= ((byte >> (self.pos & 7)) & 1) << i
-            self.pos += 1
+        """The next ``n`` bits as a number, the first read being its lowest bit."""
+        if not n:
+            return 0
+        end = self.pos + n
+        if end > len(self.stream):
+            raise IndexError("the stream is truncated")
+        value = int(self.stream[self.pos : end][::-1], 2)
+        self.pos = end
         return value
 
 
-def _huffman(lengths: Sequence[int]) -> dict[tuple[int, int], int]:
-    """Canonical Huffman codes (RFC 1951 3.2.2): {(length, code): symbol}."""
+def _huffman(lengths: Sequence[int]) -> dict[str, int]:
+    """Canonical Huffman codes (RFC 1951 3.2.2): {code: symbol}, each code written
+    as its bits from the highest, the order in which they are read."""
     max_len = max(lengths, default=0)
     count = [0] * (max_len + 1)
     for n in lengths:
@@ -282,17 +294,20 @@ def _huffman(lengths: Sequence[int]) -> dict[tuple[int, int], int]:
     table = {}
     for symbol, n in enumerate(lengths):
         if n:
-            table[(n, next_code[n])] = symbol
+            table[format(next_code[n], f"0{n}b")] = symbol
             next_code[n] += 1
     return table
 
 
-def _symbol(br: _BitReader, table: dict[tuple[int, int], int]) -> int:
-    code = 0
+def _symbol(br: _BitReader, table: dict[str, int]) -> int:
+    stream, pos = br.stream, br.pos
     for n in range(1, 16):
-        code = (code << 1) | br.bits(1)
-        if (n, code) in table:
-            return table[(n, code)]
+        if pos + n > len(stream):
+            raise IndexError("the stream is truncated")
+        symbol = table.get(stream[pos : pos + n])
+        if symbol is not None:
+            br.pos = pos + n
+            return symbol
     raise ValueError("invalid Huffman code")
 
 

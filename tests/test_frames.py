@@ -7,6 +7,7 @@ from a reference header encoder in this file, never from blockws' own encoder.
 from __future__ import annotations
 
 import itertools
+import operator
 import random
 import struct
 import sys
@@ -40,8 +41,8 @@ RESERVED_OPCODES = [3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF]
 
 
 def naive_mask(data: bytes, key: bytes) -> bytes:
-    """The reference: RFC 6455 5.3, one byte at a time."""
-    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
+    """The reference: RFC 6455 5.3, one byte at a time (byte i XOR key[i mod 4])."""
+    return bytes(map(operator.xor, data, itertools.cycle(key)))
 
 
 def reference_header(first: int, length: int, key: bytes | None) -> bytes:
@@ -313,6 +314,34 @@ def test_mask_keys_are_four_bytes_and_refill_in_batches() -> None:
     assert len(set(drawn)) > len(drawn) // 2  # random, not a constant
 
 
+def test_mask_keys_start_with_a_small_batch_and_double_to_64_kib(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A socket that sends a few frames read (and kept) 64 KiB of keys: now the
+    first batch is 1 KiB and each refill doubles, up to 64 KiB; every key of a
+    batch is handed out before the next one is read."""
+    sizes: list[int] = []
+    real_urandom = frames_module.os.urandom
+
+    def urandom(n: int) -> bytes:
+        sizes.append(n)
+        return real_urandom(n)
+
+    monkeypatch.setattr(frames_module.os, "urandom", urandom)
+    keys = MaskKeys()
+    assert sizes == []  # nothing read before the first key
+    keys()
+    assert sizes == [1024]
+    drawn = 1
+    for _ in range(8):  # through every size, and past the largest
+        drawn_before = len(sizes)
+        while len(sizes) == drawn_before:
+            keys()
+            drawn += 1
+        assert drawn == (sum(sizes[:-1]) // 4) + 1  # the refill came after the last key
+    assert sizes == [1024, 2048, 4096, 8192, 16384, 32768, 65536, 65536, 65536]
+
+
 # -- both masking implementations ---------------------------------------------------
 # The C speedup (blockws._speedups, built by setup.py when a compiler is present)
 # and the pure-Python reference must agree byte for byte; the pure one is also what
@@ -332,12 +361,15 @@ def test_the_c_speedup_is_built_here() -> None:
     assert c_apply_mask is not None
 
 
+_PERIOD_256 = bytes((i * 7 + 3) & 0xFF for i in range(256))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("length", [*range(0, 40), 63, 64, 65, 65535, 65536, 65537, 1 << 20])
 def test_mask_implementations_match_the_reference(
     impl: Callable[[bytes, bytes], bytes], length: int
 ) -> None:
-    data = bytes((i * 7 + 3) & 0xFF for i in range(length))
+    data = (_PERIOD_256 * (length // 256 + 1))[:length]  # byte i is (i * 7 + 3) & 0xFF
     key = b"\x9a\x01\xff\x5c"
     expected = naive_mask(data, key)
     assert impl(data, key) == expected

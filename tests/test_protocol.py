@@ -6,11 +6,11 @@ queued in ``data_to_send()`` are checked byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Union
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import blockws.frames as frames_module
@@ -420,51 +420,82 @@ _hypothesis = settings(
 )
 
 
-@_hypothesis
-@given(
-    messages=messages_strategy,
-    fragment=st.integers(1, 700),
-    cuts=st.lists(st.integers(0, 1 << 16), max_size=30),
-    pings=st.lists(st.booleans(), max_size=8),
-    mode=st.sampled_from(MODES),
-)
-def test_hypothesis_client_to_server(
-    messages: list[TextOrBinary],
-    fragment: int,
-    cuts: list[int],
-    pings: list[bool],
-    mode: tuple[bool, bool],
-) -> None:
-    round_trip(Role.CLIENT, messages, fragment, cuts, pings, mode)
+def on_every_split(check: Callable[[], None]) -> None:
+    """Run ``check`` on each fast receive loop in turn (the C one and the pure reference).
+
+    The hypothesis tests below draw an example once and try it on every loop,
+    instead of being run once per loop by the module's ``split_impl``: with
+    ``derandomize=True`` both runs drew the same examples, so the checks are the
+    same while drawing them (most of these tests' time) is done once. A failure
+    names the loop it happened on in hypothesis's report of the example.
+    """
+    saved = frames_module.split_messages
+    try:
+        for param in _SPLITS:
+            (impl,) = param.values
+            note(f"receive loop: {param.id}")
+            frames_module.split_messages = impl
+            check()
+    finally:
+        frames_module.split_messages = saved
 
 
-@_hypothesis
-@given(
-    messages=messages_strategy,
-    fragment=st.integers(1, 700),
-    cuts=st.lists(st.integers(0, 1 << 16), max_size=30),
-    pings=st.lists(st.booleans(), max_size=8),
-    mode=st.sampled_from(MODES),
-)
-def test_hypothesis_server_to_client(
-    messages: list[TextOrBinary],
-    fragment: int,
-    cuts: list[int],
-    pings: list[bool],
-    mode: tuple[bool, bool],
-) -> None:
-    round_trip(Role.SERVER, messages, fragment, cuts, pings, mode)
+class TestEachExampleOnEverySplit:
+    """Property tests that check each example on every receive loop themselves."""
 
+    @pytest.fixture(autouse=True, scope="class")
+    def split_impl(self) -> Iterator[None]:
+        """Overrides the module's per-loop parametrization: see ``on_every_split``."""
+        yield None
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None)
-@given(
-    messages=st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40)), max_size=4),
-    fragment=st.integers(1, 20),
-)
-def test_hypothesis_bytewise(messages: list[TextOrBinary], fragment: int) -> None:
-    for sender_role in (Role.CLIENT, Role.SERVER):
-        for mode in MODES:
-            round_trip(sender_role, messages, fragment, list(range(1, 2000)), [True], mode)
+    @_hypothesis
+    @given(
+        messages=messages_strategy,
+        fragment=st.integers(1, 700),
+        cuts=st.lists(st.integers(0, 1 << 16), max_size=30),
+        pings=st.lists(st.booleans(), max_size=8),
+        mode=st.sampled_from(MODES),
+    )
+    def test_hypothesis_client_to_server(
+        self,
+        messages: list[TextOrBinary],
+        fragment: int,
+        cuts: list[int],
+        pings: list[bool],
+        mode: tuple[bool, bool],
+    ) -> None:
+        on_every_split(lambda: round_trip(Role.CLIENT, messages, fragment, cuts, pings, mode))
+
+    @_hypothesis
+    @given(
+        messages=messages_strategy,
+        fragment=st.integers(1, 700),
+        cuts=st.lists(st.integers(0, 1 << 16), max_size=30),
+        pings=st.lists(st.booleans(), max_size=8),
+        mode=st.sampled_from(MODES),
+    )
+    def test_hypothesis_server_to_client(
+        self,
+        messages: list[TextOrBinary],
+        fragment: int,
+        cuts: list[int],
+        pings: list[bool],
+        mode: tuple[bool, bool],
+    ) -> None:
+        on_every_split(lambda: round_trip(Role.SERVER, messages, fragment, cuts, pings, mode))
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None)
+    @given(
+        messages=st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40)), max_size=4),
+        fragment=st.integers(1, 20),
+    )
+    def test_hypothesis_bytewise(self, messages: list[TextOrBinary], fragment: int) -> None:
+        def check() -> None:
+            for sender_role in (Role.CLIENT, Role.SERVER):
+                for mode in MODES:
+                    round_trip(sender_role, messages, fragment, list(range(1, 2000)), [True], mode)
+
+        on_every_split(check)
 
 
 @pytest.mark.parametrize("binary_as_bytes", [False, True])
