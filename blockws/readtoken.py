@@ -173,10 +173,16 @@ class ReadToken:
                 ended = (lost,)
             raise
         finally:
-            with lock:
+            if ended is None:
+                # The common case, once per message, without the lock: only the
+                # holder writes these two, and in this order, so lend() never sees
+                # "idle" without the read counted (and polls: no notify needed).
                 self._reads += 1
                 self._busy = False
-                if ended is not None:  # handed to the reader thread, waiting in lend()
+            else:
+                with lock:  # handed to the reader thread, waiting in lend()
+                    self._reads += 1
+                    self._busy = False
                     self._ended = ended
                     self._lent = False
                     cond = self._cond
