@@ -72,6 +72,7 @@ import enum
 import threading
 import time
 from collections import deque
+from time import monotonic as _monotonic
 from typing import Any, Callable, Protocol, cast
 
 from . import dispatcher as _dispatcher
@@ -630,15 +631,11 @@ class Connection:
 
         A compressed read is parsed in installments of at most the queue limit
         of inflated bytes (``Protocol.inflate_budget``), so that backpressure
-        bounds what a read of a thousandfold-compressible flood inflates to.
+        bounds what a read of a thousandfold-compressible flood inflates to:
+        the call for the read parses the first, and calls this again with
+        ``b""`` for each next one (once per read, as the read's own call).
         """
-        self._receive(data)
-        proto = self._proto
-        while proto is not None and proto.more:
-            self._receive(b"")
-
-    def _receive(self, data: bytes) -> None:
-        self.last_received = time.monotonic()
+        self.last_received = _monotonic()
         self.sender.direct_ok = True  # a reply: the next send may skip the writer
         proto = self._proto
         if proto is None:
@@ -689,6 +686,9 @@ class Connection:
             self._finish_stream()  # the server answered our close, which was written
         if full:
             self._pause_reading()
+        if data and proto.more:  # the next installments of this read (see above)
+            while (proto := self._proto) is not None and proto.more:
+                self.data_received(b"")
 
     def _pause_reading(self) -> None:
         """More than ``max_queued_bytes`` wait for ``update()``/``receive()``: stop
