@@ -351,7 +351,7 @@ class Connection:
         self.delivery.on_drained = self._drained
         self.inbox: deque[str | bytes] = self.delivery.inbox
         self._deliver = self.delivery.messages
-        self._post = self.dispatcher.post
+        self._post = self.dispatcher.post_held  # held items: see "Interrupts" in blockws.dispatcher
         self._nudge = self.dispatcher.nudge
         self.sender = self._new_sender()
         self.keepalive = Keepalive(

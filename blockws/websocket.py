@@ -151,21 +151,31 @@ class _Events:
         ws.context["url"] = redact_url(ws.internal_request.url)  # redirects start again
         return self.first_request()
 
+    # The three events below are the dispatcher's held items (post_held): each
+    # commits, by clearing ``held``, as the last thing before it enters the
+    # user's callback, with no eval-breaker point in between; an interrupt
+    # before that leaves the event queued, and what comes before it is safe to
+    # do twice (see "Interrupts" in blockws.dispatcher).
+
     def opened(self, _: None) -> None:
         ws = self.ws
         ws._open_dispatched = True
-        if ws.on_open is not None:
-            ws.on_open(ws)
+        on_open = ws.on_open
+        if on_open is not None:
+            ws._dispatcher.held = None
+            on_open(ws)
 
     def reconnecting(self, announced: tuple[int, float, BaseException | None]) -> None:
         ws = self.ws
-        if ws.on_reconnecting is not None:
+        on_reconnecting = ws.on_reconnecting
+        if on_reconnecting is not None:
             attempt, delay, error = announced
             # ws.error in the callback is the error this attempt follows, even
             # when update() runs late and a later attempt has failed meanwhile.
             ws._announced_error = (error,)
             try:
-                ws.on_reconnecting(ws, attempt, delay)
+                ws._dispatcher.held = None
+                on_reconnecting(ws, attempt, delay)
             finally:
                 ws._announced_error = None
 
@@ -177,9 +187,20 @@ class _Events:
         # write is waited for only so long (it ends with that connection).
         if not engine.join_threads(WRITER_JOIN):
             ws.log.warning("a thread of the socket is still running after %s s", WRITER_JOIN)
-        engine.on_closed_ran()
-        if ws.on_closed is not None:
-            ws.on_closed(ws, code_reason[0], code_reason[1])
+        on_closed = ws.on_closed
+        try:
+            if on_closed is not None:
+                ws._dispatcher.held = None
+                on_closed(ws, code_reason[0], code_reason[1])
+        finally:
+            # The socket leaves the live set (update_all(), live_count()) once
+            # its on_closed has run: an interrupt before the commit leaves it
+            # live, with on_closed queued for update_all() to run.
+            try:
+                engine.on_closed_ran()
+            except BaseException:
+                engine.on_closed_ran()  # an interrupt in it: once more (idempotent)
+                raise
 
 
 class WebSocket:
@@ -931,11 +952,20 @@ class WebSocket:
         """
         inbox = self._inbox
         if inbox:
-            message = inbox.popleft()  # Delivery.take, inline: this runs once per message
+            # Delivery.take, inline (this runs once per message): no
+            # eval-breaker point between taking the message and returning it.
+            message = inbox[0]
+            n = len(message)
+            del inbox[0]
             delivery = self._delivery
-            delivery.taken += len(message)
+            delivery.taken += n
             if delivery.paused:
-                delivery.check_drained()
+                try:
+                    delivery.check_drained()
+                except BaseException:  # an interrupt: the message stays first
+                    delivery.taken -= n
+                    inbox.appendleft(message)
+                    raise
             return message
         check_not_in_callback("receive()")
         engine = self._engine
