@@ -568,7 +568,9 @@ def update_all(max_callbacks: int | None = None, max_time: float | None = None) 
     left when its turn comes (what one does not use goes to the next), and
     rounds repeat while budget and callbacks remain. The rest stays pending,
     in order, for the next call. Raises ``TypeError``/``ValueError`` for a
-    wrong budget.
+    wrong budget. On Ctrl-C, as :meth:`Dispatcher.run`: nothing is lost or
+    run twice, and a socket left with callbacks pending stays in the queue
+    this pumps.
     """
     if not _ready:
         return 0  # the idle call, every frame: whatever the number of sockets

@@ -901,6 +901,15 @@ class WebSocket:
         from inside one of this socket's callbacks it does nothing and returns
         0. Raises ``TypeError``/``ValueError`` for a wrong budget (when
         something is pending).
+
+        Ctrl-C (``KeyboardInterrupt``, or any exception a signal handler
+        raises) may land anywhere in this call; it propagates, and nothing is
+        lost or run twice: a callback it interrupted, or whose first line it
+        hit, has had its event (as when a callback raises), and every event
+        after it -- messages, ``on_open``, ``on_closed`` -- stays queued, in
+        order, for the next ``update()``. ``on_closed`` still fires exactly
+        once. So a loop that catches the interrupt and carries on, or calls
+        ``update()`` once more before it exits, sees every message.
         """
         if not self._pending:
             return 0
