@@ -582,7 +582,7 @@ def update_all(max_callbacks: int | None = None, max_time: float | None = None) 
     for _ in range(len(_ready)):
         dispatcher = None
         try:
-            # _take_ready(), inline and inside the try: an interrupt after the
+            # Taken off the ready queue inline, inside the try: an interrupt after the
             # dispatcher left the ready queue (the lock's release is a call)
             # must find it in the finally, to make it ready again.
             with _ready_lock:

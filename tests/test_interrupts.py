@@ -350,7 +350,7 @@ def test_interrupt_at_every_point_of_plain_items_runs_each_once() -> None:
 class Loaded:
     """A socket whose open, messages, close and end are all queued, its threads gone."""
 
-    def __init__(self, opener: MemoryOpener, pump_all: bool) -> None:
+    def __init__(self, opener: MemoryOpener, pump_all: bool | int) -> None:
         self.seen: list[Any] = []
         self.pump_all = pump_all
         self.callbacks: dict[CodeType, Callable[[FrameType], Any]] = {
@@ -401,7 +401,13 @@ class Loaded:
         self.seen.append(("closed", code))
 
     def pump(self) -> int:
-        return blockws.update_all() if self.pump_all else self.ws.update()
+        """``pump_all``: False, ws.update(); True, update_all(); a number,
+        update_all(max_callbacks=that number)."""
+        if self.pump_all is False:
+            return self.ws.update()
+        if self.pump_all is True:
+            return blockws.update_all()
+        return blockws.update_all(max_callbacks=self.pump_all)
 
 
 def _check_loaded(state: Loaded, interrupts: Interrupts) -> None:
@@ -423,9 +429,11 @@ def memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryOpener]:
         yield opener
 
 
-@pytest.mark.parametrize("pump_all", [False, True], ids=["ws.update", "update_all"])
+@pytest.mark.parametrize(
+    "pump_all", [False, True, 2], ids=["ws.update", "update_all", "update_all(max_callbacks=2)"]
+)
 def test_interrupt_at_every_point_of_update_fires_each_event_once(
-    memory: MemoryOpener, pump_all: bool
+    memory: MemoryOpener, pump_all: bool | int
 ) -> None:
     """Probe "data loss on Ctrl-C" (issue 11, item 1): a Ctrl-C in a game's
     ``update()`` dropped a queued item -- the messages of a read, or an
