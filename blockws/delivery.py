@@ -347,8 +347,9 @@ class Delivery:
                         finally:
                             if not segment.released:
                                 segment.release()
-            # Counted as delivered as the last step of the try: an interrupt
-            # before it is counted by the except below, none can come after.
+            # Counted as delivered; ``done = -1`` tells the except below so,
+            # with no eval-breaker point between the two (an interrupt before
+            # them is counted there instead).
             self._delivered += sum(map(len, messages)) - kept
             done = -1
             if self.paused:
@@ -401,7 +402,7 @@ class Delivery:
                 dispatcher.held = (deliver, head)
                 pending.appendleft(rest)
             deliver(head, True)
-            if done >= total or budget.charge(n):
+            if budget.charge(n) or done >= total:  # every chunk is charged, the last one too
                 break
             if timed:
                 now = clock()

@@ -518,3 +518,34 @@ def test_interrupt_at_every_point_of_a_held_back_failing_close(
     monkeypatch.setattr(blockws.connection, "FAILURE_GRACE", 60.0)  # update() releases it
     tried = interrupt_everywhere(lambda: Failing(memory), Loaded.pump, _check_failing)
     assert tried > 20
+
+
+# -- what the restructured chunking must keep ---------------------------------------------
+
+
+def test_the_last_chunk_of_a_read_is_charged_to_a_time_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """_within now queues the rest of a read before each chunk (for interrupts):
+    the chunk that ends the read is still charged, so a time budget it spends
+    stops the run there, before the next item."""
+    now = [0.0]
+    monkeypatch.setattr("blockws.dispatcher._perf", lambda: now[0])
+    monkeypatch.setattr("blockws.delivery._perf", lambda: now[0])
+    ws = Socket()
+    dispatcher = Dispatcher()
+    delivery = Delivery(ws, dispatcher, BufferPool())
+
+    def text(_: Any, message: str) -> None:
+        ws.seen.append(message)
+        if message == "m6":
+            now[0] += 1.0  # the last message spends the budget
+
+    ws.on_message = text
+    batch = [f"m{i}" for i in range(7)]  # chunks of 1, 2 and 4: the clock stands still before m6
+    dispatcher.post_held(delivery.messages, batch)
+    dispatcher.post_held(ws.seen.append, "next item")
+    assert dispatcher.run(Budget.of(None, 0.5)) == 7
+    assert ws.seen == batch
+    assert dispatcher.run() == 1
+    assert ws.seen == [*batch, "next item"]
