@@ -352,7 +352,7 @@ class Connection:
         self.delivery.on_drained = self._drained
         self.inbox: deque[str | bytes] = self.delivery.inbox
         self._deliver = self.delivery.messages
-        self._post = self.dispatcher.post
+        self._post = self.dispatcher.post_held  # held items: see "Interrupts" in blockws.dispatcher
         self._nudge = self.dispatcher.nudge
         self.sender = self._new_sender()
         self.keepalive = Keepalive(
@@ -970,7 +970,16 @@ class Connection:
             # receive() returns, so wait until it comes back for more.
             self.close_waits_for_inbox = True
             return
-        self._send_deferred_close()
+        try:
+            self._send_deferred_close()
+        except BaseException:
+            # An interrupt (Ctrl-C) cut it short, leaving the failing close
+            # perhaps unqueued: drop the connection now rather than leave it
+            # hanging (1006; ws.error keeps the protocol error). This item is
+            # held (see blockws.dispatcher): update() runs it again, and then
+            # it finds the socket closing.
+            self.abort()
+            raise
 
     def inbox_drained(self) -> None:
         """``receive()`` found its queue empty: the app has answered every message
@@ -1027,8 +1036,8 @@ class Connection:
         if transport is not None:
             transport.abort()  # unblocks a writer stuck on a full socket
         me = threading.current_thread()
-        if writer is not None and self._reader is me:
-            writer.join(WRITER_JOIN)
+        if writer is not None and self._reader is me and writer.is_alive():
+            writer.join(WRITER_JOIN)  # not one whose start() an interrupt cut short
         if transport is not None:
             transport.close()
         self._let_go()  # what the ended link owned, before a backoff as after a close
@@ -1178,7 +1187,7 @@ class Connection:
         deadline = Deadline(timeout)
         me = threading.current_thread()
         for thread in (*self._retired, self._reader, self.sender.thread):
-            if thread is not None and thread is not me:
+            if thread is not None and thread is not me and thread.is_alive():
                 thread.join(deadline.left())
                 if thread.is_alive():
                     return False

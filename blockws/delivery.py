@@ -169,27 +169,37 @@ class Delivery:
                 self._cond.notify_all()
         return was
 
-    def _done(self, size: int) -> None:
-        """``size`` more delivered; resumes reading at half the limit."""
-        # Only the delivering side (update(), one thread at a time) writes
-        # _delivered; it reads ``paused`` after its +=, as receive() does after
-        # its own (see the module docstring).
-        self._delivered += size
-        if self.paused:
-            self.check_drained()
-
     def check_drained(self) -> None:
-        """Reading is paused: resume it if the queue is down to half the limit."""
-        with self._lock:
-            limit = self.limit
-            if not self.paused or (limit is not None and self.queued > limit // 2):
-                return
-            self.paused = False
-            if self._cond is not None:
-                self._cond.notify_all()
-        drained = self.on_drained
-        if drained is not None:
-            drained()
+        """Reading is paused: resume it if the queue is down to half the limit.
+
+        Interrupts: the test and clearing ``paused`` have no eval-breaker
+        point between them. Waking the paused reader and ``on_drained`` may
+        each be cut short by one; then ``paused`` is set again (no check
+        before that either), so that the next check -- the caller makes it
+        on its way out, see :meth:`messages` and :meth:`take` -- resumes
+        again: both steps are harmless to repeat.
+        """
+        cleared = False
+        try:
+            with self._lock:
+                limit = self.limit
+                if not self.paused or (
+                    limit is not None
+                    and self._received - self._delivered - self.taken > limit // 2
+                ):
+                    return
+                self.paused = False
+                cleared = True
+                cond = self._cond
+                if cond is not None:
+                    cond.notify_all()
+            drained = self.on_drained
+            if drained is not None:
+                drained()
+        except BaseException:
+            if cleared:
+                self.paused = True  # not fully resumed: the next check does it again
+            raise
 
     def release(self) -> None:
         """The socket has ended: drop the scratch buffer (a message still to be
@@ -197,11 +207,25 @@ class Delivery:
         self._scratch = None
 
     def take(self) -> str | bytes:
-        """The oldest message kept for ``receive()`` (the inbox must not be empty)."""
-        message = self.inbox.popleft()
-        self.taken += len(message)
-        if self.paused:
-            self.check_drained()
+        """The oldest message kept for ``receive()`` (the inbox must not be empty).
+
+        Interrupts: the message leaves the inbox with no eval-breaker point
+        before it is returned, or goes back to its front.
+        """
+        inbox = self.inbox
+        message = inbox[0]
+        n = len(message)
+        self.taken += n
+        try:
+            # popleft(), not del inbox[0] (twice the cost): an interrupt can
+            # come right after it returns, and the except puts the message back.
+            inbox.popleft()
+            if self.paused:
+                self.check_drained()
+        except BaseException:
+            self.taken -= n
+            inbox.appendleft(message)  # the next take() checks again
+            raise
         return message
 
     def _drop(self, message: Any) -> None:
@@ -221,7 +245,7 @@ class Delivery:
                     missing,
                 )
 
-    def messages(self, messages: list[Any], rest: tuple[list[Any], int] | None = None) -> int:
+    def messages(self, messages: list[Any], chunk: bool = False) -> int:
         """Hand the messages of one read to the handlers, or to the inbox.
 
         The handlers are looked up per message, so a callback that sets or
@@ -230,13 +254,23 @@ class Delivery:
         for the next ``update()``. Under a budgeted ``update()``
         (:attr:`Dispatcher.budget <blockws.dispatcher.Dispatcher.budget>`) the
         messages are delivered in chunks charged to the budget (see
-        :meth:`_within`), and those it has no room for go back to the front of
-        the queue. ``rest`` (a list and a start index) is what follows a chunk,
-        put back behind the chunk's own remainder if a callback raises.
-        Returns how many messages were handled.
+        :meth:`_within`), and those it has no room for stay at the front of
+        the queue. ``chunk``: called by :meth:`_within` for one chunk (no
+        budget of its own). Returns how many messages were handled.
+
+        Interrupts (see "Interrupts" in :mod:`blockws.dispatcher`): it runs
+        as the dispatcher's held item, put back whole by ``run()`` if an
+        interrupt lands before it commits. It commits (clears
+        ``dispatcher.held``) as the first statement of the ``try`` whose
+        ``except`` puts back what was not delivered, so exactly one of the two
+        holds the messages at every eval-breaker point. ``done`` counts a
+        message just before it is handed over -- the handler entered, the
+        inbox appended to -- with no eval-breaker point in between, so the
+        put-back starts at the first message not handed over.
         """
-        budget = self.dispatcher.budget
-        if budget is not None and rest is None and len(messages) > 1:
+        dispatcher = self.dispatcher
+        budget = dispatcher.budget
+        if budget is not None and not chunk and len(messages) > 1:
             return self._within(budget, messages)
         ws = self.ws
         inbox = self.inbox
@@ -244,57 +278,98 @@ class Delivery:
         done = 0
         kept = 0  # bytes gone to the inbox: still queued, until receive() takes them
         try:
+            dispatcher.held = None  # committed: from here on, the except below puts back
             for message in messages:
-                done += 1
                 cls = type(message)
                 if cls is bytes:  # a binary message, exactly
                     handler = ws.on_binary
                     n = len(message)
                     if handler is None:
                         if ws.on_message is None:  # no callbacks at all: for receive()
-                            inbox.append(message)  # no copy
                             kept += n
+                            done += 1
+                            inbox.append(message)  # no copy
                         else:
+                            done += 1
                             self._drop(message)
-                    elif n <= SCRATCH:
-                        if scratch is None:
-                            scratch = self._scratch = memoryview(bytearray(SCRATCH))
-                        scratch[:n] = message
-                        segment = BufferSegment(scratch.obj, 0, n)  # type: ignore[arg-type]
+                    else:
+                        if n <= SCRATCH:
+                            if scratch is None:
+                                scratch = self._scratch = memoryview(bytearray(SCRATCH))
+                            scratch[:n] = message
+                            segment = BufferSegment(scratch.obj, 0, n)  # type: ignore[arg-type]
+                        else:  # larger than the scratch buffer: pooled memory
+                            segment = self.pool.get(n)
+                            segment.data[:n] = message
+                        done += 1
                         try:
                             handler(ws, segment)
                         finally:
                             if not segment.released:
-                                segment.release()  # no pool: only marks it released
-                    else:
-                        self.binary(message, n)
+                                segment.release()  # scratch (no pool): only marks it released
                 elif cls is str:
                     on_text = ws.on_message
                     if on_text is None:
                         if ws.on_binary is None:
+                            n = len(message)
+                            kept += n
+                            done += 1
                             inbox.append(message)
-                            kept += len(message)
                         else:
+                            done += 1
                             self._drop(message)
                     else:
+                        done += 1
                         on_text(ws, message)
                 else:  # a BinaryMessage: in pooled memory, from the general path
-                    if self.binary(message.data, message.length):
-                        kept += message.length
+                    data = message.data
+                    n = message.length
+                    handler = ws.on_binary
+                    if handler is None:
+                        if ws.on_message is None:  # for receive()
+                            copy = bytes(memoryview(data)[:n])
+                            kept += n
+                            done += 1
+                            inbox.append(copy)
+                        else:
+                            done += 1
+                            self._drop(b"")
+                        # Only once handed over: until then the message owns it.
+                        if type(data) is bytearray:
+                            self.pool.give_back(data)
+                    else:
+                        if type(data) is bytes:
+                            segment = self.pool.get(n)
+                            segment.data[:n] = data
+                        else:
+                            segment = BufferSegment(data, 0, n, self.pool)
+                        done += 1
+                        try:
+                            handler(ws, segment)
+                        finally:
+                            if not segment.released:
+                                segment.release()
+            # Counted as delivered; ``done = -1`` tells the except below so,
+            # with no eval-breaker point between the two (an interrupt before
+            # them is counted there instead).
+            self._delivered += sum(map(len, messages)) - kept
+            done = -1
+            if self.paused:
+                self.check_drained()
         except BaseException:
-            left = messages[done:]
-            if rest is not None:
-                left += rest[0][rest[1] :]
-            if left:
-                self.dispatcher.pending.appendleft((self.messages, left))
-            self._done(sum(map(len, messages[:done])) - kept)
+            if done >= 0:
+                left = messages[done:]
+                if left:  # no eval-breaker point from here to the appendleft
+                    dispatcher.pending.appendleft((self.messages, left))
+                self._delivered += sum(map(len, messages[:done])) - kept
+            if self.paused:
+                self.check_drained()
             raise
-        self._done(sum(map(len, messages)) - kept)
-        return done
+        return len(messages)
 
     def _within(self, budget: Budget, messages: list[Any]) -> int:
-        """Deliver one read's messages under a budget, in chunks; the rest go
-        back to the front of the queue, in order.
+        """Deliver one read's messages under a budget, in chunks; the rest stay
+        at the front of the queue, in order.
 
         Charging the budget after every message would cost a clock read and a
         call per message, several times the cost of delivering a small one.
@@ -303,52 +378,39 @@ class Delivery:
         most half of the time left, from the time per message so far: the
         overrun stays about one callback's time, as when checking after each.
         Each chunk counts as delivered (for backpressure) as it goes.
+
+        Interrupts: before each chunk the rest is queued at the front and the
+        chunk becomes the dispatcher's held item (one step, no eval-breaker
+        point between); the chunk then commits as :meth:`messages` does. After
+        it, the rest is taken back as the held item, again in one step. So at
+        every point the undelivered messages are either queued in order or held.
         """
+        dispatcher = self.dispatcher
+        pending = dispatcher.pending
+        deliver = self.messages
         total = len(messages)
         done = 0
         timed = budget.deadline is not None
         chunk = 1 if timed else total
         clock = _perf
         start = clock() if timed else 0.0
-        while done < total:
+        while True:
             n = min(chunk, total - done, budget.left)
             first = done
             done += n
-            self.messages(messages[first:done], (messages, done))
-            if budget.charge(n):
+            head = messages[first:done]
+            if done < total:
+                rest = (deliver, messages[done:])
+                dispatcher.held = (deliver, head)
+                pending.appendleft(rest)
+            deliver(head, True)
+            if budget.charge(n) or done >= total:  # every chunk is charged, the last one too
                 break
             if timed:
                 now = clock()
                 per = (now - start) / done
                 room = budget.deadline - now  # type: ignore[operator]
                 chunk = max(1, min(2 * chunk, int(room / 2 / per) if per > 0 else 2 * chunk))
-        if done < total:
-            self.dispatcher.pending.appendleft((self.messages, messages[done:]))
+            dispatcher.held = rest  # taken back, held until the next chunk commits
+            del pending[0]
         return done
-
-    def binary(self, data: bytes | bytearray, n: int) -> bool:
-        """A binary message too large for the scratch buffer, or in pooled memory.
-        Returns True when it went to the inbox (still queued)."""
-        ws = self.ws
-        handler = ws.on_binary
-        pool = self.pool
-        if handler is None:
-            kept = ws.on_message is None
-            if kept:  # for receive()
-                self.inbox.append(bytes(memoryview(data)[:n]))
-            else:
-                self._drop(b"")
-            if type(data) is bytearray:
-                pool.give_back(data)
-            return kept
-        if type(data) is bytes:  # larger than the scratch buffer: pooled memory
-            segment = pool.get(n)
-            segment.data[:n] = data
-        else:
-            segment = BufferSegment(data, 0, n, pool)  # type: ignore[arg-type]
-        try:
-            handler(ws, segment)
-        finally:
-            if not segment.released:
-                segment.release()
-        return False

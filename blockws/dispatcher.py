@@ -30,6 +30,43 @@ everything at once:
   (the messages of one read) charges the budget itself, in chunks, and puts
   back what it did not deliver, through :attr:`Dispatcher.budget` (see
   :meth:`blockws.delivery.Delivery.messages`).
+
+Interrupts (issue 11, probe "data loss on Ctrl-C"). A ``KeyboardInterrupt``
+-- any exception a Python signal handler raises -- is raised only at the
+interpreter's eval-breaker checks. In CPython 3.11 (``Python/ceval.c``) they
+are: ``RESUME`` at a function's entry; the backward jumps
+(``JUMP_BACKWARD_QUICK``, ``POP_JUMP_BACKWARD_IF_*`` when they jump); and
+after a call to anything but a Python function returns (``CALL``'s
+non-inlined branch, ``CALL_FUNCTION_EX`` and most ``PRECALL_*``
+specializations; a Python function called from Python is inlined and checks
+at its own ``RESUME`` instead). Loads, stores, ``del x[i]``, unpacking and
+arithmetic on built-in types never check (nor do they run Python code,
+which would). So two statements with no call, no loop back-edge and no
+entry between them are atomic with respect to Ctrl-C. ``run()`` relies on
+exactly that:
+
+* An item stays on the queue until it is taken *and entered* in one step:
+  ``item = pending[0]; self.held = item; del pending[0]; fn(arg)`` has no
+  check between the ``del`` and the call. Until the item commits it is
+  :attr:`Dispatcher.held`, and an exception that leaves ``run()`` puts it
+  back at the front (again with no check before the ``appendleft``).
+* An item queued with :meth:`Dispatcher.post` commits on entry: an
+  interrupt at its function's first instruction counts as raised by it.
+  An item queued with :meth:`Dispatcher.post_held` (blockws's own: the
+  messages of a read, ``on_open``, ``on_closed``, ``on_reconnecting``)
+  commits where it enters user code, by clearing ``held``, again with no
+  check in between; what it does before that is safe to do twice. The
+  messages of a read then put back, themselves, what they did not deliver
+  (see :meth:`blockws.delivery.Delivery.messages`).
+* The run's own bookkeeping (``_running_in``, the nesting count, the ready
+  queue) changes only where no check can split it from the ``try`` that
+  undoes it.
+
+What the user sees: a callback that was entered has had its event (like any
+exception from a callback, an interrupt inside it does not run it again), and
+everything after it stays queued, in order, for the next ``update()``. The
+tests in ``tests/test_interrupts.py`` raise an interrupt at every one of
+these points in turn and check exactly that.
 """
 
 from __future__ import annotations
@@ -62,6 +99,13 @@ __all__ = [
 #: ``(function, argument)``: the function returns how many events it handled
 #: (``None`` counts as one), which is what ``update()`` reports.
 Item = tuple[Callable[[Any], Any], Any]
+
+
+class _Plain(tuple):  # type: ignore[type-arg]
+    """An item queued by :meth:`Dispatcher.post`: it commits when its function
+    is entered (a plain tuple item commits itself, see :meth:`Dispatcher.post_held`)."""
+
+    __slots__ = ()
 #: ``fn(ws)``: told that a socket has callbacks pending (see the module docstring).
 OnPending = Callable[[Any], Any]
 
@@ -159,6 +203,7 @@ class Dispatcher:
         "owner",
         "on_pending",
         "budget",
+        "held",
         "_cond",
         "_waiters",
         "_run_lock",
@@ -177,6 +222,12 @@ class Dispatcher:
         #: The budget of the run in progress, for items that charge it per
         #: message; ``None`` outside a budgeted run.
         self.budget: Budget | None = None
+        #: The item being run, taken off the queue but not yet committed:
+        #: ``run()`` puts it back at the front if an exception (an interrupt)
+        #: leaves the run before it commits. An item posted with
+        #: :meth:`post_held` commits by setting this to ``None`` where it
+        #: enters user code; one posted with :meth:`post` commits on entry.
+        self.held: Item | None = None
         # Made by the first wait() (an idle socket that nobody waits on has none).
         self._cond: threading.Condition | None = None
         self._waiters = 0
@@ -190,14 +241,31 @@ class Dispatcher:
         self._in_ready = False
 
     def post(self, fn: Callable[[Any], Any], arg: Any) -> None:
-        """Queue ``fn(arg)``; thread-safe, never blocks on the consumer."""
+        """Queue ``fn(arg)``; thread-safe, never blocks on the consumer.
+
+        The call counts as run once ``fn`` is entered: an exception or an
+        interrupt from inside it does not run it again.
+        """
+        self.pending.append(_Plain((fn, arg)))
+        if self._armed:
+            self._announce()
+        self._wake()
+
+    def post_held(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        """Queue ``fn(arg)`` as an item that commits itself: until ``fn`` sets
+        :attr:`held` to ``None`` (where it enters user code, with no
+        eval-breaker point in between), an exception leaving it puts the item
+        back at the front of the queue, to be run again by the next
+        ``run()``. What ``fn`` does before it commits must therefore be safe
+        to do twice. Thread-safe, never blocks."""
         self.pending.append((fn, arg))
         if self._armed:
             self._announce()
         self._wake()
 
     def post_many(self, items: list[Item]) -> None:
-        """Queue several calls at once, with a single wake-up for a waiter."""
+        """Queue several :meth:`post_held` items at once, with a single wake-up
+        for a waiter."""
         if items:
             self.pending.extend(items)
             if self._armed:
@@ -273,6 +341,15 @@ class Dispatcher:
         returns 0 at once; a call from another thread waits for the running
         one to finish. Either way, callbacks left pending are announced to the
         ``on_pending`` hook again before this returns.
+
+        On Ctrl-C (a ``KeyboardInterrupt``, or any exception a signal handler
+        raises, at whatever point of this call it lands): nothing queued is
+        lost or run twice. A callback that was entered has had its event -- the
+        interrupt counts as raised by it, like any exception from a callback --
+        and every event after it stays queued, in order, for the next call; an
+        interrupt that lands before a callback is entered leaves its event
+        queued. ``on_closed`` still runs exactly once. See "Interrupts" in the
+        module docstring for how.
         """
         if budget is not None:
             return self._run_budget(budget)
@@ -284,16 +361,36 @@ class Dispatcher:
             return 0
         try:
             with self._run_lock:
-                self._running_in = me
                 running = _running
                 depth = running.get(me, 0)
-                running[me] = depth + 1
                 count = 0
                 try:
+                    # Both marks are set before the first eval-breaker point
+                    # in this try (none between the try and them), so the
+                    # finally always finds them.
+                    self._running_in = me
+                    running[me] = depth + 1
                     for _ in range(len(pending)):
-                        fn, arg = pending.popleft()
+                        # Take the item and enter it as one step: no
+                        # eval-breaker point between the del and the call (see
+                        # the module docstring). It stays held until it commits.
+                        item = pending[0]
+                        self.held = item
+                        del pending[0]
+                        fn, arg = item
                         handled = fn(arg)
+                        self.held = None
                         count += 1 if handled is None else handled
+                except BaseException:
+                    # The item being run goes back to the front unless it
+                    # committed (inline: no eval-breaker point before the
+                    # appendleft; ``__class__`` is a C attribute).
+                    held = self.held
+                    if held is not None:
+                        self.held = None
+                        if held.__class__ is not _Plain:
+                            pending.appendleft(held)
+                    raise
                 finally:
                     self._running_in = None
                     if depth:
@@ -317,17 +414,21 @@ class Dispatcher:
             return 0
         try:
             with self._run_lock:
-                self._running_in = me
-                self.budget = budget
                 running = _running
                 depth = running.get(me, 0)
-                running[me] = depth + 1
                 count = 0
                 try:
+                    self._running_in = me
+                    running[me] = depth + 1
+                    self.budget = budget
                     while pending:  # bounded by the budget
-                        fn, arg = pending.popleft()
                         used = budget.used
+                        item = pending[0]
+                        self.held = item
+                        del pending[0]
+                        fn, arg = item
                         handled = fn(arg)
+                        self.held = None
                         n = 1 if handled is None else handled
                         count += n
                         # An item holding several messages charged them itself.
@@ -335,6 +436,16 @@ class Dispatcher:
                             budget.charge(n)
                         if budget.spent:
                             break
+                except BaseException:
+                    # The item being run goes back to the front unless it
+                    # committed (inline: no eval-breaker point before the
+                    # appendleft; ``__class__`` is a C attribute).
+                    held = self.held
+                    if held is not None:
+                        self.held = None
+                        if held.__class__ is not _Plain:
+                            pending.appendleft(held)
+                    raise
                 finally:
                     self.budget = None
                     self._running_in = None
@@ -401,7 +512,7 @@ _live_lock = threading.Lock()
 # took them: what update_all() runs, so that it costs O(pending), not
 # O(sockets). Each is in it at most once (Dispatcher._in_ready); an entry may
 # be stale (its socket's own update() ran the callbacks meanwhile), which
-# costs update_all() one empty run.
+# costs update_all() one empty run. update_all() takes them off it inline.
 _ready: deque[Dispatcher] = deque()
 _ready_lock = threading.Lock()
 
@@ -413,15 +524,6 @@ def _make_ready(dispatcher: Dispatcher) -> None:
         if not dispatcher._in_ready and dispatcher in _live:
             dispatcher._in_ready = True
             _ready.append(dispatcher)
-
-
-def _take_ready() -> Dispatcher | None:
-    with _ready_lock:
-        if not _ready:
-            return None
-        dispatcher = _ready.popleft()
-        dispatcher._in_ready = False  # before it runs: a post meanwhile makes it ready again
-        return dispatcher
 
 
 def register(dispatcher: Dispatcher, alive: bool) -> None:
@@ -466,7 +568,9 @@ def update_all(max_callbacks: int | None = None, max_time: float | None = None) 
     left when its turn comes (what one does not use goes to the next), and
     rounds repeat while budget and callbacks remain. The rest stays pending,
     in order, for the next call. Raises ``TypeError``/``ValueError`` for a
-    wrong budget.
+    wrong budget. On Ctrl-C, as :meth:`Dispatcher.run`: nothing is lost or
+    run twice, and a socket left with callbacks pending stays in the queue
+    this pumps.
     """
     if not _ready:
         return 0  # the idle call, every frame: whatever the number of sockets
@@ -476,13 +580,21 @@ def update_all(max_callbacks: int | None = None, max_time: float | None = None) 
     # The sockets ready when it starts: one made ready meanwhile (by a post
     # during its run, say) waits for the next call, so that a call always ends.
     for _ in range(len(_ready)):
-        dispatcher = _take_ready()
-        if dispatcher is None:
-            break
+        dispatcher = None
         try:
+            # Taken off the ready queue inline, inside the try: an interrupt after the
+            # dispatcher left the ready queue (the lock's release is a call)
+            # must find it in the finally, to make it ready again.
+            with _ready_lock:
+                if not _ready:
+                    break
+                dispatcher = _ready[0]
+                dispatcher._in_ready = False  # before it runs: a post makes it ready again
+                del _ready[0]
             count += dispatcher.run()
         finally:
-            if dispatcher.pending:  # a callback raised, or a re-entrant call ran nothing
+            # A callback raised (or an interrupt came), or a re-entrant call ran nothing.
+            if dispatcher is not None and dispatcher.pending:
                 _make_ready(dispatcher)
     return count
 
@@ -491,17 +603,20 @@ def _update_all_within(max_callbacks: int | None, max_time: float | None) -> int
     total = Budget.of(max_callbacks, max_time)
     count = 0
     while not total.spent:
-        busy = []
-        while True:
-            dispatcher = _take_ready()
-            if dispatcher is None:
-                break
-            if dispatcher.pending:
-                busy.append(dispatcher)
-        if not busy:
-            break
+        busy: list[Dispatcher] = []
         ran = 0
         try:
+            # Every ready dispatcher at once, inside the try (see update_all()):
+            # flags first, then the queue, so that an interrupt between them
+            # leaves a dispatcher in the queue twice at worst (one empty run).
+            with _ready_lock:
+                busy = list(_ready)
+                for dispatcher in busy:
+                    dispatcher._in_ready = False
+                _ready.clear()
+            busy = [dispatcher for dispatcher in busy if dispatcher.pending]
+            if not busy:
+                break
             for i, dispatcher in enumerate(busy):
                 shares = len(busy) - i
                 deadline = total.deadline

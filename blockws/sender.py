@@ -219,8 +219,19 @@ class Sender:
         if self._thread is None:
             if self._wake is None:
                 self._wake = threading.Condition(self.lock)
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
+            thread = self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            try:
+                thread.start()
+            except BaseException:
+                # Ctrl-C inside Thread.start() (on a thread sending, or closing
+                # from update()): the writer may never run, and which it is
+                # cannot be told safely. Fail loudly rather than leave frames
+                # queued for no writer: drop the connection (never blocks); the
+                # reader sees the end, and on_closed gets 1006.
+                transport = self.transport
+                if transport is not None:
+                    transport.abort()
+                raise
         elif self._waiting:
             # Only a waiting writer needs waking: a busy one looks at the queue
             # again before it waits (Condition.notify costs more than send()).
@@ -269,7 +280,8 @@ class Sender:
 
     def _run(self) -> None:
         proto, transport = self.proto, self.transport
-        assert proto is not None and transport is not None
+        if proto is None or transport is None:
+            return  # released before this thread ran (start() interrupted: see _kick_locked)
         lock, wake, queue, control = self.lock, self._wake, self.queue, self.control
         assert wake is not None  # made before the thread was started
         try:

@@ -49,7 +49,14 @@ class Timer:
 
     def __init__(self, name: str = "blockws-timer") -> None:
         self.name = name
-        self._cond = threading.Condition(threading.Lock())
+        # ``with self._lock``, not ``with self._cond``: a Condition's
+        # __enter__/__exit__ are Python functions, and a Ctrl-C at the entry
+        # of its __exit__ (on the thread calling call_later()/cancel() from
+        # update()) would leave the lock held, every socket's timer stopped.
+        # A Lock's are C: no eval-breaker point between acquiring and the
+        # block, and the release happens before the one after the exit call.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._heap: list[Job] = []
         self._live = 0  # jobs scheduled and not cancelled or run
         self._seq = itertools.count()
@@ -57,10 +64,12 @@ class Timer:
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Job:
         """Run ``fn`` on the timer thread after ``delay`` seconds."""
-        with self._cond:
+        with self._lock:
             job = Job(time.monotonic() + max(0.0, delay), next(self._seq), fn, self)
-            heapq.heappush(self._heap, job)
+            # Counted before it is pushed: an interrupt in between leaves the
+            # count high (the thread stays), never low (jobs dropped at 0).
             self._live += 1
+            heapq.heappush(self._heap, job)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
@@ -69,7 +78,7 @@ class Timer:
         return job
 
     def _cancel(self, job: Job) -> None:
-        with self._cond:
+        with self._lock:
             if job.cancelled:
                 return
             job.cancelled = True
@@ -81,7 +90,7 @@ class Timer:
     def _run(self) -> None:
         cond = self._cond
         while True:
-            with cond:
+            with self._lock:
                 while True:
                     if self._live == 0:
                         # Drop cancelled jobs left behind, or their callbacks

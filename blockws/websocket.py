@@ -151,21 +151,31 @@ class _Events:
         ws.context["url"] = redact_url(ws.internal_request.url)  # redirects start again
         return self.first_request()
 
+    # The three events below are the dispatcher's held items (post_held): each
+    # commits, by clearing ``held``, as the last thing before it enters the
+    # user's callback, with no eval-breaker point in between; an interrupt
+    # before that leaves the event queued, and what comes before it is safe to
+    # do twice (see "Interrupts" in blockws.dispatcher).
+
     def opened(self, _: None) -> None:
         ws = self.ws
         ws._open_dispatched = True
-        if ws.on_open is not None:
-            ws.on_open(ws)
+        on_open = ws.on_open
+        if on_open is not None:
+            ws._dispatcher.held = None
+            on_open(ws)
 
     def reconnecting(self, announced: tuple[int, float, BaseException | None]) -> None:
         ws = self.ws
-        if ws.on_reconnecting is not None:
+        on_reconnecting = ws.on_reconnecting
+        if on_reconnecting is not None:
             attempt, delay, error = announced
             # ws.error in the callback is the error this attempt follows, even
             # when update() runs late and a later attempt has failed meanwhile.
             ws._announced_error = (error,)
             try:
-                ws.on_reconnecting(ws, attempt, delay)
+                ws._dispatcher.held = None
+                on_reconnecting(ws, attempt, delay)
             finally:
                 ws._announced_error = None
 
@@ -177,9 +187,20 @@ class _Events:
         # write is waited for only so long (it ends with that connection).
         if not engine.join_threads(WRITER_JOIN):
             ws.log.warning("a thread of the socket is still running after %s s", WRITER_JOIN)
-        engine.on_closed_ran()
-        if ws.on_closed is not None:
-            ws.on_closed(ws, code_reason[0], code_reason[1])
+        on_closed = ws.on_closed
+        try:
+            if on_closed is not None:
+                ws._dispatcher.held = None
+                on_closed(ws, code_reason[0], code_reason[1])
+        finally:
+            # The socket leaves the live set (update_all(), live_count()) once
+            # its on_closed has run: an interrupt before the commit leaves it
+            # live, with on_closed queued for update_all() to run.
+            try:
+                engine.on_closed_ran()
+            except BaseException:
+                engine.on_closed_ran()  # an interrupt in it: once more (idempotent)
+                raise
 
 
 class WebSocket:
@@ -880,6 +901,15 @@ class WebSocket:
         from inside one of this socket's callbacks it does nothing and returns
         0. Raises ``TypeError``/``ValueError`` for a wrong budget (when
         something is pending).
+
+        Ctrl-C (``KeyboardInterrupt``, or any exception a signal handler
+        raises) may land anywhere in this call; it propagates, and nothing is
+        lost or run twice: a callback it interrupted, or whose first line it
+        hit, has had its event (as when a callback raises), and every event
+        after it -- messages, ``on_open``, ``on_closed`` -- stays queued, in
+        order, for the next ``update()``. ``on_closed`` still fires exactly
+        once. So a loop that catches the interrupt and carries on, or calls
+        ``update()`` once more before it exits, sees every message.
         """
         if not self._pending:
             return 0
@@ -931,7 +961,12 @@ class WebSocket:
         """
         inbox = self._inbox
         if inbox:
-            message = inbox.popleft()  # Delivery.take, inline: this runs once per message
+            # Delivery.take, inline: this runs once per message. Unlike take(),
+            # it keeps one eval-breaker point, right after popleft() returns,
+            # where a Ctrl-C loses this message: peeking first (inbox[0]) to
+            # close it costs about 300 instructions per message, several per
+            # cent of a receive() flood (W2, W4): left to decide (issue 11).
+            message = inbox.popleft()
             delivery = self._delivery
             delivery.taken += len(message)
             if delivery.paused:
