@@ -259,9 +259,19 @@ class Dispatcher:
         ``run()``. What ``fn`` does before it commits must therefore be safe
         to do twice. Thread-safe, never blocks."""
         self.pending.append((fn, arg))
+        # _announce() and _wake(), their common cases inline (once per read).
         if self._armed:
-            self._announce()
-        self._wake()
+            if self._in_ready and self.on_pending is None and _global_on_pending is None:
+                self._armed = False  # no hook: nothing to make exactly-once
+            else:
+                self._announce()
+        cond = self._cond
+        if self._waiters and cond is not None:  # see _wake()
+            with cond:
+                cond.notify_all()
+        if _global_waiters:
+            with _global_cond:
+                _global_cond.notify_all()
 
     def post_many(self, items: list[Item]) -> None:
         """Queue several :meth:`post_held` items at once, with a single wake-up
