@@ -72,6 +72,7 @@ CLOSE_FRAME = -1
 UNCOMPRESSED = 0x100
 _CLOSE_OPCODE = 0x8
 _PONG_OPCODE = 0xA
+_PING_PONG = (0x9, _PONG_OPCODE)
 
 # (opcode, payload, segment to release once written, size counted in buffered_amount)
 Item = tuple[int, Any, "BufferSegment | None", int]
@@ -186,6 +187,17 @@ class Sender:
         """
         assert self.lock.locked()
         control = self.control
+        if (
+            self._direct
+            and not self._writing
+            and not control
+            and not self.queue
+            and not self.rest
+            and not self._stopped
+            and all(f[0] & 0x0F in _PING_PONG for f in frames)
+            and self._write_control_now_locked(frames)
+        ):
+            return
         if self._writing and any(f[0] & 0x0F == _PONG_OPCODE for f in frames):
             # Probe "pong queue without bound": answer only the most recent
             # ping while the transport is busy (RFC 6455 5.5.3).
@@ -200,6 +212,29 @@ class Sender:
         control.extend(frames)
         self.buffered += sum(map(len, frames))
         self._kick_locked()
+
+    def _write_control_now_locked(self, frames: list[bytes] | tuple[bytes, ...]) -> bool:
+        """Pings and pongs while nothing else is queued or being written: write
+        them now, without blocking, on the calling thread (the timer's for
+        pings, the reader's for pongs), so that a socket whose only writes are
+        its keepalive and direct sends needs no writer thread. The lock stays
+        held: the write cannot block, and no other write may start meanwhile.
+        What the kernel does not take goes to the writer, first. Returns False
+        (queue them as usual) if the write failed: the writer then meets and
+        reports the failure."""
+        transport = self.transport
+        if transport is None:
+            return False
+        try:
+            written = transport.try_write(frames)
+        except Exception:  # noqa: BLE001 - the writer meets it again and reports it
+            return False
+        total = sum(map(len, frames))
+        if written < total:
+            self.rest = _remaining(list(frames), written)
+            self.buffered += total - written
+            self._kick_locked()
+        return True
 
     def drop_locked(self) -> int:
         """Discard queued messages (releasing their segments); returns how many."""
