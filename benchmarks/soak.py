@@ -20,7 +20,9 @@ Checks, printed as a summary (exit status 1 if any fails):
 * **no socket ends early** (no ``on_closed`` before the end);
 * **threads and descriptors constant**: sampled every second after the warm-up, one
   reader per socket throughout, descriptors the same at the end as after the warm-up,
-  and the thread count never above its warm-up maximum (writer threads come and go);
+  and, writer threads aside, the thread count never above its warm-up maximum; writer
+  threads come and go (a socket has one only while its writes back up), at most one per
+  socket;
 * **RSS growth under 5 %** from the end of the warm-up to the end. The warm-up is the
   first minute, or the first half of a run shorter than 2 minutes. And the Python heap
   (``sys.getallocatedblocks()``, live objects) grows under 5 % too.
@@ -159,7 +161,8 @@ class Stats:
     warmup_seconds: float = 0.0
     readers: list[int] = field(default_factory=list)  # min, max after warm-up
     threads_warmup_max: int = 0
-    threads_after_max: int = 0
+    threads_after_max: int = 0  # writer threads aside
+    writers_max: int = 0  # after the warm-up
     fds_warmup: int = 0
     fds_end: int = 0
     fds_after: list[int] = field(default_factory=list)  # min, max after warm-up
@@ -172,8 +175,10 @@ class Stats:
     failures: list[str] = field(default_factory=list)
 
 
-def _readers() -> int:
-    return sum(1 for t in threading.enumerate() if t.name.endswith("-reader"))
+def _readers_writers() -> tuple[int, int]:
+    names = [t.name for t in threading.enumerate()]
+    return (sum(1 for n in names if n.endswith("-reader")),
+            sum(1 for n in names if n.endswith("-writer")))
 
 
 def run(urls: list[str], sockets: int, seconds: float, rate: float,
@@ -213,16 +218,18 @@ def run(urls: list[str], sockets: int, seconds: float, rate: float,
             next_sample += 1.0
             latencies.extend(p.ws.latency for p in peers if p.ws.latency is not None)
             count = threading.active_count()
+            n_readers, n_writers = _readers_writers()
             if now - start < warmup:
-                threads_warmup.append(count)
+                threads_warmup.append(count - n_writers)
             else:
                 if not warm_done:
                     warm_done = True
                     stats.fds_warmup = fd_count()
                     stats.rss_warmup_mb = rss_bytes() / 2**20
                     stats.blocks_warmup = sys.getallocatedblocks()
-                threads_after.append(count)
-                readers.append(_readers())
+                threads_after.append(count - n_writers)
+                readers.append(n_readers)
+                stats.writers_max = max(stats.writers_max, n_writers)
                 fds_after.append(fd_count())
             if progress:
                 print(f"  {now - start:5.0f} s: sent {stats.sent}, received {stats.received}, "
@@ -286,7 +293,9 @@ def _judge(stats: Stats) -> None:
         f.append(f"reader threads {stats.readers}, not {stats.sockets} throughout")
     if stats.threads_after_max > stats.threads_warmup_max:
         f.append(f"threads grew: {stats.threads_after_max} after the warm-up, "
-                 f"{stats.threads_warmup_max} at most during it")
+                 f"{stats.threads_warmup_max} at most during it (writers aside)")
+    if stats.writers_max > stats.sockets:
+        f.append(f"{stats.writers_max} writer threads for {stats.sockets} sockets")
     if stats.fds_end != stats.fds_warmup or stats.fds_after[0] != stats.fds_after[1]:
         f.append(f"descriptors changed: {stats.fds_warmup} after the warm-up, "
                  f"{stats.fds_after} in between, {stats.fds_end} at the end")
@@ -307,8 +316,9 @@ def summary(stats: Stats) -> str:
         f"  closes: early {len(stats.early_closes)}, not 1000 at the end "
         f"{len(stats.bad_final_closes)}, on_closed twice {stats.double_closes}",
         f"  ping latency: p50 {stats.latency_p50_ms} ms, p99 {stats.latency_p99_ms} ms",
-        f"  threads: readers {stats.readers[0]}-{stats.readers[1]}, all threads max "
-        f"{stats.threads_warmup_max} in warm-up, {stats.threads_after_max} after",
+        f"  threads: readers {stats.readers[0]}-{stats.readers[1]}, writers at most "
+        f"{stats.writers_max}, the others max {stats.threads_warmup_max} in warm-up, "
+        f"{stats.threads_after_max} after",
         f"  descriptors: {stats.fds_warmup} after warm-up, {stats.fds_after[0]}-"
         f"{stats.fds_after[1]} in between, {stats.fds_end} at the end",
         f"  RSS: {stats.rss_warmup_mb:.1f} MiB after warm-up, {stats.rss_end_mb:.1f} MiB at "
