@@ -1033,8 +1033,11 @@ class H2Connection:
                     # its CONNECT (the fast path is open from the first DATA
                     # frame on), or reset its stream.
                     self._deliver_held(held)
-                    self._through_h2(bytes(buf[start:pos]))
-                    start = pos
+                    # ``start`` moves first: a connection error raised inside
+                    # (a bad GOAWAY) must not have the except below feed these
+                    # frames to h2 a second time (found by fuzzing).
+                    frames, start = bytes(buf[start:pos]), pos
+                    self._through_h2(frames)
                 if stream is None or stream._ended:
                     conn_h2 += length  # h2 handles DATA of closed streams
                     pos = stop

@@ -20,6 +20,7 @@ import pytest
 from faultserver import OP_TEXT, Peer, Recorder, fault_server, frame_bytes
 
 import blockws
+from blockws.sender import DIRECT_MAX
 from blockws.timer import timer
 from peerutil import free_port
 
@@ -109,10 +110,11 @@ def test_thread_names(websockets_server: str, no_leaks: None) -> None:
     ws = blockws.WebSocket(websockets_server, send_pings=True, **rec.callbacks())
     ws.open()
     rec.wait_open(ws)
-    # An idle open socket has its reader only: the writer starts with something to write
-    # (blockws.sender) -- a ping always goes through it -- and ends when idle again.
+    # An idle open socket has its reader only: the writer starts with something that
+    # must wait to be written (blockws.sender) -- a message larger than DIRECT_MAX always
+    # does -- and ends when idle again.
     assert f"blockws-{ws.id}-reader" in blockws_thread_names()
-    ws.ping(b"x")
+    ws.send(b"x" * (DIRECT_MAX + 1))
     names = blockws_thread_names()
     assert {f"blockws-{ws.id}-reader", f"blockws-{ws.id}-writer", "blockws-timer"} <= names
     pattern = re.compile(r"blockws-(\d+-(reader|writer)|timer)")
@@ -304,13 +306,15 @@ def test_writer_thread_starts_on_demand_and_ends_when_idle(websockets_server: st
     ws.send("direct")
     assert ws.receive(10) == "direct"
     assert writer_name not in blockws_thread_names()
-    ws.ping(b"p")  # control frames always go through the writer
+    # So is a ping (the timer's or ours) with nothing else queued or being written.
+    ws.ping(b"p")
+    assert writer_name not in blockws_thread_names()
+    ws.send(b"x" * (8 << 20))  # larger than DIRECT_MAX: the writer writes it
     writers = [t for t in threading.enumerate() if t.name == writer_name]
     assert len(writers) == 1
+    assert ws.receive(10) == b"x" * (8 << 20)
     writers[0].join(WRITER_IDLE + 5)  # it ends by itself once idle
     assert not writers[0].is_alive()
-    ws.send(b"x" * (8 << 20))  # more than the kernel takes at once: the writer finishes it
-    assert ws.receive(10) == b"x" * (8 << 20)
     ws.close()
     ws.join(10)
     ws.update()
