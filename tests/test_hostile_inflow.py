@@ -15,8 +15,10 @@ import gc
 import os
 import random
 import signal
+import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable
 
 import pytest
@@ -185,6 +187,16 @@ def test_endless_empty_continuation_frames_over_http2_fail_with_1009() -> None:
 # -- item 2: backpressure on receiving ---------------------------------------------------
 
 
+def reader_stacks(ws: blockws.WebSocket) -> str:
+    """Where this socket's threads are now (for a failure message)."""
+    frames = sys._current_frames()
+    return "\n".join(
+        f"{t.name}:\n{''.join(traceback.format_stack(frames[t.ident]))}"
+        for t in threading.enumerate()
+        if t.name.startswith(f"blockws-{ws.id}-") and t.ident in frames
+    )
+
+
 def numbered(count: int, size: int = 64) -> bytes:
     """``count`` binary messages of ``size`` bytes from a server, each starting with its
     number (4 bytes, big-endian)."""
@@ -281,7 +293,8 @@ def test_paused_socket_still_closes_promptly() -> None:
         # busy machine once took more than 5 s.
         deadline = time.monotonic() + 20
         while ws.queued_amount < 64 * 1024:
-            assert time.monotonic() < deadline
+            # (It once waited all 20 s in a full CI run: say where the reader was.)
+            assert time.monotonic() < deadline, (ws.queued_amount, reader_stacks(ws))
             time.sleep(0.01)
         start = time.monotonic()
         ws.close()
