@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from memory import MemoryOpener, use_memory
 
 import blockws.http2
 from peerutil import PEERS_DIR, free_port, start_server
@@ -454,3 +455,10 @@ def nghttpd_server(
            tls_certs.keyfile, tls_certs.certfile]
     with start_server(cmd, port) as proc:
         yield H2Server(f"wss://localhost:{port}", "", proc)
+
+
+@pytest.fixture
+def memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryOpener]:
+    """Sockets opened in the test run over memory transports (tests/memory.py)."""
+    with use_memory(monkeypatch) as opener:
+        yield opener

@@ -168,3 +168,18 @@ def use_memory(
     opener = MemoryOpener(lambda: MemoryTransport(**transport_options))
     monkeypatch.setattr(blockws.connection, "open_over_network", opener)
     yield opener
+
+
+#: The URL the sockets of these tests open (no network: see :func:`use_memory`).
+MEMORY_URL = "ws://memory.invalid/chat"
+
+
+def opened(opener: MemoryOpener, **options: Any) -> tuple[blockws.WebSocket, MemoryTransport]:
+    """A socket opened over memory (``MEMORY_URL``), with ``on_open`` dispatched."""
+    options.setdefault("extensions", [])
+    ws = blockws.WebSocket(MEMORY_URL, **options)
+    ws.open()
+    assert ws.wait(5)
+    ws.update()
+    assert ws.is_open
+    return ws, opener.transports[-1]

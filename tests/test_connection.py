@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from memory import MemoryOpener, MemoryTransport, server_frame, use_memory
+from memory import MEMORY_URL, MemoryOpener, opened, server_frame, use_memory
 
 import blockws
 from blockws.connection import TRANSITIONS, Phase
@@ -17,26 +16,11 @@ from blockws.frames import Opcode, pack_close
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
 
-URL = "ws://memory.invalid/chat"
+URL = MEMORY_URL
 #: What the client writes when it echoes "hi" and then fails the connection.
 ECHO_THEN_1002 = [(Opcode.TEXT, b"hi"), (Opcode.CLOSE, pack_close(1002, ""))]
 
 
-@pytest.fixture
-def memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryOpener]:
-    with use_memory(monkeypatch) as opener:
-        yield opener
-
-
-def opened(opener: MemoryOpener, **options: Any) -> tuple[blockws.WebSocket, MemoryTransport]:
-    """A socket opened over memory, with ``on_open`` dispatched."""
-    options.setdefault("extensions", [])
-    ws = blockws.WebSocket(URL, **options)
-    ws.open()
-    assert ws.wait(5)
-    ws.update()
-    assert ws.is_open
-    return ws, opener.transports[-1]
 
 
 def pump_until(ws: blockws.WebSocket, test: Any, timeout: float = 5.0) -> None:

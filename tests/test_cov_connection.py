@@ -9,11 +9,10 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from memory import MemoryOpener, MemoryTransport, server_frame, use_memory
+from memory import MEMORY_URL, MemoryOpener, MemoryTransport, opened, server_frame, use_memory
 
 import blockws
 import blockws.connection
@@ -24,24 +23,9 @@ from blockws.options import Options
 from blockws.reconnect import Reconnect
 from blockws.server import EchoServer
 
-URL = "ws://memory.invalid/chat"
+URL = MEMORY_URL
 
 
-@pytest.fixture
-def memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryOpener]:
-    with use_memory(monkeypatch) as opener:
-        yield opener
-
-
-def opened(opener: MemoryOpener, **options: Any) -> tuple[blockws.WebSocket, MemoryTransport]:
-    """A socket opened over memory, with ``on_open`` dispatched."""
-    options.setdefault("extensions", [])
-    ws = blockws.WebSocket(URL, **options)
-    ws.open()
-    assert ws.wait(5)
-    ws.update()
-    assert ws.is_open
-    return ws, opener.transports[-1]
 
 
 def pump_until(test: Any, timeout: float = 5.0) -> None:

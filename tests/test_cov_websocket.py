@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from memory import MemoryOpener, MemoryTransport, use_memory
+from memory import MEMORY_URL, MemoryOpener, MemoryTransport
 
 import blockws
 from blockws.buffers import BufferPool
@@ -18,13 +17,8 @@ from blockws.frames import Opcode
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
 
-URL = "ws://memory.invalid/chat"
+URL = MEMORY_URL
 
-
-@pytest.fixture
-def memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryOpener]:
-    with use_memory(monkeypatch) as opener:
-        yield opener
 
 
 def opened(opener: MemoryOpener, **options: Any) -> tuple[blockws.WebSocket, MemoryTransport]:

@@ -3,10 +3,8 @@ close codes on protocol errors, and what ``send()`` raises while and after a soc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from memory import MemoryOpener, use_memory
+from memory import MemoryOpener
 
 import blockws
 from blockws import exceptions as exc
@@ -74,11 +72,6 @@ def test_invalid_status_and_http2_unavailable_keep_their_details() -> None:
     assert refused.cause is status and str(refused) == "no RFC 8441 here"
     assert exc.HTTP2Unavailable("plain").cause is None
 
-
-@pytest.fixture
-def memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryOpener]:
-    with use_memory(monkeypatch) as opener:
-        yield opener
 
 
 @pytest.mark.timeout(10)

@@ -30,12 +30,11 @@ import gc
 import os
 import sys
 import time
-from collections.abc import Iterator
 from types import CodeType, FrameType
 from typing import Any, Callable
 
 import pytest
-from memory import MemoryOpener, MemoryTransport, server_frame, use_memory
+from memory import MemoryOpener, MemoryTransport, server_frame
 
 import blockws
 from blockws import dispatcher as dispatcher_module
@@ -427,11 +426,6 @@ def _check_loaded(state: Loaded, interrupts: Interrupts) -> None:
     assert state.ws not in blockws.dispatcher.live_sockets()  # on_closed ran: it left
     assert marks_are_clear(state.ws._dispatcher)
 
-
-@pytest.fixture
-def memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryOpener]:
-    with use_memory(monkeypatch) as opener:
-        yield opener
 
 
 @pytest.mark.parametrize(
