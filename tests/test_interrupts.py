@@ -95,11 +95,14 @@ class Interrupts:
         self.entries: list[Any] = []
 
     def __enter__(self) -> Interrupts:
+        # The tracer in place (coverage's, in CI) comes back on exit: setting None
+        # there stopped coverage for every later test of the run.
+        self._before = sys.gettrace()
         sys.settrace(self._call)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        sys.settrace(None)
+        sys.settrace(self._before)
 
     def _point(self, frame: FrameType, where: str) -> None:
         self.count += 1
