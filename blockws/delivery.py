@@ -300,7 +300,8 @@ class Delivery:
                             segment = BufferSegment(scratch.obj, 0, n)  # type: ignore[arg-type]
                         else:  # larger than the scratch buffer: pooled memory
                             segment = self.pool.get(n)
-                            segment.data[:n] = message
+                            # Through a memoryview: bytearray[:n] = bytes copies twice.
+                            memoryview(segment.data)[:n] = message
                         done += 1
                         try:
                             handler(ws, segment)
@@ -340,7 +341,7 @@ class Delivery:
                     else:
                         if type(data) is bytes:
                             segment = self.pool.get(n)
-                            segment.data[:n] = data
+                            memoryview(segment.data)[:n] = memoryview(data)[:n]
                         else:
                             segment = BufferSegment(data, 0, n, self.pool)
                         done += 1
@@ -406,11 +407,12 @@ class Delivery:
             deliver(head, True)
             if budget.charge(n) or done >= total:  # every chunk is charged, the last one too
                 break
-            if timed:
-                now = clock()
-                per = (now - start) / done
-                room = budget.deadline - now  # type: ignore[operator]
-                chunk = max(1, min(2 * chunk, int(room / 2 / per) if per > 0 else 2 * chunk))
+            # Only a time budget comes here: a count-only one took its whole
+            # share in the first chunk (all of it, or all the budget had).
+            now = clock()
+            per = (now - start) / done
+            room = budget.deadline - now  # type: ignore[operator]
+            chunk = max(1, min(2 * chunk, int(room / 2 / per) if per > 0 else 2 * chunk))
             dispatcher.held = rest  # taken back, held until the next chunk commits
             del pending[0]
         return done

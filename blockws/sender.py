@@ -81,12 +81,12 @@ BytesLike = Union[bytes, bytearray, memoryview]
 
 def _remaining(chunks: list[bytes], sent: int) -> list[BytesLike]:
     """What is left of ``chunks`` after their first ``sent`` bytes went out."""
-    for i, chunk in enumerate(chunks):
-        if sent < len(chunk):
-            head: BytesLike = memoryview(chunk)[sent:] if sent else chunk
-            return [head, *chunks[i + 1 :]]
-        sent -= len(chunk)
-    return []
+    i = 0
+    while sent >= len(chunks[i]):  # callers pass less than the total: this ends
+        sent -= len(chunks[i])
+        i += 1
+    head: BytesLike = memoryview(chunks[i])[sent:] if sent else chunks[i]
+    return [head, *chunks[i + 1 :]]
 
 
 class Sender:
@@ -223,8 +223,9 @@ class Sender:
         (queue them as usual) if the write failed: the writer then meets and
         reports the failure."""
         transport = self.transport
-        if transport is None:
-            return False
+        # Set until release_locked(), which comes after stop_locked(): the
+        # caller checked _stopped under the lock.
+        assert transport is not None
         try:
             written = transport.try_write(frames)
         except Exception:  # noqa: BLE001 - the writer meets it again and reports it
@@ -325,8 +326,7 @@ class Sender:
                     while True:
                         if self._stopped:
                             return
-                        work = bool(queue or control or self.rest)
-                        if work and not self._writing:
+                        if (queue or control or self.rest) and not self._writing:
                             break
                         # Idle (or a direct write is under way): wait; end when idle long.
                         self._waiting = True
@@ -334,12 +334,11 @@ class Sender:
                             woken = wake.wait(WRITER_IDLE)
                         finally:
                             self._waiting = False
-                        if not woken and not work and not self._writing:
-                            if not (queue or control or self.rest):
-                                self._thread = None  # the next send starts another
-                                self.direct_ok = True
-                                self._out = None  # an idle socket keeps no write buffer
-                                return
+                        if not woken and not self._writing and not (queue or control or self.rest):
+                            self._thread = None  # the next send starts another
+                            self.direct_ok = True
+                            self._out = None  # an idle socket keeps no write buffer
+                            return
                     self._writing = True
                     chunks: list[BytesLike] = self.rest
                     self.rest = []

@@ -278,3 +278,137 @@ def test_handlers_are_looked_up_per_message() -> None:
     assert delivery.messages(["d", b"y", b"z" * 5000]) == 3
     assert second == ["b", "c", "d"]
     assert list(delivery.inbox) == [b"y", b"z" * 5000]
+
+
+# -- races and interrupts, made deterministic --------------------------------------------
+
+
+class RacingDelivery(Delivery):
+    """A Delivery whose ``queued``, as re-read under the lock, follows a script:
+    what another thread's ``receive()`` taking messages between the reader's
+    reads looks like (the unlocked first check reads the counters themselves)."""
+
+    def __init__(self, reads: list[int]) -> None:
+        super().__init__(Handlers(), Dispatcher(), BufferPool())
+        self.reads = reads
+
+    @property
+    def queued(self) -> int:
+        if self.reads:
+            return self.reads.pop(0)
+        return Delivery.queued.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+
+def test_a_queue_drained_while_the_reader_took_the_lock_does_not_pause() -> None:
+    """received() saw the limit reached without the lock, and receive() took
+    messages before the reader got the lock: reading goes on."""
+    delivery = RacingDelivery(reads=[50])
+    delivery.limit = 100
+    assert delivery.received(150) is False
+    assert not delivery.paused and delivery.reads == []
+
+
+def test_a_queue_drained_just_after_the_pause_was_set_resumes_at_once() -> None:
+    """receive() took messages between the reader setting ``paused`` and its
+    re-read: the reader clears the pause itself (no receive() will check it)."""
+    delivery = RacingDelivery(reads=[150, 40])
+    delivery.limit = 100
+    assert delivery.received(150) is False
+    assert not delivery.paused and delivery.reads == []
+    delivery.wait_resumed()  # not paused: returns at once
+
+
+def test_drained_without_on_drained_only_clears_the_pause() -> None:
+    delivery, dispatcher, _ = make(Handlers())
+    delivery.limit = 100
+    assert delivery.received(100) is True
+    dispatcher.post(delivery.messages, [b"a" * 60, b"b" * 40])
+    assert dispatcher.run() == 2
+    assert delivery.paused  # in the inbox, not yet taken
+    assert delivery.take() == b"a" * 60
+    assert not delivery.paused and delivery.queued == 40
+    delivery.wait_resumed()
+
+
+def test_on_drained_that_raises_leaves_the_pause_for_the_next_check() -> None:
+    """An exception (an interrupt) in on_drained: the pause is set again, so
+    the next check resumes; the messages are delivered once, none twice."""
+    texts: list[str] = []
+    calls: list[int] = []
+
+    def on_drained() -> None:
+        calls.append(delivery.queued)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    delivery, dispatcher, _ = make(Handlers(on_message=lambda ws, t: texts.append(t)))
+    delivery.limit = 10
+    delivery.on_drained = on_drained
+    assert delivery.received(12) is True
+    dispatcher.post(delivery.messages, ["abcdef", "ghijkl"])
+    # The messages were handed over, then on_drained raised: messages() checks
+    # again on its way out (the second call resumes), and re-raises.
+    with pytest.raises(KeyboardInterrupt):
+        dispatcher.run()
+    assert texts == ["abcdef", "ghijkl"]
+    assert calls == [0, 0]
+    assert not delivery.paused and delivery.queued == 0
+    assert not dispatcher.pending  # delivered: nothing put back
+    assert dispatcher.run() == 0
+
+
+def test_interrupt_in_take_puts_the_message_back_at_the_front() -> None:
+    """Ctrl-C while take() resumes a paused reader (in on_drained): the message
+    goes back to the front of the inbox, uncounted, and the next take() gets it."""
+    raised: list[bool] = []
+
+    def on_drained() -> None:
+        if not raised:
+            raised.append(True)
+            raise KeyboardInterrupt
+
+    delivery, dispatcher, _ = make(Handlers())
+    delivery.limit = 10
+    delivery.on_drained = on_drained
+    assert delivery.received(12) is True
+    dispatcher.post(delivery.messages, [b"12345678", b"9012"])
+    assert dispatcher.run() == 2
+    with pytest.raises(KeyboardInterrupt):
+        delivery.take()
+    assert list(delivery.inbox) == [b"12345678", b"9012"]
+    assert delivery.queued == 12 and delivery.paused
+    assert delivery.take() == b"12345678"  # this time on_drained returns
+    assert not delivery.paused
+    assert delivery.take() == b"9012"
+    assert delivery.queued == 0
+
+
+def test_a_text_message_on_a_socket_with_only_on_binary_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rec = Recorder()
+    delivery = Delivery(Handlers(on_binary=rec), Dispatcher(), BufferPool(), ContextAdapter({}))
+    assert delivery.received(12) is False
+    with caplog.at_level(logging.WARNING, logger="blockws"):
+        assert delivery.messages(["lost", b"kept", "lost"]) == 3
+    assert rec.contents == [b"kept"]
+    assert not delivery.inbox and delivery.queued == 0
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "on_message" in warnings[0].getMessage()
+
+
+def test_binary_message_over_exact_bytes_goes_to_the_handler_and_to_receive() -> None:
+    """A BinaryMessage can hold exact bytes, not pooled memory (the C parser
+    makes those): the handler gets a pooled copy, receive() gets the bytes,
+    and nothing is given back to the pool that did not come from it."""
+    payload = b"exact bytes " * 500
+    rec = Recorder(release=True)  # a handler that releases its segment itself
+    delivery, _, pool = make(Handlers(on_binary=rec))
+    assert delivery.messages([BinaryMessage(payload, len(payload) - 2)]) == 1
+    assert rec.contents == [payload[:-2]]
+    assert rec.segments[0].released and rec.segments[0].pool is pool
+    assert pool.pooled_bytes == 8192  # the copy's buffer, given back once
+    kept, _, kept_pool = make(Handlers())
+    assert kept.messages([BinaryMessage(payload, len(payload))]) == 1
+    assert list(kept.inbox) == [payload]
+    assert kept_pool.pooled_bytes == 0

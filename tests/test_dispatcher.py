@@ -231,3 +231,180 @@ def test_post_without_waiters_does_not_take_locks() -> None:
         # Both locks are held here: post must still return (nobody waits).
         d.post(print, None)
     assert len(d.pending) == 1
+
+
+# -- rare paths: interleavings made deterministic, nested and interrupted runs -------------
+
+
+class Interleaved:
+    """A lock that runs ``before()`` once, as it is next taken: what another
+    thread did just before this one got the lock."""
+
+    def __init__(self, before: Callable[[], None], lock: Any = None) -> None:
+        self.before: Callable[[], None] | None = before
+        self.lock = lock if lock is not None else threading.Lock()
+
+    def __enter__(self) -> bool:
+        before, self.before = self.before, None
+        if before is not None:
+            before()
+        return bool(self.lock.__enter__())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.__exit__(*exc)
+
+
+@pytest.fixture
+def live() -> Iterator[list[Dispatcher]]:
+    """Dispatchers made live (update_all() pumps them) for the test, removed after it."""
+    added: list[Dispatcher] = []
+    yield added
+    for d in added:
+        dispatcher_module.register(d, False)
+
+
+def test_post_many_with_nothing_is_a_no_op() -> None:
+    d = Dispatcher()
+    calls: list[Any] = []
+    d.on_pending = calls.append
+    d.post_many([])
+    assert not d.pending and calls == []
+    d.post_many([(calls.append, "x")])
+    assert calls == [d.owner] and len(d.pending) == 1
+
+
+def test_the_hook_runs_once_when_another_poster_took_the_transition() -> None:
+    """Two threads post to an empty queue at once: the one that gets the hook
+    lock second finds the transition taken, and does not call the hook again."""
+    d = Dispatcher()
+    calls: list[Any] = []
+    d.on_pending = calls.append
+    d._hook_lock = Interleaved(lambda: setattr(d, "_armed", False))  # type: ignore[assignment]
+    d.post(calls.append, "message")
+    assert calls == []  # the other poster called it
+    assert d.run() == 1 and calls == ["message"]
+
+
+@pytest.mark.parametrize("budgeted", [False, True], ids=["run", "budget"])
+def test_item_interrupted_before_it_commits_runs_again(budgeted: bool) -> None:
+    """A post_held item that raises before it commits (an interrupt in the
+    parsing, say) goes back to the front, and the next run runs it again."""
+    d = Dispatcher()
+    calls: list[str] = []
+
+    def item(arg: str) -> None:
+        calls.append(arg)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        d.held = None  # commits
+
+    d.post_held(item, "read")
+    d.post(calls.append, "after")
+
+    def run() -> int:
+        return d.run(dispatcher_module.Budget(10, None) if budgeted else None)
+
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert [entry[1] for entry in d.pending] == ["read", "after"]
+    assert run() == 2
+    assert calls == ["read", "read", "after"]
+
+
+def test_a_callback_may_run_another_sockets_callbacks() -> None:
+    """Nested runs of different dispatchers on one thread (a callback pumping
+    another socket): both run, and the outer one's in-callback mark stays
+    until it ends (a blocking helper inside it still refuses)."""
+    outer, inner = Dispatcher(), Dispatcher()
+    seen: list[str] = []
+
+    def pump_inner(_: Any) -> None:
+        assert inner.run(dispatcher_module.Budget(1, None)) == 1
+        assert inner.run() == 1
+        assert dispatcher_module.in_callback()
+        seen.append("outer")
+
+    inner.post(seen.append, "inner 1")
+    inner.post(seen.append, "inner 2")
+    outer.post(pump_inner, None)
+    assert outer.run() == 1
+    assert seen == ["inner 1", "inner 2", "outer"]
+    assert not dispatcher_module.in_callback()
+
+
+def test_budgeted_run_inside_its_own_callback_returns_zero(live: list[Dispatcher]) -> None:
+    """update(max_callbacks=...) or update_all(max_callbacks=...) from inside a
+    callback of the same socket runs nothing (the no-op re-entrant update())."""
+    d = Dispatcher()
+    dispatcher_module.register(d, True)
+    live.append(d)
+    counts: list[int] = []
+
+    def reenter(_: Any) -> None:
+        counts.append(d.run(dispatcher_module.Budget(5, None)))
+        counts.append(dispatcher_module.update_all(max_callbacks=5))
+
+    d.post(reenter, None)
+    d.post(counts.append, -1)
+    assert d.run(dispatcher_module.Budget(1, None)) == 1  # the ready queue keeps d
+    assert counts == [0, 0]
+    assert dispatcher_module.update_all() == 1 and counts == [0, 0, -1]
+
+
+def test_wait_uses_the_condition_another_waiter_made_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    d = Dispatcher()
+    made = threading.Condition(threading.Lock())
+    monkeypatch.setattr(
+        dispatcher_module, "_global_cond", Interleaved(lambda: setattr(d, "_cond", made))
+    )
+    assert d.wait(0) is False
+    assert d._cond is made
+
+
+def test_wait_sees_a_post_that_came_as_it_registered() -> None:
+    """A post lands after wait() checked the queue and before it counted itself
+    as a waiter: the check under the condition's lock sees it, no sleep."""
+    d = Dispatcher()
+    cond = threading.Condition(threading.Lock())
+    d._cond = Interleaved(lambda: d.pending.append((print, "x")), cond)  # type: ignore[assignment]
+    started = time.monotonic()
+    assert d.wait(WAIT) is True
+    assert time.monotonic() - started < WAIT / 2
+    assert d._waiters == 0
+
+
+def test_socket_with_callbacks_queued_before_open_is_ready(live: list[Dispatcher]) -> None:
+    d = Dispatcher()
+    seen: list[str] = []
+    d.post(seen.append, "before open")  # not live yet: not in the ready queue
+    dispatcher_module.register(d, True)
+    live.append(d)
+    assert dispatcher_module.update_all() == 1
+    assert seen == ["before open"]
+
+
+def test_update_all_that_finds_the_ready_queue_taken_ends(
+    live: list[Dispatcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread's update_all() took every ready socket between this
+    call's count and its lock: this one ends with 0, and the socket's callback
+    runs once, on the other thread."""
+    d = Dispatcher()
+    dispatcher_module.register(d, True)
+    live.append(d)
+    seen: list[str] = []
+    d.post(seen.append, "once")
+    taken: list[Dispatcher] = []
+
+    def other_thread() -> None:
+        taken.extend(dispatcher_module._ready)
+        for x in taken:
+            x._in_ready = False
+        dispatcher_module._ready.clear()
+
+    monkeypatch.setattr(dispatcher_module, "_ready_lock", Interleaved(other_thread))
+    assert dispatcher_module.update_all() == 0
+    assert taken == [d] and seen == []
+    assert d.run() == 1 and seen == ["once"]

@@ -174,6 +174,8 @@ def rigs() -> Iterator[Callable[..., Rig]]:
         thread = rig.stop()
         rig.transport.unblock_writes()
         for t in [*rig.threads, *([thread] if thread else [])]:
+            if t.ident is None:
+                continue  # never started (an interrupted start)
             t.join(WAIT)
             assert not t.is_alive(), "writer thread did not end"
 
@@ -667,3 +669,128 @@ def test_idle_writer_thread_ends_and_a_new_one_starts(
     second = rig.sender.thread
     assert second is not None and second is not first
     assert payloads(rig.wait_frames(2)) == [b"one", b"two"]
+
+
+# -- rare paths: failed non-blocking writes, an interrupted thread start, a late end ------
+
+
+def test_a_ping_whose_direct_write_fails_goes_through_the_writer(rigs: Callable[..., Rig]) -> None:
+    """try_write() failing (an EAGAIN the transport did not map, say) is not
+    the socket's end: the ping is queued, and the writer writes it."""
+
+    class NoTryWrite(TryWriteTransport):
+        def try_write(self, chunks: Sequence[Any]) -> int:
+            raise OSError("try_write failed (test)")
+
+    rig = rigs(NoTryWrite())
+    rig.ping(b"via writer")
+    frames = rig.wait_frames(1)
+    assert [(f.opcode, f.payload) for f in frames] == [(Opcode.PING, b"via writer")]
+    assert rig.sender.thread is not None or rig.threads  # the writer wrote it
+    rig.wait_idle()
+    assert not rig.failures
+
+
+def test_direct_pings_partly_taken_leave_the_rest_to_the_writer(rigs: Callable[..., Rig]) -> None:
+    """The kernel takes part of a ping written directly: the rest, counted in
+    buffered, goes first through the writer; a later frame follows it whole."""
+    transport = TryWriteTransport(take=3)
+    rig = rigs(transport)
+    rig.ping(b"first ping")
+    assert transport.try_writes == [2 + 4 + 10]
+    frames = rig.wait_frames(1)
+    assert [(f.opcode, f.payload) for f in frames] == [(Opcode.PING, b"first ping")]
+    rig.wait_idle()
+
+
+def test_interrupted_writer_start_drops_the_connection(
+    rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C inside Thread.start() while a send kicks the writer: whether a
+    writer runs cannot be told, so the transport is aborted (the socket ends
+    with 1006) and the interrupt propagates; nothing waits on a writer that
+    never ran."""
+
+    class Unstartable(threading.Thread):
+        def start(self) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sender_module.threading, "Thread", Unstartable)
+    transport = MemoryTransport()
+    rig = rigs(transport)
+    with pytest.raises(KeyboardInterrupt):
+        rig.enqueue(BINARY, b"queued")
+    assert transport.aborted
+    monkeypatch.undo()
+    thread = rig.stop()
+    assert thread is not None and not thread.is_alive()  # never started: nothing to join
+
+
+def test_writer_that_starts_after_the_socket_ended_returns_at_once(
+    rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket ended (stopped and released) between the thread's creation
+    and its first step, as when start() was interrupted after the thread began:
+    the writer finds no transport and ends without touching anything."""
+    ran = threading.Event()
+
+    class LateThread(threading.Thread):
+        def start(self) -> None:
+            rig.sender.stop_locked()  # the kick holds the lock, as the teardown would
+            rig.sender.release_locked()
+            super().start()
+            ran.set()
+
+    rig = rigs(MemoryTransport())
+    monkeypatch.setattr(sender_module.threading, "Thread", LateThread)
+    rig.enqueue(BINARY, b"never written")
+    assert ran.is_set()
+    thread = rig.sender.thread
+    assert thread is not None
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert rig.transport.written() == b"" and not rig.failures
+
+
+def test_direct_write_after_the_socket_ended_releases_the_segment(
+    rigs: Callable[..., Rig],
+) -> None:
+    """A send claimed the transport for a direct write, then the socket ended
+    before it wrote: nothing is written, and the segment is released."""
+    pool = BufferPool()
+    transport = TryWriteTransport()
+    rig = rigs(transport)
+    segment = pool.get(100)
+    with rig.lock:
+        assert rig.sender.enqueue_locked(BINARY, segment.view(), segment, 100) is True
+        rig.sender.stop_locked()
+        rig.sender.release_locked()
+    rig.sender.direct_write(BINARY, segment.view(), segment)
+    assert segment.released and pool.pooled_bytes == 256
+    assert transport.try_writes == [] and transport.written() == b""
+    assert rig.sender._writing is False and not rig.failures
+
+
+def test_failed_direct_write_of_plain_bytes_reports_once(rigs: Callable[..., Rig]) -> None:
+    class Broken(TryWriteTransport):
+        def try_write(self, chunks: Sequence[Any]) -> int:
+            raise blockws.ConnectionLost("reset (test)")
+
+    rig = rigs(Broken())
+    assert rig.enqueue(TEXT, b"no segment") is True
+    assert [type(e) for e in rig.failures] == [blockws.ConnectionLost]
+    assert rig.sender._writing is False and rig.sender.buffered == 0
+
+
+def test_large_message_whose_last_fragment_exceeds_the_write_buffer(
+    rigs: Callable[..., Rig],
+) -> None:
+    """Every fragment larger than the writer's buffer: each goes as it is, and
+    nothing is left in the buffer at the end."""
+    rig = rigs(HookTransport(gathers=False), max_fragment_size=300000)
+    message = bytes(range(6)) * 100000
+    rig.enqueue(BINARY, message)
+    frames = rig.wait_frames(2)
+    assert [len(f.payload) for f in frames] == [300000, 300000]
+    assert b"".join(payloads(frames)) == message
+    assert len(rig.transport.writes) == 2
