@@ -41,6 +41,7 @@ __all__ = [
     "c_split_messages",
     "encode_header",
     "MaskKeys",
+    "shared_mask_keys",
     "pack_close",
     "parse_close",
     "is_valid_close_code",
@@ -224,8 +225,9 @@ class MaskKeys:
     RFC 6455 section 5.3 requires an unpredictable key for every frame; one
     ``os.urandom`` call per frame would be a system call per frame, so keys
     are read in batches: 1 KiB (256 keys) first, then twice the last batch,
-    up to 64 KiB at a time. Thread-safe: the writer, the reader (pongs),
-    the timer (pings) and ``ping()`` draw from one source, and no two calls
+    up to 64 KiB at a time. Thread-safe: every socket's writer, reader
+    (pongs), timer (pings) and ``ping()`` draw from one source
+    (:data:`shared_mask_keys`, unless a protocol is given its own), and no two calls
     ever get the same slice of a batch. A batch and the counter that hands out
     its slices are swapped together as one tuple; ``next()`` on an
     ``itertools.count`` is a single atomic step, so the fast path takes no
@@ -260,6 +262,21 @@ class MaskKeys:
                 size = min(max(2 * len(spent), self._FIRST_BATCH), self._BATCH)
                 self._state = (os.urandom(size), itertools.count(0, 4))
         return self()
+
+    def reset(self) -> None:
+        """Drop the keys read so far (the next call reads a fresh first batch)."""
+        with self._lock:
+            self._state = (b"", itertools.count(0, 4))
+
+
+#: The source every client protocol draws its keys from unless it is given one:
+#: one for the process, so its batch (up to 64 KiB) is paid once, not once per
+#: socket (500 busy sockets each held up to 64 KiB of keys, and a soak's RSS
+#: grew as their batches doubled). A forked child starts a batch of its own:
+#: it must not hand out the keys its parent hands out.
+shared_mask_keys = MaskKeys()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=shared_mask_keys.reset)
 
 
 def encode_header(first_byte: int, length: int, mask_key: bytes | None) -> bytes:

@@ -50,6 +50,7 @@ from .frames import (
     pack_close,
     parse_close,
     parse_header,
+    shared_mask_keys,
 )
 
 __all__ = [
@@ -308,7 +309,7 @@ class Protocol:
 
         self._allocate = allocate or _default_allocate
         self._release = release
-        keys = (mask_keys or MaskKeys()) if role is Role.CLIENT else None
+        keys = (mask_keys or shared_mask_keys) if role is Role.CLIENT else None
         # A MaskKeys' bound __call__: cheaper to call than the instance itself.
         self._mask_keys = keys.__call__ if isinstance(keys, MaskKeys) else keys
         # Client receives unmasked frames; server requires masked ones.

@@ -618,3 +618,54 @@ def test_mask_keys_from_the_os_are_distinct_beyond_chance() -> None:
     assert all(len(key) == 4 for key in drawn)
     # 50 000 draws from 2**32 values: ~0.3 repeats expected by chance.
     assert len(drawn) - len(set(drawn)) <= 5
+
+
+def test_client_protocols_share_one_key_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe "soak: RSS growth": every socket had its own key batch, doubling up
+    to 64 KiB as it sent, so a 500-socket soak's RSS kept growing for its 10
+    minutes (up to 32 MiB of keys in all). Now the process has one source:
+    100 client protocols drawing a key each read one 1 KiB batch, not 100."""
+    from blockws.frames import shared_mask_keys
+    from blockws.protocol import Protocol, Role
+
+    sizes: list[int] = []
+    real_urandom = frames_module.os.urandom
+
+    def urandom(n: int) -> bytes:
+        sizes.append(n)
+        return real_urandom(n)
+
+    monkeypatch.setattr(frames_module.os, "urandom", urandom)
+    shared_mask_keys.reset()
+    frames = [Protocol(Role.CLIENT).encode_data(Opcode.BINARY, b"x")[0] for _ in range(100)]
+    assert sizes == [1024]
+    keys = [frame[2:6] for frame in frames]  # 2-byte header, then the key
+    assert len(set(keys)) == 100
+    assert b"".join(Protocol(Role.SERVER).encode_data(Opcode.BINARY, b"x")) == b"\x82\x01x"
+
+
+@pytest.mark.timeout(30)
+def test_a_forked_child_does_not_reuse_its_parents_keys() -> None:
+    """The shared source is reset in a forked child: parent and child draw
+    different keys after the fork (run in a fresh interpreter, with no other
+    threads, to fork safely)."""
+    import subprocess
+
+    script = """
+import os
+from blockws.frames import shared_mask_keys
+shared_mask_keys()  # a batch read before the fork
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(w, b"".join(shared_mask_keys() for _ in range(8)))
+    os._exit(0)
+os.waitpid(pid, 0)
+child = os.read(r, 64)
+parent = b"".join(shared_mask_keys() for _ in range(8))
+print(child != parent and len(child) == 32)
+"""
+    if not hasattr(__import__("os"), "fork"):
+        pytest.skip("no fork() here")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    assert out.stdout.strip() == "True", out.stderr
