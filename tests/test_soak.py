@@ -1,11 +1,9 @@
 """The soak, short (issue 11): 50 sockets for 60 s against the `websockets` and Node `ws`
 echo peers, pings every second, traffic both ways (``benchmarks/soak.py`` has the rules).
 
-It runs in its own process, so that its thread, descriptor and memory figures are its own.
-It runs with glibc's per-thread caches off (``--no-tcache``): with them, RSS grows for
-minutes as those caches fill with blocks of messages of many sizes (no memory lost, but
-a short run cannot tell that from a leak); the soak's docstring has the figures. The full
-soak (500 sockets, 10 minutes) is ``python -m benchmarks.soak``.
+It runs in its own process, so that its thread, descriptor and memory figures are its own,
+with glibc's default allocator (what users get). The full soak (500 sockets, 10 minutes) is
+``python -m benchmarks.soak``.
 """
 
 from __future__ import annotations
@@ -29,8 +27,7 @@ def test_soak_short(websockets_server: str, node_ws_server: str, tmp_path: Path)
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.soak", "--sockets", "50", "--seconds", str(SECONDS),
-         "--urls", f"{websockets_server},{node_ws_server}", "--json", str(out), "--quiet",
-         "--no-tcache"],
+         "--urls", f"{websockets_server},{node_ws_server}", "--json", str(out), "--quiet"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=SECONDS + 100,
     )
     print(proc.stdout, proc.stderr)
