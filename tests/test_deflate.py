@@ -24,6 +24,7 @@ import pytest
 from faultserver import OP_BINARY, OP_CONT, OP_PING, OP_TEXT, frame_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from thorough import examples
 
 from blockws import (
     InvalidPayload,
@@ -1122,7 +1123,7 @@ _messages = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=examples(150), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(
     messages=_messages,

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import pytest
+from thorough import examples
 
 import blockws.frames as frames_module
 from blockws.exceptions import ProtocolError
@@ -537,7 +538,7 @@ _chunks = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=examples(300), deadline=None, derandomize=True, database=None)
 @given(
     st.lists(_chunks, max_size=12),
     st.integers(0, 20),

@@ -12,6 +12,7 @@ from typing import Any, Union
 import pytest
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
+from thorough import examples
 
 import blockws.frames as frames_module
 from blockws.exceptions import InvalidPayload, InvalidState, MessageTooBig, ProtocolError
@@ -412,7 +413,7 @@ def round_trip(
 
 
 _hypothesis = settings(
-    max_examples=300,
+    max_examples=examples(300),
     deadline=None,
     derandomize=True,
     database=None,
@@ -484,7 +485,7 @@ class TestEachExampleOnEverySplit:
     ) -> None:
         on_every_split(lambda: round_trip(Role.SERVER, messages, fragment, cuts, pings, mode))
 
-    @settings(max_examples=40, deadline=None, derandomize=True, database=None)
+    @settings(max_examples=examples(40), deadline=None, derandomize=True, database=None)
     @given(
         messages=st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40)), max_size=4),
         fragment=st.integers(1, 20),
