@@ -280,6 +280,48 @@ class Protocol:
     keys (tests pass a fixed one).
     """
 
+    # Slots: one per open socket, and no per-instance dict (1.5 kB each).
+    __slots__ = (
+        "_allocate",
+        "_allowed_rsv",
+        "_buf",
+        "_control",
+        "_expect_mask",
+        "_f_fin",
+        "_f_key",
+        "_f_key_pos",
+        "_f_opcode",
+        "_f_remaining",
+        "_fast",
+        "_inflated",
+        "_m_buf",
+        "_m_decoder",
+        "_m_ext",
+        "_m_frames",
+        "_m_hint",
+        "_m_len",
+        "_m_opcode",
+        "_m_parts",
+        "_m_text",
+        "_mask_keys",
+        "_outgoing",
+        "_phase",
+        "_release",
+        "auto_close_reply",
+        "binary_as_bytes",
+        "close_received",
+        "close_sent",
+        "compact_messages",
+        "extensions",
+        "failure",
+        "inflate_budget",
+        "max_fragment_size",
+        "max_message_size",
+        "more",
+        "role",
+        "state",
+    )
+
     def __init__(
         self,
         role: Role = Role.CLIENT,
