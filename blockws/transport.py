@@ -79,7 +79,7 @@ RECV_SMALL = 64 * 1024
 #: case: messages come one or a few at a time). ``recv(n)`` would allocate
 #: ``n`` bytes and shrink them to what came: with hundreds of reader threads,
 #: those shrunk blocks, of every size, fragmented glibc's arenas, and RSS grew
-#: without bound (a 100-socket soak: +84 % in two minutes; +0.8 % with the
+#: without bound (a 100-socket soak: +84 % in two minutes; +0.5 % with the
 #: buffer). A read that fills it switches to plain ``recv(RECV_SMALL)``: a
 #: stream's large reads then cost one copy, not two.
 RECV_SCRATCH = 16 * 1024
