@@ -686,7 +686,7 @@ def test_a_ping_whose_direct_write_fails_goes_through_the_writer(rigs: Callable[
     rig.ping(b"via writer")
     frames = rig.wait_frames(1)
     assert [(f.opcode, f.payload) for f in frames] == [(Opcode.PING, b"via writer")]
-    assert rig.sender.thread is not None or rig.threads  # the writer wrote it
+    assert rig.threads  # a writer thread was started: it wrote the ping
     rig.wait_idle()
     assert not rig.failures
 
