@@ -3,6 +3,8 @@
     python -m benchmarks.fuzz --target protocol --seconds 60
     python -m benchmarks.fuzz --target all --runs 10000000
     python -m benchmarks.fuzz --target http2 --replay crash-1234...   # rerun one input
+    python -m benchmarks.fuzz --target http2 --runs 5000000 --corpus-dir .fuzz/corpus
+        # a long campaign in parts: each part starts from the corpus the last one left
 
 Targets (``benchmarks/fuzz/targets.py`` says what each checks; the HTTP/2 one is in
 ``h2.py``): ``frames``

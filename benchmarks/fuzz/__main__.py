@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import os
@@ -94,7 +95,13 @@ def _run(target: str, args: argparse.Namespace) -> bool:
         return not crash
     from benchmarks.fuzz.targets import seeds
 
-    with tempfile.TemporaryDirectory(prefix=f"fuzz-{target}-") as corpus:
+    with contextlib.ExitStack() as stack:
+        if args.corpus_dir:
+            # A corpus kept across runs: a long campaign may go on where it stopped.
+            corpus = str(Path(args.corpus_dir, target))
+            Path(corpus).mkdir(parents=True, exist_ok=True)
+        else:
+            corpus = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"fuzz-{target}-"))
         for i, seed in enumerate(seeds(target)):
             Path(corpus, f"seed-{i}").write_bytes(seed)
         flags = [f"-rss_limit_mb={args.rss_limit_mb}", f"-max_len={args.max_len}",
@@ -135,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-limit-mb", type=int, default=1024)
     parser.add_argument("--max-len", type=int, default=8192, help="largest input, bytes")
     parser.add_argument("--no-atheris", action="store_true", help="random mutation only")
+    parser.add_argument("--corpus-dir", metavar="DIR",
+                        help="keep each target's corpus in DIR/TARGET and start from what is "
+                        "there (default: a fresh one per run, seeds only, deleted after)")
     parser.add_argument("--replay", metavar="FILE", help="run one saved input of --target")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
