@@ -123,10 +123,17 @@ def _run(target: str, args: argparse.Namespace) -> bool:
     speed = re.findall(r"stat::average_exec_per_sec:\s*(\d+)", log)
     cov = re.findall(r"cov: (\d+) ft: (\d+)", log)
     ok = proc.returncode == 0
+    # SIGINT to the child (stopping a long campaign): libFuzzer prints its stats
+    # and exits 72. That is the end of a run, not a crash.
+    interrupted = "libFuzzer: run interrupted" in log and not re.search(
+        r"ERROR: libFuzzer|Uncaught Python exception", log)
+    outcome = ("no crash" if ok else "interrupted, no crash" if interrupted
+               else f"CRASH (exit {proc.returncode})")
     print(f"{target}: {runs[-1] if runs else '?'} inputs in {took:.0f} s "
           f"({speed[-1] if speed else '?'}/s), coverage-guided (atheris), "
-          f"{'cov ' + cov[-1][0] + ' ft ' + cov[-1][1] if cov else ''}, "
-          f"{'no crash' if ok else 'CRASH (exit ' + str(proc.returncode) + ')'}", flush=True)
+          f"{'cov ' + cov[-1][0] + ' ft ' + cov[-1][1] if cov else ''}, {outcome}", flush=True)
+    if interrupted:
+        return True
     if not ok:
         tail = log[-4000:]
         print(tail, file=sys.stderr)
