@@ -124,8 +124,10 @@ def _run(target: str, args: argparse.Namespace) -> bool:
     cov = re.findall(r"cov: (\d+) ft: (\d+)", log)
     ok = proc.returncode == 0
     # SIGINT to the child (stopping a long campaign): libFuzzer prints its stats
-    # and exits 72. That is the end of a run, not a crash.
-    interrupted = "libFuzzer: run interrupted" in log and not re.search(
+    # and exits 72, or Python's handler gets it first ("KeyboardInterrupt:
+    # stopping.", 130). That is the end of a run, not a crash.
+    interrupted = bool(re.search(r"libFuzzer: run interrupted|^KeyboardInterrupt: stopping",
+                                 log, re.M)) and not re.search(
         r"ERROR: libFuzzer|Uncaught Python exception", log)
     outcome = ("no crash" if ok else "interrupted, no crash" if interrupted
                else f"CRASH (exit {proc.returncode})")
