@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import pytest
 from memory import MemoryOpener, use_memory
 
+import blockws.dispatcher as dispatcher_module
 import blockws.http2
 from peerutil import PEERS_DIR, free_port, start_server
 
@@ -462,3 +463,13 @@ def memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[MemoryOpener]:
     """Sockets opened in the test run over memory transports (tests/memory.py)."""
     with use_memory(monkeypatch) as opener:
         yield opener
+
+
+@pytest.fixture
+def live() -> Iterator[list[dispatcher_module.Dispatcher]]:
+    """Dispatchers a test makes live (``update_all()`` pumps them): append them,
+    and they are removed from the live set after the test."""
+    added: list[dispatcher_module.Dispatcher] = []
+    yield added
+    for d in added:
+        dispatcher_module.register(d, False)

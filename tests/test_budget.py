@@ -41,15 +41,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return fake
 
 
-@pytest.fixture
-def live() -> Iterator[list[Dispatcher]]:
-    """Dispatchers registered in the live set for the test, removed after it."""
-    added: list[Dispatcher] = []
-    yield added
-    for d in added:
-        dispatcher_module.register(d, False)
-
-
 @pytest.fixture(autouse=True)
 def no_global_hook() -> Iterator[None]:
     yield

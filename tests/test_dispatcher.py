@@ -254,15 +254,6 @@ class Interleaved:
         self.lock.__exit__(*exc)
 
 
-@pytest.fixture
-def live() -> Iterator[list[Dispatcher]]:
-    """Dispatchers made live (update_all() pumps them) for the test, removed after it."""
-    added: list[Dispatcher] = []
-    yield added
-    for d in added:
-        dispatcher_module.register(d, False)
-
-
 def test_post_many_with_nothing_is_a_no_op() -> None:
     d = Dispatcher()
     calls: list[Any] = []

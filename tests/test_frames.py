@@ -315,12 +315,9 @@ def test_mask_keys_are_four_bytes_and_refill_in_batches() -> None:
     assert len(set(drawn)) > len(drawn) // 2  # random, not a constant
 
 
-def test_mask_keys_start_with_a_small_batch_and_double_to_64_kib(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A socket that sends a few frames read (and kept) 64 KiB of keys: now the
-    first batch is 1 KiB and each refill doubles, up to 64 KiB; every key of a
-    batch is handed out before the next one is read."""
+@pytest.fixture
+def urandom_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every ``os.urandom`` call the key sources make during the test."""
     sizes: list[int] = []
     real_urandom = frames_module.os.urandom
 
@@ -329,6 +326,14 @@ def test_mask_keys_start_with_a_small_batch_and_double_to_64_kib(
         return real_urandom(n)
 
     monkeypatch.setattr(frames_module.os, "urandom", urandom)
+    return sizes
+
+
+def test_mask_keys_start_with_a_small_batch_and_double_to_64_kib(urandom_sizes: list[int]) -> None:
+    """A socket that sends a few frames read (and kept) 64 KiB of keys: now the
+    first batch is 1 KiB and each refill doubles, up to 64 KiB; every key of a
+    batch is handed out before the next one is read."""
+    sizes = urandom_sizes
     keys = MaskKeys()
     assert sizes == []  # nothing read before the first key
     keys()
@@ -621,7 +626,7 @@ def test_mask_keys_from_the_os_are_distinct_beyond_chance() -> None:
     assert len(drawn) - len(set(drawn)) <= 5
 
 
-def test_client_protocols_share_one_key_source(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_protocols_share_one_key_source(urandom_sizes: list[int]) -> None:
     """Probe "soak: RSS growth": every socket had its own key batch, doubling up
     to 64 KiB as it sent, so a 500-socket soak's RSS kept growing for its 10
     minutes (up to 32 MiB of keys in all). Now the process has one source:
@@ -629,14 +634,7 @@ def test_client_protocols_share_one_key_source(monkeypatch: pytest.MonkeyPatch) 
     from blockws.frames import shared_mask_keys
     from blockws.protocol import Protocol, Role
 
-    sizes: list[int] = []
-    real_urandom = frames_module.os.urandom
-
-    def urandom(n: int) -> bytes:
-        sizes.append(n)
-        return real_urandom(n)
-
-    monkeypatch.setattr(frames_module.os, "urandom", urandom)
+    sizes = urandom_sizes
     shared_mask_keys.reset()
     frames = [Protocol(Role.CLIENT).encode_data(Opcode.BINARY, b"x")[0] for _ in range(100)]
     assert sizes == [1024]
