@@ -310,9 +310,16 @@ class TCPTransport(Transport):
         it. Without one -- the reader thread -- a socket that is new, or whose
         last read waited longer than :data:`_QUIET`, first waits in
         :meth:`_wait_readable`, buffer-less; an active one just reads.
+
+        After :meth:`abort`, ``b""`` at once: the connection is dropped, and
+        what the kernel still holds is not read (after ``shutdown()`` Linux
+        still hands out every queued byte -- megabytes under a flood -- and
+        parsing them delayed the end, ``on_closed``, by seconds).
         """
         if self.held:
             return self.held.popleft()  # left by an interrupted caller: in order
+        if self.aborted:
+            return b""
         sock = self.sock
         started = time.monotonic()
         try:
@@ -382,6 +389,8 @@ class TCPTransport(Transport):
         bytecode runs in between, so no ``KeyboardInterrupt`` can land between
         the bytes leaving the socket and their being kept); the caller takes
         them off once parsed (blockws.readtoken)."""
+        if self.aborted:
+            return b""  # dropped: see recv()
         sock = self.sock
         held = self.held
         try:

@@ -445,3 +445,23 @@ def test_small_reads_share_one_buffer_and_large_ones_read_whole() -> None:
     finally:
         transport.close()
         b.close()
+
+
+@pytest.mark.timeout(10)
+def test_after_abort_nothing_more_is_read() -> None:
+    """Probe "pong queue without bound", its ending: after shutdown() Linux still
+    hands out every byte queued for the socket, so an aborted socket under a ping
+    flood went on parsing megabytes before it ended (a CI run saw on_closed come
+    more than 10 s after a 0.3 s close timeout). Now a read after abort() ends at
+    once, for the reader thread and for a caller's bounded read alike."""
+    a, b = socket.socketpair()
+    transport = TCPTransport(a)
+    try:
+        b.sendall(b"q" * 100_000)  # queued, unread
+        transport.abort()
+        assert transport.recv() == b""
+        assert transport.read(None) == b""
+        assert transport.recv() == b""
+    finally:
+        transport.close()
+        b.close()
