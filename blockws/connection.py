@@ -728,6 +728,9 @@ class Connection:
         assert proto is not None
         sender = self.sender
         if proto.failure is not None and was_open:
+            # The error is recorded before its close frame can be written: a
+            # send() that sees the socket closing then also sees why.
+            self._set_error_locked(proto.failure, closing=False)
             close = frames.pop()  # failing: the close frame comes last
             if self.dispatcher.pending or any(type(e) in _MESSAGES for e in events):
                 # Messages that came before the bad frame are still
@@ -954,13 +957,17 @@ class Connection:
         """Record the first error that ends the socket (or this reconnection
         attempt); later ones are effects of it."""
         with self.lock:
-            phase = self._phase
-            if (self.error is None or self._error_is_old) and phase is not _CLOSED:
-                if phase is not _RECONNECTING:  # a late effect of the link that ended
-                    self.error = exc
-                    self._error_is_old = False
-            if closing and self._phase is _OPEN:
-                self._set_phase_locked(_CLOSING)
+            self._set_error_locked(exc, closing)
+
+    def _set_error_locked(self, exc: BaseException, closing: bool) -> None:
+        assert self.lock.locked()
+        phase = self._phase
+        if (self.error is None or self._error_is_old) and phase is not _CLOSED:
+            if phase is not _RECONNECTING:  # a late effect of the link that ended
+                self.error = exc
+                self._error_is_old = False
+        if closing and phase is _OPEN:
+            self._set_phase_locked(_CLOSING)
 
     def _release_deferred_close(self, _: None) -> None:
         # Runs in update() after the callbacks of the messages that preceded

@@ -268,6 +268,53 @@ def test_a_failure_with_nothing_to_deliver_answers_the_ping_then_closes_at_once(
     assert ws.close_code == 1002
 
 
+class ErrorAtWrite(MemoryTransport):
+    """Records, for each write, the socket's ``error`` at that moment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ws: blockws.WebSocket | None = None
+        self.errors_at_write: list[tuple[bytes, BaseException | None]] = []
+
+    def write(self, chunks: Any) -> None:
+        data = b"".join(bytes(c) for c in chunks)
+        self.errors_at_write.append((data, self.ws.error if self.ws is not None else None))
+        super().write([data])
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(20)
+def test_a_failing_close_frame_is_written_only_once_the_error_is_recorded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A send() racing the failure saw the socket closing with no error
+    # (ConnectionClosedOK): the close frame could be written before the reader
+    # recorded the error. The slower the reader is to get there, the surer the
+    # race; the error must be set under the lock that queues the frame.
+    original = blockws.connection.Connection._set_error
+
+    def slow_set_error(self: Any, exc: BaseException, closing: bool = True) -> None:
+        time.sleep(0.2)
+        original(self, exc, closing)
+
+    monkeypatch.setattr(blockws.connection.Connection, "_set_error", slow_set_error)
+    with use_memory(monkeypatch) as memory:
+        memory.factory = ErrorAtWrite
+        ws, transport = opened(memory)
+        assert isinstance(transport, ErrorAtWrite)
+        transport.ws = ws
+        transport.feed(server_frame(0x3))
+        transport.wait_for(lambda fs: bool(closes(fs)))
+        closing = [err for data, err in transport.errors_at_write if data[:1] == b"\x88"]
+        assert len(closing) == 1 and isinstance(closing[0], blockws.ProtocolError)
+        with pytest.raises(blockws.ConnectionClosedError, match="^the socket is closing: "):
+            ws.send("late")
+        transport.feed_eof()
+        assert ws.join(5)
+        ws.update()
+        assert ws.close_code == 1002
+
+
 class UninterruptibleOpener:
     """An opening that close() cannot cut short (a resolver or handshake that ignores
     the abort): it waits for ``go``, then registers its transport and succeeds."""
