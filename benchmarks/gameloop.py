@@ -20,8 +20,8 @@ against the benchmark server (``benchmarks/server.py``) on the other CPU:
   figure includes the cross-CPU wake-up of the reader thread (about 70 us on
   this VM).
 * Frame-time overrun: a 60 Hz loop whose frames run ``ws.update()`` and then
-  a fixed amount of CPU work (calibrated to 5 ms with no network), while the
-  server streams 64 B messages at 10 k and 100 k a second, against the same
+  a fixed amount of CPU work (calibrated to 8 ms with no network), for 600
+  frames (10 s; ``--quick``: 60), while the server streams 64 B messages at 10 k and 100 k a second, against the same
   loop with no socket at all. A frame's time is from its start to the end of
   its work; its overrun is that time minus the median frame time without the
   network. The reader thread's parsing (it competes for the GIL) and the
@@ -67,7 +67,7 @@ perf = time.perf_counter
 perf_ns = time.perf_counter_ns
 thread_time = time.thread_time
 FPS = 60.0
-WORK_MS = 5.0
+WORK_MS = 8.0
 _stamp = struct.Struct("!Q")
 
 
@@ -388,7 +388,7 @@ def run_all(
     base = f"ws://127.0.0.1:{ws_port}"
     pin(server_pid, {server_cpu})
     seconds = 0.2 if tiny else 1.0 if quick else 3.0
-    frames = 6 if tiny else 60 if quick else 240
+    frames = 6 if tiny else 60 if quick else 600  # full: 10 s of frames
     calls = 10_000 if tiny else 200_000 if quick else 2_000_000
     common = ["--cpus", str(client_cpu)]
     rows: list[dict[str, Any]] = []
