@@ -19,25 +19,26 @@ against the benchmark server (``benchmarks/server.py``) on the other CPU:
   ``blockws.integrations.pygame.attach()`` posts (``on_pending``). The
   figure includes the cross-CPU wake-up of the reader thread (about 70 us on
   this VM).
-* Frame-time overrun: a 60 Hz loop whose frames run ``ws.update()`` and then
-  a fixed amount of CPU work (calibrated to 8 ms with no network), for 600
-  frames (10 s; ``--quick``: 60), while the server streams 64 B messages at 10 k and 100 k a second, against the same
-  loop with no socket at all. A frame's time is from its start to the end of
-  its work; its overrun is that time minus the median frame time without the
-  network. The reader thread's parsing (it competes for the GIL) and the
-  callbacks that ``update()`` runs both land in the overrun. Target: p99
-  under 1 ms at 10 k msgs/s. The table also gives the frames that ended
-  after the next frame was due (missed) and the messages dispatched. The loop
-  waits for its next frame in one of two ways: ``time.sleep()``, as most game
-  loops do, with the reader thread parsing whenever data comes (during the
-  frames too), or ``ws.wait()`` + ``update()``, where the loop's own thread
-  reads and dispatches in its idle time and the reader thread stays parked.
-  Each row also gives the time stolen from the frame's work (its wall time
-  minus the game thread's CPU time over it, ``time.thread_time()``: waiting
-  for the GIL or for a CPU; the row without network shows the host's own
-  share), the lag of a message (server write to callback, in frames), and
-  the messages the server says it sent, against those dispatched: the loop
-  keeps pumping after its last frame until every stream has ended.
+* Frame-time overrun: a 60 Hz loop whose frames run ``ws.update()`` and then a
+  fixed amount of CPU work (calibrated to 8 ms with no network), for 600 frames
+  (10 s; ``--quick``: 60), while the server streams 64 B messages at 10 k and
+  100 k a second, against the same loop with no socket at all. A frame's time is
+  from its start to the end of its work; its overrun is that time minus the
+  median frame time without the network. The reader thread's parsing (it
+  competes for the GIL) and the callbacks that ``update()`` runs both land in
+  the overrun. Target: p99 under 1 ms at 10 k msgs/s. The table also gives the
+  frames that ended after the next frame was due (missed) and the messages
+  dispatched. The loop waits for its next frame in one of two ways:
+  ``time.sleep()``, as most game loops do, with the reader thread parsing
+  whenever data comes (during the frames too), or ``ws.wait()`` + ``update()``,
+  where the loop's own thread reads and dispatches in its idle time and the
+  reader thread stays parked. Each row also gives the time stolen from the
+  frame's work (its wall time minus the game thread's CPU time over it,
+  ``time.thread_time()``: waiting for the GIL or for a CPU; the row without
+  network shows the host's own share), the lag of a message (server write to
+  callback, in frames), and the messages the server says it sent, against those
+  dispatched: the loop keeps pumping after its last frame until every stream has
+  ended.
 * The frame budget and the loads a real game brings, each loop idling in a
   wait with a 2 ms budget per ``update()``: at 100 k msgs/s, one socket
   (``ws.update(max_time=0.002)``) and 8 sockets sharing the rate pumped by
