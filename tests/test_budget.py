@@ -17,6 +17,7 @@ import pytest
 from memory import server_frame, use_memory
 
 import blockws
+import blockws.delivery as delivery_module
 import blockws.dispatcher as dispatcher_module
 from blockws.buffers import BufferPool
 from blockws.delivery import Delivery
@@ -37,7 +38,12 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
+    # Both clocks a budget reads: its deadline (dispatcher) and a read's chunk
+    # sizing (delivery). With only the first faked, the chunks were sized from
+    # the real clock against the fake deadline: right only on a machine up for
+    # more than 1024 s.
     monkeypatch.setattr(dispatcher_module, "_perf", fake)
+    monkeypatch.setattr(delivery_module, "_perf", fake)
     return fake
 
 
