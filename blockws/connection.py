@@ -297,6 +297,7 @@ class Connection:
         "_reader",
         "_retired",
         "_stream_finished",
+        "_to_inbox",
         "_token",
         "_transport",
         "_was_open",
@@ -381,6 +382,10 @@ class Connection:
         self._read_bounded: Callable[[float | None], bytes | None] | None = None
         self._held: deque[bytes] | None = None  # what a caller read and has not parsed
         self._token = ReadToken()
+        #: A thread in receive() holds the read token: the messages it parses go
+        #: straight to the inbox when nothing is queued before them (see
+        #: data_received).
+        self._to_inbox = False
         # Reconnection (blockws.reconnect): the attempts of the current outage,
         # set by open() when the options ask for it; whether any connection
         # opened (only a socket that was open reconnects); whether self.error
@@ -681,7 +686,27 @@ class Connection:
                 items.insert(0, (self._deliver, messages))
             self.dispatcher.post_many(items)
         elif messages:
-            self._post(self._deliver, messages)
+            dispatcher = self.dispatcher
+            handlers = self.handlers
+            if (
+                self._to_inbox
+                and not dispatcher.pending
+                and dispatcher.running_in is None
+                and handlers.on_message is None
+                and handlers.on_binary is None
+                and BinaryMessage not in map(type, messages)
+            ):
+                # A thread is in receive() (reading here, or asking for the token
+                # while the reader thread parsed this): nothing is queued or
+                # running before these messages, so they go where
+                # Delivery.messages would put them, without a dispatcher round
+                # (W1: a third of receive()'s own work). Counted as received
+                # above, taken by receive(); a thread waiting in receive() is
+                # woken (its wait watches the inbox: see wait_for_message).
+                self.inbox.extend(messages)
+                self._nudge()
+            else:
+                self._post(self._deliver, messages)
         if before is _STATE_CLOSE_SENT and proto.state is _STATE_CLOSED:
             self._finish_stream()  # the server answered our close, which was written
         if full:
@@ -781,6 +806,24 @@ class Connection:
         token, read, held = self._token, self._read_bounded, self._held
         if read is None or not token.read_here(read, self, timeout, self._nudge, held):
             self.dispatcher.wait(timeout)
+
+    def wait_for_message(self, timeout: float | None) -> None:
+        """:meth:`wait_for_data` for ``receive()``: the messages this thread parses
+        while it holds the read token skip the dispatcher, straight to the inbox,
+        when this socket keeps its messages for ``receive()`` and nothing is
+        queued or running before them (see :meth:`data_received`). A message
+        parsed by the reader thread meanwhile takes the dispatcher as always."""
+        token, read, held = self._token, self._read_bounded, self._held
+        if read is not None:
+            self._to_inbox = True
+            try:
+                if token.read_here(read, self, timeout, self._nudge, held):
+                    return
+            finally:
+                self._to_inbox = False
+        # Woken by a post, or by the inbox filling: the reader thread may have
+        # parsed straight to it while this thread asked for the token.
+        self.dispatcher.wait(timeout, self.inbox)
 
     # -- sending (any thread) -------------------------------------------------------------
 

@@ -58,7 +58,7 @@ exactly that:
   check in between; what it does before that is safe to do twice. The
   messages of a read then put back, themselves, what they did not deliver
   (see :meth:`blockws.delivery.Delivery.messages`).
-* The run's own bookkeeping (``_running_in``, the nesting count, the ready
+* The run's own bookkeeping (``running_in``, the nesting count, the ready
   queue) changes only where no check can split it from the ``try`` that
   undoes it.
 
@@ -207,7 +207,7 @@ class Dispatcher:
         "_cond",
         "_waiters",
         "_run_lock",
-        "_running_in",
+        "running_in",
         "_armed",
         "_hook_lock",
         "_in_ready",
@@ -232,7 +232,10 @@ class Dispatcher:
         self._cond: threading.Condition | None = None
         self._waiters = 0
         self._run_lock = threading.Lock()
-        self._running_in: int | None = None
+        #: The ident of the thread running this queue's callbacks now, or
+        #: ``None`` (read without a lock by the receive() fast path in
+        #: :meth:`blockws.connection.Connection.data_received`).
+        self.running_in: int | None = None
         # Set when the queue was seen empty by run(); the post that fills the
         # queue again clears it and calls the hook (see the module docstring).
         self._armed = True
@@ -367,7 +370,7 @@ class Dispatcher:
         if not pending:
             return 0
         me = threading.get_ident()
-        if self._running_in == me:
+        if self.running_in == me:
             return 0
         try:
             with self._run_lock:
@@ -378,7 +381,7 @@ class Dispatcher:
                     # Both marks are set before the first eval-breaker point
                     # in this try (none between the try and them), so the
                     # finally always finds them.
-                    self._running_in = me
+                    self.running_in = me
                     running[me] = depth + 1
                     for _ in range(len(pending)):
                         # Take the item and enter it as one step: no
@@ -402,7 +405,7 @@ class Dispatcher:
                             pending.appendleft(held)
                     raise
                 finally:
-                    self._running_in = None
+                    self.running_in = None
                     if depth:
                         running[me] = depth
                     else:
@@ -420,7 +423,7 @@ class Dispatcher:
         if not pending or budget.spent:
             return 0
         me = threading.get_ident()
-        if self._running_in == me:
+        if self.running_in == me:
             return 0
         try:
             with self._run_lock:
@@ -428,7 +431,7 @@ class Dispatcher:
                 depth = running.get(me, 0)
                 count = 0
                 try:
-                    self._running_in = me
+                    self.running_in = me
                     running[me] = depth + 1
                     self.budget = budget
                     while pending:  # bounded by the budget
@@ -458,7 +461,7 @@ class Dispatcher:
                     raise
                 finally:
                     self.budget = None
-                    self._running_in = None
+                    self.running_in = None
                     if depth:
                         running[me] = depth
                     else:
@@ -467,12 +470,15 @@ class Dispatcher:
         finally:
             self._rearm()
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: float | None = None, also: deque[Any] | None = None) -> bool:
         """Block until a callback is pending or ``timeout`` passes; True if pending.
 
-        May return False early after :meth:`nudge`.
+        ``also``: a queue whose filling ends the wait too (``receive()``'s
+        inbox, which its own fast path fills, then calls :meth:`nudge`: it
+        appends *then* reads the waiter count, the waiter counts itself *then*
+        looks, so no wake-up is lost). May return False early after :meth:`nudge`.
         """
-        if self.pending:
+        if self.pending or also:
             return True
         cond = self._cond
         if cond is None:
@@ -483,7 +489,7 @@ class Dispatcher:
         with cond:
             self._waiters += 1
             try:
-                if self.pending:
+                if self.pending or also:
                     return True
                 cond.wait(timeout)
             finally:

@@ -997,7 +997,7 @@ class WebSocket:
                 left = deadline.left()
                 if left == 0:
                     raise TimeoutError(f"no message within {timeout} s")
-            engine.wait_for_data(left)
+            engine.wait_for_message(left)
             waited = True
 
     def __iter__(self) -> Iterator[str | bytes]:

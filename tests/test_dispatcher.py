@@ -102,7 +102,7 @@ def test_exception_propagates_and_leaves_the_rest_queued() -> None:
     assert len(d.pending) == 2
     assert d.run() == 2
     assert seen == ["a", "c", "d"]
-    assert d._running_in is None
+    assert d.running_in is None
 
 
 def test_run_from_two_threads_never_runs_two_callbacks_at_once() -> None:
@@ -163,6 +163,30 @@ def test_wait_wakes_on_post_from_another_thread(
     assert d.wait(WAIT * 2) is True
     assert time.monotonic() - start < WAIT
     assert d._waiters == 0
+
+
+def test_wait_watches_a_second_queue_filled_then_nudged(
+    post_later: Callable[[Callable[[], None]], None],
+) -> None:
+    """receive()'s wait: its inbox, filled without a post, ends the wait too,
+    whether it was filled before the wait (seen at once) or during it (nudge)."""
+    from collections import deque
+
+    d = Dispatcher()
+    inbox: deque[Any] = deque(["early"])
+    assert d.wait(WAIT * 2, inbox) is True  # seen before waiting: no nudge needed
+    inbox.clear()
+
+    def filler() -> None:
+        wait_for(lambda: d._waiters == 1)
+        inbox.append("late")
+        d.nudge()
+
+    post_later(filler)
+    start = time.monotonic()
+    d.wait(WAIT * 2, inbox)
+    assert time.monotonic() - start < WAIT
+    assert list(inbox) == ["late"] and not d.pending
 
 
 def test_global_wait_wakes_on_post_to_any_dispatcher(

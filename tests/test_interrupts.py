@@ -342,7 +342,7 @@ def _check_events(state: Events, interrupts: Interrupts) -> None:
 
 def marks_are_clear(dispatcher: Dispatcher) -> bool:
     """run()'s re-entrancy marks are gone: a later update() runs callbacks."""
-    return dispatcher._running_in is None and not dispatcher_module.in_callback()
+    return dispatcher.running_in is None and not dispatcher_module.in_callback()
 
 
 def test_interrupt_at_every_point_of_plain_items_runs_each_once() -> None:
