@@ -64,6 +64,11 @@ caller of ``receive``  the same, while it holds the right to read      ``proto_l
   lock (:meth:`Connection._pause_reading`); ``close()``, ``abort()`` and a
   failed write end that wait. An HTTP/2 stream withholds its credit instead:
   the shared connection's reader never waits.
+* The reader threads' blocking reads (plain TCP, with the C speedup) wait for
+  the GIL behind one process-wide gate once data has come
+  (:mod:`blockws.transport`, ``gated_recv``): at most one reader waits for
+  the GIL at a time. The gate is taken only without the GIL and let go just
+  after the GIL is taken: gate before GIL, never the other way round.
 """
 
 from __future__ import annotations

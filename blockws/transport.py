@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import math
+import os
 import select
 import socket
 import ssl
@@ -94,8 +95,15 @@ _RCVTIMEO_LONG = 0.1
 #: select() takes descriptors below this; poll() (millisecond timeouts) the rest.
 _FD_SETSIZE = 1024
 #: A reader whose last read waited longer than this (seconds) treats the
-#: socket as quiet: see TCPTransport._wait_readable.
+#: socket as quiet: see TCPTransport.recv.
 _QUIET = 0.1
+#: Bytes a quiet socket's reader asks for in its blocking read: ``recv(n)``
+#: allocates its ``n`` bytes before it blocks, and a small block is all an idle
+#: socket then pins (with the bytes object's 33-byte header, within pymalloc's
+#: 512-byte blocks: none of the glibc arena fragmentation described at
+#: RECV_SCRATCH). A larger message is read on at once, at the usual sizes, by
+#: the reads that follow.
+RECV_QUIET = 448
 #: Most chunks written with one sendmsg(): POSIX guarantees 16 and Linux takes
 #: 1024, but more than a few dozen are small frames, cheaper to join.
 _IOV_MAX = 64
@@ -105,6 +113,22 @@ _DONTWAITS = (_DONTWAIT,)
 _select = select.select
 _timeval = struct.Struct("@ll")
 _poll = getattr(select, "poll", None)  # POSIX
+
+# The reader threads' blocking reads on plain TCP: through the C speedup's gate
+# when it is built (see blockws/_speedups.c, "gated_recv": with thousands of
+# sockets, reader threads waiting for the GIL at once cost more than the
+# messages), else socket.recv. ``BLOCKWS_PURE_PYTHON=1`` forces socket.recv.
+_gated_recv: Callable[[socket.socket, int], bytes] | None = None
+_gated_recv_into: Callable[[socket.socket, memoryview], int] | None = None
+try:
+    from . import _speedups
+except ImportError:  # pragma: no cover - depends on the install
+    pass
+else:
+    if hasattr(_speedups, "gated_recv") and not os.environ.get("BLOCKWS_PURE_PYTHON"):
+        _gated_recv, _gated_recv_into = _speedups.gated_recv, _speedups.gated_recv_into
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_speedups.reset_gate)
 _POLLIN = getattr(select, "POLLIN", 1)
 
 
@@ -294,6 +318,11 @@ class TCPTransport(Transport):
         self._rcvtimeo_set = False  # SO_RCVTIMEO is set (by the first long bounded read)
         self._poller: select.poll | None = None  # see _wait_readable
         self._quiet = True  # a socket starts out waiting for its first message
+        # The reader thread's gated reads (plain TCP with the C speedup; see
+        # _gated_recv above); a TLS socket reads through its SSL object.
+        plain = not self._tls
+        self._gated_recv = _gated_recv if plain else None
+        self._gated_recv_into = _gated_recv_into if plain else None
         #: Bytes a caller's :meth:`read` took from the socket and has not yet
         #: parsed (an interrupted caller leaves them here): :meth:`recv` and
         #: the next caller return these first. See blockws.readtoken.
@@ -308,8 +337,14 @@ class TCPTransport(Transport):
 
         With a ``timeout`` (the opening handshake) the socket's timeout bounds
         it. Without one -- the reader thread -- a socket that is new, or whose
-        last read waited longer than :data:`_QUIET`, first waits in
-        :meth:`_wait_readable`, buffer-less; an active one just reads.
+        last read waited longer than :data:`_QUIET`, waits in a read of
+        :data:`RECV_QUIET` bytes (or, once a caller's bounded reads have set
+        ``SO_RCVTIMEO``, which would end such a read every 50 ms, in
+        :meth:`_wait_readable`); an active one just reads. Either way an idle
+        socket pins no large buffer, and a quiet socket's message costs one
+        trip through the GIL: polling first cost a second, and with thousands
+        of sockets (W8) the reader threads queued for the GIL until the
+        process spent its time in the kernel handing it round.
 
         After :meth:`abort`, ``b""`` at once: the connection is dropped, and
         what the kernel still holds is not read (after ``shutdown()`` Linux
@@ -327,17 +362,29 @@ class TCPTransport(Transport):
                 if timeout is not None:
                     sock.settimeout(timeout)
                 while True:
-                    if timeout is None and self._quiet and _poll is not None:
-                        self._wait_readable()
                     try:
                         size = self._recv_size
-                        if size == RECV_SCRATCH and timeout is None:
+                        if timeout is None and self._quiet:
+                            if self._rcvtimeo_set and _poll is not None:
+                                self._wait_readable()
+                            else:
+                                size = RECV_QUIET
+                        if timeout is not None:
+                            data = sock.recv(size)
+                        elif size == RECV_SCRATCH:
                             scratch = self._scratch
                             if scratch is None:
                                 scratch = self._scratch = memoryview(bytearray(RECV_SCRATCH))
-                            data = scratch[: sock.recv_into(scratch)].tobytes()
+                            gated_into = self._gated_recv_into
+                            n = (
+                                gated_into(sock, scratch)
+                                if gated_into is not None
+                                else sock.recv_into(scratch)
+                            )
+                            data = scratch[:n].tobytes()
                         else:
-                            data = sock.recv(size)
+                            gated = self._gated_recv
+                            data = gated(sock, size) if gated is not None else sock.recv(size)
                         break
                     except BlockingIOError:
                         if timeout is not None:  # 0: non-blocking, and nothing came

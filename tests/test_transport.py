@@ -408,40 +408,57 @@ class CountingSocket(socket.socket):
 
 
 @pytest.mark.timeout(10)
-def test_small_reads_share_one_buffer_and_large_ones_read_whole() -> None:
+@pytest.mark.parametrize("gated", [False, True], ids=["socket.recv", "C gate"])
+def test_small_reads_share_one_buffer_and_large_ones_read_whole(gated: bool) -> None:
     """Probe "soak: RSS growth": ``recv(n)`` allocates n bytes and shrinks them to
     what came, and with many reader threads those shrunk blocks fragmented the
     allocator's arenas (RSS +84 % in two minutes of a 100-socket soak). Reads
     below RECV_SCRATCH go into one reusable buffer, copied out exactly (no
     alias: an earlier read keeps its bytes); a read that fills it switches to
-    plain ``recv`` for the stream that follows, and small reads switch back."""
-    from blockws.transport import RECV_SCRATCH, RECV_SMALL
+    plain ``recv`` for the stream that follows, and small reads switch back.
+    A new (quiet) socket's first read asks for RECV_QUIET bytes only. The same
+    bytes come through the C speedup's gated reads (which the counting socket
+    cannot see) as through socket.recv."""
+    from blockws import transport as transport_module
+    from blockws.transport import RECV_QUIET, RECV_SCRATCH, RECV_SMALL
 
+    if gated and transport_module._gated_recv is None:
+        pytest.skip("the C speedup's gated reads are not built here (or BLOCKWS_PURE_PYTHON)")
     a, b = socket.socketpair()
     sock = CountingSocket(fileno=a.detach())
     sock.calls = []
     transport = TCPTransport(sock)
+    if not gated:
+        transport._gated_recv = transport._gated_recv_into = None
     try:
-        b.sendall(b"x" * 100)
+        b.sendall(b"x" * (RECV_QUIET + 100))
         first = transport.recv()
+        assert first == b"x" * RECV_QUIET  # quiet: a small read first, then the rest
+        assert transport.recv() == b"x" * 100
         b.sendall(b"y" * 50)
         second = transport.recv()
-        assert (first, second) == (b"x" * 100, b"y" * 50)
-        assert type(first) is bytes and sock.calls == ["recv_into", "recv_into"]
+        assert second == b"y" * 50
+        if not gated:
+            assert sock.calls == ["recv", "recv_into", "recv_into"]
         b.sendall(bytes(range(256)) * (RECV_SCRATCH // 128))  # two buffers' worth
         stream = transport.recv()
         assert len(stream) == RECV_SCRATCH  # filled: the stream goes on with recv()
         stream += transport.recv()
         assert stream == bytes(range(256)) * (RECV_SCRATCH // 128)
-        assert sock.calls[2:] == ["recv_into", "recv"]
+        if not gated:
+            assert sock.calls[3:] == ["recv_into", "recv"]
         b.sendall(b"z" * 10)
         assert transport.recv() == b"z" * 10
-        assert sock.calls[4] == "recv"  # after a RECV_SCRATCH read: RECV_SMALL at once
+        if not gated:
+            assert sock.calls[5] == "recv"  # after a RECV_SCRATCH read: RECV_SMALL at once
         b.sendall(b"w" * 10)
         assert transport.recv() == b"w" * 10
-        assert sock.calls[5:] == ["recv_into"]  # small again: back to the buffer
-        assert first == b"x" * 100  # never overwritten
-        assert RECV_SMALL > RECV_SCRATCH
+        if not gated:
+            assert sock.calls[6:] == ["recv_into"]  # small again: back to the buffer
+        else:
+            assert sock.calls == []  # every read went through the gate
+        assert first == b"x" * RECV_QUIET  # never overwritten
+        assert RECV_SMALL > RECV_SCRATCH > RECV_QUIET
     finally:
         transport.close()
         b.close()
