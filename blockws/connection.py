@@ -291,6 +291,7 @@ class Connection:
         "_error_is_old",
         "_final_bytes",
         "_held",
+        "_inflate_limit",
         "_jobs",
         "_lend_reading",
         "_max_fragment_size",
@@ -386,6 +387,7 @@ class Connection:
         #: The transport's bounded read, when its reading may be lent.
         self._read_bounded: Callable[[float | None], bytes | None] | None = None
         self._held: deque[bytes] | None = None  # what a caller read and has not parsed
+        self._inflate_limit: int | None = None  # max_queued_bytes, when inflating
         self._token = ReadToken()
         #: A thread in receive() holds the read token: the messages it parses go
         #: straight to the inbox when nothing is queued before them (see
@@ -600,7 +602,8 @@ class Connection:
             release=options.buffer_pool.give_back,
         )
         proto.compact_messages = True  # messages as str/bytes: see blockws.delivery
-        proto.inflate_budget = self.delivery.limit  # see data_received
+        # Compressed reads are parsed in installments (see data_received).
+        self._inflate_limit = self.delivery.limit if accepted else None
         with self.lock:
             if self._phase is not _CONNECTING:
                 raise ConnectionLost("connection aborted during the opening handshake")
@@ -639,8 +642,9 @@ class Connection:
     def data_received(self, data: bytes) -> None:
         """Sink method: bytes from the transport.
 
-        A compressed read is parsed in installments of at most the queue limit
-        of inflated bytes (``Protocol.inflate_budget``), so that backpressure
+        A compressed read is parsed in installments of at most the room left
+        under the queue limit, in inflated bytes (``Protocol.inflate_budget``;
+        at least one message each), so that backpressure
         bounds what a read of a thousandfold-compressible flood inflates to:
         the call for the read parses the first, and calls this again with
         ``b""`` for each next one (once per read, as the read's own call).
@@ -653,6 +657,12 @@ class Connection:
         # Without on_binary, messages end up as bytes for receive(): have the
         # parser build them so, without a pooled buffer and a second copy.
         proto.binary_as_bytes = self.handlers.on_binary is None
+        limit = self._inflate_limit
+        if limit is not None:
+            # This installment inflates at most what the queue has room for
+            # (at least one message): a full limit per read let a read that
+            # followed a small one queue up to twice the limit.
+            proto.inflate_budget = max(limit - self.delivery.queued, 1)
         deferred = False
         # Parsing (and inflating) holds only the protocol lock, not the send
         # lock, so send() and the writer (compressing) keep going meanwhile.

@@ -496,3 +496,64 @@ def test_a_stuck_writer_blocks_neither_the_timer_nor_other_sockets(
         a_transport.unblock_writes()
         b.abort()
         a.join(5)
+
+
+def test_a_compressed_read_after_a_small_one_inflates_only_the_room_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Backpressure with compression: each installment of a compressed read
+    inflates at most the room left under max_queued_bytes (at least one
+    message). It had the whole limit per read, so a large read that followed
+    a small one (whose messages were still queued) queued up to twice the
+    limit: seen once a quiet socket's first read became a small one."""
+    import zlib
+
+    from blockws.deflate import PerMessageDeflate
+    from blockws.opening import Opened
+
+    size, limit = 40 * 1024, 64 * 1024
+
+    def compressed(i: int) -> bytes:
+        comp = zlib.compressobj(wbits=-15)
+        data = comp.compress(i.to_bytes(4, "big") + bytes(size - 4))
+        data += comp.flush(zlib.Z_SYNC_FLUSH)
+        return server_frame(Opcode.BINARY, data[:-4], rsv=0x40)  # RSV1: compressed
+
+    class DeflateOpener(MemoryOpener):
+        def __call__(self, *args: Any, **kwargs: Any) -> Opened:
+            opened_ = super().__call__(*args, **kwargs)
+            deflate = PerMessageDeflate()
+            deflate.accept([])
+            return Opened(opened_.transport, None, [deflate])
+
+    got: list[int] = []
+    with use_memory(monkeypatch) as plain:
+        opener = DeflateOpener(plain.factory)
+        monkeypatch.setattr(blockws.connection, "open_over_network", opener)
+        ws, transport = opened(
+            opener,
+            max_queued_bytes=limit,
+            max_message_size=size,  # else the limit is at least one such message
+            on_binary=lambda ws, seg: got.append(int.from_bytes(seg.view()[:4], "big")),
+        )
+        delivery = ws._engine.delivery
+        transport.feed(compressed(0))  # a small read: 40 KiB queued, room for 24
+        deadline = time.monotonic() + 5
+        while ws.queued_amount < size:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        transport.feed(b"".join(compressed(i) for i in range(1, 101)))  # one large read
+        while not delivery.paused:  # the reader stops once the queue is full
+            assert time.monotonic() < deadline, (ws.queued_amount, ws.error, got)
+            time.sleep(0.001)
+        assert limit <= ws.queued_amount <= limit + size, ws.queued_amount
+        deadline = time.monotonic() + 10
+        while len(got) < 101:
+            assert time.monotonic() < deadline, len(got)
+            ws.wait(0.05)
+            ws.update()
+        assert got == list(range(101))
+        ws.close()
+        transport.feed(server_frame(Opcode.CLOSE, pack_close(1000, "")))
+        transport.feed_eof()
+        assert ws.join(5)
