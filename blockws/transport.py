@@ -413,13 +413,11 @@ class TCPTransport(Transport):
                     sock.settimeout(None)
 
     def _wait_readable(self) -> None:
-        """Block until the socket is readable (or ended).
-
-        ``recv(n)`` allocates its ``n`` bytes before it blocks, so an idle
-        socket's reader would pin a 64 KiB buffer (and the pages its heap
-        headers touch) for as long as the socket stays quiet. (Polling before
-        every read cost a second trip through the GIL per read, and 20% of
-        the throughput of compressed 1 MiB echoes: hence only when quiet.)
+        """Block until the socket is readable (or ended): a quiet socket's wait
+        once ``SO_RCVTIMEO`` is set (see :meth:`recv`), which would end a
+        blocking read every 50 ms. Polling costs a second trip through the
+        GIL per read (and 20% of the throughput of compressed 1 MiB echoes
+        when it ran before every read), so it serves only that case.
         """
         poller = self._poller
         if poller is None:
