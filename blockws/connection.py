@@ -826,8 +826,9 @@ class Connection:
         """:meth:`wait_for_data` for ``receive()``: the messages this thread parses
         while it holds the read token skip the dispatcher, straight to the inbox,
         when this socket keeps its messages for ``receive()`` and nothing is
-        queued or running before them (see :meth:`data_received`). A message
-        parsed by the reader thread meanwhile takes the dispatcher as always."""
+        queued or running before them (see :meth:`data_received`). So may those
+        the reader thread parses while this thread asks for the token: the
+        wait that follows watches the inbox as well as the dispatcher."""
         token, read, held = self._token, self._read_bounded, self._held
         if read is not None:
             self._to_inbox = True
