@@ -386,7 +386,7 @@ class Connection:
         self._lend_reading = False  # see _connect
         #: The transport's bounded read, when its reading may be lent.
         self._read_bounded: Callable[[float | None], bytes | None] | None = None
-        self._held: deque[bytes] | None = None  # what a caller read and has not parsed
+        self._held: list[bytes] | None = None  # what a caller read and has not parsed
         self._inflate_limit: int | None = None  # max_queued_bytes, when inflating
         self._token = ReadToken()
         #: A thread in receive() holds the read token: the messages it parses go

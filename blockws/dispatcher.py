@@ -74,6 +74,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from _thread import allocate_lock as _allocate_lock
 from collections import deque
 from typing import Any, Callable
 
@@ -190,6 +191,58 @@ class Budget:
 _global_on_pending: OnPending | None = None
 
 
+class _Signal:
+    """What :meth:`Dispatcher.wait` needs of a ``threading.Condition``
+    (``notify_all()``, a timed wait) in about 200 bytes, not 950: a socket's
+    dispatcher keeps its signal for life once anyone has waited on it (its
+    ``connect()`` does), and a Condition's waiter deque alone is 760 bytes.
+
+    Each waiter waits on a lock of its own, listed while it waits;
+    :meth:`notify_all` releases every listed lock and empties the list. A
+    waiter that timed out unlists its lock itself (a release that raced with
+    the timeout then falls on a lock nobody waits on, and is harmless).
+    """
+
+    __slots__ = ("lock", "_waiting", "count")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._waiting: list[Any] = []  # the waiters' locks (_thread.LockType)
+        #: Threads between :meth:`add` and :meth:`remove` (read without the
+        #: lock by notifiers, which skip :meth:`notify_all` when it is 0).
+        self.count = 0
+
+    def add(self) -> Any:
+        """A new waiter: its lock, held, to wait on with :meth:`wait`."""
+        waiter = _allocate_lock()
+        waiter.acquire()
+        with self.lock:
+            self._waiting.append(waiter)
+            self.count += 1
+        return waiter
+
+    @staticmethod
+    def wait(waiter: Any, timeout: float | None) -> None:
+        """Block until notified, or ``timeout`` (``None``: no limit) passes."""
+        waiter.acquire(True, -1 if timeout is None else max(timeout, 0.0))
+
+    def remove(self, waiter: Any) -> None:
+        """The waiter is done (woken, timed out or interrupted)."""
+        with self.lock:
+            self.count -= 1
+            waiting = self._waiting
+            if waiter in waiting:  # not taken by notify_all()
+                waiting.remove(waiter)
+
+    def notify_all(self) -> None:
+        """Wake every waiter listed now. Never blocks for long; any thread."""
+        with self.lock:
+            waiting = self._waiting
+            for waiter in waiting:
+                waiter.release()
+            waiting.clear()
+
+
 # Global wake-up for blockws.wait(): any post on any dispatcher notifies it.
 _global_cond = threading.Condition(threading.Lock())
 _global_waiters = 0
@@ -205,7 +258,6 @@ class Dispatcher:
         "budget",
         "held",
         "_cond",
-        "_waiters",
         "_run_lock",
         "running_in",
         "_armed",
@@ -229,8 +281,7 @@ class Dispatcher:
         #: enters user code; one posted with :meth:`post` commits on entry.
         self.held: Item | None = None
         # Made by the first wait() (an idle socket that nobody waits on has none).
-        self._cond: threading.Condition | None = None
-        self._waiters = 0
+        self._cond: _Signal | None = None
         self._run_lock = threading.Lock()
         #: The ident of the thread running this queue's callbacks now, or
         #: ``None`` (read without a lock by the receive() fast path in
@@ -269,9 +320,8 @@ class Dispatcher:
             else:
                 self._announce()
         cond = self._cond
-        if self._waiters and cond is not None:  # see _wake()
-            with cond:
-                cond.notify_all()
+        if cond is not None and cond.count:  # see _wake()
+            cond.notify_all()
         if _global_waiters:
             with _global_cond:
                 _global_cond.notify_all()
@@ -327,17 +377,15 @@ class Dispatcher:
         """Wake threads in :meth:`wait` with nothing posted: their wait may now
         be done differently (a socket's reading has become theirs to do)."""
         cond = self._cond
-        if self._waiters and cond is not None:  # a waiter made it before counting itself
-            with cond:
-                cond.notify_all()
+        if cond is not None and cond.count:
+            cond.notify_all()
 
     def _wake(self) -> None:
         # A waiter registers itself before checking `pending`, so reading the
         # counters after the append cannot miss one (see wait()).
         cond = self._cond
-        if self._waiters and cond is not None:  # a waiter made it before counting itself
-            with cond:
-                cond.notify_all()
+        if cond is not None and cond.count:
+            cond.notify_all()
         if _global_waiters:
             with _global_cond:
                 _global_cond.notify_all()
@@ -485,16 +533,23 @@ class Dispatcher:
             with _global_cond:  # makes it once, however many threads come at once
                 cond = self._cond
                 if cond is None:
-                    cond = self._cond = threading.Condition(threading.Lock())
-        with cond:
-            self._waiters += 1
-            try:
-                if self.pending or also:
-                    return True
-                cond.wait(timeout)
-            finally:
-                self._waiters -= 1
+                    cond = self._cond = _Signal()
+        # Listed and counted before looking again: a post after this point
+        # sees the count and wakes this waiter (see _wake()).
+        waiter = cond.add()
+        try:
+            if self.pending or also:
+                return True
+            cond.wait(waiter, timeout)
+        finally:
+            cond.remove(waiter)
         return bool(self.pending)
+
+    @property
+    def waiters(self) -> int:
+        """Threads in :meth:`wait` now (for tests and diagnostics)."""
+        cond = self._cond
+        return 0 if cond is None else cond.count
 
 
 def wait(dispatchers: Callable[[], list[Dispatcher]], timeout: float | None = None) -> bool:

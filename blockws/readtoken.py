@@ -21,7 +21,7 @@ reader thread to a waiting caller, and back:
 Ctrl-C (issue 11, "data loss on Ctrl-C"): a ``KeyboardInterrupt`` reaches
 the main thread at any bytecode boundary, so one that lands just after a read
 returned could throw away the bytes read. So a caller's bytes live in a
-*held* deque from the moment they are read (the transport appends them in one
+*held* list from the moment they are read (the transport appends them in one
 C-level step, see ``TCPTransport.read``) until they are parsed, and each one
 leaves it only once parsed. An interrupt before parsing begins leaves them
 there, and whoever reads next -- the reader thread or the next caller --
@@ -37,7 +37,6 @@ is unit-tested without one (``tests/test_readtoken.py``).
 from __future__ import annotations
 
 import threading
-from collections import deque
 from typing import Callable, Optional, Protocol
 
 from .exceptions import ConnectionLost
@@ -94,7 +93,7 @@ class ReadToken:
         self._ended: Ended | None = None  # what the caller met, for the reader to report
         self._wake: Callable[[], None] | None = None
         self._cancelled = False
-        self._held: deque[bytes] | None = None  # see read_here's ``held`` (made lazily)
+        self._held: list[bytes] | None = None  # see read_here's ``held`` (made lazily)
         #: A caller asked for the right. The reader thread tests this without
         #: the lock between reads: a stale False only delays a grant by a read.
         self.wanted = False
@@ -107,7 +106,7 @@ class ReadToken:
         sink: Sink,
         timeout: float | None,
         wake: Callable[[], None],
-        held: deque[bytes] | None = None,
+        held: list[bytes] | None = None,
     ) -> bool:
         """Read once on the calling thread, if it holds the right (or note the wish).
 
@@ -140,7 +139,7 @@ class ReadToken:
         if held is None:
             held = self._held
             if held is None:
-                held = self._held = deque()
+                held = self._held = []
         parsing = False
         try:
             try:
@@ -161,7 +160,7 @@ class ReadToken:
                     sink.data_received(held[0])
                 except Exception as exc:  # noqa: BLE001 - the reader thread reports it
                     ended = (exc,)
-                held.popleft()
+                del held[0]
                 parsing = False
         except BaseException as exc:
             if parsing:

@@ -110,8 +110,11 @@ class Sender:
         # Made with the first writer thread (an idle socket has none).
         self._wake: threading.Condition | None = None
         self._waiting = False  # the writer thread is in _wake.wait (lock held to change)
-        self.queue: deque[Item] = deque()
-        self.control: deque[bytes] = deque()
+        #: Messages waiting for the writer; made with the first (an idle socket
+        #: keeps no queue: a deque is 760 bytes before its first item).
+        self.queue: deque[Item] | None = None
+        #: Control frames waiting for the writer (a few at most: a list).
+        self.control: list[bytes] = []
         #: What the kernel did not take of a direct write; written first.
         self.rest: list[BytesLike] = []
         self._out: memoryview | None = None  # the writer's buffer for large messages
@@ -162,7 +165,10 @@ class Sender:
             self._writing = True
             self.direct_ok = False
             return True
-        self.queue.append((opcode, payload, segment, size))
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
+        queue.append((opcode, payload, segment, size))
         self.buffered += size
         self._kick_locked()
         return False
@@ -176,7 +182,10 @@ class Sender:
     def close_frame_locked(self, frame: bytes) -> None:
         """Queue our close frame behind every message queued before it."""
         assert self.lock.locked()
-        self.queue.append((CLOSE_FRAME, frame, None, 0))
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
+        queue.append((CLOSE_FRAME, frame, None, 0))
         self._kick_locked()
 
     def control_locked(self, frames: list[bytes] | tuple[bytes, ...]) -> None:
@@ -240,12 +249,15 @@ class Sender:
     def drop_locked(self) -> int:
         """Discard queued messages (releasing their segments); returns how many."""
         assert self.lock.locked()
-        dropped = len(self.queue)
-        for _o, _p, segment, n in self.queue:
+        queue = self.queue
+        if queue is None:
+            return 0
+        dropped = len(queue)
+        for _o, _p, segment, n in queue:
             self.buffered -= n  # a batch being written is counted off by the writer
             if segment is not None and not segment.released:
                 segment.release()
-        self.queue.clear()
+        queue.clear()
         return dropped
 
     def _kick_locked(self) -> None:
@@ -255,6 +267,8 @@ class Sender:
         if self._thread is None:
             if self._wake is None:
                 self._wake = threading.Condition(self.lock)
+            if self.queue is None:
+                self.queue = deque()  # the writer's, from its start (see _run)
             thread = self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             try:
                 thread.start()
@@ -319,7 +333,7 @@ class Sender:
         if proto is None or transport is None:
             return  # released before this thread ran (start() interrupted: see _kick_locked)
         lock, wake, queue, control = self.lock, self._wake, self.queue, self.control
-        assert wake is not None  # made before the thread was started
+        assert wake is not None and queue is not None  # made before the thread was started
         try:
             while True:
                 with lock:

@@ -34,7 +34,6 @@ import ssl
 import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, Callable, Protocol, Union
 
@@ -326,7 +325,7 @@ class TCPTransport(Transport):
         #: Bytes a caller's :meth:`read` took from the socket and has not yet
         #: parsed (an interrupted caller leaves them here): :meth:`recv` and
         #: the next caller return these first. See blockws.readtoken.
-        self.held: deque[bytes] = deque()
+        self.held: list[bytes] = []  # a chunk or two: a list (a deque is 760 B)
 
     def recv(self, timeout: float | None = None) -> bytes:
         """Blocking read (``b""`` at EOF or after our own abort or close).
@@ -352,13 +351,16 @@ class TCPTransport(Transport):
         parsing them delayed the end, ``on_closed``, by seconds).
         """
         if self.held:
-            return self.held.popleft()  # left by an interrupted caller: in order
+            return self.held.pop(0)  # left by an interrupted caller: in order
         if self.aborted:
             return b""
         sock = self.sock
         started = time.monotonic()
         try:
-            with map_os_errors():
+            # map_os_errors(), inline: a reader thread waits in here for the
+            # socket's life, and a generator-based context manager would keep
+            # its generator and frame alive all along (350 B per idle socket).
+            try:
                 if timeout is not None:
                     sock.settimeout(timeout)
                 while True:
@@ -391,6 +393,10 @@ class TCPTransport(Transport):
                             raise socket.timeout("timed out") from None
                         # SO_RCVTIMEO, set for bounded reads, ran out: wait in poll()
                         self._quiet = True
+            except TransportError:
+                raise
+            except OSError as exc:
+                raise os_error(exc) from exc
             n = len(data)
             self._recv_size = (
                 RECV_SIZE if n >= RECV_SMALL else RECV_SMALL if n >= RECV_SCRATCH else RECV_SCRATCH
@@ -430,7 +436,7 @@ class TCPTransport(Transport):
 
     def read(self, timeout: float | None) -> bytes | None:
         """See :meth:`Transport.read`. What it reads is also left in :attr:`held`,
-        in the same C-level step as the read (``deque.extend`` over ``map``: no
+        in the same C-level step as the read (``list.extend`` over ``map``: no
         bytecode runs in between, so no ``KeyboardInterrupt`` can land between
         the bytes leaving the socket and their being kept); the caller takes
         them off once parsed (blockws.readtoken)."""

@@ -146,7 +146,7 @@ def test_wait_times_out() -> None:
     start = time.monotonic()
     assert d.wait(0.05) is False
     assert time.monotonic() - start >= 0.04
-    assert d._waiters == 0
+    assert d.waiters == 0
 
 
 def test_wait_wakes_on_post_from_another_thread(
@@ -155,14 +155,14 @@ def test_wait_wakes_on_post_from_another_thread(
     d = Dispatcher()
 
     def poster() -> None:
-        wait_for(lambda: d._waiters == 1)  # the main thread is blocked in wait()
+        wait_for(lambda: d.waiters == 1)  # the main thread is blocked in wait()
         d.post(print, None)
 
     post_later(poster)
     start = time.monotonic()
     assert d.wait(WAIT * 2) is True
     assert time.monotonic() - start < WAIT
-    assert d._waiters == 0
+    assert d.waiters == 0
 
 
 def test_wait_watches_a_second_queue_filled_then_nudged(
@@ -178,7 +178,7 @@ def test_wait_watches_a_second_queue_filled_then_nudged(
     inbox.clear()
 
     def filler() -> None:
-        wait_for(lambda: d._waiters == 1)
+        wait_for(lambda: d.waiters == 1)
         inbox.append("late")
         d.nudge()
 
@@ -247,11 +247,70 @@ def test_condition_is_made_by_the_first_wait() -> None:
     assert d._cond is not None
 
 
+def test_one_post_wakes_every_waiter() -> None:
+    """Two threads in wait(): one post wakes both, and both unlist themselves."""
+    d = Dispatcher()
+    woke: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda: woke.append(d.wait(WAIT * 2)), name=f"waiter-{i}")
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    wait_for(lambda: d.waiters == 2)
+    start = time.monotonic()
+    d.post(print, None)
+    for t in threads:
+        t.join(WAIT)
+    assert woke == [True, True]
+    assert time.monotonic() - start < WAIT
+    assert d.waiters == 0
+    assert d._cond is not None and d._cond.count == 0
+
+
+def test_signal_release_racing_a_timeout_is_harmless() -> None:
+    """A waiter's wait ran out, and notify_all() releases its lock before the
+    waiter unlists it: nothing raises, and the next wait still waits."""
+    signal = dispatcher_module._Signal()
+    waiter = signal.add()
+    assert signal.count == 1
+    signal.wait(waiter, 0)  # timed out: the lock is still held, still listed
+    signal.notify_all()  # releases it anyway, and empties the list
+    signal.remove(waiter)  # no longer listed: just uncounted
+    assert signal.count == 0
+    again = signal.add()
+    start = time.monotonic()
+    signal.wait(again, 0.05)  # not released by the earlier notify
+    assert time.monotonic() - start >= 0.04
+    signal.remove(again)
+    assert signal.count == 0
+    signal.notify_all()  # nobody listed: nothing to release
+
+
+def test_an_interrupted_wait_unlists_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in wait(): the waiter is uncounted and unlisted (a later post
+    then skips notifying), and the interrupt propagates."""
+    d = Dispatcher()
+    d.wait(0)  # makes the signal
+
+    def interrupted(waiter: Any, timeout: float | None) -> None:
+        raise KeyboardInterrupt
+
+    assert d._cond is not None
+    monkeypatch.setattr(dispatcher_module._Signal, "wait", staticmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        d.wait(WAIT)
+    assert d.waiters == 0
+    d.post(print, None)  # nobody to wake: must not release a stale lock
+    assert d.wait(0) is True
+
+
 def test_post_without_waiters_does_not_take_locks() -> None:
     d = Dispatcher()
-    d.wait(0)  # makes the Condition
-    assert d._cond is not None
-    with d._cond, dispatcher_module._global_cond:
+    d.wait(0)  # makes the signal waiters wait on
+    signal = d._cond
+    assert signal is not None and signal.count == 0
+    with signal.lock, dispatcher_module._global_cond:
         # Both locks are held here: post must still return (nobody waits).
         d.post(print, None)
     assert len(d.pending) == 1
@@ -370,7 +429,7 @@ def test_wait_uses_the_condition_another_waiter_made_meanwhile(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     d = Dispatcher()
-    made = threading.Condition(threading.Lock())
+    made = dispatcher_module._Signal()
     monkeypatch.setattr(
         dispatcher_module, "_global_cond", Interleaved(lambda: setattr(d, "_cond", made))
     )
@@ -380,14 +439,15 @@ def test_wait_uses_the_condition_another_waiter_made_meanwhile(
 
 def test_wait_sees_a_post_that_came_as_it_registered() -> None:
     """A post lands after wait() checked the queue and before it counted itself
-    as a waiter: the check under the condition's lock sees it, no sleep."""
+    as a waiter: the check after registering sees it, no sleep."""
     d = Dispatcher()
-    cond = threading.Condition(threading.Lock())
-    d._cond = Interleaved(lambda: d.pending.append((print, "x")), cond)  # type: ignore[assignment]
+    signal = dispatcher_module._Signal()
+    signal.lock = Interleaved(lambda: d.pending.append((print, "x")))  # type: ignore[assignment]
+    d._cond = signal
     started = time.monotonic()
     assert d.wait(WAIT) is True
     assert time.monotonic() - started < WAIT / 2
-    assert d._waiters == 0
+    assert d.waiters == 0
 
 
 def test_socket_with_callbacks_queued_before_open_is_ready(live: list[Dispatcher]) -> None:
