@@ -312,3 +312,24 @@ def test_build_probe_tells_aiohttp_with_and_without_its_extensions() -> None:
     without = probe(AIOHTTP_NO_EXTENSIONS="1")
     assert not without["in_use"]
     assert builds.problems("aiohttp", {"aiohttp-speedups": without})
+
+
+@pytest.mark.timeout(60)
+def test_threadcost_prints_the_floor_of_a_thread_per_socket() -> None:
+    """``python -m benchmarks.threadcost``: one figure per mode, each from its own child."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.threadcost", "--count", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Python ") and "20 more after 4" in lines[0]
+    figures = {}
+    for line in lines[1:]:
+        mode, _, rest = line.partition(":")
+        figures[mode.strip()] = float(rest.split()[0])
+    assert set(figures) == {"threading.Thread", "_thread", "socket pair only"}
