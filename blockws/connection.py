@@ -58,13 +58,16 @@ caller of ``receive``  the same, while it holds the right to read      ``proto_l
   writer keep going during a large incoming message. Lock order: ``proto_lock``
   before ``lock``.
 * Methods named ``*_locked`` expect ``lock`` held and assert it.
+* A ``wss://`` transport (:class:`~blockws.transport.TLSTransport`) has two
+  locks of its own, taken by whoever reads or writes it with none of the
+  above held: its send lock, then its TLS lock, under which no I/O happens.
 * Backpressure (``max_queued_bytes``): the delivery's lock, around the
   queued-bytes counters, is innermost. Past the limit the reader thread waits
   for ``update()``/``receive()`` to drain the queue to half, holding no other
   lock (:meth:`Connection._pause_reading`); ``close()``, ``abort()`` and a
   failed write end that wait. An HTTP/2 stream withholds its credit instead:
   the shared connection's reader never waits.
-* The reader threads' blocking reads (plain TCP, with the C speedup) wait for
+* The reader threads' blocking reads (TCP, under TLS too, with the C speedup) wait for
   the GIL behind one process-wide gate once data has come
   (:mod:`blockws.transport`, ``gated_recv``): at most one reader waits for
   the GIL at a time. The gate is taken only without the GIL and let go just
@@ -587,12 +590,15 @@ class Connection:
         self.http_version = transport.http_version
         self.extensions = accepted = opened.extensions
         # The reading is lent to a waiting caller (blockws.readtoken) when the
-        # transport has bounded reads (plain TCP). With compression in force,
-        # inflating on the reader thread overlaps with the caller's work and
-        # the writer's compressing (zlib releases the GIL): 1 MiB JSON echoes
-        # ran ~10% faster than when the waiting caller inflated them itself.
-        # So such a socket keeps its reader.
-        self._lend_reading = transport.can_read_bounded and not accepted
+        # transport has bounded reads (TCP, and TLS over it), compressed or not:
+        # a game loop waiting in ws.wait() then reads, decrypts and inflates in
+        # its own idle time, and the reader thread stays out of its frames
+        # (wss:// with deflate: the reader thread inflating during the frames
+        # stole 1.8 ms per frame at p99 from a 256 KiB snapshot stream). The
+        # price: inflating 1 MiB messages on the reader thread overlapped with
+        # the caller's work, about 5% faster for large compressed echoes
+        # (python -m benchmarks.deflate, large).
+        self._lend_reading = transport.can_read_bounded
         proto = WSProtocol(
             Role.CLIENT,
             max_message_size=options.max_message_size,

@@ -92,6 +92,7 @@ class PerMessageDeflate(Extension):
 
     name = "permessage-deflate"
     rsv_bits = RSV1
+    claims_by_rsv = True
 
     def __init__(
         self,
@@ -255,6 +256,7 @@ class PerMessageDeflate(Extension):
         return (data[:-4] if data.endswith(_TAIL) else data), RSV1
 
     def begin_message(self, opcode: int, rsv: int) -> bool:
+        # (claims_by_rsv: RSV1 set is a claim, whatever the opcode.)
         self._inflating = bool(rsv & RSV1)
         return self._inflating
 

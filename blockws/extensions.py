@@ -45,6 +45,11 @@ class Extension:
     name: str = ""
     #: The RSV bits this extension may set (``frames.RSV1`` etc.).
     rsv_bits: int = 0
+    #: For a message in one frame with all of :attr:`rsv_bits` set, whether
+    #: ``begin_message()`` is sure to claim it and may be skipped: the parser's
+    #: fast path for such frames (permessage-deflate's compressed text) then
+    #: calls only ``decode(payload, True, limit)``.
+    claims_by_rsv: bool = False
 
     def fresh(self) -> Extension:
         """A new instance with the same settings and no connection state."""

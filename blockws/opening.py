@@ -182,7 +182,15 @@ def _upgrade_http1(
     reader = ResponseReader()
     response = None
     while response is None:
-        data = transport.recv(deadline.remaining())
+        reset: ConnectionLost | None = None
+        try:
+            data = transport.recv(deadline.remaining())
+        except ConnectionLost as exc:
+            if transport.aborted or not request.parsed_url.secure or transport.bytes_read:
+                raise
+            # As a close (below): a TLS server that refused us after its
+            # handshake and closed with our request unread sends a reset.
+            data, reset = b"", exc
         if not data:
             if transport.aborted:
                 raise ConnectionLost("connection aborted during the opening handshake")
@@ -192,14 +200,15 @@ def _upgrade_http1(
                 # TLS 1.3: a server refusing our (missing) client certificate
                 # often just closes after the handshake, without an alert.
                 hint = (
-                    ": the server closed the TLS connection without answering; if it requires "
+                    ": the server ended the TLS connection without answering; if it requires "
                     "a client certificate, pass ssl_context= a context that loaded it "
                     "(ctx.load_cert_chain('client.pem', 'client.key'))"
                 )
             raise InvalidHeader(
-                f"connection to {url.host}:{url.port} closed before the handshake response "
+                f"connection to {url.host}:{url.port} "
+                f"{'reset' if reset else 'closed'} before the handshake response "
                 f"was complete{hint}"
-            )
+            ) from reset
         response = reader.feed(data)
     if _trace.enabled:
         _trace.response(log.context, "1.1", response.status, response.reason, response.headers)

@@ -43,6 +43,7 @@ from .extensions import Extension
 from .frames import (
     CLOSE_NO_STATUS,
     FIN,
+    RSV1,
     MaskKeys,
     Opcode,
     apply_mask,
@@ -293,6 +294,7 @@ class Protocol:
         "_f_opcode",
         "_f_remaining",
         "_fast",
+        "_whole_decode",
         "_inflated",
         "_m_buf",
         "_m_decoder",
@@ -358,6 +360,15 @@ class Protocol:
         self._expect_mask = 0x80 if role is Role.SERVER else 0
         # The parser's fast path applies (see _parse): no masks, no extensions.
         self._fast = not self._expect_mask and not self.extensions
+        # The fast path for compressed text (see _split_deflated): a client with
+        # one extension, which claims a frame by its RSV bits (permessage-deflate).
+        only = self.extensions[0] if len(self.extensions) == 1 else None
+        self._whole_decode: Callable[[bytes, bool, int], bytes] | None = (
+            only.decode
+            if only is not None and only.claims_by_rsv and only.rsv_bits == RSV1
+            and not self._expect_mask
+            else None
+        )  # fmt: skip
         self._allowed_rsv = 0
         for ext in self.extensions:
             self._allowed_rsv |= ext.rsv_bits
@@ -576,7 +587,18 @@ class Protocol:
         # The C version when built (see blockws.frames.split_messages): looked
         # up per call, so that tests can run the parser on either.
         split = _frames.split_messages
+        whole_decode = self._whole_decode
         while pos < end:
+            if (
+                whole_decode is not None
+                and self._phase == _HEADER
+                and not self._m_opcode
+                and buf[pos] == 0xC1
+                and self.state is State.OPEN
+            ):
+                pos = self._split_deflated(buf, pos, end, events, whole_decode)
+                if pos >= end:
+                    break
             if fast and self._phase == _HEADER and not self._m_opcode:
                 # Frame after frame, with nothing looked up but the bytes;
                 # anything else (or a frame cut short, or text that is not
@@ -615,6 +637,52 @@ class Protocol:
                 pos += n
             if self._phase == _DONE:
                 return end
+        return pos
+
+    def _split_deflated(
+        self,
+        buf: bytes,
+        pos: int,
+        end: int,
+        events: list[Received],
+        decode: Callable[[bytes, bool, int], bytes],
+    ) -> int:
+        """The fast path for compressed text: whole, unfragmented, unmasked text
+        frames with RSV1 set (first byte 0xC1), each decoded by the one
+        extension (``decode(payload, True, limit)``) and as UTF-8, with the
+        general path's checks in its order; returns where it stopped. A frame
+        cut short, any other frame, a 64-bit length or the inflate budget
+        spent stops it, and the general path takes over there.
+        """
+        limit = self.max_message_size
+        if limit is not None and limit < 1:
+            return pos  # a frame counts as a byte: the general path refuses it
+        room = limit if limit is not None else 1 << 62
+        budget = self.inflate_budget
+        wrap = None if self.compact_messages else TextMessage
+        append = events.append
+        while end - pos >= 2 and buf[pos] == 0xC1:
+            if budget is not None and self._inflated and self._inflated >= budget:
+                break  # the general path sets ``more``
+            n = buf[pos + 1]
+            start = pos + 2
+            if n >= 126:
+                if n != 126 or end - pos < 4:
+                    break  # a mask bit, a 64-bit length, or cut short
+                n = (buf[pos + 2] << 8) | buf[pos + 3]
+                start = pos + 4
+            if n > end - start:
+                break
+            chunk = decode(buf[start : start + n], True, room)
+            self._inflated += len(chunk)
+            if limit is not None and len(chunk) > limit:
+                raise MessageTooBig(f"decoded message exceeds max_message_size={limit}")
+            try:
+                text = chunk.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidPayload(f"text message is not valid UTF-8: {exc.reason}") from None
+            append(text if wrap is None else wrap(text))
+            pos = start + n
         return pos
 
     def _read_header(self, buf: bytes, pos: int, end: int) -> int:

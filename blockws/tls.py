@@ -30,9 +30,9 @@ never do.
 connection, yet an HTTP/2 attempt must offer ``h2, http/1.1`` and the HTTP/1.1
 fallback ``http/1.1`` alone (a server that supports both picks h2 whenever it
 is offered, and HTTP/1.1 cannot be spoken after that). As httpcore does,
-:func:`start` sets the list on the context used -- blockws's or the
+:func:`start_bio` sets the list on the context used -- blockws's or the
 caller's -- for each connection attempt. OpenSSL copies the list into the
-connection when it is created, so :func:`start` holds a process-wide lock
+connection when it is created, so :func:`start_bio` holds a process-wide lock
 from ``set_alpn_protocols`` until the connection exists (microseconds, no
 I/O): blockws's own connects on other threads cannot change it in between.
 The caller's context keeps the last list blockws set; code outside blockws
@@ -70,7 +70,7 @@ __all__ = [
     "default_context",
     "build_default_context",
     "create_default_context",
-    "start",
+    "start_bio",
     "handshake",
     "HTTP2_ALPN",
     "HTTP1_ALPN",
@@ -157,20 +157,6 @@ def default_context() -> ssl.SSLContext:
         return _default
 
 
-def start(
-    ctx: ssl.SSLContext, sock: socket.socket, server_hostname: str, alpn: Sequence[str]
-) -> ssl.SSLSocket:
-    """Wrap the connected ``sock`` for a TLS client offering ``alpn``; no I/O yet.
-
-    The list is set on ``ctx`` under the ALPN lock, which is held until the
-    connection has its own copy. ``sock`` belongs to the returned socket
-    from then on. Call :func:`handshake` next.
-    """
-    with _alpn_lock:
-        ctx.set_alpn_protocols(list(alpn))
-        return ctx.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
-
-
 def start_bio(
     ctx: ssl.SSLContext,
     incoming: ssl.MemoryBIO,
@@ -178,21 +164,27 @@ def start_bio(
     server_hostname: str,
     alpn: Sequence[str],
 ) -> ssl.SSLObject:
-    """:func:`start` for TLS over memory buffers (TLS inside a proxy's TLS)."""
+    """A TLS client over memory buffers offering ``alpn``; no I/O yet
+    (:class:`blockws.transport.TLSTransport` runs it).
+
+    The list is set on ``ctx`` under the ALPN lock, which is held until the
+    connection has its own copy.
+    """
     with _alpn_lock:
         ctx.set_alpn_protocols(list(alpn))
         return ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
 
 
 def handshake(
-    tls: ssl.SSLSocket,
+    run: Callable[[], None],
+    server_hostname: str,
     host: str,
     port: int,
     *,
     reconnect: Callable[[float], socket.socket] | None = None,
     time_left: float | None = None,
 ) -> None:
-    """Run the TLS handshake of ``tls`` (its timeout applies).
+    """Run a TLS handshake (``run()``, bounded by its caller) for ``server_hostname``.
 
     A failure raises :class:`~blockws.exceptions.TLSError` (or lets a
     timeout or connection error through, for the caller to map) with the
@@ -207,11 +199,11 @@ def handshake(
     """
     started = time.monotonic()
     try:
-        tls.do_handshake()
+        run()
     except ssl.SSLCertVerificationError as exc:
         left = None if time_left is None else time_left - (time.monotonic() - started)
-        cert = _read_certificate(tls, reconnect, left)
-        raise TLSError(verification_message(exc, host, port, tls.server_hostname, cert)) from exc
+        cert = _read_certificate(server_hostname, reconnect, left)
+        raise TLSError(verification_message(exc, host, port, server_hostname, cert)) from exc
     except ssl.SSLError as exc:
         raise TLSError(handshake_message(exc, host, port)) from exc
 
@@ -297,7 +289,7 @@ def handshake_message(exc: ssl.SSLError, host: str, port: int) -> str:
 
 
 def _read_certificate(
-    tls: ssl.SSLSocket,
+    server_hostname: str,
     reconnect: Callable[[float], socket.socket] | None,
     time_left: float | None,
 ) -> dict[str, Any] | None:
@@ -318,7 +310,7 @@ def _read_certificate(
             # wrap_socket), so whoever holds it can shut the probe down.
             dup = raw.dup()
             dup.settimeout(max(0.01, timeout - (time.monotonic() - started)))
-            with probe.wrap_socket(dup, server_hostname=tls.server_hostname) as conn:
+            with probe.wrap_socket(dup, server_hostname=server_hostname) as conn:
                 der = conn.getpeercert(binary_form=True)
         finally:
             raw.close()

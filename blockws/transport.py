@@ -11,7 +11,8 @@ only four things from it:
   data by that connection's thread and returns at once;
 * :meth:`Transport.read` -- one read bounded by a timeout, for a thread
   that is waiting for the socket's next message and reads in the reader
-  thread's place (plain TCP only; who reads is decided by the connection's
+  thread's place (TCP, and TLS over TCP, on POSIX; not an HTTP/2 stream; who
+  reads is decided by the connection's
   :class:`~blockws.readtoken.ReadToken`, not here);
 * :meth:`Transport.write` -- blocking write of a batch of chunks, from the
   writer thread;
@@ -50,7 +51,7 @@ from .exceptions import (
 from .readtoken import BUSY_RECHECK, Ended
 from .tls import HTTP1_ALPN
 from .tls import handshake as tls_handshake
-from .tls import start as tls_start
+from .tls import start_bio as tls_start_bio
 
 __all__ = [
     "Sink",
@@ -113,7 +114,7 @@ _select = select.select
 _timeval = struct.Struct("@ll")
 _poll = getattr(select, "poll", None)  # POSIX
 
-# The reader threads' blocking reads on plain TCP: through the C speedup's gate
+# The reader threads' blocking reads on TCP (TLS's too): through the C speedup's gate
 # when it is built (see blockws/_speedups.c, "gated_recv": with thousands of
 # sockets, reader threads waiting for the GIL at once cost more than the
 # messages), else socket.recv. ``BLOCKWS_PURE_PYTHON=1`` forces socket.recv.
@@ -216,7 +217,7 @@ class Transport:
         many bytes (counted from the start of the first chunk)."""
         return 0
 
-    #: Whether :meth:`read` is supported (plain TCP on POSIX).
+    #: Whether :meth:`read` is supported (TCP, and TLS over it, on POSIX).
     can_read_bounded = False
 
     def read(self, timeout: float | None) -> bytes | None:
@@ -279,21 +280,20 @@ class Transport:
 
 
 class TCPTransport(Transport):
-    """A TCP socket, optionally wrapped in TLS.
+    """A plain TCP socket (TLS runs above it: :class:`TLSTransport`).
 
     ``recv`` and ``write`` may run at the same time on two threads (the reader
     and the writer); ``abort`` may run on any thread and makes both return.
 
-    Bounded reads on plain TCP (POSIX): :meth:`read` serves a caller that
-    reads in the reader thread's place. The socket's blocking mode is never
-    changed for it (the writer thread shares the socket): a wait of a tenth
-    of a second or more is a blocking ``recv`` bounded by ``SO_RCVTIMEO``,
-    which applies to reads only and is set once, so such a wait costs one
-    system call; a shorter wait polls with a precise timeout, then reads with
-    ``MSG_DONTWAIT``. The reader thread's :meth:`recv` is not affected by that
-    bound: it waits in ``poll()`` whenever a read finds nothing. A TLS socket
-    has neither ``MSG_DONTWAIT`` nor a read-only timeout, so it reads on the
-    reader thread only.
+    Bounded reads (POSIX): :meth:`read` (and :meth:`read_to`, for the TLS
+    above) serves a caller that reads in the reader thread's place. The
+    socket's blocking mode is never changed for it (the writer thread shares
+    the socket): a wait of a tenth of a second or more is a blocking
+    ``recv`` bounded by ``SO_RCVTIMEO``, which applies to reads only and is
+    set once, so such a wait costs one system call; a shorter wait polls
+    with a precise timeout, then reads with ``MSG_DONTWAIT``. The reader
+    thread's :meth:`recv` is not affected by that bound: it waits in
+    ``poll()`` whenever a read finds nothing.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -301,27 +301,21 @@ class TCPTransport(Transport):
         self._closed = False
         self.aborted = False
         self._lock = threading.Lock()
-        self._tls = isinstance(sock, ssl.SSLSocket)
         self._recv_size = RECV_SCRATCH
         # The reader thread's read buffer (see RECV_SCRATCH): made by its
         # first read, after a wait in poll(), so an idle socket has none.
         self._scratch: memoryview | None = None
-        # A TLS socket has no non-blocking send that leaves its blocking mode
-        # (shared with the reader thread) alone, so only plain TCP writes directly.
-        self.can_try_write = not self._tls and _DONTWAIT != 0
-        self._sendmsg = not self._tls and hasattr(sock, "sendmsg")
+        self.can_try_write = _DONTWAIT != 0
+        self._sendmsg = hasattr(sock, "sendmsg")
         self.gathers = self._sendmsg
         self.can_read_bounded = self.can_try_write
-        if isinstance(sock, ssl.SSLSocket):
-            self.alpn_protocol = sock.selected_alpn_protocol()
         self._rcvtimeo_set = False  # SO_RCVTIMEO is set (by the first long bounded read)
         self._poller: select.poll | None = None  # see _wait_readable
         self._quiet = True  # a socket starts out waiting for its first message
-        # The reader thread's gated reads (plain TCP with the C speedup; see
-        # _gated_recv above); a TLS socket reads through its SSL object.
-        plain = not self._tls
-        self._gated_recv = _gated_recv if plain else None
-        self._gated_recv_into = _gated_recv_into if plain else None
+        # The reader thread's gated reads (with the C speedup; see _gated_recv
+        # above). A TLS socket's reads are these too (TLSTransport).
+        self._gated_recv = _gated_recv
+        self._gated_recv_into = _gated_recv_into
         #: Bytes a caller's :meth:`read` took from the socket and has not yet
         #: parsed (an interrupted caller leaves them here): :meth:`recv` and
         #: the next caller return these first. See blockws.readtoken.
@@ -467,6 +461,37 @@ class TCPTransport(Transport):
         self.bytes_read += n
         return data
 
+    def read_to(self, write: Callable[[bytes], int], timeout: float | None) -> int | None:
+        """:meth:`read`, handing what it reads to ``write`` (a TLS transport's
+        ``MemoryBIO.write``) in the same C-level step as the read, instead of
+        keeping it in :attr:`held`: no interrupt can land while the bytes are
+        out of the socket and not yet in the TLS buffer. Returns how many bytes
+        were read, ``0`` at EOF (or after our own abort or close), ``None`` if
+        nothing came within ``timeout``."""
+        if self.aborted:
+            return 0
+        sock = self.sock
+        try:
+            if timeout is None or timeout >= _RCVTIMEO_LONG:
+                if not self._rcvtimeo_set:
+                    self._set_rcvtimeo(_RCVTIMEO_CAP)
+                n = sum(map(write, map(sock.recv, _SIZES[self._recv_size])))
+            elif timeout <= 0 or self._readable_within(timeout):
+                n = sum(map(write, map(sock.recv, _SIZES[self._recv_size], _DONTWAITS)))
+            else:
+                return None
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if self.aborted or self._closed:
+                return 0
+            raise os_error(exc) from exc
+        self._recv_size = (
+            RECV_SIZE if n >= RECV_SMALL else RECV_SMALL if n >= RECV_SCRATCH else RECV_SCRATCH
+        )
+        self.bytes_read += n
+        return n
+
     def _readable_within(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds, precisely, for the socket to be readable.
 
@@ -551,6 +576,229 @@ class TCPTransport(Transport):
         self._scratch = None  # a reader still in recv_into() keeps its own reference
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+#: The most plaintext one TLS record carries (RFC 8446 section 5.1).
+_TLS_RECORD = 16 * 1024
+#: TLSTransport.read's decryptions per call: up to this many records at once.
+_RECORDS = (_TLS_RECORD,) * 16
+
+
+class TLSTransport(Transport):
+    """TLS over another transport, in an ``ssl.SSLObject`` over memory buffers.
+
+    The outer transport is a plain :class:`TCPTransport` (``wss://``, and the
+    TLS to a server through a plain proxy) or the TLS connection to an
+    ``https://`` proxy (TLS inside TLS, which an ``SSLSocket`` cannot do).
+    The network is read by the outer transport, so a TLS socket reads as a
+    plain one does: the reader thread's reads pass the reader gate, and,
+    when the outer transport has bounded reads (plain TCP), so does this one
+    (:meth:`read`): a thread waiting for the socket's next message (a game
+    loop in ``ws.wait()``) reads, decrypts and parses it itself, in its own
+    idle time, while the reader thread stays parked and out of its frames.
+
+    Construction does no I/O; :meth:`handshake` follows, on one thread,
+    before any other call. Then :meth:`recv` or :meth:`read` (one reader at a
+    time: the reader thread, or the read token's holder) and :meth:`write`
+    (the writer) may run at once: ``_tls_lock`` serializes the calls into the
+    ``SSLObject`` and is never held across I/O, and ``_send_lock`` keeps TLS
+    records in the order they were made. :meth:`abort` and :meth:`close` act
+    on the outer transport, from any thread.
+    """
+
+    def __init__(
+        self,
+        outer: Transport,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str,
+        alpn: Sequence[str] = HTTP1_ALPN,
+    ) -> None:
+        self.outer = outer
+        self.server_hostname = server_hostname
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._tls = tls_start_bio(
+            ssl_context, self._incoming, self._outgoing, server_hostname, alpn
+        )
+        read_to = getattr(outer, "read_to", None) if outer.can_read_bounded else None
+        self._read_to: Callable[[Callable[[bytes], int], float | None], int | None] | None = (
+            read_to
+        )
+        self.can_read_bounded = read_to is not None
+        #: Plaintext a caller's :meth:`read` decrypted and has not yet parsed
+        #: (see :attr:`TCPTransport.held`); :meth:`recv` returns it first.
+        self.held: list[bytes] = []
+
+    @property
+    def sock(self) -> socket.socket | None:
+        """The outer transport's socket (``None`` inside another TLS)."""
+        return getattr(self.outer, "sock", None)
+
+    def handshake(self, deadline: Deadline) -> None:
+        """Run the TLS handshake, each wait bounded by ``deadline``.
+
+        Raises ``ssl.SSLError`` (``SSLCertVerificationError``...) as it comes,
+        and what the outer transport's :meth:`recv` raises (``OpenTimeout``
+        when the deadline passes, ``ConnectionLost``...).
+        """
+        while True:
+            try:
+                with self._tls_lock:
+                    self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed(deadline.remaining())
+        self._flush()
+        self.alpn_protocol = self._tls.selected_alpn_protocol()
+
+    def _feed(self, timeout: float | None) -> None:
+        data = self.outer.recv(timeout)
+        with self._tls_lock:
+            if data:
+                self._incoming.write(data)
+            else:
+                self._incoming.write_eof()
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            with self._tls_lock:
+                data = self._outgoing.read()
+            if data:
+                self.outer.write([data])
+
+    def _tls_failed(self, exc: ssl.SSLError) -> bool:
+        """A TLS error while reading: True (the end of the stream) after our own
+        abort; otherwise raises ``ConnectionLost``."""
+        if self.aborted:
+            return True
+        raise ConnectionLost(f"TLS error: {exc}") from exc
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        """Blocking read of plaintext (``b""`` at the end of the TLS stream or
+        after our own abort): up to :data:`RECV_SMALL` bytes, as many whole
+        records as the SSL object has, after reading the network when it has
+        none. Timeouts and failures as :meth:`TCPTransport.recv`."""
+        held = self.held
+        if held:
+            return held.pop(0)  # left by an interrupted caller: in order
+        while True:
+            parts: list[bytes] = []
+            size = 0
+            end = False
+            with self._tls_lock:
+                read = self._tls.read
+                try:
+                    while size < RECV_SMALL:
+                        part = read(_TLS_RECORD)
+                        if not part:  # the end (OP_IGNORE_UNEXPECTED_EOF)
+                            end = True
+                            break
+                        parts.append(part)
+                        size += len(part)
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    # close_notify, or the stream ended without one (as an
+                    # SSLSocket with suppress_ragged_eofs, the default).
+                    end = True
+                except ssl.SSLError as exc:
+                    end = self._tls_failed(exc)
+                # At the end, what OpenSSL queued (an alert about a missing
+                # close_notify) is not sent: the peer has gone.
+                pending = 0 if end else self._outgoing.pending
+            if pending:
+                self._flush()
+            if parts:  # the end, if it came too, comes with the next call
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                self.bytes_read += size
+                return data
+            if end:
+                return b""
+            # At the end of the outer stream the next read raises SSLEOFError
+            # (or returns b""), never SSLWantReadError:
+            # test_memory_bio_at_eof_never_asks_for_more.
+            self._feed(timeout)
+
+    def read(self, timeout: float | None) -> bytes | None:
+        """See :meth:`Transport.read`: the plaintext of the records the SSL
+        object has, or else of those one bounded read of the outer transport
+        brings (``None`` if that read got nothing, or only part of a record).
+
+        Interrupts: the network's bytes go to the SSL object in one C-level
+        step with their read (:meth:`TCPTransport.read_to`), and each record's
+        plaintext to :attr:`held` in one with its decryption, so an interrupt
+        leaves every byte either in the SSL object or in :attr:`held`.
+        """
+        if self.aborted:
+            return b""
+        read_to = self._read_to
+        assert read_to is not None  # only where can_read_bounded
+        data = self._decrypt_held()
+        if data is None:
+            n = read_to(self._incoming.write, timeout)
+            if n is None:
+                return None
+            if n == 0:
+                with self._tls_lock:
+                    self._incoming.write_eof()
+            data = self._decrypt_held()
+        return data
+
+    def _decrypt_held(self) -> bytes | None:
+        """Decrypt what the SSL object has into :attr:`held` (empty on entry):
+        one chunk, returned; ``b""`` at the end; ``None`` if no whole record."""
+        held = self.held
+        end = False
+        with self._tls_lock:
+            try:
+                # Up to len(_RECORDS) records; each lands in held as it is
+                # decrypted, and those already there stay when one asks for more.
+                held.extend(map(self._tls.read, _RECORDS))
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                end = True
+            except ssl.SSLError as exc:
+                end = self._tls_failed(exc)
+            pending = 0 if end else self._outgoing.pending  # as in recv()
+        if pending:
+            self._flush()
+        if held and not held[-1]:  # the end (OP_IGNORE_UNEXPECTED_EOF)
+            del held[-1]
+            end = True
+        if not held:
+            return b"" if end else None
+        if len(held) > 1:
+            # One chunk for the parser. Until this store, held has the parts:
+            # an interrupt before it loses nothing.
+            held[:] = (b"".join(held),)
+        data = held[0]
+        self.bytes_read += len(data)
+        return data
+
+    def write(self, chunks: Sequence[BytesLike]) -> None:
+        n = 0
+        with self._send_lock:
+            with self._tls_lock:
+                try:
+                    for chunk in chunks:
+                        self._tls.write(chunk)
+                        n += len(chunk)
+                except ssl.SSLError as exc:
+                    raise ConnectionLost(f"TLS error: {exc}") from exc
+                data = self._outgoing.read()
+            self.bytes_written += n
+            self.outer.write([data])
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.outer.abort()
+
+    def close(self) -> None:
+        self.outer.close()
 
 
 class Tunnel(Protocol):
@@ -711,7 +959,7 @@ class Connector:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
         alpn: Sequence[str] = HTTP1_ALPN,
-    ) -> TCPTransport:
+    ) -> TCPTransport | TLSTransport:
         """Resolve, connect (trying each address) and optionally start TLS.
 
         With ``ssl_context``, TLS offers ``alpn`` (set on the context for this
@@ -756,25 +1004,24 @@ class Connector:
         port: int,
         *,
         probe: bool = False,
-    ) -> TCPTransport:
+    ) -> TLSTransport:
         """TLS offering ``alpn`` over ``sock``, a connection this connector made
         to ``host:port`` (directly, or a tunnel through a proxy); on failure
         ``sock`` is closed. With ``probe``, a failed verification reads the
         server's certificate over a new direct connection for the message (see
         :mod:`blockws.tls`); through a tunnel there is none."""
         where = f"{host}:{port}"
+        outer = TCPTransport(sock)
         try:
             with map_os_errors(connecting=True, where=where):
-                sock.settimeout(deadline.remaining())
-                tls = tls_start(ssl_context, sock, server_hostname, alpn)
-                sock = tls  # owns the descriptor now
-                self._register(tls)
+                sock.settimeout(deadline.remaining())  # bounds the handshake's writes
+                tls = TLSTransport(outer, ssl_context, server_hostname, alpn)
                 tls_handshake(
-                    tls, host, port,
+                    lambda: tls.handshake(deadline), server_hostname, host, port,
                     reconnect=(lambda t: self._probe(host, port, t)) if probe else None,
                     time_left=deadline.remaining(),
-                )
+                )  # fmt: skip
         except BaseException:
             self._drop(sock)  # raises if aborted
             raise
-        return TCPTransport(tls)
+        return tls

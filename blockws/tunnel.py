@@ -11,7 +11,7 @@ proxy :mod:`blockws.proxy` chose:
   as they are (HTTP/1.1, or h2c when cleartext HTTP/2 is on).
 * ``https://...``: the same, over TLS to the proxy (verified with the
   ``proxy_ssl_context`` option, default blockws's own trust). A ``wss://``
-  server's TLS then runs inside that TLS (:class:`TLSInTLSTransport`).
+  server's TLS then runs inside that TLS (:class:`~blockws.transport.TLSTransport`).
 * ``socks5://`` (names resolved here), ``socks5h://`` (resolved by the
   proxy), ``socks4://`` (resolved here, IPv4 only): through the optional
   `python-socks <https://pypi.org/project/python-socks/>`_ package
@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import socket
 import ssl
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -49,18 +48,16 @@ from .exceptions import (
 from .handshake import WSURL, ResponseReader
 from .proxy import Proxy, choose_proxy
 from .tls import HTTP1_ALPN
-from .tls import start_bio as tls_start_bio
 from .transport import (
-    RECV_SMALL,
-    BytesLike,
     Connector,
     TCPTransport,
+    TLSTransport,
     Transport,
     map_os_errors,
     os_error,
 )
 
-__all__ = ["ProxyTunnel", "TLSInTLSTransport", "tunnel_for"]
+__all__ = ["ProxyTunnel", "tunnel_for"]
 
 #: Bound on the proxy's answer to CONNECT (status line and headers).
 MAX_CONNECT_RESPONSE = 16 * 1024
@@ -163,9 +160,11 @@ class ProxyTunnel:
         try:
             self._connect_request(outer, host, port, deadline)
             if ssl_context is not None and over_tls:
-                return TLSInTLSTransport(
-                    outer, ssl_context, server_hostname or host, deadline, alpn
-                )
+                # TLS inside the proxy's TLS: the inner one over memory buffers.
+                inner = TLSTransport(outer, ssl_context, server_hostname or host, alpn)
+                with map_os_errors(connecting=True):
+                    inner.handshake(deadline)
+                return inner
         except BaseException:
             outer.abort()
             outer.close()
@@ -173,12 +172,13 @@ class ProxyTunnel:
         if ssl_context is None:
             outer.alpn_protocol = None  # the proxy's ALPN, not the server's
             return outer
+        assert isinstance(outer, TCPTransport)  # not over_tls: a plain connection
         return connector.start_tls(
             outer.sock, deadline, ssl_context, server_hostname or host, alpn, host, port
         )
 
     def _connect_request(
-        self, outer: TCPTransport, host: str, port: int, deadline: Deadline
+        self, outer: Transport, host: str, port: int, deadline: Deadline
     ) -> None:
         """Send ``CONNECT`` and read the proxy's answer: returns on 2xx."""
         proxy = self.proxy
@@ -312,110 +312,3 @@ class _ConnectorHop:
 
     def connect(self, dest_host: str, dest_port: int, timeout: Any = None, **_: Any) -> Any:
         return self.connector.connect_direct(dest_host, dest_port, self.deadline).sock
-
-
-# -- TLS inside TLS --------------------------------------------------------------------
-
-
-class TLSInTLSTransport(Transport):
-    """TLS to the server inside the TLS connection to an ``https://`` proxy.
-
-    Python's ``SSLSocket`` cannot wrap another one, so the inner TLS runs in
-    an ``ssl.SSLObject`` over memory buffers, fed from the outer transport.
-    The handshake runs in the constructor (bounded by ``deadline``; raises
-    what :func:`~blockws.transport.map_os_errors` maps TLS failures to).
-
-    Threads: :meth:`recv` (the reader) and :meth:`write` (the writer) may
-    run at once; ``_tls_lock`` serializes the calls into the ``SSLObject``
-    and is never held across I/O, and ``_send_lock`` keeps TLS records in
-    the order they were made. :meth:`abort` and :meth:`close` act on the
-    outer transport, from any thread.
-    """
-
-    def __init__(
-        self,
-        outer: TCPTransport,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str,
-        deadline: Deadline,
-        alpn: Sequence[str] = HTTP1_ALPN,
-    ) -> None:
-        self._outer = outer
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls_lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._tls = tls_start_bio(
-            ssl_context, self._incoming, self._outgoing, server_hostname, alpn
-        )
-        with map_os_errors(connecting=True):
-            while True:
-                try:
-                    self._tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    self._flush()
-                    self._feed(deadline.remaining())
-        self._flush()
-        self.alpn_protocol = self._tls.selected_alpn_protocol()
-
-    def _feed(self, timeout: float | None) -> None:
-        data = self._outer.recv(timeout)
-        with self._tls_lock:
-            if data:
-                self._incoming.write(data)
-            else:
-                self._incoming.write_eof()
-
-    def _flush(self) -> None:
-        with self._send_lock:
-            with self._tls_lock:
-                data = self._outgoing.read()
-            if data:
-                self._outer.write([data])
-
-    def recv(self, timeout: float | None = None) -> bytes:
-        while True:
-            with self._tls_lock:
-                try:
-                    data = self._tls.read(RECV_SMALL)
-                except ssl.SSLWantReadError:
-                    data = None
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    # close_notify, or the stream ended without one (as an
-                    # SSLSocket with suppress_ragged_eofs, the default). The
-                    # alert OpenSSL queues about a missing close_notify is not
-                    # sent: the tunnel it would go through has ended.
-                    return b""
-                except ssl.SSLError as exc:
-                    if self.aborted:
-                        return b""
-                    raise ConnectionLost(f"TLS error: {exc}") from exc
-                pending = self._outgoing.pending
-            if pending:
-                self._flush()
-            if data is not None:
-                self.bytes_read += len(data)
-                return data
-            # After _feed() found the outer stream ended, the next read raises
-            # SSLEOFError (or returns b"" with OP_IGNORE_UNEXPECTED_EOF), never
-            # SSLWantReadError: test_memory_bio_at_eof_never_asks_for_more.
-            self._feed(timeout)
-
-    def write(self, chunks: Sequence[BytesLike]) -> None:
-        n = 0
-        with self._send_lock:
-            with self._tls_lock:
-                for chunk in chunks:
-                    self._tls.write(chunk)
-                    n += len(chunk)
-                data = self._outgoing.read()
-            self.bytes_written += n
-            self._outer.write([data])
-
-    def abort(self) -> None:
-        self.aborted = True
-        self._outer.abort()
-
-    def close(self) -> None:
-        self._outer.close()

@@ -921,8 +921,8 @@ class WebSocket:
         """Block until a callback is pending (True) or ``timeout`` passes (False).
 
         While it waits, the calling thread may read and parse the socket's
-        incoming data itself instead of the reader thread (plain TCP; see
-        :class:`~blockws.transport.TCPTransport`), which saves a thread
+        incoming data itself instead of the reader thread (``ws://`` and
+        ``wss://``, not HTTP/2; see :class:`~blockws.transport.TCPTransport`), which saves a thread
         hand-off per message; callbacks still run only in :meth:`update`.
         Raises :class:`InvalidState` when called from a callback.
         """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import shutil
@@ -34,7 +35,9 @@ from faultserver import FaultServer, Peer
 
 import blockws
 import blockws.tls
+from blockws.deadline import Deadline
 from blockws.exceptions import TLSError
+from blockws.transport import TCPTransport, TLSTransport
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -207,10 +210,11 @@ def test_no_certificate_read_when_the_handshake_used_the_time_left(tls_certs: An
         for time_left, read in ((0.1, False), (TIMEOUT, True)):
             reads.clear()
             sock = socket.create_connection(("127.0.0.1", server.port), TIMEOUT)
-            tls = blockws.tls.start(untrusted, sock, "localhost", blockws.tls.HTTP1_ALPN)
-            tls.settimeout(TIMEOUT)
-            with tls, pytest.raises(TLSError) as info:
-                blockws.tls.handshake(tls, "localhost", server.port, reconnect=reconnect,
+            tls = TLSTransport(TCPTransport(sock), untrusted, "localhost")
+            deadline = Deadline(TIMEOUT)
+            with contextlib.closing(tls), pytest.raises(TLSError) as info:
+                blockws.tls.handshake(functools.partial(tls.handshake, deadline), "localhost",
+                                      "localhost", server.port, reconnect=reconnect,
                                       time_left=time_left)
             message = str(info.value)
             assert "is not a CA this client trusts" in message

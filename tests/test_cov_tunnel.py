@@ -30,8 +30,8 @@ import blockws
 from blockws.deadline import Deadline
 from blockws.exceptions import ConnectionLost, OpenTimeout, ProxyError
 from blockws.proxy import Proxy
-from blockws.transport import Connector, Transport
-from blockws.tunnel import ProxyTunnel, TLSInTLSTransport
+from blockws.transport import Connector, TLSTransport, Transport
+from blockws.tunnel import ProxyTunnel
 from peerutil import free_port
 
 pytestmark = pytest.mark.timeout(30)
@@ -263,7 +263,7 @@ def inner_tls_server(tls_certs: Any, then: Callable[[ssl.SSLSocket], None] | Non
 @contextlib.contextmanager
 def tls_in_tls(tls_certs: Any, proxy: ConnectProxy, port: int,
                ssl_context: ssl.SSLContext | None = None) -> Iterator[tuple[Any, Any]]:
-    """A TLSInTLSTransport to ``localhost:port`` through ``proxy``, built by hand so the
+    """A TLSTransport inside TLS to ``localhost:port`` through ``proxy``, built by hand so the
     test holds the outer transport too; yields (transport, outer), closes them after."""
     connector = Connector()
     deadline = Deadline(TIMEOUT)
@@ -274,8 +274,8 @@ def tls_in_tls(tls_certs: Any, proxy: ConnectProxy, port: int,
     while b"\r\n\r\n" not in answer:
         answer += outer.recv(TIMEOUT)
     assert answer.startswith(b"HTTP/1.1 200 ")
-    transport = TLSInTLSTransport(outer, ssl_context or tls_certs.client_context(),
-                                  "localhost", deadline)
+    transport = TLSTransport(outer, ssl_context or tls_certs.client_context(), "localhost")
+    transport.handshake(deadline)
     try:
         yield transport, outer
     finally:
@@ -392,7 +392,7 @@ def test_abort_makes_recv_end_even_with_garbage_waiting(
 @pytest.mark.parametrize("partial", [False, True])
 def test_memory_bio_at_eof_never_asks_for_more(ignore_unexpected_eof: bool, partial: bool,
                                                tls_certs: Any) -> None:
-    """TLSInTLSTransport.recv relies on this OpenSSL behaviour: once the incoming buffer is
+    """TLSTransport.recv relies on this OpenSSL behaviour: once the incoming buffer is
     at EOF (the tunnel ended), reading raises SSLEOFError or returns b"" (with
     OP_IGNORE_UNEXPECTED_EOF), after a whole record or in the middle of one; it never
     raises SSLWantReadError, which would make recv read the ended stream again."""

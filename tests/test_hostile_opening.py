@@ -27,6 +27,7 @@ from faultserver import Peer, Recorder, fault_server
 from h2peers import DATA, END_HEADERS, HEADERS, STATUS_200, MiniConn, MiniH2, frame
 
 import blockws
+from blockws.buffers import BufferPool
 from blockws.http2 import HTTP2Settings
 
 H2C = HTTP2Settings(cleartext=True, fallback=False)
@@ -222,8 +223,13 @@ def test_closed_sockets_never_pumped_release_their_heavy_state(
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
+        # A pool of their own: the process-wide one keeps returned buffers
+        # (up to 32 MiB), which the measure below would count as kept.
+        pool = BufferPool()
         sockets = [
-            blockws.WebSocket(websockets_deflate_server, on_message=lambda ws, text: None)
+            blockws.WebSocket(
+                websockets_deflate_server, on_message=lambda ws, text: None, buffer_pool=pool
+            )
             for _ in range(count)
         ]
         for ws in sockets:
@@ -246,7 +252,7 @@ def test_closed_sockets_never_pumped_release_their_heavy_state(
         assert all(ws.bytes_sent > 0 and ws.bytes_received > 0 for ws in sockets)
         assert all(ws.close_code == 1000 for ws in sockets)
         blockws.update_all()  # on_closed: the sockets leave the live set
-        del sockets, ws
+        del sockets, ws, pool
         gc.collect()
         after = (tracemalloc.get_traced_memory()[0] - base) / count
     finally:

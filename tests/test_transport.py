@@ -15,7 +15,7 @@ import pytest
 
 from blockws.exceptions import ConnectionLost
 from blockws.readtoken import ReadToken
-from blockws.transport import TCPTransport
+from blockws.transport import TCPTransport, TLSTransport
 
 
 class RecordingSink:
@@ -65,11 +65,11 @@ def test_an_exception_in_the_sink_ends_the_stream_through_connection_lost() -> N
     assert len(sink.lost) == 1 and isinstance(sink.lost[0], MemoryError)
     transport.close()
     b.close()
-    tls = ssl.create_default_context().wrap_socket(
-        socket.socket(), server_hostname="localhost", do_handshake_on_connect=False
-    )
-    assert TCPTransport(tls).gathers is False
+    a, b = socket.socketpair()
+    tls = TLSTransport(TCPTransport(a), ssl.create_default_context(), "localhost")
+    assert tls.gathers is False  # one record buffer, written as one chunk
     tls.close()
+    b.close()
 
 
 def test_abort_from_another_thread_wakes_the_reader_as_eof() -> None:
@@ -82,11 +82,11 @@ def test_abort_from_another_thread_wakes_the_reader_as_eof() -> None:
     assert sink.lost == [None] and transport.aborted
     transport.close()
     b.close()
-    tls = ssl.create_default_context().wrap_socket(
-        socket.socket(), server_hostname="localhost", do_handshake_on_connect=False
-    )
-    assert TCPTransport(tls).gathers is False
+    a, b = socket.socketpair()
+    tls = TLSTransport(TCPTransport(a), ssl.create_default_context(), "localhost")
+    assert tls.gathers is False  # one record buffer, written as one chunk
     tls.close()
+    b.close()
 
 
 def test_write_counts_bytes_and_a_reset_peer_raises_connection_lost() -> None:
@@ -386,11 +386,11 @@ def test_plain_tcp_writes_large_chunks_in_order_with_one_gathering_call() -> Non
     assert bytes(got) == expected and transport.bytes_written == len(expected)
     transport.close()
     b.close()
-    tls = ssl.create_default_context().wrap_socket(
-        socket.socket(), server_hostname="localhost", do_handshake_on_connect=False
-    )
-    assert TCPTransport(tls).gathers is False
+    a, b = socket.socketpair()
+    tls = TLSTransport(TCPTransport(a), ssl.create_default_context(), "localhost")
+    assert tls.gathers is False  # one record buffer, written as one chunk
     tls.close()
+    b.close()
 
 
 class CountingSocket(socket.socket):

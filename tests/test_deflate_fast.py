@@ -1,0 +1,231 @@
+"""The parser's fast path for compressed text (``Protocol._split_deflated``)
+against its general path, byte for byte: the same events, the same failure
+(its type and close code), the same inflate-budget installments, whatever
+the stream and however it is cut into reads.
+
+The stream is what a permessage-deflate server sends: compressed text whole
+(the fast path's case) among everything the fast path must leave alone --
+fragmented and uncompressed messages, compressed binary, control frames,
+a 64-bit length -- and faults it must fail on in the general path's order
+(text that is not UTF-8, a message over ``max_message_size``, corrupt
+deflate data, RSV bits on a continuation).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blockws.deflate import PerMessageDeflate
+from blockws.frames import RSV1
+from blockws.protocol import (
+    BinaryMessage,
+    Failure,
+    Ping,
+    Pong,
+    Protocol,
+    Role,
+    TextMessage,
+)
+
+pytestmark = pytest.mark.unit
+
+KEY = b"\x01\x02\x03\x04"
+TAIL = b"\x00\x00\xff\xff"
+
+
+def frame(b0: int, payload: bytes, long64: bool = False) -> bytes:
+    n = len(payload)
+    if long64:
+        return bytes((b0, 127)) + struct.pack("!Q", n) + payload
+    if n < 126:
+        return bytes((b0, n)) + payload
+    if n < 65536:
+        return bytes((b0, 126)) + struct.pack("!H", n) + payload
+    return bytes((b0, 127)) + struct.pack("!Q", n) + payload
+
+
+class Server:
+    """A permessage-deflate sender with context takeover (one zlib stream)."""
+
+    def __init__(self) -> None:
+        self.comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+
+    def deflate(self, data: bytes) -> bytes:
+        out = self.comp.compress(data) + self.comp.flush(zlib.Z_SYNC_FLUSH)
+        assert out.endswith(TAIL)
+        return out[:-4]
+
+    def piece(self, kind: str, text: str) -> bytes:
+        raw = text.encode()
+        if kind == "text":  # the fast path's frame: FIN, RSV1, text
+            return frame(0xC1, self.deflate(raw))
+        if kind == "text64":  # the same with a 64-bit length: the general path
+            return frame(0xC1, self.deflate(raw), long64=True)
+        if kind == "plain":
+            return frame(0x81, raw)
+        if kind == "binary":
+            return frame(0xC2, self.deflate(raw))
+        if kind == "fragmented":
+            body = self.deflate(raw)
+            half = len(body) // 2
+            return frame(0x41, body[:half]) + frame(0x80, body[half:])
+        if kind == "ping":
+            return frame(0x89, raw[:125])
+        if kind == "bad-utf8":
+            return frame(0xC1, self.deflate(b"ok \xff\xfe"))
+        if kind == "corrupt":
+            return frame(0xC1, b"\xff\xff\xff\xff" + raw)
+        if kind == "rsv-continuation":
+            body = self.deflate(raw)
+            return frame(0x41, body) + frame(0xC0, b"")
+        raise AssertionError(kind)
+
+
+def client(fast: bool, compact_messages: bool = False, **options: Any) -> Protocol:
+    ext = PerMessageDeflate().fresh()
+    ext.accept([])
+    proto = Protocol(Role.CLIENT, extensions=[ext], mask_keys=lambda: KEY, **options)
+    proto.compact_messages = compact_messages
+    if not fast:
+        proto._whole_decode = None  # the general path for every frame
+    return proto
+
+
+def summary(events: list[Any]) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for e in events:
+        if isinstance(e, str):
+            out.append(("text", e))
+        elif isinstance(e, TextMessage):
+            out.append(("text", e.text))
+        elif isinstance(e, (bytes, BinaryMessage)):
+            out.append(("binary", bytes(e)))
+        elif isinstance(e, (Ping, Pong)):
+            out.append((type(e).__name__, e.payload))
+        elif isinstance(e, Failure):
+            out.append(("failure", type(e.error).__name__, e.error.close_code))
+        else:
+            out.append(("other", repr(e)))
+    return out
+
+
+def run(proto: Protocol, data: bytes, cuts: list[int], budget: int | None) -> list[Any]:
+    """Feed ``data`` cut at ``cuts``; with a budget, in installments as the
+    connection does (``receive_data(b"")`` while ``more``)."""
+    proto.inflate_budget = budget
+    events: list[Any] = []
+    start = 0
+    for end in [*sorted(set(cuts)), len(data)]:
+        if end <= start:
+            continue
+        events += proto.receive_data(data[start:end])
+        installments = 0
+        while proto.more:
+            events += proto.receive_data(b"")
+            installments += 1
+            assert installments < 10_000
+        events.append(("read", installments))
+        start = end
+    return events
+
+
+KINDS = ["text"] * 6 + ["text64", "plain", "binary", "fragmented", "ping"]
+FAULTS = ["bad-utf8", "corrupt", "rsv-continuation"]
+
+texts = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=300
+) | st.sampled_from(["{\"t\": 1, \"x\": 2.5}", "é" * 100, "a" * 5000])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pieces=st.lists(st.tuples(st.sampled_from(KINDS), texts), min_size=1, max_size=12),
+    fault=st.none() | st.tuples(st.sampled_from(FAULTS), st.integers(0, 12)),
+    cuts=st.lists(st.integers(0, 4000), max_size=6),
+    limit=st.none() | st.integers(0, 400),
+    budget=st.none() | st.integers(1, 600),
+    compact=st.booleans(),
+)
+def test_the_fast_path_agrees_with_the_general_path(
+    pieces: list[tuple[str, str]],
+    fault: tuple[str, int] | None,
+    cuts: list[int],
+    limit: int | None,
+    budget: int | None,
+    compact: bool,
+) -> None:
+    if fault is not None:
+        pieces.insert(min(fault[1], len(pieces)), (fault[0], "x" * 20))
+    server = Server()
+    data = b"".join(server.piece(kind, text) for kind, text in pieces)
+    options = {"max_message_size": limit, "compact_messages": compact}
+    fast = run(client(True, **options), data, cuts, budget)
+    general = run(client(False, **options), data, cuts, budget)
+    assert summary(fast) == summary(general)
+
+
+def test_the_fast_path_takes_whole_compressed_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It is used (and the general path's header parsing is not) for a run of
+    compressed text frames; a fragment in between goes the general way."""
+    server = Server()
+    proto = client(True, compact_messages=True)
+    headers: list[int] = []
+    original = Protocol._read_header
+
+    def counting(self: Protocol, buf: bytes, pos: int, end: int) -> int:
+        headers.append(pos)
+        return original(self, buf, pos, end)
+
+    monkeypatch.setattr(Protocol, "_read_header", counting)
+    data = b"".join(server.piece("text", f"message {i}") for i in range(50))
+    assert proto.receive_data(data) == [f"message {i}" for i in range(50)]
+    assert headers == []
+    data = server.piece("text", "a") + server.piece("fragmented", "b" * 300)
+    data += server.piece("text", "c")
+    assert proto.receive_data(data) == ["a", "b" * 300, "c"]
+    assert len(headers) == 2  # the fragment's two frames only
+
+
+def test_the_fast_path_fails_as_the_general_path_does() -> None:
+    for kind, error, code in (
+        ("bad-utf8", "InvalidPayload", 1007),
+        ("corrupt", "ProtocolError", 1002),
+    ):
+        server = Server()
+        data = server.piece("text", "fine") + server.piece(kind, "x" * 20)
+        data += server.piece("text", "never")
+        events = summary(client(True, compact_messages=True).receive_data(data))
+        assert events == [("text", "fine"), ("failure", error, code)]
+    server = Server()
+    data = server.piece("text", "x" * 50) + server.piece("text", "y" * 500)
+    events = summary(client(True, compact_messages=True, max_message_size=100).receive_data(data))
+    assert events == [("text", "x" * 50), ("failure", "MessageTooBig", 1009)]
+
+
+def test_the_fast_path_stops_at_the_inflate_budget() -> None:
+    """Installments: each stops once the budget of inflated bytes is spent."""
+    server = Server()
+    data = b"".join(server.piece("text", "z" * 100) for _ in range(10))
+    proto = client(True, compact_messages=True)
+    proto.inflate_budget = 250
+    first = proto.receive_data(data)
+    assert len(first) == 3 and proto.more  # 300 bytes inflated: over the budget
+    rest: list[Any] = []
+    while proto.more:
+        rest += proto.receive_data(b"")
+    assert first + rest == ["z" * 100] * 10
+
+
+def test_no_fast_path_without_deflate_or_in_the_server_role() -> None:
+    assert Protocol(Role.CLIENT)._whole_decode is None
+    ext = PerMessageDeflate().fresh()
+    ext.accept([])
+    assert Protocol(Role.SERVER, extensions=[ext])._whole_decode is None
+    assert client(True)._whole_decode is not None
+    assert RSV1 == 0x40
