@@ -669,13 +669,6 @@ class TLSTransport(Transport):
             if data:
                 self.outer.write([data])
 
-    def _tls_failed(self, exc: ssl.SSLError) -> bool:
-        """A TLS error while reading: True (the end of the stream) after our own
-        abort; otherwise raises ``ConnectionLost``."""
-        if self.aborted:
-            return True
-        raise ConnectionLost(f"TLS error: {exc}") from exc
-
     def recv(self, timeout: float | None = None) -> bytes:
         """Blocking read of plaintext (``b""`` at the end of the TLS stream or
         after our own abort): up to :data:`RECV_SMALL` bytes, as many whole
@@ -686,34 +679,13 @@ class TLSTransport(Transport):
             return held.pop(0)  # left by an interrupted caller: in order
         while True:
             parts: list[bytes] = []
-            size = 0
-            end = False
-            with self._tls_lock:
-                read = self._tls.read
-                try:
-                    while size < RECV_SMALL:
-                        part = read(_TLS_RECORD)
-                        if not part:  # the end (OP_IGNORE_UNEXPECTED_EOF)
-                            end = True
-                            break
-                        parts.append(part)
-                        size += len(part)
-                except ssl.SSLWantReadError:
-                    pass
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    # close_notify, or the stream ended without one (as an
-                    # SSLSocket with suppress_ragged_eofs, the default).
-                    end = True
-                except ssl.SSLError as exc:
-                    end = self._tls_failed(exc)
-                # At the end, what OpenSSL queued (an alert about a missing
-                # close_notify) is not sent: the peer has gone.
-                pending = 0 if end else self._outgoing.pending
-            if pending:
-                self._flush()
+            end = self._decrypt(self._read_records, parts)
+            if parts and not parts[-1]:  # the end (OP_IGNORE_UNEXPECTED_EOF)
+                del parts[-1]
+                end = True
             if parts:  # the end, if it came too, comes with the next call
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
-                self.bytes_read += size
+                self.bytes_read += len(data)
                 return data
             if end:
                 return b""
@@ -721,6 +693,49 @@ class TLSTransport(Transport):
             # (or returns b""), never SSLWantReadError:
             # test_memory_bio_at_eof_never_asks_for_more.
             self._feed(timeout)
+
+    def _read_records(self, parts: list[bytes]) -> None:
+        """Plaintext records into ``parts``, up to about :data:`RECV_SMALL`
+        bytes (an empty one, the end, last)."""
+        read = self._tls.read
+        size = 0
+        while size < RECV_SMALL:
+            part = read(_TLS_RECORD)
+            parts.append(part)
+            if not part:
+                return
+            size += len(part)
+
+    def _keep_records(self, held: list[bytes]) -> None:
+        """Up to ``len(_RECORDS)`` records into ``held``: each lands there as it
+        is decrypted (one C-level step), and those already there stay when the
+        SSL object asks for more."""
+        held.extend(map(self._tls.read, _RECORDS))
+
+    def _decrypt(self, step: Callable[[list[bytes]], None], into: list[bytes]) -> bool:
+        """Run ``step(into)``, which reads the SSL object, under the TLS lock;
+        True at the end of the TLS stream (close_notify, or the stream ended
+        without one, as an ``SSLSocket`` with ``suppress_ragged_eofs`` reads
+        it; or any TLS error after our own abort). Another TLS error raises
+        ``ConnectionLost``. Then sends what reading queued (a TLS 1.3 key
+        update's answer), except at the end: the alert OpenSSL queues about a
+        missing close_notify is not sent, the peer has gone."""
+        end = False
+        with self._tls_lock:
+            try:
+                step(into)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                end = True
+            except ssl.SSLError as exc:
+                if not self.aborted:
+                    raise ConnectionLost(f"TLS error: {exc}") from exc
+                end = True
+            pending = 0 if end else self._outgoing.pending
+        if pending:
+            self._flush()
+        return end
 
     def read(self, timeout: float | None) -> bytes | None:
         """See :meth:`Transport.read`: the plaintext of the records the SSL
@@ -751,21 +766,7 @@ class TLSTransport(Transport):
         """Decrypt what the SSL object has into :attr:`held` (empty on entry):
         one chunk, returned; ``b""`` at the end; ``None`` if no whole record."""
         held = self.held
-        end = False
-        with self._tls_lock:
-            try:
-                # Up to len(_RECORDS) records; each lands in held as it is
-                # decrypted, and those already there stay when one asks for more.
-                held.extend(map(self._tls.read, _RECORDS))
-            except ssl.SSLWantReadError:
-                pass
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                end = True
-            except ssl.SSLError as exc:
-                end = self._tls_failed(exc)
-            pending = 0 if end else self._outgoing.pending  # as in recv()
-        if pending:
-            self._flush()
+        end = self._decrypt(self._keep_records, held)
         if held and not held[-1]:  # the end (OP_IGNORE_UNEXPECTED_EOF)
             del held[-1]
             end = True
