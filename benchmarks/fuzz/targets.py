@@ -184,7 +184,7 @@ _MAX_MESSAGE = 4096
 
 
 def _run_protocol(
-    mode: int, pieces: Iterator[bytes], mask: Callable[..., bytes]
+    mode: int, pieces: Iterator[bytes], mask: Callable[..., bytes], general: bool = False
 ) -> tuple[list[tuple[Any, ...]], list[bytes], Any]:
     server = bool(mode & 1)
     pool = _CountingPool()
@@ -203,6 +203,8 @@ def _run_protocol(
         )
         proto.compact_messages = bool(mode & 2)
         proto.binary_as_bytes = bool(mode & 4)
+        if general:
+            proto._whole_decode = None  # no fast path for compressed text
         events: list[Any] = []
         sent: list[bytes] = []
         for piece in pieces:
@@ -239,7 +241,8 @@ def _run_protocol(
 def target_protocol(data: bytes) -> None:
     """Protocol.receive_data: client and server roles, compact or event reporting,
     bytes or pooled binary, with and without permessage-deflate, automatic close reply
-    or not; the same bytes whole and cut into pieces, with pure and C masking."""
+    or not; the same bytes whole and cut into pieces, with pure and C masking, and a
+    deflate client's with and without the fast path for compressed text."""
     inp = Input(data)
     mode = inp.byte()
     stream = inp.rest()
@@ -250,6 +253,9 @@ def target_protocol(data: bytes) -> None:
     if frames_mod.c_apply_mask is not None and mode & 1:
         fast = _run_protocol(mode, pieces(stream, cuts), frames_mod.c_apply_mask)
         assert fast == whole, "C and pure masking disagree"
+    if mode & 16 and not mode & 1:  # a client with permessage-deflate
+        general = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, general=True)
+        assert general == cut, "the compressed-text fast path and the general path disagree"
 
 
 # -- handshake.py: the HTTP/1.1 response reader and its validation ---------------------
