@@ -15,6 +15,7 @@ import gc
 import os
 import random
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -493,11 +494,15 @@ class Interrupter:
         signal.signal(signal.SIGINT, self._old)
 
 
-def streaming_server(count: int, size: int) -> Callable[[Peer], None]:
+def streaming_server(
+    count: int, size: int, tls: ssl.SSLContext | None = None
+) -> Callable[[Peer], None]:
     """Sends ``count`` numbered binary messages of ``size`` bytes in small bursts (so that
-    they arrive in many reads), then closes with 1000."""
+    they arrive in many reads), then closes with 1000; over TLS with ``tls``."""
 
     def handler(peer: Peer) -> None:
+        if tls is not None:
+            peer.sock = tls.wrap_socket(peer.sock, server_side=True)
         peer.handshake()
         peer.sock.settimeout(30)
         pad = bytes(size - 4)
@@ -513,24 +518,38 @@ def streaming_server(count: int, size: int) -> Callable[[Peer], None]:
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
                     reason="SIGINT reaches the main thread only")
-@pytest.mark.parametrize(("how", "size"), [("receive", 100), ("receive", 70_000), ("wait", 100)])
-def test_ctrl_c_during_a_stream_loses_nothing(how: str, size: int) -> None:
+@pytest.mark.parametrize(
+    ("how", "size"),
+    [("receive", 100), ("receive", 70_000), ("wait", 100), ("receive-tls", 100),
+     ("receive-tls", 70_000), ("wait-tls", 100)],
+)
+def test_ctrl_c_during_a_stream_loses_nothing(how: str, size: int, tls_certs: Any) -> None:
     """Probe "data loss on Ctrl-C" (issue 11, item 1): with repeated SIGINTs while the main
     thread waits in receive() or wait() -- and reads the socket itself -- 12-20 of 3000
     messages vanished with is_open True, and 200 KB messages fell out of step (1002).
     Now every message arrives, in order; or, if an interrupt landed inside the parser,
     the socket fails loudly (1006, ConnectionLost caused by the KeyboardInterrupt) and
-    what arrived before is an unbroken prefix."""
+    what arrived before is an unbroken prefix. Over wss:// too, whose reads the waiting
+    thread now does as well (TLS in memory: transport.TLSTransport)."""
     count = 3000 if size < 1000 else 300
+    tls = how.endswith("-tls")
+    how = how.removesuffix("-tls")
+    server_ctx: ssl.SSLContext | None = None
+    client: dict[str, Any] = {}
+    if tls:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(tls_certs.certfile, tls_certs.keyfile)
+        client["ssl_context"] = tls_certs.client_context()
     got: list[int] = []
     interrupts = 0
 
     def on_binary(ws: blockws.WebSocket, segment: blockws.BufferSegment) -> None:
         got.append(int.from_bytes(segment.view()[:4], "big"))
 
-    with fault_server(streaming_server(count, size)) as server:
+    with fault_server(streaming_server(count, size, server_ctx)) as server:
         options: dict[str, Any] = {"on_binary": on_binary} if how == "wait" else {}
-        ws = blockws.connect(server.url, extensions=[], **options)
+        url = server.url.replace("ws://127.0.0.1", "wss://localhost") if tls else server.url
+        ws = blockws.connect(url, extensions=[], http2=False, **client, **options)
         with Interrupter() as interrupter:
             deadline = time.monotonic() + 30
             done = False
