@@ -361,8 +361,8 @@ def open_close(
     imports, caches filled on first use) and the heap the process had freed
     before (compiling modules that have no bytecode cache frees megabytes,
     which the first connections then reuse without growing RSS): without it,
-    the same code read 27.7 or 30.8 kB per connection depending on whether
-    its ``.pyc`` files existed. What is measured is what each further idle
+    the same code read kilobytes less per connection when its ``.pyc`` files
+    did not exist. What is measured is what each further idle
     connection adds, the same way for every client.
     """
     warm = open_all(w7_warm_count(m.p.count))

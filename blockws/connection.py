@@ -593,8 +593,9 @@ class Connection:
         # transport has bounded reads (TCP, and TLS over it), compressed or not:
         # a game loop waiting in ws.wait() then reads, decrypts and inflates in
         # its own idle time, and the reader thread stays out of its frames
-        # (wss:// with deflate: the reader thread inflating during the frames
-        # stole 1.8 ms per frame at p99 from a 256 KiB snapshot stream). The
+        # (wss:// with deflate: the reader thread decrypting and inflating during
+        # the frames stole 1.63 ms per frame at p99 from a 256 KiB snapshot
+        # stream, python -m benchmarks.gameloop). The
         # price: inflating 1 MiB messages on the reader thread overlapped with
         # the caller's work, about 5% faster for large compressed echoes
         # (python -m benchmarks.deflate, large).
