@@ -630,6 +630,9 @@ class TLSTransport(Transport):
         #: Plaintext a caller's :meth:`read` decrypted and has not yet parsed
         #: (see :attr:`TCPTransport.held`); :meth:`recv` returns it first.
         self.held: list[bytes] = []
+        # A TLS error met after some records had been decrypted: raised by
+        # the next read, once those have been handed on (see _decrypt).
+        self._failed: ConnectionLost | None = None
 
     @property
     def sock(self) -> socket.socket | None:
@@ -717,9 +720,12 @@ class TLSTransport(Transport):
         True at the end of the TLS stream (close_notify, or the stream ended
         without one, as an ``SSLSocket`` with ``suppress_ragged_eofs`` reads
         it; or any TLS error after our own abort). Another TLS error raises
-        ``ConnectionLost``. Then sends what reading queued (a TLS 1.3 key
+        ``ConnectionLost``, once what was decrypted before it has been
+        handed on. Then sends what reading queued (a TLS 1.3 key
         update's answer), except at the end: the alert OpenSSL queues about a
         missing close_notify is not sent, the peer has gone."""
+        if self._failed is not None:
+            raise self._failed
         end = False
         with self._tls_lock:
             try:
@@ -729,9 +735,17 @@ class TLSTransport(Transport):
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 end = True
             except ssl.SSLError as exc:
-                if not self.aborted:
-                    raise ConnectionLost(f"TLS error: {exc}") from exc
-                end = True
+                if self.aborted:
+                    end = True
+                else:
+                    lost = ConnectionLost(f"TLS error: {exc}")
+                    lost.__cause__ = exc
+                    if not into:
+                        raise lost from exc
+                    # The records decrypted before the bad one go to the
+                    # parser first; the next call raises (the SSL object
+                    # itself would then read as an orderly end).
+                    self._failed = lost
             pending = 0 if end else self._outgoing.pending
         if pending:
             self._flush()

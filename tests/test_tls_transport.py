@@ -196,6 +196,28 @@ def test_a_corrupt_record_is_a_connection_loss(pair: tuple[TLSTransport, Peer]) 
                 pytest.fail("ended instead of failing")
 
 
+@pytest.mark.parametrize("reader", ["read", "recv"])
+def test_records_before_a_corrupt_one_are_handed_on_first(
+    pair: tuple[TLSTransport, Peer], reader: str
+) -> None:
+    """Good records, then a bad one in the same read: the good ones' plaintext
+    comes out, then the failure (nothing decrypted is dropped with it)."""
+    transport, peer = pair
+    tls = peer.ready()
+    tls.sendall(b"good 1;")
+    tls.sendall(b"good 2;")
+    socket.socket.sendall(tls, b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+    time.sleep(0.05)  # all three in the kernel's buffer: one read takes them
+    got = b""
+    with pytest.raises(ConnectionLost, match="TLS error"):
+        for _ in range(20):
+            data = transport.read(TIMEOUT) if reader == "read" else transport.recv(TIMEOUT)
+            if data:
+                got += data
+                transport.held.clear()
+    assert got == b"good 1;good 2;"
+
+
 def test_read_to_hands_the_bytes_to_the_writer_with_the_read() -> None:
     a, b = socket.socketpair()
     transport = TCPTransport(a)
