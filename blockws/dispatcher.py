@@ -197,29 +197,32 @@ class _Signal:
     dispatcher keeps its signal for life once anyone has waited on it (its
     ``connect()`` does), and a Condition's waiter deque alone is 760 bytes.
 
-    Each waiter waits on a lock of its own, listed while it waits;
-    :meth:`notify_all` releases every listed lock and empties the list. A
-    waiter that timed out unlists its lock itself (a release that raced with
-    the timeout then falls on a lock nobody waits on, and is harmless).
+    Each waiter waits on a lock of its own, held, and listed in
+    :attr:`waiting` from :meth:`add` to :meth:`remove`; :meth:`notify_all`
+    releases every listed lock still held. A release can fall on a lock
+    whose waiter has timed out and not yet unlisted it: harmless, nobody
+    waits on it again. :meth:`remove` may be called whether or not
+    :meth:`add` completed (an interrupt between the two), so a waiter never
+    stays listed.
     """
 
-    __slots__ = ("lock", "_waiting", "count")
+    __slots__ = ("lock", "waiting")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._waiting: list[Any] = []  # the waiters' locks (_thread.LockType)
-        #: Threads between :meth:`add` and :meth:`remove` (read without the
-        #: lock by notifiers, which skip :meth:`notify_all` when it is 0).
-        self.count = 0
+        #: The waiters' locks (``_thread.LockType``). Notifiers read it without
+        #: the lock (an empty list: nobody to wake).
+        self.waiting: list[Any] = []
 
-    def add(self) -> Any:
-        """A new waiter: its lock, held, to wait on with :meth:`wait`."""
-        waiter = _allocate_lock()
-        waiter.acquire()
+    @property
+    def count(self) -> int:
+        """How many threads are waiting (for tests and diagnostics)."""
+        return len(self.waiting)
+
+    def add(self, waiter: Any) -> None:
+        """List ``waiter``, a lock its thread holds and will wait on."""
         with self.lock:
-            self._waiting.append(waiter)
-            self.count += 1
-        return waiter
+            self.waiting.append(waiter)
 
     @staticmethod
     def wait(waiter: Any, timeout: float | None) -> None:
@@ -227,20 +230,18 @@ class _Signal:
         waiter.acquire(True, -1 if timeout is None else max(timeout, 0.0))
 
     def remove(self, waiter: Any) -> None:
-        """The waiter is done (woken, timed out or interrupted)."""
+        """Unlist ``waiter`` (woken, timed out or interrupted; listed or not)."""
         with self.lock:
-            self.count -= 1
-            waiting = self._waiting
-            if waiter in waiting:  # not taken by notify_all()
+            waiting = self.waiting
+            if waiter in waiting:
                 waiting.remove(waiter)
 
     def notify_all(self) -> None:
         """Wake every waiter listed now. Never blocks for long; any thread."""
         with self.lock:
-            waiting = self._waiting
-            for waiter in waiting:
-                waiter.release()
-            waiting.clear()
+            for waiter in self.waiting:
+                if waiter.locked():  # not already released by an earlier notify
+                    waiter.release()
 
 
 # Global wake-up for blockws.wait(): any post on any dispatcher notifies it.
@@ -320,7 +321,7 @@ class Dispatcher:
             else:
                 self._announce()
         cond = self._cond
-        if cond is not None and cond.count:  # see _wake()
+        if cond is not None and cond.waiting:  # see _wake()
             cond.notify_all()
         if _global_waiters:
             with _global_cond:
@@ -377,14 +378,14 @@ class Dispatcher:
         """Wake threads in :meth:`wait` with nothing posted: their wait may now
         be done differently (a socket's reading has become theirs to do)."""
         cond = self._cond
-        if cond is not None and cond.count:
+        if cond is not None and cond.waiting:
             cond.notify_all()
 
     def _wake(self) -> None:
         # A waiter registers itself before checking `pending`, so reading the
         # counters after the append cannot miss one (see wait()).
         cond = self._cond
-        if cond is not None and cond.count:
+        if cond is not None and cond.waiting:
             cond.notify_all()
         if _global_waiters:
             with _global_cond:
@@ -534,10 +535,12 @@ class Dispatcher:
                 cond = self._cond
                 if cond is None:
                     cond = self._cond = _Signal()
-        # Listed and counted before looking again: a post after this point
-        # sees the count and wakes this waiter (see _wake()).
-        waiter = cond.add()
+        waiter = _allocate_lock()
+        waiter.acquire()
         try:
+            # Listed before looking again: a post after this point sees the
+            # waiter and wakes it (see _wake()).
+            cond.add(waiter)
             if self.pending or also:
                 return True
             cond.wait(waiter, timeout)

@@ -270,17 +270,23 @@ def test_one_post_wakes_every_waiter() -> None:
 
 def test_signal_release_racing_a_timeout_is_harmless() -> None:
     """A waiter's wait ran out, and notify_all() releases its lock before the
-    waiter unlists it: nothing raises, and the next wait still waits."""
+    waiter unlists it, twice even: nothing raises, and a new waiter still waits."""
     signal = dispatcher_module._Signal()
-    waiter = signal.add()
+    waiter = threading.Lock()
+    waiter.acquire()
+    signal.add(waiter)
     assert signal.count == 1
     signal.wait(waiter, 0)  # timed out: the lock is still held, still listed
-    signal.notify_all()  # releases it anyway, and empties the list
-    signal.remove(waiter)  # no longer listed: just uncounted
+    signal.notify_all()  # releases it anyway
+    signal.notify_all()  # already released: left alone (a second release would raise)
+    signal.remove(waiter)
+    signal.remove(waiter)  # not listed any more: nothing happens
     assert signal.count == 0
-    again = signal.add()
+    again = threading.Lock()
+    again.acquire()
+    signal.add(again)
     start = time.monotonic()
-    signal.wait(again, 0.05)  # not released by the earlier notify
+    signal.wait(again, 0.05)  # not released by the earlier notifies
     assert time.monotonic() - start >= 0.04
     signal.remove(again)
     assert signal.count == 0
@@ -303,6 +309,25 @@ def test_an_interrupted_wait_unlists_itself(monkeypatch: pytest.MonkeyPatch) -> 
     assert d.waiters == 0
     d.post(print, None)  # nobody to wake: must not release a stale lock
     assert d.wait(0) is True
+
+
+def test_an_interrupt_as_a_waiter_registers_leaves_it_unlisted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C lands inside add(), after the waiter was listed: wait()'s finally
+    unlists it all the same, so no stale waiter makes every later post notify."""
+    d = Dispatcher()
+    d.wait(0)  # makes the signal
+    original = dispatcher_module._Signal.add
+
+    def add_then_interrupted(self: Any, waiter: Any) -> None:
+        original(self, waiter)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dispatcher_module._Signal, "add", add_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        d.wait(WAIT)
+    assert d.waiters == 0 and d._cond is not None and d._cond.waiting == []
 
 
 def test_post_without_waiters_does_not_take_locks() -> None:
