@@ -128,20 +128,30 @@ class ReadToken:
         nothing lost; during parsing, the socket fails (``ConnectionLost``).
         """
         lock = self._lock
-        with lock:  # this runs once per message: the bare lock, inline
-            if not self._lent or self._busy or self._cancelled:
-                if timeout != 0 and not self._lent and self._ended is None and not self._cancelled:
-                    self.wanted = True
-                    self._wake = wake
-                return False
-            self._busy = True
         ended: Ended | None = None
-        if held is None:
-            held = self._held
-            if held is None:
-                held = self._held = []
         parsing = False
+        busy = False  # this call set _busy: its finally clears it
         try:
+            with lock:  # this runs once per message: the bare lock, inline
+                if not self._lent or self._busy or self._cancelled:
+                    if (
+                        timeout != 0
+                        and not self._lent
+                        and self._ended is None
+                        and not self._cancelled
+                    ):
+                        self.wanted = True
+                        self._wake = wake
+                    return False
+                # Inside the try: an interrupt can land as the lock is let go
+                # (its __exit__ is a call), and a _busy left set for good would
+                # keep both this caller and the reader thread from reading.
+                busy = True
+                self._busy = True
+            if held is None:
+                held = self._held
+                if held is None:
+                    held = self._held = []
             try:
                 data = held[0] if held else read(timeout)
             except Exception as exc:  # noqa: BLE001 - the network failed: the reader reports it
@@ -172,7 +182,9 @@ class ReadToken:
                 ended = (lost,)
             raise
         finally:
-            if ended is None:
+            if not busy:
+                pass  # not lent, or busy with another caller: nothing was read
+            elif ended is None:
                 # The common case, once per message, without the lock: only the
                 # holder writes these two, and in this order, so lend() never sees
                 # "idle" without the read counted (and polls: no notify needed).

@@ -282,3 +282,45 @@ def test_cancel_takes_the_right_back_without_waiting_for_the_lease(
         assert not token.wanted  # no wish is noted after cancel
     finally:
         reader.finish()
+
+
+class _InterruptOnRelease:
+    """The token's lock, with a Ctrl-C landing just after it is let go once
+    (a lock's ``__exit__`` is a call, after which an interrupt can land)."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock  # the token's own (its Condition is made on it)
+        self.armed = False
+
+    def __enter__(self) -> bool:
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.__exit__(*exc)
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def locked(self) -> bool:
+        return self.lock.locked()
+
+
+def test_an_interrupt_as_the_right_is_taken_leaves_it_free(token: ReadToken) -> None:
+    """Found by the Ctrl-C test over wss:// in CI: an interrupt as read_here()
+    let go of the lock, after marking itself busy, left the token busy for
+    good; neither the caller nor the reader thread read again (a stall)."""
+    reader = Reader(token)
+    try:
+        grant(token)
+        lock = _InterruptOnRelease(token._lock)
+        token._lock = lock  # type: ignore[assignment]
+        lock.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            token.read_here(reads(b"never read"), Sink(), 1.0, lambda: None)
+        assert not token.busy
+        sink = Sink()
+        assert token.read_here(reads(b"after"), sink, 1.0, lambda: None) is True
+        assert [data for data, _ in sink.data] == [b"after"]
+        assert reader.ended == []
+    finally:
+        reader.finish()
