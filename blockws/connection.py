@@ -303,6 +303,7 @@ class Connection:
         "_post",
         "_proto",
         "_read_bounded",
+        "_wait_sock",
         "_reader",
         "_retired",
         "_stream_finished",
@@ -358,6 +359,7 @@ class Connection:
         self.extensions: list[Extension] | None = None  # accepted ones, once open
         self.last_received: float | None = None
         self.dispatcher = Dispatcher()
+        self.dispatcher.source = self  # blockws.wait() reads through watch() and read_now()
         self.delivery = Delivery(handlers, self.dispatcher, options.buffer_pool, log)
         self.delivery.on_drained = self._drained
         self.inbox: deque[str | bytes] = self.delivery.inbox
@@ -389,6 +391,9 @@ class Connection:
         self._lend_reading = False  # see _connect
         #: The transport's bounded read, when its reading may be lent.
         self._read_bounded: Callable[[float | None], bytes | None] | None = None
+        # The socket a thread waiting on many polls while it holds this one's
+        # reading (see watch()); set and cleared with _read_bounded.
+        self._wait_sock: Any = None
         self._held: list[bytes] | None = None  # what a caller read and has not parsed
         self._inflate_limit: int | None = None  # max_queued_bytes, when inflating
         self._token = ReadToken()
@@ -627,6 +632,8 @@ class Connection:
             if self._lend_reading:
                 self._read_bounded = transport.read
                 self._held = getattr(transport, "held", None)
+                # (None for TLS inside TLS: only the single-socket wait lends it.)
+                self._wait_sock = getattr(transport, "sock", None)
             job = self._jobs.pop("open", None)
             if job is not None:
                 job.cancel()
@@ -826,7 +833,12 @@ class Connection:
         # The token first: a new link (reconnection) replaces the token before
         # it has a bounded read, so a stale read never pairs with a new token.
         token, read, held = self._token, self._read_bounded, self._held
-        if read is None or not token.read_here(read, self, timeout, self._nudge, held):
+        if (
+            read is None
+            # Paused for backpressure: the reader thread holds off, and so does this one.
+            or self.delivery.paused
+            or not token.read_here(read, self, timeout, self._nudge, held)
+        ):
             self.dispatcher.wait(timeout)
 
     def wait_for_message(self, timeout: float | None) -> None:
@@ -847,6 +859,41 @@ class Connection:
         # Woken by a post, or by the inbox filling: the reader thread may have
         # parsed straight to it while this thread asked for the token.
         self.dispatcher.wait(timeout, self.inbox)
+
+    def watch(self, wake: Callable[[], None], until: float) -> Any:
+        """For a thread waiting on many sockets (:mod:`blockws.multiwait`): the
+        socket to poll, if this thread may read this one now (its reading is
+        lent, and stays lent until ``until`` even without a read: see
+        :meth:`ReadToken.watch <blockws.readtoken.ReadToken.watch>`); else
+        ``None``, the reading being asked for (``wake()`` when granted).
+        ``None`` too where the reading is never lent (HTTP/2) or there is no
+        one socket to poll (TLS inside a TLS tunnel), and while reading is
+        paused for backpressure."""
+        token, sock = self._token, self._wait_sock
+        if sock is None or self._read_bounded is None or self.delivery.paused:
+            # (Paused: more than max_queued_bytes wait for update()/receive().
+            # The reader thread holds off then; reading here would not.)
+            return None
+        return sock if token.watch(wake, until) else None
+
+    def read_now(self) -> bool:
+        """One read without waiting, parsed on this thread if it may read (see
+        :meth:`watch`); True if anything was read or was held, so that more may
+        be buffered (a TLS transport decrypts a bounded number of records a
+        read) where a poll of the socket does not see it. Interrupts as
+        :meth:`wait_for_data`."""
+        token, read, held = self._token, self._read_bounded, self._held
+        if read is None:
+            return False
+        came = [bool(held)]
+
+        def once(timeout: float | None) -> bytes | None:
+            data = read(0)
+            came[0] = came[0] or data is not None
+            return data
+
+        token.read_here(once, self, 0, self._nudge, held)
+        return came[0]
 
     # -- sending (any thread) -------------------------------------------------------------
 
@@ -1103,6 +1150,7 @@ class Connection:
             delay = self._retry_delay_locked()
             self._set_phase_locked(_CLOSED if delay is None else _RECONNECTING)
             self._read_bounded = None
+            self._wait_sock = None
         for job in jobs:
             job.cancel()
         self._token.cancel()
@@ -1136,6 +1184,7 @@ class Connection:
             self._transport = None
             self._connector = None
             self._read_bounded = None
+            self._wait_sock = None
             self._held = None
             self.sender.release_locked()
         self.delivery.release()

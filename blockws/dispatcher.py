@@ -71,12 +71,15 @@ these points in turn and check exactly that.
 
 from __future__ import annotations
 
+import os
+import select
 import sys
 import threading
 import time
 from _thread import allocate_lock as _allocate_lock
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Sequence
+from typing import Any, Callable, Protocol
 
 from .deadline import Deadline
 from .exceptions import InvalidState
@@ -93,6 +96,12 @@ __all__ = [
     "register",
     "update_all",
     "wait_any",
+    "ReadSource",
+    "claim_bell",
+    "release_bell",
+    "wait_readable",
+    "notify_global",
+    "live_dispatchers",
     "in_callback",
     "check_not_in_callback",
 ]
@@ -107,6 +116,8 @@ class _Plain(tuple):  # type: ignore[type-arg]
     is entered (a plain tuple item commits itself, see :meth:`Dispatcher.post_held`)."""
 
     __slots__ = ()
+
+
 #: ``fn(ws)``: told that a socket has callbacks pending (see the module docstring).
 OnPending = Callable[[Any], Any]
 
@@ -245,8 +256,177 @@ class _Signal:
 
 
 # Global wake-up for blockws.wait(): any post on any dispatcher notifies it.
-_global_cond = threading.Condition(threading.Lock())
+# Its lock is taken bare where an interrupt may land (a Condition's __enter__
+# is Python code: an interrupt inside it can leave the lock held).
+_global_lock = threading.Lock()
+_global_cond = threading.Condition(_global_lock)
 _global_waiters = 0
+
+
+class ReadSource(Protocol):
+    """What reads a socket for a thread waiting on many (``blockws.wait()``,
+    :mod:`blockws.multiwait`): the connection, through its read token."""
+
+    def watch(self, wake: Callable[[], None], until: float) -> Any:
+        """The socket to poll while this thread may read it (its reading is
+        lent and held until ``until``, monotonic), or ``None`` (not now; the
+        reading is asked for, and ``wake()`` is called when it is granted)."""
+
+    def read_now(self) -> bool:
+        """One read without waiting, parsed on this thread; True if anything
+        came (so more may be buffered where a poll does not see it)."""
+
+
+class _Bell:
+    """A pipe that wakes the one thread polling sockets in :func:`wait_readable`
+    when a callback is posted (or a socket's reading is granted) meanwhile.
+
+    ``armed`` is set by the poller before it looks at the queues one last
+    time and cleared after its poll; a poster appends *then* rings if armed,
+    so no post is missed. Ringing writes one byte (more than one at worst,
+    when two posters race): the poller drains them.
+    """
+
+    __slots__ = ("read_fd", "write_fd", "armed")
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        self.armed = False
+
+    def ring(self) -> None:
+        if self.armed:
+            self.armed = False
+            try:
+                os.write(self.write_fd, b"\0")
+            except OSError:  # full (it is rung already) or closed meanwhile: nothing to do
+                pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 256):
+                pass
+        except OSError:  # empty: done
+            pass
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+# The bell exists while some thread may poll with it: made by the first
+# claim_bell(), closed when no socket is live and nobody holds it (so no file
+# descriptor outlives the last socket). Guarded by _global_lock.
+_bell: _Bell | None = None
+_bell_owner: int | None = None  # the ident of the thread that claimed it
+
+
+def claim_bell() -> bool:
+    """Claim the right to poll sockets in :func:`wait_readable`: one thread at
+    a time (the bell has one reader). False if another thread holds it. A
+    thread may claim it again while it holds it (an interrupt can land
+    between a claim and the ``try`` whose ``finally`` releases it: the next
+    claim by the same thread then succeeds; by another, it degrades to
+    waiting without polling, never to a hang)."""
+    global _bell, _bell_owner
+    me = threading.get_ident()
+    with _global_lock:
+        if _bell_owner is not None and _bell_owner != me:
+            return False
+        if _bell is None:
+            _bell = _Bell()
+        _bell_owner = me
+        return True
+
+
+def release_bell() -> None:
+    """Give back what :func:`claim_bell` claimed; the bell is closed if no
+    socket is live any more."""
+    global _bell, _bell_owner
+    bell = None
+    with _global_lock:
+        if _bell_owner == threading.get_ident():
+            _bell_owner = None
+            if not _live_snapshot:
+                bell, _bell = _bell, None
+    if bell is not None:
+        bell.close()
+
+
+def notify_global() -> None:
+    """Wake every thread in :func:`wait` and the thread in :func:`wait_readable`
+    (a post, or a socket's reading granted to the polling thread)."""
+    with _global_lock:
+        _global_cond.notify_all()
+        bell = _bell
+        if bell is not None and bell.armed:
+            bell.ring()
+
+
+def wait_readable(
+    dispatchers: Sequence[Dispatcher], socks: Sequence[Any], timeout: float
+) -> list[int] | None:
+    """Block until one of ``socks`` (objects with ``fileno()``) is readable (or
+    at its end, or failed): returns their indexes; until a callback is posted
+    to any of ``dispatchers`` (or :func:`notify_global` is called): ``None``;
+    or until ``timeout`` seconds pass: ``[]``. Only for the thread that
+    holds the claim (:func:`claim_bell`). On an interrupt the bell is
+    disarmed and the waiter count restored."""
+    global _global_waiters
+    bell = _bell
+    assert bell is not None and _bell_owner == threading.get_ident()
+    counted = False
+    try:
+        with _global_lock:
+            _global_waiters += 1  # posts now notify (and ring the bell when armed)
+            counted = True
+        bell.armed = True  # before the last look: a post after it rings
+        if any(d.pending for d in dispatchers):
+            return None
+        poller = select.poll()
+        poller.register(bell.read_fd, select.POLLIN)
+        fds: dict[int, int] = {}
+        closed = []  # closed meanwhile (an abort): for the caller's read to find out
+        for i, sock in enumerate(socks):
+            fd = sock.fileno()
+            if fd < 0:
+                closed.append(i)
+            else:
+                fds[fd] = i
+                poller.register(fd, select.POLLIN)
+        events = poller.poll(0 if closed else max(timeout, 0.0) * 1000.0)
+        bell.armed = False
+        ready = closed
+        rung = False
+        for fd, _ in events:
+            if fd == bell.read_fd:
+                rung = True
+            else:
+                ready.append(fds[fd])
+        if rung:
+            bell.drain()
+            if not ready:
+                return None
+        return ready
+    finally:
+        bell.armed = False
+        if counted:
+            with _global_lock:
+                _global_waiters -= 1
+
+
+def _forget_bell_in_child() -> None:
+    # A forked child must not share the parent's pipe (each would drain the
+    # other's wake-ups): it makes its own when it first needs one.
+    global _bell, _bell_owner
+    bell, _bell, _bell_owner = _bell, None, None
+    if bell is not None:
+        bell.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_bell_in_child)
 
 
 class Dispatcher:
@@ -264,6 +444,7 @@ class Dispatcher:
         "_armed",
         "_hook_lock",
         "_in_ready",
+        "source",
     )
 
     def __init__(self, owner: Any = None) -> None:
@@ -294,6 +475,9 @@ class Dispatcher:
         self._hook_lock = threading.Lock()
         # Whether this dispatcher is in the ready queue update_all() drains.
         self._in_ready = False
+        #: What reads this socket for a thread waiting on many
+        #: (:mod:`blockws.multiwait`), or ``None``.
+        self.source: ReadSource | None = None
 
     def post(self, fn: Callable[[Any], Any], arg: Any) -> None:
         """Queue ``fn(arg)``; thread-safe, never blocks on the consumer.
@@ -324,8 +508,7 @@ class Dispatcher:
         if cond is not None and cond.waiting:  # see _wake()
             cond.notify_all()
         if _global_waiters:
-            with _global_cond:
-                _global_cond.notify_all()
+            notify_global()
 
     def post_many(self, items: list[Item]) -> None:
         """Queue several :meth:`post_held` items at once, with a single wake-up
@@ -388,8 +571,7 @@ class Dispatcher:
         if cond is not None and cond.waiting:
             cond.notify_all()
         if _global_waiters:
-            with _global_cond:
-                _global_cond.notify_all()
+            notify_global()
 
     def run(self, budget: Budget | None = None) -> int:
         """Run pending callbacks on this thread; returns how many ran.
@@ -555,7 +737,7 @@ class Dispatcher:
         return 0 if cond is None else cond.count
 
 
-def wait(dispatchers: Callable[[], list[Dispatcher]], timeout: float | None = None) -> bool:
+def wait(dispatchers: Callable[[], Sequence[Dispatcher]], timeout: float | None = None) -> bool:
     """Block until any dispatcher returned by ``dispatchers()`` has work."""
     global _global_waiters
     deadline = Deadline(timeout)
@@ -617,10 +799,29 @@ def register(dispatcher: Dispatcher, alive: bool) -> None:
             if dispatcher._in_ready:
                 dispatcher._in_ready = False
                 _ready.remove(dispatcher)
+        if not _live_snapshot:
+            _close_idle_bell()
+
+
+def _close_idle_bell() -> None:
+    """No socket is live: close the bell unless a thread is polling with it
+    (that thread closes it when it lets go: see release_bell())."""
+    global _bell
+    bell = None
+    with _global_lock:
+        if _bell_owner is None:
+            bell, _bell = _bell, None
+    if bell is not None:
+        bell.close()
 
 
 def _live_dispatchers() -> list[Dispatcher]:
     return list(_live_snapshot)
+
+
+def live_dispatchers() -> tuple[Dispatcher, ...]:
+    """The dispatchers of the sockets :func:`update_all` pumps (a snapshot)."""
+    return _live_snapshot
 
 
 def live_count() -> int:

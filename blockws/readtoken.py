@@ -13,8 +13,14 @@ reader thread to a waiting caller, and back:
 * while the caller holds the right, each :meth:`read_here` reads once
   (bounded by the caller's timeout) and parses what came on the caller's
   thread;
+* a thread waiting on many sockets at once (``blockws.wait()``, see
+  :mod:`blockws.multiwait`) polls them rather than reading one: it
+  :meth:`ReadToken.watch`-es each token, which asks for the right as above
+  and, once the right is lent, keeps it lent until a time it names, reads or
+  no reads (the reader thread then reads at most that long after the waiter
+  last looked: the wait bounds it to :data:`BUSY_RECHECK` plus a lease);
 * the right goes back to the reader when a :data:`READ_LEASE` passes
-  without a read by the caller, when the caller met the end of the stream
+  without a read by the caller (and past any watch), when the caller met the end of the stream
   (which the reader thread then reports, so the end is always reported from
   one place), or at once on :meth:`cancel` (the socket is being aborted).
 
@@ -37,6 +43,7 @@ is unit-tested without one (``tests/test_readtoken.py``).
 from __future__ import annotations
 
 import threading
+from time import monotonic as _monotonic
 from typing import Callable, Optional, Protocol
 
 from .exceptions import ConnectionLost
@@ -79,6 +86,7 @@ class ReadToken:
         "_wake",
         "_cancelled",
         "_held",
+        "_watched_until",
         "wanted",
     )
 
@@ -94,6 +102,7 @@ class ReadToken:
         self._wake: Callable[[], None] | None = None
         self._cancelled = False
         self._held: list[bytes] | None = None  # see read_here's ``held`` (made lazily)
+        self._watched_until = 0.0  # see watch(): the lease holds until then (monotonic)
         #: A caller asked for the right. The reader thread tests this without
         #: the lock between reads: a stale False only delays a grant by a read.
         self.wanted = False
@@ -201,6 +210,27 @@ class ReadToken:
                     cond.notify_all()
         return True
 
+    def watch(self, wake: Callable[[], None], until: float) -> bool:
+        """For a thread waiting on many sockets: True if the right is lent and
+        no caller is inside a read now, so that the caller may poll the socket
+        and then :meth:`read_here` with a timeout of 0; the lease then holds
+        until ``until`` (a ``time.monotonic()`` value) even without a read.
+        Otherwise notes the wish as :meth:`read_here` does (``wake()`` is
+        called when the right is granted) and returns False. Nothing to undo:
+        the watch ends by itself, so an interrupt cannot leave it behind."""
+        with self._lock:
+            if self._cancelled or self._ended is not None:
+                return False
+            if not self._lent:
+                self.wanted = True
+                self._wake = wake
+                return False
+            if self._busy:
+                return False  # another caller reads it now: its posts wake the waiter
+            if until > self._watched_until:
+                self._watched_until = until
+            return True
+
     # -- the reader thread's side -------------------------------------------------------
 
     def before_read(self) -> Ended | None:
@@ -235,10 +265,17 @@ class ReadToken:
                     self._lent = False
                     break
                 if not self._busy and self._reads == seen:
-                    self._lent = False  # no read for a whole lease: it lapses
-                    break
+                    # No read for a whole lease: it lapses, unless a watch
+                    # (see watch()) holds it until later.
+                    left = self._watched_until - _monotonic()
+                    if left <= 0:
+                        self._lent = False
+                        break
+                    cond.wait(min(left, BUSY_RECHECK))
+                    continue
                 seen = self._reads
                 cond.wait(BUSY_RECHECK if self._busy else READ_LEASE)
+            self._watched_until = 0.0
             return self._ended
 
     def cancel(self) -> None:

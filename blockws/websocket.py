@@ -29,6 +29,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Generic, NoReturn, TypeVar, Union, overload
 
 from . import dispatcher as _dispatcher
+from . import multiwait as _multiwait
 from .buffers import BufferPool, BufferSegment
 from .connection import WRITER_JOIN, Connection, Phase
 from .deadline import Deadline
@@ -1063,5 +1064,5 @@ def _raise_cause(error: BaseException) -> NoReturn:
 
 
 update_all = _dispatcher.update_all
-wait = _dispatcher.wait_any
+wait = _multiwait.wait_any
 set_on_pending = _dispatcher.set_on_pending

@@ -521,7 +521,8 @@ def streaming_server(
 @pytest.mark.parametrize(
     ("how", "size"),
     [("receive", 100), ("receive", 70_000), ("wait", 100), ("receive-tls", 100),
-     ("receive-tls", 70_000), ("wait-tls", 100)],
+     ("receive-tls", 70_000), ("wait-tls", 100), ("blockws.wait", 100),
+     ("blockws.wait-tls", 100)],
 )
 def test_ctrl_c_during_a_stream_loses_nothing(how: str, size: int, tls_certs: Any) -> None:
     """Probe "data loss on Ctrl-C" (issue 11, item 1): with repeated SIGINTs while the main
@@ -530,7 +531,8 @@ def test_ctrl_c_during_a_stream_loses_nothing(how: str, size: int, tls_certs: An
     Now every message arrives, in order; or, if an interrupt landed inside the parser,
     the socket fails loudly (1006, ConnectionLost caused by the KeyboardInterrupt) and
     what arrived before is an unbroken prefix. Over wss:// too, whose reads the waiting
-    thread now does as well (TLS in memory: transport.TLSTransport)."""
+    thread now does as well (TLS in memory: transport.TLSTransport); and in
+    blockws.wait(), which polls and reads every socket (blockws.multiwait)."""
     count = 3000 if size < 1000 else 300
     tls = how.endswith("-tls")
     how = how.removesuffix("-tls")
@@ -547,7 +549,7 @@ def test_ctrl_c_during_a_stream_loses_nothing(how: str, size: int, tls_certs: An
         got.append(int.from_bytes(segment.view()[:4], "big"))
 
     with fault_server(streaming_server(count, size, server_ctx)) as server:
-        options: dict[str, Any] = {"on_binary": on_binary} if how == "wait" else {}
+        options: dict[str, Any] = {"on_binary": on_binary} if how != "receive" else {}
         url = server.url.replace("ws://127.0.0.1", "wss://localhost") if tls else server.url
         ws = blockws.connect(url, extensions=[], http2=False, **client, **options)
         with Interrupter() as interrupter:
@@ -561,11 +563,16 @@ def test_ctrl_c_during_a_stream_loses_nothing(how: str, size: int, tls_certs: An
                             message = ws.receive(timeout=5)
                             assert isinstance(message, bytes) and len(message) == size
                             got.append(int.from_bytes(message[:4], "big"))
-                        else:
+                        elif how == "wait":
                             if ws.closed and not ws.update():
                                 break
                             ws.wait(0.5)
                             ws.update()
+                        else:
+                            if ws.closed and not blockws.update_all():
+                                break
+                            blockws.wait(0.5)
+                            blockws.update_all()
                     done = True
                     interrupter.armed = False
                 except KeyboardInterrupt:

@@ -324,3 +324,99 @@ def test_an_interrupt_as_the_right_is_taken_leaves_it_free(token: ReadToken) -> 
         assert reader.ended == []
     finally:
         reader.finish()
+
+
+# -- watch(): a thread waiting on many sockets (blockws.multiwait) ----------------------
+
+
+def test_a_watch_asks_for_the_right_and_is_woken_by_the_grant(token: ReadToken) -> None:
+    granted = threading.Event()
+    assert token.watch(granted.set, time.monotonic() + 1) is False  # not lent: asked for
+    assert token.wanted
+    reader = Reader(token)
+    try:
+        assert granted.wait(5), "not granted"
+        assert token.watch(granted.set, time.monotonic() + 1) is True
+    finally:
+        reader.finish()
+
+
+def test_a_watch_holds_the_right_past_the_lease_until_it_runs_out(
+    token: ReadToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("blockws.readtoken.READ_LEASE", 0.01)
+    reader = Reader(token)
+    try:
+        grant(token)
+        watched_for = 0.3  # thirty leases, without a read
+        start = time.monotonic()
+        assert token.watch(lambda: None, start + watched_for) is True
+        while token.lent:
+            time.sleep(0.005)
+            assert time.monotonic() - start < 5, "the watch never ran out"
+        lapsed = time.monotonic() - start
+        assert lapsed >= watched_for - 0.01, f"lapsed after {lapsed:.3f} s"
+        assert reader.ended == []  # the reader reads on
+        # A new lend starts without the old watch.
+        grant(token)
+        assert token.watch(lambda: None, time.monotonic() - 1) is True
+        start = time.monotonic()
+        while token.lent:
+            time.sleep(0.002)
+            assert time.monotonic() - start < 5
+    finally:
+        reader.finish()
+
+
+def test_a_watch_is_refused_while_another_caller_reads(token: ReadToken) -> None:
+    reader = Reader(token)
+    try:
+        grant(token)
+        inside, leave = threading.Event(), threading.Event()
+
+        def blocking(timeout: float | None) -> bytes | None:
+            inside.set()
+            leave.wait(5)
+            return None
+
+        first = threading.Thread(target=token.read_here, args=(blocking, Sink(), 1.0, print))
+        first.start()
+        assert inside.wait(5)
+        assert token.watch(lambda: None, time.monotonic() + 1) is False
+        assert not token.wanted  # lent already: nothing to ask for
+        leave.set()
+        first.join(5)
+        assert token.watch(lambda: None, time.monotonic() + 1) is True
+    finally:
+        reader.finish()
+
+
+@pytest.mark.parametrize("how", ["cancelled", "ended"])
+def test_no_watch_after_the_stream_ended_or_was_cancelled(token: ReadToken, how: str) -> None:
+    reader = Reader(token)
+    try:
+        grant(token)
+        if how == "cancelled":
+            token.cancel()
+        else:
+            assert token.read_here(reads(b""), Sink(), 1.0, lambda: None) is True  # EOF
+            reader.thread.join(5)
+            assert reader.ended == [(None,)]
+        assert token.watch(lambda: None, time.monotonic() + 1) is False
+        assert not token.wanted
+    finally:
+        reader.finish()
+
+
+def test_cancel_ends_a_watch_at_once(token: ReadToken) -> None:
+    reader = Reader(token)
+    try:
+        grant(token)
+        assert token.watch(lambda: None, time.monotonic() + 60) is True
+        started = time.monotonic()
+        token.cancel()
+        while token.lent:
+            assert time.monotonic() - started < 1, "cancel waited for the watch"
+            time.sleep(0.001)
+    finally:
+        reader.finish()
