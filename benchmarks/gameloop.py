@@ -18,7 +18,10 @@ against the benchmark server (``benchmarks/server.py``) on the other CPU:
   that sleeps in ``pygame.event.wait()`` and is woken by the event
   ``blockws.integrations.pygame.attach()`` posts (``on_pending``). The
   figure includes the cross-CPU wake-up of the reader thread (about 70 us on
-  this VM).
+  this VM). Beside them, a baseline without blockws: a thread posting a
+  stamped pygame event at the same rate to a loop in ``pygame.event.wait()``
+  (pygame's wait polls its queue, sleeping 1 ms between looks: its
+  ``_pg_event_wait`` in ``src_c/event.c``).
 * Frame-time overrun: a 60 Hz loop whose frames run ``ws.update()`` and then a
   fixed amount of CPU work (calibrated to 8 ms with no network), for 600 frames
   (10 s; ``--quick``: 60), while the server streams 64 B messages at 10 k and
@@ -155,7 +158,63 @@ def child_update_idle(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def child_pygame_alone(args: argparse.Namespace) -> dict[str, Any]:
+    """The baseline of the ``pygame.event.wait()`` row, without blockws: a
+    thread posts a stamped pygame event at the same rate, the main thread
+    sleeps in ``pygame.event.wait()``. What pygame's wait itself costs (it
+    polls its queue with a 1 ms ``SDL_Delay`` between looks)."""
+    import threading
+
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    import pygame
+
+    pygame.display.init()
+    pygame.display.set_mode((16, 16))
+    kind = pygame.event.custom_type()
+    pygame.event.clear()
+    count = max(1, int(args.rate * args.seconds))
+    stop = threading.Event()
+
+    def poster() -> None:
+        period = 1.0 / args.rate
+        tick = perf()
+        for _ in range(count):
+            tick += period
+            delay = tick - perf()
+            if delay > 0 and stop.wait(delay):
+                return
+            pygame.event.post(pygame.event.Event(kind, stamp=perf_ns()))
+
+    lat: list[int] = []
+    thread = threading.Thread(target=poster, name="bench-pygame-poster")
+    c0, t0 = cpu_seconds(), perf()
+    thread.start()
+    deadline = perf() + args.seconds + 10
+    while len(lat) < count and perf() < deadline:
+        event = pygame.event.wait(500)
+        if event.type == kind:
+            lat.append(perf_ns() - event.stamp)
+    elapsed, cpu = perf() - t0, cpu_seconds() - c0
+    stop.set()
+    thread.join()
+    pygame.display.quit()
+    us = [x / 1e3 for x in lat]
+    return {
+        "mode": args.mode,
+        "msgs": len(lat),
+        "sent": count,
+        "p50_us": pct(us, 0.5),
+        "p99_us": pct(us, 0.99),
+        "max_us": max(us) if us else float("nan"),
+        "client_cpu_pct": 100 * cpu / elapsed,
+    }
+
+
 def child_latency(args: argparse.Namespace) -> dict[str, Any]:
+    if args.mode == "pygame-alone":
+        return child_pygame_alone(args)
     lat: list[int] = []
     state = {"done": False, "sent": 0}
     unpack = _stamp.unpack_from
@@ -416,8 +475,13 @@ def run_all(
         return r
 
     go("update() idle", ["--test", "idle", "--url", base + "/echo", "--calls", str(calls)])
-    loops = {"pump": "1 kHz pump", "wait": "ws.wait()", "pygame": "pygame.event.wait()"}
-    for mode in ("pump", "wait", "pygame"):
+    loops = {
+        "pump": "1 kHz pump",
+        "wait": "ws.wait()",
+        "pygame": "pygame.event.wait()",
+        "pygame-alone": "baseline, no socket: pygame.event.wait(), a thread posts",
+    }
+    for mode in ("pump", "wait", "pygame", "pygame-alone"):
         go(
             f"dispatch latency ({loops[mode]})",
             [
