@@ -3,7 +3,7 @@
     python -m benchmarks.threadcost [--count 500]
 
 Each line runs in a fresh child process, measured as W7 measures (a warm-up
-batch of a fifth of the count first, kept and left out of the base; then
+batch as large as the count first, kept and left out of the base; then
 the marginal RSS of ``count`` more):
 
 - ``threading.Thread``: a socket pair per thread, each thread blocked in a

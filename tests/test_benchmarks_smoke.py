@@ -117,7 +117,7 @@ def test_harness_produces_a_row_for_every_client_and_workload(tmp_path: Path) ->
     tests = [r.get("test") for r in data["gameloop"]]
     errors = [r["error"][-600:] for r in data["gameloop"] if "error" in r]
     assert not errors, "\n".join(errors)
-    assert tests.count("idle") == 1 and tests.count("latency") == 3 and tests.count("overrun") == 9
+    assert tests.count("idle") == 1 and tests.count("latency") == 4 and tests.count("overrun") == 9
 
     md = out_md.read_text()
     for name in WORKLOADS:
@@ -327,7 +327,7 @@ def test_threadcost_prints_the_floor_of_a_thread_per_socket() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("Python ") and "20 more after 4" in lines[0]
+    assert lines[0].startswith("Python ") and "20 more after 20" in lines[0]
     figures = {}
     for line in lines[1:]:
         mode, _, rest = line.partition(":")
