@@ -191,6 +191,52 @@ def test_the_bell_is_closed_with_the_last_socket() -> None:
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
+@pytest.mark.unit
+@pytest.mark.timeout(20)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork()")
+def test_a_forked_child_polls_with_its_own_bell(live: Any) -> None:
+    # A thread of the parent holds the claim when the process forks: the child
+    # has no such thread, forgets the claim and the pipe, and makes its own.
+    live()
+    claimed, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        assert _dispatcher.claim_bell()
+        claimed.set()
+        release.wait(WAIT)
+        _dispatcher.release_bell()
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        assert claimed.wait(WAIT)
+        assert not _dispatcher.claim_bell()  # held by the other thread
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report, and leave without running pytest's exit
+            ok = False
+            try:
+                d = Dispatcher()
+                ok = _dispatcher.claim_bell()
+                if ok:  # the child's own pipe: a post rings it and ends the poll
+                    timer = threading.Timer(0.05, d.post, (lambda _: None, None))
+                    timer.start()
+                    ok = _dispatcher.wait_readable([d], [], 5.0) is None
+                    timer.join()
+                    _dispatcher.release_bell()
+            finally:
+                os.write(w, b"1" if ok else b"0")
+                os._exit(0)
+        os.close(w)
+        got = os.read(r, 1)
+        os.close(r)
+        os.waitpid(pid, 0)
+        assert got == b"1"
+    finally:
+        release.set()
+        t.join(WAIT)
+
+
 # -- the loop: multiwait.wait_any over stand-in sources ---------------------------------
 
 
