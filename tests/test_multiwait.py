@@ -51,6 +51,15 @@ class Pipe:
         os.close(self.w)
 
 
+def close_all(sockets: list[Any]) -> None:
+    """Close, join and pump: every socket ends with its on_closed run."""
+    for ws in sockets:
+        ws.close()
+    for ws in sockets:
+        assert ws.join(WAIT)
+    blockws.update_all()
+
+
 @pytest.fixture
 def live() -> Iterator[Callable[[], Dispatcher]]:
     """Dispatchers registered as live sockets' (what blockws.wait() looks at)."""
@@ -439,11 +448,7 @@ def test_blockws_wait_parses_every_socket_on_the_waiting_thread(
         # longer than a watch (about 55 ms) on a loaded machine.
         assert here >= 0.8 * len(late), (here, len(late), sorted(set(late)))
     finally:
-        for ws in sockets:
-            ws.close()
-        for ws in sockets:
-            assert ws.join(WAIT)
-        blockws.update_all()
+        close_all(sockets)
 
 
 @pytest.mark.timeout(60)
@@ -483,11 +488,7 @@ def test_a_socket_closed_while_another_thread_polls_it_ends_cleanly(
         pump_until(lambda: len(got[0]) == 2)
         assert got[0] == ["hello", "still"]
     finally:
-        for ws in sockets:
-            ws.close()
-        for ws in sockets:
-            assert ws.join(WAIT)
-        blockws.update_all()
+        close_all(sockets)
 
 
 def test_more_sockets_than_polled_wait_for_posts(monkeypatch: pytest.MonkeyPatch) -> None:
