@@ -369,7 +369,8 @@ def wait_readable(
 ) -> list[int] | None:
     """Block until one of ``socks`` (objects with ``fileno()``) is readable (or
     at its end, or failed): returns their indexes; until a callback is posted
-    to any of ``dispatchers`` (or :func:`notify_global` is called): ``None``;
+    to any of ``dispatchers`` or of the live sockets' (or
+    :func:`notify_global` is called): ``None``;
     or until ``timeout`` seconds pass: ``[]``. Only for the thread that
     holds the claim (:func:`claim_bell`). On an interrupt the bell is
     disarmed and the waiter count restored."""
@@ -382,7 +383,10 @@ def wait_readable(
             _global_waiters += 1  # posts now notify (and ring the bell when armed)
             counted = True
         bell.armed = True  # before the last look: a post after it rings
-        if any(d.pending for d in dispatchers):
+        live = _live_snapshot  # (and a socket made live since the caller looked)
+        if any(d.pending for d in dispatchers) or (
+            live is not dispatchers and any(d.pending for d in live)
+        ):
             return None
         poller = select.poll()
         poller.register(bell.read_fd, select.POLLIN)

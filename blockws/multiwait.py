@@ -23,6 +23,10 @@ thread takes over the reading of the sockets it can, and polls them:
   while the waiter polls); each readable socket is read once, on this thread;
 * it returns True as soon as any socket has a callback pending.
 
+Each turn starts from the live sockets of the moment, so a socket opened
+during the wait (by another thread) is polled from the next turn on, and
+its posts wake the wait at once either way.
+
 The reading of a socket stays with this thread until the watch it was last
 given runs out (at most :data:`~blockws.readtoken.BUSY_RECHECK` plus a
 :data:`~blockws.readtoken.READ_LEASE` after the wait looked at it), and
@@ -71,22 +75,32 @@ def wait_any(timeout: float | None = None) -> bool:
     for d in dispatchers:
         if d.pending:
             return True
-    sources = (
-        [d.source for d in dispatchers if d.source is not None]
-        if 0 < len(dispatchers) <= MAX_POLLED and (timeout is None or timeout > 0)
-        else []
-    )
-    if not sources or not _dispatcher.claim_bell():
+    if not _pollable(dispatchers) or (timeout is not None and timeout <= 0):
+        return _dispatcher.wait(_dispatcher.live_dispatchers, timeout)
+    deadline = Deadline(timeout)
+    if not _dispatcher.claim_bell():
         return _dispatcher.wait(_dispatcher.live_dispatchers, timeout)
     try:
-        return _wait_reading(dispatchers, sources, timeout)
+        if _wait_reading(deadline):
+            return True
     finally:
         _dispatcher.release_bell()
+    # More sockets opened meanwhile than are polled: wait for posts for the rest.
+    left = deadline.left()
+    return left != 0 and _dispatcher.wait(_dispatcher.live_dispatchers, left)
 
 
-def _wait_reading(dispatchers: Any, sources: list[Any], timeout: float | None) -> bool:
-    deadline = Deadline(timeout)
+def _pollable(dispatchers: Any) -> bool:
+    return 0 < len(dispatchers) <= MAX_POLLED
+
+
+def _wait_reading(deadline: Deadline) -> bool:
+    """The polling wait: True when a callback is pending, False when the
+    deadline passed (``deadline.left() == 0``) or when more sockets than
+    :data:`MAX_POLLED` came to be live meanwhile."""
     wake = _dispatcher.notify_global
+    dispatchers: Any = None
+    sources: list[Any] = []
     # The sources whose last read (without waiting) found nothing: only a poll
     # can tell that more has come. The others are read before any poll.
     drained: set[int] = set()
@@ -94,6 +108,13 @@ def _wait_reading(dispatchers: Any, sources: list[Any], timeout: float | None) -
         left = deadline.left()
         if left == 0:
             return False
+        live = _dispatcher.live_dispatchers()
+        if live is not dispatchers:  # a socket opened or ended (a new snapshot)
+            if not _pollable(live):
+                return any(d.pending for d in live)
+            dispatchers = live
+            sources = [d.source for d in live if d.source is not None]
+            drained = set()
         bound = BUSY_RECHECK if left is None else min(left, BUSY_RECHECK)
         # The watch does not shrink with the timeout: a loop waiting out the
         # few ms left of its frame keeps its readers parked through the next.

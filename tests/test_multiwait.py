@@ -452,6 +452,46 @@ def test_blockws_wait_parses_every_socket_on_the_waiting_thread(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("polled", [1, 0], ids=["polled", "over-the-limit"])
+def test_a_socket_opened_while_another_thread_polls_wakes_the_wait(
+    websockets_server: str, no_leaks: None, polled: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread waits in blockws.wait() with one quiet socket; another thread opens a
+    second one: its on_open ends the wait, whether the new socket can be polled too or
+    makes more sockets live than are polled (the wait then waits for posts)."""
+    quiet = blockws.connect(websockets_server, timeout=WAIT, http2=False)
+    if not polled:
+        monkeypatch.setattr(multiwait, "MAX_POLLED", 1)  # two live sockets: over it
+    polling = threading.Event()
+    original = _dispatcher.wait_readable
+
+    def wait_readable(*args: Any) -> Any:
+        polling.set()
+        return original(*args)
+
+    monkeypatch.setattr(_dispatcher, "wait_readable", wait_readable)
+    sockets = [quiet]
+    opened: list[Any] = []
+    try:
+        blockws.update_all()
+        result: list[bool] = []
+        t = threading.Thread(target=lambda: result.append(blockws.wait(WAIT)))
+        t.start()
+        assert polling.wait(WAIT)  # the waiter polls the quiet socket: only a post wakes it
+        begun = time.monotonic()
+        sockets.append(
+            blockws.WebSocket(websockets_server, http2=False, on_open=opened.append).open()
+        )
+        t.join(WAIT + 5)
+        assert result == [True]
+        assert time.monotonic() - begun < WAIT / 2  # woken by the open, not the timeout
+        blockws.update_all()
+        assert opened == [sockets[1]]
+    finally:
+        close_all(sockets)
+
+
+@pytest.mark.timeout(60)
 def test_a_socket_closed_while_another_thread_polls_it_ends_cleanly(
     websockets_server: str, no_leaks: None
 ) -> None:
