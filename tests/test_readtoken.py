@@ -7,6 +7,7 @@ plain functions.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -120,10 +121,7 @@ def test_the_right_lapses_back_after_a_lease_without_a_read(
     reader = Reader(token)
     try:
         grant(token)
-        deadline = time.monotonic() + 5
-        while token.lent:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        wait_lapsed(token)
         assert reader.ended == []  # the reader reads on
         # Not lent: this caller asks again rather than reading.
         assert token.read_here(reads(b"x"), Sink(), 1.0, lambda: None) is False
@@ -243,7 +241,20 @@ def test_bytes_read_before_an_interrupt_are_parsed_by_the_next_reader(
         reader.finish()
 
 
-def test_a_second_caller_is_refused_while_the_first_reads(token: ReadToken) -> None:
+def wait_lapsed(token: ReadToken, within: float = 5.0) -> float:
+    """Wait until the right is back with the reader thread; returns when, monotonic
+    (the reading is handed back by the reader's own thread: there is no event)."""
+    deadline = time.monotonic() + within
+    while token.lent:
+        assert time.monotonic() < deadline, f"still lent after {within} s"
+        time.sleep(0.001)
+    return time.monotonic()
+
+
+@contextlib.contextmanager
+def a_caller_inside_a_read(token: ReadToken) -> Iterator[Callable[[], None]]:
+    """The right granted, and another thread inside a read_here() until the function
+    this yields is called (or the block ends)."""
     reader = Reader(token)
     try:
         grant(token)
@@ -257,11 +268,22 @@ def test_a_second_caller_is_refused_while_the_first_reads(token: ReadToken) -> N
         first = threading.Thread(target=token.read_here, args=(blocking, Sink(), 1.0, print))
         first.start()
         assert inside.wait(5)
-        assert token.read_here(reads(b"x"), Sink(), 1.0, lambda: None) is False
-        leave.set()
-        first.join(5)
+
+        def release() -> None:
+            leave.set()
+            first.join(5)
+
+        try:
+            yield release
+        finally:
+            release()
     finally:
         reader.finish()
+
+
+def test_a_second_caller_is_refused_while_the_first_reads(token: ReadToken) -> None:
+    with a_caller_inside_a_read(token):
+        assert token.read_here(reads(b"x"), Sink(), 1.0, lambda: None) is False
 
 
 def test_cancel_takes_the_right_back_without_waiting_for_the_lease(
@@ -273,11 +295,7 @@ def test_cancel_takes_the_right_back_without_waiting_for_the_lease(
         grant(token)
         started = time.monotonic()
         token.cancel()
-        deadline = started + 5
-        while token.lent:
-            assert time.monotonic() < deadline, "cancel waited for the lease"
-            time.sleep(0.001)
-        assert time.monotonic() - started < 1
+        assert wait_lapsed(token) - started < 1, "cancel waited for the lease"
         assert token.read_here(reads(b"x"), Sink(), 1.0, lambda: None) is False
         assert not token.wanted  # no wish is noted after cancel
     finally:
@@ -351,44 +369,23 @@ def test_a_watch_holds_the_right_past_the_lease_until_it_runs_out(
         watched_for = 0.3  # thirty leases, without a read
         start = time.monotonic()
         assert token.watch(lambda: None, start + watched_for) is True
-        while token.lent:
-            time.sleep(0.005)
-            assert time.monotonic() - start < 5, "the watch never ran out"
-        lapsed = time.monotonic() - start
+        lapsed = wait_lapsed(token) - start
         assert lapsed >= watched_for - 0.01, f"lapsed after {lapsed:.3f} s"
         assert reader.ended == []  # the reader reads on
         # A new lend starts without the old watch.
         grant(token)
         assert token.watch(lambda: None, time.monotonic() - 1) is True
-        start = time.monotonic()
-        while token.lent:
-            time.sleep(0.002)
-            assert time.monotonic() - start < 5
+        wait_lapsed(token)
     finally:
         reader.finish()
 
 
 def test_a_watch_is_refused_while_another_caller_reads(token: ReadToken) -> None:
-    reader = Reader(token)
-    try:
-        grant(token)
-        inside, leave = threading.Event(), threading.Event()
-
-        def blocking(timeout: float | None) -> bytes | None:
-            inside.set()
-            leave.wait(5)
-            return None
-
-        first = threading.Thread(target=token.read_here, args=(blocking, Sink(), 1.0, print))
-        first.start()
-        assert inside.wait(5)
+    with a_caller_inside_a_read(token) as release:
         assert token.watch(lambda: None, time.monotonic() + 1) is False
         assert not token.wanted  # lent already: nothing to ask for
-        leave.set()
-        first.join(5)
+        release()
         assert token.watch(lambda: None, time.monotonic() + 1) is True
-    finally:
-        reader.finish()
 
 
 @pytest.mark.parametrize("how", ["cancelled", "ended"])
@@ -413,10 +410,7 @@ def test_cancel_ends_a_watch_at_once(token: ReadToken) -> None:
     try:
         grant(token)
         assert token.watch(lambda: None, time.monotonic() + 60) is True
-        started = time.monotonic()
         token.cancel()
-        while token.lent:
-            assert time.monotonic() - started < 1, "cancel waited for the watch"
-            time.sleep(0.001)
+        wait_lapsed(token, within=1.0)  # not the watch's 60 s
     finally:
         reader.finish()
