@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from .exceptions import SegmentReleasedTwice
 
-__all__ = ["BufferPool", "BufferSegment"]
+__all__ = ["BufferPool", "BufferSegment", "ScratchSegment"]
 
 _MIN_SHIFT = 8  # 256 bytes: smaller requests share that class
 
@@ -86,6 +86,29 @@ class BufferSegment:
     def __repr__(self) -> str:
         state = " released" if self._released else ""
         return f"<BufferSegment {self.count} bytes at {self.offset}{state}>"
+
+
+class ScratchSegment(BufferSegment):
+    """A segment over one socket's scratch buffer, lent to ``on_binary`` for each
+    small message in turn (see :mod:`blockws.delivery`).
+
+    It has no pool: releasing it only marks it released. The lender makes one,
+    calls :meth:`lend` before each callback, and lends the same object again
+    only while nothing outside the lender holds it; a segment a callback kept
+    is released when the callback returns and is never lent again, so it never
+    turns into a view of a later message.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, data: bytearray) -> None:
+        super().__init__(data, 0, 0)
+
+    def lend(self, count: int) -> None:
+        """Cover the first ``count`` bytes of the buffer, unreleased (the
+        caller has checked ``count`` against the buffer's length)."""
+        self.count = count
+        self._released = False
 
 
 class BufferPool:

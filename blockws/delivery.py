@@ -10,8 +10,12 @@ in pooled memory, as a :class:`~blockws.protocol.BinaryMessage`.
 
 ``on_binary`` gets a :class:`~blockws.buffers.BufferSegment` that is valid
 until the callback returns. Small messages share one scratch buffer per socket
-(callbacks never overlap, so one is enough, and nothing is allocated per
-message); larger ones come from the socket's buffer pool, and go back to it
+(callbacks never overlap, so one is enough) and one
+:class:`~blockws.buffers.ScratchSegment` over it, lent again for the next
+message unless the callback kept a reference to it (CPython's reference count
+tells): a kept segment is released as its callback returns and never lent
+again, so it cannot turn into a view of a later message. Nothing is allocated
+per message. Larger ones come from the socket's buffer pool, and go back to it
 when the callback returns, unless it released the segment itself.
 
 Which way messages go (one rule per socket, looked up per message): a socket
@@ -40,12 +44,13 @@ is never left standing over a queue that drained meanwhile.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
-from .buffers import BufferPool, BufferSegment
+from .buffers import BufferPool, BufferSegment, ScratchSegment
 from .dispatcher import Budget, Dispatcher
 from .log import ContextAdapter
 
@@ -55,6 +60,10 @@ __all__ = ["Delivery", "Handlers", "SCRATCH"]
 SCRATCH = 4096
 
 _perf = time.perf_counter
+
+#: References to an object, as CPython counts them; None where the
+#: interpreter has no such count (then every message gets a new segment).
+_refcount: Callable[[Any], int] | None = getattr(sys, "getrefcount", None)
 
 
 class Handlers(Protocol):
@@ -74,6 +83,8 @@ class Delivery:
         "pool",
         "inbox",
         "_scratch",
+        "_lent",
+        "_lent_refs",
         "log",
         "limit",
         "on_drained",
@@ -100,6 +111,11 @@ class Delivery:
         #: Messages no handler took, for ``receive()``.
         self.inbox: deque[str | bytes] = deque()
         self._scratch: memoryview | None = None
+        # The segment over the scratch buffer, lent again for each small
+        # message while no callback keeps it (see messages()), and the
+        # reference count it has when nothing else holds it.
+        self._lent: ScratchSegment | None = None
+        self._lent_refs = 0
         #: Undelivered bytes at which reading stops (``None``: never).
         self.limit: int | None = None
         #: Called (on the delivering thread, no lock held) when a paused
@@ -205,6 +221,7 @@ class Delivery:
         """The socket has ended: drop the scratch buffer (a message still to be
         delivered makes a new one)."""
         self._scratch = None
+        self._lent = None
 
     def take(self) -> str | bytes:
         """The oldest message kept for ``receive()`` (the inbox must not be empty).
@@ -297,17 +314,39 @@ class Delivery:
                             if scratch is None:
                                 scratch = self._scratch = memoryview(bytearray(SCRATCH))
                             scratch[:n] = message
-                            segment = BufferSegment(scratch.obj, 0, n)  # type: ignore[arg-type]
-                        else:  # larger than the scratch buffer: pooled memory
-                            segment = self.pool.get(n)
-                            # Through a memoryview: bytearray[:n] = bytes copies twice.
-                            memoryview(segment.data)[:n] = message
+                            # The socket's one scratch segment, lent again
+                            # unless a callback kept it: making one per message
+                            # was a third of a small message's delivery.
+                            lent = self._lent
+                            if lent is None:
+                                lent = self._lent = ScratchSegment(scratch.obj)  # type: ignore[arg-type]
+                                if _refcount is not None:
+                                    # held by the slot and this local: the count
+                                    # to find again after each callback
+                                    self._lent_refs = _refcount(lent)
+                            lent.lend(n)
+                            done += 1
+                            try:
+                                handler(ws, lent)
+                            finally:
+                                # Kept (stored, captured, or held by a
+                                # traceback), or no way to know: released now,
+                                # and never lent again.
+                                if _refcount is None or _refcount(lent) != self._lent_refs:
+                                    self._lent = None
+                                    if not lent.released:
+                                        lent.release()  # no pool: only marks it
+                            continue
+                        # larger than the scratch buffer: pooled memory
+                        segment = self.pool.get(n)
+                        # Through a memoryview: bytearray[:n] = bytes copies twice.
+                        memoryview(segment.data)[:n] = message
                         done += 1
                         try:
                             handler(ws, segment)
                         finally:
                             if not segment.released:
-                                segment.release()  # scratch (no pool): only marks it released
+                                segment.release()
                 elif cls is str:
                     on_text = ws.on_message
                     if on_text is None:

@@ -4,10 +4,12 @@ scratch and pooled segments, and what happens when a handler raises."""
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable
 
 import pytest
 
+import blockws.delivery as delivery_module
 from blockws.buffers import BufferPool, BufferSegment
 from blockws.delivery import SCRATCH, Delivery
 from blockws.dispatcher import Dispatcher
@@ -94,6 +96,74 @@ def test_scratch_segment_released_by_the_callback_is_fine() -> None:
     assert delivery.messages([b"abc", b"def"]) == 2
     assert rec.contents == [b"abc", b"def"]
     assert all(s.released for s in rec.segments)
+
+
+def test_the_scratch_segment_is_lent_again_while_no_callback_keeps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[int] = []
+
+    class Counted(delivery_module.ScratchSegment):
+        __slots__ = ()
+
+        def __init__(self, data: bytearray) -> None:
+            made.append(1)
+            super().__init__(data)
+
+    monkeypatch.setattr(delivery_module, "ScratchSegment", Counted)
+    ids: list[int] = []
+    contents: list[bytes] = []
+    live: list[bool] = []
+
+    def on_binary(ws: Any, segment: BufferSegment) -> None:
+        ids.append(id(segment))
+        contents.append(bytes(segment))
+        live.append(not segment.released)
+        if len(segment) == 2:
+            segment.release()  # released by the callback, and not kept
+
+    delivery, dispatcher, _ = make(Handlers(on_binary=on_binary))
+    messages = [b"a", b"bb", b"ccc", b"dddd"]
+    assert delivery.messages(messages) == 4
+    assert contents == messages
+    assert live == [True] * 4  # lent unreleased, even after a callback released it
+    if hasattr(sys, "getrefcount"):
+        assert len(made) == 1  # one object, lent four times: nothing made per message
+        assert len(set(ids)) == 1
+
+
+def test_a_segment_a_callback_keeps_is_released_and_never_lent_again() -> None:
+    kept: list[BufferSegment] = []
+
+    def on_binary(ws: Any, segment: BufferSegment) -> None:
+        assert not segment.released
+        assert all(segment is not k for k in kept)  # a kept one is never lent again
+        if bytes(segment).startswith(b"keep"):
+            kept.append(segment)
+
+    delivery, dispatcher, _ = make(Handlers(on_binary=on_binary))
+    assert delivery.messages([b"keep-1", b"x", b"keep-22", b"yy", b"zzz"]) == 5
+    assert [k.released for k in kept] == [True, True]  # released as its callback returned
+    assert [len(k) for k in kept] == [6, 7]  # and still the length of its own message
+    with pytest.raises(ValueError):
+        kept[0].release()  # released once already
+
+
+def test_a_segment_held_by_a_raising_callback_is_released_and_not_lent_again() -> None:
+    first: list[BufferSegment] = []
+
+    def on_binary(ws: Any, segment: BufferSegment) -> None:
+        if not first:
+            first.append(segment)
+            raise RuntimeError("boom")  # its traceback holds the segment too
+        assert segment is not first[0]
+
+    delivery, dispatcher, _ = make(Handlers(on_binary=on_binary))
+    dispatcher.post(delivery.messages, [b"one", b"two"])
+    with pytest.raises(RuntimeError):
+        dispatcher.run()
+    assert first[0].released
+    assert dispatcher.run() == 1  # the message after it, on another segment
 
 
 def test_larger_binary_goes_through_a_pooled_segment() -> None:
