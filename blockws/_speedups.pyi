@@ -1,6 +1,7 @@
 from typing import Any, Callable
 
 def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes: ...
+def encode_frame(first_byte: int, payload: bytes | bytearray | memoryview, key: bytes) -> bytes: ...
 def split_messages(
     buf: bytes | bytearray | memoryview,
     pos: int,

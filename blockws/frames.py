@@ -36,6 +36,9 @@ __all__ = [
     "apply_mask",
     "py_apply_mask",
     "c_apply_mask",
+    "encode_frame",
+    "py_encode_frame",
+    "c_encode_frame",
     "split_messages",
     "py_split_messages",
     "c_split_messages",
@@ -292,6 +295,47 @@ def encode_header(first_byte: int, length: int, mask_key: bytes | None) -> bytes
         header += mask_key
     return header
 
+
+
+def py_encode_frame(first_byte: int, payload: BytesLike, mask_key: bytes) -> bytes:
+    """One whole masked frame (a client's): the header for ``payload`` with
+    ``mask_key``, then the payload masked with it. ``first_byte`` holds FIN,
+    RSV and the opcode. The reference for the C version, which builds it in
+    one allocation (``header + apply_mask(...)`` copies every byte twice)."""
+    if not 0 <= first_byte <= 255:
+        raise ValueError("first_byte must be in range(256)")
+    if len(mask_key) != 4:
+        raise ValueError("mask key must be 4 bytes")
+    n = len(payload)
+    header = encode_header(first_byte, n, mask_key)
+    if n < _TRANSLATE_FROM:
+        return header + py_apply_mask(payload, mask_key)
+    # py_apply_mask's tables, in a buffer that starts with the header: one copy
+    # of the payload fewer than joining the header to its result.
+    tables = _XOR_TABLES
+    out = bytearray(header)
+    out += payload
+    h = len(header)
+    out[h::4] = out[h::4].translate(tables[mask_key[0]])
+    out[h + 1 :: 4] = out[h + 1 :: 4].translate(tables[mask_key[1]])
+    out[h + 2 :: 4] = out[h + 2 :: 4].translate(tables[mask_key[2]])
+    out[h + 3 :: 4] = out[h + 3 :: 4].translate(tables[mask_key[3]])
+    return bytes(out)
+
+
+c_encode_frame: Callable[[int, BytesLike, bytes], bytes] | None
+try:  # the optional C version, beside c_apply_mask
+    from ._speedups import encode_frame as c_encode_frame
+except ImportError:  # pragma: no cover - depends on the install
+    c_encode_frame = None
+
+#: A masked frame as every client frame is made: the C version when built
+#: (and ``BLOCKWS_PURE_PYTHON`` unset), else the pure-Python one.
+encode_frame: Callable[[int, BytesLike, bytes], bytes] = (
+    c_encode_frame
+    if c_encode_frame is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
+    else py_encode_frame
+)
 
 #: Every RSV bit (RFC 6455 5.2).
 RSV_ALL = RSV1 | RSV2 | RSV3

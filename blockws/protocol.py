@@ -47,6 +47,7 @@ from .frames import (
     MaskKeys,
     Opcode,
     apply_mask,
+    encode_frame,
     encode_header,
     pack_close,
     parse_close,
@@ -88,6 +89,9 @@ DEFAULT_MAX_FRAGMENT_SIZE = 32768
 _SMALL_PIECE = 4096
 #: ... in groups of at most this many pieces.
 _GROUP = 512
+#: Pieces of a binary message from this size on are passed on as views of the
+#: read, not sliced out of it (see Protocol._piece).
+_VIEW_FROM = 4096
 
 
 class Role(enum.Enum):
@@ -450,9 +454,7 @@ class Protocol:
         keys = self._mask_keys
         if size < 126 and keys is not None and size <= self.max_fragment_size:
             # A small message from a client: one frame with a 2-byte header.
-            small_key = keys()
-            header = bytes((FIN | first, 0x80 | size)) + small_key
-            return [header + apply_mask(payload, small_key)]
+            return [encode_frame(FIN | first, payload, keys())]
         return list(self._frames(first, payload))
 
     def iter_data(
@@ -482,25 +484,21 @@ class Protocol:
         limit = self.max_fragment_size
         keys = self._mask_keys
         if size <= limit:
-            key = keys() if keys is not None else None
-            header = encode_header(FIN | first, size, key)
-            if key is None:
-                yield header
+            if keys is None:
+                yield encode_header(FIN | first, size, None)
                 yield bytes(payload)
             else:
-                yield header + apply_mask(payload, key)
+                yield encode_frame(FIN | first, payload, keys())
             return
         view = memoryview(payload)
         for start in range(0, size, limit):
             chunk = view[start : start + limit]
             fin = FIN if start + limit >= size else 0
-            key = keys() if keys is not None else None
-            header = encode_header(fin | first, len(chunk), key)
-            if key is None:
-                yield header
+            if keys is None:
+                yield encode_header(fin | first, len(chunk), None)
                 yield bytes(chunk)
             else:
-                yield header + apply_mask(chunk, key)
+                yield encode_frame(fin | first, chunk, keys())
             first = Opcode.CONT
 
     def encode_control(self, opcode: int, payload: BytesLike = b"") -> bytes:
@@ -523,11 +521,9 @@ class Protocol:
         return self._frame(Opcode.CLOSE, payload)
 
     def _frame(self, opcode: int, payload: BytesLike) -> bytes:
-        key = self._mask_keys() if self._mask_keys is not None else None
-        header = encode_header(FIN | opcode, len(payload), key)
-        if key is None:
-            return header + bytes(payload)
-        return header + apply_mask(payload, key)
+        if self._mask_keys is None:
+            return encode_header(FIN | opcode, len(payload), None) + bytes(payload)
+        return encode_frame(FIN | opcode, payload, self._mask_keys())
 
     # -- receiving ------------------------------------------------------------------
 
@@ -620,7 +616,7 @@ class Protocol:
                     # The whole payload is here: the common, fast case.
                     n = self._f_remaining
                     self._f_remaining = 0
-                    self._frame_data(buf[pos : pos + n], events, True)
+                    self._frame_data(self._piece(buf, pos, n), events, True)
                     pos += n
                     continue
                 self._phase = _PAYLOAD
@@ -633,11 +629,32 @@ class Protocol:
                 if frame_end:
                     # Before _frame_data, which may move to _DONE (a close frame).
                     self._phase = _HEADER
-                self._frame_data(buf[pos : pos + n], events, frame_end)
+                self._frame_data(self._piece(buf, pos, n), events, frame_end)
                 pos += n
             if self._phase == _DONE:
                 return end
         return pos
+
+    def _piece(self, buf: bytes, pos: int, n: int) -> bytes | memoryview:
+        """``buf[pos:pos + n]``, a piece of the current frame's payload: a
+        memoryview, not a copy, when it is a large piece of a binary message
+        that is copied at once into the message's pooled buffer (for
+        ``on_binary``; unmasked, not compressed). A 1 MiB message sent in
+        32 KiB frames was otherwise copied twice: sliced out of the read, then
+        into its buffer. Pieces kept until the message ends (``bytes`` for
+        ``receive()``) stay copies: a view would pin its whole read."""
+        if (
+            n >= _VIEW_FROM
+            and not self.binary_as_bytes
+            and self._m_opcode == Opcode.BINARY
+            and self._f_opcode < 8
+            and self._f_key is None
+            and not self._m_ext
+            and (pos or n != len(buf))  # the whole read: no copy either way
+            and (self.state is State.OPEN or self.state is State.CLOSE_SENT)
+        ):
+            return memoryview(buf)[pos : pos + n]
+        return buf[pos : pos + n]
 
     def _split_deflated(
         self,
@@ -751,8 +768,18 @@ class Protocol:
                     f"message of more than {limit} frames exceeds max_message_size={limit}"
                 )
 
-    def _frame_data(self, chunk: bytes, events: list[Received], frame_end: bool) -> None:
+    def _frame_data(
+        self, chunk: bytes | memoryview, events: list[Received], frame_end: bool
+    ) -> None:
         """Handle a chunk of the current frame's payload (the whole rest if ``frame_end``)."""
+        if type(chunk) is memoryview:
+            # A view from _piece: binary data, unmasked and not compressed,
+            # with no close received.
+            message_end = frame_end and self._f_fin
+            self._binary_data(chunk, message_end, events)
+            if message_end:
+                self._m_opcode = 0
+            return
         if self._f_key is not None and chunk:
             # Unmask in the server role, continuing the key where the last chunk ended.
             k = self._f_key_pos
@@ -807,7 +834,9 @@ class Protocol:
         elif part:
             self._m_text.add(part)
 
-    def _binary_data(self, chunk: bytes, message_end: bool, events: list[Received]) -> None:
+    def _binary_data(
+        self, chunk: bytes | memoryview, message_end: bool, events: list[Received]
+    ) -> None:
         # A message that spans frames or reads is assembled as its pieces
         # come: into ``allocate``'s (pooled) memory, or, for ``bytes``
         # consumers, as pieces joined once at its end. Keeping the pieces of a
@@ -831,6 +860,8 @@ class Protocol:
             if parts:
                 chunk = parts.join(chunk)
             if self.binary_as_bytes:
+                # (never a view: _piece makes none for binary_as_bytes)
+                assert type(chunk) is bytes
                 events.append(chunk if self.compact_messages else BinaryMessage(chunk, total))
                 return
             buf = self._allocate(total)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import os
 import random
 import struct
 import sys
@@ -413,6 +414,56 @@ def test_c_mask_rejects_a_bad_key() -> None:
         c_apply_mask(b"abc", b"123")
 
 
+# -- both frame encoders (encode_frame) -------------------------------------------------
+# The C encoder (blockws._speedups.encode_frame) and the pure-Python one must
+# both give RFC 6455's bytes: the reference header above, then the naive mask.
+
+from blockws.frames import c_encode_frame, py_encode_frame  # noqa: E402
+
+ENCODERS = [pytest.param(py_encode_frame, id="python")]
+if c_encode_frame is not None:
+    ENCODERS.append(pytest.param(c_encode_frame, id="c"))
+
+
+def test_the_c_encoder_is_built_and_used_here() -> None:
+    assert c_encode_frame is not None
+    if not os.environ.get("BLOCKWS_PURE_PYTHON"):
+        assert frames_module.encode_frame is c_encode_frame
+    else:
+        assert frames_module.encode_frame is py_encode_frame
+
+
+@pytest.mark.parametrize("impl", ENCODERS)
+@pytest.mark.parametrize(
+    "length",
+    [0, 1, 3, 4, 5, 125, 126, 127, 318, 319, 320, 321, 322, 323, 65535, 65536, 65537, 1 << 20],
+)
+def test_encoders_match_the_reference(impl: Callable[..., bytes], length: int) -> None:
+    data = random_bytes(length)
+    for first in (FIN | Opcode.BINARY, Opcode.TEXT, FIN | 0x40 | Opcode.TEXT, Opcode.CONT):
+        expected = reference_header(first, length, KEY) + naive_mask(data, KEY)
+        assert impl(first, data, KEY) == expected
+        assert impl(first, memoryview(data), KEY) == expected
+        assert impl(first, bytearray(data), KEY) == expected
+        assert type(impl(first, data, KEY)) is bytes
+    if length > 5:
+        assert impl(0x82, memoryview(data)[5:], KEY) == reference_header(
+            0x82, length - 5, KEY
+        ) + naive_mask(data[5:], KEY)
+
+
+@pytest.mark.parametrize("impl", ENCODERS)
+def test_encoders_reject_a_bad_key_or_first_byte(impl: Callable[..., bytes]) -> None:
+    with pytest.raises(ValueError):
+        impl(0x82, b"abc", b"123")
+    with pytest.raises(ValueError):
+        impl(256, b"abc", KEY)
+    with pytest.raises(ValueError):
+        impl(-1, b"abc", KEY)
+    with pytest.raises(TypeError):
+        impl(0x81, "text", KEY)
+
+
 # -- both fast receive loops (split_messages) -----------------------------------------
 # The C loop (blockws._speedups.split_messages) and the pure-Python reference
 # (frames.py_split_messages) must agree byte for byte: the messages, their types,
@@ -432,8 +483,6 @@ if c_split_messages is not None:
 
 def test_the_c_split_is_built_and_used_here() -> None:
     assert c_split_messages is not None
-    import os
-
     if not os.environ.get("BLOCKWS_PURE_PYTHON"):
         assert frames_module.split_messages is c_split_messages
     else:

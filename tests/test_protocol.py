@@ -412,6 +412,18 @@ def round_trip(
     assert sender.state is State.CLOSED
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_large_binary_messages_in_32_kib_frames_arrive_whole(mode: tuple[bool, bool]) -> None:
+    """Frames of 4 KiB or more of a binary message reach its buffer as views of
+    the read (Protocol._piece), not copies: every way the reads can cut them,
+    with pings between, into every way of reporting a message."""
+    big = bytes(range(256)) * 4096  # 1 MiB
+    messages: list[TextOrBinary] = [big, big[: 100 * 1024 + 7], "text between", big[:4096]]
+    for cuts in ([], [127 * 1024 * k for k in range(1, 12)], [1, 2, 4097, 32770, 70000, 900001]):
+        round_trip(Role.SERVER, messages, 32768, cuts, [True, False, True], mode)
+        round_trip(Role.SERVER, messages, 4096, cuts, [], mode)
+
+
 _hypothesis = settings(
     max_examples=examples(300),
     deadline=None,
