@@ -12,6 +12,21 @@
  * frames.py_encode_frame joins the header to apply_mask's result: a second
  * copy of every byte sent, and for a small message three more objects).
  *
+ * lend_each(messages, ws, segment, progress) -> int: on_binary for a run of
+ * small binary messages (the pure-Python loop is in blockws/delivery.py, the
+ * reference; the two must behave alike). From messages[0] on, while each is
+ * an exact ``bytes`` no longer than the segment's buffer and ``ws.on_binary``
+ * (looked up per message) is not None: what ``ScratchSegment.lend(message)``
+ * does (copy it to the start of the buffer, set ``count``, clear the
+ * released mark; lend() is the reference), then
+ * ``progress[0]`` becomes the count handed over, then ``on_binary(ws,
+ * segment)``. It stops after a callback that kept a reference to the segment
+ * (its reference count is not what it was on entry), before any other
+ * message, and returns how many it handed over. An exception from lend() or a
+ * callback propagates; ``progress[0]`` then tells how many were handed over
+ * (the failing callback's message included). No Python code runs between the
+ * count and the callback's call, so an interrupt cannot land between them.
+ *
  * split_messages(buf, pos, small, out, wrap_binary, wrap_text) -> int: the
  * receive path's fast loop (the pure-Python one is frames.py_split_messages,
  * the reference; the two must agree byte for byte). From ``buf[pos:]`` it
@@ -154,6 +169,82 @@ done:
     PyBuffer_Release(&data);
     PyBuffer_Release(&key);
     return result;
+}
+
+static PyObject *str_on_binary = NULL, *str_data = NULL, *str_count = NULL, *str_released = NULL;
+
+static PyObject *
+lend_each(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *messages, *ws, *segment, *progress, *data;
+    PyObject *out = NULL;
+    Py_ssize_t i = 0, base;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "lend_each() takes 4 arguments");
+        return NULL;
+    }
+    messages = args[0];
+    ws = args[1];
+    segment = args[2];
+    progress = args[3];
+    if (!PyList_CheckExact(messages) || !PyList_CheckExact(progress) ||
+        PyList_GET_SIZE(progress) != 1) {
+        PyErr_SetString(PyExc_TypeError, "lend_each(list, ws, segment, [int])");
+        return NULL;
+    }
+    /* The segment's buffer (ScratchSegment keeps a memoryview of it, so a
+       callback cannot resize it; its size is checked for each message all the
+       same). */
+    data = PyObject_GetAttr(segment, str_data);
+    if (data == NULL) return NULL;
+    if (!PyByteArray_CheckExact(data)) {
+        PyErr_SetString(PyExc_TypeError, "lend_each: the segment's data is not a bytearray");
+        goto done;
+    }
+    base = Py_REFCNT(segment);
+    while (i < PyList_GET_SIZE(messages)) {
+        PyObject *message = PyList_GET_ITEM(messages, i);
+        PyObject *handler, *result, *count, *call[3];
+        Py_ssize_t n;
+        if (!PyBytes_CheckExact(message)) break;
+        n = PyBytes_GET_SIZE(message);
+        if (n > PyByteArray_GET_SIZE(data)) break;
+        handler = PyObject_GetAttr(ws, str_on_binary);
+        if (handler == NULL) goto done;
+        if (handler == Py_None) {
+            Py_DECREF(handler);
+            break;
+        }
+        /* segment.lend(message), in C: ScratchSegment.lend is the reference. */
+        memcpy(PyByteArray_AS_STRING(data), PyBytes_AS_STRING(message), n);
+        count = PyLong_FromSsize_t(n);
+        if (count == NULL || PyObject_SetAttr(segment, str_count, count) < 0 ||
+            PyObject_SetAttr(segment, str_released, Py_False) < 0) {
+            Py_XDECREF(count);
+            Py_DECREF(handler);
+            goto done;
+        }
+        Py_DECREF(count);
+        count = PyLong_FromSsize_t(i + 1);
+        if (count == NULL) {
+            Py_DECREF(handler);
+            goto done;
+        }
+        PyList_SetItem(progress, 0, count); /* steals count; cannot fail here */
+        call[0] = NULL;
+        call[1] = ws;
+        call[2] = segment;
+        result = PyObject_Vectorcall(handler, call + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(handler);
+        if (result == NULL) goto done;
+        Py_DECREF(result);
+        i++;
+        if (Py_REFCNT(segment) != base) break; /* kept by the callback */
+    }
+    out = PyLong_FromSsize_t(i);
+done:
+    Py_DECREF(data);
+    return out;
 }
 
 static PyObject *
@@ -319,6 +410,8 @@ static PyMethodDef methods[] = {
     {"apply_mask", apply_mask, METH_VARARGS, "XOR data with a repeated 4-byte key."},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
      "One whole masked frame: the header for the payload with the key, then the masked payload."},
+    {"lend_each", (PyCFunction)(void (*)(void))lend_each, METH_FASTCALL,
+     "on_binary for a run of small binary messages through one lent segment."},
     {"split_messages", split_messages, METH_VARARGS,
      "Append the whole small unfragmented data messages at buf[pos:] to out; return the end."},
 #ifdef HAVE_GATED_RECV
@@ -338,6 +431,15 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    if (str_on_binary == NULL) {
+        str_on_binary = PyUnicode_InternFromString("on_binary");
+        str_data = PyUnicode_InternFromString("data");
+        str_count = PyUnicode_InternFromString("count");
+        str_released = PyUnicode_InternFromString("_released");
+        if (str_on_binary == NULL || str_data == NULL || str_count == NULL ||
+            str_released == NULL)
+            return NULL;
+    }
 #ifdef HAVE_GATED_RECV
     if (gate == NULL) {
         gate = PyThread_allocate_lock();

@@ -99,15 +99,19 @@ class ScratchSegment(BufferSegment):
     turns into a view of a later message.
     """
 
-    __slots__ = ()
+    __slots__ = ("_view",)
 
     def __init__(self, data: bytearray) -> None:
         super().__init__(data, 0, 0)
+        self._view = memoryview(data)
 
-    def lend(self, count: int) -> None:
-        """Cover the first ``count`` bytes of the buffer, unreleased (the
-        caller has checked ``count`` against the buffer's length)."""
-        self.count = count
+    def lend(self, payload: bytes) -> None:
+        """Copy ``payload`` to the start of the buffer and cover it, unreleased
+        (the caller has checked that it fits)."""
+        n = len(payload)
+        # Through a memoryview: bytearray[:n] = bytes copies twice.
+        self._view[:n] = payload
+        self.count = n
         self._released = False
 
 

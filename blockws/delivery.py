@@ -44,6 +44,7 @@ is never left standing over a queue that drained meanwhile.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -64,6 +65,16 @@ _perf = time.perf_counter
 #: References to an object, as CPython counts them; None where the
 #: interpreter has no such count (then every message gets a new segment).
 _refcount: Callable[[Any], int] | None = getattr(sys, "getrefcount", None)
+
+#: The C loop for runs of small binary messages (blockws._speedups.lend_each),
+#: when built; the loop in Delivery.messages is the reference.
+_lend_each: Callable[[list[Any], Any, ScratchSegment, list[int]], int] | None
+try:
+    from ._speedups import lend_each as _lend_each
+except ImportError:  # pragma: no cover - depends on the install
+    _lend_each = None
+if os.environ.get("BLOCKWS_PURE_PYTHON"):
+    _lend_each = None
 
 
 class Handlers(Protocol):
@@ -110,10 +121,10 @@ class Delivery:
         self.log = log
         #: Messages no handler took, for ``receive()``.
         self.inbox: deque[str | bytes] = deque()
-        self._scratch: memoryview | None = None
+        self._scratch: bytearray | None = None
         # The segment over the scratch buffer, lent again for each small
         # message while no callback keeps it (see messages()), and the
-        # reference count it has when nothing else holds it.
+        # reference count it has when only messages()'s local holds it.
         self._lent: ScratchSegment | None = None
         self._lent_refs = 0
         #: Undelivered bytes at which reading stops (``None``: never).
@@ -292,11 +303,45 @@ class Delivery:
         ws = self.ws
         inbox = self.inbox
         scratch = self._scratch
+        lent = self._lent
+        refs = self._lent_refs
         done = 0
         kept = 0  # bytes gone to the inbox: still queued, until receive() takes them
         try:
             dispatcher.held = None  # committed: from here on, the except below puts back
-            for message in messages:
+            rest: list[Any] = messages
+            if (
+                _lend_each is not None
+                and messages
+                and type(messages[0]) is bytes
+                and len(messages[0]) <= SCRATCH
+                and ws.on_binary is not None
+            ):
+                # A run of small binary messages, in C (see _lend_each); the
+                # loop below takes any rest, as it would all of them. The
+                # segment is out of its slot while lent (see below).
+                if lent is None:
+                    if scratch is None:
+                        scratch = self._scratch = bytearray(SCRATCH)
+                    lent = ScratchSegment(scratch)
+                    refs = self._lent_refs = _refcount(lent) if _refcount else 0
+                self._lent = None
+                progress = [0]
+                try:
+                    done = _lend_each(messages, ws, lent, progress)
+                except BaseException:
+                    done = progress[0]  # handed over, the failing callback's included
+                    if not lent.released:  # dropped: maybe held by the traceback
+                        lent.release()
+                    raise
+                if _refcount is not None and _refcount(lent) == refs:
+                    self._lent = lent
+                else:  # kept by a callback: see below
+                    if not lent.released:
+                        lent.release()
+                    lent = None
+                rest = messages[done:]
+            for message in rest:
                 cls = type(message)
                 if cls is bytes:  # a binary message, exactly
                     handler = ws.on_binary
@@ -311,31 +356,34 @@ class Delivery:
                             self._drop(message)
                     else:
                         if n <= SCRATCH:
-                            if scratch is None:
-                                scratch = self._scratch = memoryview(bytearray(SCRATCH))
-                            scratch[:n] = message
                             # The socket's one scratch segment, lent again
                             # unless a callback kept it: making one per message
-                            # was a third of a small message's delivery.
-                            lent = self._lent
+                            # was a third of a small message's delivery. While
+                            # lent it is out of its slot, so that an interrupt
+                            # anywhere from here on leaves it dropped (never
+                            # lent again), however far this got.
                             if lent is None:
-                                lent = self._lent = ScratchSegment(scratch.obj)  # type: ignore[arg-type]
-                                if _refcount is not None:
-                                    # held by the slot and this local: the count
-                                    # to find again after each callback
-                                    self._lent_refs = _refcount(lent)
-                            lent.lend(n)
+                                if scratch is None:
+                                    scratch = self._scratch = bytearray(SCRATCH)
+                                lent = ScratchSegment(scratch)
+                                # Held by this local only (the same expression
+                                # as below): the count to find after a callback.
+                                refs = self._lent_refs = _refcount(lent) if _refcount else 0
+                            lent.lend(message)
+                            self._lent = None
                             done += 1
                             try:
                                 handler(ws, lent)
                             finally:
-                                # Kept (stored, captured, or held by a
-                                # traceback), or no way to know: released now,
-                                # and never lent again.
-                                if _refcount is None or _refcount(lent) != self._lent_refs:
-                                    self._lent = None
+                                if _refcount is not None and _refcount(lent) == refs:
+                                    self._lent = lent  # nothing kept it: lend it again
+                                else:
+                                    # Kept (stored, captured, or held by a
+                                    # traceback), or no way to know: released
+                                    # now, and never lent again.
                                     if not lent.released:
                                         lent.release()  # no pool: only marks it
+                                    lent = None
                             continue
                         # larger than the scratch buffer: pooled memory
                         segment = self.pool.get(n)

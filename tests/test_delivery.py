@@ -4,6 +4,7 @@ scratch and pooled segments, and what happens when a handler raises."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -17,6 +18,19 @@ from blockws.log import ContextAdapter
 from blockws.protocol import BinaryMessage
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both loops for runs of small binary messages: the C one
+    (blockws._speedups.lend_each) and the pure-Python reference."""
+    if request.param == "python":
+        monkeypatch.setattr(delivery_module, "_lend_each", None)
+    elif delivery_module._lend_each is None:
+        if os.environ.get("BLOCKWS_PURE_PYTHON"):
+            pytest.skip("the C loop is off (BLOCKWS_PURE_PYTHON)")
+        pytest.fail("the C speedups are not built")
+    return str(request.param)
 
 
 class Handlers:
@@ -348,6 +362,82 @@ def test_handlers_are_looked_up_per_message() -> None:
     assert delivery.messages(["d", b"y", b"z" * 5000]) == 3
     assert second == ["b", "c", "d"]
     assert list(delivery.inbox) == [b"y", b"z" * 5000]
+
+
+def test_a_run_of_small_binaries_looks_handlers_up_per_message() -> None:
+    """The run that starts a read (the C loop, when built) stops where a
+    callback cleared on_binary: the rest go where the Python loop sends them."""
+    seen: list[bytes] = []
+    texts: list[str] = []
+    ws = Handlers(on_message=lambda ws, t: texts.append(t))
+
+    def on_binary(ws: Handlers, segment: BufferSegment) -> None:
+        seen.append(bytes(segment))
+        if bytes(segment) == b"second":
+            ws.on_binary = None  # later binaries: dropped (on_message is set)
+
+    ws.on_binary = on_binary
+    delivery, _, _ = make(ws)
+    messages: list[Any] = [b"first", b"second", b"third", "text", b"fourth"]
+    delivery.received(sum(map(len, messages)))
+    assert delivery.messages(messages) == 5
+    assert seen == [b"first", b"second"]
+    assert texts == ["text"]
+    assert delivery.queued == 0
+
+
+def test_a_run_of_small_binaries_then_other_messages_arrive_in_order() -> None:
+    order: list[Any] = []
+    ws = Handlers(
+        on_message=lambda ws, t: order.append(t),
+        on_binary=lambda ws, seg: order.append(bytes(seg)),
+    )
+    delivery, dispatcher, pool = make(ws)
+    big = b"L" * (SCRATCH + 1)
+    messages = [b"a", b"bb", big, "t", b"c", pooled(pool, b"p" * 300), b"", b"d" * SCRATCH]
+    dispatcher.post(delivery.messages, messages)
+    assert dispatcher.run() == len(messages)
+    assert order == [b"a", b"bb", big, "t", b"c", b"p" * 300, b"", b"d" * SCRATCH]
+
+
+def test_a_segment_kept_mid_run_is_released_and_the_run_goes_on() -> None:
+    kept: list[BufferSegment] = []
+    contents: list[bytes] = []
+
+    def on_binary(ws: Any, segment: BufferSegment) -> None:
+        contents.append(bytes(segment))
+        assert not segment.released and all(segment is not k for k in kept)
+        if bytes(segment) == b"keep":
+            kept.append(segment)
+
+    delivery, dispatcher, _ = make(Handlers(on_binary=on_binary))
+    messages = [b"one", b"keep", b"three", b"four", b"keep", b"six"]
+    assert delivery.messages(messages) == 6
+    assert contents == messages
+    assert [(k.released, len(k)) for k in kept] == [(True, 4), (True, 4)]
+    assert kept[0] is not kept[1]
+    assert delivery.messages([b"seven", b"eight"]) == 2  # a fresh segment, lent again
+    assert contents[-2:] == [b"seven", b"eight"]
+
+
+def test_a_raising_callback_mid_run_leaves_the_rest_queued_in_order() -> None:
+    seen: list[bytes] = []
+
+    def on_binary(ws: Any, segment: BufferSegment) -> None:
+        seen.append(bytes(segment))
+        if bytes(segment) == b"boom":
+            raise RuntimeError("handler failed")
+
+    delivery, dispatcher, _ = make(Handlers(on_binary=on_binary))
+    delivery.received(len(b"one boom three four") - 3)
+    dispatcher.post(delivery.messages, [b"one", b"boom", b"three", b"four"])
+    with pytest.raises(RuntimeError, match="handler failed"):
+        dispatcher.run()
+    assert seen == [b"one", b"boom"]
+    assert list(dispatcher.pending) == [(delivery.messages, [b"three", b"four"])]
+    assert dispatcher.run() == 2
+    assert seen == [b"one", b"boom", b"three", b"four"]
+    assert delivery.queued == 0
 
 
 # -- races and interrupts, made deterministic --------------------------------------------

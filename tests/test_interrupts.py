@@ -37,6 +37,7 @@ import pytest
 from memory import MemoryOpener, MemoryTransport, server_frame
 
 import blockws
+from blockws import delivery as delivery_module
 from blockws import dispatcher as dispatcher_module
 from blockws.buffers import BufferPool, BufferSegment
 from blockws.delivery import SCRATCH, Delivery
@@ -242,8 +243,12 @@ class Reads:
             ["t1", b"b2", "t3"],
             [big, BinaryMessage(pooled, 300), "t6"],
             ["t7"],
+            [b"b8", b"b9", b"b10", "t11"],  # a read that starts with a run of small binaries
         ]
-        self.expected = ["t1", b"b2", "t3", big, b"P" * 300, "t6", "t7"]
+        self.expected = [
+            *["t1", b"b2", "t3", big, b"P" * 300, "t6", "t7"],
+            *[b"b8", b"b9", b"b10", "t11"],
+        ]
         self.drained = 0
         self.delivery.on_drained = self._drained
         self.taken: list[Any] = []
@@ -301,12 +306,19 @@ def _check_reads(state: Reads, interrupts: Interrupts) -> None:
     ids=["no budget", "max_callbacks=1", "max_callbacks=2", "max_time"],
 )
 @pytest.mark.parametrize("handlers", [True, False], ids=["callbacks", "inbox"])
+@pytest.mark.parametrize("loop", ["c", "python"])
 def test_interrupt_at_every_point_of_delivery_loses_and_repeats_nothing(
-    handlers: bool, budget: int | str | None
+    handlers: bool, budget: int | str | None, loop: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Probe "data loss on Ctrl-C" (issue 11, item 1), the update() side: the
-    messages of three reads (text, small and large binary, pooled binary),
-    with backpressure paused, interrupted at each eval-breaker point in turn."""
+    messages of four reads (text, small and large binary, pooled binary, a
+    run of small binaries), with backpressure paused, interrupted at each
+    eval-breaker point in turn; with the C loop for runs of small binaries
+    (blockws._speedups.lend_each) and with the pure-Python one."""
+    if loop == "python":
+        monkeypatch.setattr(delivery_module, "_lend_each", None)
+    elif delivery_module._lend_each is None:
+        pytest.skip("the C loop is not in use (BLOCKWS_PURE_PYTHON, or not built)")
     tried = interrupt_everywhere(
         lambda: Reads(handlers, budget), Reads.pump, _check_reads
     )
