@@ -68,12 +68,54 @@
 
 #define RELEASE_GIL_ABOVE 65536
 
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define HAVE_AVX2_MASK 1
+#include <immintrin.h>
+
+/* 32 bytes a step with AVX2, chosen at run time (__builtin_cpu_supports):
+   the plain loop below does 8, and masking is a tenth of a large send. */
+__attribute__((target("avx2"))) static Py_ssize_t
+mask_avx2(unsigned char *out, const unsigned char *in, Py_ssize_t n, const unsigned char *key)
+{
+    Py_ssize_t i = 0;
+    uint32_t k4;
+    memcpy(&k4, key, 4);
+    __m256i k = _mm256_set1_epi32((int)k4);
+    for (; i + 128 <= n; i += 128) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(in + i));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(in + i + 32));
+        __m256i c = _mm256_loadu_si256((const __m256i *)(in + i + 64));
+        __m256i d = _mm256_loadu_si256((const __m256i *)(in + i + 96));
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_xor_si256(a, k));
+        _mm256_storeu_si256((__m256i *)(out + i + 32), _mm256_xor_si256(b, k));
+        _mm256_storeu_si256((__m256i *)(out + i + 64), _mm256_xor_si256(c, k));
+        _mm256_storeu_si256((__m256i *)(out + i + 96), _mm256_xor_si256(d, k));
+    }
+    for (; i + 32 <= n; i += 32) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(in + i));
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_xor_si256(a, k));
+    }
+    return i; /* a multiple of 4: the key lines up again */
+}
+
+static int use_avx2 = -1;
+#endif
+
 static void
 mask_into(unsigned char *out, const unsigned char *in, Py_ssize_t n, const unsigned char *key)
 {
     uint64_t k8;
     unsigned char kb[8];
     Py_ssize_t i = 0;
+#ifdef HAVE_AVX2_MASK
+    if (n >= 256) {
+        if (use_avx2 < 0) {
+            __builtin_cpu_init();
+            use_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+        }
+        if (use_avx2) i = mask_avx2(out, in, n, key);
+    }
+#endif
     for (int j = 0; j < 8; j++) kb[j] = key[j & 3];
     memcpy(&k8, kb, 8);
     for (; i + 8 <= n; i += 8) {

@@ -372,7 +372,12 @@ _PERIOD_256 = bytes((i * 7 + 3) & 0xFF for i in range(256))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("length", [*range(0, 40), 63, 64, 65, 65535, 65536, 65537, 1 << 20])
+@pytest.mark.parametrize(
+    "length",
+    # around the C loop's 256-byte switch to 128- and 32-byte steps, too
+    [*range(0, 40), 63, 64, 65, 255, 256, 257, 259, 287, 288, 291, 383, 384, 385, 415]
+    + [65535, 65536, 65537, 1 << 20],
+)
 def test_mask_implementations_match_the_reference(
     impl: Callable[[bytes, bytes], bytes], length: int
 ) -> None:
