@@ -251,14 +251,22 @@ lend_each(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (!PyBytes_CheckExact(message)) break;
         n = PyBytes_GET_SIZE(message);
         if (n > PyByteArray_GET_SIZE(data)) break;
+        /* Looking on_binary up may run Python code (a property), which could
+           change the list: the message is held meanwhile. */
+        Py_INCREF(message);
         handler = PyObject_GetAttr(ws, str_on_binary);
-        if (handler == NULL) goto done;
-        if (handler == Py_None) {
+        if (handler == NULL) {
+            Py_DECREF(message);
+            goto done;
+        }
+        if (handler == Py_None || PyByteArray_GET_SIZE(data) < n) {
+            Py_DECREF(message);
             Py_DECREF(handler);
             break;
         }
         /* segment.lend(message), in C: ScratchSegment.lend is the reference. */
         memcpy(PyByteArray_AS_STRING(data), PyBytes_AS_STRING(message), n);
+        Py_DECREF(message);
         count = PyLong_FromSsize_t(n);
         if (count == NULL || PyObject_SetAttr(segment, str_count, count) < 0 ||
             PyObject_SetAttr(segment, str_released, Py_False) < 0) {
