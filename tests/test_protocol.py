@@ -497,6 +497,27 @@ class TestEachExampleOnEverySplit:
     ) -> None:
         on_every_split(lambda: round_trip(Role.SERVER, messages, fragment, cuts, pings, mode))
 
+    @settings(max_examples=examples(60), deadline=None, derandomize=True, database=None)
+    @given(
+        sizes=st.lists(st.integers(0, 40_000), min_size=1, max_size=4),
+        fragment=st.integers(3000, 20_000),
+        cuts=st.lists(st.integers(0, 1 << 17), max_size=20),
+        pings=st.lists(st.booleans(), max_size=4),
+        mode=st.sampled_from(MODES),
+    )
+    def test_hypothesis_large_binary_fragments(
+        self,
+        sizes: list[int],
+        fragment: int,
+        cuts: list[int],
+        pings: list[bool],
+        mode: tuple[bool, bool],
+    ) -> None:
+        """Binary messages in fragments around and above the 4 KiB from which
+        the parser passes pieces on as views of the read (Protocol._piece)."""
+        messages: list[TextOrBinary] = [bytes((i * 7 + n) & 0xFF for i in range(n)) for n in sizes]
+        on_every_split(lambda: round_trip(Role.SERVER, messages, fragment, cuts, pings, mode))
+
     @settings(max_examples=examples(40), deadline=None, derandomize=True, database=None)
     @given(
         messages=st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40)), max_size=4),
