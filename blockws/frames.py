@@ -307,6 +307,12 @@ def py_encode_frame(first_byte: int, payload: BytesLike, mask_key: bytes) -> byt
     if len(mask_key) != 4:
         raise ValueError("mask key must be 4 bytes")
     n = len(payload)
+    if n < 126:  # a small frame, every send of a chat or a game: all inline
+        if not n:
+            return bytes((first_byte, 0x80)) + mask_key
+        keys = mask_key * (n >> 2) if not n & 3 else (mask_key * ((n >> 2) + 1))[:n]
+        masked = _from_bytes(payload, "little") ^ _from_bytes(keys, "little")
+        return bytes((first_byte, 0x80 | n)) + mask_key + masked.to_bytes(n, "little")
     header = encode_header(first_byte, n, mask_key)
     if n < _TRANSLATE_FROM:
         return header + py_apply_mask(payload, mask_key)
