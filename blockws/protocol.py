@@ -449,7 +449,10 @@ class Protocol:
         of payload, masking each in the client role. Does not check the state:
         the caller stops sending data once it has sent a close.
         """
-        first, payload = self._encode_payload(opcode, payload, compress)
+        if compress and self.extensions:
+            first, payload = self._encode_payload(opcode, payload, compress)
+        else:
+            first = opcode  # no extension at work: no call (every send passes here)
         size = len(payload)
         keys = self._mask_keys
         if size < 126 and keys is not None and size <= self.max_fragment_size:
