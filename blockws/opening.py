@@ -164,6 +164,29 @@ def _note(exc: BaseException, note: str) -> None:
         add_note(note)
 
 
+def _ended_unanswered(
+    transport: Transport, request: Request, reset: ConnectionLost | None
+) -> InvalidHeader:
+    """The error for a connection that closed (or, ``reset``, was reset) before
+    the handshake response was complete, with advice when it was TLS that
+    ended before any answer."""
+    url = request.parsed_url
+    hint = ""
+    if url.secure and transport.bytes_read == 0:
+        # TLS 1.3: a server refusing our (missing) client certificate often
+        # just closes after the handshake, without an alert.
+        hint = (
+            ": the server ended the TLS connection without answering; if it requires "
+            "a client certificate, pass ssl_context= a context that loaded it "
+            "(ctx.load_cert_chain('client.pem', 'client.key'))"
+        )
+    return InvalidHeader(
+        f"connection to {url.host}:{url.port} "
+        f"{'reset' if reset else 'closed'} before the handshake response "
+        f"was complete{hint}"
+    )
+
+
 def _upgrade_http1(
     transport: Transport,
     request: Request,
@@ -175,7 +198,14 @@ def _upgrade_http1(
     offered = [e.fresh() for e in extensions]
     key = new_key()
     raw = build_request(request, key, offered)
-    transport.write([raw])
+    try:
+        transport.write([raw])
+    except ConnectionLost as exc:
+        if transport.aborted or not request.parsed_url.secure or transport.bytes_read:
+            raise
+        # A TLS server that refused us after its handshake may have reset the
+        # connection before our request went out: as a reset on the read below.
+        raise _ended_unanswered(transport, request, exc) from exc
     if _trace.enabled:
         _trace.request_http1(log.context, raw)
     log.debug("sent upgrade request, headers %s", request.headers.redacted())
@@ -194,21 +224,7 @@ def _upgrade_http1(
         if not data:
             if transport.aborted:
                 raise ConnectionLost("connection aborted during the opening handshake")
-            url = request.parsed_url
-            hint = ""
-            if url.secure and transport.bytes_read == 0:
-                # TLS 1.3: a server refusing our (missing) client certificate
-                # often just closes after the handshake, without an alert.
-                hint = (
-                    ": the server ended the TLS connection without answering; if it requires "
-                    "a client certificate, pass ssl_context= a context that loaded it "
-                    "(ctx.load_cert_chain('client.pem', 'client.key'))"
-                )
-            raise InvalidHeader(
-                f"connection to {url.host}:{url.port} "
-                f"{'reset' if reset else 'closed'} before the handshake response "
-                f"was complete{hint}"
-            ) from reset
+            raise _ended_unanswered(transport, request, reset) from reset
         response = reader.feed(data)
     if _trace.enabled:
         _trace.response(log.context, "1.1", response.status, response.reason, response.headers)

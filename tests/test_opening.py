@@ -285,6 +285,33 @@ def test_eof_without_any_answer_raises() -> None:
     assert "closed before" in str(error)
 
 
+class ResetAtWrite(ServerTransport):
+    """The server reset the connection before the request could be written."""
+
+    def write(self, chunks: Sequence[Any]) -> None:
+        raise blockws.ConnectionLost("connection lost: Connection reset by peer")
+
+
+@pytest.mark.parametrize("url", ["wss://example.invalid:8443/", URL])
+def test_a_reset_as_the_request_is_written(url: str) -> None:
+    """Over TLS 1.3 a server that refuses a missing client certificate closes
+    after its handshake; our request may meet the reset. Over wss:// with
+    nothing read that is the same advice as a close before any answer; over
+    ws:// the ConnectionLost as it is."""
+    connector = FakeConnector(lambda headers: [])
+    connector.transport = ResetAtWrite(lambda headers: [])
+    with pytest.raises(blockws.BlockwsError) as info:
+        run_open(connector, url=url)
+    if url.startswith("wss"):
+        assert type(info.value) is blockws.InvalidHeader, repr(info.value)
+        message = str(info.value)
+        assert "example.invalid:8443 reset before the handshake response" in message
+        assert "client certificate" in message and "load_cert_chain" in message
+        assert isinstance(info.value.__cause__, blockws.ConnectionLost)
+    else:
+        assert type(info.value) is blockws.ConnectionLost, repr(info.value)
+
+
 def test_abort_during_the_handshake_raises_connection_lost() -> None:
     registered: list[Any] = []
 
