@@ -493,12 +493,30 @@ class H2Connection:
         if connection_window > 0:
             self.h2.increment_flow_control_window(connection_window)
             self._recv_window += connection_window
-        self.transport.write([self.h2.data_to_send()])
+        # A reset before the server sent anything is taken as a close then: a
+        # TLS 1.3 server that refused us after its handshake (a missing client
+        # certificate) closes with our preface unread, and the peer's kernel
+        # answers with a reset, which our write or read may meet first.
+        got = 0
+        try:
+            self.transport.write([self.h2.data_to_send()])
+        except ConnectionLost as exc:
+            if self.transport.aborted:
+                raise
+            raise HTTP2Unavailable("connection reset before the server's HTTP/2 SETTINGS") from exc
         settings: dict[int, int] | None = None
         while settings is None:
-            data = self.transport.recv(deadline.remaining())
+            try:
+                data = self.transport.recv(deadline.remaining())
+            except ConnectionLost as exc:
+                if self.transport.aborted or got:
+                    raise
+                raise HTTP2Unavailable(
+                    "connection reset before the server's HTTP/2 SETTINGS"
+                ) from exc
             if not data:
                 raise HTTP2Unavailable("connection closed before the server's HTTP/2 SETTINGS")
+            got += len(data)
             buf = self._inbuf + data
             whole = _whole_frames(buf)
             self._inbuf = buf[whole:]

@@ -725,6 +725,39 @@ def conn(end: ServerEnd) -> Iterator[H2Connection]:
     connection.close()
 
 
+class ResetBeforeSettings(ServerEnd):
+    """A server that reset the connection before sending anything: at the
+    client's first write (``at_write``), or at its first read."""
+
+    def __init__(self, at_write: bool) -> None:
+        super().__init__()
+        self.at_write = at_write
+        self.inbox = queue.Queue()  # no SETTINGS: nothing was sent
+
+    def write(self, chunks: Any) -> None:
+        if self.at_write:
+            raise ConnectionLost("connection lost: Connection reset by peer")
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        raise ConnectionLost("connection lost: Connection reset by peer")
+
+
+@pytest.mark.parametrize("at_write", [True, False], ids=["at the write", "at the read"])
+def test_a_reset_before_the_servers_settings_is_a_close(at_write: bool) -> None:
+    """As a close before SETTINGS: HTTP/2 unavailable (not refused), so the
+    opening falls back to HTTP/1.1, which says what the refusal may mean
+    (a TLS 1.3 server refusing a missing client certificate resets so)."""
+    end = ResetBeforeSettings(at_write)
+    connection = H2Connection(end, ("cov",), HTTP2Settings())  # type: ignore[arg-type]
+    with pytest.raises(HTTP2Unavailable, match="reset before the server's HTTP/2 SETTINGS") as info:
+        connection.handshake(Deadline(5.0))
+    assert not info.value.refused
+    assert isinstance(info.value.__cause__, ConnectionLost)
+    end.aborted = True  # our own abort: the ConnectionLost as it is
+    with pytest.raises(ConnectionLost):
+        H2Connection(end, ("cov",), HTTP2Settings()).handshake(Deadline(5.0))  # type: ignore[arg-type]
+
+
 def open_stream(conn: H2Connection, deadline: float = 5.0) -> H2Stream:
     request = Request("ws://example.com/")
     conn.reserved += 1  # what the pool does before open_stream
