@@ -418,10 +418,60 @@ def child_overrun(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def child_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """The client's CPU per message of the JSON load (wss:// + deflate), with
+    no game: the loop sleeps in ``ws.wait()`` and calls ``update()`` when it
+    wakes. ``--mode count`` only counts each message; ``--mode loads`` parses
+    it with ``json.loads`` too, as the game-loop row's callback does. The CPU
+    is the whole process's (reader thread, TLS, inflating, callbacks) from
+    the request to the server's ``done``."""
+    import blockws
+
+    got = [0]
+    done: list[int] = []
+    loads = json.loads if args.mode == "loads" else None
+
+    def on_message(ws: Any, text: str) -> None:
+        if text.startswith("done "):
+            done.append(int(text.split()[1]))
+            return
+        got[0] += 1
+        if loads is not None:
+            loads(text)
+
+    ws = blockws.connect(
+        args.url, timeout=10, on_message=on_message, http2=False,
+        ssl_context=ssl.create_default_context(cafile=args.cafile),
+    )  # fmt: skip
+    c0, t0 = cpu_seconds(), perf()
+    ws.send(f"json {args.rate} {args.seconds}")
+    deadline = t0 + args.seconds * 4 + 5
+    while not done and perf() < deadline:
+        if ws.wait(0.05):
+            ws.update()
+    cpu, elapsed = cpu_seconds() - c0, perf() - t0
+    ws.abort()
+    ws.join(5)
+    ws.update()
+    return {
+        "mode": args.mode,
+        "rate": args.rate,
+        "msgs": got[0],
+        "sent": sum(done),
+        "us_per_msg": cpu / max(1, got[0]) * 1e6,
+        "client_cpu_pct": 100 * cpu / elapsed,
+    }
+
+
 def child(args: argparse.Namespace) -> None:
     if args.cpus:
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
-    fn = {"idle": child_update_idle, "latency": child_latency, "overrun": child_overrun}[args.test]
+    fn = {
+        "idle": child_update_idle,
+        "latency": child_latency,
+        "overrun": child_overrun,
+        "cost": child_cost,
+    }[args.test]
     result = fn(args)
     result["test"] = args.test
     print(json.dumps(result))
@@ -531,6 +581,17 @@ def run_all(
                 "60 Hz, wss:// + deflate, 100 k msgs/s of ~64 B JSON, update(max_time=2 ms)",
                 [*tls, "--load", "json", "--rate", "100000"],
             )
+            # What the JSON row costs without a game: blockws alone (a
+            # counting callback), then with the row's json.loads.
+            for mode, label in (("count", "a counting callback"), ("loads", "json.loads")):
+                go(
+                    f"CPU per message, wss:// + deflate, ~64 B JSON, {label}",
+                    [
+                        "--test", "cost", "--url", f"wss://127.0.0.1:{tls_port}/",
+                        "--cafile", os.path.join(certdir, "ca.pem"), "--mode", mode,
+                        "--rate", "100000", "--seconds", str(seconds),
+                    ],
+                )  # fmt: skip
             go(
                 "60 Hz, wss:// + deflate, a 256 KiB snapshot 60 times a second, "
                 "update(max_time=2 ms)",
@@ -604,6 +665,27 @@ def report(rows: list[dict[str, Any]]) -> str:
                     ("msgs_per_frame_p50", "msgs/frame", ".0f"),
                     ("msgs", "msgs", "d"),
                     ("frames", "frames", "d"),
+                    ("client_cpu_pct", "client CPU %", ".0f"),
+                ],
+            ),
+        ]
+    cost = by_test.get("cost", [])
+    if cost:
+        # What a 60 Hz game with WORK_MS of work a frame leaves the messages.
+        left = (1 - WORK_MS * FPS / 1e3) * 1e6 / cost[0]["rate"]
+        out += [
+            "",
+            f"CPU per message of the JSON load, no game (a loop in `ws.wait()`): the game "
+            f"row's {WORK_MS:.0f} ms a frame at {FPS:.0f} Hz leaves one CPU {left:.2f} us "
+            f"a message at {cost[0]['rate'] // 1000} k msgs/s:",
+            "",
+            table(
+                cost,
+                [
+                    ("name", "load", "s"),
+                    ("us_per_msg", "client CPU us/msg", ".2f"),
+                    ("msgs", "msgs", "d"),
+                    ("sent", "msgs sent", "d"),
                     ("client_cpu_pct", "client CPU %", ".0f"),
                 ],
             ),

@@ -40,6 +40,27 @@
  * that frame, for the general parser to handle (and to fail on): so it never
  * raises a protocol error itself, and cannot change the order errors are found in.
  *
+ * inflate_run(buf, pos, decomp, room, limit, budget, inflated, out, wrap, join_max)
+ * -> (pos, inflated, error, detail): the receive path's loop for whole
+ * compressed text messages, each in one frame (permessage-deflate with context
+ * takeover; the pure-Python loop is Protocol._split_deflated with
+ * PerMessageDeflate.decode, the reference: the two must agree, errors and
+ * their order included). From ``buf[pos:]``, while a frame's first byte is
+ * 0xC1 (FIN, RSV1, text), its MASK bit clear, its length 7- or 16-bit, its
+ * payload whole and 1 to ``join_max`` bytes long, and ``budget`` (-1: none)
+ * not spent (``inflated`` is what this read inflated so far): it calls
+ * ``decomp.decompress(payload + 00 00 ff ff, room + 1)`` on the zlib
+ * decompress object ``decomp``, adds the length inflated to ``inflated``,
+ * checks it, decodes it as UTF-8, appends it to ``out`` (through
+ * ``wrap(text)`` unless ``wrap`` is None), and goes on; after a message that
+ * ended the deflate stream (``decomp.eof``) it stops, as the next one needs a
+ * new stream. ``error`` is 0, or the first fault found, with the frame that
+ * had it consumed (the connection fails on it, so the stream's state after
+ * it does not matter): 1, more than ``room`` bytes (or input left over); 2,
+ * data after the final deflate block; 3, zlib refused the data (``detail``:
+ * its message); 4, more than ``limit`` bytes (-1: no limit); 5, not UTF-8
+ * (``detail``: the decoder's reason). Other exceptions propagate.
+ *
  * gated_recv(sock, size) -> bytes and gated_recv_into(sock, buffer) -> int: a
  * reader thread's blocking recv() (POSIX), which, once data has come, waits
  * for the GIL behind one process-wide gate. A thread waiting for the GIL wakes
@@ -362,6 +383,198 @@ error:
     return NULL;
 }
 
+static PyObject *str_decompress = NULL, *str_unconsumed_tail = NULL, *str_eof = NULL,
+                *str_unused_data = NULL, *str_reason = NULL, *zlib_error = NULL;
+
+/* The fault found in a message, with the detail (a str) or NULL. */
+static PyObject *
+run_result(Py_ssize_t pos, Py_ssize_t inflated, int error, PyObject *detail)
+{
+    if (detail == NULL) {
+        detail = Py_None;
+        Py_INCREF(detail);
+    }
+    return Py_BuildValue("nniN", pos, inflated, error, detail);
+}
+
+static PyObject *
+inflate_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *buf, *decomp, *out, *wrap, *max_length = NULL, *result = NULL;
+    Py_ssize_t pos, end, room, limit, budget, inflated, join_max;
+    Py_buffer view;
+    const unsigned char *p;
+    int error = 0;
+    PyObject *detail = NULL;
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "inflate_run() takes 10 arguments");
+        return NULL;
+    }
+    buf = args[0];
+    decomp = args[2];
+    out = args[7];
+    wrap = args[8];
+    if (!PyList_CheckExact(out)) {
+        PyErr_SetString(PyExc_TypeError, "inflate_run: out must be a list");
+        return NULL;
+    }
+    if (wrap == Py_None) wrap = NULL;
+    pos = PyLong_AsSsize_t(args[1]);
+    room = PyLong_AsSsize_t(args[3]);
+    limit = PyLong_AsSsize_t(args[4]);
+    budget = PyLong_AsSsize_t(args[5]);
+    inflated = PyLong_AsSsize_t(args[6]);
+    join_max = PyLong_AsSsize_t(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    if (room < 0 || room >= PY_SSIZE_T_MAX) {
+        PyErr_SetString(PyExc_ValueError, "inflate_run: room out of range");
+        return NULL;
+    }
+    if (zlib_error == NULL) {
+        /* The zlib module's error, found once (decomp's module is zlib). */
+        PyObject *zlib = PyImport_ImportModule("zlib");
+        if (zlib == NULL) return NULL;
+        zlib_error = PyObject_GetAttrString(zlib, "error");
+        Py_DECREF(zlib);
+        if (zlib_error == NULL) return NULL;
+    }
+    if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0) return NULL;
+    end = view.len;
+    if (pos < 0 || pos > end) {
+        PyErr_SetString(PyExc_ValueError, "pos out of range");
+        goto done;
+    }
+    max_length = PyLong_FromSsize_t(room + 1);
+    if (max_length == NULL) goto done;
+    p = (const unsigned char *)view.buf;
+    while (end - pos >= 2 && p[pos] == 0xC1) {
+        Py_ssize_t n = p[pos + 1], start = pos + 2, got;
+        PyObject *data, *chunk, *attr, *text, *call[3];
+        int eof;
+        if (budget >= 0 && inflated && inflated >= budget) break;
+        if (n >= 126) {
+            if (n != 126 || end - pos < 4) break; /* a mask bit, a 64-bit length, or cut short */
+            n = ((Py_ssize_t)p[pos + 2] << 8) | p[pos + 3];
+            start = pos + 4;
+        }
+        if (n > end - start || n < 1 || n > join_max) break;
+        data = PyBytes_FromStringAndSize(NULL, n + 4);
+        if (data == NULL) goto done;
+        memcpy(PyBytes_AS_STRING(data), p + start, n);
+        memcpy(PyBytes_AS_STRING(data) + n, "\x00\x00\xff\xff", 4);
+        call[0] = decomp;
+        call[1] = data;
+        call[2] = max_length;
+        chunk = PyObject_VectorcallMethod(str_decompress, call,
+                                          3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(data);
+        pos = start + n;
+        if (chunk == NULL) {
+            PyObject *type, *value, *tb;
+            if (!PyErr_ExceptionMatches(zlib_error)) goto done;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            detail = value != NULL ? PyObject_Str(value) : NULL;
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            if (detail == NULL) goto done;
+            error = 3;
+            break;
+        }
+        if (!PyBytes_Check(chunk)) {
+            Py_DECREF(chunk);
+            PyErr_SetString(PyExc_TypeError, "inflate_run: decompress() returned no bytes");
+            goto done;
+        }
+        got = PyBytes_GET_SIZE(chunk);
+        attr = PyObject_GetAttr(decomp, str_unconsumed_tail);
+        if (attr == NULL) {
+            Py_DECREF(chunk);
+            goto done;
+        }
+        eof = PyObject_IsTrue(attr); /* input left over: the room was filled */
+        Py_DECREF(attr);
+        if (eof < 0) {
+            Py_DECREF(chunk);
+            goto done;
+        }
+        if (eof || got > room) {
+            Py_DECREF(chunk);
+            error = 1;
+            break;
+        }
+        attr = PyObject_GetAttr(decomp, str_eof);
+        if (attr == NULL) {
+            Py_DECREF(chunk);
+            goto done;
+        }
+        eof = PyObject_IsTrue(attr);
+        Py_DECREF(attr);
+        if (eof < 0) {
+            Py_DECREF(chunk);
+            goto done;
+        }
+        if (eof) {
+            /* A block with BFINAL set: only the tail may follow it. */
+            int tail_only;
+            attr = PyObject_GetAttr(decomp, str_unused_data);
+            if (attr == NULL) {
+                Py_DECREF(chunk);
+                goto done;
+            }
+            tail_only = PyBytes_Check(attr) && PyBytes_GET_SIZE(attr) == 4 &&
+                        memcmp(PyBytes_AS_STRING(attr), "\x00\x00\xff\xff", 4) == 0;
+            Py_DECREF(attr);
+            if (!tail_only) {
+                Py_DECREF(chunk);
+                error = 2;
+                break;
+            }
+        }
+        inflated += got;
+        if (limit >= 0 && got > limit) {
+            Py_DECREF(chunk);
+            error = 4;
+            break;
+        }
+        text = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(chunk), got, NULL);
+        Py_DECREF(chunk);
+        if (text == NULL) {
+            PyObject *type, *value, *tb;
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) goto done;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            detail = value != NULL ? PyObject_GetAttr(value, str_reason) : NULL;
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            if (detail == NULL) goto done;
+            error = 5;
+            break;
+        }
+        if (wrap != NULL) {
+            PyObject *wrapped = PyObject_CallOneArg(wrap, text);
+            Py_DECREF(text);
+            if (wrapped == NULL) goto done;
+            text = wrapped;
+        }
+        if (PyList_Append(out, text) < 0) {
+            Py_DECREF(text);
+            goto done;
+        }
+        Py_DECREF(text);
+        if (eof) break; /* the stream ended: the next message starts a new one */
+    }
+    result = run_result(pos, inflated, error, detail);
+    detail = NULL;
+done:
+    Py_XDECREF(detail);
+    Py_XDECREF(max_length);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 #ifdef HAVE_GATED_RECV
 static PyThread_type_lock gate = NULL;
 
@@ -462,6 +675,8 @@ static PyMethodDef methods[] = {
      "One whole masked frame: the header for the payload with the key, then the masked payload."},
     {"lend_each", (PyCFunction)(void (*)(void))lend_each, METH_FASTCALL,
      "on_binary for a run of small binary messages through one lent segment."},
+    {"inflate_run", (PyCFunction)(void (*)(void))inflate_run, METH_FASTCALL,
+     "Inflate the whole compressed text messages at buf[pos:] into out; see the module's doc."},
     {"split_messages", split_messages, METH_VARARGS,
      "Append the whole small unfragmented data messages at buf[pos:] to out; return the end."},
 #ifdef HAVE_GATED_RECV
@@ -488,6 +703,16 @@ PyInit__speedups(void)
         str_released = PyUnicode_InternFromString("_released");
         if (str_on_binary == NULL || str_data == NULL || str_count == NULL ||
             str_released == NULL)
+            return NULL;
+    }
+    if (str_decompress == NULL) {
+        str_decompress = PyUnicode_InternFromString("decompress");
+        str_unconsumed_tail = PyUnicode_InternFromString("unconsumed_tail");
+        str_eof = PyUnicode_InternFromString("eof");
+        str_unused_data = PyUnicode_InternFromString("unused_data");
+        str_reason = PyUnicode_InternFromString("reason");
+        if (str_decompress == NULL || str_unconsumed_tail == NULL || str_eof == NULL ||
+            str_unused_data == NULL || str_reason == NULL)
             return NULL;
     }
 #ifdef HAVE_GATED_RECV

@@ -3,6 +3,18 @@ from typing import Any, Callable
 def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes: ...
 def encode_frame(first_byte: int, payload: bytes | bytearray | memoryview, key: bytes) -> bytes: ...
 def lend_each(messages: list[Any], ws: Any, segment: Any, progress: list[int]) -> int: ...
+def inflate_run(
+    buf: bytes,
+    pos: int,
+    decomp: Any,
+    room: int,
+    limit: int,
+    budget: int,
+    inflated: int,
+    out: list[Any],
+    wrap: Callable[[str], Any] | None,
+    join_max: int,
+) -> tuple[int, int, int, Any]: ...
 def split_messages(
     buf: bytes | bytearray | memoryview,
     pos: int,

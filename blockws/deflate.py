@@ -36,11 +36,12 @@ growing memory by its inflated size.
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
-from typing import Any
+from typing import Any, Callable
 
-from .exceptions import MessageTooBig, NegotiationError, ProtocolError
+from .exceptions import InvalidPayload, MessageTooBig, NegotiationError, ProtocolError
 from .extensions import Extension, ExtensionParams
 from .frames import RSV1
 
@@ -50,6 +51,24 @@ _TAIL = b"\x00\x00\xff\xff"
 #: The last piece of a message is inflated together with the tail, in one call,
 #: up to this size (joining copies the piece; beyond it, two calls cost less).
 _JOIN_TAIL = 8192
+#: The C loop for runs of whole compressed text messages (blockws._speedups.
+#: inflate_run; see PerMessageDeflate.decode_run), or None: without the C
+#: speedups, or with ``BLOCKWS_PURE_PYTHON`` set, the parser decodes each
+#: message with decode(), the reference. Looked up per call, so that tests can
+#: run either.
+_inflate_run: (
+    Callable[
+        [bytes, int, Any, int, int, int, int, list[Any], Callable[[str], Any] | None, int],
+        tuple[int, int, int, Any],
+    ]
+    | None
+)
+try:
+    from ._speedups import inflate_run as _inflate_run
+except ImportError:  # pragma: no cover - the C speedups are not built
+    _inflate_run = None
+if os.environ.get("BLOCKWS_PURE_PYTHON"):
+    _inflate_run = None
 _SYNC_FLUSH = zlib.Z_SYNC_FLUSH
 _FULL_FLUSH = zlib.Z_FULL_FLUSH
 _BITS = re.compile(r"[1-9][0-9]?\Z")
@@ -299,6 +318,56 @@ class PerMessageDeflate(Extension):
             # A finished stream inflates nothing more: the next message starts a new one.
             self._decompressor = None
         return out
+
+    def decode_run(
+        self,
+        buf: bytes,
+        pos: int,
+        room: int,
+        limit: int | None,
+        budget: int | None,
+        inflated: int,
+        out: list[Any],
+        wrap: Callable[[str], Any] | None,
+    ) -> tuple[int, int]:
+        """Inflate a run of whole compressed text messages in C (see
+        :meth:`Extension.decode_run`), when the C speedups are built and the
+        server keeps its context between messages (each message then
+        continues the one stream, which decode() shares); else nothing."""
+        run = _inflate_run
+        if run is None or not self._recv_takeover:
+            return pos, inflated
+        decomp = self._decompressor
+        if decomp is None:
+            decomp = self._decompressor = zlib.decompressobj(-self._recv_bits)
+        pos, inflated, error, detail = run(
+            buf,
+            pos,
+            decomp,
+            room,
+            -1 if limit is None else limit,
+            -1 if budget is None else budget,
+            inflated,
+            out,
+            wrap,
+            _JOIN_TAIL,
+        )
+        if decomp.eof:
+            # A finished stream inflates nothing more: the next message starts
+            # a new one (as decode() does).
+            self._decompressor = None
+        if error:
+            # decode()'s faults, then the parser's (Protocol._split_deflated).
+            if error == 1:
+                raise MessageTooBig(f"inflated message exceeds the {room} bytes left")
+            if error == 2:
+                raise ProtocolError("permessage-deflate: data after the final deflate block")
+            if error == 3:
+                raise ProtocolError(f"permessage-deflate: invalid compressed data: {detail}")
+            if error == 4:
+                raise MessageTooBig(f"decoded message exceeds max_message_size={limit}")
+            raise InvalidPayload(f"text message is not valid UTF-8: {detail}")
+        return pos, inflated
 
     def close(self) -> None:
         """Free the compressor and decompressor (tens of KiB) once the socket ended;

@@ -24,8 +24,8 @@ and a socket offers it by default.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from typing import Union
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 __all__ = ["Extension", "parse_extension_header", "ExtensionParams"]
 
@@ -89,6 +89,30 @@ class Extension:
         work sooner).
         """
         return data
+
+    def decode_run(
+        self,
+        buf: bytes,
+        pos: int,
+        room: int,
+        limit: int | None,
+        budget: int | None,
+        inflated: int,
+        out: list[Any],
+        wrap: Callable[[str], Any] | None,
+    ) -> tuple[int, int]:
+        """A fast path for the parser, optional: decode a run of whole messages,
+        each in one frame whose first byte is ``0xC1`` (text, FIN, all of
+        :attr:`rsv_bits`; only asked of an extension that :attr:`claims_by_rsv`
+        ``RSV1``), from ``buf[pos:]``, appending each as ``str`` (through
+        ``wrap`` unless it is None) to ``out``; returns ``(pos, inflated)``,
+        where it stopped and ``inflated`` plus the bytes decoded. It must do
+        exactly what ``decode(payload, True, room)`` and the parser's checks
+        would, frame after frame: at most ``limit`` bytes a message, the
+        parser's UTF-8 check, the same exceptions in the same order, and no
+        frame once ``inflated`` reached ``budget``. The default decodes
+        nothing: ``(pos, inflated)``."""
+        return pos, inflated
 
     def close(self) -> None:
         """The socket has ended: free per-connection state (compressors, ...).

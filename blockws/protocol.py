@@ -299,6 +299,7 @@ class Protocol:
         "_f_remaining",
         "_fast",
         "_whole_decode",
+        "_whole_run",
         "_inflated",
         "_m_buf",
         "_m_decoder",
@@ -373,6 +374,10 @@ class Protocol:
             and not self._expect_mask
             else None
         )  # fmt: skip
+        # Its own loop over such frames, if it has one (Extension.decode_run).
+        self._whole_run: Callable[..., tuple[int, int]] | None = (
+            only.decode_run if only is not None and self._whole_decode is not None else None
+        )
         self._allowed_rsv = 0
         for ext in self.extensions:
             self._allowed_rsv |= ext.rsv_bits
@@ -681,7 +686,16 @@ class Protocol:
         budget = self.inflate_budget
         wrap = None if self.compact_messages else TextMessage
         append = events.append
+        run = self._whole_run
         while end - pos >= 2 and buf[pos] == 0xC1:
+            if run is not None:
+                # The extension's own loop (PerMessageDeflate's, in C), which
+                # does what this one does; it stops at what it does not take.
+                pos, self._inflated = run(
+                    buf, pos, room, limit, budget, self._inflated, events, wrap
+                )
+                if end - pos < 2 or buf[pos] != 0xC1:
+                    break
             if budget is not None and self._inflated and self._inflated >= budget:
                 break  # the general path sets ``more``
             n = buf[pos + 1]

@@ -118,11 +118,15 @@ def test_harness_produces_a_row_for_every_client_and_workload(tmp_path: Path) ->
     errors = [r["error"][-600:] for r in data["gameloop"] if "error" in r]
     assert not errors, "\n".join(errors)
     assert tests.count("idle") == 1 and tests.count("latency") == 4 and tests.count("overrun") == 9
+    costs = [r for r in data["gameloop"] if r.get("test") == "cost"]
+    assert [r["mode"] for r in costs] == ["count", "loads"]
+    assert all(r["msgs"] > 0 and r["msgs"] == r["sent"] and r["us_per_msg"] > 0 for r in costs)
 
     md = out_md.read_text()
     for name in WORKLOADS:
         assert f"## {name}:" in md
     assert "Game-loop fitness" in md and "Server headroom" in md
+    assert "CPU per message of the JSON load" in md
     assert "Builds (what each client's children had loaded)" in md
     assert "blockws only" in md
 

@@ -13,6 +13,8 @@ deflate data, RSV bits on a continuation).
 
 from __future__ import annotations
 
+import os
+import random
 import struct
 import zlib
 from typing import Any
@@ -21,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import blockws.deflate as deflate_module
 from blockws.deflate import PerMessageDeflate
 from blockws.frames import RSV1
 from blockws.protocol import (
@@ -34,6 +37,22 @@ from blockws.protocol import (
 )
 
 pytestmark = pytest.mark.unit
+
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both loops of the fast path: the C one
+    (blockws._speedups.inflate_run, through PerMessageDeflate.decode_run) and
+    the pure-Python reference (decode() per message)."""
+    if request.param == "python":
+        monkeypatch.setattr(deflate_module, "_inflate_run", None)
+    elif deflate_module._inflate_run is None:
+        if os.environ.get("BLOCKWS_PURE_PYTHON"):
+            pytest.skip("the C loop is off (BLOCKWS_PURE_PYTHON)")
+        pytest.fail("the C speedups are not built")
+    return str(request.param)
+
 
 KEY = b"\x01\x02\x03\x04"
 TAIL = b"\x00\x00\xff\xff"
@@ -75,10 +94,23 @@ class Server:
             body = self.deflate(raw)
             half = len(body) // 2
             return frame(0x41, body[:half]) + frame(0x80, body[half:])
+        if kind == "final":  # ends in a block with BFINAL set: a new stream follows
+            body = self.comp.compress(raw) + self.comp.flush(zlib.Z_FINISH)
+            self.comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+            return frame(0xC1, body)
+        if kind == "large":  # compresses to more than one inflate call takes
+            noise = random.Random(len(raw)).randbytes(12_000).hex()
+            return frame(0xC1, self.deflate((text + noise).encode()))
+        if kind == "empty":  # no payload at all: inflates to ""
+            return frame(0xC1, b"")
         if kind == "ping":
             return frame(0x89, raw[:125])
         if kind == "bad-utf8":
             return frame(0xC1, self.deflate(b"ok \xff\xfe"))
+        if kind == "after-final":  # bytes after the final block
+            body = self.comp.compress(raw) + self.comp.flush(zlib.Z_FINISH)
+            self.comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+            return frame(0xC1, body + b"\x00")
         if kind == "corrupt":
             return frame(0xC1, b"\xff\xff\xff\xff" + raw)
         if kind == "rsv-continuation":
@@ -109,7 +141,7 @@ def summary(events: list[Any]) -> list[tuple[Any, ...]]:
         elif isinstance(e, (Ping, Pong)):
             out.append((type(e).__name__, e.payload))
         elif isinstance(e, Failure):
-            out.append(("failure", type(e.error).__name__, e.error.close_code))
+            out.append(("failure", type(e.error).__name__, e.error.close_code, str(e.error)))
         else:
             out.append(("other", repr(e)))
     return out
@@ -135,8 +167,10 @@ def run(proto: Protocol, data: bytes, cuts: list[int], budget: int | None) -> li
     return events
 
 
-KINDS = ["text"] * 6 + ["text64", "plain", "binary", "fragmented", "ping"]
-FAULTS = ["bad-utf8", "corrupt", "rsv-continuation"]
+KINDS = ["text"] * 6 + [
+    "final", "large", "empty", "text64", "plain", "binary", "fragmented", "ping"
+]
+FAULTS = ["bad-utf8", "corrupt", "after-final", "rsv-continuation"]
 
 texts = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",)), min_size=0, max_size=300
@@ -201,11 +235,14 @@ def test_the_fast_path_fails_as_the_general_path_does() -> None:
         data = server.piece("text", "fine") + server.piece(kind, "x" * 20)
         data += server.piece("text", "never")
         events = summary(client(True, compact_messages=True).receive_data(data))
-        assert events == [("text", "fine"), ("failure", error, code)]
+        assert [e[:3] for e in events] == [("text", "fine"), ("failure", error, code)]
     server = Server()
     data = server.piece("text", "x" * 50) + server.piece("text", "y" * 500)
     events = summary(client(True, compact_messages=True, max_message_size=100).receive_data(data))
-    assert events == [("text", "x" * 50), ("failure", "MessageTooBig", 1009)]
+    assert events == [
+        ("text", "x" * 50),
+        ("failure", "MessageTooBig", 1009, "inflated message exceeds the 100 bytes left"),
+    ]
 
 
 def test_the_fast_path_stops_at_the_inflate_budget() -> None:
@@ -229,3 +266,35 @@ def test_no_fast_path_without_deflate_or_in_the_server_role() -> None:
     assert Protocol(Role.SERVER, extensions=[ext])._whole_decode is None
     assert client(True)._whole_decode is not None
     assert RSV1 == 0x40
+
+
+def test_whole_messages_go_through_the_c_loop_when_built(
+    loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the C loop, a run of whole compressed text messages is inflated
+    without one decode() call; a message ending the deflate stream (BFINAL)
+    and one too large to inflate in one call go through decode(), and the
+    stream carries on. Without it, decode() takes every message."""
+    calls: list[int] = []
+    original = PerMessageDeflate.decode
+
+    def counting(self: PerMessageDeflate, data: bytes, end: bool, limit: int) -> bytes:
+        calls.append(len(data))
+        return original(self, data, end, limit)
+
+    monkeypatch.setattr(PerMessageDeflate, "decode", counting)
+    server = Server()
+    proto = client(True, compact_messages=True)
+    data = b"".join(server.piece("text", f"message {i}") for i in range(50))
+    assert proto.receive_data(data) == [f"message {i}" for i in range(50)]
+    assert len(calls) == (0 if loop == "c" else 50)
+    calls.clear()
+    data = server.piece("final", "end") + server.piece("text", "new stream")
+    data += server.piece("large", "big") + server.piece("text", "after")
+    events = proto.receive_data(data)
+    assert events[:2] == ["end", "new stream"] and events[3] == "after"
+    assert events[2].startswith("big") and len(events[2]) == 24_003
+    # The C loop: "end" inflates there and stops it, the parser's own loop
+    # takes the next frame ("new stream", the first of the new stream), and
+    # "big" (over 8 KiB compressed) is decode()'s too; "after" is C's again.
+    assert len(calls) == (2 if loop == "c" else 4)
