@@ -383,6 +383,9 @@ error:
     return NULL;
 }
 
+/* inflate_run's first output size for a message (see there). */
+#define FIRST_INFLATE 4096
+
 static PyObject *str_decompress = NULL, *str_unconsumed_tail = NULL, *str_eof = NULL,
                 *str_unused_data = NULL, *str_reason = NULL, *zlib_error = NULL;
 
@@ -400,8 +403,9 @@ run_result(Py_ssize_t pos, Py_ssize_t inflated, int error, PyObject *detail)
 static PyObject *
 inflate_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *buf, *decomp, *out, *wrap, *max_length = NULL, *result = NULL;
-    Py_ssize_t pos, end, room, limit, budget, inflated, join_max;
+    PyObject *buf, *decomp, *out, *wrap, *first_length = NULL, *result = NULL;
+    Py_ssize_t pos, end, room, limit, budget, inflated, join_max, first;
+    int followed;
     Py_buffer view;
     const unsigned char *p;
     int error = 0;
@@ -444,8 +448,9 @@ inflate_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "pos out of range");
         goto done;
     }
-    max_length = PyLong_FromSsize_t(room + 1);
-    if (max_length == NULL) goto done;
+    first_length = PyLong_FromSsize_t(room + 1 < FIRST_INFLATE ? room + 1 : FIRST_INFLATE);
+    if (first_length == NULL) goto done;
+    first = PyLong_AsSsize_t(first_length);
     p = (const unsigned char *)view.buf;
     while (end - pos >= 2 && p[pos] == 0xC1) {
         Py_ssize_t n = p[pos + 1], start = pos + 2, got;
@@ -462,13 +467,44 @@ inflate_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (data == NULL) goto done;
         memcpy(PyBytes_AS_STRING(data), p + start, n);
         memcpy(PyBytes_AS_STRING(data) + n, "\x00\x00\xff\xff", 4);
+        /* At most ``first`` bytes at first: zlib's first output buffer is
+           as large as the limit allows, up to 32 KiB, and allocating that
+           for every small message was a third of its inflating. Output that
+           fills it is followed up from the unconsumed input, up to the room. */
         call[0] = decomp;
         call[1] = data;
-        call[2] = max_length;
+        call[2] = first_length;
         chunk = PyObject_VectorcallMethod(str_decompress, call,
                                           3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
         Py_DECREF(data);
         pos = start + n;
+        followed = 0;
+        if (chunk != NULL && PyBytes_Check(chunk) && PyBytes_GET_SIZE(chunk) == first &&
+            first < room + 1) {
+            /* The first buffer is full: the rest, up to the room, in one more
+               call (the same as one call with the room as the limit). */
+            PyObject *rest, *more, *ask;
+            followed = 1;
+            rest = PyObject_GetAttr(decomp, str_unconsumed_tail);
+            ask = rest != NULL ? PyLong_FromSsize_t(room + 1 - first) : NULL;
+            more = NULL;
+            if (ask != NULL) {
+                call[1] = rest;
+                call[2] = ask;
+                more = PyObject_VectorcallMethod(str_decompress, call,
+                                                 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            }
+            Py_XDECREF(rest);
+            Py_XDECREF(ask);
+            if (more != NULL && !PyBytes_Check(more)) {
+                Py_CLEAR(more);
+                PyErr_SetString(PyExc_TypeError, "inflate_run: decompress() returned no bytes");
+            }
+            if (more == NULL && !PyErr_ExceptionMatches(zlib_error))
+                Py_CLEAR(chunk); /* raised: propagates */
+            else
+                PyBytes_ConcatAndDel(&chunk, more); /* NULL more: chunk too (zlib's error) */
+        }
         if (chunk == NULL) {
             PyObject *type, *value, *tb;
             if (!PyErr_ExceptionMatches(zlib_error)) goto done;
@@ -495,6 +531,14 @@ inflate_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         eof = PyObject_IsTrue(attr); /* input left over: the room was filled */
         Py_DECREF(attr);
+        if (eof > 0 && followed && got <= room) {
+            /* A follow-up call that reached the stream's end keeps its input
+               there as well as in unused_data (CPython's zlib): what counts
+               is whether the end came. */
+            attr = PyObject_GetAttr(decomp, str_eof);
+            eof = attr == NULL ? -1 : !PyObject_IsTrue(attr);
+            Py_XDECREF(attr);
+        }
         if (eof < 0) {
             Py_DECREF(chunk);
             goto done;
@@ -570,7 +614,7 @@ inflate_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     detail = NULL;
 done:
     Py_XDECREF(detail);
-    Py_XDECREF(max_length);
+    Py_XDECREF(first_length);
     PyBuffer_Release(&view);
     return result;
 }

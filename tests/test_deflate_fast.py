@@ -298,3 +298,23 @@ def test_whole_messages_go_through_the_c_loop_when_built(
     # takes the next frame ("new stream", the first of the new stream), and
     # "big" (over 8 KiB compressed) is decode()'s too; "after" is C's again.
     assert len(calls) == (2 if loop == "c" else 4)
+
+
+@pytest.mark.parametrize("limit", [None, 4095, 4096, 4097, 4999, 5000, 5001, 20_000])
+@pytest.mark.parametrize("kind", ["text", "final"])
+@pytest.mark.parametrize("size", [4095, 4096, 4097, 5000])
+def test_messages_around_the_first_inflate_size(limit: int | None, kind: str, size: int) -> None:
+    """The C loop inflates at most 4 KiB of a message at first, then the rest up
+    to the room in a second call: messages on either side of that, each ending
+    in a sync flush or a final block, under limits on either side of their
+    size, come out (or fail) as in the general path."""
+    text = "é" * (size // 2) + "a" * (size % 2)
+    assert len(text.encode()) == size
+    server = Server()
+    data = server.piece("text", "before") + server.piece(kind, text) + server.piece("text", "after")
+    fast = summary(client(True, max_message_size=limit).receive_data(data))
+    assert fast == summary(client(False, max_message_size=limit).receive_data(data))
+    if limit is None or limit >= size:
+        assert fast == [("text", "before"), ("text", text), ("text", "after")]
+    else:
+        assert fast[0] == ("text", "before") and fast[1][:3] == ("failure", "MessageTooBig", 1009)
