@@ -30,6 +30,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, Callable
 
+from blockws import deflate as deflate_mod
 from blockws import frames as frames_mod
 from blockws import protocol as protocol_mod
 from blockws.deflate import PerMessageDeflate
@@ -184,13 +185,20 @@ _MAX_MESSAGE = 4096
 
 
 def _run_protocol(
-    mode: int, pieces: Iterator[bytes], mask: Callable[..., bytes], general: bool = False
+    mode: int,
+    pieces: Iterator[bytes],
+    mask: Callable[..., bytes],
+    general: bool = False,
+    c_inflate: bool = True,
 ) -> tuple[list[tuple[Any, ...]], list[bytes], Any]:
     server = bool(mode & 1)
     pool = _CountingPool()
     exts: list[Extension] = [_deflate(mode >> 5)] if mode & 16 else []
     saved = protocol_mod.apply_mask
+    saved_inflate = deflate_mod._inflate_run
     protocol_mod.apply_mask = mask
+    if not c_inflate:
+        deflate_mod._inflate_run = None  # the fast path's pure loop: decode() per message
     try:
         proto = Protocol(
             Role.SERVER if server else Role.CLIENT,
@@ -214,6 +222,7 @@ def _run_protocol(
             sent.extend(proto.data_to_send())
     finally:
         protocol_mod.apply_mask = saved
+        deflate_mod._inflate_run = saved_inflate
     for event in events:
         size = 0
         if isinstance(event, (str, bytes)):
@@ -242,7 +251,8 @@ def target_protocol(data: bytes) -> None:
     """Protocol.receive_data: client and server roles, compact or event reporting,
     bytes or pooled binary, with and without permessage-deflate, automatic close reply
     or not; the same bytes whole and cut into pieces, with pure and C masking, and a
-    deflate client's with and without the fast path for compressed text."""
+    deflate client's with and without the fast path for compressed text, and on
+    its C loop and its pure one."""
     inp = Input(data)
     mode = inp.byte()
     stream = inp.rest()
@@ -256,6 +266,9 @@ def target_protocol(data: bytes) -> None:
     if mode & 16 and not mode & 1:  # a client with permessage-deflate
         general = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, general=True)
         assert general == cut, "the compressed-text fast path and the general path disagree"
+        if deflate_mod._inflate_run is not None:
+            pure = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, c_inflate=False)
+            assert pure == cut, "the C and pure-Python loops for compressed text disagree"
 
 
 # -- handshake.py: the HTTP/1.1 response reader and its validation ---------------------
