@@ -226,7 +226,7 @@ CALLBACKS = {Socket.text.__code__: _text_event, Socket.binary.__code__: _binary_
 
 
 class Reads:
-    """Three reads' worth of messages posted as the reading side posts them."""
+    """Five reads' worth of messages posted as the reading side posts them."""
 
     def __init__(self, handlers: bool, budget: int | str | None = None) -> None:
         self.ws = Socket(text=handlers, binary=handlers)
@@ -244,10 +244,11 @@ class Reads:
             [big, BinaryMessage(pooled, 300), "t6"],
             ["t7"],
             [b"b8", b"b9", b"b10", "t11"],  # a read that starts with a run of small binaries
+            ["t12", "t13", "t14"],  # a run of text messages, whole
         ]
         self.expected = [
             *["t1", b"b2", "t3", big, b"P" * 300, "t6", "t7"],
-            *[b"b8", b"b9", b"b10", "t11"],
+            *[b"b8", b"b9", b"b10", "t11", "t12", "t13", "t14"],
         ]
         self.drained = 0
         self.delivery.on_drained = self._drained
@@ -311,10 +312,11 @@ def test_interrupt_at_every_point_of_delivery_loses_and_repeats_nothing(
     handlers: bool, budget: int | str | None, loop: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Probe "data loss on Ctrl-C" (issue 11, item 1), the update() side: the
-    messages of four reads (text, small and large binary, pooled binary, a
-    run of small binaries), with backpressure paused, interrupted at each
-    eval-breaker point in turn; with the C loop for runs of small binaries
-    (blockws._speedups.lend_each) and with the pure-Python one."""
+    messages of five reads (text, small and large binary, pooled binary, a
+    run of small binaries, a run of text), with backpressure paused,
+    interrupted at each eval-breaker point in turn; with the C loop for runs
+    of small binaries (blockws._speedups.lend_each) and with the pure-Python
+    one."""
     if loop == "python":
         monkeypatch.setattr(delivery_module, "_lend_each", None)
     elif delivery_module._lend_each is None:
