@@ -346,7 +346,7 @@ class PerMessageDeflate(Extension):
             decomp,
             room,
             -1 if limit is None else limit,
-            -1 if budget is None else budget,
+            -1 if budget is None else max(budget, 0),  # (-1: no budget)
             inflated,
             out,
             wrap,

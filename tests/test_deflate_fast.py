@@ -259,6 +259,20 @@ def test_the_fast_path_stops_at_the_inflate_budget() -> None:
     assert first + rest == ["z" * 100] * 10
 
 
+@pytest.mark.parametrize("budget", [-5, 0, 1])
+def test_a_budget_of_zero_or_less_stops_after_a_message(budget: int) -> None:
+    """Each installment inflates one message when the budget is spent from the
+    start, on either loop (the C one takes -1 for no budget)."""
+    server = Server()
+    data = b"".join(server.piece("text", f"m{i}") for i in range(4))
+    proto = client(True, compact_messages=True)
+    proto.inflate_budget = budget
+    got = [proto.receive_data(data)]
+    while proto.more:
+        got.append(proto.receive_data(b""))
+    assert got == [["m0"], ["m1"], ["m2"], ["m3"]]
+
+
 def test_no_fast_path_without_deflate_or_in_the_server_role() -> None:
     assert Protocol(Role.CLIENT)._whole_decode is None
     ext = PerMessageDeflate().fresh()
