@@ -535,9 +535,11 @@ inflate_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             /* A follow-up call that reached the stream's end keeps its input
                there as well as in unused_data (CPython's zlib): what counts
                is whether the end came. */
+            int ended;
             attr = PyObject_GetAttr(decomp, str_eof);
-            eof = attr == NULL ? -1 : !PyObject_IsTrue(attr);
+            ended = attr == NULL ? -1 : PyObject_IsTrue(attr);
             Py_XDECREF(attr);
+            eof = ended < 0 ? -1 : !ended;
         }
         if (eof < 0) {
             Py_DECREF(chunk);
