@@ -40,26 +40,28 @@
  * that frame, for the general parser to handle (and to fail on): so it never
  * raises a protocol error itself, and cannot change the order errors are found in.
  *
- * inflate_run(buf, pos, decomp, room, limit, budget, inflated, out, wrap, join_max)
- * -> (pos, inflated, error, detail): the receive path's loop for whole
- * compressed text messages, each in one frame (permessage-deflate with context
- * takeover; the pure-Python loop is Protocol._split_deflated with
- * PerMessageDeflate.decode, the reference: the two must agree, errors and
- * their order included). From ``buf[pos:]``, while a frame's first byte is
- * 0xC1 (FIN, RSV1, text), its MASK bit clear, its length 7- or 16-bit, its
- * payload whole and 1 to ``join_max`` bytes long, and ``budget`` (-1: none)
- * not spent (``inflated`` is what this read inflated so far): it calls
- * ``decomp.decompress(payload + 00 00 ff ff, room + 1)`` on the zlib
- * decompress object ``decomp``, adds the length inflated to ``inflated``,
- * checks it, decodes it as UTF-8, appends it to ``out`` (through
- * ``wrap(text)`` unless ``wrap`` is None), and goes on; after a message that
- * ended the deflate stream (``decomp.eof``) it stops, as the next one needs a
- * new stream. ``error`` is 0, or the first fault found, with the frame that
- * had it consumed (the connection fails on it, so the stream's state after
- * it does not matter): 1, more than ``room`` bytes (or input left over); 2,
- * data after the final deflate block; 3, zlib refused the data (``detail``:
- * its message); 4, more than ``limit`` bytes (-1: no limit); 5, not UTF-8
- * (``detail``: the decoder's reason). Other exceptions propagate.
+ * inflate_run(buf, pos, decomp, room, limit, budget, inflated, out, wrap,
+ * wrap_binary, join_max) -> (pos, inflated, error, detail): the receive path's
+ * loop for whole compressed messages, each in one frame (permessage-deflate
+ * with context takeover; the pure-Python loop is Protocol._split_deflated
+ * with PerMessageDeflate.decode, the reference: the two must agree, errors
+ * and their order included). From ``buf[pos:]``, while a frame's first byte
+ * is 0xC1 or 0xC2 (FIN, RSV1, text or binary), its MASK bit clear, its
+ * length 7- or 16-bit, its payload whole and 1 to ``join_max`` bytes long,
+ * and ``budget`` (-1: none) not spent (``inflated`` is what this read
+ * inflated so far): it calls ``decomp.decompress(payload + 00 00 ff ff, n)``
+ * on the zlib decompress object ``decomp``, for at most ``room`` + 1 bytes
+ * in all, adds the length inflated to ``inflated``, checks it, decodes text
+ * as UTF-8, appends the message to ``out`` (text through ``wrap(text)``,
+ * binary as bytes through ``wrap_binary(data, len(data))``, unless those are
+ * None), and goes on; after a message that ended the deflate stream
+ * (``decomp.eof``) it stops, as the next one needs a new stream. ``error``
+ * is 0, or the first fault found, with the frame that had it consumed (the
+ * connection fails on it, so the stream's state after it does not matter):
+ * 1, more than ``room`` bytes (or input left over); 2, data after the final
+ * deflate block; 3, zlib refused the data (``detail``: its message); 4, more
+ * than ``limit`` bytes (-1: no limit); 5, text not UTF-8 (``detail``: the
+ * decoder's reason). Other exceptions propagate.
  *
  * gated_recv(sock, size) -> bytes and gated_recv_into(sock, buffer) -> int: a
  * reader thread's blocking recv() (POSIX), which, once data has come, waits
@@ -403,32 +405,34 @@ run_result(Py_ssize_t pos, Py_ssize_t inflated, int error, PyObject *detail)
 static PyObject *
 inflate_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *buf, *decomp, *out, *wrap, *first_length = NULL, *result = NULL;
+    PyObject *buf, *decomp, *out, *wrap, *wrap_binary, *first_length = NULL, *result = NULL;
     Py_ssize_t pos, end, room, limit, budget, inflated, join_max, first;
     int followed;
     Py_buffer view;
     const unsigned char *p;
     int error = 0;
     PyObject *detail = NULL;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "inflate_run() takes 10 arguments");
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "inflate_run() takes 11 arguments");
         return NULL;
     }
     buf = args[0];
     decomp = args[2];
     out = args[7];
     wrap = args[8];
+    wrap_binary = args[9];
     if (!PyList_CheckExact(out)) {
         PyErr_SetString(PyExc_TypeError, "inflate_run: out must be a list");
         return NULL;
     }
     if (wrap == Py_None) wrap = NULL;
+    if (wrap_binary == Py_None) wrap_binary = NULL;
     pos = PyLong_AsSsize_t(args[1]);
     room = PyLong_AsSsize_t(args[3]);
     limit = PyLong_AsSsize_t(args[4]);
     budget = PyLong_AsSsize_t(args[5]);
     inflated = PyLong_AsSsize_t(args[6]);
-    join_max = PyLong_AsSsize_t(args[9]);
+    join_max = PyLong_AsSsize_t(args[10]);
     if (PyErr_Occurred()) return NULL;
     if (room < 0 || room >= PY_SSIZE_T_MAX) {
         PyErr_SetString(PyExc_ValueError, "inflate_run: room out of range");
@@ -452,10 +456,10 @@ inflate_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (first_length == NULL) goto done;
     first = PyLong_AsSsize_t(first_length);
     p = (const unsigned char *)view.buf;
-    while (end - pos >= 2 && p[pos] == 0xC1) {
+    while (end - pos >= 2 && (p[pos] == 0xC1 || p[pos] == 0xC2)) {
         Py_ssize_t n = p[pos + 1], start = pos + 2, got;
         PyObject *data, *chunk, *attr, *text, *call[3];
-        int eof;
+        int eof, binary = p[pos] == 0xC2;
         if (budget >= 0 && inflated && inflated >= budget) break;
         if (n >= 126) {
             if (n != 126 || end - pos < 4) break; /* a mask bit, a 64-bit length, or cut short */
@@ -583,6 +587,31 @@ inflate_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(chunk);
             error = 4;
             break;
+        }
+        if (binary) {
+            if (wrap_binary != NULL) {
+                PyObject *length = PyLong_FromSsize_t(got);
+                text = NULL;
+                if (length != NULL) {
+                    call[0] = NULL;
+                    call[1] = chunk;
+                    call[2] = length;
+                    text = PyObject_Vectorcall(wrap_binary, call + 1,
+                                               2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+                    Py_DECREF(length);
+                }
+                Py_DECREF(chunk);
+                if (text == NULL) goto done;
+            } else {
+                text = chunk; /* the message, as bytes: the reference gives zlib's bytes */
+            }
+            if (PyList_Append(out, text) < 0) {
+                Py_DECREF(text);
+                goto done;
+            }
+            Py_DECREF(text);
+            if (eof) break; /* the stream ended: the next message starts a new one */
+            continue;
         }
         text = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(chunk), got, NULL);
         Py_DECREF(chunk);
@@ -722,7 +751,7 @@ static PyMethodDef methods[] = {
     {"lend_each", (PyCFunction)(void (*)(void))lend_each, METH_FASTCALL,
      "on_binary for a run of small binary messages through one lent segment."},
     {"inflate_run", (PyCFunction)(void (*)(void))inflate_run, METH_FASTCALL,
-     "Inflate the whole compressed text messages at buf[pos:] into out; see the module's doc."},
+     "Inflate the whole compressed messages at buf[pos:] into out; see the module's doc."},
     {"split_messages", split_messages, METH_VARARGS,
      "Append the whole small unfragmented data messages at buf[pos:] to out; return the end."},
 #ifdef HAVE_GATED_RECV

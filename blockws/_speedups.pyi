@@ -13,6 +13,7 @@ def inflate_run(
     inflated: int,
     out: list[Any],
     wrap: Callable[[str], Any] | None,
+    wrap_binary: Callable[[bytes, int], Any] | None,
     join_max: int,
 ) -> tuple[int, int, int, Any]: ...
 def split_messages(

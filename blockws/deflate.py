@@ -51,14 +51,26 @@ _TAIL = b"\x00\x00\xff\xff"
 #: The last piece of a message is inflated together with the tail, in one call,
 #: up to this size (joining copies the piece; beyond it, two calls cost less).
 _JOIN_TAIL = 8192
-#: The C loop for runs of whole compressed text messages (blockws._speedups.
+#: The C loop for runs of whole compressed messages (blockws._speedups.
 #: inflate_run; see PerMessageDeflate.decode_run), or None: without the C
 #: speedups, or with ``BLOCKWS_PURE_PYTHON`` set, the parser decodes each
 #: message with decode(), the reference. Looked up per call, so that tests can
 #: run either.
 _inflate_run: (
     Callable[
-        [bytes, int, Any, int, int, int, int, list[Any], Callable[[str], Any] | None, int],
+        [
+            bytes,
+            int,
+            Any,
+            int,
+            int,
+            int,
+            int,
+            list[Any],
+            Callable[[str], Any] | None,
+            Callable[[bytes, int], Any] | None,
+            int,
+        ],
         tuple[int, int, int, Any],
     ]
     | None
@@ -329,8 +341,9 @@ class PerMessageDeflate(Extension):
         inflated: int,
         out: list[Any],
         wrap: Callable[[str], Any] | None,
+        wrap_binary: Callable[[bytes, int], Any] | None,
     ) -> tuple[int, int]:
-        """Inflate a run of whole compressed text messages in C (see
+        """Inflate a run of whole compressed messages in C (see
         :meth:`Extension.decode_run`), when the C speedups are built and the
         server keeps its context between messages (each message then
         continues the one stream, which decode() shares); else nothing."""
@@ -350,6 +363,7 @@ class PerMessageDeflate(Extension):
             inflated,
             out,
             wrap,
+            wrap_binary,
             _JOIN_TAIL,
         )
         if decomp.eof:

@@ -47,8 +47,8 @@ class Extension:
     rsv_bits: int = 0
     #: For a message in one frame with all of :attr:`rsv_bits` set, whether
     #: ``begin_message()`` is sure to claim it and may be skipped: the parser's
-    #: fast path for such frames (permessage-deflate's compressed text) then
-    #: calls only ``decode(payload, True, limit)``.
+    #: fast path for such frames (permessage-deflate's compressed text and
+    #: binary) then calls only ``decode(payload, True, limit)``.
     claims_by_rsv: bool = False
 
     def fresh(self) -> Extension:
@@ -100,18 +100,21 @@ class Extension:
         inflated: int,
         out: list[Any],
         wrap: Callable[[str], Any] | None,
+        wrap_binary: Callable[[bytes, int], Any] | None,
     ) -> tuple[int, int]:
         """A fast path for the parser, optional: decode a run of whole messages,
-        each in one frame whose first byte is ``0xC1`` (text, FIN, all of
-        :attr:`rsv_bits`; only asked of an extension that :attr:`claims_by_rsv`
-        ``RSV1``), from ``buf[pos:]``, appending each as ``str`` (through
-        ``wrap`` unless it is None) to ``out``; returns ``(pos, inflated)``,
-        where it stopped and ``inflated`` plus the bytes decoded. It must do
-        exactly what ``decode(payload, True, room)`` and the parser's checks
-        would, frame after frame: at most ``limit`` bytes a message, the
-        parser's UTF-8 check, the same exceptions in the same order, and no
-        frame once ``inflated`` reached ``budget``. The default decodes
-        nothing: ``(pos, inflated)``."""
+        each in one frame whose first byte is ``0xC1`` or ``0xC2`` (text or
+        binary, FIN, all of :attr:`rsv_bits`; only asked of an extension that
+        :attr:`claims_by_rsv` ``RSV1``), from ``buf[pos:]``, appending text as
+        ``str`` (through ``wrap`` unless it is None) and binary as ``bytes``
+        (through ``wrap_binary(data, len(data))`` unless it is None) to
+        ``out``; returns ``(pos, inflated)``, where it stopped and
+        ``inflated`` plus the bytes decoded. It must do exactly what
+        ``decode(payload, True, room)`` and the parser's checks would, frame
+        after frame: at most ``limit`` bytes a message, the parser's UTF-8
+        check for text, the same exceptions in the same order, and no frame
+        once ``inflated`` reached ``budget``. The default decodes nothing:
+        ``(pos, inflated)``."""
         return pos, inflated
 
     def close(self) -> None:

@@ -365,8 +365,9 @@ class Protocol:
         self._expect_mask = 0x80 if role is Role.SERVER else 0
         # The parser's fast path applies (see _parse): no masks, no extensions.
         self._fast = not self._expect_mask and not self.extensions
-        # The fast path for compressed text (see _split_deflated): a client with
-        # one extension, which claims a frame by its RSV bits (permessage-deflate).
+        # The fast path for compressed messages (see _split_deflated): a client
+        # with one extension, which claims a frame by its RSV bits
+        # (permessage-deflate).
         only = self.extensions[0] if len(self.extensions) == 1 else None
         self._whole_decode: Callable[[bytes, bool, int], bytes] | None = (
             only.decode
@@ -597,7 +598,7 @@ class Protocol:
                 whole_decode is not None
                 and self._phase == _HEADER
                 and not self._m_opcode
-                and buf[pos] == 0xC1
+                and (buf[pos] == 0xC1 or buf[pos] == 0xC2)
                 and self.state is State.OPEN
             ):
                 pos = self._split_deflated(buf, pos, end, events, whole_decode)
@@ -672,29 +673,39 @@ class Protocol:
         events: list[Received],
         decode: Callable[[bytes, bool, int], bytes],
     ) -> int:
-        """The fast path for compressed text: whole, unfragmented, unmasked text
-        frames with RSV1 set (first byte 0xC1), each decoded by the one
-        extension (``decode(payload, True, limit)``) and as UTF-8, with the
-        general path's checks in its order; returns where it stopped. A frame
-        cut short, any other frame, a 64-bit length or the inflate budget
-        spent stops it, and the general path takes over there.
+        """The fast path for compressed messages: whole, unfragmented, unmasked
+        text and binary frames with RSV1 set (first byte 0xC1 or 0xC2), each
+        decoded by the one extension (``decode(payload, True, limit)``), text
+        as UTF-8, with the general path's checks in its order; returns where
+        it stopped. Binary comes out as ``bytes`` (or a ``BinaryMessage`` over
+        them), as the fast path for uncompressed frames gives it. A frame cut
+        short, any other frame, a 64-bit length or the inflate budget spent
+        stops it, and the general path takes over there.
         """
         limit = self.max_message_size
         if limit is not None and limit < 1:
             return pos  # a frame counts as a byte: the general path refuses it
         room = limit if limit is not None else 1 << 62
         budget = self.inflate_budget
-        wrap = None if self.compact_messages else TextMessage
+        wrap = wrap_binary = None
+        if not self.compact_messages:
+            wrap, wrap_binary = TextMessage, BinaryMessage
         append = events.append
         run = self._whole_run
-        while end - pos >= 2 and buf[pos] == 0xC1:
+        while end - pos >= 2:
+            b0 = buf[pos]
+            if b0 != 0xC1 and b0 != 0xC2:
+                break
             if run is not None:
                 # The extension's own loop (PerMessageDeflate's, in C), which
                 # does what this one does; it stops at what it does not take.
                 pos, self._inflated = run(
-                    buf, pos, room, limit, budget, self._inflated, events, wrap
+                    buf, pos, room, limit, budget, self._inflated, events, wrap, wrap_binary
                 )
-                if end - pos < 2 or buf[pos] != 0xC1:
+                if end - pos < 2:
+                    break
+                b0 = buf[pos]
+                if b0 != 0xC1 and b0 != 0xC2:
                     break
             if budget is not None and self._inflated and self._inflated >= budget:
                 break  # the general path sets ``more``
@@ -711,11 +722,16 @@ class Protocol:
             self._inflated += len(chunk)
             if limit is not None and len(chunk) > limit:
                 raise MessageTooBig(f"decoded message exceeds max_message_size={limit}")
-            try:
-                text = chunk.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidPayload(f"text message is not valid UTF-8: {exc.reason}") from None
-            append(text if wrap is None else wrap(text))
+            if b0 == 0xC2:
+                append(chunk if wrap_binary is None else wrap_binary(chunk, len(chunk)))
+            else:
+                try:
+                    text = chunk.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InvalidPayload(
+                        f"text message is not valid UTF-8: {exc.reason}"
+                    ) from None
+                append(text if wrap is None else wrap(text))
             pos = start + n
         return pos
 

@@ -337,3 +337,27 @@ def test_threadcost_prints_the_floor_of_a_thread_per_socket() -> None:
         mode, _, rest = line.partition(":")
         figures[mode.strip()] = float(rest.split()[0])
     assert set(figures) == {"threading.Thread", "_thread", "socket pair only"}
+
+
+@pytest.mark.timeout(120)
+def test_parse_prints_each_kind_of_message_on_each_loop() -> None:
+    """``python -m benchmarks.parse``: a figure per kind of message and loop (the
+    C column only when the speedups are built and in use)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.parse", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    built = lines[0].endswith("yes")
+    rows = {}
+    for line in lines[3:]:
+        label, c, py = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[label] = (c, py)
+    assert set(rows) == {"text", "binary", "compressed text", "compressed binary"}
+    for c, py in rows.values():
+        assert float(py) > 0 and (float(c) > 0 if built else c == "-")

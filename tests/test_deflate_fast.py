@@ -1,14 +1,15 @@
-"""The parser's fast path for compressed text (``Protocol._split_deflated``)
+"""The parser's fast path for compressed messages (``Protocol._split_deflated``)
 against its general path, byte for byte: the same events, the same failure
-(its type and close code), the same inflate-budget installments, whatever
-the stream and however it is cut into reads.
+(its type, close code and message), the same inflate-budget installments,
+whatever the stream and however it is cut into reads; each on the C loop
+(``_speedups.inflate_run``) and on the pure one.
 
-The stream is what a permessage-deflate server sends: compressed text whole
-(the fast path's case) among everything the fast path must leave alone --
-fragmented and uncompressed messages, compressed binary, control frames,
-a 64-bit length -- and faults it must fail on in the general path's order
+The stream is what a permessage-deflate server sends: compressed text and
+binary whole (the fast path's case) among everything the fast path must
+leave alone -- fragmented and uncompressed messages, control frames, a
+64-bit length -- and faults it must fail on in the general path's order
 (text that is not UTF-8, a message over ``max_message_size``, corrupt
-deflate data, RSV bits on a continuation).
+deflate data, data after the final block, RSV bits on a continuation).
 """
 
 from __future__ import annotations
@@ -94,15 +95,18 @@ class Server:
             body = self.deflate(raw)
             half = len(body) // 2
             return frame(0x41, body[:half]) + frame(0x80, body[half:])
+        b0 = 0xC1
+        if kind.startswith("binary-"):  # the same, as a binary message
+            kind, b0 = kind[len("binary-") :], 0xC2
         if kind == "final":  # ends in a block with BFINAL set: a new stream follows
             body = self.comp.compress(raw) + self.comp.flush(zlib.Z_FINISH)
             self.comp = zlib.compressobj(6, zlib.DEFLATED, -15)
-            return frame(0xC1, body)
+            return frame(b0, body)
         if kind == "large":  # compresses to more than one inflate call takes
             noise = random.Random(len(raw)).randbytes(12_000).hex()
-            return frame(0xC1, self.deflate((text + noise).encode()))
-        if kind == "empty":  # no payload at all: inflates to ""
-            return frame(0xC1, b"")
+            return frame(b0, self.deflate((text + noise).encode()))
+        if kind == "empty":  # no payload at all: inflates to nothing
+            return frame(b0, b"")
         if kind == "ping":
             return frame(0x89, raw[:125])
         if kind == "bad-utf8":
@@ -167,8 +171,9 @@ def run(proto: Protocol, data: bytes, cuts: list[int], budget: int | None) -> li
     return events
 
 
-KINDS = ["text"] * 6 + [
-    "final", "large", "empty", "text64", "plain", "binary", "fragmented", "ping"
+KINDS = ["text"] * 6 + ["binary"] * 3 + [
+    "final", "large", "empty", "binary-final", "binary-large", "binary-empty",
+    "text64", "plain", "fragmented", "ping",
 ]
 FAULTS = ["bad-utf8", "corrupt", "after-final", "rsv-continuation"]
 
@@ -185,6 +190,7 @@ texts = st.text(
     limit=st.none() | st.integers(0, 400),
     budget=st.none() | st.integers(1, 600),
     compact=st.booleans(),
+    binary_as_bytes=st.booleans(),
 )
 def test_the_fast_path_agrees_with_the_general_path(
     pieces: list[tuple[str, str]],
@@ -193,20 +199,21 @@ def test_the_fast_path_agrees_with_the_general_path(
     limit: int | None,
     budget: int | None,
     compact: bool,
+    binary_as_bytes: bool,
 ) -> None:
     if fault is not None:
         pieces.insert(min(fault[1], len(pieces)), (fault[0], "x" * 20))
     server = Server()
     data = b"".join(server.piece(kind, text) for kind, text in pieces)
     options = {"max_message_size": limit, "compact_messages": compact}
-    fast = run(client(True, **options), data, cuts, budget)
-    general = run(client(False, **options), data, cuts, budget)
-    assert summary(fast) == summary(general)
+    fast, general = client(True, **options), client(False, **options)
+    fast.binary_as_bytes = general.binary_as_bytes = binary_as_bytes
+    assert summary(run(fast, data, cuts, budget)) == summary(run(general, data, cuts, budget))
 
 
 def test_the_fast_path_takes_whole_compressed_text(monkeypatch: pytest.MonkeyPatch) -> None:
     """It is used (and the general path's header parsing is not) for a run of
-    compressed text frames; a fragment in between goes the general way."""
+    compressed text and binary frames; a fragment in between goes the general way."""
     server = Server()
     proto = client(True, compact_messages=True)
     headers: list[int] = []
@@ -220,6 +227,9 @@ def test_the_fast_path_takes_whole_compressed_text(monkeypatch: pytest.MonkeyPat
     data = b"".join(server.piece("text", f"message {i}") for i in range(50))
     assert proto.receive_data(data) == [f"message {i}" for i in range(50)]
     assert headers == []
+    data = b"".join(server.piece(("binary", "text")[i % 2], f"m{i}") for i in range(50))
+    assert proto.receive_data(data) == [(b"m%d" % i, f"m{i}")[i % 2] for i in range(50)]
+    assert headers == []  # compressed binary too, as bytes
     data = server.piece("text", "a") + server.piece("fragmented", "b" * 300)
     data += server.piece("text", "c")
     assert proto.receive_data(data) == ["a", "b" * 300, "c"]
@@ -300,8 +310,11 @@ def test_whole_messages_go_through_the_c_loop_when_built(
     server = Server()
     proto = client(True, compact_messages=True)
     data = b"".join(server.piece("text", f"message {i}") for i in range(50))
-    assert proto.receive_data(data) == [f"message {i}" for i in range(50)]
-    assert len(calls) == (0 if loop == "c" else 50)
+    data += b"".join(server.piece("binary", f"binary {i}") for i in range(50))
+    assert proto.receive_data(data) == [f"message {i}" for i in range(50)] + [
+        b"binary %d" % i for i in range(50)
+    ]
+    assert len(calls) == (0 if loop == "c" else 100)
     calls.clear()
     data = server.piece("final", "end") + server.piece("text", "new stream")
     data += server.piece("large", "big") + server.piece("text", "after")
@@ -315,7 +328,7 @@ def test_whole_messages_go_through_the_c_loop_when_built(
 
 
 @pytest.mark.parametrize("limit", [None, 4095, 4096, 4097, 4999, 5000, 5001, 20_000])
-@pytest.mark.parametrize("kind", ["text", "final"])
+@pytest.mark.parametrize("kind", ["text", "final", "binary", "binary-final"])
 @pytest.mark.parametrize("size", [4095, 4096, 4097, 5000])
 def test_messages_around_the_first_inflate_size(limit: int | None, kind: str, size: int) -> None:
     """The C loop inflates at most 4 KiB of a message at first, then the rest up
@@ -329,6 +342,7 @@ def test_messages_around_the_first_inflate_size(limit: int | None, kind: str, si
     fast = summary(client(True, max_message_size=limit).receive_data(data))
     assert fast == summary(client(False, max_message_size=limit).receive_data(data))
     if limit is None or limit >= size:
-        assert fast == [("text", "before"), ("text", text), ("text", "after")]
+        middle = ("binary", text.encode()) if kind.startswith("binary") else ("text", text)
+        assert fast == [("text", "before"), middle, ("text", "after")]
     else:
         assert fast[0] == ("text", "before") and fast[1][:3] == ("failure", "MessageTooBig", 1009)

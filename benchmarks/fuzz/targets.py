@@ -212,7 +212,7 @@ def _run_protocol(
         proto.compact_messages = bool(mode & 2)
         proto.binary_as_bytes = bool(mode & 4)
         if general:
-            proto._whole_decode = None  # no fast path for compressed text
+            proto._whole_decode = None  # no fast path for compressed messages
         events: list[Any] = []
         sent: list[bytes] = []
         for piece in pieces:
@@ -251,7 +251,7 @@ def target_protocol(data: bytes) -> None:
     """Protocol.receive_data: client and server roles, compact or event reporting,
     bytes or pooled binary, with and without permessage-deflate, automatic close reply
     or not; the same bytes whole and cut into pieces, with pure and C masking, and a
-    deflate client's with and without the fast path for compressed text, and on
+    deflate client's with and without the fast path for compressed messages, and on
     its C loop and its pure one."""
     inp = Input(data)
     mode = inp.byte()
@@ -265,10 +265,10 @@ def target_protocol(data: bytes) -> None:
         assert fast == whole, "C and pure masking disagree"
     if mode & 16 and not mode & 1:  # a client with permessage-deflate
         general = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, general=True)
-        assert general == cut, "the compressed-text fast path and the general path disagree"
+        assert general == cut, "the compressed-message fast path and the general path disagree"
         if deflate_mod._inflate_run is not None:
             pure = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, c_inflate=False)
-            assert pure == cut, "the C and pure-Python loops for compressed text disagree"
+            assert pure == cut, "the C and pure-Python loops for compressed messages disagree"
 
 
 # -- handshake.py: the HTTP/1.1 response reader and its validation ---------------------
