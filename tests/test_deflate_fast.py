@@ -346,3 +346,28 @@ def test_messages_around_the_first_inflate_size(limit: int | None, kind: str, si
         assert fast == [("text", "before"), middle, ("text", "after")]
     else:
         assert fast[0] == ("text", "before") and fast[1][:3] == ("failure", "MessageTooBig", 1009)
+
+
+def test_an_extension_without_its_own_loop_decodes_each_message_in_the_fast_path() -> None:
+    """Extension.decode_run's default decodes nothing: the parser's own loop then
+    calls decode() for each whole message an RSV1 extension claims."""
+    from blockws.extensions import Extension
+
+    class Upper(Extension):
+        name = "x-upper"
+        rsv_bits = RSV1
+        claims_by_rsv = True
+
+        def begin_message(self, opcode: int, rsv: int) -> bool:
+            return bool(rsv & RSV1)
+
+        def decode(self, data: bytes, end: bool, limit: int) -> bytes:
+            return data.upper()
+
+    ext = Upper()
+    assert ext.decode_run(b"\xc1\x01a", 0, 10, None, None, 0, [], None, None) == (0, 0)
+    proto = Protocol(Role.CLIENT, extensions=[ext], mask_keys=lambda: KEY)
+    proto.compact_messages = True
+    assert proto._whole_run is not None
+    data = frame(0xC1, b"abc") + frame(0xC2, b"def") + frame(0x81, b"ghi")
+    assert proto.receive_data(data) == ["ABC", b"DEF", "ghi"]
