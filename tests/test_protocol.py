@@ -49,6 +49,7 @@ def split_impl(request: pytest.FixtureRequest) -> Iterator[Any]:
     finally:
         frames_module.split_messages = saved
 
+
 KEY = b"\x37\xfa\x21\x3d"
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 1 << 20]
 RESERVED_OPCODES = [3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF]
@@ -219,8 +220,12 @@ def test_a_message_in_pieces_grows_its_buffer_through_the_hooks() -> None:
     proto = Protocol(Role.CLIENT, allocate=allocate, release=lambda b: released.append(len(b)))
     payload = bytes(range(256)) * 64  # 16 KiB in 1 KiB fragments
     frames = b"".join(
-        wire(Role.CLIENT, Opcode.BINARY if i == 0 else Opcode.CONT, payload[i : i + 1024],
-             fin=i + 1024 >= len(payload))
+        wire(
+            Role.CLIENT,
+            Opcode.BINARY if i == 0 else Opcode.CONT,
+            payload[i : i + 1024],
+            fin=i + 1024 >= len(payload),
+        )
         for i in range(0, len(payload), 1024)
     )
     (event,) = proto.receive_data(frames)
@@ -1173,3 +1178,178 @@ def test_a_message_spanning_reads_is_copied_once_into_pooled_memory() -> None:
     events = proto.receive_data(stream[len(stream) - piece :])
     assert summarize(events) == [("binary", binary_of(size))]
     assert isinstance(events[0], BinaryMessage) and events[0].data is pooled
+
+
+# -- the run of a fragmented binary message's continuation frames (Protocol._binary_run) --
+
+
+def _raw_frame(b0: int, payload: bytes, enc: str = "min", mask: bool = False) -> bytes:
+    """A frame as a server could send it, any header bits and length encoding:
+    ``min``imal, ``16``- or ``64``-bit, or ``top`` (a 64-bit length with its
+    top bit set, which must fail)."""
+    n = len(payload)
+    if enc == "16" and n > 65535:
+        enc = "64"
+    if enc == "top":
+        head = bytes((b0, 127)) + ((1 << 63) | n).to_bytes(8, "big")
+    elif enc == "64" or (enc == "min" and n > 65535):
+        head = bytes((b0, 127)) + n.to_bytes(8, "big")
+    elif enc == "16" or (enc == "min" and n > 125):
+        head = bytes((b0, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((b0, n))
+    if mask:
+        return bytes((head[0], head[1] | 0x80)) + head[2:] + KEY + payload
+    return head + payload
+
+
+_run_frames = st.lists(
+    st.tuples(
+        st.sampled_from(["cont"] * 8 + ["ping", "pong", "binary", "text", "close", "reserved"]),
+        st.booleans(),  # FIN
+        st.sampled_from([0] * 12 + [RSV1, RSV2 | RSV3]),
+        st.sampled_from([False] * 15 + [True]),  # MASK bit (a server must not set it)
+        st.sampled_from([0, 1, 3, 125, 126, 200, 4095, 4096, 5000, 9000, 70000]),
+        st.sampled_from(["min"] * 6 + ["16", "64", "top"]),
+    ),
+    max_size=12,
+)
+
+
+def _run_stream(first: tuple[int, int], specs: Sequence[tuple[Any, ...]]) -> bytes:
+    opcodes = {"cont": 0, "ping": 9, "pong": 10, "binary": 2, "text": 1, "close": 8, "reserved": 3}
+    size, enc = first
+    out = [_raw_frame(0x02, binary_of(size), enc)]  # a binary message's first frame, not FIN
+    for i, (kind, fin, rsv, mask, n, enc) in enumerate(specs):
+        op = opcodes[kind]
+        if op >= 8:
+            n = min(n, 125)
+        payload = bytes((i,)) * n if kind != "text" else b"t" * n
+        if kind == "close":
+            payload = pack_close(1000, "x" * max(0, n - 2))[:125] if n else b""
+        out.append(_raw_frame((0x80 if fin else 0) | rsv | op, payload, enc, mask))
+    return b"".join(out) + _raw_frame(0x88, pack_close(1000, "end"))
+
+
+def _run_receiver(
+    cont_run: bool, mode: tuple[bool, bool], limit: int | None, ext: bool
+) -> Protocol:
+    extensions = []
+    if ext:
+        from blockws.deflate import PerMessageDeflate
+
+        deflate = PerMessageDeflate().fresh()
+        deflate.accept([])
+        extensions.append(deflate)
+    pooled = bytearray(48 * 1024)  # smaller than some messages: the buffer must grow
+    proto = make(
+        Role.CLIENT,
+        max_message_size=limit,
+        extensions=extensions,
+        allocate=lambda n: pooled if n <= len(pooled) else bytearray(n),
+    )
+    proto.compact_messages, proto.binary_as_bytes = mode
+    proto._cont_run = cont_run  # the reference: the general path alone
+    return proto
+
+
+@settings(max_examples=examples(600), deadline=None, derandomize=True, database=None)
+@given(
+    first=st.tuples(st.sampled_from([0, 5, 126, 4096, 40000]), st.sampled_from(["min", "64"])),
+    specs=_run_frames,
+    cuts=st.lists(st.integers(0, 1 << 18), max_size=12),
+    mode=st.sampled_from(MODES),
+    limit=st.sampled_from([None, 3, 5000, 50000, 1 << 20]),
+    ext=st.booleans(),
+)
+def test_hypothesis_binary_run_matches_the_general_path(
+    first: tuple[int, int],
+    specs: list[tuple[Any, ...]],
+    cuts: list[int],
+    mode: tuple[bool, bool],
+    limit: int | None,
+    ext: bool,
+) -> None:
+    """Whatever follows a fragmented binary message's first frame (continuation
+    frames legal or not, control frames, a new message, lengths in any
+    encoding, limits on either side), cut anywhere: the fast run gives the
+    general path's events, failure (type, close code and message), state and
+    replies."""
+    stream = _run_stream(first, specs)
+    offsets = sorted({c % (len(stream) + 1) for c in cuts})
+    results = []
+    for cont_run in (True, False):
+        proto = _run_receiver(cont_run, mode, limit, ext)
+        got = feed(proto, stream, offsets)
+        failure = proto.failure
+        results.append((got, proto.state, failure and str(failure), b"".join(proto.data_to_send())))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_binary_run_takes_whole_and_cut_continuation_frames(
+    mode: tuple[bool, bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1 MiB message in 32 KiB frames, read 128 KiB at a time as a socket
+    gives it: the run takes every continuation frame, the cut ones too (the
+    general path only reads the message's first frame), with a ping between."""
+    payload = binary_of(1 << 20)
+    frames = [
+        _raw_frame((0x80 if i + 32768 >= len(payload) else 0) | (2 if i == 0 else 0),
+                   payload[i : i + 32768])
+        for i in range(0, len(payload), 32768)
+    ]  # fmt: skip
+    frames.insert(5, _raw_frame(0x89, b"p"))
+    stream = b"".join(frames)
+    proto = make(Role.CLIENT)
+    proto.compact_messages, proto.binary_as_bytes = mode
+    calls = []
+    general = Protocol._read_header
+
+    def counting(self: Protocol, buf: bytes, pos: int, end: int) -> int:
+        calls.append(buf[pos])
+        return general(self, buf, pos, end)
+
+    monkeypatch.setattr(Protocol, "_read_header", counting)
+    got = feed(proto, stream, list(range(131072, len(stream), 131072)))
+    assert got == [("ping", b"p"), ("binary", payload)]
+    assert calls == [0x02, 0x89]
+
+
+def test_binary_run_keeps_views_only_of_reads_it_mostly_uses() -> None:
+    """``binary_as_bytes``: pieces of 4 KiB or more wait for the message's end
+    as views of their read only if they make up half of it or more; else as
+    copies, so a message in progress holds no read it barely uses."""
+    proto = make(Role.CLIENT)
+    proto.binary_as_bytes = True
+    first = _raw_frame(0x02, b"")
+    big = _raw_frame(0x00, b"b" * 8192)
+    assert proto.receive_data(first + big) == []  # 8 KiB of an 8 KiB read: a view
+    assert [type(p) for p in proto._m_parts.parts] == [memoryview]
+    pings = b"".join(_raw_frame(0x89, b"z" * 125) for _ in range(80))  # 10 KiB of pings
+    events = proto.receive_data(big + pings)  # 8 KiB of an 18 KiB read: a copy
+    assert [type(p) for p in proto._m_parts.parts] == [memoryview, bytes]
+    assert len(events) == 80
+    events = proto.receive_data(_raw_frame(0x80, b"c" * 3))
+    assert summarize(events) == [("binary", b"b" * 16384 + b"ccc")]
+    assert proto._m_parts.parts == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_binary_run_bytewise_and_at_the_frame_count_limit(mode: tuple[bool, bool]) -> None:
+    """Headers of every length cut at every byte, and empty continuation
+    frames past ``max_message_size`` frames (each counts as one byte): the run
+    and the general path alone agree, the failure included."""
+    specs = [
+        ("cont", False, 0, False, n, enc) for n in (0, 5, 300, 5000) for enc in ("min", "16", "64")
+    ] + [("ping", True, 0, False, 3, "min"), ("cont", True, 0, False, 7, "64")]
+    stream = _run_stream((4096, "min"), specs)
+    empties = _run_stream((1, "min"), [("cont", False, 0, False, 0, "min")] * 5)
+    for data, limit in ((stream, None), (stream, 1 << 20), (empties, 4), (empties, 100)):
+        results = []
+        for cont_run in (True, False):
+            proto = _run_receiver(cont_run, mode, limit, False)
+            got = feed_bytewise(proto, data)
+            results.append((got, proto.state, str(proto.failure), proto.data_to_send()))
+        assert results[0] == results[1]
+        assert results[0][0][-1][0] == ("close" if limit != 4 else "failure")
