@@ -12,6 +12,19 @@
  * frames.py_encode_frame joins the header to apply_mask's result: a second
  * copy of every byte sent, and for a small message three more objects).
  *
+ * encode_frames(first, payload, start, limit, keys, budget) -> (frames, next):
+ * a large message's masked frames, a batch at a time (the pure-Python
+ * frames.py_encode_frames is the reference; the two must agree byte for byte).
+ * From ``payload[start:]``, frame after frame of at most ``limit`` bytes of
+ * payload, each made as encode_frame makes it with the key ``keys()`` returns
+ * for it, until the frames hold ``budget`` bytes or more, or the payload ends
+ * (at least one frame: an empty payload gives one empty frame). The frame at
+ * offset 0 has ``first`` (RSV bits and opcode) as its first byte, the others
+ * a continuation's 0; the last one has FIN. Returns the frames and where the
+ * next batch starts (``len(payload)`` after the last). One call for what the
+ * writer sends between two looks at its control frames, instead of a
+ * generator step, a slice and a call per frame.
+ *
  * lend_each(messages, ws, segment, progress) -> int: on_binary for a run of
  * small binary messages (the pure-Python loop is in blockws/delivery.py, the
  * reference; the two must behave alike). From messages[0] on, while each is
@@ -233,6 +246,105 @@ encode_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 done:
     PyBuffer_Release(&data);
     PyBuffer_Release(&key);
+    return result;
+}
+
+static PyObject *
+encode_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long first;
+    Py_ssize_t start, limit, budget, size, total = 0;
+    Py_buffer data;
+    PyObject *keys, *frames = NULL, *result = NULL;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "encode_frames() takes 6 arguments");
+        return NULL;
+    }
+    first = PyLong_AsLong(args[0]);
+    if (first == -1 && PyErr_Occurred()) return NULL;
+    if (first < 0 || first > 0x7F) {
+        PyErr_SetString(PyExc_ValueError, "first must be in range(128): RSV bits and opcode");
+        return NULL;
+    }
+    start = PyLong_AsSsize_t(args[2]);
+    if (start == -1 && PyErr_Occurred()) return NULL;
+    limit = PyLong_AsSsize_t(args[3]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    budget = PyLong_AsSsize_t(args[5]);
+    if (budget == -1 && PyErr_Occurred()) return NULL;
+    if (limit < 1) {
+        PyErr_SetString(PyExc_ValueError, "limit must be at least 1");
+        return NULL;
+    }
+    keys = args[4];
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0) return NULL;
+    size = data.len;
+    if (start < 0 || start > size) {
+        PyErr_SetString(PyExc_ValueError, "start must be in range(len(payload) + 1)");
+        goto done;
+    }
+    frames = PyList_New(0);
+    if (frames == NULL) goto done;
+    do {
+        Py_ssize_t n = size - start < limit ? size - start : limit, head;
+        unsigned char *out;
+        const unsigned char *src = (const unsigned char *)data.buf + start;
+        Py_buffer key;
+        PyObject *frame, *k = PyObject_CallObject(keys, NULL);
+        if (k == NULL) goto error;
+        if (PyObject_GetBuffer(k, &key, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(k);
+            goto error;
+        }
+        if (key.len != 4) {
+            PyErr_SetString(PyExc_ValueError, "mask key must be 4 bytes");
+            PyBuffer_Release(&key);
+            Py_DECREF(k);
+            goto error;
+        }
+        head = n < 126 ? 2 : n < 65536 ? 4 : 10;
+        frame = PyBytes_FromStringAndSize(NULL, head + 4 + n);
+        if (frame == NULL) {
+            PyBuffer_Release(&key);
+            Py_DECREF(k);
+            goto error;
+        }
+        out = (unsigned char *)PyBytes_AS_STRING(frame);
+        out[0] = (unsigned char)((start + n >= size ? 0x80 : 0) | (start == 0 ? first : 0));
+        if (head == 2) {
+            out[1] = (unsigned char)(0x80 | n);
+        } else if (head == 4) {
+            out[1] = 0x80 | 126;
+            out[2] = (unsigned char)(n >> 8);
+            out[3] = (unsigned char)n;
+        } else {
+            uint64_t len = (uint64_t)n;
+            out[1] = 0x80 | 127;
+            for (int i = 0; i < 8; i++) out[2 + i] = (unsigned char)(len >> (56 - 8 * i));
+        }
+        memcpy(out + head, key.buf, 4);
+        if (n > RELEASE_GIL_ABOVE) {
+            Py_BEGIN_ALLOW_THREADS
+            mask_into(out + head + 4, src, n, key.buf);
+            Py_END_ALLOW_THREADS
+        } else {
+            mask_into(out + head + 4, src, n, key.buf);
+        }
+        PyBuffer_Release(&key);
+        Py_DECREF(k);
+        if (PyList_Append(frames, frame) < 0) {
+            Py_DECREF(frame);
+            goto error;
+        }
+        Py_DECREF(frame);
+        start += n;
+        total += head + 4 + n;
+    } while (start < size && total < budget);
+    result = Py_BuildValue("(On)", frames, start);
+error:
+    Py_XDECREF(frames);
+done:
+    PyBuffer_Release(&data);
     return result;
 }
 
@@ -748,6 +860,8 @@ static PyMethodDef methods[] = {
     {"apply_mask", apply_mask, METH_VARARGS, "XOR data with a repeated 4-byte key."},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
      "One whole masked frame: the header for the payload with the key, then the masked payload."},
+    {"encode_frames", (PyCFunction)(void (*)(void))encode_frames, METH_FASTCALL,
+     "A large message's masked frames from payload[start:], until they hold budget bytes."},
     {"lend_each", (PyCFunction)(void (*)(void))lend_each, METH_FASTCALL,
      "on_binary for a run of small binary messages through one lent segment."},
     {"inflate_run", (PyCFunction)(void (*)(void))inflate_run, METH_FASTCALL,

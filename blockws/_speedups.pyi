@@ -2,6 +2,14 @@ from typing import Any, Callable
 
 def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes: ...
 def encode_frame(first_byte: int, payload: bytes | bytearray | memoryview, key: bytes) -> bytes: ...
+def encode_frames(
+    first: int,
+    payload: bytes | bytearray | memoryview,
+    start: int,
+    limit: int,
+    keys: Callable[[], bytes],
+    budget: int,
+) -> tuple[list[bytes], int]: ...
 def lend_each(messages: list[Any], ws: Any, segment: Any, progress: list[int]) -> int: ...
 def inflate_run(
     buf: bytes,

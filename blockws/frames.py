@@ -39,6 +39,9 @@ __all__ = [
     "encode_frame",
     "py_encode_frame",
     "c_encode_frame",
+    "encode_frames",
+    "py_encode_frames",
+    "c_encode_frames",
     "split_messages",
     "py_split_messages",
     "c_split_messages",
@@ -341,6 +344,62 @@ encode_frame: Callable[[int, BytesLike, bytes], bytes] = (
     c_encode_frame
     if c_encode_frame is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
     else py_encode_frame
+)
+
+
+def py_encode_frames(
+    first: int,
+    payload: BytesLike,
+    start: int,
+    limit: int,
+    keys: Callable[[], bytes],
+    budget: int,
+) -> tuple[list[bytes], int]:
+    """A large message's masked frames, a batch at a time: from
+    ``payload[start:]``, frames of at most ``limit`` bytes of payload, each
+    :func:`encode_frame`'s with the key ``keys()`` returns for it, until they
+    hold ``budget`` bytes or more or the payload ends (at least one frame).
+    The frame at offset 0 starts with ``first`` (RSV bits and opcode), the
+    others with a continuation's 0; the last has FIN. Returns the frames and
+    where the next batch starts (``len(payload)`` after the last).
+
+    This is the reference; ``blockws._speedups.encode_frames`` is the C
+    version (one call a batch, where this makes a slice and a call a frame).
+    """
+    if not 0 <= first <= 0x7F:
+        raise ValueError("first must be in range(128): RSV bits and opcode")
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    view = memoryview(payload)
+    size = len(view)
+    if not 0 <= start <= size:
+        raise ValueError("start must be in range(len(payload) + 1)")
+    frames = []
+    total = 0
+    while True:
+        stop = min(start + limit, size)
+        frame = py_encode_frame(
+            (FIN if stop >= size else 0) | (first if start == 0 else 0), view[start:stop], keys()
+        )
+        frames.append(frame)
+        total += len(frame)
+        start = stop
+        if start >= size or total >= budget:
+            return frames, start
+
+
+c_encode_frames: Callable[..., tuple[list[bytes], int]] | None
+try:
+    from ._speedups import encode_frames as c_encode_frames
+except ImportError:  # pragma: no cover - depends on the install
+    c_encode_frames = None
+
+#: A large message's frames a batch at a time (see :func:`py_encode_frames`):
+#: the C version when built (and ``BLOCKWS_PURE_PYTHON`` unset).
+encode_frames: Callable[..., tuple[list[bytes], int]] = (
+    c_encode_frames
+    if c_encode_frames is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
+    else py_encode_frames
 )
 
 #: Every RSV bit (RFC 6455 5.2).

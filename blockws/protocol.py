@@ -480,6 +480,40 @@ class Protocol:
         first, payload = self._encode_payload(opcode, payload, compress)
         return self._frames(first, payload)
 
+    def data_batches(
+        self, opcode: int, payload: BytesLike, budget: int, *, compress: bool = True
+    ) -> Iterator[tuple[list[bytes], bool]]:
+        """:meth:`encode_data` in batches: lists of frames of ``budget`` bytes
+        or more each (the last one maybe less), each with whether it is the
+        message's last, made as each batch is asked for: a large message's
+        frames need not all exist at once, and a writer can send control
+        frames between two batches. A client's batch is one call of
+        :func:`blockws.frames.encode_frames`."""
+        first, payload = self._encode_payload(opcode, payload, compress)
+        keys = self._mask_keys
+        size = len(payload)
+        if keys is None or size <= self.max_fragment_size:
+            # (A server's frames come as header and payload: a batch ends
+            # after a payload, never between the two.)
+            step = 1 if keys is not None else 2
+            batch: list[bytes] = []
+            total = 0
+            for frame in self._frames(first, payload):
+                if total >= budget and not len(batch) % step:
+                    yield batch, False
+                    batch = []
+                    total = 0
+                batch.append(frame)
+                total += len(frame)
+            yield batch, True
+            return
+        encode = _frames.encode_frames  # (looked up here: tests swap it)
+        limit = self.max_fragment_size
+        start = 0
+        while start < size:
+            batch, start = encode(first, payload, start, limit, keys, budget)
+            yield batch, start >= size
+
     def _encode_payload(
         self, opcode: int, payload: BytesLike, compress: bool
     ) -> tuple[int, BytesLike]:

@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator
-from itertools import chain, islice
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Union
 
 from .buffers import BufferSegment
@@ -403,7 +402,8 @@ class Sender:
                 if chunks:
                     transport.write(chunks)
                     chunks.clear()
-                if self._write_large(proto.iter_data(opcode & 0xF, payload, compress=compress)):
+                batches = proto.data_batches(opcode & 0xF, payload, WRITE_BATCH, compress=compress)
+                if self._write_large(batches):
                     # A close went out mid-message: no data frame may follow it
                     # (RFC 6455 5.5.1), so the rest of the batch is dropped.
                     return True
@@ -413,65 +413,63 @@ class Sender:
             transport.write(chunks)
         return False
 
-    def _write_large(self, frames: Iterator[bytes]) -> bool:
-        """Write a large message's frames in batches of about :data:`WRITE_BATCH`
-        bytes, with control frames queued meanwhile between batches; when one
-        of them is a close frame (a reply to the server's close), the message
-        stops there and this returns True.
+    def _write_large(self, batches: Iterator[tuple[list[bytes], bool]]) -> bool:
+        """Write a large message's frames, in the batches of about
+        :data:`WRITE_BATCH` bytes :meth:`Protocol.data_batches` makes them in,
+        with control frames queued meanwhile between batches; when one of them
+        is a close frame (a reply to the server's close), the message stops
+        there and this returns True.
 
         A transport that :attr:`~blockws.transport.Transport.gathers` writes
         (plain TCP) gets each batch as its frames, one ``sendmsg`` for them
-        all: no copy of the payload between the masking and the kernel. A
-        batch's frames are at most ``WRITE_BATCH`` bytes together, and each
-        is freed before the next batch is made, so the C allocator reuses the
-        same memory (holding a whole message's frames, or joining them, made
-        it trim its heap and fault fresh pages in again for every message).
-        Any other transport (TLS, HTTP/2), and fragments smaller than
+        all: no copy of the payload between the masking and the kernel. Each
+        batch is let go of before the next is made, so the C allocator reuses
+        the same memory (holding a whole message's frames, or joining them,
+        made it trim its heap and fault fresh pages in again for every
+        message). Any other transport (TLS, HTTP/2), and fragments smaller than
         :data:`GATHER_FROM`, get the frames copied into one reusable buffer,
         written as one chunk.
         """
         transport = self.transport
         assert transport is not None
+        batch, last = next(batches)
         # The first two frames tell the fragment size (a server's frames come
         # as header and payload): every fragment but the last has it.
-        first = list(islice(frames, 2))
-        frames = chain(first, frames)
-        if transport.gathers and max(map(len, first), default=0) >= GATHER_FROM:
-            batch: list[BytesLike] = []
-            pos = 0
-            for frame in frames:
-                batch.append(frame)
-                pos += len(frame)
-                if pos >= WRITE_BATCH:
-                    if self._flush_large(transport, batch):
-                        return True
-                    batch = []
-                    pos = 0
-            if batch:
-                transport.write(batch)
+        if transport.gathers and max(map(len, batch[:2]), default=0) >= GATHER_FROM:
+            while not last:
+                if self._flush_large(transport, batch):
+                    return True
+                del batch
+                batch, last = next(batches)
+            transport.write(batch)
             return False
         out = self._out
         if out is None:
             out = self._out = memoryview(bytearray(WRITE_BATCH + 4096))
         room = len(out)
         pos = 0
-        for frame in frames:
-            n = len(frame)
-            if pos + n > room:
-                if pos:
-                    if self._flush_large(transport, [out[:pos]]):
-                        return True
-                    pos = 0
-                if n > room:  # a frame larger than the buffer goes as it is
-                    transport.write([frame])
-                    continue
-            out[pos : pos + n] = frame
-            pos += n
+        while True:
+            for frame in batch:
+                n = len(frame)
+                if pos + n > room:
+                    if pos:
+                        if self._flush_large(transport, [out[:pos]]):
+                            return True
+                        pos = 0
+                    if n > room:  # a frame larger than the buffer goes as it is
+                        transport.write([frame])
+                        continue
+                out[pos : pos + n] = frame
+                pos += n
+            if last:
+                break
+            del batch
+            batch, last = next(batches)
         if pos:
             transport.write([out[:pos]])
         return False
 
-    def _flush_large(self, transport: Transport, data: list[BytesLike]) -> bool:
+    def _flush_large(self, transport: Transport, data: Sequence[BytesLike]) -> bool:
         """Write a batch of fragments and the control frames queued meanwhile;
         True if one of those was a close frame."""
         with self.lock:

@@ -472,6 +472,83 @@ def test_encoders_reject_a_bad_key_or_first_byte(impl: Callable[..., bytes]) -> 
         impl(0x81, "text", KEY)
 
 
+# -- both batch encoders (encode_frames) ------------------------------------------------
+# A large message's frames a batch at a time: the C version
+# (blockws._speedups.encode_frames) and the pure-Python reference must give the
+# reference encoder's frames, one by one, in the same batches.
+
+from blockws.frames import c_encode_frames, py_encode_frames  # noqa: E402
+
+BATCH_ENCODERS = [pytest.param(py_encode_frames, id="python")]
+if c_encode_frames is not None:
+    BATCH_ENCODERS.append(pytest.param(c_encode_frames, id="c"))
+
+
+def numbered_keys() -> Any:
+    """A key source giving a different key each call, as MaskKeys does."""
+    count = itertools.count()
+    return lambda: struct.pack(">I", (next(count) * 0x9E3779B1) & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("impl", BATCH_ENCODERS)
+@pytest.mark.parametrize(
+    ("size", "limit"),
+    [(0, 1), (0, 32768), (1, 1), (5, 2), (130, 1), (1000, 7), (125, 125), (126, 125),
+     (4097, 4096), (65535, 4096), (65536, 65535), (65537, 65536), (200_000, 32768),
+     (200_000, 70_000), (200_000, 1 << 20)],
+)  # fmt: skip
+def test_encode_frames_gives_the_reference_frames_in_batches(
+    impl: Any, size: int, limit: int
+) -> None:
+    data = random_bytes(size)
+    for first, budget in ((Opcode.BINARY, 0), (Opcode.TEXT | 0x40, 5000), (Opcode.BINARY, 1 << 17)):
+        expected = []
+        ref_keys = numbered_keys()
+        for start in range(0, max(size, 1), limit):
+            chunk = data[start : start + limit]
+            b0 = (FIN if start + limit >= size else 0) | (first if start == 0 else 0)
+            key = ref_keys()
+            expected.append(reference_header(b0, len(chunk), key) + naive_mask(chunk, key))
+        keys = numbered_keys()
+        got: list[bytes] = []
+        start = 0
+        for payload in (data, memoryview(data), bytearray(data)):
+            keys, got, start = numbered_keys(), [], 0
+            while True:
+                batch, start = impl(first, payload, start, limit, keys, budget)
+                assert batch and all(type(f) is bytes for f in batch)
+                # Each batch stops as soon as it holds the budget, the last one at the end.
+                assert sum(map(len, batch[:-1])) < budget or len(batch) == 1
+                assert sum(map(len, batch)) >= budget or start == size
+                got.extend(batch)
+                if start == size:
+                    break
+            assert got == expected
+
+
+@pytest.mark.parametrize("impl", BATCH_ENCODERS)
+def test_encode_frames_rejects_what_encode_frame_rejects(impl: Any) -> None:
+    keys = numbered_keys()
+    with pytest.raises(ValueError):
+        impl(0x02, b"abc", 0, 1, lambda: b"123", 0)  # a key of 3 bytes
+    for first in (-1, 0x80, 256):
+        with pytest.raises(ValueError):
+            impl(first, b"abc", 0, 1, keys, 0)
+    with pytest.raises(ValueError):
+        impl(0x02, b"abc", 0, 0, keys, 0)  # a limit under 1
+    for start in (-1, 4):
+        with pytest.raises(ValueError):
+            impl(0x02, b"abc", start, 1, keys, 0)
+    with pytest.raises(TypeError):
+        impl(0x01, "text", 0, 1, keys, 0)
+
+    def failing() -> bytes:
+        raise RuntimeError("no key")
+
+    with pytest.raises(RuntimeError, match="no key"):
+        impl(0x02, b"abc", 0, 1, failing, 0)
+
+
 # -- both fast receive loops (split_messages) -----------------------------------------
 # The C loop (blockws._speedups.split_messages) and the pure-Python reference
 # (frames.py_split_messages) must agree byte for byte: the messages, their types,

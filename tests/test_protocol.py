@@ -599,6 +599,39 @@ def test_encode_data_fragments_exactly() -> None:
     ]
 
 
+_BATCHERS = [pytest.param(frames_module.py_encode_frames, id="py-batch")]
+if frames_module.c_encode_frames is not None:
+    _BATCHERS.append(pytest.param(frames_module.c_encode_frames, id="c-batch"))
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("batcher", _BATCHERS)
+@pytest.mark.parametrize("size", [0, 5, 3000, 70_000, 300_000])
+def test_data_batches_are_encode_data_in_batches(
+    role: Role, batcher: Any, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's large messages: the same frames as encode_data, in batches
+    of at least the budget (the last one aside), a server's never cut between
+    a frame's header and its payload."""
+    monkeypatch.setattr(frames_module, "encode_frames", batcher)
+    payload = binary_of(size)
+    for fragment, budget in ((32768, 65536), (1000, 4000), (1 << 20, 1), (7, 100)):
+        proto = make(role, max_fragment_size=fragment)
+        whole = b"".join(proto.encode_data(Opcode.BINARY, payload))
+        pairs = list(proto.data_batches(Opcode.BINARY, payload, budget))
+        assert [last for _, last in pairs] == [False] * (len(pairs) - 1) + [True]
+        batches = [batch for batch, _ in pairs]
+        assert b"".join(b"".join(batch) for batch in batches) == whole
+        assert all(sum(map(len, batch)) >= budget for batch in batches[:-1])
+        for batch in batches:
+            joined = b"".join(batch)
+            parsed = Frame.parse(joined, masked=role is Role.CLIENT)
+            while joined:  # every batch is whole frames
+                assert parsed is not None
+                joined = joined[parsed[1] :]
+                parsed = Frame.parse(joined, masked=role is Role.CLIENT) if joined else None
+
+
 def test_encode_control() -> None:
     server = make(Role.SERVER)
     assert server.encode_control(Opcode.PING, b"Hello") == b"\x89\x05Hello"
