@@ -190,6 +190,7 @@ def _run_protocol(
     mask: Callable[..., bytes],
     general: bool = False,
     c_inflate: bool = True,
+    cont_run: bool = True,
 ) -> tuple[list[tuple[Any, ...]], list[bytes], Any]:
     server = bool(mode & 1)
     pool = _CountingPool()
@@ -213,6 +214,8 @@ def _run_protocol(
         proto.binary_as_bytes = bool(mode & 4)
         if general:
             proto._whole_decode = None  # no fast path for compressed messages
+        if not cont_run:
+            proto._cont_run = False  # no fast run of continuation frames
         events: list[Any] = []
         sent: list[bytes] = []
         for piece in pieces:
@@ -252,7 +255,8 @@ def target_protocol(data: bytes) -> None:
     bytes or pooled binary, with and without permessage-deflate, automatic close reply
     or not; the same bytes whole and cut into pieces, with pure and C masking, and a
     deflate client's with and without the fast path for compressed messages, and on
-    its C loop and its pure one."""
+    its C loop and its pure one, and a client's with and without the run of a
+    fragmented binary message's continuation frames."""
     inp = Input(data)
     mode = inp.byte()
     stream = inp.rest()
@@ -263,6 +267,9 @@ def target_protocol(data: bytes) -> None:
     if frames_mod.c_apply_mask is not None and mode & 1:
         fast = _run_protocol(mode, pieces(stream, cuts), frames_mod.c_apply_mask)
         assert fast == whole, "C and pure masking disagree"
+    if not mode & 1:  # a client: the run of continuation frames against the general path
+        general = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, cont_run=False)
+        assert general == cut, "the continuation-frame run and the general path disagree"
     if mode & 16 and not mode & 1:  # a client with permessage-deflate
         general = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, general=True)
         assert general == cut, "the compressed-message fast path and the general path disagree"
