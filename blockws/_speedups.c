@@ -191,14 +191,46 @@ apply_mask(PyObject *self, PyObject *args)
     return result;
 }
 
+/* One whole masked frame as a new bytes: the header for n bytes with the MASK
+ * bit and the 4-byte key, then src masked with it (the GIL released above
+ * RELEASE_GIL_ABOVE). encode_frame's and encode_frames' one way to make one. */
+static PyObject *
+masked_frame(int first, const unsigned char *src, Py_ssize_t n, const unsigned char *key)
+{
+    Py_ssize_t head = n < 126 ? 2 : n < 65536 ? 4 : 10;
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, head + 4 + n);
+    unsigned char *out;
+    if (frame == NULL) return NULL;
+    out = (unsigned char *)PyBytes_AS_STRING(frame);
+    out[0] = (unsigned char)first;
+    if (head == 2) {
+        out[1] = (unsigned char)(0x80 | n);
+    } else if (head == 4) {
+        out[1] = 0x80 | 126;
+        out[2] = (unsigned char)(n >> 8);
+        out[3] = (unsigned char)n;
+    } else {
+        uint64_t len = (uint64_t)n;
+        out[1] = 0x80 | 127;
+        for (int i = 0; i < 8; i++) out[2 + i] = (unsigned char)(len >> (56 - 8 * i));
+    }
+    memcpy(out + head, key, 4);
+    if (n > RELEASE_GIL_ABOVE) {
+        Py_BEGIN_ALLOW_THREADS
+        mask_into(out + head + 4, src, n, key);
+        Py_END_ALLOW_THREADS
+    } else {
+        mask_into(out + head + 4, src, n, key);
+    }
+    return frame;
+}
+
 static PyObject *
 encode_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long first;
     Py_buffer data, key;
     PyObject *result = NULL;
-    Py_ssize_t n, head;
-    unsigned char *out;
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "encode_frame() takes 3 arguments");
         return NULL;
@@ -218,31 +250,7 @@ encode_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "mask key must be 4 bytes");
         goto done;
     }
-    n = data.len;
-    head = n < 126 ? 2 : n < 65536 ? 4 : 10;
-    result = PyBytes_FromStringAndSize(NULL, head + 4 + n);
-    if (result == NULL) goto done;
-    out = (unsigned char *)PyBytes_AS_STRING(result);
-    out[0] = (unsigned char)first;
-    if (head == 2) {
-        out[1] = (unsigned char)(0x80 | n);
-    } else if (head == 4) {
-        out[1] = 0x80 | 126;
-        out[2] = (unsigned char)(n >> 8);
-        out[3] = (unsigned char)n;
-    } else {
-        uint64_t len = (uint64_t)n;
-        out[1] = 0x80 | 127;
-        for (int i = 0; i < 8; i++) out[2 + i] = (unsigned char)(len >> (56 - 8 * i));
-    }
-    memcpy(out + head, key.buf, 4);
-    if (n > RELEASE_GIL_ABOVE) {
-        Py_BEGIN_ALLOW_THREADS
-        mask_into(out + head + 4, data.buf, n, key.buf);
-        Py_END_ALLOW_THREADS
-    } else {
-        mask_into(out + head + 4, data.buf, n, key.buf);
-    }
+    result = masked_frame((int)first, data.buf, data.len, key.buf);
 done:
     PyBuffer_Release(&data);
     PyBuffer_Release(&key);
@@ -286,8 +294,7 @@ encode_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     frames = PyList_New(0);
     if (frames == NULL) goto done;
     do {
-        Py_ssize_t n = size - start < limit ? size - start : limit, head;
-        unsigned char *out;
+        Py_ssize_t n = size - start < limit ? size - start : limit;
         const unsigned char *src = (const unsigned char *)data.buf + start;
         Py_buffer key;
         PyObject *frame, *k = PyObject_CallObject(keys, NULL);
@@ -302,43 +309,18 @@ encode_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(k);
             goto error;
         }
-        head = n < 126 ? 2 : n < 65536 ? 4 : 10;
-        frame = PyBytes_FromStringAndSize(NULL, head + 4 + n);
-        if (frame == NULL) {
-            PyBuffer_Release(&key);
-            Py_DECREF(k);
-            goto error;
-        }
-        out = (unsigned char *)PyBytes_AS_STRING(frame);
-        out[0] = (unsigned char)((start + n >= size ? 0x80 : 0) | (start == 0 ? first : 0));
-        if (head == 2) {
-            out[1] = (unsigned char)(0x80 | n);
-        } else if (head == 4) {
-            out[1] = 0x80 | 126;
-            out[2] = (unsigned char)(n >> 8);
-            out[3] = (unsigned char)n;
-        } else {
-            uint64_t len = (uint64_t)n;
-            out[1] = 0x80 | 127;
-            for (int i = 0; i < 8; i++) out[2 + i] = (unsigned char)(len >> (56 - 8 * i));
-        }
-        memcpy(out + head, key.buf, 4);
-        if (n > RELEASE_GIL_ABOVE) {
-            Py_BEGIN_ALLOW_THREADS
-            mask_into(out + head + 4, src, n, key.buf);
-            Py_END_ALLOW_THREADS
-        } else {
-            mask_into(out + head + 4, src, n, key.buf);
-        }
+        frame = masked_frame((start + n >= size ? 0x80 : 0) | (start == 0 ? (int)first : 0), src,
+                             n, key.buf);
         PyBuffer_Release(&key);
         Py_DECREF(k);
+        if (frame == NULL) goto error;
         if (PyList_Append(frames, frame) < 0) {
             Py_DECREF(frame);
             goto error;
         }
+        total += PyBytes_GET_SIZE(frame);
         Py_DECREF(frame);
         start += n;
-        total += head + 4 + n;
     } while (start < size && total < budget);
     result = Py_BuildValue("(On)", frames, start);
 error:
