@@ -471,15 +471,6 @@ class Protocol:
             return [encode_frame(FIN | first, payload, keys())]
         return list(self._frames(first, payload))
 
-    def iter_data(
-        self, opcode: int, payload: BytesLike, *, compress: bool = True
-    ) -> Iterator[bytes]:
-        """:meth:`encode_data` one frame at a time (a server's frames in two
-        pieces, header and payload), so that a large message's frames need not
-        all exist at once."""
-        first, payload = self._encode_payload(opcode, payload, compress)
-        return self._frames(first, payload)
-
     def data_batches(
         self, opcode: int, payload: BytesLike, budget: int, *, compress: bool = True
     ) -> Iterator[tuple[list[bytes], bool]]:
