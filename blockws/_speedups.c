@@ -194,14 +194,14 @@ apply_mask(PyObject *self, PyObject *args)
 /* One whole masked frame as a new bytes: the header for n bytes with the MASK
  * bit and the 4-byte key, then src masked with it (the GIL released above
  * RELEASE_GIL_ABOVE). encode_frame's and encode_frames' one way to make one. */
-static PyObject *
-masked_frame(int first, const unsigned char *src, Py_ssize_t n, const unsigned char *key)
+#define HEAD_SIZE(n) ((n) < 126 ? 2 : (n) < 65536 ? 4 : 10)
+
+/* A masked frame's header for n bytes of payload, then its 4-byte key, at
+ * out (HEAD_SIZE(n) + 4 bytes); returns HEAD_SIZE(n). */
+static Py_ssize_t
+write_head(unsigned char *out, int first, Py_ssize_t n, const unsigned char *key)
 {
-    Py_ssize_t head = n < 126 ? 2 : n < 65536 ? 4 : 10;
-    PyObject *frame = PyBytes_FromStringAndSize(NULL, head + 4 + n);
-    unsigned char *out;
-    if (frame == NULL) return NULL;
-    out = (unsigned char *)PyBytes_AS_STRING(frame);
+    Py_ssize_t head = HEAD_SIZE(n);
     out[0] = (unsigned char)first;
     if (head == 2) {
         out[1] = (unsigned char)(0x80 | n);
@@ -215,6 +215,18 @@ masked_frame(int first, const unsigned char *src, Py_ssize_t n, const unsigned c
         for (int i = 0; i < 8; i++) out[2 + i] = (unsigned char)(len >> (56 - 8 * i));
     }
     memcpy(out + head, key, 4);
+    return head;
+}
+
+static PyObject *
+masked_frame(int first, const unsigned char *src, Py_ssize_t n, const unsigned char *key)
+{
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, HEAD_SIZE(n) + 4 + n);
+    unsigned char *out;
+    Py_ssize_t head;
+    if (frame == NULL) return NULL;
+    out = (unsigned char *)PyBytes_AS_STRING(frame);
+    head = write_head(out, first, n, key);
     if (n > RELEASE_GIL_ABOVE) {
         Py_BEGIN_ALLOW_THREADS
         mask_into(out + head + 4, src, n, key);
@@ -327,6 +339,132 @@ error:
     Py_XDECREF(frames);
 done:
     PyBuffer_Release(&data);
+    return result;
+}
+
+/* The length of items[i]'s payload, or -1 with an exception set. */
+static Py_ssize_t
+payload_len(PyObject *payload)
+{
+    Py_buffer view;
+    Py_ssize_t n;
+    if (PyBytes_CheckExact(payload)) return PyBytes_GET_SIZE(payload);
+    if (PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE) < 0) return -1;
+    n = view.len;
+    PyBuffer_Release(&view);
+    return n;
+}
+
+/* items[i] as (opcode, payload) with the run's rules; 0 when the run stops
+ * there, 1 when it goes on (n set), -1 on an error. */
+static int
+run_item(PyObject *items, Py_ssize_t i, Py_ssize_t limit, long *opcode, PyObject **payload,
+         Py_ssize_t *n)
+{
+    PyObject *item = PyList_GET_ITEM(items, i);
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2) {
+        PyErr_SetString(PyExc_TypeError, "each item must be a tuple (opcode, payload, ...)");
+        return -1;
+    }
+    *opcode = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+    if (*opcode == -1 && PyErr_Occurred()) return -1;
+    if (*opcode < 0) return 0;
+    *payload = PyTuple_GET_ITEM(item, 1);
+    *n = payload_len(*payload);
+    if (*n < 0) return -1;
+    return *n <= limit;
+}
+
+/* py_encode_messages in one call: a first pass finds the run and its size,
+ * take(count) gives the keys, a second pass writes every frame into one
+ * bytes. take() is Python code: the second pass checks again that every item
+ * is what the first found, and fails rather than write past the end. */
+static PyObject *
+encode_messages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *items, *keys = NULL, *out = NULL, *result = NULL;
+    Py_ssize_t start, limit, end, total = 0, pos = 0;
+    Py_buffer kb;
+    long opcode;
+    PyObject *payload;
+    Py_ssize_t n;
+    int r = 0;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "encode_messages() takes 4 arguments");
+        return NULL;
+    }
+    items = args[0];
+    if (!PyList_Check(items)) {
+        PyErr_SetString(PyExc_TypeError, "items must be a list");
+        return NULL;
+    }
+    start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred()) return NULL;
+    limit = PyLong_AsSsize_t(args[2]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    if (start < 0 || start > PyList_GET_SIZE(items)) {
+        PyErr_SetString(PyExc_ValueError, "start must be in range(len(items) + 1)");
+        return NULL;
+    }
+    for (end = start; end < PyList_GET_SIZE(items); end++) {
+        r = run_item(items, end, limit, &opcode, &payload, &n);
+        if (r < 0) return NULL;
+        if (r == 0) break;
+        total += HEAD_SIZE(n) + 4 + n;
+    }
+    if (end == start) return Py_BuildValue("(yn)", "", start);
+    keys = PyObject_CallFunction(args[3], "n", end - start);
+    if (keys == NULL) return NULL;
+    if (PyObject_GetBuffer(keys, &kb, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(keys);
+        return NULL;
+    }
+    if (kb.len != 4 * (end - start)) {
+        PyErr_SetString(PyExc_ValueError, "take(count) must return 4 * count bytes");
+        goto done;
+    }
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL) goto done;
+    for (Py_ssize_t i = start; i < end; i++) {
+        unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out) + pos;
+        const unsigned char *key = (const unsigned char *)kb.buf + 4 * (i - start);
+        Py_ssize_t head;
+        Py_buffer view;
+        if (i >= PyList_GET_SIZE(items) ||
+            (r = run_item(items, i, limit, &opcode, &payload, &n)) != 1) {
+            if (!PyErr_Occurred() || r >= 0)
+                PyErr_SetString(PyExc_RuntimeError, "items changed during encode_messages");
+            goto error;
+        }
+        if (pos + HEAD_SIZE(n) + 4 + n > total) {
+            PyErr_SetString(PyExc_RuntimeError, "items changed during encode_messages");
+            goto error;
+        }
+        head = write_head(o, 0x80 | (int)(opcode & 0x0F), n, key);
+        if (PyBytes_CheckExact(payload)) {
+            mask_into(o + head + 4, (const unsigned char *)PyBytes_AS_STRING(payload), n, key);
+        } else {
+            if (PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE) < 0) goto error;
+            if (view.len != n) {
+                PyBuffer_Release(&view);
+                PyErr_SetString(PyExc_RuntimeError, "items changed during encode_messages");
+                goto error;
+            }
+            mask_into(o + head + 4, view.buf, n, key);
+            PyBuffer_Release(&view);
+        }
+        pos += head + 4 + n;
+    }
+    if (pos != total) {
+        PyErr_SetString(PyExc_RuntimeError, "items changed during encode_messages");
+        goto error;
+    }
+    result = Py_BuildValue("(On)", out, end);
+error:
+    Py_XDECREF(out);
+done:
+    PyBuffer_Release(&kb);
+    Py_DECREF(keys);
     return result;
 }
 
@@ -844,6 +982,8 @@ static PyMethodDef methods[] = {
      "One whole masked frame: the header for the payload with the key, then the masked payload."},
     {"encode_frames", (PyCFunction)(void (*)(void))encode_frames, METH_FASTCALL,
      "A large message's masked frames from payload[start:], until they hold budget bytes."},
+    {"encode_messages", (PyCFunction)(void (*)(void))encode_messages, METH_FASTCALL,
+     "A run of whole messages from items[start:] as masked frames, joined; and where it stopped."},
     {"lend_each", (PyCFunction)(void (*)(void))lend_each, METH_FASTCALL,
      "on_binary for a run of small binary messages through one lent segment."},
     {"inflate_run", (PyCFunction)(void (*)(void))inflate_run, METH_FASTCALL,

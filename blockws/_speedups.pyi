@@ -10,6 +10,9 @@ def encode_frames(
     keys: Callable[[], bytes],
     budget: int,
 ) -> tuple[list[bytes], int]: ...
+def encode_messages(
+    items: list[tuple[Any, ...]], start: int, limit: int, take: Callable[[int], bytes]
+) -> tuple[bytes, int]: ...
 def lend_each(messages: list[Any], ws: Any, segment: Any, progress: list[int]) -> int: ...
 def inflate_run(
     buf: bytes,

@@ -24,7 +24,7 @@ import itertools
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Union
 
@@ -42,6 +42,9 @@ __all__ = [
     "encode_frames",
     "py_encode_frames",
     "c_encode_frames",
+    "encode_messages",
+    "py_encode_messages",
+    "c_encode_messages",
     "split_messages",
     "py_split_messages",
     "c_split_messages",
@@ -262,6 +265,28 @@ class MaskKeys:
             return pool[pos : pos + 4]
         return self._refill(pool)
 
+    def take(self, count: int) -> bytes:
+        """``count`` keys at once, joined (``4 * count`` bytes): what
+        :func:`encode_messages` masks a run of frames with. Each is a key no
+        other call gets, as from ``count`` calls; the batch's slices are
+        counted off in one step at C speed, so the keys come as one slice of
+        the batch unless another thread drew in between (then one by one)."""
+        out = b""
+        while count > 0:
+            pool, counter = self._state
+            first = next(counter)
+            # The count's next count - 1 values, consumed in C; the last one.
+            last = next(itertools.islice(counter, count - 2, None)) if count > 1 else first
+            if last != first + 4 * (count - 1):  # another thread drew meanwhile
+                return out + b"".join([self() for _ in range(count)])
+            have = max(0, min(count, (len(pool) - first) >> 2))
+            out += pool[first : first + 4 * have]
+            count -= have
+            if count:  # the batch ran out: the rest from the next one
+                out += self._refill(pool)
+                count -= 1
+        return out
+
     def _refill(self, spent: bytes) -> bytes:
         with self._lock:
             if self._state[0] is spent:  # not refilled by another thread meanwhile
@@ -400,6 +425,93 @@ encode_frames: Callable[..., tuple[list[bytes], int]] = (
     c_encode_frames
     if c_encode_frames is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
     else py_encode_frames
+)
+
+#: The zero bytes that stand for a header and key in py_encode_messages'
+#: payload stream (2, 4 or 10 bytes of header, then 4 of key).
+_HEAD_ZEROS = {h: bytes(h + 4) for h in (2, 4, 10)}
+#: A small frame's first two bytes, [opcode][payload length].
+_SMALL_HEADERS = [tuple(bytes((FIN | op, MASK_BIT | n)) for n in range(126)) for op in range(16)]
+
+
+def py_encode_messages(
+    items: Sequence[tuple[Any, ...]],
+    start: int,
+    limit: int,
+    take: Callable[[int], bytes],
+) -> tuple[bytes, int]:
+    """A run of whole messages as masked frames, joined: a writer's batch of
+    small messages in one call.
+
+    ``items[start:]`` are tuples whose first two items are an opcode and a
+    payload; further items are ignored (a writer's queue entries pass as
+    they are). Each becomes one frame with FIN, RSV clear and the opcode's
+    low four bits (higher bits are the caller's flags), as
+    :func:`encode_frame` makes it. The run stops before the first item
+    whose opcode is negative (the writer's close frame) or whose payload is
+    longer than ``limit`` bytes (it needs fragments). Once the run is known,
+    ``take(count)`` gives its keys, 4 bytes a frame, in order (e.g.
+    :meth:`MaskKeys.take`). Returns the frames joined and the index of the
+    first item not encoded (``start`` for an empty run, with no call of
+    ``take``).
+
+    This is the reference; ``blockws._speedups.encode_messages`` is the C
+    version. This one masks the whole run at once: the payloads, with zeros
+    where each header and key go, XOR a stream of each frame's header and
+    key followed by its key repeated, as two big integers.
+    """
+    size = len(items)
+    if not 0 <= start <= size:
+        raise ValueError("start must be in range(len(items) + 1)")
+    end = start
+    while end < size:
+        item = items[end]
+        if item[0] < 0 or len(item[1]) > limit:
+            break
+        end += 1
+    count = end - start
+    if not count:
+        return b"", start
+    keys = take(count)
+    if len(keys) != 4 * count:
+        raise ValueError("take(count) must return 4 * count bytes")
+    payloads: list[BytesLike] = []
+    stream: list[bytes] = []
+    add, add_key = payloads.append, stream.append
+    zeros, headers = _HEAD_ZEROS[2], _SMALL_HEADERS
+    pos = 0
+    for item in items[start:end]:
+        opcode, payload = item[0] & 0x0F, item[1]
+        n = len(payload)
+        if n < 126:
+            add_key(headers[opcode][n])
+            add_key((keys[pos : pos + 4] * 33)[: n + 4])  # the key, then n bytes of it
+            add(zeros)
+        else:
+            key = keys[pos : pos + 4]
+            header = encode_header(FIN | opcode, n, key)
+            add_key(header)
+            add_key((key * ((n >> 2) + 1))[:n])
+            add(_HEAD_ZEROS[len(header) - 4])
+        add(payload)
+        pos += 4
+    plain = b"".join(payloads)
+    masked = _from_bytes(plain, "little") ^ _from_bytes(b"".join(stream), "little")
+    return masked.to_bytes(len(plain), "little"), end
+
+
+c_encode_messages: Callable[..., tuple[bytes, int]] | None
+try:
+    from ._speedups import encode_messages as c_encode_messages
+except ImportError:  # pragma: no cover - depends on the install
+    c_encode_messages = None
+
+#: A run of small messages' frames in one call (see :func:`py_encode_messages`):
+#: the C version when built (and ``BLOCKWS_PURE_PYTHON`` unset).
+encode_messages: Callable[..., tuple[bytes, int]] = (
+    c_encode_messages
+    if c_encode_messages is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
+    else py_encode_messages
 )
 
 #: Every RSV bit (RFC 6455 5.2).

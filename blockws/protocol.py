@@ -35,6 +35,7 @@ from __future__ import annotations
 import codecs
 import enum
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any, Callable, Union
 
 from . import frames as _frames
@@ -49,6 +50,7 @@ from .frames import (
     apply_mask,
     encode_frame,
     encode_header,
+    encode_messages,
     pack_close,
     parse_close,
     parse_header,
@@ -215,6 +217,11 @@ _HEADER, _PAYLOAD, _DONE = 0, 1, 2
 _new_utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
+def _take_each(keys: Callable[[], bytes], count: int) -> bytes:
+    """``count`` keys from a source that gives one a call (a test's keys)."""
+    return b"".join([keys() for _ in range(count)])
+
+
 def _default_allocate(size: int) -> bytearray:
     return bytearray(size)
 
@@ -311,6 +318,7 @@ class Protocol:
         "_m_opcode",
         "_m_parts",
         "_m_text",
+        "_key_source",
         "_mask_keys",
         "_outgoing",
         "_phase",
@@ -362,6 +370,7 @@ class Protocol:
         keys = (mask_keys or shared_mask_keys) if role is Role.CLIENT else None
         # A MaskKeys' bound __call__: cheaper to call than the instance itself.
         self._mask_keys = keys.__call__ if isinstance(keys, MaskKeys) else keys
+        self._key_source = keys  # for encode_messages' keys, a run at a time
         # Client receives unmasked frames; server requires masked ones.
         self._expect_mask = 0x80 if role is Role.SERVER else 0
         # The parser's fast path applies (see _parse): no masks, no extensions.
@@ -470,6 +479,37 @@ class Protocol:
             # A small message from a client: one frame with a 2-byte header.
             return [encode_frame(FIN | first, payload, keys())]
         return list(self._frames(first, payload))
+
+    def encode_messages(
+        self, items: list[tuple[Any, ...]], start: int = 0
+    ) -> tuple[list[bytes], int]:
+        """Frames for a run of whole data messages, at once: a writer's batch.
+
+        ``items[start:]`` are tuples whose first two items are an opcode and
+        a payload (a writer's queue entries pass as they are; further items
+        are ignored). Each is encoded as ``encode_data(opcode & 0xF,
+        payload, compress=False)`` would, one frame each, until the first
+        item whose opcode is negative (a writer's close frame) or whose
+        payload is longer than ``max_fragment_size`` (it needs fragments):
+        the caller encodes that one on its own. Returns the frames and the
+        index of the first item not encoded. A client's run is one call of
+        :func:`blockws.frames.encode_messages`, its frames joined in one
+        ``bytes``; a server's run is a header and a payload a message.
+        """
+        if not 0 <= start <= len(items):
+            raise ValueError("start must be in range(len(items) + 1)")
+        source = self._key_source
+        if source is None:
+            out: list[bytes] = []
+            limit, size, end = self.max_fragment_size, len(items), start
+            while end < size and items[end][0] >= 0 and len(items[end][1]) <= limit:
+                opcode, payload = items[end][0] & 0x0F, items[end][1]
+                out += (encode_header(FIN | opcode, len(payload), None), bytes(payload))
+                end += 1
+            return out, end
+        take = source.take if isinstance(source, MaskKeys) else partial(_take_each, source)
+        data, end = encode_messages(items, start, self.max_fragment_size, take)
+        return ([data] if data else []), end
 
     def data_batches(
         self, opcode: int, payload: BytesLike, budget: int, *, compress: bool = True

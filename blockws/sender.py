@@ -169,7 +169,8 @@ class Sender:
             queue = self.queue = deque()
         queue.append((opcode, payload, segment, size))
         self.buffered += size
-        self._kick_locked()
+        if self._waiting or self._thread is None:  # else the writer is busy: it will see it
+            self._kick_locked()
         return False
 
     def _will_compress(self, opcode: int, size: int) -> bool:
@@ -392,8 +393,23 @@ class Sender:
         self, proto: Protocol, transport: Transport, chunks: list[BytesLike], batch: list[Item]
     ) -> bool:
         """Write ``chunks`` and then ``batch``; True if a close frame slipped in
-        between the fragments of a large message (nothing follows it then)."""
-        for opcode, payload, _segment, n in batch:
+        between the fragments of a large message (nothing follows it then).
+
+        Without extensions, each run of messages of one frame each is encoded
+        in one call (:meth:`Protocol.encode_messages`); what ends a run (our
+        close frame, a message that needs fragments) goes on its own, as does
+        every message when compression may apply.
+        """
+        runs = not self._extensions
+        i, count = 0, len(batch)
+        while i < count:
+            if runs:
+                frames, i = proto.encode_messages(batch, i)
+                chunks += frames
+                if i == count:
+                    break
+            opcode, payload, _segment, n = batch[i]
+            i += 1
             if opcode == CLOSE_FRAME:
                 chunks.append(payload)
                 continue

@@ -801,15 +801,15 @@ class WebSocket:
         the game), and messages held through an outage of unknown length
         would go out stale, ahead of it, and grow without bound.
         """
+        if type(data) is bytes and not offset and count is None:  # the commonest: first
+            self._enqueue(_BINARY if compress else _BINARY | _UNCOMPRESSED, data, None, len(data))
+            return
         flag = 0 if compress else _UNCOMPRESSED
         if isinstance(data, str):
             if offset or count is not None:
                 raise TypeError("offset and count apply to binary messages only")
             payload: bytes = data.encode("utf-8")
             self._enqueue(_TEXT | flag, payload, None, len(payload))
-            return
-        if type(data) is bytes and not offset and count is None:
-            self._enqueue(_BINARY | flag, data, None, len(data))
             return
         try:
             view = memoryview(data).cast("B")

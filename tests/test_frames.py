@@ -794,3 +794,174 @@ print(child != parent and len(child) == 32)
         pytest.skip("no fork() here")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
     assert out.stdout.strip() == "True", out.stderr
+
+
+# -- a run of messages at once (the writer's batch) ---------------------------------------
+
+MESSAGE_ENCODERS = [pytest.param(frames_module.py_encode_messages, id="python")]
+if frames_module.c_encode_messages is not None:
+    MESSAGE_ENCODERS.append(pytest.param(frames_module.c_encode_messages, id="c"))
+
+
+class Taker:
+    """``take(count)`` over :func:`numbered_keys`, remembering each count asked for."""
+
+    def __init__(self) -> None:
+        self.keys = numbered_keys()
+        self.counts: list[int] = []
+
+    def __call__(self, count: int) -> bytes:
+        self.counts.append(count)
+        return b"".join(self.keys() for _ in range(count))
+
+
+def reference_run(items: list[tuple[Any, ...]], start: int, limit: int) -> tuple[bytes, int]:
+    """What encode_messages must give, from this file's reference encoder."""
+    keys = numbered_keys()
+    out = b""
+    end = start
+    while end < len(items) and items[end][0] >= 0 and len(items[end][1]) <= limit:
+        opcode, payload = items[end][0], bytes(items[end][1])
+        key = keys()
+        out += reference_header(FIN | (opcode & 0x0F), len(payload), key) + naive_mask(payload, key)
+        end += 1
+    return out, end
+
+
+@pytest.mark.parametrize("impl", MESSAGE_ENCODERS)
+def test_encode_messages_gives_the_reference_frames(impl: Any) -> None:
+    """Each item one FIN frame with its own key, in order, joined; around
+    every header length, in three buffer types, with the caller's flags above
+    the opcode ignored; the run stops at a negative opcode (the writer's close
+    frame) or a payload over the limit; take() is asked once, for the run's
+    count, and not at all for an empty run."""
+    sizes = [0, 1, 3, 4, 5, 64, 124, 125, 126, 127, 1000, 65535, 65536, 70_000]
+    makers = (bytes, bytearray, memoryview)
+    items: list[tuple[Any, ...]] = []
+    for i, size in enumerate(sizes):
+        opcode = (Opcode.TEXT, Opcode.BINARY, Opcode.BINARY | 0x100)[i % 3]
+        items.append((opcode, makers[i % 3](random_bytes(size)), None, size))
+    items.insert(6, (-1, b"\x88\x80abcd", None, 0))  # a close frame ends a run
+    for limit in (0, 1, 125, 126, 65535, 65536, 1 << 20):
+        for start in range(len(items) + 1):
+            take = Taker()
+            got = impl(items, start, limit, take)
+            expected = reference_run(items, start, limit)
+            assert got == expected and type(got[0]) is bytes, (limit, start)
+            assert take.counts == ([expected[1] - start] if expected[1] > start else [])
+
+
+@pytest.mark.parametrize("impl", MESSAGE_ENCODERS)
+def test_encode_messages_rejects_bad_arguments(impl: Any) -> None:
+    items = [(Opcode.BINARY, b"abc"), (Opcode.TEXT, b"de")]
+    for start in (-1, 3):
+        with pytest.raises(ValueError):
+            impl(items, start, 10, Taker())
+    for wrong in (lambda count: b"1234" * count + b"5", lambda count: b"123"):
+        with pytest.raises(ValueError):
+            impl(items, 0, 10, wrong)  # keys of the wrong length
+    with pytest.raises(ZeroDivisionError):
+        impl(items, 0, 10, lambda count: 1 // 0)  # take's own error comes through
+    with pytest.raises(TypeError):
+        impl([("binary", b"abc")], 0, 10, Taker())
+
+
+def test_c_encode_messages_fails_when_take_changes_the_items() -> None:
+    """take() is Python code that runs between the C version's two passes:
+    items it changes make an error, never a write past the frames' end."""
+    if frames_module.c_encode_messages is None:
+        pytest.skip("the C speedups are not built")
+    encode = frames_module.c_encode_messages
+    for change in (
+        lambda items: items.pop(),  # fewer items
+        lambda items: items.__setitem__(1, (Opcode.BINARY, b"x" * 50)),  # a longer payload
+        lambda items: items.__setitem__(1, (-1, b"")),  # a close frame
+        lambda items: items.__setitem__(1, (Opcode.BINARY, bytearray(b"y"))),  # shorter
+    ):
+        items: list[tuple[Any, ...]] = [(Opcode.BINARY, b"abc"), (Opcode.BINARY, b"de")]
+
+        def take(count: int, items: list[tuple[Any, ...]] = items, change: Any = change) -> bytes:
+            change(items)
+            return b"1234" * count
+
+        with pytest.raises(RuntimeError, match="changed"):
+            encode(items, 0, 100, take)
+    with pytest.raises(TypeError):
+        encode((("x", b"a"),), 0, 10, Taker())  # a tuple of items, not a list
+    with pytest.raises(TypeError):
+        encode([[Opcode.BINARY, b"a"]], 0, 10, Taker())  # an item that is not a tuple
+
+
+@pytest.fixture
+def counting_urandom(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An OS source whose 4-byte words count up: a key tells where it came
+    from. Returns a function that starts the count again."""
+    words = [itertools.count()]
+    monkeypatch.setattr(
+        frames_module.os,
+        "urandom",
+        lambda n: b"".join(struct.pack(">I", next(words[0])) for _ in range(n // 4)),
+    )
+    return lambda: words.__setitem__(0, itertools.count())
+
+
+def test_mask_keys_take_gives_what_as_many_calls_give(counting_urandom: Any) -> None:
+    """take(count) is count calls' keys in one slice, across refills (the
+    1 KiB first batch, then larger ones) and for counts larger than a batch."""
+    counts = (1, 3, 250, 10, 300, 5000, 20_000, 1)
+    calling = MaskKeys()
+    calls = [b"".join(calling() for _ in range(count)) for count in counts] + [calling()]
+    counting_urandom()  # the same words again
+    taking = MaskKeys()
+    assert taking.take(0) == b""
+    assert [taking.take(count) for count in counts] + [taking()] == calls
+
+
+def test_mask_keys_take_never_repeats_across_threads(counting_urandom: Any) -> None:
+    """Two threads take runs while two call for single keys, with the GIL
+    handed to another thread at every bytecode of the key source (as in
+    test_mask_keys_never_repeat_across_threads): no key is handed out
+    twice, including when a run's slice of the batch was interleaved."""
+
+    class SmallBatches(MaskKeys):
+        _BATCH = 64
+
+    keys = SmallBatches()
+    codes = {MaskKeys.__call__.__code__, MaskKeys._refill.__code__, MaskKeys.take.__code__}
+
+    def at_every_opcode(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            time.sleep(0)
+        return at_every_opcode
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code in codes:
+            frame.f_trace_opcodes = True
+            return at_every_opcode
+        return None
+
+    drawn: list[list[bytes]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def draw(index: int) -> None:
+        out = drawn[index]
+        sys.settrace(tracer)
+        try:
+            start.wait()
+            for i in range(100):
+                if index < 2:
+                    run = keys.take(1 + i % 7)
+                    out += [run[j : j + 4] for j in range(0, len(run), 4)]
+                else:
+                    out.append(keys())
+        finally:
+            sys.settrace(None)
+
+    threads = [threading.Thread(target=draw, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    everything = [key for out in drawn for key in out]
+    assert len(everything) == 2 * sum(1 + i % 7 for i in range(100)) + 200
+    assert len(set(everything)) == len(everything)

@@ -6,6 +6,7 @@ queued in ``data_to_send()`` are checked byte for byte.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Union
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from thorough import examples
 
 import blockws.frames as frames_module
+import blockws.protocol as protocol_module
 from blockws.exceptions import InvalidPayload, InvalidState, MessageTooBig, ProtocolError
 from blockws.frames import RSV1, RSV2, RSV3, Frame, Opcode, is_valid_close_code, pack_close
 from blockws.protocol import (
@@ -630,6 +632,112 @@ def test_data_batches_are_encode_data_in_batches(
                 assert parsed is not None
                 joined = joined[parsed[1] :]
                 parsed = Frame.parse(joined, masked=role is Role.CLIENT) if joined else None
+
+
+_MESSAGE_ENCODERS = [pytest.param(frames_module.py_encode_messages, id="py-run")]
+if frames_module.c_encode_messages is not None:
+    _MESSAGE_ENCODERS.append(pytest.param(frames_module.c_encode_messages, id="c-run"))
+
+_run_items = st.lists(
+    st.one_of(
+        st.tuples(
+            st.sampled_from([Opcode.TEXT, Opcode.BINARY, Opcode.BINARY | 0x100]),
+            st.sampled_from([0, 1, 4, 64, 125, 126, 1000, 40000, 65536]),
+            st.sampled_from([bytes, bytearray, memoryview]),
+        ),
+        st.just((-1, 0, bytes)),  # the writer's close frame
+    ),
+    max_size=12,
+)
+
+
+@BOTH_ROLES
+@pytest.mark.parametrize("encoder", _MESSAGE_ENCODERS)
+@settings(max_examples=examples(150), deadline=None, derandomize=True, database=None)
+@given(
+    specs=_run_items,
+    fragment=st.sampled_from([1, 125, 126, 1000, 32768, 1 << 20]),
+    start=st.integers(0, 12),
+    ext=st.booleans(),
+)
+def test_hypothesis_encode_messages_is_encode_data_per_message(
+    role: Role,
+    encoder: Any,
+    specs: list[tuple[int, int, Any]],
+    fragment: int,
+    start: int,
+    ext: bool,
+) -> None:
+    """The writer's runs: encode_messages gives, byte for byte, what
+    encode_data(compress=False) gives for each message (the same keys, in
+    order), and stops before a close frame or a message that needs fragments;
+    with permessage-deflate negotiated too (a run is never compressed)."""
+    extensions = []
+    if ext:
+        from blockws.deflate import PerMessageDeflate
+
+        deflate = PerMessageDeflate().fresh()
+        deflate.accept([])
+        extensions.append(deflate)
+    items: list[tuple[Any, ...]] = [
+        (opcode, kind(binary_of(size)), None, size) for opcode, size, kind in specs
+    ]
+    start = min(start, len(items))
+    note(f"items {[(o, len(p)) for o, p, _s, _n in items]}, start {start}")
+    numbered = itertools.count()
+
+    def keys() -> bytes:
+        return (next(numbered) * 0x9E3779B1 & 0xFFFFFFFF).to_bytes(4, "big")
+
+    proto = Protocol(role, mask_keys=keys, max_fragment_size=fragment, extensions=extensions)
+    saved = protocol_module.encode_messages
+    protocol_module.encode_messages = encoder  # (a fixture would outlive hypothesis' examples)
+    try:
+        got, end = proto.encode_messages(items, start)
+    finally:
+        protocol_module.encode_messages = saved
+    numbered = itertools.count()  # the same keys again, one a message
+    reference = Protocol(role, mask_keys=keys, max_fragment_size=fragment, extensions=extensions)
+    expected: list[bytes] = []
+    stop = start
+    while stop < len(items) and items[stop][0] >= 0 and len(items[stop][1]) <= fragment:
+        expected += reference.encode_data(items[stop][0] & 0xF, items[stop][1], compress=False)
+        stop += 1
+    assert end == stop
+    assert b"".join(got) == b"".join(expected)
+    if role is Role.SERVER:
+        assert got == expected  # a header and a payload a message
+    else:
+        assert len(got) == (1 if end > start else 0)  # one bytes for the run
+
+
+def test_encode_messages_draws_a_runs_keys_from_a_mask_keys_at_once() -> None:
+    """A client protocol on a MaskKeys (every socket's) takes a run's keys in
+    one call; each frame has its own key, and unmasks to its payload."""
+    taken: list[int] = []
+
+    class Counted(frames_module.MaskKeys):
+        def take(self, count: int) -> bytes:
+            taken.append(count)
+            return super().take(count)
+
+    source = Counted()
+    proto = Protocol(Role.CLIENT, mask_keys=source)
+    payloads = [binary_of(n) for n in (0, 3, 125, 126, 5000)]
+    items = [(Opcode.BINARY, p, None, len(p)) for p in payloads]
+    got, end = proto.encode_messages(items)
+    assert end == len(items) and taken == [len(items)] and len(got) == 1
+    data, frames, keys = got[0], [], set()
+    while data:
+        parsed = Frame.parse(data, masked=True)
+        assert parsed is not None
+        frames.append(parsed[0].payload)
+        keys.add(data[2 + (2 if len(parsed[0].payload) >= 126 else 0) :][:4])
+        data = data[parsed[1] :]
+    assert frames == payloads
+    assert len(keys) == len(items)
+    with pytest.raises(ValueError):
+        proto.encode_messages(items, len(items) + 1)
 
 
 def test_encode_control() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
@@ -246,6 +247,62 @@ def test_close_frame_goes_behind_messages_queued_before_it(rigs: Callable[..., R
     frames = rig.wait_frames(4)
     assert [f.opcode for f in frames] == [Opcode.PING, Opcode.TEXT, Opcode.BINARY, Opcode.CLOSE]
     assert frames[-1].payload == pack_close(1000, "bye")
+
+
+@pytest.mark.parametrize("deflate", [False, True], ids=["plain", "deflate"])
+def test_runs_of_messages_break_at_close_frames_and_fragmented_messages(
+    rigs: Callable[..., Rig], deflate: bool
+) -> None:
+    """One batch through the writer: without extensions its runs of
+    one-frame messages are encoded a run at a time (Protocol.encode_messages),
+    and what ends a run -- a message that needs fragments, one larger than a
+    write batch, the close frame -- goes on its own, in queue order. With
+    permessage-deflate every message goes on its own and the large ones are
+    compressed."""
+    extensions = []
+    if deflate:
+        extension = PerMessageDeflate()
+        extension.accept([])
+        extensions.append(extension)
+    rig = rigs(extensions=extensions)
+    fragment = rig.proto.max_fragment_size
+    queued: list[tuple[int, bytes]] = [
+        (TEXT, b"one"),
+        (BINARY, bytes(range(200))),
+        (BINARY, b"f" * (fragment + 1)),  # two fragments
+        (BINARY | UNCOMPRESSED, b"u" * 1000),
+        (TEXT, b"two"),
+        (BINARY, b"L" * (WRITE_BATCH + 5)),  # larger than a write batch
+        (BINARY, b""),
+        (TEXT, b"three"),
+    ]
+    close = rig.proto.encode_close(1000, "bye")
+    with rig.lock:  # all in one batch: the writer starts once they are queued
+        for opcode, payload in queued:
+            rig.sender.enqueue_locked(opcode, payload, None, len(payload))
+        rig.sender.close_frame_locked(close)
+        rig._note_thread()
+    frames = rig.transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))
+    rig.wait_idle()
+    assert all(len(frame.payload) <= fragment for frame in frames)
+    messages: list[tuple[int, bytes, int]] = []
+    for frame in frames:
+        if frame.opcode == Opcode.CONT:
+            opcode, data, rsv = messages[-1]
+            messages[-1] = (opcode, data + frame.payload, rsv)
+        else:
+            messages.append((frame.opcode, frame.payload, frame.rsv))
+    assert messages[-1] == (Opcode.CLOSE, pack_close(1000, "bye"), 0)
+    got = messages[:-1]
+    if deflate:  # the server's side of RFC 7692: one context for every message
+        inflater = zlib.decompressobj(-15)
+        got = [(o, inflater.decompress(p + b"\x00\x00\xff\xff") if r else p, r) for o, p, r in got]
+    assert [(o, p) for o, p, _r in got] == [(o & 0xF, p) for o, p in queued]
+    compressed = [bool(r) for _o, _p, r in got]
+    if deflate:
+        assert compressed == [False, True, True, False, False, True, False, False]
+    else:
+        assert not any(compressed)
 
 
 # -- buffered_amount ---------------------------------------------------------------------
