@@ -427,9 +427,6 @@ encode_frames: Callable[..., tuple[list[bytes], int]] = (
     else py_encode_frames
 )
 
-#: The zero bytes that stand for a header and key in py_encode_messages'
-#: payload stream (2, 4 or 10 bytes of header, then 4 of key).
-_HEAD_ZEROS = {h: bytes(h + 4) for h in (2, 4, 10)}
 #: A small frame's first two bytes, [opcode][payload length].
 _SMALL_HEADERS = [tuple(bytes((FIN | op, MASK_BIT | n)) for n in range(126)) for op in range(16)]
 
@@ -456,9 +453,12 @@ def py_encode_messages(
     ``take``).
 
     This is the reference; ``blockws._speedups.encode_messages`` is the C
-    version. This one masks the whole run at once: the payloads, with zeros
-    where each header and key go, XOR a stream of each frame's header and
-    key followed by its key repeated, as two big integers.
+    version. This one masks each stretch of small frames (under 126 bytes of
+    payload) at once: the payloads, with zeros where each header and key go,
+    XOR a stream of each frame's header and key followed by its key
+    repeated, as two big integers. A larger payload is masked on its own, as
+    :func:`py_encode_frame` does it (past a few hundred bytes, big integers
+    cost more a byte than its tables).
     """
     size = len(items)
     if not 0 <= start <= size:
@@ -475,10 +475,11 @@ def py_encode_messages(
     keys = take(count)
     if len(keys) != 4 * count:
         raise ValueError("take(count) must return 4 * count bytes")
+    out: list[bytes] = []
     payloads: list[BytesLike] = []
     stream: list[bytes] = []
     add, add_key = payloads.append, stream.append
-    zeros, headers = _HEAD_ZEROS[2], _SMALL_HEADERS
+    zeros, headers = bytes(6), _SMALL_HEADERS
     pos = 0
     for item in items[start:end]:
         opcode, payload = item[0] & 0x0F, item[1]
@@ -487,17 +488,23 @@ def py_encode_messages(
             add_key(headers[opcode][n])
             add_key((keys[pos : pos + 4] * 33)[: n + 4])  # the key, then n bytes of it
             add(zeros)
+            add(payload)
         else:
-            key = keys[pos : pos + 4]
-            header = encode_header(FIN | opcode, n, key)
-            add_key(header)
-            add_key((key * ((n >> 2) + 1))[:n])
-            add(_HEAD_ZEROS[len(header) - 4])
-        add(payload)
+            if payloads:
+                out.append(_mask_stretch(payloads, stream))
+                payloads.clear()
+                stream.clear()
+            out.append(py_encode_frame(FIN | opcode, payload, keys[pos : pos + 4]))
         pos += 4
+    if payloads:
+        out.append(_mask_stretch(payloads, stream))
+    return (out[0] if len(out) == 1 else b"".join(out)), end
+
+
+def _mask_stretch(payloads: list[BytesLike], stream: list[bytes]) -> bytes:
     plain = b"".join(payloads)
     masked = _from_bytes(plain, "little") ^ _from_bytes(b"".join(stream), "little")
-    return masked.to_bytes(len(plain), "little"), end
+    return masked.to_bytes(len(plain), "little")
 
 
 c_encode_messages: Callable[..., tuple[bytes, int]] | None
