@@ -309,134 +309,147 @@ class Delivery:
         kept = 0  # bytes gone to the inbox: still queued, until receive() takes them
         try:
             dispatcher.held = None  # committed: from here on, the except below puts back
-            rest: list[Any] = messages
-            if (
-                _lend_each is not None
-                and messages
-                and type(messages[0]) is bytes
-                and len(messages[0]) <= SCRATCH
-                and ws.on_binary is not None
-            ):
-                # A run of small binary messages, in C (see _lend_each); the
-                # loop below takes any rest, as it would all of them. The
-                # segment is out of its slot while lent (see below).
-                if lent is None:
-                    if scratch is None:
-                        scratch = self._scratch = bytearray(SCRATCH)
-                    lent = ScratchSegment(scratch)
-                    refs = self._lent_refs = _refcount(lent) if _refcount else 0
-                self._lent = None
-                progress = [0]
-                try:
-                    done = _lend_each(messages, ws, lent, progress)
-                except BaseException:
-                    done = progress[0]  # handed over, the failing callback's included
-                    if not lent.released:  # dropped: maybe held by the traceback
-                        lent.release()
-                    raise
-                if _refcount is not None and _refcount(lent) == refs:
-                    self._lent = lent
-                else:  # kept by a callback: see below
-                    if not lent.released:
-                        lent.release()
-                    lent = None
-                rest = messages[done:]
-            for message in rest:
-                cls = type(message)
-                if cls is bytes:  # a binary message, exactly
-                    handler = ws.on_binary
-                    n = len(message)
-                    if handler is None:
-                        if ws.on_message is None:  # no callbacks at all: for receive()
-                            kept += n
-                            done += 1
-                            inbox.append(message)  # no copy
+            # Runs of small binary messages go through the C loop
+            # (_lend_each), the rest through the loop below, which goes back
+            # to the C loop at the next small binary message (a read's
+            # messages often start with one that spanned two reads, in pooled
+            # memory). The segment is out of its slot while lent (see below).
+            c_loop = _lend_each is not None and ws.on_binary is not None
+            c_from = -1  # where the C loop last started: it took at least that one
+            while True:
+                if (
+                    c_loop
+                    and done < len(messages)
+                    and type(messages[done]) is bytes
+                    and len(messages[done]) <= SCRATCH
+                ):
+                    assert _lend_each is not None
+                    if lent is None:
+                        if scratch is None:
+                            scratch = self._scratch = bytearray(SCRATCH)
+                        lent = ScratchSegment(scratch)
+                        refs = self._lent_refs = _refcount(lent) if _refcount else 0
+                    self._lent = None
+                    progress = [0]
+                    c_from = done
+                    run = messages[done:] if done else messages
+                    try:
+                        done += _lend_each(run, ws, lent, progress)
+                    except BaseException:
+                        # handed over, the failing callback's included
+                        done = c_from + progress[0]
+                        if not lent.released:  # dropped: maybe held by the traceback
+                            lent.release()
+                        raise
+                    if _refcount is not None and _refcount(lent) == refs:
+                        self._lent = lent
+                    else:  # kept by a callback: see below
+                        if not lent.released:
+                            lent.release()
+                        lent = None
+                    if done == len(messages):
+                        break
+                rest: list[Any] = messages[done:] if done else messages
+                for message in rest:
+                    cls = type(message)
+                    if cls is bytes:  # a binary message, exactly
+                        handler = ws.on_binary
+                        n = len(message)
+                        if handler is None:
+                            if ws.on_message is None:  # no callbacks at all: for receive()
+                                kept += n
+                                done += 1
+                                inbox.append(message)  # no copy
+                            else:
+                                done += 1
+                                self._drop(message)
                         else:
-                            done += 1
-                            self._drop(message)
-                    else:
-                        if n <= SCRATCH:
-                            # The socket's one scratch segment, lent again
-                            # unless a callback kept it: making one per message
-                            # was a third of a small message's delivery. While
-                            # lent it is out of its slot, so that an interrupt
-                            # anywhere from here on leaves it dropped (never
-                            # lent again), however far this got.
-                            if lent is None:
-                                if scratch is None:
-                                    scratch = self._scratch = bytearray(SCRATCH)
-                                lent = ScratchSegment(scratch)
-                                # Held by this local only (the same expression
-                                # as below): the count to find after a callback.
-                                refs = self._lent_refs = _refcount(lent) if _refcount else 0
-                            lent.lend(message)
-                            self._lent = None
+                            if n <= SCRATCH:
+                                if c_loop and done != c_from:
+                                    break  # back to the C loop, from this message
+                                # The socket's one scratch segment, lent again
+                                # unless a callback kept it: making one per message
+                                # was a third of a small message's delivery. While
+                                # lent it is out of its slot, so that an interrupt
+                                # anywhere from here on leaves it dropped (never
+                                # lent again), however far this got.
+                                if lent is None:
+                                    if scratch is None:
+                                        scratch = self._scratch = bytearray(SCRATCH)
+                                    lent = ScratchSegment(scratch)
+                                    # Held by this local only (the same expression
+                                    # as below): the count to find after a callback.
+                                    refs = self._lent_refs = _refcount(lent) if _refcount else 0
+                                lent.lend(message)
+                                self._lent = None
+                                done += 1
+                                try:
+                                    handler(ws, lent)
+                                finally:
+                                    if _refcount is not None and _refcount(lent) == refs:
+                                        self._lent = lent  # nothing kept it: lend it again
+                                    else:
+                                        # Kept (stored, captured, or held by a
+                                        # traceback), or no way to know: released
+                                        # now, and never lent again.
+                                        if not lent.released:
+                                            lent.release()  # no pool: only marks it
+                                        lent = None
+                                continue
+                            # larger than the scratch buffer: pooled memory
+                            segment = self.pool.get(n)
+                            # Through a memoryview: bytearray[:n] = bytes copies twice.
+                            memoryview(segment.data)[:n] = message
                             done += 1
                             try:
-                                handler(ws, lent)
+                                handler(ws, segment)
                             finally:
-                                if _refcount is not None and _refcount(lent) == refs:
-                                    self._lent = lent  # nothing kept it: lend it again
-                                else:
-                                    # Kept (stored, captured, or held by a
-                                    # traceback), or no way to know: released
-                                    # now, and never lent again.
-                                    if not lent.released:
-                                        lent.release()  # no pool: only marks it
-                                    lent = None
-                            continue
-                        # larger than the scratch buffer: pooled memory
-                        segment = self.pool.get(n)
-                        # Through a memoryview: bytearray[:n] = bytes copies twice.
-                        memoryview(segment.data)[:n] = message
-                        done += 1
-                        try:
-                            handler(ws, segment)
-                        finally:
-                            if not segment.released:
-                                segment.release()
-                elif cls is str:
-                    on_text = ws.on_message
-                    if on_text is None:
-                        if ws.on_binary is None:
-                            n = len(message)
-                            kept += n
-                            done += 1
-                            inbox.append(message)
+                                if not segment.released:
+                                    segment.release()
+                    elif cls is str:
+                        on_text = ws.on_message
+                        if on_text is None:
+                            if ws.on_binary is None:
+                                n = len(message)
+                                kept += n
+                                done += 1
+                                inbox.append(message)
+                            else:
+                                done += 1
+                                self._drop(message)
                         else:
                             done += 1
-                            self._drop(message)
-                    else:
-                        done += 1
-                        on_text(ws, message)
-                else:  # a BinaryMessage: in pooled memory, from the general path
-                    data = message.data
-                    n = message.length
-                    handler = ws.on_binary
-                    if handler is None:
-                        if ws.on_message is None:  # for receive()
-                            copy = bytes(memoryview(data)[:n])
-                            kept += n
-                            done += 1
-                            inbox.append(copy)
+                            on_text(ws, message)
+                    else:  # a BinaryMessage: in pooled memory, from the general path
+                        data = message.data
+                        n = message.length
+                        handler = ws.on_binary
+                        if handler is None:
+                            if ws.on_message is None:  # for receive()
+                                copy = bytes(memoryview(data)[:n])
+                                kept += n
+                                done += 1
+                                inbox.append(copy)
+                            else:
+                                done += 1
+                                self._drop(b"")
+                            # Only once handed over: until then the message owns it.
+                            if type(data) is bytearray:
+                                self.pool.give_back(data)
                         else:
+                            if type(data) is bytes:
+                                segment = self.pool.get(n)
+                                memoryview(segment.data)[:n] = memoryview(data)[:n]
+                            else:
+                                segment = BufferSegment(data, 0, n, self.pool)
                             done += 1
-                            self._drop(b"")
-                        # Only once handed over: until then the message owns it.
-                        if type(data) is bytearray:
-                            self.pool.give_back(data)
-                    else:
-                        if type(data) is bytes:
-                            segment = self.pool.get(n)
-                            memoryview(segment.data)[:n] = memoryview(data)[:n]
-                        else:
-                            segment = BufferSegment(data, 0, n, self.pool)
-                        done += 1
-                        try:
-                            handler(ws, segment)
-                        finally:
-                            if not segment.released:
-                                segment.release()
+                            try:
+                                handler(ws, segment)
+                            finally:
+                                if not segment.released:
+                                    segment.release()
+                else:
+                    break  # every message handed over
             # Counted as delivered; ``done = -1`` tells the except below so,
             # with no eval-breaker point between the two (an interrupt before
             # them is counted there instead).
