@@ -474,8 +474,8 @@ static PyObject *
 lend_each(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *messages, *ws, *segment, *progress, *data;
-    PyObject *out = NULL;
-    Py_ssize_t i = 0, base;
+    PyObject *out = NULL, *d_count = NULL, *d_released = NULL;
+    Py_ssize_t i = 0, base, handed = -1;
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "lend_each() takes 4 arguments");
         return NULL;
@@ -497,6 +497,16 @@ lend_each(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!PyByteArray_CheckExact(data)) {
         PyErr_SetString(PyExc_TypeError, "lend_each: the segment's data is not a bytearray");
         goto done;
+    }
+    /* count and _released are set through their descriptors, found once
+       (PyObject_SetAttr looks them up for every message), unless the
+       segment's type has a __setattr__ of its own. */
+    if (Py_TYPE(segment)->tp_setattro == PyObject_GenericSetAttr) {
+        d_count = _PyType_Lookup(Py_TYPE(segment), str_count);
+        d_released = _PyType_Lookup(Py_TYPE(segment), str_released);
+        if (d_count == NULL || Py_TYPE(d_count)->tp_descr_set == NULL || d_released == NULL ||
+            Py_TYPE(d_released)->tp_descr_set == NULL)
+            d_count = d_released = NULL;
     }
     base = Py_REFCNT(segment);
     while (i < PyList_GET_SIZE(messages)) {
@@ -523,31 +533,49 @@ lend_each(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         memcpy(PyByteArray_AS_STRING(data), PyBytes_AS_STRING(message), n);
         Py_DECREF(message);
         count = PyLong_FromSsize_t(n);
-        if (count == NULL || PyObject_SetAttr(segment, str_count, count) < 0 ||
-            PyObject_SetAttr(segment, str_released, Py_False) < 0) {
+        if (count == NULL ||
+            (d_count != NULL
+                 ? Py_TYPE(d_count)->tp_descr_set(d_count, segment, count) < 0 ||
+                       Py_TYPE(d_released)->tp_descr_set(d_released, segment, Py_False) < 0
+                 : PyObject_SetAttr(segment, str_count, count) < 0 ||
+                       PyObject_SetAttr(segment, str_released, Py_False) < 0)) {
             Py_XDECREF(count);
             Py_DECREF(handler);
             goto done;
         }
         Py_DECREF(count);
-        count = PyLong_FromSsize_t(i + 1);
-        if (count == NULL) {
-            Py_DECREF(handler);
-            goto done;
-        }
-        PyList_SetItem(progress, 0, count); /* steals count; cannot fail here */
         call[0] = NULL;
         call[1] = ws;
         call[2] = segment;
         result = PyObject_Vectorcall(handler, call + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
         Py_DECREF(handler);
-        if (result == NULL) goto done;
+        if (result == NULL) {
+            handed = i + 1; /* the failing callback's message was handed over */
+            goto done;
+        }
         Py_DECREF(result);
         i++;
         if (Py_REFCNT(segment) != base) break; /* kept by the callback */
     }
     out = PyLong_FromSsize_t(i);
 done:
+    /* progress[0]: how many were handed over, for the caller's put-back when
+       an exception leaves -- the call's own, or an interrupt as it returns.
+       Set once, here, not before each callback (an exception is kept). */
+    {
+        PyObject *type, *value, *traceback, *number;
+        PyErr_Fetch(&type, &value, &traceback);
+        number = PyLong_FromSsize_t(handed < 0 ? i : handed);
+        if (number != NULL) {
+            PyList_SetItem(progress, 0, number); /* steals number */
+        } else if (type == NULL) {
+            Py_CLEAR(out); /* the count could not be kept: fail the call */
+            PyErr_Fetch(&type, &value, &traceback);
+        } else {
+            PyErr_Clear(); /* (the first error stands) */
+        }
+        PyErr_Restore(type, value, traceback);
+    }
     Py_DECREF(data);
     return out;
 }

@@ -689,12 +689,11 @@ class Connection:
                     deferred = self._queue_replies_locked(out, events, before is _STATE_OPEN)
         # The messages of one read are dispatched as one batch: one wake-up of
         # a waiting thread and one dispatcher item, not one per message.
-        mixed = False
-        for event in events:
+        mixed = proto.other_events > 0  # rare: a control frame or a failure
+        for event in events if mixed else ():
             cls = type(event)
             if cls is bytes or cls is str or cls is BinaryMessage:
                 continue
-            mixed = True  # rare: a control frame or a failure
             if isinstance(event, Pong):
                 self.keepalive.pong_received(event.payload)
             elif isinstance(event, CloseReceived):

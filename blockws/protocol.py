@@ -334,6 +334,7 @@ class Protocol:
         "max_fragment_size",
         "max_message_size",
         "more",
+        "other_events",
         "role",
         "state",
     )
@@ -432,6 +433,10 @@ class Protocol:
         #: The last :meth:`receive_data` stopped at ``inflate_budget`` with
         #: bytes left: call ``receive_data(b"")`` to go on.
         self.more = False
+        #: How many of the events the last :meth:`receive_data` returned are
+        #: not messages (pings, pongs, the peer's close, a failure): with 0,
+        #: a consumer takes the list as messages without looking at each.
+        self.other_events = 0
         self._inflated = 0
         self._m_len = 0
         self._m_frames = 0  # frames of the message so far: see _start_data_frame
@@ -614,6 +619,7 @@ class Protocol:
         further data is ignored.
         """
         events: list[Received] = []
+        self.other_events = 0
         if self._phase == _DONE or not (data or self._buf):
             return events
         self.more = False
@@ -643,6 +649,7 @@ class Protocol:
         if self.state in (State.OPEN, State.CLOSE_RECEIVED):
             self._outgoing.append(self.encode_close(exc.close_code, ""))
         events.append(Failure(exc))
+        self.other_events += 1
 
     def _parse(self, buf: bytes, events: list[Received]) -> int:
         """Consume frames from ``buf``; returns how many bytes were used."""
@@ -1133,13 +1140,16 @@ class Protocol:
             if self.state is State.OPEN or self.state is State.CLOSE_SENT:
                 self._outgoing.append(self._frame(Opcode.PONG, payload))
             events.append(Ping(payload))
+            self.other_events += 1
         elif opcode == Opcode.PONG:
             events.append(Pong(payload))
+            self.other_events += 1
         else:
             code, reason = parse_close(payload)
             self.close_received = (code, reason)
             self._transition("receive_close")
             events.append(CloseReceived(code, reason))
+            self.other_events += 1
             # Nothing may follow the peer's close frame (RFC 6455 5.5.1): stop
             # parsing, also while the caller has yet to reply itself.
             self._phase = _DONE

@@ -98,14 +98,25 @@ def summarize(events: Iterable[Received]) -> list[Summary]:
     return out
 
 
+_MESSAGE_TYPES = (bytes, str, TextMessage, BinaryMessage)
+
+
+def receive(proto: Protocol, data: bytes) -> list[Received]:
+    """``proto.receive_data(data)``, checking ``other_events``: how many of
+    the events are not messages (a consumer skips looking at each on 0)."""
+    events = proto.receive_data(data)
+    assert proto.other_events == sum(type(e) not in _MESSAGE_TYPES for e in events)
+    return events
+
+
 def feed(proto: Protocol, data: bytes, chunks: Sequence[int] | None = None) -> list[Summary]:
     """Feed ``data`` whole, or cut at the offsets in ``chunks``; summarize the events."""
     if chunks is None:
-        return summarize(proto.receive_data(data))
+        return summarize(receive(proto, data))
     events: list[Received] = []
     start = 0
     for cut in [*chunks, len(data)]:
-        events.extend(proto.receive_data(data[start:cut]))
+        events.extend(receive(proto, data[start:cut]))
         start = cut
     return summarize(events)
 
@@ -113,7 +124,7 @@ def feed(proto: Protocol, data: bytes, chunks: Sequence[int] | None = None) -> l
 def feed_bytewise(proto: Protocol, data: bytes) -> list[Summary]:
     events: list[Received] = []
     for i in range(len(data)):
-        events.extend(proto.receive_data(data[i : i + 1]))
+        events.extend(receive(proto, data[i : i + 1]))
     return summarize(events)
 
 
