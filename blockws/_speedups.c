@@ -505,8 +505,12 @@ lend_each(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         d_count = _PyType_Lookup(Py_TYPE(segment), str_count);
         d_released = _PyType_Lookup(Py_TYPE(segment), str_released);
         if (d_count == NULL || Py_TYPE(d_count)->tp_descr_set == NULL || d_released == NULL ||
-            Py_TYPE(d_released)->tp_descr_set == NULL)
+            Py_TYPE(d_released)->tp_descr_set == NULL) {
             d_count = d_released = NULL;
+        } else { /* held: a callback could take them off the class */
+            Py_INCREF(d_count);
+            Py_INCREF(d_released);
+        }
     }
     base = Py_REFCNT(segment);
     while (i < PyList_GET_SIZE(messages)) {
@@ -576,6 +580,8 @@ done:
         }
         PyErr_Restore(type, value, traceback);
     }
+    Py_XDECREF(d_count);
+    Py_XDECREF(d_released);
     Py_DECREF(data);
     return out;
 }
