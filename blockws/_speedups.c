@@ -468,6 +468,35 @@ done:
     return result;
 }
 
+/* sum(map(len, messages)) for a list: a bytes' or a str's length read in C,
+ * anything else's through len() (which may run Python code: the list is
+ * read again at every step). */
+static PyObject *
+total_length(PyObject *self, PyObject *messages)
+{
+    Py_ssize_t total = 0;
+    if (!PyList_Check(messages)) {
+        PyErr_SetString(PyExc_TypeError, "total_length() takes a list");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(messages); i++) {
+        PyObject *item = PyList_GET_ITEM(messages, i);
+        Py_ssize_t n;
+        if (PyBytes_CheckExact(item)) {
+            n = PyBytes_GET_SIZE(item);
+        } else if (PyUnicode_CheckExact(item)) {
+            n = PyUnicode_GET_LENGTH(item);
+        } else {
+            Py_INCREF(item);
+            n = PyObject_Size(item);
+            Py_DECREF(item);
+            if (n < 0) return NULL;
+        }
+        total += n;
+    }
+    return PyLong_FromSsize_t(total);
+}
+
 static PyObject *str_on_binary = NULL, *str_data = NULL, *str_count = NULL, *str_released = NULL;
 
 static PyObject *
@@ -1018,6 +1047,7 @@ static PyMethodDef methods[] = {
      "A large message's masked frames from payload[start:], until they hold budget bytes."},
     {"encode_messages", (PyCFunction)(void (*)(void))encode_messages, METH_FASTCALL,
      "A run of whole messages from items[start:] as masked frames, joined; and where it stopped."},
+    {"total_length", total_length, METH_O, "sum(map(len, messages)) for a list of messages."},
     {"lend_each", (PyCFunction)(void (*)(void))lend_each, METH_FASTCALL,
      "on_binary for a run of small binary messages through one lent segment."},
     {"inflate_run", (PyCFunction)(void (*)(void))inflate_run, METH_FASTCALL,

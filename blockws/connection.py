@@ -101,7 +101,7 @@ from .exceptions import (
     PingTimeout,
 )
 from .extensions import Extension
-from .frames import CLOSE_ABNORMAL, Opcode, pack_close
+from .frames import CLOSE_ABNORMAL, Opcode, pack_close, total_length
 from .handshake import Request
 from .http2 import H2Stream
 from .keepalive import Keepalive
@@ -704,7 +704,7 @@ class Connection:
         messages: list[Any] = [e for e in events if type(e) in _MESSAGES] if mixed else events
         # Backpressure: counted before they are posted (see blockws.delivery).
         if messages:
-            size = len(messages[0]) if len(messages) == 1 else sum(map(len, messages))
+            size = len(messages[0]) if len(messages) == 1 else total_length(messages)
             full = self.delivery.received(size)
         else:
             full = False

@@ -53,6 +53,7 @@ from typing import Any, Callable, Protocol
 
 from .buffers import BufferPool, BufferSegment, ScratchSegment
 from .dispatcher import Budget, Dispatcher
+from .frames import total_length
 from .log import ContextAdapter
 
 __all__ = ["Delivery", "Handlers", "SCRATCH"]
@@ -453,7 +454,7 @@ class Delivery:
             # Counted as delivered; ``done = -1`` tells the except below so,
             # with no eval-breaker point between the two (an interrupt before
             # them is counted there instead).
-            self._delivered += sum(map(len, messages)) - kept
+            self._delivered += total_length(messages) - kept
             done = -1
             if self.paused:
                 self.check_drained()

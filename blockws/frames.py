@@ -48,6 +48,9 @@ __all__ = [
     "split_messages",
     "py_split_messages",
     "c_split_messages",
+    "total_length",
+    "py_total_length",
+    "c_total_length",
     "encode_header",
     "MaskKeys",
     "shared_mask_keys",
@@ -225,6 +228,28 @@ split_messages: SplitMessages = (
     c_split_messages
     if c_split_messages is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
     else py_split_messages
+)
+
+
+def py_total_length(messages: list[Any]) -> int:
+    """``sum(map(len, messages))``: what a read's messages count in a
+    socket's queue (bytes, characters for text). The reference for the C
+    version, which reads a ``bytes``' or a ``str``'s length without a call."""
+    return sum(map(len, messages))
+
+
+c_total_length: Callable[[list[Any]], int] | None
+try:
+    from ._speedups import total_length as c_total_length
+except ImportError:  # pragma: no cover - depends on the install
+    c_total_length = None
+
+#: What a read's messages count (see :func:`py_total_length`): the C version
+#: when built (and ``BLOCKWS_PURE_PYTHON`` unset).
+total_length: Callable[[list[Any]], int] = (
+    c_total_length
+    if c_total_length is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
+    else py_total_length
 )
 
 

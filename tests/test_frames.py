@@ -965,3 +965,54 @@ def test_mask_keys_take_never_repeats_across_threads(counting_urandom: Any) -> N
     everything = [key for out in drawn for key in out]
     assert len(everything) == 2 * sum(1 + i % 7 for i in range(100)) + 200
     assert len(set(everything)) == len(everything)
+
+
+# -- what a read's messages count in the queue ---------------------------------------------
+
+LENGTH_COUNTERS = [pytest.param(frames_module.py_total_length, id="python")]
+if frames_module.c_total_length is not None:
+    LENGTH_COUNTERS.append(pytest.param(frames_module.c_total_length, id="c"))
+
+
+class Sized:
+    """A message object with its own ``__len__`` (as BinaryMessage has)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize("impl", LENGTH_COUNTERS)
+def test_total_length_is_the_sum_of_the_lengths(impl: Any) -> None:
+    class Text(str):
+        pass
+
+    text = "h\u00e9llo \u263a"  # 7 characters, 10 bytes in UTF-8
+    messages: list[Any] = [b"", b"abc", text, Sized(70_000), bytearray(5), Text("xy")]
+    assert impl(messages) == sum(map(len, messages)) == 3 + 7 + 70_000 + 5 + 2
+    assert impl([]) == 0
+
+    class Broken:
+        def __len__(self) -> int:
+            raise RuntimeError("no length")
+
+    with pytest.raises(RuntimeError, match="no length"):
+        impl([b"a", Broken()])
+
+
+def test_c_total_length_reads_the_list_again_after_a_len_that_shrinks_it() -> None:
+    if frames_module.c_total_length is None:
+        pytest.skip("the C speedups are not built")
+    messages: list[Any] = []
+
+    class Shrinking:
+        def __len__(self) -> int:
+            messages.clear()  # what len() may do: the loop must not read past the end
+            return 4
+
+    messages += [b"ab", Shrinking(), b"never counted"]
+    assert frames_module.c_total_length(messages) == 6
+    with pytest.raises(TypeError):
+        frames_module.c_total_length((b"a",))
