@@ -386,20 +386,6 @@ def test_a_run_of_small_binaries_looks_handlers_up_per_message() -> None:
     assert delivery.queued == 0
 
 
-def test_a_run_of_small_binaries_then_other_messages_arrive_in_order() -> None:
-    order: list[Any] = []
-    ws = Handlers(
-        on_message=lambda ws, t: order.append(t),
-        on_binary=lambda ws, seg: order.append(bytes(seg)),
-    )
-    delivery, dispatcher, pool = make(ws)
-    big = b"L" * (SCRATCH + 1)
-    messages = [b"a", b"bb", big, "t", b"c", pooled(pool, b"p" * 300), b"", b"d" * SCRATCH]
-    dispatcher.post(delivery.messages, messages)
-    assert dispatcher.run() == len(messages)
-    assert order == [b"a", b"bb", big, "t", b"c", b"p" * 300, b"", b"d" * SCRATCH]
-
-
 def test_a_segment_kept_mid_run_is_released_and_the_run_goes_on() -> None:
     kept: list[BufferSegment] = []
     contents: list[bytes] = []
@@ -420,7 +406,10 @@ def test_a_segment_kept_mid_run_is_released_and_the_run_goes_on() -> None:
     assert contents[-2:] == [b"seven", b"eight"]
 
 
-def test_a_raising_callback_mid_run_leaves_the_rest_queued_in_order() -> None:
+@pytest.mark.parametrize("first", [False, True], ids=["run-first", "run-later"])
+def test_a_raising_callback_mid_run_leaves_the_rest_queued_in_order(first: bool) -> None:
+    """The run from the list's start, and a later run (after a message in
+    pooled memory: the Python loop hands back to the C loop)."""
     seen: list[bytes] = []
 
     def on_binary(ws: Any, segment: BufferSegment) -> None:
@@ -428,26 +417,31 @@ def test_a_raising_callback_mid_run_leaves_the_rest_queued_in_order() -> None:
         if bytes(segment) == b"boom":
             raise RuntimeError("handler failed")
 
-    delivery, dispatcher, _ = make(Handlers(on_binary=on_binary))
-    delivery.received(len(b"one boom three four") - 3)
-    dispatcher.post(delivery.messages, [b"one", b"boom", b"three", b"four"])
+    delivery, dispatcher, pool = make(Handlers(on_binary=on_binary))
+    lead: list[Any] = [pooled(pool, b"first")] if first else []
+    messages = [*lead, b"one", b"boom", b"three", b"four"]
+    delivery.received(sum(map(len, messages)))
+    dispatcher.post(delivery.messages, messages)
     with pytest.raises(RuntimeError, match="handler failed"):
         dispatcher.run()
-    assert seen == [b"one", b"boom"]
+    before = [b"first"] if first else []
+    assert seen == [*before, b"one", b"boom"]
     assert list(dispatcher.pending) == [(delivery.messages, [b"three", b"four"])]
     assert dispatcher.run() == 2
-    assert seen == [b"one", b"boom", b"three", b"four"]
+    assert seen == [*before, b"one", b"boom", b"three", b"four"]
     assert delivery.queued == 0
 
 
-def test_small_binaries_after_other_messages_go_back_to_the_c_loop(
-    loop: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("lead", [False, True], ids=["binary-first", "pooled-first"])
+def test_runs_of_small_binaries_and_other_messages_arrive_in_order_through_the_c_loop(
+    loop: str, lead: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Probe "W4 callbacks": a read's messages often start with one that
-    spanned two reads (pooled memory), and the C loop only ever started at a
-    list's first message, so 97 % of a 64 B flood's messages went through
-    the Python loop (1 M messages: 969,242 of them). Now the Python loop
-    hands back to the C loop at every small binary message after others."""
+    """Every kind in one read, in order. Probe "W4 callbacks": a read's
+    messages often start with one that spanned two reads (pooled memory), and
+    the C loop only ever started at a list's first message, so 97 % of a 64 B
+    flood's messages went through the Python loop (1 M messages: 969,242 of
+    them). Now the Python loop hands back to the C loop at every small binary
+    message after others: with the C loop, none is lent from Python."""
     lends: list[bytes] = []
     real_lend = ScratchSegment.lend
     monkeypatch.setattr(
@@ -462,43 +456,24 @@ def test_small_binaries_after_other_messages_go_back_to_the_c_loop(
     )
     delivery, dispatcher, pool = make(ws)
     big = b"L" * (SCRATCH + 1)
-    messages = [
-        pooled(pool, b"p" * 300),
+    first: list[Any] = [pooled(pool, b"p" * 300)] if lead else []
+    rest = [b"a", b"bb", big, "t", b"c", pooled(pool, b"q"), b"", b"d" * SCRATCH]
+    dispatcher.post(delivery.messages, [*first, *rest])
+    assert dispatcher.run() == len(first) + len(rest)
+    expected = [
+        *([b"p" * 300] if lead else []),
         b"a",
-        b"b",
+        b"bb",
         big,
-        b"c",
         "t",
-        b"d",
-        pooled(pool, b"q"),
-        b"e",
+        b"c",
+        b"q",
+        b"",
+        b"d" * SCRATCH,
     ]
-    dispatcher.post(delivery.messages, messages)
-    assert dispatcher.run() == len(messages)
-    assert order == [b"p" * 300, b"a", b"b", big, b"c", "t", b"d", b"q", b"e"]
-    assert lends == ([] if loop == "c" else [b"a", b"b", b"c", b"d", b"e"])
-
-
-def test_a_raising_callback_in_a_later_c_run_leaves_the_rest_queued_in_order() -> None:
-    seen: list[bytes] = []
-
-    def on_binary(ws: Any, segment: BufferSegment) -> None:
-        seen.append(bytes(segment))
-        if bytes(segment) == b"boom":
-            raise RuntimeError("handler failed")
-
-    delivery, dispatcher, pool = make(Handlers(on_binary=on_binary))
-    first = pooled(pool, b"first")
-    messages = [first, b"one", b"boom", b"three", b"four"]
-    delivery.received(sum(map(len, messages)))
-    dispatcher.post(delivery.messages, messages)
-    with pytest.raises(RuntimeError, match="handler failed"):
-        dispatcher.run()
-    assert seen == [b"first", b"one", b"boom"]
-    assert list(dispatcher.pending) == [(delivery.messages, [b"three", b"four"])]
-    assert dispatcher.run() == 2
-    assert seen == [b"first", b"one", b"boom", b"three", b"four"]
-    assert delivery.queued == 0
+    assert order == expected
+    small = [b"a", b"bb", b"c", b"", b"d" * SCRATCH]
+    assert lends == ([] if loop == "c" else small)
 
 
 # -- races and interrupts, made deterministic --------------------------------------------

@@ -691,6 +691,44 @@ def test_hypothesis_both_splits_agree_byte_for_byte(
 # -- masking keys across threads (RFC 6455 5.3) -----------------------------------------
 
 
+def draw_interleaved(
+    codes: set[Any], draw: Callable[[int, list[bytes]], None], threads: int = 4
+) -> list[bytes]:
+    """Run ``draw(index, out)`` on ``threads`` threads at once, with the GIL
+    handed to another thread at every bytecode of the functions whose code
+    objects are in ``codes`` (the worst interleaving there is); returns every
+    thread's ``out``, joined."""
+
+    def at_every_opcode(frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            time.sleep(0)  # releases the GIL right here
+        return at_every_opcode
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code in codes:
+            frame.f_trace_opcodes = True
+            return at_every_opcode
+        return None
+
+    drawn: list[list[bytes]] = [[] for _ in range(threads)]
+    start = threading.Barrier(threads)
+
+    def run(index: int) -> None:
+        sys.settrace(tracer)
+        try:
+            start.wait()
+            draw(index, drawn[index])
+        finally:
+            sys.settrace(None)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    return [key for out in drawn for key in out]
+
+
 def test_mask_keys_never_repeat_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bug: MaskKeys was drawn from without a lock by the writer, the reader
     (pongs), the timer (pings) and ping(). Four threads draw keys while a
@@ -709,37 +747,12 @@ def test_mask_keys_never_repeat_across_threads(monkeypatch: pytest.MonkeyPatch) 
         _BATCH = 64  # refills often, so they race too
 
     keys = SmallBatches()
-    codes = {MaskKeys.__call__.__code__, MaskKeys._refill.__code__}
 
-    def at_every_opcode(frame: Any, event: str, arg: Any) -> Any:
-        if event == "opcode":
-            time.sleep(0)  # releases the GIL right here
-        return at_every_opcode
+    def draw(index: int, out: list[bytes]) -> None:
+        for _ in range(150):
+            out.append(keys())
 
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code in codes:
-            frame.f_trace_opcodes = True
-            return at_every_opcode
-        return None
-
-    drawn: list[list[bytes]] = [[] for _ in range(4)]
-    start = threading.Barrier(4)
-
-    def draw(out: list[bytes]) -> None:
-        sys.settrace(tracer)
-        try:
-            start.wait()
-            for _ in range(150):
-                out.append(keys())
-        finally:
-            sys.settrace(None)
-
-    threads = [threading.Thread(target=draw, args=(out,)) for out in drawn]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    everything = [key for out in drawn for key in out]
+    everything = draw_interleaved({MaskKeys.__call__.__code__, MaskKeys._refill.__code__}, draw)
     assert len(everything) == 600
     assert len(set(everything)) == len(everything)
 
@@ -927,42 +940,17 @@ def test_mask_keys_take_never_repeats_across_threads(counting_urandom: Any) -> N
         _BATCH = 64
 
     keys = SmallBatches()
+
+    def draw(index: int, out: list[bytes]) -> None:
+        for i in range(100):
+            if index < 2:
+                run = keys.take(1 + i % 7)
+                out += [run[j : j + 4] for j in range(0, len(run), 4)]
+            else:
+                out.append(keys())
+
     codes = {MaskKeys.__call__.__code__, MaskKeys._refill.__code__, MaskKeys.take.__code__}
-
-    def at_every_opcode(frame: Any, event: str, arg: Any) -> Any:
-        if event == "opcode":
-            time.sleep(0)
-        return at_every_opcode
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        if frame.f_code in codes:
-            frame.f_trace_opcodes = True
-            return at_every_opcode
-        return None
-
-    drawn: list[list[bytes]] = [[] for _ in range(4)]
-    start = threading.Barrier(4)
-
-    def draw(index: int) -> None:
-        out = drawn[index]
-        sys.settrace(tracer)
-        try:
-            start.wait()
-            for i in range(100):
-                if index < 2:
-                    run = keys.take(1 + i % 7)
-                    out += [run[j : j + 4] for j in range(0, len(run), 4)]
-                else:
-                    out.append(keys())
-        finally:
-            sys.settrace(None)
-
-    threads = [threading.Thread(target=draw, args=(i,)) for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    everything = [key for out in drawn for key in out]
+    everything = draw_interleaved(codes, draw)
     assert len(everything) == 2 * sum(1 + i % 7 for i in range(100)) + 200
     assert len(set(everything)) == len(everything)
 
