@@ -79,7 +79,6 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections import deque
 from time import monotonic as _monotonic
 from typing import Any, Callable, Protocol, cast
 
@@ -320,7 +319,6 @@ class Connection:
         "extensions",
         "handlers",
         "http_version",
-        "inbox",
         "keepalive",
         "last_received",
         "listener",
@@ -362,7 +360,6 @@ class Connection:
         self.dispatcher.source = self  # blockws.wait() reads through watch() and read_now()
         self.delivery = Delivery(handlers, self.dispatcher, options.buffer_pool, log)
         self.delivery.on_drained = self._drained
-        self.inbox: deque[str | bytes] = self.delivery.inbox
         self._deliver = self.delivery.messages
         self._post = self.dispatcher.post_held  # held items: see "Interrupts" in blockws.dispatcher
         self._nudge = self.dispatcher.nudge
@@ -408,7 +405,7 @@ class Connection:
         self._backoff: Backoff | None = None
         self._was_open = False
         self._error_is_old = False
-        self._retired: list[threading.Thread] = []  # threads of earlier links
+        self._retired: tuple[threading.Thread, ...] = ()  # threads of earlier links
 
     # -- the lifecycle ---------------------------------------------------------------
 
@@ -508,18 +505,18 @@ class Connection:
     def _new_sender(self) -> Sender:
         """The send queue of a link. Once a reconnection has replaced it, what
         its last write reports (a failure, a close written) is about a link
-        that is gone, and must not reach the new one."""
+        that is gone, and must not reach the new one (see :meth:`_sender_failed`)."""
+        return Sender(
+            f"{self.name}-writer", self.lock, self.log, self._sender_failed, self._sender_closed
+        )
 
-        def failed(exc: BaseException) -> None:
-            if self.sender is sender:
-                self._write_failed(exc)
+    def _sender_failed(self, sender: Sender, exc: BaseException) -> None:
+        if self.sender is sender:
+            self._write_failed(exc)
 
-        def close_written() -> None:
-            if self.sender is sender:
-                self._close_written()
-
-        sender = Sender(f"{self.name}-writer", self.lock, self.log, failed, close_written)
-        return sender
+    def _sender_closed(self, sender: Sender) -> None:
+        if self.sender is sender:
+            self._close_written()
 
     def _start_link_locked(self) -> threading.Thread:
         """Enter CONNECTING with a fresh link; returns its reader thread, to start.
@@ -532,8 +529,11 @@ class Connection:
         if self._phase is _RECONNECTING:
             # What the ended link owned starts afresh; its threads, if still
             # ending, are joined with the socket's (join_threads).
-            self._retired = [t for t in (*self._retired, self._reader, self.sender.thread)
-                             if t is not None and t.is_alive()]
+            self._retired = tuple(
+                t
+                for t in (*self._retired, self._reader, self.sender.thread)
+                if t is not None and t.is_alive()
+            )
             self.sender = self._new_sender()
             self._token = ReadToken()
             self._transport = self._proto = None
@@ -731,7 +731,7 @@ class Connection:
                 # (W1: a third of receive()'s own work). Counted as received
                 # above, taken by receive(); a thread waiting in receive() is
                 # woken (its wait watches the inbox: see wait_for_message).
-                self.inbox.extend(messages)
+                self.delivery.new_inbox().extend(messages)
                 self._nudge()
             else:
                 self._post(self._deliver, messages)
@@ -857,7 +857,7 @@ class Connection:
                 self._to_inbox = False
         # Woken by a post, or by the inbox filling: the reader thread may have
         # parsed straight to it while this thread asked for the token.
-        self.dispatcher.wait(timeout, self.inbox)
+        self.dispatcher.wait(timeout, self.delivery.new_inbox())
 
     def watch(self, wake: Callable[[], None], until: float) -> Any:
         """For a thread waiting on many sockets (:mod:`blockws.multiwait`): the
@@ -1084,7 +1084,7 @@ class Connection:
     def _release_deferred_close(self, _: None) -> None:
         # Runs in update() after the callbacks of the messages that preceded
         # the protocol error, so whatever they sent is queued before the close.
-        if self.inbox:
+        if self.delivery.inbox:
             # They went to receive()'s queue instead: the app answers them after
             # receive() returns, so wait until it comes back for more.
             self.close_waits_for_inbox = True

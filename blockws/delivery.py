@@ -120,8 +120,11 @@ class Delivery:
         self.dispatcher = dispatcher
         self.pool = pool
         self.log = log
-        #: Messages no handler took, for ``receive()``.
-        self.inbox: deque[str | bytes] = deque()
+        #: Messages no handler took, for ``receive()``; made with the first one,
+        #: or by the first ``receive()`` (:meth:`new_inbox`): a socket in
+        #: callback mode keeps none (a deque is 760 bytes before its first item).
+        #: Never ``None`` again once made, so a reference to it stays good.
+        self.inbox: deque[str | bytes] | None = None
         self._scratch: bytearray | None = None
         # The segment over the scratch buffer, lent again for each small
         # message while no callback keeps it (see messages()), and the
@@ -235,6 +238,17 @@ class Delivery:
         self._scratch = None
         self._lent = None
 
+    def new_inbox(self) -> deque[str | bytes]:
+        """The inbox, made now if it was not yet (by whichever thread comes
+        first: under the lock, so that two never make one each)."""
+        inbox = self.inbox
+        if inbox is None:
+            with self._lock:
+                inbox = self.inbox
+                if inbox is None:
+                    inbox = self.inbox = deque()
+        return inbox
+
     def take(self) -> str | bytes:
         """The oldest message kept for ``receive()`` (the inbox must not be empty).
 
@@ -242,6 +256,7 @@ class Delivery:
         before it is returned, or goes back to its front.
         """
         inbox = self.inbox
+        assert inbox is not None  # not empty, so made
         message = inbox[0]
         n = len(message)
         self.taken += n
@@ -358,6 +373,8 @@ class Delivery:
                         n = len(message)
                         if handler is None:
                             if ws.on_message is None:  # no callbacks at all: for receive()
+                                if inbox is None:
+                                    inbox = self.new_inbox()
                                 kept += n
                                 done += 1
                                 inbox.append(message)  # no copy
@@ -411,6 +428,8 @@ class Delivery:
                         on_text = ws.on_message
                         if on_text is None:
                             if ws.on_binary is None:
+                                if inbox is None:
+                                    inbox = self.new_inbox()
                                 n = len(message)
                                 kept += n
                                 done += 1
@@ -427,6 +446,8 @@ class Delivery:
                         handler = ws.on_binary
                         if handler is None:
                             if ws.on_message is None:  # for receive()
+                                if inbox is None:
+                                    inbox = self.new_inbox()
                                 copy = bytes(memoryview(data)[:n])
                                 kept += n
                                 done += 1

@@ -200,6 +200,8 @@ class Budget:
 
 # The hook for sockets without one of their own (blockws.set_on_pending).
 _global_on_pending: OnPending | None = None
+# Dispatcher._announce's test-and-clear of _armed, for every socket.
+_hook_lock = threading.Lock()
 
 
 class _Signal:
@@ -476,7 +478,9 @@ class Dispatcher:
         # Set when the queue was seen empty by run(); the post that fills the
         # queue again clears it and calls the hook (see the module docstring).
         self._armed = True
-        self._hook_lock = threading.Lock()
+        # One lock for every socket: it only guards the test-and-clear of
+        # _armed, never a call (an idle socket need not carry its own).
+        self._hook_lock = _hook_lock
         # Whether this dispatcher is in the ready queue update_all() drains.
         self._in_ready = False
         #: What reads this socket for a thread waiting on many

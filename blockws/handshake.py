@@ -54,6 +54,8 @@ DEFAULT_USER_AGENT = f"blockws/{__version__} Python/{sys.version_info[0]}.{sys.v
 #: Header names whose values never appear in logs or reprs.
 SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 
+_NO_NAMES: frozenset[str] = frozenset()
+
 HeadersLike = Union["Headers", Mapping[str, str], Iterable[tuple[str, str]]]
 
 
@@ -72,20 +74,28 @@ class Headers(MutableMapping[str, str]):
 
     def __init__(self, items: HeadersLike | None = None) -> None:
         self._items: list[tuple[str, str]] = []
-        self._sensitive: set[str] = set()
-        if isinstance(items, Headers):
-            self._sensitive.update(items._sensitive)
-        if items is not None:
+        # Immutable, so that copies share it, and unmarked ones share one
+        # empty set (216 B each otherwise: an idle socket keeps two Headers).
+        self._sensitive: frozenset[str] = _NO_NAMES
+        if items is None:
+            return
+        # Lists first, and None before any test: isinstance against an ABC
+        # (Mapping, and Headers, a MutableMapping) runs Python code under a C
+        # call, which on a reader thread (a response's headers) took its
+        # stack deeper than anything else (see transport.is_ip_literal).
+        if isinstance(items, (list, tuple)):
+            pairs: Iterable[tuple[str, str]] = items
+        elif isinstance(items, Headers):
             # A Headers is a Mapping too, but its items() keep only the first
             # value of a repeated name: copy every pair instead.
-            if isinstance(items, Headers):
-                pairs: Iterable[tuple[str, str]] = items.raw_items()
-            elif isinstance(items, Mapping):
-                pairs = items.items()
-            else:
-                pairs = items
-            for name, value in pairs:
-                self.add(name, value)
+            self._sensitive = items._sensitive
+            pairs = items.raw_items()
+        elif isinstance(items, Mapping):
+            pairs = items.items()
+        else:
+            pairs = items
+        for name, value in pairs:
+            self.add(name, value)
 
     def add(self, name: str, value: str) -> None:
         if not name or any(c in name for c in ":\r\n \t"):
@@ -133,7 +143,7 @@ class Headers(MutableMapping[str, str]):
     def mark_sensitive(self, *names: str) -> None:
         """Treat these headers as credentials too (``headers.mark_sensitive("X-Api-Key")``):
         their values are redacted in logs and reprs, and sent never-indexed over HTTP/2."""
-        self._sensitive.update(name.lower() for name in names)
+        self._sensitive = self._sensitive.union(name.lower() for name in names)
 
     def is_sensitive(self, name: str) -> bool:
         """Whether ``name``'s values are credentials (built in, or marked)."""

@@ -126,13 +126,16 @@ def _headers(value: object) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+# Shared by every socket that asks for the defaults (HTTP2Settings is frozen).
+_HTTP2_DEFAULT = HTTP2Settings()
+_HTTP2_OFF = HTTP2Settings(enabled=False)
 
 
 def _http2(value: object) -> HTTP2Settings:
     if value is None or value is True:
-        return HTTP2Settings()
+        return _HTTP2_DEFAULT
     if value is False:
-        return HTTP2Settings(enabled=False)
+        return _HTTP2_OFF
     if not isinstance(value, HTTP2Settings):
         raise TypeError(f"http2 must be an HTTP2Settings or a bool, not {type(value).__name__}")
     return value

@@ -357,7 +357,8 @@ class Protocol:
             raise ValueError("max_fragment_size must be at least 1")
         self.max_message_size = max_message_size
         self.max_fragment_size = max_fragment_size
-        self.extensions = list(extensions)
+        # A tuple: never changed, and without extensions the shared empty one.
+        self.extensions = tuple(extensions)
         self.auto_close_reply = auto_close_reply
         #: The close the peer sent, once it arrived: ``(code, reason)``.
         self.close_received: tuple[int, str] | None = None

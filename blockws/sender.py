@@ -96,12 +96,14 @@ class Sender:
         name: str,
         lock: threading.Lock,
         log: ContextAdapter,
-        on_failure: Callable[[BaseException], None],
-        on_written: Callable[[], None],
+        on_failure: Callable[[Sender, BaseException], None],
+        on_written: Callable[[Sender], None],
     ) -> None:
         self.name = name
         self.lock = lock
         self.log = log
+        # Both are told which sender calls (bound methods, shared by every
+        # link, rather than closures made for each: an idle socket keeps them).
         self._on_failure = on_failure  # a write failed: end the socket
         # Called after a batch that carried a close frame (ours, or our reply):
         # the point from which an HTTP/2 stream may be ended.
@@ -309,7 +311,7 @@ class Sender:
                 self._writing = False
             if segment is not None and not segment.released:
                 segment.release()
-            self._on_failure(exc)
+            self._on_failure(self, exc)
             return
         if segment is not None and not segment.released:
             segment.release()  # its bytes were copied into the frames
@@ -381,13 +383,13 @@ class Sender:
                         if segment is not None and not segment.released:
                             segment.release()
                 if closing:
-                    self._on_close_written()
+                    self._on_close_written(self)
         except BaseException as exc:  # noqa: BLE001 - reported through on_closed
             with lock:
                 stopped = self._stopped
             if not stopped:
                 self.log.debug("writer failed: %r", exc)
-                self._on_failure(exc)
+                self._on_failure(self, exc)
 
     def _write_batch(
         self, proto: Protocol, transport: Transport, chunks: list[BytesLike], batch: list[Item]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import sys
+from collections import deque
 from collections.abc import Iterator, MutableMapping, Sequence
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Generic, NoReturn, TypeVar, Union, overload
@@ -468,7 +469,8 @@ class WebSocket:
         self._enqueue = engine.enqueue
         self._pending = engine.dispatcher.pending
         self._run = engine.dispatcher.run
-        self._inbox = engine.inbox
+        # receive()'s queue, once it has one (see Delivery.new_inbox).
+        self._inbox: deque[str | bytes] | None = None
         self._delivery = engine.delivery
         self._take = engine.delivery.take
         #: The handshake request; edit it before ``open()``.
@@ -716,7 +718,8 @@ class WebSocket:
                 open_timeout=request.open_timeout, close_timeout=request.close_timeout
             )
             engine.configure(self._options)
-            self._request_at_open = _copy_request(request)
+            if self._options.reconnect is not None:  # only reconnections copy it
+                self._request_at_open = _copy_request(request)
         engine.open()
         return self
 
@@ -974,6 +977,8 @@ class WebSocket:
                 delivery.check_drained()
             return message
         check_not_in_callback("receive()")
+        if inbox is None:
+            inbox = self._inbox = self._delivery.new_inbox()
         engine = self._engine
         if engine.close_waits_for_inbox:
             engine.inbox_drained()

@@ -32,7 +32,14 @@ from blockws.exceptions import (
     OpenTimeout,
     TLSError,
 )
-from blockws.transport import Connector, TCPTransport, TLSTransport, map_os_errors, os_error
+from blockws.transport import (
+    Connector,
+    TCPTransport,
+    TLSTransport,
+    is_ip_literal,
+    map_os_errors,
+    os_error,
+)
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -367,6 +374,32 @@ def in_thread(fn: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
     thread = threading.Thread(target=run)
     thread.start()
     return thread, out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("host", "literal"),
+    [
+        ("127.0.0.1", True),
+        ("0.0.0.0", True),
+        ("::1", True),
+        ("2001:db8::8a2e:370:7334", True),
+        ("::ffff:192.0.2.1", True),
+        ("fe80::1%eth0", True),  # a scope: getaddrinfo takes it, with no lookup
+        ("localhost", False),
+        ("example.com", False),
+        ("1.2.3", False),  # inet_aton would take it; a resolver is asked instead
+        ("256.1.1.1", False),
+        ("1.2.3.4.5", False),
+        ("::1::", False),
+        ("[::1]", False),  # brackets are the caller's to strip
+        ("", False),
+        ("127.0.0.1\x00", False),  # a NUL: ValueError inside, not raised
+        ("%eth0", False),
+    ],
+)
+def test_is_ip_literal_tells_addresses_from_names(host: str, literal: bool) -> None:
+    assert is_ip_literal(host) is literal
 
 
 def test_a_connector_aborted_before_it_starts_connects_nowhere() -> None:

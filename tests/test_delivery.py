@@ -257,7 +257,7 @@ def test_a_message_without_its_handler_is_dropped_with_one_warning(
     with caplog.at_level(logging.WARNING, logger="blockws"):
         assert delivery.messages(["a", b"b", "c", big, b"e" * 10]) == 5
     assert texts == ["a", "c"]
-    assert list(delivery.inbox) == []
+    assert list(delivery.inbox or ()) == []
     assert delivery.queued == 0
     assert pool.pooled_bytes >= SCRATCH * 2  # the pooled one went back to the pool
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -357,7 +357,7 @@ def test_handlers_are_looked_up_per_message() -> None:
     assert first == ["a"]
     assert second == ["b", "c"]
     assert binaries == [b"x"]
-    assert list(delivery.inbox) == []
+    assert list(delivery.inbox or ()) == []
     ws.on_message = last
     assert delivery.messages(["d", b"y", b"z" * 5000]) == 3
     assert second == ["b", "c", "d"]

@@ -273,7 +273,7 @@ class Reads:
             else:
                 count += self.dispatcher.run(Budget.of(self.budget, None))
         if self.ws.on_message is None:  # then receive() takes them from the inbox
-            for _ in range(len(self.delivery.inbox)):
+            for _ in range(len(self.delivery.inbox or ())):
                 self.taken.append(self.delivery.take())
         return count
 
@@ -287,8 +287,8 @@ def _check_reads(state: Reads, interrupts: Interrupts) -> None:
     assert not state.dispatcher.pending
     delivery = state.delivery
     if state.ws.on_message is None:  # no handlers: the inbox, then take() (receive())
-        assert delivery.queued == sum(map(len, delivery.inbox))
-        assert state.taken + list(delivery.inbox) == state.expected
+        assert delivery.queued == sum(map(len, delivery.inbox or ()))
+        assert state.taken + list(delivery.inbox or ()) == state.expected
         while delivery.inbox:
             state.taken.append(delivery.take())
         assert state.taken == state.expected

@@ -112,14 +112,16 @@ class Rig:
         self.sender.attach(proto, transport)
         self.threads: list[threading.Thread] = []
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, sender: Sender, exc: BaseException) -> None:
         with self.events:
-            self.failures.append(exc)
+            # What the test checks: a failure the sender reported about another one is wrong.
+            self.failures.append(exc if sender is self.sender else AssertionError(sender))
             self.events.notify_all()
 
-    def _closed(self) -> None:
+    def _closed(self, sender: Sender) -> None:
         with self.events:
-            self.close_written.append([f.opcode for f in self.transport.frames()])
+            frames = [f.opcode for f in self.transport.frames()]
+            self.close_written.append(frames if sender is self.sender else [-1])
             self.events.notify_all()
 
     def wait_event(self, test: Callable[[], bool]) -> None:
