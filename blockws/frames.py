@@ -268,7 +268,7 @@ class MaskKeys:
     lock, and only a refill does.
     """
 
-    __slots__ = ("_state", "_lock")
+    __slots__ = ("_state", "_lock", "draw")
 
     # 64 KiB at most: os.urandom releases the GIL, and getting it back costs up
     # to the 5 ms switch interval when other threads are busy, so call it
@@ -282,6 +282,9 @@ class MaskKeys:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._state: tuple[bytes, Iterator[int]] = (b"", itertools.count(0, 4))
+        #: ``self.__call__``, bound once: what every socket's protocol calls
+        #: (a bound method made per protocol was 64 bytes per socket).
+        self.draw: Callable[[], bytes] = self.__call__
 
     def __call__(self) -> bytes:
         pool, counter = self._state

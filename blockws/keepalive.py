@@ -81,9 +81,11 @@ class Keepalive:
         #: Round-trip time of the latest matched ping/pong pair, or ``None``.
         self.latency: float | None = None
         self._seq = 0
-        self._pings: dict[bytes, float] = {}  # payload -> when it was sent
+        # Both made with their first entry (pings are off by default, and an
+        # idle socket should not carry two empty dicts).
+        self._pings: dict[bytes, float] | None = None  # payload -> when it was sent
         self._ping_job: Job | None = None
-        self._pong_jobs: dict[int, Job] = {}
+        self._pong_jobs: dict[int, Job] | None = None
         self._stopped = False
 
     # -- settings (any thread) ----------------------------------------------------
@@ -112,11 +114,11 @@ class Keepalive:
     def stop_locked(self) -> None:
         """The socket ended: cancel every job, for good."""
         self._stopped = True
-        jobs = list(self._pong_jobs.values())
+        jobs = list(self._pong_jobs.values()) if self._pong_jobs else []
         if self._ping_job is not None:
             jobs.append(self._ping_job)
         self._ping_job = None
-        self._pong_jobs.clear()
+        self._pong_jobs = None
         for job in jobs:
             job.cancel()
 
@@ -124,11 +126,13 @@ class Keepalive:
         """The socket reconnected: serve its new connection (call :meth:`start_locked`
         next). The old connection's pings are forgotten: their pongs will not come."""
         self._stopped = False
-        self._pings.clear()
+        self._pings = None
 
     def sent_locked(self, payload: bytes, when: float) -> None:
         """Remember a ping sent at ``when`` so that its pong gives the latency."""
         pings = self._pings
+        if pings is None:
+            pings = self._pings = {}
         oldest = next(iter(pings.values()), when)
         if len(pings) >= _PINGS_KEPT or when - oldest > _PING_MEMORY:
             for key in [k for k, v in pings.items() if when - v >= _PING_MEMORY]:
@@ -151,6 +155,8 @@ class Keepalive:
             self.sent_locked(payload, now)
             host.send_ping_locked(payload)
             self._ping_job = timer.call_later(self.frequency, self._ping_due)
+            if self._pong_jobs is None:
+                self._pong_jobs = {}
             self._pong_jobs[seq] = timer.call_later(
                 self.silence, lambda: self._pong_due(seq, now)
             )
@@ -158,7 +164,8 @@ class Keepalive:
     def _pong_due(self, seq: int, ping_time: float) -> None:
         host = self.host
         with host.lock:
-            self._pong_jobs.pop(seq, None)
+            if self._pong_jobs is not None:
+                self._pong_jobs.pop(seq, None)
             if self._stopped or not host.pinging_locked():
                 return
         last = host.last_frame_at()
@@ -171,6 +178,7 @@ class Keepalive:
         """A pong arrived: the latency, if it answers a ping we remember."""
         now = time.monotonic()
         with self.host.lock:
-            sent = self._pings.pop(payload, None)
+            pings = self._pings
+            sent = pings.pop(payload, None) if pings is not None else None
         if sent is not None:
             self.latency = now - sent

@@ -243,8 +243,10 @@ class _Pieces:
 
     def __init__(self, empty: Any) -> None:
         self.empty = empty  # b"" or ""
-        self.parts: list[Any] = []
-        self.small: list[Any] = []
+        # Made with the first piece of each kind: most messages come whole,
+        # and an idle socket keeps two of these.
+        self.parts: list[Any] | None = None
+        self.small: list[Any] | None = None
         self.small_size = 0
 
     def __bool__(self) -> bool:
@@ -255,28 +257,41 @@ class _Pieces:
         if n >= _SMALL_PIECE:
             if self.small:
                 self._group()
-            self.parts.append(piece)
+            if self.parts is None:
+                self.parts = [piece]
+            else:
+                self.parts.append(piece)
         elif n:
             small = self.small
-            small.append(piece)
+            if small is None:
+                small = self.small = [piece]
+            else:
+                small.append(piece)
             self.small_size += n
             if len(small) >= _GROUP or self.small_size >= _SMALL_PIECE:
                 self._group()
 
     def _group(self) -> None:
-        self.parts.append(self.empty.join(self.small))
-        self.small = []
+        assert self.small is not None
+        grouped = self.empty.join(self.small)
+        if self.parts is None:
+            self.parts = [grouped]
+        else:
+            self.parts.append(grouped)
+        self.small = None
         self.small_size = 0
 
     def join(self, last: Any) -> Any:
         """Every piece and then ``last``, joined; empties the pieces."""
         parts = self.parts
-        if self.small:
+        if parts is None:
+            parts = self.small or []
+        elif self.small:
             parts.extend(self.small)
         parts.append(last)
         out = self.empty.join(parts)
-        self.parts = []
-        self.small = []
+        self.parts = None
+        self.small = None
         self.small_size = 0
         return out
 
@@ -371,7 +386,7 @@ class Protocol:
         self._release = release
         keys = (mask_keys or shared_mask_keys) if role is Role.CLIENT else None
         # A MaskKeys' bound __call__: cheaper to call than the instance itself.
-        self._mask_keys = keys.__call__ if isinstance(keys, MaskKeys) else keys
+        self._mask_keys = keys.draw if isinstance(keys, MaskKeys) else keys
         self._key_source = keys  # for encode_messages' keys, a run at a time
         # Client receives unmasked frames; server requires masked ones.
         self._expect_mask = 0x80 if role is Role.SERVER else 0
@@ -443,7 +458,7 @@ class Protocol:
         self._m_frames = 0  # frames of the message so far: see _start_data_frame
         self._m_text = _Pieces("")
         self._m_decoder: codecs.IncrementalDecoder | None = None
-        self._m_ext: list[Extension] = []
+        self._m_ext: Sequence[Extension] = ()  # the extensions that claimed it
 
     # -- state ------------------------------------------------------------------
 
@@ -978,7 +993,7 @@ class Protocol:
             self._m_ext = (
                 [e for e in self.extensions if e.begin_message(opcode, rsv)]
                 if self.extensions
-                else []
+                else ()
             )
             if rsv and not self._m_ext:
                 raise ProtocolError("RSV bits set but no extension claimed the message")

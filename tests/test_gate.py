@@ -53,6 +53,22 @@ def test_reads_what_came_as_socket_recv_does(pair: tuple[socket.socket, socket.s
     assert _speedups.gated_recv_into(a, bytearray(4)) == 0
 
 
+@pytest.mark.parametrize("size", [1, 447, 448, 511, 512, 513, 4096, 65536])
+def test_small_reads_through_the_stack_buffer_and_large_ones_alike(
+    pair: tuple[socket.socket, socket.socket], size: int
+) -> None:
+    # Up to 512 bytes the read goes through a buffer in the C frame (no bytes
+    # object held while the thread blocks); above, straight into the bytes.
+    a, b = pair
+    data = bytes(range(256)) * (size // 256 + 2)
+    b.sendall(data[: size + 7])
+    got = _speedups.gated_recv(a, size)
+    assert got == data[:size] and type(got) is bytes
+    assert _speedups.gated_recv(a, size + 7) == data[size : size + 7]  # a short read
+    b.shutdown(socket.SHUT_WR)
+    assert _speedups.gated_recv(a, size) == b""
+
+
 def test_errors_are_socket_recvs(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
     with pytest.raises(ValueError, match="negative"):

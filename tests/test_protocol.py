@@ -1484,7 +1484,7 @@ def test_binary_run_keeps_views_only_of_reads_it_mostly_uses() -> None:
     assert len(events) == 80
     events = proto.receive_data(_raw_frame(0x80, b"c" * 3))
     assert summarize(events) == [("binary", b"b" * 16384 + b"ccc")]
-    assert proto._m_parts.parts == []
+    assert not proto._m_parts.parts
 
 
 @pytest.mark.parametrize("mode", MODES)
