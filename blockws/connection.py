@@ -785,12 +785,18 @@ class Connection:
             # send() that sees the socket closing then also sees why.
             self._set_error_locked(proto.failure, closing=False)
             close = frames.pop()  # failing: the close frame comes last
-            if self.dispatcher.pending or any(type(e) in _MESSAGES for e in events):
+            if (
+                self.dispatcher.pending
+                or self.delivery.inbox
+                or any(type(e) in _MESSAGES for e in events)
+            ):
                 # Messages that came before the bad frame are still
-                # undelivered. Hold the failing close until the app has run
-                # their callbacks, so what it sends in answer goes out first,
-                # as with a single-threaded client; parsing has stopped, so
-                # nothing after the bad frame is processed.
+                # undelivered: queued, or in receive()'s inbox (where an
+                # earlier read put them straight, while a thread was in
+                # receive()). Hold the failing close until the app has run
+                # their callbacks or taken them, so what it sends in answer
+                # goes out first, as with a single-threaded client; parsing
+                # has stopped, so nothing after the bad frame is processed.
                 self._deferred_close = close
                 self._jobs["failure"] = timer.call_later(FAILURE_GRACE, self._send_deferred_close)
                 if frames:

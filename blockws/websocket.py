@@ -964,6 +964,8 @@ class WebSocket:
         ``on_open`` run meanwhile, on this thread.
         """
         inbox = self._inbox
+        if inbox is None:  # the first receive(): messages may be waiting already
+            inbox = self._inbox = self._delivery.new_inbox()
         if inbox:
             # Delivery.take, inline: this runs once per message. Unlike take(),
             # it keeps one eval-breaker point, right after popleft() returns,
@@ -977,8 +979,6 @@ class WebSocket:
                 delivery.check_drained()
             return message
         check_not_in_callback("receive()")
-        if inbox is None:
-            inbox = self._inbox = self._delivery.new_inbox()
         engine = self._engine
         if engine.close_waits_for_inbox:
             engine.inbox_drained()

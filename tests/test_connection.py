@@ -177,6 +177,30 @@ def test_reply_to_a_received_message_before_a_protocol_error_goes_out_first(
         ws.receive(5)
 
 
+def test_a_message_waiting_in_the_inbox_holds_a_later_failure_back(memory: MemoryOpener) -> None:
+    """The message came in an earlier read and waits in receive()'s inbox (where the
+    reader also puts it straight while a thread is in receive()); the bad frame comes in
+    a read of its own. The failing close still waits for the app to take the message and
+    come back, behind its answer (CI caught this over nghttpx, test_http2_closing)."""
+    ws, transport = opened(memory)
+    transport.feed(server_frame(Opcode.TEXT, b"hi"))
+    pump_until(ws, lambda: bool(ws._engine.delivery.inbox))  # update() put it there
+    transport.feed(server_frame(0xB, b""))
+    pump_until(ws, lambda: ws.error is not None)
+    assert ws.is_open  # failing, but its close is held back
+    assert ws.receive(5) == "hi"
+    ws.send("hi")  # still allowed
+    with pytest.raises(TimeoutError):
+        ws.receive(0.05)  # back for more: the close goes out now, behind the echo
+    frames = transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))
+    assert [(f.opcode, f.payload) for f in frames] == ECHO_THEN_1002
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1002)))
+    transport.feed_eof()
+    with pytest.raises(blockws.ConnectionClosedError):
+        ws.receive(5)
+    assert isinstance(ws.error, blockws.ProtocolError)
+
+
 def test_messages_queued_before_a_failure_are_sent_before_its_close(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
