@@ -36,7 +36,8 @@ WAIT = 10.0
 #: bound methods, and a few defaults shared; 8.8 kB once the message pieces,
 #: the keepalive's dicts and the mask-key method were shared or lazy and the
 #: C gated read stopped holding a bytes object while it blocks (9.3 kB
-#: without the C speedups, whose reads still do).
+#: without the C speedups until their quiet read became a 1-byte peek: 9.0
+#: kB, as with them).
 MAX_BYTES_PER_SOCKET = 10_000
 
 

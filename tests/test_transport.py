@@ -399,7 +399,8 @@ class CountingSocket(socket.socket):
     calls: list[str]
 
     def recv(self, *args: Any) -> bytes:
-        self.calls.append("recv")
+        peek = len(args) > 1 and args[1] & socket.MSG_PEEK
+        self.calls.append("peek" if peek else "recv")
         return super().recv(*args)
 
     def recv_into(self, *args: Any) -> int:  # type: ignore[override]
@@ -416,7 +417,8 @@ def test_small_reads_share_one_buffer_and_large_ones_read_whole(gated: bool) -> 
     below RECV_SCRATCH go into one reusable buffer, copied out exactly (no
     alias: an earlier read keeps its bytes); a read that fills it switches to
     plain ``recv`` for the stream that follows, and small reads switch back.
-    A new (quiet) socket's first read asks for RECV_QUIET bytes only. The same
+    A new (quiet) socket's first read asks for RECV_QUIET bytes only, after
+    waiting in a 1-byte peek (without the C gate: see _PEEK). The same
     bytes come through the C speedup's gated reads (which the counting socket
     cannot see) as through socket.recv."""
     from blockws import transport as transport_module
@@ -439,22 +441,22 @@ def test_small_reads_share_one_buffer_and_large_ones_read_whole(gated: bool) -> 
         second = transport.recv()
         assert second == b"y" * 50
         if not gated:
-            assert sock.calls == ["recv", "recv_into", "recv_into"]
+            assert sock.calls == ["peek", "recv", "recv_into", "recv_into"]
         b.sendall(bytes(range(256)) * (RECV_SCRATCH // 128))  # two buffers' worth
         stream = transport.recv()
         assert len(stream) == RECV_SCRATCH  # filled: the stream goes on with recv()
         stream += transport.recv()
         assert stream == bytes(range(256)) * (RECV_SCRATCH // 128)
         if not gated:
-            assert sock.calls[3:] == ["recv_into", "recv"]
+            assert sock.calls[4:] == ["recv_into", "recv"]
         b.sendall(b"z" * 10)
         assert transport.recv() == b"z" * 10
         if not gated:
-            assert sock.calls[5] == "recv"  # after a RECV_SCRATCH read: RECV_SMALL at once
+            assert sock.calls[6] == "recv"  # after a RECV_SCRATCH read: RECV_SMALL at once
         b.sendall(b"w" * 10)
         assert transport.recv() == b"w" * 10
         if not gated:
-            assert sock.calls[6:] == ["recv_into"]  # small again: back to the buffer
+            assert sock.calls[7:] == ["recv_into"]  # small again: back to the buffer
         else:
             assert sock.calls == []  # every read went through the gate
         assert first == b"x" * RECV_QUIET  # never overwritten
