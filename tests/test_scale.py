@@ -118,6 +118,9 @@ def test_a_reader_thread_keeps_no_more_stack_than_a_bare_thread() -> None:
     # coverage's tracer (pytest-cov starts it in child processes), which
     # deepens every call.
     env = {k: v for k, v in os.environ.items() if not k.startswith("COV_CORE_")}
+    # The blockws this test imports, installed or not (a checkout's own tree).
+    root = str(Path(blockws.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     probe = Path(__file__).with_name("stackprobe.py")
     done = subprocess.run(
         [sys.executable, str(probe), "40"],
