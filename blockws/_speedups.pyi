@@ -36,6 +36,15 @@ def split_messages(
     wrap_binary: Callable[[bytes, int], Any] | None,
     wrap_text: Callable[[str], Any] | None,
 ) -> int: ...
+def copy_continuations(
+    buf: bytes | bytearray | memoryview,
+    pos: int,
+    end: int,
+    target: bytearray | memoryview,
+    m_len: int,
+    limit: int,
+    m_frames: int,
+) -> tuple[int, int, int]: ...
 
 # POSIX only (absent on Windows): a reader thread's blocking reads behind the GIL gate.
 def gated_recv(sock: Any, size: int) -> bytes: ...

@@ -46,6 +46,9 @@ __all__ = [
     "py_encode_messages",
     "c_encode_messages",
     "split_messages",
+    "copy_continuations",
+    "py_copy_continuations",
+    "c_copy_continuations",
     "py_split_messages",
     "c_split_messages",
     "total_length",
@@ -228,6 +231,89 @@ split_messages: SplitMessages = (
     c_split_messages
     if c_split_messages is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
     else py_split_messages
+)
+
+
+def py_copy_continuations(
+    buf: BytesLike,
+    pos: int,
+    end: int,
+    target: bytearray | memoryview,
+    m_len: int,
+    limit: int,
+    m_frames: int,
+) -> tuple[int, int, int]:
+    """The continuation-frame loop of a fragmented binary message that goes to
+    a pooled buffer (``Protocol._binary_run``), without the per-frame Python.
+
+    Takes frame after frame from ``buf[pos:end]`` while each is whole, a
+    continuation (opcode 0), not final (FIN clear), free of RSV bits,
+    unmasked, within ``limit`` (the message's bytes so far, ``m_len``, plus
+    this payload at most ``limit``, and fewer than ``limit`` frames so far,
+    ``m_frames``; ``-1``: no limit, and frames are not counted), and fits in
+    ``target`` after ``m_len``; copies each payload to ``target[m_len:]``.
+    Returns ``(pos, m_len, m_frames)`` where it stopped: anything else (the
+    final frame, a frame cut short, a control frame, a frame breaking a rule)
+    stops it *before* that frame, for the caller's loop to handle or fail on,
+    so it never raises a protocol error and cannot change the order in which
+    errors are found.
+
+    This is the reference; ``blockws._speedups.copy_continuations`` is the C
+    version, and the two agree byte for byte (tests/test_frames.py). Without
+    the C speedups the protocol does not call it: its own loop does the same.
+    """
+    view = memoryview(buf)
+    if memoryview(target).readonly:
+        raise BufferError("Object is not writable.")
+    room = len(target)
+    if pos < 0 or end < pos or end > len(view) or m_len < 0 or m_len > room:
+        raise ValueError("pos, end or m_len out of range")
+    while end - pos >= 2:
+        n = view[pos + 1]
+        start = pos + 2
+        if view[pos] != 0x00:
+            break  # not a non-final continuation frame with RSV clear
+        if n >= 126:
+            if n == 126:
+                if end - start < 2:
+                    break
+                n = (view[start] << 8) | view[start + 1]
+                start += 2
+            elif n == 127:
+                if end - start < 8:
+                    break
+                n = int.from_bytes(view[start : start + 8], "big")
+                if n >> 63:
+                    break
+                start += 8
+            else:
+                break  # masked (from a server)
+        if limit >= 0 and (n > limit - m_len or m_frames >= limit):
+            break
+        if n > end - start or n > room - m_len:
+            break  # cut short, or no room
+        target[m_len : m_len + n] = view[start : start + n]
+        m_len += n
+        if limit >= 0:
+            m_frames += 1
+        pos = start + n
+    return pos, m_len, m_frames
+
+
+CopyContinuations = Callable[
+    [BytesLike, int, int, "bytearray | memoryview", int, int, int], "tuple[int, int, int]"
+]
+c_copy_continuations: CopyContinuations | None
+try:
+    from ._speedups import copy_continuations as c_copy_continuations
+except ImportError:  # pragma: no cover - depends on the install (or an older build)
+    c_copy_continuations = None
+
+#: The continuation loop's C version as the protocol uses it, or None
+#: (without the C speedups, or with ``BLOCKWS_PURE_PYTHON=1``: the protocol's
+#: own loop then does the same, frame by frame).
+copy_continuations: CopyContinuations | None = (
+    c_copy_continuations if not os.environ.get("BLOCKWS_PURE_PYTHON") else None
 )
 
 

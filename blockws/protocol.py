@@ -783,7 +783,9 @@ class Protocol:
         for a binary message with no extension claiming it, in the client
         role, with no inflated bytes to count.
 
-        Pieces go to the message's pooled buffer (copied there at once). For
+        Pieces go to the message's pooled buffer (copied there at once; with
+        the C speedups, each read's whole non-final frames that fit in it in
+        one call, ``frames.copy_continuations``). For
         ``binary_as_bytes`` they are kept until the message ends: as views of
         the read when they are :data:`_SMALL_PIECE` or more and together at
         least half of it (a view keeps its whole read alive, so a message in
@@ -800,7 +802,20 @@ class Protocol:
         target = None if as_parts else memoryview(self._m_buf)  # type: ignore[arg-type]
         kept: list[bytes | memoryview] = []
         kept_size = 0
+        # The C loop for the run of whole non-final frames that fit in the
+        # pooled buffer (see blockws.frames.py_copy_continuations): looked up
+        # per call, so that tests can run the parser with and without it.
+        copy_run = _frames.copy_continuations if target is not None else None
         while pos < end:
+            if copy_run is not None and target is not None and self._phase != _PAYLOAD:
+                c_limit = -1 if limit is None else limit
+                done, m_len, m_frames = copy_run(
+                    buf, pos, end, target, self._m_len, c_limit, self._m_frames
+                )
+                if done != pos:  # then on to the frame it stopped at, below
+                    pos = done
+                    self._m_len = m_len
+                    self._m_frames = m_frames
             if self._phase == _PAYLOAD:  # the rest of a frame the last read cut
                 if self._f_opcode >= 8:
                     break  # a control frame's: handled whole, by the general path

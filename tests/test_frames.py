@@ -688,6 +688,136 @@ def test_hypothesis_both_splits_agree_byte_for_byte(
     assert pos <= expected[0] <= len(stream)
 
 
+# -- both continuation loops (copy_continuations) ---------------------------------------
+# The C loop (blockws._speedups.copy_continuations) and the pure-Python reference
+# (frames.py_copy_continuations): the same bytes copied to the same place, and
+# the same stop, before the first frame either does not take. The protocol
+# tests run _binary_run with and without the C loop (tests/test_protocol.py).
+
+from blockws.frames import c_copy_continuations, py_copy_continuations  # noqa: E402
+
+COPIES = [pytest.param(py_copy_continuations, id="python")]
+if c_copy_continuations is not None:
+    COPIES.append(pytest.param(c_copy_continuations, id="c"))
+
+
+def copy_all(
+    impl: Any, buf: Any, pos: int, room: int, m_len: int, limit: int, m_frames: int
+) -> tuple[tuple[int, int, int], bytes]:
+    target = bytearray(b"\xee" * room)
+    end = len(buf)
+    result = impl(buf, pos, end, memoryview(target), m_len, limit, m_frames)
+    return result, bytes(target)
+
+
+def cont(payload: bytes, fin: bool = False, rsv: int = 0, key: bytes | None = None) -> bytes:
+    return frame(Opcode.CONT, payload, fin, rsv, key)
+
+
+@pytest.mark.parametrize("impl", COPIES)
+def test_copy_takes_whole_non_final_continuations(impl: Any) -> None:
+    stream = b"".join(
+        [cont(b"a" * 3), cont(b""), cont(b"b" * 126), cont(b"c" * 70000), cont(b"z", fin=True)]
+    )
+    (pos, m_len, m_frames), target = copy_all(impl, stream, 0, 80000, 5, -1, 0)
+    assert pos == len(stream) - 3  # stopped before the final frame
+    assert m_len == 5 + 3 + 126 + 70000
+    assert m_frames == 0  # counted only under a limit
+    assert target[:5] == b"\xee" * 5 and target[5:m_len] == b"a" * 3 + b"b" * 126 + b"c" * 70000
+    assert target[m_len:] == b"\xee" * (80000 - m_len)
+
+
+STOPS_BEFORE = {
+    "final": cont(b"x", fin=True),
+    "data frame": frame(Opcode.BINARY, b"x", fin=False),
+    "ping": frame(Opcode.PING, b"p"),
+    "rsv1": cont(b"x", rsv=4),
+    "masked": cont(b"x", key=b"abcd"),
+    "masked 126": cont(b"x" * 200, key=b"abcd"),
+    "cut payload": cont(b"x" * 10)[:-1],
+    "cut 16-bit length": cont(b"x" * 200)[:3],
+    "cut 64-bit length": cont(b"x" * 70000)[:9],
+    "64-bit top bit": b"\x00\x7f" + (1 << 63).to_bytes(8, "big") + b"x",
+    "one byte": b"\x00",
+}
+
+
+@pytest.mark.parametrize("impl", COPIES)
+@pytest.mark.parametrize("stopper", sorted(STOPS_BEFORE))
+def test_copy_stops_before_anything_else(impl: Any, stopper: str) -> None:
+    head = cont(b"h" * 4)
+    # (Nothing after a frame cut short: a read's end cuts it.)
+    tail = b"" if stopper.startswith("cut") or stopper == "one byte" else cont(b"t" * 4)
+    stream = head + STOPS_BEFORE[stopper] + tail
+    (pos, m_len, _), target = copy_all(impl, stream, 0, 100_000, 0, -1, 0)
+    assert (pos, m_len) == (len(head), 4)
+    assert target[:4] == b"hhhh"
+
+
+@pytest.mark.parametrize("impl", COPIES)
+def test_copy_stops_at_the_limits_and_the_room(impl: Any) -> None:
+    stream = cont(b"a" * 10) + cont(b"b" * 10) + cont(b"c" * 10)
+    one = len(cont(b"a" * 10))
+    # The message's size: 7 + 10 + 10 = 27 fits a limit of 27, the third does not.
+    assert copy_all(impl, stream, 0, 100, 7, 27, 0)[0] == (2 * one, 27, 2)
+    # Frames: fewer than the limit so far, else stop (m_frames counts under a limit).
+    assert copy_all(impl, stream, 0, 100, 0, 1000, 998)[0] == (2 * one, 20, 1000)
+    # The room in the target: 25 bytes hold two payloads after 5.
+    (result, target) = copy_all(impl, stream, 0, 25, 5, -1, 0)
+    assert result == (2 * one, 25, 0) and target[5:] == b"a" * 10 + b"b" * 10
+    # From an offset, within a read's end (end < len(buf)).
+    (result, _) = copy_all(impl, b"junk" + stream, 4, 100, 0, -1, 0)
+    assert result == (4 + 3 * one, 30, 0)
+    assert impl(stream, 0, one + 2, bytearray(100), 0, -1, 0) == (one, 10, 0)
+
+
+@pytest.mark.parametrize("impl", COPIES)
+def test_copy_rejects_bad_offsets_and_a_read_only_target(impl: Any) -> None:
+    stream = cont(b"a" * 10)
+    for pos, end, m_len in ((-1, len(stream), 0), (5, 4, 0), (0, len(stream) + 1, 0), (0, 0, 101)):
+        with pytest.raises(ValueError):
+            impl(stream, pos, end, bytearray(100), m_len, -1, 0)
+    with pytest.raises(BufferError):
+        impl(stream, 0, len(stream), b"\x00" * 100, 0, -1, 0)
+    with pytest.raises(BufferError):
+        impl(stream, 0, len(stream), memoryview(b"\x00" * 100), 0, -1, 0)
+
+
+_cont_chunks = st.one_of(
+    st.binary(max_size=300).map(cont),
+    st.binary(max_size=300).map(lambda b: cont(b, fin=True)),
+    st.binary(min_size=126, max_size=70000).map(cont),
+    st.binary(max_size=20).map(lambda b: cont(b, rsv=4)),
+    st.binary(max_size=20).map(lambda b: cont(b, key=b"\x01\x02\x03\x04")),
+    st.binary(max_size=20).map(lambda b: frame(Opcode.PING, b)),
+    st.binary(max_size=6),  # garbage, or a header cut short
+)
+
+
+@settings(max_examples=examples(300), deadline=None, derandomize=True, database=None)
+@given(
+    st.lists(_cont_chunks, max_size=10),
+    st.integers(0, 20),
+    st.integers(0, 40),
+    st.integers(0, 100_000),
+    st.integers(0, 20),
+    st.sampled_from([-1, 0, 50, 1000, 70_000, 200_000]),
+    st.integers(0, 1200),
+)
+def test_hypothesis_both_copies_agree_byte_for_byte(
+    chunks: list[bytes], pos: int, cut: int, room: int, m_len: int, limit: int, m_frames: int
+) -> None:
+    stream = b"".join(chunks)
+    stream = stream[: max(0, len(stream) - cut)]
+    pos = min(pos, len(stream))
+    m_len = min(m_len, room)
+    expected = copy_all(py_copy_continuations, stream, pos, room, m_len, limit, m_frames)
+    if c_copy_continuations is not None:
+        assert copy_all(c_copy_continuations, stream, pos, room, m_len, limit, m_frames) == expected
+    (stop, new_len, _), _ = expected
+    assert pos <= stop <= len(stream) and m_len <= new_len <= room
+
+
 # -- masking keys across threads (RFC 6455 5.3) -----------------------------------------
 
 

@@ -35,21 +35,32 @@ from blockws.protocol import (
 
 pytestmark = pytest.mark.unit
 
-_SPLITS = [pytest.param(frames_module.py_split_messages, id="py-split")]
+# The receive path's loops: the pure ones (split_messages' reference, and
+# _binary_run's own continuation loop) or the C ones (split_messages and
+# copy_continuations from blockws._speedups).
+_SPLITS = [pytest.param((frames_module.py_split_messages, None), id="py-split")]
 if frames_module.c_split_messages is not None:
-    _SPLITS.append(pytest.param(frames_module.c_split_messages, id="c-split"))
+    _SPLITS.append(
+        pytest.param(
+            (frames_module.c_split_messages, frames_module.c_copy_continuations), id="c-split"
+        )
+    )
+
+
+def _use_loops(loops: tuple[Any, Any]) -> None:
+    frames_module.split_messages, frames_module.copy_continuations = loops
 
 
 @pytest.fixture(autouse=True, scope="module", params=_SPLITS)
 def split_impl(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Every test here runs on both fast receive loops (the C one and the pure
     reference): events, queued frames and the order of failures must not differ."""
-    saved = frames_module.split_messages
-    frames_module.split_messages = request.param
+    saved = frames_module.split_messages, frames_module.copy_continuations
+    _use_loops(request.param)
     try:
         yield request.param
     finally:
-        frames_module.split_messages = saved
+        _use_loops(saved)
 
 
 KEY = b"\x37\xfa\x21\x3d"
@@ -460,15 +471,15 @@ def on_every_split(check: Callable[[], None]) -> None:
     same while drawing them (most of these tests' time) is done once. A failure
     names the loop it happened on in hypothesis's report of the example.
     """
-    saved = frames_module.split_messages
+    saved = frames_module.split_messages, frames_module.copy_continuations
     try:
         for param in _SPLITS:
-            (impl,) = param.values
+            (loops,) = param.values
             note(f"receive loop: {param.id}")
-            frames_module.split_messages = impl
+            _use_loops(loops)
             check()
     finally:
-        frames_module.split_messages = saved
+        _use_loops(saved)
 
 
 class TestEachExampleOnEverySplit:
@@ -1436,6 +1447,40 @@ def test_hypothesis_binary_run_matches_the_general_path(
         failure = proto.failure
         results.append((got, proto.state, failure and str(failure), b"".join(proto.data_to_send())))
     assert results[0] == results[1]
+
+
+def test_the_c_loop_copies_a_pooled_messages_whole_continuation_frames(
+    split_impl: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the C loops, a 1 MiB message in 32 KiB frames, read 127 KiB at a
+    time, goes to its pooled buffer mostly through copy_continuations: every
+    whole non-final frame of a read in one call; the Python loop is left the
+    frames each read cuts and the final one. The message is the same."""
+    copier = split_impl[1]
+    if copier is None:
+        pytest.skip("the pure loops: _binary_run's own loop (the reference)")
+    payload = binary_of(1 << 20)
+    stream = b"".join(
+        _raw_frame((0x80 if i + 32768 >= len(payload) else 0) | (2 if i == 0 else 0),
+                   payload[i : i + 32768])
+        for i in range(0, len(payload), 32768)
+    )  # fmt: skip
+    taken = []
+
+    def spy(buf: Any, pos: int, end: int, *rest: Any) -> tuple[int, int, int]:
+        result = copier(buf, pos, end, *rest)
+        taken.append((result[0] - pos) // (32768 + 4))
+        return result
+
+    monkeypatch.setattr(frames_module, "copy_continuations", spy)
+    pooled = bytearray(2 << 20)  # a pool's buffer, reused: room for the whole message
+    proto = make(Role.CLIENT, max_message_size=None, allocate=lambda n: pooled)
+    got = feed(proto, stream, list(range(127 * 1024, len(stream), 127 * 1024)))
+    assert got == [("binary", payload)]
+    # Of the 30 frames between the first and the final one, the 8 reads cut 7
+    # (a read's first frame, the rest of one cut short, is the Python loop's).
+    assert sum(taken) == 23, taken
+    assert taken == [2] + [3] * 7, taken  # a call a read, then on to the frame it cut
 
 
 @pytest.mark.parametrize("mode", MODES)
