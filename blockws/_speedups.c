@@ -282,9 +282,9 @@ static PyObject *
 encode_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long first;
-    Py_ssize_t start, limit, budget, size, total = 0;
-    Py_buffer data;
-    PyObject *keys, *frames = NULL, *result = NULL;
+    Py_ssize_t start, limit, budget, size, count, pos, total = 0, i;
+    Py_buffer data, keys;
+    PyObject *take, *k = NULL, *n_obj, *frames = NULL, *result = NULL;
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "encode_frames() takes 6 arguments");
         return NULL;
@@ -305,48 +305,51 @@ encode_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "limit must be at least 1");
         return NULL;
     }
-    keys = args[4];
+    take = args[4];
     if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0) return NULL;
     size = data.len;
     if (start < 0 || start > size) {
         PyErr_SetString(PyExc_ValueError, "start must be in range(len(payload) + 1)");
         goto done;
     }
-    frames = PyList_New(0);
-    if (frames == NULL) goto done;
+    /* The batch's frames, counted first: their keys come from one take(count). */
+    count = 0;
+    pos = start;
     do {
+        Py_ssize_t n = size - pos < limit ? size - pos : limit;
+        total += HEAD_SIZE(n) + 4 + n;
+        pos += n;
+        count++;
+    } while (pos < size && total < budget);
+    n_obj = PyLong_FromSsize_t(count);
+    if (n_obj == NULL) goto done;
+    k = PyObject_CallOneArg(take, n_obj);
+    Py_DECREF(n_obj);
+    if (k == NULL) goto done;
+    if (PyObject_GetBuffer(k, &keys, PyBUF_SIMPLE) < 0) goto done;
+    if (keys.len != 4 * count) {
+        PyErr_SetString(PyExc_ValueError, "take(count) must give 4 * count bytes of mask keys");
+        goto release_keys;
+    }
+    frames = PyList_New(count);
+    if (frames == NULL) goto release_keys;
+    for (i = 0; i < count; i++) {
         Py_ssize_t n = size - start < limit ? size - start : limit;
-        const unsigned char *src = (const unsigned char *)data.buf + start;
-        Py_buffer key;
-        PyObject *frame, *k = PyObject_CallObject(keys, NULL);
-        if (k == NULL) goto error;
-        if (PyObject_GetBuffer(k, &key, PyBUF_SIMPLE) < 0) {
-            Py_DECREF(k);
-            goto error;
+        PyObject *frame = masked_frame(
+            (start + n >= size ? 0x80 : 0) | (start == 0 ? (int)first : 0),
+            (const unsigned char *)data.buf + start, n, (const unsigned char *)keys.buf + 4 * i);
+        if (frame == NULL) {
+            Py_CLEAR(frames);
+            goto release_keys;
         }
-        if (key.len != 4) {
-            PyErr_SetString(PyExc_ValueError, "mask key must be 4 bytes");
-            PyBuffer_Release(&key);
-            Py_DECREF(k);
-            goto error;
-        }
-        frame = masked_frame((start + n >= size ? 0x80 : 0) | (start == 0 ? (int)first : 0), src,
-                             n, key.buf);
-        PyBuffer_Release(&key);
-        Py_DECREF(k);
-        if (frame == NULL) goto error;
-        if (PyList_Append(frames, frame) < 0) {
-            Py_DECREF(frame);
-            goto error;
-        }
-        total += PyBytes_GET_SIZE(frame);
-        Py_DECREF(frame);
+        PyList_SET_ITEM(frames, i, frame);
         start += n;
-    } while (start < size && total < budget);
-    result = Py_BuildValue("(On)", frames, start);
-error:
-    Py_XDECREF(frames);
+    }
+    result = Py_BuildValue("(Nn)", frames, start);
+release_keys:
+    PyBuffer_Release(&keys);
 done:
+    Py_XDECREF(k);
     PyBuffer_Release(&data);
     return result;
 }

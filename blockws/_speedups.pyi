@@ -7,7 +7,7 @@ def encode_frames(
     payload: bytes | bytearray | memoryview,
     start: int,
     limit: int,
-    keys: Callable[[], bytes],
+    take: Callable[[int], bytes],
     budget: int,
 ) -> tuple[list[bytes], int]: ...
 def encode_messages(

@@ -491,16 +491,18 @@ def py_encode_frames(
     payload: BytesLike,
     start: int,
     limit: int,
-    keys: Callable[[], bytes],
+    take: Callable[[int], bytes],
     budget: int,
 ) -> tuple[list[bytes], int]:
     """A large message's masked frames, a batch at a time: from
-    ``payload[start:]``, frames of at most ``limit`` bytes of payload, each
-    :func:`encode_frame`'s with the key ``keys()`` returns for it, until they
-    hold ``budget`` bytes or more or the payload ends (at least one frame).
-    The frame at offset 0 starts with ``first`` (RSV bits and opcode), the
-    others with a continuation's 0; the last has FIN. Returns the frames and
-    where the next batch starts (``len(payload)`` after the last).
+    ``payload[start:]``, frames of at most ``limit`` bytes of payload, until
+    they hold ``budget`` bytes or more or the payload ends (at least one
+    frame), each :func:`encode_frame`'s with the next of the keys one
+    ``take(count)`` gives for the batch (``4 * count`` bytes, as
+    :meth:`MaskKeys.take`). The frame at offset 0 starts with ``first`` (RSV
+    bits and opcode), the others with a continuation's 0; the last has FIN.
+    Returns the frames and where the next batch starts (``len(payload)``
+    after the last).
 
     This is the reference; ``blockws._speedups.encode_frames`` is the C
     version (one call a batch, where this makes a slice and a call a frame).
@@ -513,18 +515,32 @@ def py_encode_frames(
     size = len(view)
     if not 0 <= start <= size:
         raise ValueError("start must be in range(len(payload) + 1)")
-    frames = []
+    bounds = []  # the batch's frames, counted first: one take() for their keys
     total = 0
     while True:
         stop = min(start + limit, size)
-        frame = py_encode_frame(
-            (FIN if stop >= size else 0) | (first if start == 0 else 0), view[start:stop], keys()
-        )
-        frames.append(frame)
-        total += len(frame)
+        bounds.append((start, stop))
+        total += _head_size(stop - start) + 4 + stop - start
         start = stop
         if start >= size or total >= budget:
-            return frames, start
+            break
+    keys = take(len(bounds))
+    if len(keys) != 4 * len(bounds):
+        raise ValueError("take(count) must give 4 * count bytes of mask keys")
+    frames = [
+        py_encode_frame(
+            (FIN if stop >= size else 0) | (first if begin == 0 else 0),
+            view[begin:stop],
+            bytes(keys[4 * i : 4 * i + 4]),
+        )
+        for i, (begin, stop) in enumerate(bounds)
+    ]
+    return frames, start
+
+
+def _head_size(n: int) -> int:
+    """A masked frame's header length without its key, for a payload of ``n``."""
+    return 2 if n < 126 else 4 if n < 65536 else 10
 
 
 c_encode_frames: Callable[..., tuple[list[bytes], int]] | None

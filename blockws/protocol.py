@@ -561,9 +561,11 @@ class Protocol:
             return
         encode = _frames.encode_frames  # (looked up here: tests swap it)
         limit = self.max_fragment_size
+        source = self._key_source
+        take = source.take if isinstance(source, MaskKeys) else partial(_take_each, keys)
         start = 0
         while start < size:
-            batch, start = encode(first, payload, start, limit, keys, budget)
+            batch, start = encode(first, payload, start, limit, take, budget)
             yield batch, start >= size
 
     def _encode_payload(

@@ -490,6 +490,19 @@ def numbered_keys() -> Any:
     return lambda: struct.pack(">I", (next(count) * 0x9E3779B1) & 0xFFFFFFFF)
 
 
+class NumberedTake:
+    """``take(count)``: the next ``count`` of :func:`numbered_keys`' keys, joined,
+    as MaskKeys.take gives them; it notes every count asked for."""
+
+    def __init__(self) -> None:
+        self.keys = numbered_keys()
+        self.counts: list[int] = []
+
+    def __call__(self, count: int) -> bytes:
+        self.counts.append(count)
+        return b"".join(self.keys() for _ in range(count))
+
+
 @pytest.mark.parametrize("impl", BATCH_ENCODERS)
 @pytest.mark.parametrize(
     ("size", "limit"),
@@ -509,17 +522,15 @@ def test_encode_frames_gives_the_reference_frames_in_batches(
             b0 = (FIN if start + limit >= size else 0) | (first if start == 0 else 0)
             key = ref_keys()
             expected.append(reference_header(b0, len(chunk), key) + naive_mask(chunk, key))
-        keys = numbered_keys()
-        got: list[bytes] = []
-        start = 0
         for payload in (data, memoryview(data), bytearray(data)):
-            keys, got, start = numbered_keys(), [], 0
+            take, got, start = NumberedTake(), [], 0
             while True:
-                batch, start = impl(first, payload, start, limit, keys, budget)
+                batch, start = impl(first, payload, start, limit, take, budget)
                 assert batch and all(type(f) is bytes for f in batch)
                 # Each batch stops as soon as it holds the budget, the last one at the end.
                 assert sum(map(len, batch[:-1])) < budget or len(batch) == 1
                 assert sum(map(len, batch)) >= budget or start == size
+                assert take.counts[-1] == len(batch)  # one take() a batch, for its frames
                 got.extend(batch)
                 if start == size:
                     break
@@ -528,9 +539,12 @@ def test_encode_frames_gives_the_reference_frames_in_batches(
 
 @pytest.mark.parametrize("impl", BATCH_ENCODERS)
 def test_encode_frames_rejects_what_encode_frame_rejects(impl: Any) -> None:
-    keys = numbered_keys()
-    with pytest.raises(ValueError):
-        impl(0x02, b"abc", 0, 1, lambda: b"123", 0)  # a key of 3 bytes
+    keys = NumberedTake()
+    for wrong in (lambda n: b"123", lambda n: b"1234" * (n + 1), lambda n: b"1234" * n + b"1"):
+        with pytest.raises(ValueError, match="4 \\* count"):
+            impl(0x02, b"abcdef", 0, 2, wrong, 100)  # keys that do not fit the 3 frames
+    with pytest.raises(TypeError):
+        impl(0x02, b"abc", 0, 1, lambda n: "1234" * n, 0)  # not bytes
     for first in (-1, 0x80, 256):
         with pytest.raises(ValueError):
             impl(first, b"abc", 0, 1, keys, 0)
@@ -542,7 +556,7 @@ def test_encode_frames_rejects_what_encode_frame_rejects(impl: Any) -> None:
     with pytest.raises(TypeError):
         impl(0x01, "text", 0, 1, keys, 0)
 
-    def failing() -> bytes:
+    def failing(count: int) -> bytes:
         raise RuntimeError("no key")
 
     with pytest.raises(RuntimeError, match="no key"):

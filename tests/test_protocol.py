@@ -656,6 +656,33 @@ def test_data_batches_are_encode_data_in_batches(
                 parsed = Frame.parse(joined, masked=role is Role.CLIENT) if joined else None
 
 
+@pytest.mark.parametrize("batcher", _BATCHERS)
+def test_a_large_messages_keys_are_taken_a_batch_at_a_time(
+    batcher: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One ``MaskKeys.take`` a batch, for its frames (not a call a frame), and
+    every frame of the message with a key of its own."""
+    monkeypatch.setattr(frames_module, "encode_frames", batcher)
+
+    class Counting(frames_module.MaskKeys):
+        def __init__(self) -> None:
+            super().__init__()
+            self.takes: list[int] = []
+
+        def take(self, count: int) -> bytes:
+            self.takes.append(count)
+            return super().take(count)
+
+    keys = Counting()
+    proto = Protocol(Role.CLIENT, mask_keys=keys)
+    payload = bytes(range(256)) * 4096  # 1 MiB in 32 KiB fragments
+    batches = [batch for batch, _ in proto.data_batches(Opcode.BINARY, payload, 1 << 18)]
+    assert keys.takes == [len(batch) for batch in batches] == [8, 8, 8, 8]
+    frames = [f for batch in batches for f in batch]
+    assert len({f[4:8] for f in frames}) == 32  # (a 32 KiB frame's key follows 4 bytes)
+    assert b"".join(Frame.parse(f, masked=True)[0].payload for f in frames) == payload  # type: ignore[index]
+
+
 _MESSAGE_ENCODERS = [pytest.param(frames_module.py_encode_messages, id="py-run")]
 if frames_module.c_encode_messages is not None:
     _MESSAGE_ENCODERS.append(pytest.param(frames_module.c_encode_messages, id="c-run"))
