@@ -440,7 +440,7 @@ def test_direct_write_is_skipped_for_large_or_compressed_messages(
             is False
         )
         rig._note_thread()
-    rig.wait_frames(3)  # 64 KiB + 1 in 32 KiB fragments
+    rig.wait_frames(33)  # 1 MiB + 1 in 32 KiB fragments
     rig.wait_idle()
     assert transport.try_writes == []
 
@@ -486,6 +486,167 @@ def test_partial_direct_write_rest_goes_first_then_later_messages(
     ]
     rig.wait_idle()
     assert rig.sender.buffered == 0
+
+
+class CappedTransport(TryWriteTransport):
+    """Takes non-blocking writes whole until ``cap`` bytes in all, then the part
+    that fits, then nothing: a kernel buffer filling up."""
+
+    def __init__(self, cap: int, **options: Any) -> None:
+        super().__init__(**options)
+        self.cap = cap
+
+    def try_write(self, chunks: Sequence[Any]) -> int:
+        self.take = max(0, self.cap - len(self.written()))
+        return super().try_write(chunks)
+
+
+ONE_MIB = 1 << 20
+BATCH_BYTES = 8 * (4 + 4 + 32768)  # a client's batch: 8 masked fragments of 32 KiB
+
+
+def test_a_large_direct_write_goes_a_batch_at_a_time_on_the_callers_thread(
+    rigs: Callable[..., Rig],
+) -> None:
+    transport = TryWriteTransport()
+    rig = rigs(transport)
+    message = bytes(range(256)) * 4096  # 1 MiB: 32 fragments, 4 batches
+    assert WRITE_BATCH < len(message) <= DIRECT_MAX
+    assert rig.enqueue(BINARY, message) is True
+    assert transport.try_writes == [BATCH_BYTES] * 4  # one non-blocking write a batch
+    frames = transport.frames()  # all written before enqueue returned
+    assert [f.opcode for f in frames] == [Opcode.BINARY] + [Opcode.CONT] * 31
+    assert [f.fin for f in frames] == [False] * 31 + [True]
+    assert b"".join(payloads(frames)) == message
+    assert rig.sender.thread is None and rig.sender.buffered == 0
+    assert rig.sender.unfinished is None and rig.sender.direct_ok is False
+
+
+def test_a_large_direct_write_the_kernel_cuts_leaves_the_rest_to_the_writer(
+    rigs: Callable[..., Rig],
+) -> None:
+    """The caller's thread stops at the first batch the kernel takes in part; the
+    writer sends what is left of it, then the other batches, with a ping that
+    came meanwhile between two of them; the segment is released at the end."""
+    cap = BATCH_BYTES + 5000
+    transport = CappedTransport(cap, block_writes=True)
+    rig = rigs(transport)
+    pool = BufferPool()
+    segment = pool.get(ONE_MIB)
+    message = bytes(range(251)) * (ONE_MIB // 251) + bytes(ONE_MIB % 251)
+    segment.data[:ONE_MIB] = message
+    with rig.lock:
+        assert rig.sender.enqueue_locked(BINARY, segment.view(), segment, ONE_MIB) is True
+    rig.sender.direct_write(BINARY, segment.view(), segment)
+    rig._note_thread()
+    assert transport.try_writes == [BATCH_BYTES, BATCH_BYTES]  # the second taken in part
+    assert len(transport.written()) == cap
+    assert not segment.released  # the writer still encodes from it
+    # Counted: the second batch's rest on the wire, the two unencoded batches' payload.
+    assert rig.sender.buffered == (2 * BATCH_BYTES - cap) + ONE_MIB // 2
+    rig.ping(b"meanwhile")
+    transport.unblock_writes()
+    frames = rig.wait_frames(33)
+    data = [f for f in frames if f.opcode in DATA_OPCODES]
+    pings = [i for i, f in enumerate(frames) if f.opcode == Opcode.PING]
+    assert len(pings) == 1 and 16 <= pings[0] <= 24  # after the cut batch, between batches
+    assert [f.opcode for f in data] == [Opcode.BINARY] + [Opcode.CONT] * 31
+    assert [f.fin for f in data] == [False] * 31 + [True]
+    assert b"".join(payloads(data)) == message
+    rig.wait_idle()
+    assert rig.sender.buffered == 0 and rig.sender.unfinished is None
+    wait_until(lambda: segment.released)
+    assert not rig.failures
+
+
+def test_a_close_reply_cuts_short_the_rest_of_a_large_direct_write(
+    rigs: Callable[..., Rig],
+) -> None:
+    """A close reply queued while the writer finishes a direct write goes out at
+    the next frame boundary, and no data frame follows it (RFC 6455 5.5.1)."""
+    transport = CappedTransport(BATCH_BYTES + 5000, block_writes=True)
+    rig = rigs(transport)
+    assert rig.enqueue(BINARY, bytes(ONE_MIB)) is True
+    rig.control(masked_close())
+    transport.unblock_writes()
+    rig.wait_event(lambda: bool(rig.close_written))
+    frames = rig.transport.frames()
+    assert frames[-1].opcode == Opcode.CLOSE
+    assert all(f.opcode in DATA_OPCODES for f in frames[:-1])
+    assert 16 <= len(frames) - 1 <= 24  # the cut batch's rest, at most one batch more
+    rig.wait_idle()
+    assert rig.sender.buffered == 0 and not rig.failures
+
+
+def test_the_socket_ending_drops_a_large_direct_writes_rest(rigs: Callable[..., Rig]) -> None:
+    transport = CappedTransport(BATCH_BYTES + 5000, block_writes=True)
+    rig = rigs(transport)
+    pool = BufferPool()
+    segment = pool.get(ONE_MIB)
+    with rig.lock:
+        assert rig.sender.enqueue_locked(BINARY, segment.view(), segment, ONE_MIB) is True
+    rig.sender.direct_write(BINARY, segment.view(), segment)
+    rig._note_thread()
+    assert rig.sender.buffered > 0
+    thread = rig.stop()  # whether or not the writer took the rest yet
+    transport.unblock_writes()
+    if thread is not None:
+        thread.join(WAIT)
+        assert not thread.is_alive()
+    wait_until(lambda: segment.released)
+    assert rig.sender.buffered == 0 and rig.sender.unfinished is None
+
+
+def test_a_socket_that_ends_during_a_large_direct_write_keeps_nothing_of_it(
+    rigs: Callable[..., Rig],
+) -> None:
+    transport = CappedTransport(BATCH_BYTES + 5000)
+    rig = rigs(transport)
+    offer = transport.try_write
+
+    def ending(chunks: Sequence[Any]) -> int:
+        n = offer(chunks)
+        if len(transport.try_writes) == 2:
+            rig.stop()  # the socket ends while the caller's thread writes
+        return n
+
+    transport.try_write = ending  # type: ignore[method-assign]
+    segment = BufferPool().get(ONE_MIB)
+    with rig.lock:
+        assert rig.sender.enqueue_locked(BINARY, segment.view(), segment, ONE_MIB) is True
+    rig.sender.direct_write(BINARY, segment.view(), segment)
+    assert transport.try_writes == [BATCH_BYTES, BATCH_BYTES]
+    assert segment.released and rig.sender.unfinished is None
+    assert rig.sender.thread is None  # no writer started for what was left
+
+
+@pytest.mark.parametrize("case", ["extensions", "server", "over DIRECT_MAX"])
+def test_a_large_message_goes_to_the_writer_where_its_batches_are_not_whole_fragments(
+    case: str,
+) -> None:
+    """Direct writes above WRITE_BATCH are for a client without extensions (its
+    batches' payload is then known, fragment by fragment) and up to DIRECT_MAX."""
+    options: dict[str, Any] = {}
+    if case == "extensions":
+        deflate = PerMessageDeflate()
+        deflate.accept([])
+        options["extensions"] = [deflate]
+    role = Role.SERVER if case == "server" else Role.CLIENT
+    size = DIRECT_MAX + 1 if case == "over DIRECT_MAX" else WRITE_BATCH + 1
+    transport = TryWriteTransport()
+    rig = Rig(transport, Protocol(role, **options))
+    try:
+        with rig.lock:
+            queued = rig.sender.enqueue_locked(BINARY | UNCOMPRESSED, bytes(size), None, size)
+            assert queued is False
+            rig._note_thread()
+        wait_until(lambda: len(transport.written()) > size)
+        rig.wait_idle()
+        assert transport.try_writes == []
+    finally:
+        thread = rig.stop()
+        for t in [*rig.threads, *([thread] if thread else [])]:
+            t.join(WAIT)
 
 
 # -- large messages ----------------------------------------------------------------------
