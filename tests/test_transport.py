@@ -98,6 +98,8 @@ def test_write_counts_bytes_and_a_reset_peer_raises_connection_lost() -> None:
     with pytest.raises(ConnectionLost):
         for _ in range(100):  # the first writes may still land in the buffer
             transport.write([b"x" * 65536])
+    with pytest.raises(ConnectionLost):
+        transport.write([b"x" * 65536, b"y" * 65536])  # the gathering write's path too
     transport.close()
 
 
