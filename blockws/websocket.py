@@ -934,17 +934,23 @@ class WebSocket:
             return True
         check_not_in_callback("wait()")
         wait_for_data = self._engine.wait_for_data
-        # One wait usually does: the Deadline is made only for a second one.
+        # One wait usually does; a large message takes one a read (a Deadline's
+        # two calls a read, inline).
         start = monotonic()
         wait_for_data(timeout)
         if self._pending:
             return True
-        deadline = Deadline(timeout, start)
-        while not deadline.expired:
-            wait_for_data(deadline.left())
+        end = None if timeout is None else start + timeout
+        while True:
+            if end is None:
+                left = None
+            else:
+                left = end - monotonic()
+                if left <= 0:
+                    return False
+            wait_for_data(left)
             if self._pending:
                 return True
-        return False
 
     # -- blocking helpers for scripts ---------------------------------------------------
 
@@ -982,9 +988,10 @@ class WebSocket:
         engine = self._engine
         if engine.close_waits_for_inbox:
             engine.inbox_drained()
-        start = monotonic()
-        left = timeout  # the first wait usually does: a Deadline only for a second one
-        deadline: Deadline | None = None
+        # The first wait usually does; a large message takes one a read (what
+        # is left of the timeout, inline: a Deadline's call a read).
+        end = None if timeout is None else monotonic() + timeout
+        left = timeout
         waited = False
         while True:
             if inbox:
@@ -997,11 +1004,9 @@ class WebSocket:
                 raise engine.closed_exception()
             if phase is Phase.NEW:
                 raise InvalidState("receive() before open()")
-            if waited:
-                if deadline is None:
-                    deadline = Deadline(timeout, start)
-                left = deadline.left()
-                if left == 0:
+            if waited and end is not None:
+                left = end - monotonic()
+                if left <= 0:
                     raise TimeoutError(f"no message within {timeout} s")
             engine.wait_for_message(left)
             waited = True

@@ -6,6 +6,7 @@ echo server (the read token is lent only over plain TCP)."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 import blockws
 from blockws.delivery import Delivery
 from blockws.server import EchoServer
+from faultserver import OP_BINARY, Peer, fault_server, frame_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,3 +117,56 @@ def test_a_second_thread_in_receive_is_woken_for_a_message_the_first_parsed(
     assert sorted(got[0] + got[1], key=int) == [f"{i}" for i in range(total)]
     for part in got:  # each thread saw its messages in order
         assert part == sorted(part, key=int)
+
+
+def _dribble(release: threading.Event) -> Any:
+    """A server that sends a 1 MiB message's first half in 8 pieces 0.1 s
+    apart, then the rest once ``release`` is set."""
+
+    def handler(peer: Peer) -> None:
+        peer.handshake()
+        wire = frame_bytes(OP_BINARY, bytes(1 << 20))
+        half = len(wire) // 2
+        for i in range(0, half, 1 << 16):
+            peer.send(wire[i : min(i + (1 << 16), half)])
+            time.sleep(0.1)
+        release.wait(20)
+        peer.send(wire[half:])
+        peer.read_until_close()  # then hang up: the client's close ends at once
+
+    return handler
+
+
+@pytest.mark.parametrize("how", ["wait", "receive"])
+def test_a_timeout_spans_every_read_of_a_message_that_comes_in_pieces(how: str) -> None:
+    """wait() and receive() read once a chunk on the calling thread: the
+    timeout bounds them all together, and a message whose last piece comes
+    within it is delivered."""
+    release = threading.Event()
+    got: list[int] = []
+    with fault_server(_dribble(release)) as server:
+        options: dict[str, Any] = {"extensions": []}
+        if how == "wait":
+            options["on_binary"] = lambda ws, segment: got.append(len(segment))
+        ws = blockws.connect(server.url, timeout=10, **options)
+        try:
+            started = time.monotonic()
+            if how == "wait":
+                assert ws.wait(0.5) is False
+            else:
+                with pytest.raises(TimeoutError):
+                    ws.receive(0.5)
+            took = time.monotonic() - started
+            # Pieces still came at 0.5 s: a timeout counted from each read would
+            # end 0.5 s after the last one, at 1.3 s.
+            assert 0.5 <= took < 1.2, took
+            release.set()
+            if how == "wait":
+                assert ws.wait(10) is True
+                assert ws.update() == 1 and got == [1 << 20]
+            else:
+                assert ws.receive(10) == bytes(1 << 20)
+        finally:
+            release.set()
+            ws.close()
+            assert ws.join(10)
