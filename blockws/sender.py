@@ -60,9 +60,9 @@ __all__ = [
 WRITE_BATCH = 256 * 1024
 #: Largest message written directly on the caller's thread; larger ones go
 #: to the writer. It bounds the time ``send()`` spends masking and copying into
-#: the kernel (about 0.15 ms a MiB with the C speedups, 1.2 ms without). A
-#: direct write of more than :data:`WRITE_BATCH` goes a batch at a time while
-#: the kernel takes each batch whole (see :meth:`Sender.direct_write`).
+#: the kernel. A direct write of more than :data:`WRITE_BATCH` goes a batch at
+#: a time while the kernel takes each batch whole (see
+#: :meth:`Sender.direct_write`).
 DIRECT_MAX = 1024 * 1024
 #: A large message's frames go to a gathering transport as they are (see
 #: Sender._write_large) when its fragments are at least this large; smaller

@@ -787,6 +787,12 @@ class WebSocket:
     ) -> None:
         """Queue a text (``str``) or binary (bytes-like) message; returns at once.
 
+        It never waits for the network. When nothing is queued or being
+        written, a message of up to 1 MiB is written on the calling thread
+        without blocking (what the kernel does not take at once goes to the
+        writer thread): that thread then pays for masking the frames and for
+        the kernel's copy of what it takes.
+
         ``offset`` and ``count`` select part of a binary message. Thread-safe;
         each thread's messages keep their order. The data is copied unless it
         is an immutable ``bytes``. ``compress=False`` sends this message
