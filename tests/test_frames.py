@@ -490,9 +490,9 @@ def numbered_keys() -> Any:
     return lambda: struct.pack(">I", (next(count) * 0x9E3779B1) & 0xFFFFFFFF)
 
 
-class NumberedTake:
-    """``take(count)``: the next ``count`` of :func:`numbered_keys`' keys, joined,
-    as MaskKeys.take gives them; it notes every count asked for."""
+class Taker:
+    """``take(count)`` over :func:`numbered_keys`, as MaskKeys.take gives keys
+    (the next ``count``, joined), remembering each count asked for."""
 
     def __init__(self) -> None:
         self.keys = numbered_keys()
@@ -523,7 +523,7 @@ def test_encode_frames_gives_the_reference_frames_in_batches(
             key = ref_keys()
             expected.append(reference_header(b0, len(chunk), key) + naive_mask(chunk, key))
         for payload in (data, memoryview(data), bytearray(data)):
-            take, got, start = NumberedTake(), [], 0
+            take, got, start = Taker(), [], 0
             while True:
                 batch, start = impl(first, payload, start, limit, take, budget)
                 assert batch and all(type(f) is bytes for f in batch)
@@ -539,7 +539,7 @@ def test_encode_frames_gives_the_reference_frames_in_batches(
 
 @pytest.mark.parametrize("impl", BATCH_ENCODERS)
 def test_encode_frames_rejects_what_encode_frame_rejects(impl: Any) -> None:
-    keys = NumberedTake()
+    keys = Taker()
     for wrong in (lambda n: b"123", lambda n: b"1234" * (n + 1), lambda n: b"1234" * n + b"1"):
         with pytest.raises(ValueError, match="4 \\* count"):
             impl(0x02, b"abcdef", 0, 2, wrong, 100)  # keys that do not fit the 3 frames
@@ -958,18 +958,6 @@ print(child != parent and len(child) == 32)
 MESSAGE_ENCODERS = [pytest.param(frames_module.py_encode_messages, id="python")]
 if frames_module.c_encode_messages is not None:
     MESSAGE_ENCODERS.append(pytest.param(frames_module.c_encode_messages, id="c"))
-
-
-class Taker:
-    """``take(count)`` over :func:`numbered_keys`, remembering each count asked for."""
-
-    def __init__(self) -> None:
-        self.keys = numbered_keys()
-        self.counts: list[int] = []
-
-    def __call__(self, count: int) -> bytes:
-        self.counts.append(count)
-        return b"".join(self.keys() for _ in range(count))
 
 
 def reference_run(items: list[tuple[Any, ...]], start: int, limit: int) -> tuple[bytes, int]:

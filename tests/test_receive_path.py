@@ -10,11 +10,11 @@ import time
 from typing import Any
 
 import pytest
+from faultserver import OP_BINARY, Peer, fault_server, frame_bytes
 
 import blockws
 from blockws.delivery import Delivery
 from blockws.server import EchoServer
-from faultserver import OP_BINARY, Peer, fault_server, frame_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
