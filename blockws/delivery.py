@@ -313,10 +313,33 @@ class Delivery:
         put-back starts at the first message not handed over.
         """
         dispatcher = self.dispatcher
+        ws = self.ws
+        on_text = ws.on_message
+        if on_text is not None and len(messages) == 1 and type(messages[0]) is str:
+            # The commonest read of a request/response exchange: one text
+            # message for on_message, without the loop's set-up. It commits
+            # as the loop below does, and its handler is entered with no
+            # eval-breaker point in between: from the commit on, the message
+            # has been handed over, whatever lands; nothing is put back.
+            message = messages[0]
+            counted = False
+            try:
+                dispatcher.held = None  # committed
+                on_text(ws, message)
+                self._delivered += len(message)
+                counted = True
+                if self.paused:
+                    self.check_drained()
+            except BaseException:
+                if not counted:
+                    self._delivered += len(message)
+                if self.paused:
+                    self.check_drained()
+                raise
+            return 1
         budget = dispatcher.budget
         if budget is not None and not chunk and len(messages) > 1:
             return self._within(budget, messages)
-        ws = self.ws
         inbox = self.inbox
         scratch = self._scratch
         lent = self._lent

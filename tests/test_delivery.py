@@ -312,6 +312,39 @@ def test_handler_that_raises_leaves_the_rest_at_the_front_of_the_queue() -> None
     assert not dispatcher.pending
 
 
+def test_a_reads_one_text_message_is_counted_once_whether_its_handler_returns_or_raises() -> None:
+    """The path for a read of one text message with on_message (the commonest
+    read of a request/response exchange): delivered once, counted off the
+    queue (backpressure) either way, never put back when its handler raises;
+    without on_message it takes the usual way (here: dropped, as a text
+    message is on a socket with on_binary only)."""
+    seen: list[str] = []
+
+    def on_message(ws: Any, text: str) -> None:
+        seen.append(text)
+        if text == "boom":
+            raise RuntimeError("handler failed")
+
+    handlers = Handlers(on_message=on_message)
+    delivery, dispatcher, _ = make(handlers)
+    for text in ("one", "boom", "two"):
+        delivery.received(len(text))
+        dispatcher.post_held(delivery.messages, [text])
+    assert delivery.queued == 10
+    with pytest.raises(RuntimeError, match="handler failed"):
+        dispatcher.run()
+    assert seen == ["one", "boom"] and delivery.queued == 3
+    assert list(dispatcher.pending) == [(delivery.messages, ["two"])]
+    assert dispatcher.run() == 1
+    assert seen == ["one", "boom", "two"] and delivery.queued == 0
+    handlers.on_message = None
+    handlers.on_binary = Recorder()
+    delivery.received(4)
+    dispatcher.post_held(delivery.messages, ["lost"])
+    assert dispatcher.run() == 1
+    assert seen == ["one", "boom", "two"] and delivery.queued == 0
+
+
 def test_raising_binary_handler_still_releases_its_segment() -> None:
     segments: list[BufferSegment] = []
 
