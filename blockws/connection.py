@@ -1059,7 +1059,12 @@ class Connection:
         follows.
         """
         with self.lock:
-            if requested and self._phase is not _NEW and self._requested_locked():
+            if self._phase is _NEW:
+                # Never opened: closed at once, without on_closed (as close() does).
+                self._set_phase_locked(_CLOSED)
+                self._mark_ended()
+                return
+            if requested and self._requested_locked():
                 return
             self._closing_locked()
             transport, connector = self._transport, self._connector

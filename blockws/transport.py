@@ -26,6 +26,7 @@ I/O boundary (:func:`map_os_errors`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import select
@@ -137,6 +138,13 @@ else:
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_speedups.reset_gate)
 _POLLIN = getattr(select, "POLLIN", 1)
+_POLLOUT = getattr(select, "POLLOUT", 4)
+# connect_ex()'s answers for a connect that goes on without blocking.
+_CONNECTING = frozenset(
+    getattr(errno, name)
+    for name in ("EINPROGRESS", "EWOULDBLOCK", "EAGAIN", "WSAEWOULDBLOCK")
+    if hasattr(errno, name)
+)
 
 
 class Sink(Protocol):
@@ -912,12 +920,17 @@ class Connector:
         if lookup is not None:
             lookup.set()
         if sock is not None:
+            # Shut down, never closed here: the thread using the socket closes
+            # it (_drop, or the transport's close). A close from this thread
+            # could land between that thread taking the descriptor's number
+            # and its recv() or connect() -- which then ran on a closed
+            # descriptor, or on whatever the process opened next under the
+            # same number, and waited there for good (a reader that outlived
+            # Ctrl-C in connect()).
             with contextlib.suppress(OSError):
                 # On the raw descriptor: SSLSocket.shutdown would drop its SSL
                 # object under the thread that is in its handshake.
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                sock.close()
 
     def _resolve(self, host: str, port: int, deadline: Deadline) -> list[Any]:
         """``getaddrinfo`` on a helper thread, so that an abort or the deadline
@@ -1025,9 +1038,9 @@ class Connector:
             self._register(sock)
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.settimeout(deadline.remaining())
                 with map_os_errors(connecting=True, where=where):
-                    sock.connect(addr)
+                    self._connect_sock(sock, addr, deadline)
+                sock.settimeout(deadline.remaining())
             except BaseException as exc:
                 self._drop(sock)  # raises if aborted
                 if not isinstance(exc, ConnectError):
@@ -1043,6 +1056,38 @@ class Connector:
         return self.start_tls(
             sock, deadline, ssl_context, server_hostname or host, alpn, host, port, probe=True
         )
+
+    def _connect_sock(self, sock: socket.socket, addr: Any, deadline: Deadline) -> None:
+        """``sock.connect(addr)`` that :meth:`abort` ends at once, in any phase.
+
+        ``shutdown()`` wakes a connect in progress, but not one that has yet
+        to start: it does nothing to a socket that is not connecting. So the
+        connect starts without blocking, and the flag :meth:`abort` sets
+        before it shuts down is checked after that: an abort before it is
+        seen there; one after it, the shutdown wakes the wait. Raises
+        ``OSError`` (``socket.timeout`` when the deadline passes first).
+        """
+        deadline.remaining()  # raises OpenTimeout once it has passed
+        sock.setblocking(False)
+        err = sock.connect_ex(addr)
+        if err in _CONNECTING:
+            if self.aborted:
+                raise ConnectError("connection aborted by close()")
+            left = deadline.left()
+            if _poll is not None:
+                poller = _poll()
+                poller.register(sock, _POLLOUT)
+                ready = bool(poller.poll(None if left is None else max(0, math.ceil(left * 1000))))
+            else:  # pragma: no cover - Windows: failures come in the third set
+                _, writable, failed = _select([], [sock], [sock], left)
+                ready = bool(writable or failed)
+            if not ready:
+                raise socket.timeout("timed out")
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+        if self.aborted:
+            raise ConnectError("connection aborted by close()")
 
     def start_tls(
         self,

@@ -742,7 +742,9 @@ class WebSocket:
     def abort(self) -> None:
         """Drop the connection at once, without a closing handshake (1006).
 
-        As after :meth:`close`, no reconnection follows.
+        Never blocks; any thread. As after :meth:`close`, no reconnection
+        follows, and a socket never opened is closed at once, without
+        ``on_closed``.
         """
         self._engine.abort(requested=True)
 
@@ -1046,9 +1048,12 @@ def connect(url: str, timeout: float | None = None, **options: Unpack[ConnectOpt
     if timeout is not None:
         options.setdefault("open_timeout", timeout)
     ws = WebSocket(url, **options)
-    ws.open()
     deadline = Deadline(timeout)
     try:
+        # Inside the try: open() waits for the reader thread to start, and by
+        # then that thread may have connected and sent the request, so an
+        # interrupt in that wait must end the socket as one in the loop does.
+        ws.open()
         while not ws._open_dispatched:
             if ws.closed and not ws._pending:
                 _raise_cause(ws.error or ws._engine.closed_exception())

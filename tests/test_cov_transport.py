@@ -483,6 +483,27 @@ def test_close_during_a_tcp_connect_ends_it_at_once() -> None:
     assert len(out) == 1 and type(out[0]) is ConnectError and str(out[0]) == ABORTED
 
 
+def test_close_just_before_the_tcp_connect_starts_ends_it_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An abort between the socket's registration and its connect: the shutdown
+    does nothing to a socket not yet connecting, so the connect must see the
+    abort's flag, not wait for the (full) listener until the deadline."""
+    connector = Connector()
+    real = socket.socket.connect_ex
+
+    def aborted_first(sock: socket.socket, address: Any) -> int:
+        connector.abort()  # close() on another thread, just before the connect
+        return real(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect_ex", aborted_first)
+    with hanging_listener() as (host, port):
+        started = time.monotonic()
+        with pytest.raises(ConnectError) as info:
+            connector.connect(host, port, Deadline(10))
+        assert time.monotonic() - started < 2.0
+    assert str(info.value) == ABORTED
+
 def test_a_tcp_connect_past_the_deadline_is_an_open_timeout_naming_the_server() -> None:
     with hanging_listener() as (host, port):
         started = time.monotonic()

@@ -312,6 +312,55 @@ def test_connect_interrupted_by_ctrl_c_closes_the_socket() -> None:
         assert [t.name for t in left if t.is_alive()] == []
 
 
+def test_connect_interrupted_while_starting_its_reader_closes_the_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C that lands in ``open()``, in its wait for the reader thread to start
+    (CI, on a loaded machine: the reader had connected and sent the request by
+    then), ends the socket as one in connect()'s loop does: the reader left
+    waiting for an answer that never comes is woken and ends."""
+    asked = threading.Event()
+
+    def handler(peer: Peer) -> None:
+        peer.read_request()
+        asked.set()
+        peer.drain_forever()
+
+    real_open = blockws.connection.Connection.open
+    started: list[threading.Thread] = []
+
+    def open_then_interrupted(self: blockws.connection.Connection) -> None:
+        before = set(threading.enumerate())
+        real_open(self)
+        started.extend(t for t in set(threading.enumerate()) - before
+                       if t.name.endswith("-reader"))
+        assert asked.wait(10)  # the reader is past the request, waiting for the answer
+        raise KeyboardInterrupt  # as if delivered in Thread.start()'s wait
+
+    monkeypatch.setattr(blockws.connection.Connection, "open", open_then_interrupted)
+    with fault_server(handler) as server:
+        with pytest.raises(KeyboardInterrupt):
+            blockws.connect(server.url, open_timeout=None)
+        assert len(started) == 1
+        started[0].join(5)
+        assert not started[0].is_alive()
+        assert blockws.update_all() == 0
+
+
+@pytest.mark.unit
+def test_abort_before_open_closes_the_socket_at_once() -> None:
+    """``abort()`` on a socket never opened ends it at once, as ``close()`` does:
+    ``closed``, ``join()`` returns at once, no ``on_closed``; open() then refuses."""
+    closed: list[int] = []
+    ws = blockws.WebSocket("ws://127.0.0.1:9/", on_closed=lambda w, c, r: closed.append(c))
+    ws.abort()
+    assert ws.closed
+    assert ws.join(0)
+    assert ws.update() == 0
+    assert closed == []
+    with pytest.raises(blockws.InvalidState):
+        ws.open()
+
 # -- item 7: secrets ----------------------------------------------------------------------------
 
 SECRETS = ("hunter2", "TOKEN-5f2a", "cookie-secret-0123456789", "api-key-secret", "proxy-secret")
