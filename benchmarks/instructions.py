@@ -1,6 +1,6 @@
 """Client CPU instructions per operation, counted by valgrind's callgrind.
 
-    python -m benchmarks.instructions [--compare PATH] [--rounds N] [--workloads W1,W3,W5b]
+    python -m benchmarks.instructions [--compare PATH] [--rounds N] [--workloads W1,W3,W3w,W5b]
 
 Wall-clock figures on a shared machine swing by tens of percent; callgrind
 counts user-space instructions, which repeat to within a fraction of a
@@ -15,6 +15,9 @@ and imports cancel out.
 - **W3**: a 1 MiB binary echo with 4 in flight, through ``on_binary``, against
   the benchmark server's ``/echo`` (it sends back the 32 KiB fragments it
   got, as in ``python -m benchmarks``); a tenth of ``--rounds`` past 20.
+- **W3w**: W3 with each message in one frame (``max_fragment_size`` above
+  1 MiB), so the echo comes back as one 1 MiB frame, as most servers send
+  a large message: its rest is read straight into the message's buffer.
 - **W5b**: 1 MiB binary messages sent to the benchmark server's ``/sink``, all
   queued at once (one payload object: no memory grows), then one query
   answered when they are all in; a tenth of ``--rounds`` past 20.
@@ -49,7 +52,7 @@ import blockws
 port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 url = f"ws://127.0.0.1:{port}/"
 msg = "x" * 32
-if mode == "W3":
+if mode in ("W3", "W3w"):
     payload = bytes(range(256)) * 4096
     st = {"got": 0, "sent": 0}
     def on_binary(ws, segment):
@@ -57,7 +60,10 @@ if mode == "W3":
         if st["sent"] < n:
             ws.send(payload)
             st["sent"] += 1
-    ws = blockws.connect(url + "echo", timeout=60, on_binary=on_binary, extensions=[])
+    whole = {"max_fragment_size": 2 * len(payload)} if mode == "W3w" else {}
+    ws = blockws.connect(
+        url + "echo", timeout=60, on_binary=on_binary, extensions=[], **whole
+    )
     for _ in range(min(4, n)):
         ws.send(payload)
         st["sent"] += 1
@@ -147,11 +153,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", type=Path, help="another blockws checkout to measure")
     parser.add_argument("--rounds", type=int, default=1000)
-    parser.add_argument("--workloads", default="W1", help="of W1, W3, W5b (default: W1)")
+    parser.add_argument("--workloads", default="W1", help="of W1, W3, W3w, W5b (default: W1)")
     args = parser.parse_args()
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    if not workloads or not set(workloads) <= {"W1", "W3", "W5b"}:
-        raise SystemExit("--workloads: a comma-separated list of W1, W3, W5b")
+    if not workloads or not set(workloads) <= {"W1", "W3", "W3w", "W5b"}:
+        raise SystemExit("--workloads: a comma-separated list of W1, W3, W3w, W5b")
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(CLIENT)
         script = f.name

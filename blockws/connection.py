@@ -387,11 +387,11 @@ class Connection:
         self._jobs: dict[str, Job] = {}
         self._lend_reading = False  # see _connect
         #: The transport's bounded read, when its reading may be lent.
-        self._read_bounded: Callable[[float | None], bytes | None] | None = None
+        self._read_bounded: Callable[[float | None], bytes | int | None] | None = None
         # The socket a thread waiting on many polls while it holds this one's
         # reading (see watch()); set and cleared with _read_bounded.
         self._wait_sock: Any = None
-        self._held: list[bytes] | None = None  # what a caller read and has not parsed
+        self._held: list[bytes | int] | None = None  # what a caller read and has not parsed
         self._inflate_limit: int | None = None  # max_queued_bytes, when inflating
         self._token = ReadToken()
         #: A thread in receive() holds the read token: the messages it parses go
@@ -629,6 +629,9 @@ class Connection:
             self._connector = None
             if retrying:
                 self._backoff_opened_locked()
+            if transport is opened.transport and transport.can_read_into:
+                # (Not under the trace, which must see the bytes.)
+                transport.read_target = self.payload_target
             if self._lend_reading:
                 self._read_bounded = transport.read
                 self._held = getattr(transport, "held", None)
@@ -653,8 +656,22 @@ class Connection:
 
     # -- receiving (the reader thread, or a caller holding the right to read) ---------------
 
-    def data_received(self, data: bytes) -> None:
-        """Sink method: bytes from the transport.
+    def payload_target(self) -> memoryview | None:
+        """The transport's :attr:`~blockws.transport.Transport.read_target`: where
+        the reading thread may read the next bytes straight into the message
+        they belong to (:meth:`Protocol.payload_target
+        <blockws.protocol.Protocol.payload_target>`), or ``None``; the count
+        it read there then comes to :meth:`data_received` as an ``int``."""
+        proto = self._proto
+        if proto is None:
+            return None
+        proto.binary_as_bytes = self.handlers.on_binary is None
+        with self.proto_lock:
+            return proto.payload_target()
+
+    def data_received(self, data: bytes | int) -> None:
+        """Sink method: bytes from the transport, or the count of bytes it read
+        into the :meth:`payload_target` it was given.
 
         A compressed read is parsed in installments of at most the room left
         under the queue limit, in inflated bytes (``Protocol.inflate_budget``;
@@ -682,7 +699,9 @@ class Connection:
         # lock, so send() and the writer (compressing) keep going meanwhile.
         with self.proto_lock:
             before = proto.state
-            events = proto.receive_data(data)
+            events = (
+                proto.payload_received(data) if isinstance(data, int) else proto.receive_data(data)
+            )
             out = proto.data_to_send() if proto.has_data_to_send else None
             if out:
                 with self.lock:
@@ -892,7 +911,7 @@ class Connection:
             return False
         came = [bool(held)]
 
-        def once(timeout: float | None) -> bytes | None:
+        def once(timeout: float | None) -> bytes | int | None:
             data = read(0)
             came[0] = came[0] or data is not None
             return data
@@ -1190,6 +1209,8 @@ class Connection:
             proto, transport = self._proto, self._transport
             if transport is not None:
                 self._final_bytes = (transport.bytes_written, transport.bytes_read)
+                if transport.read_target is not None:
+                    transport.read_target = None  # a reference back to this socket
             self._proto = None
             self._transport = None
             self._connector = None

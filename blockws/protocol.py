@@ -94,6 +94,9 @@ _GROUP = 512
 #: Pieces of a binary message from this size on are passed on as views of the
 #: read, not sliced out of it (see Protocol._piece).
 _VIEW_FROM = 4096
+#: The rest of a frame's payload from this size on may be read straight into
+#: its message's buffer (see Protocol.payload_target).
+_INTO_FROM = 64 * 1024
 
 
 class Role(enum.Enum):
@@ -650,6 +653,83 @@ class Protocol:
             self._buf = b""
             return events
         self._buf = buf[pos:] if pos < len(buf) else b""
+        return events
+
+    def payload_target(self) -> memoryview | None:
+        """Where the rest of the current frame's payload may be read directly, if
+        anywhere: a view of the message's buffer, from the message's end so far
+        (``None`` when what comes next must go through :meth:`receive_data`).
+
+        Only for a large rest (:data:`_INTO_FROM`) of an unmasked, uncompressed
+        binary message assembled in its pooled buffer (``on_binary``), with
+        nothing unparsed held: a 1 MiB message then skips a ``bytes`` per read
+        and the copy out of it, and is read in as few calls as the kernel
+        allows. The view never reaches past what the frame announces, nor past
+        the buffer, which grows as :meth:`receive_data` grows it (doubling,
+        never by the announced length alone). Read into it, then report the
+        count with :meth:`payload_received`, with nothing parsed in between.
+        """
+        buf = self._m_buf
+        if (
+            buf is None
+            or self._phase != _PAYLOAD
+            or self._f_remaining < _INTO_FROM
+            or self._buf
+            or self.binary_as_bytes
+            or self._m_opcode != Opcode.BINARY
+            or self._f_opcode >= 8
+            or self._f_key is not None
+            or self._m_ext
+            or not (self.state is State.OPEN or self.state is State.CLOSE_SENT)
+        ):
+            return None
+        start = self._m_len
+        if start == len(buf):
+            grown = self._allocate(2 * len(buf))
+            memoryview(grown)[:start] = memoryview(buf)[:start]
+            # The new buffer in place first: this runs on a reading caller's
+            # thread, outside parsing, where an interrupt may land.
+            self._m_buf = grown
+            if self._release is not None:
+                self._release(buf)
+            buf = grown
+        return memoryview(buf)[start : min(len(buf), start + self._f_remaining)]
+
+    def payload_received(self, n: int) -> list[Received]:
+        """``n`` bytes of the current frame's payload were read into the view
+        :meth:`payload_target` returned; returns the events that completes
+        (the message, at its last frame's end), as :meth:`receive_data` does."""
+        events: list[Received] = []
+        self.other_events = 0
+        self.more = False
+        self._inflated = 0
+        if self._phase == _DONE or not n:
+            return events
+        buf = self._m_buf
+        if (
+            buf is None
+            or self._phase != _PAYLOAD
+            or n > self._f_remaining
+            or self._m_len + n > len(buf)
+        ):
+            raise ValueError(f"{n} bytes reported outside the payload target")
+        total = self._m_len = self._m_len + n
+        self._f_remaining -= n
+        if self._f_remaining:
+            return events
+        self._phase = _HEADER
+        if not self._f_fin:
+            return events
+        self._m_opcode = 0
+        self._m_buf = None
+        self._m_hint = total
+        if self.binary_as_bytes:  # on_binary was cleared meanwhile
+            data = bytes(memoryview(buf)[:total])
+            if self._release is not None:
+                self._release(buf)
+            events.append(data if self.compact_messages else BinaryMessage(data, total))
+        else:
+            events.append(BinaryMessage(buf, total))
         return events
 
     def fail(self, error: ProtocolError) -> list[Received]:

@@ -68,9 +68,11 @@ Ended = tuple[Optional[BaseException]]
 
 
 class Sink(Protocol):
-    """Where what the caller reads goes (the connection)."""
+    """Where what the caller reads goes (the connection): bytes, or the count
+    of those a read put straight into their message (see
+    ``Transport.read_target``)."""
 
-    def data_received(self, data: bytes) -> None: ...
+    def data_received(self, data: bytes | int) -> None: ...
 
 
 class ReadToken:
@@ -101,7 +103,7 @@ class ReadToken:
         self._ended: Ended | None = None  # what the caller met, for the reader to report
         self._wake: Callable[[], None] | None = None
         self._cancelled = False
-        self._held: list[bytes] | None = None  # see read_here's ``held`` (made lazily)
+        self._held: list[bytes | int] | None = None  # see read_here's ``held`` (made lazily)
         self._watched_until = 0.0  # see watch(): the lease holds until then (monotonic)
         #: A caller asked for the right. The reader thread tests this without
         #: the lock between reads: a stale False only delays a grant by a read.
@@ -111,11 +113,11 @@ class ReadToken:
 
     def read_here(
         self,
-        read: Callable[[float | None], bytes | None],
+        read: Callable[[float | None], bytes | int | None],
         sink: Sink,
         timeout: float | None,
         wake: Callable[[], None],
-        held: list[bytes] | None = None,
+        held: list[bytes | int] | None = None,
     ) -> bool:
         """Read once on the calling thread, if it holds the right (or note the wish).
 

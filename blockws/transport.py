@@ -118,6 +118,7 @@ _IOV_MAX = 64
 # read()'s arguments to recv, made once (see TCPTransport.read).
 _SIZES = {RECV_SIZE: (RECV_SIZE,), RECV_SMALL: (RECV_SMALL,), RECV_SCRATCH: (RECV_SCRATCH,)}
 _DONTWAITS = (_DONTWAIT,)
+_ZEROS = (0,)  # recv_into's nbytes: the whole buffer
 _select = select.select
 _timeval = struct.Struct("@ll")
 _poll = getattr(select, "poll", None)  # POSIX
@@ -150,7 +151,9 @@ _CONNECTING = frozenset(
 class Sink(Protocol):
     """Where a transport delivers what it reads (the WebSocket's reader side)."""
 
-    def data_received(self, data: bytes) -> None: ...
+    def data_received(self, data: bytes | int) -> None:
+        """Bytes read, or (an ``int``) how many were read into the place the
+        transport's ``read_target`` gave."""
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """The stream ended: ``exc`` is ``None`` for a clean EOF."""
@@ -241,6 +244,11 @@ class Transport:
     def recv(self, timeout: float | None = None) -> bytes:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def recv_any(self, timeout: float | None = None, into: bool = True) -> bytes | int:
+        """The reader thread's read (:meth:`run`): :meth:`recv`, or, on a
+        transport with :attr:`read_target`, the count of bytes read into it."""
+        return self.recv(timeout)
+
     def write(self, chunks: Sequence[BytesLike]) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -251,11 +259,18 @@ class Transport:
 
     #: Whether :meth:`read` is supported (TCP, and TLS over it, on POSIX).
     can_read_bounded = False
+    #: Where the reads may go straight into the message being assembled: the
+    #: sink's ``payload_target`` (see :meth:`TCPTransport.recv`), set by the
+    #: socket on a transport with :attr:`can_read_into`. Such a read yields
+    #: the ``int`` count of bytes it put there instead of ``bytes``.
+    read_target: Callable[[], memoryview | None] | None = None
+    can_read_into = False
 
-    def read(self, timeout: float | None) -> bytes | None:
+    def read(self, timeout: float | None) -> bytes | int | None:
         """One read on the calling thread, waiting up to ``timeout`` seconds (at
         most :data:`~blockws.readtoken.BUSY_RECHECK` at a time): ``None`` if
-        nothing came, ``b""`` at EOF (or after our own abort or close)."""
+        nothing came, ``b""`` at EOF (or after our own abort or close); an
+        ``int`` when it read into :attr:`read_target` (see :class:`Sink`)."""
         raise NotImplementedError  # pragma: no cover - only where can_read_bounded
 
     def abort(self) -> None:  # pragma: no cover - interface
@@ -301,7 +316,7 @@ class Transport:
                     if ended is not None:
                         sink.connection_lost(ended[0])
                         return
-                data = self.recv()
+                data = self.recv_any()
                 if not data:
                     break
                 sink.data_received(data)
@@ -351,14 +366,27 @@ class TCPTransport(Transport):
         #: Bytes a caller's :meth:`read` took from the socket and has not yet
         #: parsed (an interrupted caller leaves them here): :meth:`recv` and
         #: the next caller return these first. See blockws.readtoken.
-        self.held: list[bytes] = []  # a chunk or two: a list (a deque is 760 B)
+        self.held: list[bytes | int] = []  # a chunk or two: a list (a deque is 760 B)
+        self.can_read_into = True
+        self.read_target: Callable[[], memoryview | None] | None = None
 
     def recv(self, timeout: float | None = None) -> bytes:
+        """See :meth:`recv_any`; never into :attr:`read_target`."""
+        data = self.recv_any(timeout, False)
+        assert isinstance(data, bytes)  # only a read with ``into`` reads into a target
+        return data
+
+    def recv_any(self, timeout: float | None = None, into: bool = True) -> bytes | int:
         """Blocking read (``b""`` at EOF or after our own abort or close).
 
         Raises :class:`~blockws.exceptions.OpenTimeout` when ``timeout`` runs
         out (``0``: nothing to read now), ``ConnectionLost`` when the network
         fails.
+
+        With ``into``, while large reads come (the last one was of
+        :data:`RECV_SIZE`), :attr:`read_target` is asked where the next bytes
+        go: when it gives a place (the rest of a large frame), they are read
+        straight into it and their count returned, an ``int``; ``0`` at EOF.
 
         With a ``timeout`` (the opening handshake) the socket's timeout bounds
         it. Without one -- the reader thread -- a socket that is new, or whose
@@ -400,6 +428,15 @@ class TCPTransport(Transport):
                                 size = RECV_QUIET
                         if timeout is not None:
                             data = sock.recv(size)
+                        elif into and size == RECV_SIZE and (target := self._target()) is not None:
+                            gated_into = self._gated_recv_into
+                            count = (
+                                gated_into(sock, target)
+                                if gated_into is not None
+                                else sock.recv_into(target)
+                            )
+                            self.bytes_read += count
+                            return count
                         elif size == RECV_SCRATCH:
                             scratch = self._scratch
                             if scratch is None:
@@ -451,6 +488,10 @@ class TCPTransport(Transport):
                 with contextlib.suppress(OSError):
                     sock.settimeout(None)
 
+    def _target(self) -> memoryview | None:
+        read_target = self.read_target  # (cleared by another thread at the end)
+        return read_target() if read_target is not None else None
+
     def _wait_readable(self) -> None:
         """Block until the socket is readable (or ended): a quiet socket's wait
         once ``SO_RCVTIMEO`` is set (see :meth:`recv`), which would end a
@@ -467,14 +508,20 @@ class TCPTransport(Transport):
         # retried, PEP 475).
         poller.poll()
 
-    def read(self, timeout: float | None) -> bytes | None:
+    def read(self, timeout: float | None) -> bytes | int | None:
         """See :meth:`Transport.read`. What it reads is also left in :attr:`held`,
         in the same C-level step as the read (``list.extend`` over ``map``: no
         bytecode runs in between, so no ``KeyboardInterrupt`` can land between
         the bytes leaving the socket and their being kept); the caller takes
-        them off once parsed (blockws.readtoken)."""
+        them off once parsed (blockws.readtoken). A read into
+        :attr:`read_target` (see :meth:`_recv`) keeps and returns its count
+        the same way: the bytes are in the target, and the count says so."""
         if self.aborted:
             return b""  # dropped: see recv()
+        if self._recv_size == RECV_SIZE and self.read_target is not None:
+            target = self._target()
+            if target is not None:
+                return self._read_into(target, timeout)
         sock = self.sock
         held = self.held
         try:
@@ -492,13 +539,40 @@ class TCPTransport(Transport):
             if self.aborted or self._closed:
                 return b""  # our own abort or close, not a network failure
             raise os_error(exc) from exc
-        data = held[-1]
+        # bytes: a count is kept only by _read_into (and a caller reads only
+        # once ``held`` is empty). No check here: this runs once a message.
+        data: bytes = held[-1]  # type: ignore[assignment]
         n = len(data)
         self._recv_size = (
             RECV_SIZE if n >= RECV_SMALL else RECV_SMALL if n >= RECV_SCRATCH else RECV_SCRATCH
         )
         self.bytes_read += n
         return data
+
+    def _read_into(self, target: memoryview, timeout: float | None) -> int | None:
+        """:meth:`read` into ``target``: the count is kept in :attr:`held` in
+        the read's own C-level step, as read bytes are; ``0`` at EOF."""
+        sock = self.sock
+        held = self.held
+        try:
+            if timeout is None or timeout >= _RCVTIMEO_LONG:
+                if not self._rcvtimeo_set:
+                    self._set_rcvtimeo(_RCVTIMEO_CAP)
+                held.extend(map(sock.recv_into, (target,)))
+            elif timeout <= 0 or self._readable_within(timeout):
+                held.extend(map(sock.recv_into, (target,), _ZEROS, _DONTWAITS))
+            else:
+                return None
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if self.aborted or self._closed:
+                return 0  # our own abort or close, not a network failure
+            raise os_error(exc) from exc
+        count = held[-1]
+        assert isinstance(count, int)
+        self.bytes_read += count
+        return count
 
     def read_to(self, write: Callable[[bytes], int], timeout: float | None) -> int | None:
         """:meth:`read`, handing what it reads to ``write`` (a TLS transport's
