@@ -721,15 +721,7 @@ class Protocol:
         if not self._f_fin:
             return events
         self._m_opcode = 0
-        self._m_buf = None
-        self._m_hint = total
-        if self.binary_as_bytes:  # on_binary was cleared meanwhile
-            data = bytes(memoryview(buf)[:total])
-            if self._release is not None:
-                self._release(buf)
-            events.append(data if self.compact_messages else BinaryMessage(data, total))
-        else:
-            events.append(BinaryMessage(buf, total))
+        self._assembled(buf, total, events)
         return events
 
     def fail(self, error: ProtocolError) -> list[Received]:
@@ -1236,15 +1228,19 @@ class Protocol:
             buf = self._m_buf = grown
         memoryview(buf)[start:total] = chunk
         if message_end:
-            self._m_buf = None
-            self._m_hint = total
-            if self.binary_as_bytes:  # on_binary was cleared meanwhile
-                data = bytes(memoryview(buf)[:total])
-                if self._release is not None:
-                    self._release(buf)
-                events.append(data if self.compact_messages else BinaryMessage(data, total))
-            else:
-                events.append(BinaryMessage(buf, total))
+            self._assembled(buf, total, events)
+
+    def _assembled(self, buf: bytearray, total: int, events: list[Received]) -> None:
+        """A message assembled in its pooled buffer ``buf`` is complete (``total`` bytes)."""
+        self._m_buf = None
+        self._m_hint = total
+        if self.binary_as_bytes:  # on_binary was cleared meanwhile
+            data = bytes(memoryview(buf)[:total])
+            if self._release is not None:
+                self._release(buf)
+            events.append(data if self.compact_messages else BinaryMessage(data, total))
+        else:
+            events.append(BinaryMessage(buf, total))
 
     def _control_frame(self, opcode: int, payload: bytes, events: list[Received]) -> None:
         if opcode == Opcode.PING:
