@@ -656,18 +656,19 @@ class Connection:
 
     # -- receiving (the reader thread, or a caller holding the right to read) ---------------
 
-    def payload_target(self) -> memoryview | None:
+    def payload_target(self, scatter: bool = False) -> memoryview | list[memoryview] | None:
         """The transport's :attr:`~blockws.transport.Transport.read_target`: where
         the reading thread may read the next bytes straight into the message
         they belong to (:meth:`Protocol.payload_target
         <blockws.protocol.Protocol.payload_target>`), or ``None``; the count
-        it read there then comes to :meth:`data_received` as an ``int``."""
+        it read there then comes to :meth:`data_received` as an ``int``. With
+        ``scatter``, a list of places one read may fill in order."""
         proto = self._proto
         if proto is None:
             return None
         proto.binary_as_bytes = self.handlers.on_binary is None
         with self.proto_lock:
-            return proto.payload_target()
+            return proto.payload_target(scatter)
 
     def data_received(self, data: bytes | int) -> None:
         """Sink method: bytes from the transport, or the count of bytes it read

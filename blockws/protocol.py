@@ -97,6 +97,12 @@ _VIEW_FROM = 4096
 #: The rest of a frame's payload from this size on may be read straight into
 #: its message's buffer (see Protocol.payload_target).
 _INTO_FROM = 64 * 1024
+#: A fragmented binary message whose first frame is this long or longer may be
+#: read with one read scattered over its next frames (see Protocol.payload_target),
+#: at most this many frames and bytes at a time.
+_SCATTER_FROM = 8 * 1024
+_SCATTER_FRAMES = 31  # with their headers, 62 buffers: within _IOV_MAX's 64
+_SCATTER_BYTES = 1024 * 1024
 
 
 class Role(enum.Enum):
@@ -299,6 +305,28 @@ class _Pieces:
         return out
 
 
+def _continuation_header(length: int, fin: bool) -> bytes:
+    """The header of an unmasked continuation frame of ``length`` bytes."""
+    first = 0x80 if fin else 0
+    if length < 126:
+        return bytes((first, length))
+    if length < 65536:
+        return bytes((first, 126)) + length.to_bytes(2, "big")
+    return bytes((first, 127)) + length.to_bytes(8, "big")
+
+
+def _joined(views: list[memoryview], i: int, n: int) -> bytes:
+    """The first ``n`` bytes of ``views[i:]``, as one ``bytes``."""
+    pieces = []
+    for view in views[i:]:
+        if n <= len(view):
+            pieces.append(view[:n])
+            break
+        pieces.append(view)
+        n -= len(view)
+    return b"".join(pieces)
+
+
 class Protocol:
     """One WebSocket connection's protocol state, after the opening handshake.
 
@@ -331,6 +359,7 @@ class Protocol:
         "_m_decoder",
         "_m_ext",
         "_m_frames",
+        "_m_first",
         "_m_hint",
         "_m_len",
         "_m_opcode",
@@ -340,6 +369,7 @@ class Protocol:
         "_mask_keys",
         "_outgoing",
         "_phase",
+        "_plan",
         "_release",
         "auto_close_reply",
         "binary_as_bytes",
@@ -433,6 +463,9 @@ class Protocol:
         # memory as it comes (see _binary_data), and the size of the last one.
         self._m_buf: bytearray | None = None
         self._m_hint = 0
+        self._m_first = 0  # the length of the message's first frame
+        # payload_target's scatter plan for payload_received (see there).
+        self._plan: tuple[list[memoryview], int, int, bytearray] | None = None
         #: Deliver every binary message as exact ``bytes`` (joining the pieces of
         #: a message that arrived in several reads or frames, one copy), rather
         #: than in memory from ``allocate``. For consumers that want bytes.
@@ -655,10 +688,11 @@ class Protocol:
         self._buf = buf[pos:] if pos < len(buf) else b""
         return events
 
-    def payload_target(self) -> memoryview | None:
-        """Where the rest of the current frame's payload may be read directly, if
-        anywhere: a view of the message's buffer, from the message's end so far
-        (``None`` when what comes next must go through :meth:`receive_data`).
+    def payload_target(self, scatter: bool = False) -> memoryview | list[memoryview] | None:
+        """Where the next bytes read may go directly, if anywhere: a view of the
+        message's buffer, from the message's end so far, for the rest of the
+        current frame's payload (``None`` when what comes next must go through
+        :meth:`receive_data`).
 
         Only for a large rest (:data:`_INTO_FROM`) of an unmasked, uncompressed
         binary message assembled in its pooled buffer (``on_binary``), with
@@ -668,44 +702,117 @@ class Protocol:
         the buffer, which grows as :meth:`receive_data` grows it (doubling,
         never by the announced length alone). Read into it, then report the
         count with :meth:`payload_received`, with nothing parsed in between.
+
+        With ``scatter`` (a reader that can scatter one read over several
+        buffers: ``recvmsg_into``), a message that comes in frames of
+        :data:`_SCATTER_FROM` bytes or more may get a list: the rest of the
+        current frame (if any), then, taking the next frames to be
+        continuations as long as the message's first (what a sender that
+        fragments at a fixed size sends), a small buffer for each one's header
+        and the place in the message's buffer for its payload, up to the size
+        of the last such message. :meth:`payload_received` checks every
+        header against that guess; from the first one that differs (a
+        control frame, another length, the next message), the bytes read are
+        copied out and parsed as :meth:`receive_data` parses them, so the
+        events, and their order and errors, are the same either way.
         """
+        self._plan = None
         buf = self._m_buf
         if (
             buf is None
-            or self._phase != _PAYLOAD
-            or self._f_remaining < _INTO_FROM
             or self._buf
             or self.binary_as_bytes
             or self._m_opcode != Opcode.BINARY
-            or self._f_opcode >= 8
-            or self._f_key is not None
             or self._m_ext
             or not (self.state is State.OPEN or self.state is State.CLOSE_SENT)
         ):
             return None
+        phase = self._phase
+        if phase == _PAYLOAD:
+            if self._f_opcode >= 8 or self._f_key is not None:
+                return None
+            rest = self._f_remaining
+            if scatter and not self._f_fin:
+                return self._scatter_plan(buf, rest) or self._into(buf, rest)
+            return self._into(buf, rest)
+        if scatter and phase == _HEADER:
+            return self._scatter_plan(buf, 0)
+        return None
+
+    def _into(self, buf: bytearray, rest: int) -> memoryview | None:
+        """payload_target's view for the ``rest`` of the current frame."""
+        if rest < _INTO_FROM:
+            return None
         start = self._m_len
         if start == len(buf):
-            grown = self._allocate(2 * len(buf))
-            memoryview(grown)[:start] = memoryview(buf)[:start]
-            # The new buffer in place first: this runs on a reading caller's
-            # thread, outside parsing, where an interrupt may land.
-            self._m_buf = grown
-            if self._release is not None:
-                self._release(buf)
-            buf = grown
-        return memoryview(buf)[start : min(len(buf), start + self._f_remaining)]
+            buf = self._grow(buf, 2 * len(buf))
+        return memoryview(buf)[start : min(len(buf), start + rest)]
+
+    def _grow(self, buf: bytearray, size: int) -> bytearray:
+        start = self._m_len
+        grown = self._allocate(size)
+        memoryview(grown)[:start] = memoryview(buf)[:start]
+        # The new buffer in place first: this runs on a reading caller's
+        # thread, outside parsing, where an interrupt may land.
+        self._m_buf = grown
+        if self._release is not None:
+            self._release(buf)
+        return grown
+
+    def _scatter_plan(self, buf: bytearray, rest: int) -> list[memoryview] | None:
+        """payload_target's list (see there), or ``None`` when no next frame
+        of the message's first frame's length fits the guess."""
+        length = self._m_first
+        if length < _SCATTER_FROM:
+            return None
+        base = self._m_len + rest
+        frames = _SCATTER_FRAMES
+        limit = self.max_message_size
+        if limit is not None:
+            frames = min(frames, (limit - base) // length, limit - self._m_frames)
+        # Up to the size of the last such message: what a steady stream sends.
+        hint = self._m_hint
+        guess = (hint - base) // length if hint > base else 0
+        frames = min(frames, max(1, guess), max(1, (_SCATTER_BYTES - rest) // length))
+        if frames < 1 or rest + length > _SCATTER_BYTES:
+            return None
+        if base + length > len(buf):
+            # Doubled, as receive_data would grow it; never by the guess alone.
+            if base + length > 2 * len(buf):
+                return None
+            buf = self._grow(buf, 2 * len(buf))
+        frames = min(frames, (len(buf) - base) // length)
+        head = len(_continuation_header(length, False))
+        headers = bytearray(frames * head)
+        into = memoryview(buf)
+        spare = memoryview(headers)
+        views = [into[self._m_len : base]] if rest else []
+        for i in range(frames):
+            views.append(spare[i * head : (i + 1) * head])
+            views.append(into[base : base + length])
+            base += length
+        self._plan = (views, rest, length, headers)
+        return views
 
     def payload_received(self, n: int) -> list[Received]:
-        """``n`` bytes of the current frame's payload were read into the view
-        :meth:`payload_target` returned; returns the events that completes
-        (the message, at its last frame's end), as :meth:`receive_data` does."""
+        """``n`` bytes were read into what :meth:`payload_target` returned (a
+        list: filled in order); returns the events they complete (the message,
+        at its last frame's end, and whatever follows it in a scattered read),
+        as :meth:`receive_data` does."""
         events: list[Received] = []
         self.other_events = 0
         self.more = False
         self._inflated = 0
+        plan = self._plan
+        self._plan = None
         if self._phase == _DONE or not n:
             return events
         buf = self._m_buf
+        if plan is not None:
+            if buf is None or n > sum(map(len, plan[0])):
+                raise ValueError(f"{n} bytes reported outside the payload target")
+            self._scattered(buf, plan, n, events)
+            return events
         if (
             buf is None
             or self._phase != _PAYLOAD
@@ -723,6 +830,67 @@ class Protocol:
         self._m_opcode = 0
         self._assembled(buf, total, events)
         return events
+
+    def _scattered(
+        self,
+        buf: bytearray,
+        plan: tuple[list[memoryview], int, int, bytearray],
+        n: int,
+        events: list[Received],
+    ) -> None:
+        """payload_received for a scatter plan: take the frames whose headers
+        match the guess, then parse the rest (copied out) as receive_data would."""
+        views, rest, length, _ = plan
+        i = 0
+        if rest:
+            take = min(n, rest)
+            n -= take
+            self._m_len += take
+            self._f_remaining -= take
+            if self._f_remaining:
+                return
+            self._phase = _HEADER
+            i = 1
+        more = _continuation_header(length, False)
+        last = _continuation_header(length, True)
+        head = len(more)
+        # (The plan stays within max_message_size, in bytes and in frames: a
+        # frame past it is no guess, and fails in receive_data below.)
+        counted = self.max_message_size is not None
+        while n >= head:
+            header = views[i]
+            if header == more:
+                fin = False
+            elif header == last:
+                fin = True
+            else:
+                break  # not the guessed frame: parsed below
+            if counted:
+                self._m_frames += 1
+            n -= head
+            take = min(n, length)
+            n -= take
+            self._m_len += take
+            self._f_opcode = 0
+            self._f_fin = fin
+            self._f_key = None
+            self._f_key_pos = 0
+            i += 2
+            if take < length:  # the read ended in this frame
+                self._f_remaining = length - take
+                self._phase = _PAYLOAD
+                return
+            if fin:
+                # What came after the message (copied out first: _assembled
+                # hands the buffer on, or back to its pool).
+                after = _joined(views, i, n) if n else b""
+                self._m_opcode = 0
+                self._assembled(buf, self._m_len, events)
+                if after:
+                    events += self.receive_data(after)
+                return
+        if n:
+            events += self.receive_data(_joined(views, i, n))
 
     def fail(self, error: ProtocolError) -> list[Received]:
         """Fail the connection because of ``error`` found outside the parser."""
@@ -1079,6 +1247,7 @@ class Protocol:
             self._m_opcode = opcode
             self._m_len = 0
             self._m_frames = 0
+            self._m_first = length
             self._m_ext = (
                 [e for e in self.extensions if e.begin_message(opcode, rsv)]
                 if self.extensions

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import operator
 import os
 import select
 import socket
@@ -118,7 +119,8 @@ _IOV_MAX = 64
 # read()'s arguments to recv, made once (see TCPTransport.read).
 _SIZES = {RECV_SIZE: (RECV_SIZE,), RECV_SMALL: (RECV_SMALL,), RECV_SCRATCH: (RECV_SCRATCH,)}
 _DONTWAITS = (_DONTWAIT,)
-_ZEROS = (0,)  # recv_into's nbytes: the whole buffer
+_ZEROS = (0,)  # recv_into's nbytes: the whole buffer; recvmsg_into's ancbufsize: none
+_first = operator.itemgetter(0)  # recvmsg_into's count
 _select = select.select
 _timeval = struct.Struct("@ll")
 _poll = getattr(select, "poll", None)  # POSIX
@@ -263,7 +265,7 @@ class Transport:
     #: sink's ``payload_target`` (see :meth:`TCPTransport.recv`), set by the
     #: socket on a transport with :attr:`can_read_into`. Such a read yields
     #: the ``int`` count of bytes it put there instead of ``bytes``.
-    read_target: Callable[[], memoryview | None] | None = None
+    read_target: Callable[[bool], memoryview | list[memoryview] | None] | None = None
     can_read_into = False
 
     def read(self, timeout: float | None) -> bytes | int | None:
@@ -368,7 +370,9 @@ class TCPTransport(Transport):
         #: the next caller return these first. See blockws.readtoken.
         self.held: list[bytes | int] = []  # a chunk or two: a list (a deque is 760 B)
         self.can_read_into = True
-        self.read_target: Callable[[], memoryview | None] | None = None
+        self.read_target: Callable[[bool], memoryview | list[memoryview] | None] | None = None
+        # The reader thread may scatter a read over a list of buffers.
+        self._scatter = hasattr(sock, "recvmsg_into")
 
     def recv(self, timeout: float | None = None) -> bytes:
         """See :meth:`recv_any`; never into :attr:`read_target`."""
@@ -387,6 +391,9 @@ class TCPTransport(Transport):
         :data:`RECV_SIZE`), :attr:`read_target` is asked where the next bytes
         go: when it gives a place (the rest of a large frame), they are read
         straight into it and their count returned, an ``int``; ``0`` at EOF.
+        Where the socket has ``recvmsg_into``, the place may be a list of
+        buffers, which the one read fills in order (see
+        :meth:`blockws.protocol.Protocol.payload_target`).
 
         With a ``timeout`` (the opening handshake) the socket's timeout bounds
         it. Without one -- the reader thread -- a socket that is new, or whose
@@ -428,13 +435,20 @@ class TCPTransport(Transport):
                                 size = RECV_QUIET
                         if timeout is not None:
                             data = sock.recv(size)
-                        elif into and size == RECV_SIZE and (target := self._target()) is not None:
-                            gated_into = self._gated_recv_into
-                            count = (
-                                gated_into(sock, target)
-                                if gated_into is not None
-                                else sock.recv_into(target)
-                            )
+                        elif (
+                            into
+                            and size == RECV_SIZE
+                            and (target := self._target(self._scatter)) is not None
+                        ):
+                            if isinstance(target, list):
+                                count = sock.recvmsg_into(target)[0]
+                            else:
+                                gated_into = self._gated_recv_into
+                                count = (
+                                    gated_into(sock, target)
+                                    if gated_into is not None
+                                    else sock.recv_into(target)
+                                )
                             self.bytes_read += count
                             return count
                         elif size == RECV_SCRATCH:
@@ -488,9 +502,9 @@ class TCPTransport(Transport):
                 with contextlib.suppress(OSError):
                     sock.settimeout(None)
 
-    def _target(self) -> memoryview | None:
+    def _target(self, scatter: bool) -> memoryview | list[memoryview] | None:
         read_target = self.read_target  # (cleared by another thread at the end)
-        return read_target() if read_target is not None else None
+        return read_target(scatter) if read_target is not None else None
 
     def _wait_readable(self) -> None:
         """Block until the socket is readable (or ended): a quiet socket's wait
@@ -519,7 +533,7 @@ class TCPTransport(Transport):
         if self.aborted:
             return b""  # dropped: see recv()
         if self._recv_size == RECV_SIZE and self.read_target is not None:
-            target = self._target()
+            target = self._target(self._scatter)
             if target is not None:
                 return self._read_into(target, timeout)
         sock = self.sock
@@ -549,20 +563,31 @@ class TCPTransport(Transport):
         self.bytes_read += n
         return data
 
-    def _read_into(self, target: memoryview, timeout: float | None) -> int | None:
-        """:meth:`read` into ``target``: the count is kept in :attr:`held` in
-        the read's own C-level step, as read bytes are; ``0`` at EOF."""
+    def _read_into(
+        self, target: memoryview | list[memoryview], timeout: float | None
+    ) -> int | None:
+        """:meth:`read` into ``target`` (a list: one ``recvmsg_into`` over
+        them): the count is kept in :attr:`held` in the read's own C-level
+        step, as read bytes are; ``0`` at EOF."""
         sock = self.sock
         held = self.held
         try:
-            if timeout is None or timeout >= _RCVTIMEO_LONG:
+            blocking = timeout is None or timeout >= _RCVTIMEO_LONG
+            if timeout is None or blocking:
                 if not self._rcvtimeo_set:
                     self._set_rcvtimeo(_RCVTIMEO_CAP)
-                held.extend(map(sock.recv_into, (target,)))
-            elif timeout <= 0 or self._readable_within(timeout):
-                held.extend(map(sock.recv_into, (target,), _ZEROS, _DONTWAITS))
-            else:
+            elif not (timeout <= 0 or self._readable_within(timeout)):
                 return None
+            # (recvmsg_into's count out of its tuple by a C-level call too.)
+            if isinstance(target, list):
+                if blocking:
+                    held.extend(map(_first, map(sock.recvmsg_into, (target,))))
+                else:
+                    held.extend(map(_first, map(sock.recvmsg_into, (target,), _ZEROS, _DONTWAITS)))
+            elif blocking:
+                held.extend(map(sock.recv_into, (target,)))
+            else:
+                held.extend(map(sock.recv_into, (target,), _ZEROS, _DONTWAITS))
         except BlockingIOError:
             return None
         except OSError as exc:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from faultserver import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, Peer, Recorder, fault_server
 from faultserver import frame_bytes as wire_frame
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from memory import server_frame
 
@@ -388,6 +388,394 @@ def test_an_interrupt_after_a_read_into_a_buffer_loses_nothing(
                 pass
         assert len(interrupted) == 3
         assert rec.messages == [*MESSAGES, "end"]
+        assert ws.is_open and ws.error is None
+        ws.close()
+        assert rec.wait_closed(ws)[0] == 1000
+
+
+# -- one read scattered over the next frames (payload_target(scatter=True)) ------------------
+
+
+def fragmented(payload: bytes, step: int, opcode: int = Opcode.BINARY) -> bytes:
+    """``payload`` in frames of ``step`` bytes, as a sender that fragments sends it."""
+    parts = [payload[i : i + step] for i in range(0, len(payload), step)] or [b""]
+    return b"".join(
+        server_frame(opcode if i == 0 else Opcode.CONT, p, fin=i == len(parts) - 1)
+        for i, p in enumerate(parts)
+    )
+
+
+def feed_scattered(
+    proto: Protocol, data: bytes, cuts: list[int], bump: int = 0
+) -> tuple[list[Any], int]:
+    """``data`` as reads of the sizes ``cuts`` gives in turn (every other one
+    ``bump`` bytes longer), each into what ``payload_target(scatter=True)``
+    gives (a list filled in order, as ``recvmsg_into`` fills it), else through
+    receive_data. Returns the events and how many reads were scattered."""
+    events: list[Any] = []
+    pos = k = scattered = 0
+    while pos < len(data):
+        cut = cuts[k % len(cuts)] + (bump if k & 1 else 0)
+        k += 1
+        target = proto.payload_target(True)
+        if isinstance(target, list):
+            scattered += 1
+            n = min(sum(map(len, target)), len(data) - pos, cut)
+            left, at = n, pos
+            for view in target:
+                take = min(len(view), left)
+                view[:take] = data[at : at + take]
+                at += take
+                left -= take
+            events += proto.payload_received(n)
+        elif target is not None:
+            n = min(len(target), len(data) - pos, cut)
+            target[:n] = data[pos : pos + n]
+            events += proto.payload_received(n)
+        else:
+            n = min(cut, len(data) - pos)
+            events += proto.receive_data(data[pos : pos + n])
+        pos += n
+    return events, scattered
+
+
+def outcome(proto: Protocol, events: list[Any]) -> list[Any]:
+    """The events as comparable values (a failure as its class and close code)."""
+    values = []
+    for event in as_values(events):
+        if isinstance(event, (bytes, str)):
+            values.append(event)
+        elif hasattr(event, "error"):
+            values.append(("failure", type(event.error), event.error.close_code))
+        else:
+            values.append((type(event).__name__, getattr(event, "payload", None)))
+    return values
+
+
+@unit
+def test_a_message_in_32_kib_frames_is_read_into_its_buffer_across_headers() -> None:
+    """The W3 case: 1 MiB messages in the default 32 KiB frames. After each
+    message's first read, the reads go straight into its buffer, headers to a
+    side buffer: every message byte for byte, and none copied out."""
+    messages = [os.urandom(1 << 20) for _ in range(4)]
+    wire = b"".join(fragmented(m, 32 * KB) for m in messages)
+    parsed: list[int] = []
+
+    class Counting(Protocol):
+        __slots__ = ()
+
+        def receive_data(self, data: Any) -> list[Any]:
+            parsed.append(len(data))
+            return super().receive_data(data)
+
+    proto = Counting(Role.CLIENT)
+    proto.compact_messages = True
+    events, scattered = feed_scattered(proto, wire, [127 * KB])
+    assert as_values(events) == messages
+    assert scattered >= 4 * 6  # of about 8 reads a message
+    assert proto.failure is None
+    # After the first message, each one's last frame too went into its
+    # buffer: one parsed read a message (its start), nothing copied out.
+    assert len(parsed) <= len(messages) + 1, parsed
+
+
+@unit
+@pytest.mark.parametrize("offset", range(-5, 10))
+def test_reads_that_end_anywhere_around_a_frame_boundary(offset: int) -> None:
+    """Every scattered read ends ``offset`` bytes from a frame's end (before
+    it, in the next header, in the next payload): the same messages."""
+    messages = [os.urandom(1 << 20) for _ in range(3)]
+    wire = b"".join(fragmented(m, 32 * KB) for m in messages)
+    frame = 32 * KB + 4
+    cuts = [frame + 2 + offset, *[frame] * 40]
+    events, scattered = feed_scattered(client(), wire, cuts)
+    assert as_values(events) == messages
+    # (A read that ends in a header leaves its bytes unparsed: receive_data
+    # takes the next read, and these reads all end there.)
+    assert scattered or offset in (-1, 0, 1)
+
+
+@unit
+@pytest.mark.parametrize(
+    "after",
+    ["next message", "ping", "shorter frame", "text", "close"],
+)
+def test_bytes_that_break_the_guess_are_parsed_as_receive_data_would(after: str) -> None:
+    """The frame after the guessed ones is something else: the bytes read from
+    it on are copied out and parsed, with the same events in the same order."""
+    first = os.urandom(300 * KB)
+    wire = server_frame(Opcode.BINARY, first[: 32 * KB], fin=False)
+    wire += server_frame(Opcode.CONT, first[32 * KB : 64 * KB], fin=False)
+    rest = first[64 * KB :]
+    if after == "ping":
+        wire += server_frame(Opcode.PING, b"!") + fragmented(rest, 32 * KB, Opcode.CONT)
+    elif after == "shorter frame":
+        wire += server_frame(Opcode.CONT, rest[:1000], fin=False)
+        wire += server_frame(Opcode.CONT, rest[1000:])
+    else:
+        wire += fragmented(rest, 32 * KB, Opcode.CONT)
+    if after == "next message":
+        wire += fragmented(os.urandom(200 * KB), 32 * KB)
+    elif after == "text":
+        wire += server_frame(Opcode.TEXT, "é".encode() * 10)
+    elif after == "close":
+        wire += server_frame(Opcode.CLOSE, b"\x03\xe8bye")
+    wire += server_frame(Opcode.TEXT, b"end")
+    for cuts in ([127 * KB], [40 * KB, 1, 3, 90 * KB], [1 << 20]):
+        reference = client()
+        expected = outcome(reference, reference.receive_data(wire))
+        proto = client()
+        proto.receive_data(wire[: 40 * KB])  # the first frame, and some of the second
+        events, scattered = feed_scattered(proto, wire[40 * KB :], cuts)
+        assert outcome(proto, events) == expected
+        assert scattered
+
+
+@unit
+@pytest.mark.parametrize("fault", ["masked", "rsv", "new message", "too big", "too many frames"])
+def test_a_bad_guessed_frame_fails_as_receive_data_fails(fault: str) -> None:
+    """A frame in the guessed place that breaks a rule fails the connection
+    with the same error, after the same messages."""
+    limit = 400 * KB if fault == "too big" else None
+    # A message in 32 KiB frames first: the next one's buffer starts at its size.
+    wire = fragmented(os.urandom(300 * KB), 32 * KB) + server_frame(Opcode.TEXT, b"before")
+    wire += server_frame(Opcode.BINARY, os.urandom(32 * KB), fin=False)
+    wire += server_frame(Opcode.CONT, os.urandom(32 * KB), fin=False)
+    bad = server_frame(Opcode.CONT, os.urandom(32 * KB), fin=False)
+    if fault == "masked":
+        bad = bytes([bad[0], bad[1] | 0x80]) + bad[2:4] + b"abcd" + bad[4:]
+    elif fault == "rsv":
+        bad = bytes([bad[0] | 0x20]) + bad[1:]
+    elif fault == "new message":
+        bad = bytes([0x02]) + bad[1:]
+    wire += bad * (16 if fault in ("too big", "too many frames") else 1)
+    wire += server_frame(Opcode.CONT, b"", fin=True) + server_frame(Opcode.TEXT, b"end")
+    kwargs: dict[str, Any] = {"max_message_size": limit}
+    if fault == "too many frames":
+        # Every frame counts at least one byte: empty continuation frames,
+        # more of them than the limit's bytes.
+        kwargs = {"max_message_size": 400 * KB}
+        wire = wire.replace(bad * 16, server_frame(Opcode.CONT, b"", fin=False) * (400 * KB))
+    for cuts in ([127 * KB], [33 * KB + 2, 7]):
+        reference = client(**kwargs)
+        expected = outcome(reference, reference.receive_data(wire))
+        assert expected[-1][0] == "failure"
+        proto = client(**kwargs)
+        head = wire.index(b"before") + len(b"before") + 10 * KB
+        events = proto.receive_data(wire[:head])
+        more, scattered = feed_scattered(proto, wire[head:], cuts)
+        assert outcome(proto, events + more) == expected
+        assert scattered
+
+
+@unit
+@pytest.mark.parametrize("cut", [127 * KB, 500 * KB, 300 * KB + 7])
+def test_a_message_shorter_than_the_last_ends_the_guess_at_its_end(cut: int) -> None:
+    """The guess runs to the last message's size; a shorter message ends
+    sooner, and what the same read brought after it (the next message's
+    first bytes, in the guessed places) is parsed as the next message."""
+    # (Whole numbers of frames: a last frame as long as the others matches the guess.)
+    long, short, after = os.urandom(1 << 20), os.urandom(320 * KB), os.urandom(200 * KB)
+    wire = fragmented(long, 32 * KB) + fragmented(short, 32 * KB)
+    wire += fragmented(after, 32 * KB) + server_frame(Opcode.TEXT, b"end")
+    proto = client()
+    events, scattered = feed_scattered(proto, wire, [cut])
+    assert as_values(events) == [long, short, after, "end"]
+    assert scattered
+
+
+@unit
+def test_a_scatter_plan_never_grows_the_buffer_past_double() -> None:
+    """Frames announced long but cut short: the guess grows the message's
+    buffer by doubling at most, as receive_data does, and never reads past
+    the message's limit."""
+    allocated: list[int] = []
+
+    def allocate(size: int) -> bytearray:
+        allocated.append(size)
+        return bytearray(size)
+
+    proto = client(allocate=allocate, max_message_size=1 << 20)
+    first = server_frame(Opcode.BINARY, b"a" * (900 * KB), fin=False)
+    proto.receive_data(first)
+    target = proto.payload_target(True)
+    # 900 KiB held; one more frame of 900 KiB does not fit under 1 MiB.
+    assert target is None
+    allocated.clear()
+    proto = client(allocate=allocate, max_message_size=None)
+    proto.receive_data(server_frame(Opcode.BINARY, b"a" * (40 * KB), fin=False))
+    target = proto.payload_target(True)
+    assert isinstance(target, list)
+    assert sum(map(len, target)) <= 40 * KB + 10  # one frame guessed: no hint yet
+    assert max(allocated) <= 2 * 40 * KB  # the 40 KiB buffer doubled, once
+
+
+@unit
+def test_a_count_beyond_the_scattered_buffers_is_refused() -> None:
+    proto = client()
+    proto.receive_data(server_frame(Opcode.BINARY, b"a" * (32 * KB), fin=False))
+    target = proto.payload_target(True)
+    assert isinstance(target, list)
+    with pytest.raises(ValueError, match="outside the payload target"):
+        proto.payload_received(sum(map(len, target)) + 1)
+
+
+@unit
+def test_a_plan_is_forgotten_by_the_next_target() -> None:
+    """A scatter plan left unused (the read failed, or a caller read plainly)
+    does not apply to a later count."""
+    payload = os.urandom(1 << 20)
+    wire = fragmented(payload, 32 * KB)
+    proto = client()
+    proto.receive_data(wire[: 40 * KB])
+    assert isinstance(proto.payload_target(True), list)
+    assert proto.payload_target(False) is None  # the rest of the frame is small
+    events = as_values(proto.receive_data(wire[40 * KB :]))
+    assert events == [payload]
+
+
+_frame_steps = st.sampled_from([8 * KB, 8 * KB + 1, 32 * KB, 70 * KB, 1000])
+
+
+@unit
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    messages=st.lists(
+        st.tuples(
+            st.sampled_from([0, 5, 8 * KB, 100 * KB, 300 * KB, 1 << 20]),
+            _frame_steps,
+            st.sampled_from(["binary", "text", "ping after first", "bad after first"]),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    cuts=st.lists(st.integers(min_value=1, max_value=400 * KB), min_size=1, max_size=8),
+    limit=st.sampled_from([None, 16 << 20, 500 * KB]),
+    seed=st.integers(0, 255),
+)
+def test_hypothesis_scattered_reads_match_receive_data(
+    messages: list[tuple[int, int, str]], cuts: list[int], limit: int | None, seed: int
+) -> None:
+    """Any stream of messages in frames of any size (pings between frames, a
+    broken frame, text, messages past the limit), cut into reads anywhere,
+    read through scatter plans wherever there are some: the same events, in
+    the same order, with the same failure, as receive_data alone makes."""
+    wire = bytearray()
+    for i, (size, step, kind) in enumerate(messages):
+        payload = bytes([(seed + i) & 127]) * size
+        opcode = Opcode.TEXT if kind == "text" else Opcode.BINARY
+        pieces = [payload[j : j + step] for j in range(0, size, step)] or [b""]
+        for k, piece in enumerate(pieces):
+            wire += server_frame(opcode if k == 0 else Opcode.CONT, piece, fin=k == len(pieces) - 1)
+            if k == 0 and len(pieces) > 1:
+                if kind == "ping after first":
+                    wire += server_frame(Opcode.PING, b"!")
+                elif kind == "bad after first":
+                    wire += bytes([0x20]) + bytes(server_frame(Opcode.CONT, b"x" * 300))[1:]
+    data = bytes(wire)
+    reference = client(max_message_size=limit)
+    expected = outcome(reference, reference.receive_data(data))
+    proto = client(max_message_size=limit)
+    # (A read of 37 KiB more every other read: reads of a byte or two through
+    # megabytes would take minutes.)
+    events, scattered = feed_scattered(proto, data, cuts, 37 * KB)
+    event("scattered reads" if scattered else "no scattered read")
+    assert outcome(proto, events) == expected
+    assert (proto.failure is None) == (reference.failure is None)
+
+
+def _sends_fragmented(peer: Peer) -> None:
+    peer.handshake()
+    data = b""
+    for i, message in enumerate(FRAGMENTED):
+        step = 32 * KB if i != 2 else 20 * KB
+        parts = [message[j : j + step] for j in range(0, len(message), step)]
+        for k, part in enumerate(parts):
+            data += wire_frame(OP_BINARY if k == 0 else OP_CONT, part, fin=k == len(parts) - 1)
+            if i == 1 and k == 5:
+                data += wire_frame(OP_PING, b"!")
+    data += wire_frame(OP_BINARY, b"small") + wire_frame(OP_TEXT, b"end")
+    for i in range(0, len(data), 300 * KB):
+        peer.send(data[i : i + 300 * KB])
+    code, _ = peer.read_until_close()
+    peer.send_frame(OP_CLOSE, code.to_bytes(2, "big") if code else b"")
+    peer.close()
+
+
+#: 1 MiB messages in 32 KiB frames (a ping inside the second), and one in 20 KiB frames.
+FRAGMENTED = [os.urandom(1 << 20), os.urandom(1 << 20), os.urandom(700 * KB), os.urandom(1 << 20)]
+
+
+def _spy_scattered(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the thread of each scattered read's parsing."""
+    scattered: list[str] = []
+    real = Protocol._scattered
+
+    def spy(self: Protocol, *args: Any) -> None:
+        scattered.append(threading.current_thread().name)
+        real(self, *args)
+
+    monkeypatch.setattr(Protocol, "_scattered", spy)
+    return scattered
+
+
+@pytest.mark.parametrize("reader", ["caller", "reader thread"])
+def test_fragmented_messages_scattered_over_a_socket_arrive_whole(
+    reader: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a socket, ``recvmsg_into`` over the guessed frames, by a caller in
+    ``ws.wait()`` and by the reader thread: every message byte for byte, in
+    order, the ping answered."""
+    scattered = _spy_scattered(monkeypatch)
+    _, ended = _counting(monkeypatch)
+    rec = Recorder()
+    with fault_server(_sends_fragmented) as server:
+        ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
+        ws.open()
+        if reader == "caller":
+            rec.pump_until(ws, lambda: "end" in rec.messages, what="end")
+        else:
+            assert ended.wait(10)  # parsed by the reader thread (the caller only pumps)
+            ws.update()
+        assert rec.messages == [*FRAGMENTED, b"small", "end"]
+        assert scattered, "no read was scattered"
+        caller = threading.current_thread().name
+        assert (caller in scattered) == (reader == "caller")
+        ws.close()
+        assert rec.wait_closed(ws)[0] == 1000
+
+
+def test_an_interrupt_after_a_scattered_read_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C just after a caller's read scattered over guessed frames: the
+    count is kept, and its plan with it, for the next reader: every message
+    arrives once, whole."""
+    scattered = _spy_scattered(monkeypatch)
+    real_read = TCPTransport.read
+    interrupted: list[int] = []
+
+    def read(self: TCPTransport, timeout: float | None) -> Any:
+        data = real_read(self, timeout)
+        if isinstance(data, int) and data and len(interrupted) < 3:
+            interrupted.append(data)
+            raise KeyboardInterrupt
+        return data
+
+    monkeypatch.setattr(TCPTransport, "read", read)
+    rec = Recorder()
+    with fault_server(_sends_fragmented) as server:
+        ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
+        ws.open()
+        deadline = time.monotonic() + 20
+        while "end" not in rec.messages and time.monotonic() < deadline:
+            try:
+                rec.pump_until(ws, lambda: "end" in rec.messages, what="end")
+            except KeyboardInterrupt:
+                pass
+        assert len(interrupted) == 3
+        assert scattered
+        assert rec.messages == [*FRAGMENTED, b"small", "end"]
         assert ws.is_open and ws.error is None
         ws.close()
         assert rec.wait_closed(ws)[0] == 1000
