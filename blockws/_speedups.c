@@ -25,6 +25,12 @@
  * writer sends between two looks at its control frames, instead of a
  * generator step, a slice and a call per frame.
  *
+ * encode_frames_into(first, payload, start, limit, keys, budget, out) -> (n, next):
+ * the same batch written one frame after the other into the writable buffer
+ * ``out`` (ValueError if shorter than the batch): ``n`` bytes, nothing
+ * allocated (frames.py_encode_frames_into is the reference). A sender that
+ * reuses ``out`` sends a large message without a fresh heap block per batch.
+ *
  * lend_each(messages, ws, segment, progress) -> int: on_binary for a run of
  * small binary messages (the pure-Python loop is in blockws/delivery.py, the
  * reference; the two must behave alike). From messages[0] on, while each is
@@ -278,61 +284,83 @@ done:
     return result;
 }
 
+/* encode_frames' and encode_frames_into's first six arguments: first, payload
+ * (as data), start, limit, (take: args[4]) and budget; then the batch's frames
+ * from payload[start:] counted (at least one), their bytes in *total, and
+ * their keys from one take(count) in *keys (*k holds the object). Returns the
+ * count, or -1 with an exception set (and nothing held). */
+static Py_ssize_t
+batch_start(PyObject *const *args, long *first, Py_buffer *data, Py_ssize_t *start,
+            Py_ssize_t *limit, Py_ssize_t *total, PyObject **k, Py_buffer *keys)
+{
+    Py_ssize_t budget, size, count = 0, pos;
+    PyObject *n_obj;
+    *first = PyLong_AsLong(args[0]);
+    if (*first == -1 && PyErr_Occurred()) return -1;
+    if (*first < 0 || *first > 0x7F) {
+        PyErr_SetString(PyExc_ValueError, "first must be in range(128): RSV bits and opcode");
+        return -1;
+    }
+    *start = PyLong_AsSsize_t(args[2]);
+    if (*start == -1 && PyErr_Occurred()) return -1;
+    *limit = PyLong_AsSsize_t(args[3]);
+    if (*limit == -1 && PyErr_Occurred()) return -1;
+    budget = PyLong_AsSsize_t(args[5]);
+    if (budget == -1 && PyErr_Occurred()) return -1;
+    if (*limit < 1) {
+        PyErr_SetString(PyExc_ValueError, "limit must be at least 1");
+        return -1;
+    }
+    if (PyObject_GetBuffer(args[1], data, PyBUF_SIMPLE) < 0) return -1;
+    size = data->len;
+    if (*start < 0 || *start > size) {
+        PyErr_SetString(PyExc_ValueError, "start must be in range(len(payload) + 1)");
+        goto fail;
+    }
+    /* The batch's frames, counted first: their keys come from one take(count). */
+    *total = 0;
+    pos = *start;
+    do {
+        Py_ssize_t n = size - pos < *limit ? size - pos : *limit;
+        *total += HEAD_SIZE(n) + 4 + n;
+        pos += n;
+        count++;
+    } while (pos < size && *total < budget);
+    n_obj = PyLong_FromSsize_t(count);
+    if (n_obj == NULL) goto fail;
+    *k = PyObject_CallOneArg(args[4], n_obj);
+    Py_DECREF(n_obj);
+    if (*k == NULL) goto fail;
+    if (PyObject_GetBuffer(*k, keys, PyBUF_SIMPLE) < 0) goto fail_k;
+    if (keys->len != 4 * count) {
+        PyErr_SetString(PyExc_ValueError, "take(count) must give 4 * count bytes of mask keys");
+        PyBuffer_Release(keys);
+        goto fail_k;
+    }
+    return count;
+fail_k:
+    Py_CLEAR(*k);
+fail:
+    PyBuffer_Release(data);
+    return -1;
+}
+
 static PyObject *
 encode_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long first;
-    Py_ssize_t start, limit, budget, size, count, pos, total = 0, i;
+    Py_ssize_t start, limit, size, count, total, i;
     Py_buffer data, keys;
-    PyObject *take, *k = NULL, *n_obj, *frames = NULL, *result = NULL;
+    PyObject *k = NULL, *frames, *result = NULL;
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "encode_frames() takes 6 arguments");
         return NULL;
     }
-    first = PyLong_AsLong(args[0]);
-    if (first == -1 && PyErr_Occurred()) return NULL;
-    if (first < 0 || first > 0x7F) {
-        PyErr_SetString(PyExc_ValueError, "first must be in range(128): RSV bits and opcode");
-        return NULL;
-    }
-    start = PyLong_AsSsize_t(args[2]);
-    if (start == -1 && PyErr_Occurred()) return NULL;
-    limit = PyLong_AsSsize_t(args[3]);
-    if (limit == -1 && PyErr_Occurred()) return NULL;
-    budget = PyLong_AsSsize_t(args[5]);
-    if (budget == -1 && PyErr_Occurred()) return NULL;
-    if (limit < 1) {
-        PyErr_SetString(PyExc_ValueError, "limit must be at least 1");
-        return NULL;
-    }
-    take = args[4];
-    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0) return NULL;
+    count = batch_start(args, &first, &data, &start, &limit, &total, &k, &keys);
+    if (count < 0) return NULL;
     size = data.len;
-    if (start < 0 || start > size) {
-        PyErr_SetString(PyExc_ValueError, "start must be in range(len(payload) + 1)");
-        goto done;
-    }
-    /* The batch's frames, counted first: their keys come from one take(count). */
-    count = 0;
-    pos = start;
-    do {
-        Py_ssize_t n = size - pos < limit ? size - pos : limit;
-        total += HEAD_SIZE(n) + 4 + n;
-        pos += n;
-        count++;
-    } while (pos < size && total < budget);
-    n_obj = PyLong_FromSsize_t(count);
-    if (n_obj == NULL) goto done;
-    k = PyObject_CallOneArg(take, n_obj);
-    Py_DECREF(n_obj);
-    if (k == NULL) goto done;
-    if (PyObject_GetBuffer(k, &keys, PyBUF_SIMPLE) < 0) goto done;
-    if (keys.len != 4 * count) {
-        PyErr_SetString(PyExc_ValueError, "take(count) must give 4 * count bytes of mask keys");
-        goto release_keys;
-    }
     frames = PyList_New(count);
-    if (frames == NULL) goto release_keys;
+    if (frames == NULL) goto done;
     for (i = 0; i < count; i++) {
         Py_ssize_t n = size - start < limit ? size - start : limit;
         PyObject *frame = masked_frame(
@@ -340,17 +368,65 @@ encode_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             (const unsigned char *)data.buf + start, n, (const unsigned char *)keys.buf + 4 * i);
         if (frame == NULL) {
             Py_CLEAR(frames);
-            goto release_keys;
+            goto done;
         }
         PyList_SET_ITEM(frames, i, frame);
         start += n;
     }
     result = Py_BuildValue("(Nn)", frames, start);
-release_keys:
-    PyBuffer_Release(&keys);
 done:
+    PyBuffer_Release(&keys);
     Py_XDECREF(k);
     PyBuffer_Release(&data);
+    return result;
+}
+
+/* encode_frames' batch written one frame after the other into ``out`` (a
+ * writable buffer at least as long as the batch) instead of made as new bytes
+ * objects; returns (bytes written, next). The GIL is released while a batch
+ * of more than RELEASE_GIL_ABOVE bytes is masked. */
+static PyObject *
+encode_frames_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long first;
+    Py_ssize_t start, limit, size, count, total, i, at = 0;
+    Py_buffer data, keys, out;
+    PyObject *k = NULL, *result = NULL;
+    PyThreadState *ts = NULL;
+    unsigned char *o;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "encode_frames_into() takes 7 arguments");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[6], &out, PyBUF_WRITABLE) < 0) return NULL;
+    count = batch_start(args, &first, &data, &start, &limit, &total, &k, &keys);
+    if (count < 0) {
+        PyBuffer_Release(&out);
+        return NULL;
+    }
+    if (out.len < total) {
+        PyErr_SetString(PyExc_ValueError, "out is shorter than the batch");
+        goto done;
+    }
+    size = data.len;
+    o = (unsigned char *)out.buf;
+    if (total > RELEASE_GIL_ABOVE) ts = PyEval_SaveThread();
+    for (i = 0; i < count; i++) {
+        Py_ssize_t n = size - start < limit ? size - start : limit;
+        const unsigned char *key = (const unsigned char *)keys.buf + 4 * i;
+        Py_ssize_t head = write_head(
+            o + at, (start + n >= size ? 0x80 : 0) | (start == 0 ? (int)first : 0), n, key);
+        mask_into(o + at + head + 4, (const unsigned char *)data.buf + start, n, key);
+        at += head + 4 + n;
+        start += n;
+    }
+    if (ts != NULL) PyEval_RestoreThread(ts);
+    result = Py_BuildValue("(nn)", at, start);
+done:
+    PyBuffer_Release(&keys);
+    Py_XDECREF(k);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&out);
     return result;
 }
 
@@ -1162,6 +1238,8 @@ static PyMethodDef methods[] = {
      "One whole masked frame: the header for the payload with the key, then the masked payload."},
     {"encode_frames", (PyCFunction)(void (*)(void))encode_frames, METH_FASTCALL,
      "A large message's masked frames from payload[start:], until they hold budget bytes."},
+    {"encode_frames_into", (PyCFunction)(void (*)(void))encode_frames_into, METH_FASTCALL,
+     "encode_frames' batch written into out, one frame after the other; (length, next)."},
     {"encode_messages", (PyCFunction)(void (*)(void))encode_messages, METH_FASTCALL,
      "A run of whole messages from items[start:] as masked frames, joined; and where it stopped."},
     {"total_length", total_length, METH_O, "sum(map(len, messages)) for a list of messages."},

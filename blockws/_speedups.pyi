@@ -10,6 +10,15 @@ def encode_frames(
     take: Callable[[int], bytes],
     budget: int,
 ) -> tuple[list[bytes], int]: ...
+def encode_frames_into(
+    first: int,
+    payload: bytes | bytearray | memoryview,
+    start: int,
+    limit: int,
+    take: Callable[[int], bytes],
+    budget: int,
+    out: bytearray | memoryview,
+) -> tuple[int, int]: ...
 def encode_messages(
     items: list[tuple[Any, ...]], start: int, limit: int, take: Callable[[int], bytes]
 ) -> tuple[bytes, int]: ...

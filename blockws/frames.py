@@ -42,6 +42,9 @@ __all__ = [
     "encode_frames",
     "py_encode_frames",
     "c_encode_frames",
+    "encode_frames_into",
+    "py_encode_frames_into",
+    "c_encode_frames_into",
     "encode_messages",
     "py_encode_messages",
     "c_encode_messages",
@@ -538,6 +541,36 @@ def py_encode_frames(
     return frames, start
 
 
+def py_encode_frames_into(
+    first: int,
+    payload: BytesLike,
+    start: int,
+    limit: int,
+    take: Callable[[int], bytes],
+    budget: int,
+    out: bytearray | memoryview,
+) -> tuple[int, int]:
+    """:func:`py_encode_frames`' batch written one frame after the other into
+    ``out`` (``ValueError`` if it is shorter than the batch); returns how many
+    bytes, and where the next batch starts.
+
+    The reference for ``blockws._speedups.encode_frames_into``, which writes
+    the frames there directly: a sender that reuses ``out`` then allocates
+    nothing per batch (see ``Protocol.data_batches``). Without the C speedups
+    the frames are sent as :func:`py_encode_frames` makes them.
+    """
+    frames, start = py_encode_frames(first, payload, start, limit, take, budget)
+    n = sum(map(len, frames))
+    if len(out) < n:
+        raise ValueError("out is shorter than the batch")
+    view = memoryview(out)
+    pos = 0
+    for frame in frames:
+        view[pos : pos + len(frame)] = frame
+        pos += len(frame)
+    return n, start
+
+
 def _head_size(n: int) -> int:
     """A masked frame's header length without its key, for a payload of ``n``."""
     return 2 if n < 126 else 4 if n < 65536 else 10
@@ -555,6 +588,19 @@ encode_frames: Callable[..., tuple[list[bytes], int]] = (
     c_encode_frames
     if c_encode_frames is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
     else py_encode_frames
+)
+
+c_encode_frames_into: Callable[..., tuple[int, int]] | None
+try:
+    from ._speedups import encode_frames_into as c_encode_frames_into
+except ImportError:  # pragma: no cover - depends on the install
+    c_encode_frames_into = None
+
+#: :func:`py_encode_frames_into`'s C version when built (and
+#: ``BLOCKWS_PURE_PYTHON`` unset), else ``None``: a sender then sends the
+#: frames :data:`encode_frames` makes (copying them would cost more).
+encode_frames_into: Callable[..., tuple[int, int]] | None = (
+    None if os.environ.get("BLOCKWS_PURE_PYTHON") else c_encode_frames_into
 )
 
 #: A small frame's first two bytes, [opcode][payload length].

@@ -305,6 +305,13 @@ class _Pieces:
         return out
 
 
+def batch_room(budget: int, limit: int) -> int:
+    """The most bytes one of a client's batches of ``budget`` bytes, in frames
+    of ``limit`` bytes of payload, can take: frames are added until the batch
+    holds ``budget`` bytes, so the last may pass it by a whole frame."""
+    return budget + limit + 14
+
+
 def _continuation_header(length: int, fin: bool) -> bytes:
     """The header of an unmasked continuation frame of ``length`` bytes."""
     first = 0x80 if fin else 0
@@ -569,14 +576,25 @@ class Protocol:
         return ([data] if data else []), end
 
     def data_batches(
-        self, opcode: int, payload: BytesLike, budget: int, *, compress: bool = True
-    ) -> Iterator[tuple[list[bytes], bool]]:
+        self,
+        opcode: int,
+        payload: BytesLike,
+        budget: int,
+        *,
+        compress: bool = True,
+        into: bytearray | None = None,
+    ) -> Iterator[tuple[list[BytesLike], bool]]:
         """:meth:`encode_data` in batches: lists of frames of ``budget`` bytes
         or more each (the last one maybe less), each with whether it is the
         message's last, made as each batch is asked for: a large message's
         frames need not all exist at once, and a writer can send control
         frames between two batches. A client's batch is one call of
-        :func:`blockws.frames.encode_frames`."""
+        :func:`blockws.frames.encode_frames`.
+
+        With ``into`` (at least :func:`batch_room` bytes) and the C speedups, a
+        client's batches are written there instead, each as one view of it:
+        the caller must be done with a batch (written it) before it asks for
+        the next, which overwrites it."""
         first, payload = self._encode_payload(opcode, payload, compress)
         keys = self._mask_keys
         size = len(payload)
@@ -584,7 +602,7 @@ class Protocol:
             # (A server's frames come as header and payload: a batch ends
             # after a payload, never between the two.)
             step = 1 if keys is not None else 2
-            batch: list[bytes] = []
+            batch: list[BytesLike] = []
             total = 0
             for frame in self._frames(first, payload):
                 if total >= budget and not len(batch) % step:
@@ -600,9 +618,16 @@ class Protocol:
         source = self._key_source
         take = source.take if isinstance(source, MaskKeys) else partial(_take_each, keys)
         start = 0
+        encode_into = _frames.encode_frames_into
+        if into is not None and encode_into is not None and len(into) >= batch_room(budget, limit):
+            out = memoryview(into)
+            while start < size:
+                n, start = encode_into(first, payload, start, limit, take, budget, into)
+                yield [out[:n]], start >= size
+            return
         while start < size:
-            batch, start = encode(first, payload, start, limit, take, budget)
-            yield batch, start >= size
+            frames, start = encode(first, payload, start, limit, take, budget)
+            yield frames, start >= size  # type: ignore[misc]  # (list[bytes]: read only)
 
     def _encode_payload(
         self, opcode: int, payload: BytesLike, compress: bool

@@ -43,7 +43,7 @@ from typing import Any, Callable, Union
 
 from .buffers import BufferSegment
 from .log import ContextAdapter
-from .protocol import Protocol, Role
+from .protocol import Protocol, Role, batch_room
 from .transport import Transport
 
 __all__ = [
@@ -82,11 +82,47 @@ _PING_PONG = (0x9, _PONG_OPCODE)
 # (opcode, payload, segment to release once written, size counted in buffered_amount)
 Item = tuple[int, Any, "BufferSegment | None", int]
 # (its remaining batches, its payload bytes not yet encoded, its segment)
-Unfinished = tuple[Iterator[tuple[list[bytes], bool]], int, "BufferSegment | None"]
+Unfinished = tuple[Iterator[tuple[list["BytesLike"], bool]], int, "BufferSegment | None"]
 BytesLike = Union[bytes, bytearray, memoryview]
 
 
-def _remaining(chunks: list[bytes], sent: int) -> list[BytesLike]:
+#: Buffers a large message's batches are encoded into (see _batch_buffer),
+#: shared by every socket of the process: at most this many are kept.
+_POOL_MAX = 4
+_pool: list[bytearray] = []
+
+
+def _batch_buffer(proto: Protocol, transport: Transport) -> bytearray | None:
+    """A buffer for :meth:`Protocol.data_batches`' ``into``, from the pool, or
+    ``None`` where batches stay the frames it makes.
+
+    A large message was otherwise encoded into fresh heap blocks, a batch at a
+    time, and freed once written: glibc then trimmed the top of its heap and
+    faulted the same pages in again for every batch (10 to 20 times a 1 MiB
+    echo's usual page faults, by how the heap happened to lie). Only for a
+    transport that writes a batch to the kernel before returning (plain TCP,
+    which gathers: the kernel copies it) and fragments of up to
+    :data:`WRITE_BATCH`. ``list.pop()`` and ``append()`` are atomic: no lock.
+    """
+    if not transport.gathers or proto.max_fragment_size > WRITE_BATCH:
+        return None
+    need = batch_room(WRITE_BATCH, proto.max_fragment_size)
+    try:
+        buf = _pool.pop()
+    except IndexError:
+        return bytearray(need)
+    if len(buf) < need:
+        return bytearray(need)  # (a smaller one, for smaller fragments: dropped)
+    return buf
+
+
+def _give_back(buf: bytearray | None) -> None:
+    """A batch buffer whose every batch is written goes back to the pool."""
+    if buf is not None and len(_pool) < _POOL_MAX:
+        _pool.append(buf)
+
+
+def _remaining(chunks: Sequence[BytesLike], sent: int) -> list[BytesLike]:
     """What is left of ``chunks`` after their first ``sent`` bytes went out."""
     i = 0
     while sent >= len(chunks[i]):  # callers pass less than the total: this ends
@@ -329,13 +365,15 @@ class Sender:
             if segment is not None and not segment.released:
                 segment.release()
             return
-        frames: list[bytes] = []
+        frames: Sequence[BytesLike] = ()
         written = 0
         unfinished: Unfinished | None = None
+        into: bytearray | None = None
         try:
             if len(payload) > WRITE_BATCH:
+                into = _batch_buffer(proto, transport)
                 frames, written, unfinished = self._direct_batches(
-                    proto, transport, opcode, payload, segment
+                    proto, transport, opcode, payload, segment, into
                 )
             else:
                 frames = proto.encode_data(
@@ -352,6 +390,8 @@ class Sender:
         if unfinished is None and segment is not None and not segment.released:
             segment.release()  # its bytes were copied into the frames
         total = len(frames[0]) if len(frames) == 1 else sum(map(len, frames))
+        if written >= total and unfinished is None:
+            _give_back(into)  # (else it goes on in rest and unfinished)
         with self.lock:
             self._writing = False
             if written < total:
@@ -378,19 +418,26 @@ class Sender:
         opcode: int,
         payload: Any,
         segment: BufferSegment | None,
-    ) -> tuple[list[bytes], int, Unfinished | None]:
-        """A large direct write's batches, offered to the kernel one at a time
+        into: bytearray | None,
+    ) -> tuple[list[BytesLike], int, Unfinished | None]:
+        """A large direct write's batches (encoded ``into`` it, if given: see
+        :meth:`Protocol.data_batches`), offered to the kernel one at a time
         until it takes one in part; returns that batch (or the last), how much
         of it was written, and the rest of the message if it did not end."""
-        batches = proto.data_batches(opcode & 0xF, payload, WRITE_BATCH, compress=False)
+        batches = proto.data_batches(
+            opcode & 0xF, payload, WRITE_BATCH, compress=False, into=into
+        )
         limit = proto.max_fragment_size
+        # A whole fragment's bytes: header, key, payload.
+        frame = (2 if limit < 126 else 4 if limit < 65536 else 10) + 4 + limit
         left = len(payload)
         for batch, last in batches:
             written = transport.try_write(batch)
             if last:
                 return batch, written, None
-            left -= len(batch) * limit  # whole fragments (see attach)
-            if written < sum(map(len, batch)):
+            size = sum(map(len, batch))
+            left -= size // frame * limit  # whole fragments (see attach)
+            if written < size:
                 return batch, written, (batches, left, segment)
         raise AssertionError("data_batches ends with a last batch")  # pragma: no cover
 
@@ -504,18 +551,22 @@ class Sender:
                 if chunks:
                     transport.write(chunks)
                     chunks.clear()
-                batches = proto.data_batches(opcode & 0xF, payload, WRITE_BATCH, compress=compress)
+                into = _batch_buffer(proto, transport)
+                batches = proto.data_batches(
+                    opcode & 0xF, payload, WRITE_BATCH, compress=compress, into=into
+                )
                 if self._write_large(batches):
                     # A close went out mid-message: no data frame may follow it
                     # (RFC 6455 5.5.1), so the rest of the batch is dropped.
                     return True
+                _give_back(into)  # every batch written
             else:
                 chunks.extend(proto.encode_data(opcode & 0xF, payload, compress=compress))
         if chunks:
             transport.write(chunks)
         return False
 
-    def _write_large(self, batches: Iterator[tuple[list[bytes], bool]]) -> bool:
+    def _write_large(self, batches: Iterator[tuple[list[BytesLike], bool]]) -> bool:
         """Write a large message's frames, in the batches of about
         :data:`WRITE_BATCH` bytes :meth:`Protocol.data_batches` makes them in,
         with control frames queued meanwhile between batches; when one of them

@@ -563,6 +563,56 @@ def test_encode_frames_rejects_what_encode_frame_rejects(impl: Any) -> None:
         impl(0x02, b"abc", 0, 1, failing, 0)
 
 
+# -- both batch encoders into a buffer (encode_frames_into) ----------------------------
+# The same batches written one frame after the other into a caller's buffer: the C
+# version (blockws._speedups.encode_frames_into) and the pure-Python reference must
+# give encode_frames' frames, joined, byte for byte, and fail alike.
+
+from blockws.frames import c_encode_frames_into, py_encode_frames_into  # noqa: E402
+
+INTO_ENCODERS = [pytest.param(py_encode_frames_into, id="python")]
+if c_encode_frames_into is not None:
+    INTO_ENCODERS.append(pytest.param(c_encode_frames_into, id="c"))
+
+
+@pytest.mark.parametrize("impl", INTO_ENCODERS)
+@pytest.mark.parametrize(
+    ("size", "limit"),
+    [(0, 1), (1, 1), (130, 1), (1000, 7), (126, 125), (65537, 65536), (200_000, 32768),
+     (200_000, 70_000), (1 << 20, 32768)],
+)  # fmt: skip
+def test_encode_frames_into_writes_encode_frames_batches(impl: Any, size: int, limit: int) -> None:
+    data = random_bytes(size)
+    for first, budget in ((Opcode.BINARY, 0), (Opcode.TEXT | 0x40, 5000), (Opcode.BINARY, 1 << 18)):
+        ref_take, take = Taker(), Taker()
+        out = bytearray(budget + limit + 14)
+        start = ref_start = 0
+        while True:
+            batch, ref_start = py_encode_frames(first, data, ref_start, limit, ref_take, budget)
+            out[:] = b"\xee" * len(out)
+            n, start = impl(first, memoryview(data), start, limit, take, budget, out)
+            assert (n, start) == (sum(map(len, batch)), ref_start)
+            assert out[:n] == b"".join(batch)
+            assert out[n:] == b"\xee" * (len(out) - n)  # nothing written past the batch
+            assert take.counts == ref_take.counts
+            if start == size:
+                break
+
+
+@pytest.mark.parametrize("impl", INTO_ENCODERS)
+def test_encode_frames_into_refuses_a_short_or_read_only_buffer(impl: Any) -> None:
+    data = bytes(100_000)
+    batch, _ = py_encode_frames(2, data, 0, 32768, Taker(), 65536)
+    need = sum(map(len, batch))
+    with pytest.raises(ValueError, match="shorter than the batch"):
+        impl(2, data, 0, 32768, Taker(), 65536, bytearray(need - 1))
+    with pytest.raises((TypeError, BufferError)):
+        impl(2, data, 0, 32768, Taker(), 65536, bytes(need))  # not writable
+    with pytest.raises(ValueError):
+        impl(0x80, data, 0, 32768, Taker(), 65536, bytearray(need))  # as encode_frames
+    assert impl(2, data, 0, 32768, Taker(), 65536, bytearray(need))[0] == need
+
+
 # -- both fast receive loops (split_messages) -----------------------------------------
 # The C loop (blockws._speedups.split_messages) and the pure-Python reference
 # (frames.py_split_messages) must agree byte for byte: the messages, their types,

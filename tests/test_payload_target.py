@@ -442,13 +442,13 @@ def feed_scattered(
 def outcome(proto: Protocol, events: list[Any]) -> list[Any]:
     """The events as comparable values (a failure as its class and close code)."""
     values = []
-    for event in as_values(events):
-        if isinstance(event, (bytes, str)):
-            values.append(event)
-        elif hasattr(event, "error"):
-            values.append(("failure", type(event.error), event.error.close_code))
+    for item in as_values(events):
+        if isinstance(item, (bytes, str)):
+            values.append(item)
+        elif hasattr(item, "error"):
+            values.append(("failure", type(item.error), item.error.close_code))
         else:
-            values.append((type(event).__name__, getattr(event, "payload", None)))
+            values.append((type(item).__name__, getattr(item, "payload", None)))
     return values
 
 

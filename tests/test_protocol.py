@@ -31,6 +31,7 @@ from blockws.protocol import (
     Role,
     State,
     TextMessage,
+    batch_room,
 )
 
 pytestmark = pytest.mark.unit
@@ -654,6 +655,39 @@ def test_data_batches_are_encode_data_in_batches(
                 assert parsed is not None
                 joined = joined[parsed[1] :]
                 parsed = Frame.parse(joined, masked=role is Role.CLIENT) if joined else None
+
+
+@pytest.mark.parametrize(
+    "into", [frames_module.py_encode_frames_into, frames_module.c_encode_frames_into, None]
+)
+@pytest.mark.parametrize("size", [5, 70_000, 300_000, 1 << 20])
+def test_data_batches_into_a_buffer_are_the_same_bytes(
+    into: Any, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's batches encoded into a caller's buffer (one view of it a
+    batch, overwritten by the next): the same bytes as the frames, in the
+    same batches; without the encoder (the pure path), the frames as ever."""
+    monkeypatch.setattr(frames_module, "encode_frames_into", into)
+    payload = binary_of(size)
+    for fragment, budget in ((32768, 1 << 18), (1000, 4000), (7, 100)):
+        whole = b"".join(make(Role.CLIENT, max_fragment_size=fragment).encode_data(2, payload))
+        buf = bytearray(batch_room(budget, fragment))
+        got = []
+        for batch, _last in make(Role.CLIENT, max_fragment_size=fragment).data_batches(
+            2, payload, budget, into=buf
+        ):
+            if into is not None and size > fragment:
+                assert len(batch) == 1 and type(batch[0]) is memoryview
+                assert batch[0].obj is buf
+            got.append(b"".join(batch))  # (copied before the next batch overwrites it)
+        assert b"".join(got) == whole
+    # A buffer too small for a batch is not used.
+    small = bytearray(100)
+    batches = list(make(Role.CLIENT).data_batches(2, payload, 1 << 18, into=small))
+    assert b"".join(b"".join(b) for b, _ in batches) == b"".join(
+        make(Role.CLIENT).encode_data(2, payload)
+    )
+    assert small == bytearray(100)
 
 
 @pytest.mark.parametrize("batcher", _BATCHERS)

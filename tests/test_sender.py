@@ -14,6 +14,7 @@ import pytest
 from memory import MemoryTransport
 
 import blockws
+import blockws.frames as frames_module
 import blockws.sender as sender_module
 from blockws.buffers import BufferPool, BufferSegment
 from blockws.deflate import PerMessageDeflate
@@ -559,6 +560,67 @@ def test_a_large_direct_write_the_kernel_cuts_leaves_the_rest_to_the_writer(
     assert not rig.failures
 
 
+class GatheringCapped(CappedTransport):
+    """CappedTransport, saying it writes gathered chunks with one system call
+    and is done with them when the call returns (plain TCP): large messages
+    are then encoded into a pooled buffer."""
+
+    gathers = True
+
+
+def test_large_direct_writes_reuse_one_pooled_buffer(
+    rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two 1 MiB messages the kernel takes whole: each batch is written from
+    the same pooled buffer, which goes back to the pool after each message."""
+    if frames_module.encode_frames_into is None:
+        pytest.skip("without the C speedups the frames are sent as made")
+    pool: list[bytearray] = []
+    monkeypatch.setattr(sender_module, "_pool", pool)
+    transport = GatheringCapped(1 << 30)
+    rig = rigs(transport)
+    first, second = bytes(range(256)) * 4096, bytes(range(255, -1, -1)) * 4096
+    assert rig.enqueue(BINARY, first) is True
+    assert len(pool) == 1
+    buffer = pool[0]
+    rig.sender.direct_ok = True  # (as a reply arriving sets it)
+    assert rig.enqueue(BINARY, second) is True
+    assert pool == [buffer] and pool[0] is buffer
+    assert transport.try_writes == [BATCH_BYTES] * 8
+    data = [f for f in transport.frames() if f.opcode in DATA_OPCODES]
+    assert b"".join(payloads(data)) == first + second
+    assert rig.sender.buffered == 0
+
+
+def test_a_pooled_buffer_the_kernel_cut_stays_with_the_writer(
+    rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch the kernel takes in part leaves its rest in the pooled buffer:
+    the buffer is not given back (no other send may write over the rest), the
+    writer sends the rest and then the next batches from it, and a large
+    message queued meanwhile is encoded elsewhere: every byte as sent."""
+    if frames_module.encode_frames_into is None:
+        pytest.skip("without the C speedups the frames are sent as made")
+    pool: list[bytearray] = []
+    monkeypatch.setattr(sender_module, "_pool", pool)
+    cap = BATCH_BYTES + 5000
+    transport = GatheringCapped(cap, block_writes=True)
+    rig = rigs(transport)
+    first = bytes(range(251)) * (ONE_MIB // 251)
+    second = bytes(range(7, 256)) * 4000
+    assert rig.enqueue(BINARY, first) is True
+    assert transport.try_writes == [BATCH_BYTES, BATCH_BYTES]  # the second taken in part
+    assert pool == []  # the rest is in it
+    rig.enqueue(BINARY, second)  # queued behind it (the writer has it)
+    transport.unblock_writes()
+    frames = rig.wait_frames(32 + 30)
+    data = [f for f in frames if f.opcode in DATA_OPCODES]
+    assert b"".join(payloads(data)) == first + second
+    rig.wait_idle()
+    assert rig.sender.buffered == 0 and not rig.failures
+    assert len(pool) == 1  # the queued message's, given back once written
+
+
 def test_a_close_reply_cuts_short_the_rest_of_a_large_direct_write(
     rigs: Callable[..., Rig],
 ) -> None:
@@ -680,7 +742,13 @@ def test_large_message_is_fragmented_with_control_frames_between_batches(
     assert len(transport.writes) >= 3
     # one buffer, or one batch of at most WRITE_BATCH plus a fragment (plus the ping)
     assert max(transport.writes) <= WRITE_BATCH + 60014 + 64
-    if gathers:  # the frames themselves, several per write: never copied into a buffer
+    if gathers and frames_module.encode_frames_into is not None:
+        # Each batch encoded into a pooled buffer, written as one view of it
+        # (and the ping beside one): never copied into the writer's buffer.
+        assert all(
+            type(c) is memoryview for chunks in transport.chunks for c in chunks if len(c) > 1000
+        )
+    elif gathers:  # the frames themselves, several per write: never copied into a buffer
         assert max(map(len, transport.chunks)) > 1
         assert all(type(c) is bytes for chunks in transport.chunks for c in chunks)
     else:  # the buffer: one chunk of data per write (and the ping beside one)
