@@ -258,23 +258,9 @@ def test_hypothesis_reads_into_targets_match_receive_data(
     expected = [e for e in as_values(reference.receive_data(data)) if isinstance(e, bytes)]
     assert expected == messages
     proto = client()
-    events: list[Any] = []
-    pos, k, used = 0, 0, 0
-    while pos < len(data):
-        target = proto.payload_target()
-        used += target is not None
-        # The drawn cuts, every other read; a read of 37 KiB more between
-        # (reads of a byte or two through 3 MiB took minutes).
-        cut = cuts[(k // 2) % len(cuts)] + (37 * KB if k & 1 else 0)
-        k += 1
-        if target is not None:
-            n = min(len(target), len(data) - pos, into or len(target), cut)
-            target[:n] = data[pos : pos + n]
-            events += proto.payload_received(n)
-        else:
-            n = min(cut, len(data) - pos)
-            events += proto.receive_data(data[pos : pos + n])
-        pos += n
+    # The drawn cuts, with a read of 37 KiB more between (reads of a byte or
+    # two through 3 MiB took minutes).
+    events, _, used = feed_scattered(proto, data, cuts, 37 * KB, scatter=False, into=into)
     assert [e for e in as_values(events) if isinstance(e, bytes)] == messages
     assert proto.failure is None
     if fragment is None and 600 * KB in sizes:
@@ -327,72 +313,6 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], threading.Eve
     return into, ended
 
 
-@pytest.mark.parametrize("reader", ["caller", "reader thread"])
-def test_large_messages_read_into_their_buffers_arrive_whole(
-    reader: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Through ``ws.wait()`` (the caller reads) and through the reader thread
-    (the caller only pumps, once "end" was parsed): every message byte for
-    byte, in order, the pings answered, and ``bytes_received`` counts what
-    went into the buffers too."""
-    into, ended = _counting(monkeypatch)
-    rec = Recorder()
-    with fault_server(_sends_messages) as server:
-        ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
-        ws.open()
-        if reader == "caller":
-            rec.pump_until(ws, lambda: "end" in rec.messages, what="end")
-        else:
-            assert ended.wait(10)
-            ws.update()
-        assert rec.messages == [*MESSAGES, "end"]
-        assert into, "nothing was read into a buffer"
-        caller = threading.current_thread().name
-        if reader == "reader thread":
-            assert caller not in into
-        else:
-            assert caller in into
-        sent = sum(len(wire_frame(OP_BINARY, m)) for m in MESSAGES)
-        assert ws.bytes_received > sent
-        ws.close()
-        assert rec.wait_closed(ws)[0] == 1000
-
-
-def test_an_interrupt_after_a_read_into_a_buffer_loses_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Ctrl-C just after a caller's read into a message's buffer (the count is
-    kept, as read bytes are): the next reader takes the count, and every
-    message arrives once, whole."""
-    into, _ = _counting(monkeypatch)
-    real_read = TCPTransport.read
-    interrupted: list[int] = []
-
-    def read(self: TCPTransport, timeout: float | None) -> Any:
-        data = real_read(self, timeout)
-        if isinstance(data, int) and data and len(interrupted) < 3:
-            interrupted.append(data)
-            raise KeyboardInterrupt
-        return data
-
-    monkeypatch.setattr(TCPTransport, "read", read)
-    rec = Recorder()
-    with fault_server(_sends_messages) as server:
-        ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
-        ws.open()
-        deadline = time.monotonic() + 20
-        while "end" not in rec.messages and time.monotonic() < deadline:
-            try:
-                rec.pump_until(ws, lambda: "end" in rec.messages, what="end")
-            except KeyboardInterrupt:
-                pass
-        assert len(interrupted) == 3
-        assert rec.messages == [*MESSAGES, "end"]
-        assert ws.is_open and ws.error is None
-        ws.close()
-        assert rec.wait_closed(ws)[0] == 1000
-
-
 # -- one read scattered over the next frames (payload_target(scatter=True)) ------------------
 
 
@@ -406,18 +326,25 @@ def fragmented(payload: bytes, step: int, opcode: int = Opcode.BINARY) -> bytes:
 
 
 def feed_scattered(
-    proto: Protocol, data: bytes, cuts: list[int], bump: int = 0
-) -> tuple[list[Any], int]:
+    proto: Protocol,
+    data: bytes,
+    cuts: list[int],
+    bump: int = 0,
+    scatter: bool = True,
+    into: int | None = None,
+) -> tuple[list[Any], int, int]:
     """``data`` as reads of the sizes ``cuts`` gives in turn (every other one
-    ``bump`` bytes longer), each into what ``payload_target(scatter=True)``
-    gives (a list filled in order, as ``recvmsg_into`` fills it), else through
-    receive_data. Returns the events and how many reads were scattered."""
+    ``bump`` bytes longer), each into what ``payload_target(scatter)`` gives (a
+    list filled in order, as ``recvmsg_into`` fills it; a view, at most
+    ``into`` bytes of it), else through receive_data. Returns the events, how
+    many reads were scattered and how many went into a target at all."""
     events: list[Any] = []
-    pos = k = scattered = 0
+    pos = k = scattered = used = 0
     while pos < len(data):
         cut = cuts[k % len(cuts)] + (bump if k & 1 else 0)
         k += 1
-        target = proto.payload_target(True)
+        target = proto.payload_target(scatter)
+        used += target is not None
         if isinstance(target, list):
             scattered += 1
             n = min(sum(map(len, target)), len(data) - pos, cut)
@@ -429,14 +356,14 @@ def feed_scattered(
                 left -= take
             events += proto.payload_received(n)
         elif target is not None:
-            n = min(len(target), len(data) - pos, cut)
+            n = min(len(target), len(data) - pos, into or len(target), cut)
             target[:n] = data[pos : pos + n]
             events += proto.payload_received(n)
         else:
             n = min(cut, len(data) - pos)
             events += proto.receive_data(data[pos : pos + n])
         pos += n
-    return events, scattered
+    return events, scattered, used
 
 
 def outcome(proto: Protocol, events: list[Any]) -> list[Any]:
@@ -470,7 +397,7 @@ def test_a_message_in_32_kib_frames_is_read_into_its_buffer_across_headers() -> 
 
     proto = Counting(Role.CLIENT)
     proto.compact_messages = True
-    events, scattered = feed_scattered(proto, wire, [127 * KB])
+    events, scattered, _ = feed_scattered(proto, wire, [127 * KB])
     assert as_values(events) == messages
     assert scattered >= 4 * 6  # of about 8 reads a message
     assert proto.failure is None
@@ -488,7 +415,7 @@ def test_reads_that_end_anywhere_around_a_frame_boundary(offset: int) -> None:
     wire = b"".join(fragmented(m, 32 * KB) for m in messages)
     frame = 32 * KB + 4
     cuts = [frame + 2 + offset, *[frame] * 40]
-    events, scattered = feed_scattered(client(), wire, cuts)
+    events, scattered, _ = feed_scattered(client(), wire, cuts)
     assert as_values(events) == messages
     # (A read that ends in a header leaves its bytes unparsed: receive_data
     # takes the next read, and these reads all end there.)
@@ -526,7 +453,7 @@ def test_bytes_that_break_the_guess_are_parsed_as_receive_data_would(after: str)
         expected = outcome(reference, reference.receive_data(wire))
         proto = client()
         proto.receive_data(wire[: 40 * KB])  # the first frame, and some of the second
-        events, scattered = feed_scattered(proto, wire[40 * KB :], cuts)
+        events, scattered, _ = feed_scattered(proto, wire[40 * KB :], cuts)
         assert outcome(proto, events) == expected
         assert scattered
 
@@ -563,7 +490,7 @@ def test_a_bad_guessed_frame_fails_as_receive_data_fails(fault: str) -> None:
         proto = client(**kwargs)
         head = wire.index(b"before") + len(b"before") + 10 * KB
         events = proto.receive_data(wire[:head])
-        more, scattered = feed_scattered(proto, wire[head:], cuts)
+        more, scattered, _ = feed_scattered(proto, wire[head:], cuts)
         assert outcome(proto, events + more) == expected
         assert scattered
 
@@ -579,7 +506,7 @@ def test_a_message_shorter_than_the_last_ends_the_guess_at_its_end(cut: int) -> 
     wire = fragmented(long, 32 * KB) + fragmented(short, 32 * KB)
     wire += fragmented(after, 32 * KB) + server_frame(Opcode.TEXT, b"end")
     proto = client()
-    events, scattered = feed_scattered(proto, wire, [cut])
+    events, scattered, _ = feed_scattered(proto, wire, [cut])
     assert as_values(events) == [long, short, after, "end"]
     assert scattered
 
@@ -678,7 +605,7 @@ def test_hypothesis_scattered_reads_match_receive_data(
     proto = client(max_message_size=limit)
     # (A read of 37 KiB more every other read: reads of a byte or two through
     # megabytes would take minutes.)
-    events, scattered = feed_scattered(proto, data, cuts, 37 * KB)
+    events, scattered, _ = feed_scattered(proto, data, cuts, 37 * KB)
     event("scattered reads" if scattered else "no scattered read")
     assert outcome(proto, events) == expected
     assert (proto.failure is None) == (reference.failure is None)
@@ -705,53 +632,53 @@ def _sends_fragmented(peer: Peer) -> None:
 #: 1 MiB messages in 32 KiB frames (a ping inside the second), and one in 20 KiB frames.
 FRAGMENTED = [os.urandom(1 << 20), os.urandom(1 << 20), os.urandom(700 * KB), os.urandom(1 << 20)]
 
-
-def _spy_scattered(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Records the thread of each scattered read's parsing."""
-    scattered: list[str] = []
-    real = Protocol._scattered
-
-    def spy(self: Protocol, *args: Any) -> None:
-        scattered.append(threading.current_thread().name)
-        real(self, *args)
-
-    monkeypatch.setattr(Protocol, "_scattered", spy)
-    return scattered
+#: What each server sends, and the messages it makes: large frames (the rest of
+#: each read into its message's buffer), and messages in 32 KiB and 20 KiB frames
+#: (every read into a buffer scattered over guessed frames: no frame is large).
+STREAMS = {
+    "large frames": (_sends_messages, [*MESSAGES, "end"]),
+    "fragmented": (_sends_fragmented, [*FRAGMENTED, b"small", "end"]),
+}
 
 
+@pytest.mark.parametrize("stream", list(STREAMS))
 @pytest.mark.parametrize("reader", ["caller", "reader thread"])
-def test_fragmented_messages_scattered_over_a_socket_arrive_whole(
-    reader: str, monkeypatch: pytest.MonkeyPatch
+def test_messages_read_into_their_buffers_arrive_whole(
+    reader: str, stream: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Over a socket, ``recvmsg_into`` over the guessed frames, by a caller in
-    ``ws.wait()`` and by the reader thread: every message byte for byte, in
-    order, the ping answered."""
-    scattered = _spy_scattered(monkeypatch)
-    _, ended = _counting(monkeypatch)
+    """Through ``ws.wait()`` (the caller reads) and through the reader thread
+    (the caller only pumps, once "end" was parsed): every message byte for
+    byte, in order, the pings answered, and ``bytes_received`` counts what
+    went into the buffers too."""
+    sends, expected = STREAMS[stream]
+    into, ended = _counting(monkeypatch)
     rec = Recorder()
-    with fault_server(_sends_fragmented) as server:
+    with fault_server(sends) as server:
         ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
         ws.open()
         if reader == "caller":
             rec.pump_until(ws, lambda: "end" in rec.messages, what="end")
         else:
-            assert ended.wait(10)  # parsed by the reader thread (the caller only pumps)
+            assert ended.wait(10)
             ws.update()
-        assert rec.messages == [*FRAGMENTED, b"small", "end"]
-        assert scattered, "no read was scattered"
+        assert rec.messages == expected
+        assert into, "nothing was read into a buffer"
         caller = threading.current_thread().name
-        assert (caller in scattered) == (reader == "caller")
+        assert (caller in into) == (reader == "caller")
+        assert ws.bytes_received > sum(len(m) for m in expected if isinstance(m, bytes))
         ws.close()
         assert rec.wait_closed(ws)[0] == 1000
 
 
-def test_an_interrupt_after_a_scattered_read_loses_nothing(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("stream", list(STREAMS))
+def test_an_interrupt_after_a_read_into_a_buffer_loses_nothing(
+    stream: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ctrl-C just after a caller's read scattered over guessed frames: the
-    count is kept, and its plan with it, for the next reader: every message
-    arrives once, whole."""
-    scattered = _spy_scattered(monkeypatch)
+    """Ctrl-C just after a caller's read into a message's buffer (the count is
+    kept, as read bytes are, and a scattered read's plan with it): the next
+    reader takes the count, and every message arrives once, whole."""
+    sends, expected = STREAMS[stream]
+    into, _ = _counting(monkeypatch)
     real_read = TCPTransport.read
     interrupted: list[int] = []
 
@@ -764,7 +691,7 @@ def test_an_interrupt_after_a_scattered_read_loses_nothing(
 
     monkeypatch.setattr(TCPTransport, "read", read)
     rec = Recorder()
-    with fault_server(_sends_fragmented) as server:
+    with fault_server(sends) as server:
         ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
         ws.open()
         deadline = time.monotonic() + 20
@@ -774,8 +701,7 @@ def test_an_interrupt_after_a_scattered_read_loses_nothing(
             except KeyboardInterrupt:
                 pass
         assert len(interrupted) == 3
-        assert scattered
-        assert rec.messages == [*FRAGMENTED, b"small", "end"]
+        assert rec.messages == expected
         assert ws.is_open and ws.error is None
         ws.close()
         assert rec.wait_closed(ws)[0] == 1000
