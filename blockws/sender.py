@@ -99,12 +99,14 @@ def _batch_buffer(proto: Protocol, transport: Transport) -> bytearray | None:
     A large message was otherwise encoded into fresh heap blocks, a batch at a
     time, and freed once written: glibc then trimmed the top of its heap and
     faulted the same pages in again for every batch (10 to 20 times a 1 MiB
-    echo's usual page faults, by how the heap happened to lie). Only for a
-    transport that writes a batch to the kernel before returning (plain TCP,
-    which gathers: the kernel copies it) and fragments of up to
-    :data:`WRITE_BATCH`. ``list.pop()`` and ``append()`` are atomic: no lock.
+    echo's usual page faults, by how the heap happened to lie). Every
+    transport is done with what it was given when ``write()`` returns (plain
+    TCP's kernel, TLS and HTTP/2 have copied it), and what ``try_write()``
+    did not take stays in this buffer, which then goes with it (see
+    :meth:`Sender.direct_write`). For fragments of up to :data:`WRITE_BATCH`.
+    ``list.pop()`` and ``append()`` are atomic: no lock.
     """
-    if not transport.gathers or proto.max_fragment_size > WRITE_BATCH:
+    if proto.max_fragment_size > WRITE_BATCH:
         return None
     need = batch_room(WRITE_BATCH, proto.max_fragment_size)
     try:
@@ -579,7 +581,9 @@ class Sender:
         batch is let go of before the next is made, so the C allocator reuses
         the same memory (holding a whole message's frames, or joining them,
         made it trim its heap and fault fresh pages in again for every
-        message). Any other transport (TLS, HTTP/2), and fragments smaller than
+        message). A batch encoded into a pooled buffer (:func:`_batch_buffer`)
+        is one chunk already and goes as it is, to any transport. Otherwise any
+        other transport (TLS, HTTP/2), and fragments smaller than
         :data:`GATHER_FROM`, get the frames copied into one reusable buffer,
         written as one chunk.
         """
@@ -588,7 +592,9 @@ class Sender:
         batch, last = next(batches)
         # The first two frames tell the fragment size (a server's frames come
         # as header and payload): every fragment but the last has it.
-        if transport.gathers and max(map(len, batch[:2]), default=0) >= GATHER_FROM:
+        # (A batch encoded into a pooled buffer is one chunk already.)
+        whole = transport.gathers or len(batch) == 1
+        if whole and max(map(len, batch[:2]), default=0) >= GATHER_FROM:
             while not last:
                 if self._flush_large(transport, batch):
                     return True

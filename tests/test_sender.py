@@ -20,7 +20,7 @@ from blockws.buffers import BufferPool, BufferSegment
 from blockws.deflate import PerMessageDeflate
 from blockws.frames import Frame, Opcode, pack_close
 from blockws.log import ContextAdapter
-from blockws.protocol import Protocol, Role
+from blockws.protocol import Protocol, Role, batch_room
 from blockws.sender import DIRECT_MAX, UNCOMPRESSED, WRITE_BATCH, Sender
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
@@ -753,6 +753,12 @@ def test_large_message_is_fragmented_with_control_frames_between_batches(
         assert all(type(c) is bytes for chunks in transport.chunks for c in chunks)
     else:  # the buffer: one chunk of data per write (and the ping beside one)
         assert all(sum(len(c) > 1000 for c in chunks) == 1 for chunks in transport.chunks)
+    if frames_module.encode_frames_into is not None:
+        # Either way, a batch encoded into a pooled buffer goes as that one
+        # chunk, not copied again into the writer's buffer.
+        room = batch_room(WRITE_BATCH, 60000)
+        data_chunks = [c for chunks in transport.chunks for c in chunks if len(c) > 1000]
+        assert all(type(c) is memoryview and len(c.obj) == room for c in data_chunks)
     rig.wait_idle()
     assert rig.sender.buffered == 0
 
