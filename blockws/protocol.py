@@ -727,6 +727,7 @@ class Protocol:
         the buffer, which grows as :meth:`receive_data` grows it (doubling,
         never by the announced length alone). Read into it, then report the
         count with :meth:`payload_received`, with nothing parsed in between.
+        A target is never empty: a read of 0 bytes means the end of the stream.
 
         With ``scatter`` (a reader that can scatter one read over several
         buffers: ``recvmsg_into``), a message that comes in frames of
@@ -770,7 +771,10 @@ class Protocol:
             return None
         start = self._m_len
         if start == len(buf):
-            buf = self._grow(buf, 2 * len(buf))
+            # (At least _INTO_FROM: a frame's first read may have brought its
+            # header alone, and an empty buffer doubled is still empty. An empty
+            # view would read 0 bytes, which means the end of the stream.)
+            buf = self._grow(buf, max(2 * len(buf), _INTO_FROM))
         return memoryview(buf)[start : min(len(buf), start + rest)]
 
     def _grow(self, buf: bytearray, size: int) -> bytearray:

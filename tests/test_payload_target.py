@@ -84,6 +84,23 @@ def test_a_large_message_is_read_into_its_buffer_byte_for_byte() -> None:
 
 
 @unit
+@pytest.mark.parametrize("scatter", [False, True])
+def test_a_frame_whose_first_read_held_its_header_alone_gets_a_target(scatter: bool) -> None:
+    """The first read of a large frame ended with its header: the message's
+    buffer is still empty, and the target must not be (an empty one would
+    read 0 bytes, the end of the stream, and drop the connection)."""
+    payload = os.urandom(200 * KB)
+    wire = server_frame(Opcode.BINARY, payload)
+    head = len(wire) - len(payload)
+    proto = client()
+    assert proto.receive_data(wire[:head]) == []
+    target = proto.payload_target(scatter)
+    assert target is not None and not isinstance(target, list) and len(target) > 0
+    events, _, _ = feed_scattered(proto, wire[head:], [127 * KB], scatter=scatter)
+    assert as_values(events) == [payload]
+
+
+@unit
 def test_the_target_never_reaches_past_the_frame_or_the_buffer() -> None:
     """A peer announcing 16 MiB and sending little gets a buffer that doubles
     with what came, never one of the announced size."""
@@ -345,6 +362,9 @@ def feed_scattered(
         k += 1
         target = proto.payload_target(scatter)
         used += target is not None
+        # Never empty: a read of 0 bytes is the end of the stream.
+        size = sum(map(len, target)) if isinstance(target, list) else len(target or b"")
+        assert target is None or size
         if isinstance(target, list):
             scattered += 1
             n = min(sum(map(len, target)), len(data) - pos, cut)

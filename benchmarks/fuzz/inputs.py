@@ -79,4 +79,12 @@ def ws_frames(server: bool) -> list[bytes]:
         Frame(Opcode.TEXT, deflated, rsv=RSV1).serialize(key),
         Frame(Opcode.CLOSE, b"\x03\xe8bye").serialize(key),
         Frame(Opcode.PONG, b"").serialize(key) + Frame(Opcode.CLOSE, b"").serialize(key),
+        # Two binary messages in frames of 40 bytes, a ping among the second's: the
+        # second's reads may be scattered over its guessed frames.
+        b"".join(
+            Frame(Opcode.BINARY if i in (0, 4) else Opcode.CONT, bytes([i]) * 40, fin=i in (3, 7))
+            .serialize(key)
+            + (Frame(Opcode.PING, b"!").serialize(key) if i == 5 else b"")
+            for i in range(8)
+        ),
     ]

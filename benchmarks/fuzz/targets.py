@@ -191,6 +191,7 @@ def _run_protocol(
     general: bool = False,
     c_inflate: bool = True,
     cont_run: bool = True,
+    into: bool = False,
 ) -> tuple[list[tuple[Any, ...]], list[bytes], Any]:
     server = bool(mode & 1)
     pool = _CountingPool()
@@ -198,6 +199,11 @@ def _run_protocol(
     saved = protocol_mod.apply_mask
     saved_inflate = deflate_mod._inflate_run
     protocol_mod.apply_mask = mask
+    saved_into = protocol_mod._INTO_FROM, protocol_mod._SCATTER_FROM
+    if into:
+        # Reads into targets and scattered over guessed frames, for frames small
+        # enough to fit under _MAX_MESSAGE.
+        protocol_mod._INTO_FROM, protocol_mod._SCATTER_FROM = 64, 16
     if not c_inflate:
         deflate_mod._inflate_run = None  # the fast path's pure loop: decode() per message
     try:
@@ -220,10 +226,23 @@ def _run_protocol(
         sent: list[bytes] = []
         for piece in pieces:
             # Nothing escapes receive_data: a protocol error becomes a Failure event.
+            while into and piece and (target := proto.payload_target(True)) is not None:
+                # A read into the target (the piece's first bytes, as much as it holds).
+                views = target if isinstance(target, list) else [target]
+                n = at = 0
+                for view in views:
+                    take = min(len(view), len(piece) - at)
+                    view[:take] = piece[at : at + take]
+                    at += take
+                    n += take
+                events.extend(proto.payload_received(n))
+                sent.extend(proto.data_to_send())
+                piece = piece[n:]
             got = proto.receive_data(piece)
             events.extend(got)
             sent.extend(proto.data_to_send())
     finally:
+        protocol_mod._INTO_FROM, protocol_mod._SCATTER_FROM = saved_into
         protocol_mod.apply_mask = saved
         deflate_mod._inflate_run = saved_inflate
     for event in events:
@@ -256,7 +275,8 @@ def target_protocol(data: bytes) -> None:
     or not; the same bytes whole and cut into pieces, with pure and C masking, and a
     deflate client's with and without the fast path for compressed messages, and on
     its C loop and its pure one, and a client's with and without the run of a
-    fragmented binary message's continuation frames."""
+    fragmented binary message's continuation frames, and with reads into the
+    message's buffer (``payload_target``, scattered too) wherever it offers one."""
     inp = Input(data)
     mode = inp.byte()
     stream = inp.rest()
@@ -270,6 +290,9 @@ def target_protocol(data: bytes) -> None:
     if not mode & 1:  # a client: the run of continuation frames against the general path
         general = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, cont_run=False)
         assert general == cut, "the continuation-frame run and the general path disagree"
+        # ... and reads straight into a message's buffer, scattered over guessed frames.
+        read_into = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, into=True)
+        assert read_into == cut, "reads into targets and receive_data disagree"
     if mode & 16 and not mode & 1:  # a client with permessage-deflate
         general = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, general=True)
         assert general == cut, "the compressed-message fast path and the general path disagree"
