@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Union
 
+from . import frames as _frames
 from .buffers import BufferSegment
 from .log import ContextAdapter
 from .protocol import Protocol, Role, batch_room
@@ -103,10 +104,15 @@ def _batch_buffer(proto: Protocol, transport: Transport) -> bytearray | None:
     transport is done with what it was given when ``write()`` returns (plain
     TCP's kernel, TLS and HTTP/2 have copied it), and what ``try_write()``
     did not take stays in this buffer, which then goes with it (see
-    :meth:`Sender.direct_write`). For fragments of up to :data:`WRITE_BATCH`.
-    ``list.pop()`` and ``append()`` are atomic: no lock.
+    :meth:`Sender.direct_write`). For a client's fragments of up to
+    :data:`WRITE_BATCH`, with the C speedups. ``list.pop()`` and ``append()``
+    are atomic: no lock.
     """
-    if proto.max_fragment_size > WRITE_BATCH:
+    if (
+        proto.role is not Role.CLIENT  # (a server's frames are not masked: no batch to encode)
+        or _frames.encode_frames_into is None  # (the pure path sends the frames as made)
+        or proto.max_fragment_size > WRITE_BATCH
+    ):
         return None
     need = batch_room(WRITE_BATCH, proto.max_fragment_size)
     try:
