@@ -1190,7 +1190,10 @@ class Connection:
         if writer is not None and self._reader is me and writer.is_alive():
             writer.join(WRITER_JOIN)  # not one whose start() an interrupt cut short
         if transport is not None:
-            transport.close()
+            # (Not under a caller's direct write: see Sender.close_transport. A
+            # caller reading in the reader's place is out of its read by now:
+            # the read token's cancel() waits for that.)
+            self.sender.close_transport(transport)
         self._let_go()  # what the ended link owned, before a backoff as after a close
         if delay is not None:
             self._await_retry(delay)

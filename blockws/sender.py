@@ -143,6 +143,11 @@ def _remaining(chunks: Sequence[BytesLike], sent: int) -> list[BytesLike]:
 class Sender:
     """Queue, counters and writer thread of one socket (see the module docstring)."""
 
+    #: A transport the teardown asked to close while a write was under way
+    #: (see :meth:`close_transport`); set on the instance only then, so an
+    #: open socket carries no such field.
+    _late_close: Transport | None = None
+
     def __init__(
         self,
         name: str,
@@ -370,6 +375,7 @@ class Sender:
         if proto is None or transport is None:  # the socket ended meanwhile
             with self.lock:
                 self._writing = False
+            self._close_late()
             if segment is not None and not segment.released:
                 segment.release()
             return
@@ -391,6 +397,8 @@ class Sender:
         except BaseException as exc:  # noqa: BLE001 - reported through on_closed
             with self.lock:
                 self._writing = False
+            if self._stopped:
+                self._close_late()
             if segment is not None and not segment.released:
                 segment.release()
             self._on_failure(self, exc)
@@ -417,6 +425,8 @@ class Sender:
                 self._kick_locked()
             elif self.queue or self.control:
                 self._kick_locked()  # others queued while we wrote
+        if self._stopped:  # (set before a late close is asked for, under the lock)
+            self._close_late()
         # A direct write is a data message: only the writer writes close frames.
 
     def _direct_batches(
@@ -514,6 +524,8 @@ class Sender:
                     with lock:
                         self._writing = False
                         self.buffered -= size + rest_size
+                    if self._stopped:
+                        self._close_late()
                     for _o, _p, segment, _n in batch:  # written, or failed: either way done
                         if segment is not None and not segment.released:
                             segment.release()
@@ -660,6 +672,32 @@ class Sender:
         self.proto = None
         self.transport = None
         self._out = None
+
+    def close_transport(self, transport: Transport) -> None:
+        """Close ``transport`` (the teardown, after :meth:`stop_locked`) once no
+        thread writes to it: now, or when the write under way ends, by the
+        thread that made it -- a caller's direct write, or a writer the
+        teardown did not join.
+
+        Closing a descriptor while another thread is about to write to it
+        could let that write reach whatever socket the process opens next
+        under the same number. After ``abort()`` (a shutdown) such a write
+        fails at once, so the close waits no longer than that. Never blocks.
+        """
+        with self.lock:
+            if self._writing:
+                self._late_close = transport
+                return
+        transport.close()
+
+    def _close_late(self) -> None:
+        """A write that ended after :meth:`stop_locked`: close the transport if
+        the teardown left that to it (see :meth:`close_transport`)."""
+        with self.lock:
+            transport = self._late_close
+            self._late_close = None
+        if transport is not None:
+            transport.close()
 
     @property
     def thread(self) -> threading.Thread | None:

@@ -1065,6 +1065,96 @@ def test_direct_write_after_the_socket_ended_releases_the_segment(
     assert rig.sender._writing is False and not rig.failures
 
 
+class ClosingTransport(TryWriteTransport):
+    """Notes which thread closed it, and, with ``hold``, keeps each
+    ``try_write`` inside the call until the test lets it go (``fail``: it
+    then fails, as a write after the teardown's shutdown does)."""
+
+    def __init__(self, hold: bool = False, fail: bool = False) -> None:
+        super().__init__()
+        self.hold, self.fail = hold, fail
+        self.inside = threading.Event()
+        self.go = threading.Event()
+        self.closed_by: list[str] = []
+
+    def try_write(self, chunks: Sequence[Any]) -> int:
+        if self.hold:
+            self.inside.set()
+            assert self.go.wait(WAIT)
+            assert not self.closed, "closed under a write"
+            if self.fail:
+                raise blockws.ConnectionLost("broken pipe (test)")
+        return super().try_write(chunks)
+
+    def close(self) -> None:
+        self.closed_by.append(threading.current_thread().name)
+        super().close()
+
+
+def teardown(rig: Rig) -> None:
+    """What Connection._finish does with the sender and the transport."""
+    with rig.lock:
+        rig.sender.stop_locked()
+    rig.transport.abort()
+    rig.sender.close_transport(rig.transport)
+
+
+def test_the_teardown_closes_an_idle_transport_at_once(rigs: Callable[..., Rig]) -> None:
+    transport = ClosingTransport()
+    rig = rigs(transport)
+    assert rig.enqueue(TEXT, b"written") is True
+    teardown(rig)
+    assert transport.closed_by == [threading.current_thread().name]
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["written", "failed"])
+def test_a_direct_write_under_way_at_the_teardown_closes_the_transport_itself(
+    rigs: Callable[..., Rig], fail: bool
+) -> None:
+    """The descriptor is not closed under a caller's direct write: another
+    socket opened meanwhile could get its number and the write's bytes. The
+    writing thread closes it when its write returns (or fails)."""
+    transport = ClosingTransport(hold=True, fail=fail)
+    rig = rigs(transport)
+    sent: list[bool] = []
+    caller = threading.Thread(
+        target=lambda: sent.append(rig.enqueue(TEXT, b"in flight")), name="caller"
+    )
+    caller.start()
+    assert transport.inside.wait(WAIT)
+    teardown(rig)  # on this thread, as the reader's teardown runs on the reader
+    assert transport.closed_by == []
+    transport.go.set()
+    caller.join(WAIT)
+    assert sent == [True]
+    assert transport.closed_by == ["caller"]
+    assert len(rig.failures) == int(fail)
+    assert rig.sender._late_close is None
+
+
+def test_a_writer_the_teardown_did_not_join_closes_the_transport(
+    rigs: Callable[..., Rig],
+) -> None:
+    class Closing(MemoryTransport):
+        closed_by: list[str] = []
+
+        def close(self) -> None:
+            self.closed_by.append(threading.current_thread().name)
+            super().close()
+
+    transport = Closing(block_writes=True)
+    rig = rigs(transport)
+    rig.enqueue(TEXT, b"stuck")
+    assert transport.write_started.wait(WAIT)
+    writer = rig.sender.thread
+    assert writer is not None
+    teardown(rig)  # abort() fails the blocked write (within 50 ms here)
+    writer.join(WAIT)
+    assert not writer.is_alive()
+    assert transport.closed_by == [writer.name]
+    assert rig.failures == []
+
+
 def test_failed_direct_write_of_plain_bytes_reports_once(rigs: Callable[..., Rig]) -> None:
     class Broken(TryWriteTransport):
         def try_write(self, chunks: Sequence[Any]) -> int:
