@@ -1,6 +1,6 @@
 """Client CPU instructions per operation, counted by valgrind's callgrind.
 
-    python -m benchmarks.instructions [--compare PATH] [--rounds N] [--workloads W1,W3,W3w,W5b]
+    python -m benchmarks.instructions [--compare PATH] [--rounds N] [--workloads W1,W3,W3r,W3w,W5b]
 
 Wall-clock figures on a shared machine swing by tens of percent; callgrind
 counts user-space instructions, which repeat to within a fraction of a
@@ -15,6 +15,8 @@ and imports cancel out.
 - **W3**: a 1 MiB binary echo with 4 in flight, through ``on_binary``, against
   the benchmark server's ``/echo`` (it sends back the 32 KiB fragments it
   got, as in ``python -m benchmarks``); a tenth of ``--rounds`` past 20.
+- **W3r**: W3 through ``receive()`` (each message as exact ``bytes``), with
+  4 in flight.
 - **W3w**: W3 with each message in one frame (``max_fragment_size`` above
   1 MiB), so the echo comes back as one 1 MiB frame, as most servers send
   a large message: its rest is read straight into the message's buffer.
@@ -70,6 +72,18 @@ if mode in ("W3", "W3w"):
     while st["got"] < n:
         ws.wait(1.0)
         ws.update()
+elif mode == "W3r":
+    payload = bytes(range(256)) * 4096
+    ws = blockws.connect(url + "echo", timeout=60, extensions=[])
+    sent = 0
+    for _ in range(min(4, n)):
+        ws.send(payload)
+        sent += 1
+    for _ in range(n):
+        assert len(ws.receive(60)) == len(payload)
+        if sent < n:
+            ws.send(payload)
+            sent += 1
 elif mode == "W5b":
     payload = bytes(range(256)) * 4096
     ws = blockws.connect(url + "sink", timeout=60, extensions=[])
@@ -153,11 +167,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compare", type=Path, help="another blockws checkout to measure")
     parser.add_argument("--rounds", type=int, default=1000)
-    parser.add_argument("--workloads", default="W1", help="of W1, W3, W3w, W5b (default: W1)")
+    parser.add_argument(
+        "--workloads", default="W1", help="of W1, W3, W3r, W3w, W5b (default: W1)"
+    )
     args = parser.parse_args()
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    if not workloads or not set(workloads) <= {"W1", "W3", "W3w", "W5b"}:
-        raise SystemExit("--workloads: a comma-separated list of W1, W3, W3w, W5b")
+    if not workloads or not set(workloads) <= {"W1", "W3", "W3r", "W3w", "W5b"}:
+        raise SystemExit("--workloads: a comma-separated list of W1, W3, W3r, W3w, W5b")
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(CLIENT)
         script = f.name

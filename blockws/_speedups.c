@@ -68,6 +68,18 @@
  * there; stops before anything else, for Protocol._binary_run's own loop.
  * A 1 MiB message in the default 32 KiB fragments was 30 turns of that loop.
  *
+ * BytesBuffer(size): a ``bytes`` object of ``size`` bytes under construction,
+ * written through the buffer protocol (writable, as a bytearray is) and then
+ * handed out whole by ``take(n)``: its first ``n`` bytes, as that very
+ * ``bytes`` object (shrunk in place with _PyBytes_Resize when ``n`` is
+ * less). A message that ``receive()`` returns as ``bytes`` is thus read
+ * straight into the object it returns: no read of its own per ``recv``, no
+ * pieces, no join (the copy that a bytearray assembly would need at its end).
+ * The object is nobody else's until ``take()``: it holds the only reference,
+ * and ``take()`` refuses (BufferError) while a view of it is still exported,
+ * so nothing can write into the ``bytes`` once it is out. After ``take()`` it
+ * is empty: its length is 0 and a new view fails (ValueError).
+ *
  * inflate_run(buf, pos, decomp, room, limit, budget, inflated, out, wrap,
  * wrap_binary, join_max) -> (pos, inflated, error, detail): the receive path's
  * loop for whole compressed messages, each in one frame (permessage-deflate
@@ -1232,6 +1244,123 @@ copy_continuations(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nnn)", pos, m_len, m_frames);
 }
 
+/* -- BytesBuffer (see the module's doc) ----------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *bytes; /* owned, the only reference; NULL once taken */
+    Py_ssize_t exports;
+} BytesBufferObject;
+
+static PyObject *
+BytesBuffer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Py_ssize_t size;
+    BytesBufferObject *self;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "BytesBuffer() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "n:BytesBuffer", &size))
+        return NULL;
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "BytesBuffer size must not be negative");
+        return NULL;
+    }
+    self = (BytesBufferObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->exports = 0;
+    self->bytes = PyBytes_FromStringAndSize(NULL, size);
+    if (self->bytes == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void
+BytesBuffer_dealloc(BytesBufferObject *self)
+{
+    Py_XDECREF(self->bytes);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+BytesBuffer_getbuffer(BytesBufferObject *self, Py_buffer *view, int flags)
+{
+    if (self->bytes == NULL) {
+        PyErr_SetString(PyExc_ValueError, "BytesBuffer already taken");
+        view->obj = NULL;
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)self, PyBytes_AS_STRING(self->bytes),
+                          PyBytes_GET_SIZE(self->bytes), 0, flags) < 0)
+        return -1;
+    self->exports++;
+    return 0;
+}
+
+static void
+BytesBuffer_releasebuffer(BytesBufferObject *self, Py_buffer *view)
+{
+    (void)view;
+    self->exports--;
+}
+
+static Py_ssize_t
+BytesBuffer_length(BytesBufferObject *self)
+{
+    return self->bytes == NULL ? 0 : PyBytes_GET_SIZE(self->bytes);
+}
+
+static PyObject *
+BytesBuffer_take(BytesBufferObject *self, PyObject *arg)
+{
+    Py_ssize_t n = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    PyObject *b;
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (self->bytes == NULL) {
+        PyErr_SetString(PyExc_ValueError, "BytesBuffer already taken");
+        return NULL;
+    }
+    if (self->exports > 0) {
+        PyErr_SetString(PyExc_BufferError, "BytesBuffer still has views: cannot take it");
+        return NULL;
+    }
+    if (n < 0 || n > PyBytes_GET_SIZE(self->bytes)) {
+        PyErr_Format(PyExc_ValueError, "take(%zd) outside a BytesBuffer of %zd bytes", n,
+                     PyBytes_GET_SIZE(self->bytes));
+        return NULL;
+    }
+    b = self->bytes;
+    self->bytes = NULL;
+    if (n != PyBytes_GET_SIZE(b) && _PyBytes_Resize(&b, n) < 0)
+        return NULL; /* (b was freed) */
+    return b;
+}
+
+static PyMethodDef BytesBuffer_methods[] = {
+    {"take", (PyCFunction)BytesBuffer_take, METH_O,
+     "take(n) -> bytes: the first n bytes, as the bytes object written; the buffer is then empty."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyBufferProcs BytesBuffer_as_buffer = {
+    (getbufferproc)BytesBuffer_getbuffer,
+    (releasebufferproc)BytesBuffer_releasebuffer,
+};
+
+static PySequenceMethods BytesBuffer_as_sequence = {
+    (lenfunc)BytesBuffer_length, /* sq_length */
+};
+
+static PyTypeObject BytesBufferType = {
+    PyVarObject_HEAD_INIT(NULL, 0) "blockws._speedups.BytesBuffer", /* tp_name */
+    sizeof(BytesBufferObject),                                        /* tp_basicsize */
+};
+
 static PyMethodDef methods[] = {
     {"apply_mask", apply_mask, METH_VARARGS, "XOR data with a repeated 4-byte key."},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
@@ -1294,5 +1423,25 @@ PyInit__speedups(void)
             return PyErr_NoMemory();
     }
 #endif
-    return PyModule_Create(&module);
+    BytesBufferType.tp_dealloc = (destructor)BytesBuffer_dealloc;
+    BytesBufferType.tp_as_sequence = &BytesBuffer_as_sequence;
+    BytesBufferType.tp_as_buffer = &BytesBuffer_as_buffer;
+    BytesBufferType.tp_flags = Py_TPFLAGS_DEFAULT;
+    BytesBufferType.tp_doc = "A bytes object under construction: written through a view, then take(n).";
+    BytesBufferType.tp_methods = BytesBuffer_methods;
+    BytesBufferType.tp_new = BytesBuffer_new;
+    if (PyType_Ready(&BytesBufferType) < 0)
+        return NULL;
+    {
+        PyObject *m = PyModule_Create(&module);
+        if (m == NULL)
+            return NULL;
+        Py_INCREF(&BytesBufferType);
+        if (PyModule_AddObject(m, "BytesBuffer", (PyObject *)&BytesBufferType) < 0) {
+            Py_DECREF(&BytesBufferType);
+            Py_DECREF(m);
+            return NULL;
+        }
+        return m;
+    }
 }

@@ -26,7 +26,7 @@ import struct
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Protocol, Union
 
 from .exceptions import InvalidPayload, ProtocolError
 
@@ -51,6 +51,9 @@ __all__ = [
     "split_messages",
     "copy_continuations",
     "py_copy_continuations",
+    "BytesAssembly",
+    "bytes_buffer",
+    "c_BytesBuffer",
     "c_copy_continuations",
     "py_split_messages",
     "c_split_messages",
@@ -317,6 +320,35 @@ except ImportError:  # pragma: no cover - depends on the install (or an older bu
 #: own loop then does the same, frame by frame).
 copy_continuations: CopyContinuations | None = (
     c_copy_continuations if not os.environ.get("BLOCKWS_PURE_PYTHON") else None
+)
+
+
+class BytesAssembly(Protocol):
+    """A ``bytes`` object under construction (``blockws._speedups.BytesBuffer``):
+    written through ``memoryview(it)``, then handed out by ``take(n)`` as the
+    very ``bytes`` object written, its first ``n`` bytes; empty after that.
+    ``take`` raises ``BufferError`` while a view of it is alive."""
+
+    def __len__(self) -> int: ...
+
+    def __buffer__(self, flags: int) -> memoryview: ...
+
+    def take(self, n: int) -> bytes: ...
+
+
+c_BytesBuffer: Callable[[int], BytesAssembly] | None
+try:
+    from ._speedups import BytesBuffer as c_BytesBuffer
+except ImportError:  # pragma: no cover - depends on the install (or an older build)
+    c_BytesBuffer = None
+
+#: What the protocol assembles a ``bytes`` message in (for ``receive()``):
+#: the C ``BytesBuffer``, read into directly and handed out without a copy;
+#: or None (without the C speedups, or with ``BLOCKWS_PURE_PYTHON=1``: the
+#: message's pieces are then kept and joined at its end). Looked up per
+#: message, so tests can run the parser with and without it.
+bytes_buffer: Callable[[int], BytesAssembly] | None = (
+    c_BytesBuffer if not os.environ.get("BLOCKWS_PURE_PYTHON") else None
 )
 
 

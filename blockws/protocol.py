@@ -45,6 +45,7 @@ from .frames import (
     CLOSE_NO_STATUS,
     FIN,
     RSV1,
+    BytesAssembly,
     MaskKeys,
     Opcode,
     apply_mask,
@@ -233,6 +234,24 @@ def _take_each(keys: Callable[[], bytes], count: int) -> bytes:
 
 def _default_allocate(size: int) -> bytearray:
     return bytearray(size)
+
+
+#: How many bytes messages :func:`_take` had to copy out of their bytes buffer
+#: because a view of it was still alive (the tests check that the parser's
+#: own paths never do).
+copied_out = 0
+
+
+def _take(buf: BytesAssembly, total: int) -> bytes:
+    """The first ``total`` bytes of a bytes buffer, as the bytes object it holds;
+    a copy of them if a view of it is still alive somewhere (a read target a
+    reader kept), which must not see the ``bytes`` change."""
+    global copied_out
+    try:
+        return buf.take(total)
+    except BufferError:
+        copied_out += 1
+        return bytes(memoryview(buf)[:total])
 
 
 class _Pieces:
@@ -466,16 +485,20 @@ class Protocol:
         self._control = b""
         self._m_opcode = 0  # 0: no data message in progress
         self._m_parts = _Pieces(b"")
-        # A binary message that spans reads or frames, assembled in allocate's
-        # memory as it comes (see _binary_data), and the size of the last one.
-        self._m_buf: bytearray | None = None
+        # A binary message that spans reads or frames, assembled as it comes
+        # (see _binary_data) in allocate's memory, or, for binary_as_bytes, in
+        # the bytes object it becomes (frames.bytes_buffer); and the size of
+        # the last one.
+        self._m_buf: bytearray | BytesAssembly | None = None
         self._m_hint = 0
         self._m_first = 0  # the length of the message's first frame
         # payload_target's scatter plan for payload_received (see there).
         self._plan: tuple[list[memoryview], int, int, bytearray] | None = None
-        #: Deliver every binary message as exact ``bytes`` (joining the pieces of
-        #: a message that arrived in several reads or frames, one copy), rather
-        #: than in memory from ``allocate``. For consumers that want bytes.
+        #: Deliver every binary message as exact ``bytes``, rather than in
+        #: memory from ``allocate``. For consumers that want bytes. A message
+        #: that arrived in several reads or frames is assembled in the
+        #: ``bytes`` it becomes (``frames.bytes_buffer``, with the C speedups),
+        #: or else as pieces joined at its end (one copy).
         self.binary_as_bytes = False
         #: Report a whole message as its ``str`` (text) or ``bytes`` (binary,
         #: when exact bytes) instead of a TextMessage/BinaryMessage event: one
@@ -720,8 +743,9 @@ class Protocol:
         :meth:`receive_data`).
 
         Only for a large rest (:data:`_INTO_FROM`) of an unmasked, uncompressed
-        binary message assembled in its pooled buffer (``on_binary``), with
-        nothing unparsed held: a 1 MiB message then skips a ``bytes`` per read
+        binary message assembled in its buffer (pooled, for ``on_binary``; the
+        ``bytes`` it becomes, for ``binary_as_bytes``), with nothing unparsed
+        held: a 1 MiB message then skips a ``bytes`` per read
         and the copy out of it, and is read in as few calls as the kernel
         allows. The view never reaches past what the frame announces, nor past
         the buffer, which grows as :meth:`receive_data` grows it (doubling,
@@ -747,7 +771,6 @@ class Protocol:
         if (
             buf is None
             or self._buf
-            or self.binary_as_bytes
             or self._m_opcode != Opcode.BINARY
             or self._m_ext
             or not (self.state is State.OPEN or self.state is State.CLOSE_SENT)
@@ -765,7 +788,7 @@ class Protocol:
             return self._scatter_plan(buf, 0)
         return None
 
-    def _into(self, buf: bytearray, rest: int) -> memoryview | None:
+    def _into(self, buf: bytearray | BytesAssembly, rest: int) -> memoryview | None:
         """payload_target's view for the ``rest`` of the current frame."""
         if rest < _INTO_FROM:
             return None
@@ -774,21 +797,32 @@ class Protocol:
             # (At least _INTO_FROM: a frame's first read may have brought its
             # header alone, and an empty buffer doubled is still empty. An empty
             # view would read 0 bytes, which means the end of the stream.)
-            buf = self._grow(buf, max(2 * len(buf), _INTO_FROM))
+            buf = self._grow(buf, max(2 * len(buf), _INTO_FROM), start)
         return memoryview(buf)[start : min(len(buf), start + rest)]
 
-    def _grow(self, buf: bytearray, size: int) -> bytearray:
-        start = self._m_len
-        grown = self._allocate(size)
-        memoryview(grown)[:start] = memoryview(buf)[:start]
+    def _grow(
+        self, buf: bytearray | BytesAssembly, size: int, keep: int
+    ) -> bytearray | BytesAssembly:
+        """A larger buffer of the same kind for the message, with the first
+        ``keep`` bytes of ``buf`` (a pooled one goes back to its pool)."""
+        pooled = type(buf) is bytearray
+        if pooled:
+            grown: bytearray | BytesAssembly = self._allocate(size)
+        else:
+            make = _frames.c_BytesBuffer
+            assert make is not None  # (buf is one)
+            grown = make(size)
+        memoryview(grown)[:keep] = memoryview(buf)[:keep]
         # The new buffer in place first: this runs on a reading caller's
         # thread, outside parsing, where an interrupt may land.
         self._m_buf = grown
-        if self._release is not None:
-            self._release(buf)
+        if pooled and self._release is not None:
+            self._release(buf)  # type: ignore[arg-type]  # (pooled: a bytearray)
         return grown
 
-    def _scatter_plan(self, buf: bytearray, rest: int) -> list[memoryview] | None:
+    def _scatter_plan(
+        self, buf: bytearray | BytesAssembly, rest: int
+    ) -> list[memoryview] | None:
         """payload_target's list (see there), or ``None`` when no next frame
         of the message's first frame's length fits the guess."""
         length = self._m_first
@@ -809,7 +843,7 @@ class Protocol:
             # Doubled, as receive_data would grow it; never by the guess alone.
             if base + length > 2 * len(buf):
                 return None
-            buf = self._grow(buf, 2 * len(buf))
+            buf = self._grow(buf, 2 * len(buf), self._m_len)
         frames = min(frames, (len(buf) - base) // length)
         head = len(_continuation_header(length, False))
         headers = bytearray(frames * head)
@@ -862,7 +896,7 @@ class Protocol:
 
     def _scattered(
         self,
-        buf: bytearray,
+        buf: bytearray | BytesAssembly,
         plan: tuple[list[memoryview], int, int, bytearray],
         n: int,
         events: list[Received],
@@ -911,15 +945,19 @@ class Protocol:
                 return
             if fin:
                 # What came after the message (copied out first: _assembled
-                # hands the buffer on, or back to its pool).
+                # hands the buffer on, or back to its pool). The views go
+                # first: a bytes buffer is handed out only once none is left.
                 after = _joined(views, i, n) if n else b""
+                views.clear()
                 self._m_opcode = 0
                 self._assembled(buf, self._m_len, events)
                 if after:
                     events += self.receive_data(after)
                 return
         if n:
-            events += self.receive_data(_joined(views, i, n))
+            rest_of_read = _joined(views, i, n)
+            views.clear()  # (as above: the message may end in what follows)
+            events += self.receive_data(rest_of_read)
 
     def fail(self, error: ProtocolError) -> list[Received]:
         """Fail the connection because of ``error`` found outside the parser."""
@@ -1025,11 +1063,21 @@ class Protocol:
         that is copied at once into the message's pooled buffer (for
         ``on_binary``; unmasked, not compressed). A 1 MiB message sent in
         32 KiB frames was otherwise copied twice: sliced out of the read, then
-        into its buffer. Pieces kept until the message ends (``bytes`` for
-        ``receive()``) stay copies: a view would pin its whole read."""
+        into its buffer. For ``binary_as_bytes`` too, where the message is
+        assembled in a bytes buffer (``frames.bytes_buffer``), unless the
+        piece is the whole message (which is then itself the ``bytes``).
+        Pieces kept until the message ends (``bytes`` for ``receive()``
+        without that buffer) stay copies: a view would pin its whole read."""
         if (
             n >= _VIEW_FROM
-            and not self.binary_as_bytes
+            and (
+                not self.binary_as_bytes
+                or (
+                    _frames.bytes_buffer is not None
+                    and not self._m_parts
+                    and (self._m_buf is not None or self._f_remaining or not self._f_fin)
+                )
+            )
             and self._m_opcode == Opcode.BINARY
             and self._f_opcode < 8
             and self._f_key is None
@@ -1066,7 +1114,9 @@ class Protocol:
         if not (self.state is State.OPEN or self.state is State.CLOSE_SENT):
             return pos  # the general path discards data after a close
         as_parts = self._m_buf is None
-        if as_parts and not (self.binary_as_bytes or self._m_parts):
+        if as_parts and not (
+            self._m_parts or (self.binary_as_bytes and _frames.bytes_buffer is None)
+        ):
             return pos  # (no buffer yet: the general path makes one)
         limit = self.max_message_size
         view = memoryview(buf)
@@ -1152,6 +1202,7 @@ class Protocol:
                 # (_binary_data joins a bytes message's pieces: a view is then
                 # copied by the join; alone, as the whole message, it must be bytes)
                 piece = view[p:stop] if not as_parts or self._m_parts else buf[p:stop]
+                target = None  # (a bytes buffer is handed out only once no view is left)
                 self._binary_data(piece, fin, events)
                 if fin:
                     self._m_opcode = 0
@@ -1392,7 +1443,10 @@ class Protocol:
         total = self._m_len = start + len(chunk)
         buf = self._m_buf
         parts = self._m_parts
-        if buf is None and (parts or self.binary_as_bytes):
+        as_bytes = self.binary_as_bytes
+        if buf is None and (
+            parts or (as_bytes and (message_end or _frames.bytes_buffer is None))
+        ):
             if not message_end:
                 parts.add(chunk)
                 return
@@ -1417,22 +1471,29 @@ class Protocol:
             # announces (never by the announced length alone: a peer may announce
             # far more than it sends), or the size of the last such message.
             need = total + min(self._f_remaining, total)
-            buf = self._m_buf = self._allocate(max(need, min(self._m_hint, _HINT_CAP)))
+            size = max(need, min(self._m_hint, _HINT_CAP))
+            make = _frames.bytes_buffer if as_bytes else None
+            buf = self._m_buf = make(size) if make is not None else self._allocate(size)
         elif total > len(buf):
-            grown = self._allocate(max(total + min(self._f_remaining, total), 2 * len(buf)))
-            memoryview(grown)[:start] = memoryview(buf)[:start]
-            if self._release is not None:
-                self._release(buf)
-            buf = self._m_buf = grown
+            buf = self._grow(buf, max(total + min(self._f_remaining, total), 2 * len(buf)), start)
         memoryview(buf)[start:total] = chunk
         if message_end:
             self._assembled(buf, total, events)
 
-    def _assembled(self, buf: bytearray, total: int, events: list[Received]) -> None:
-        """A message assembled in its pooled buffer ``buf`` is complete (``total`` bytes)."""
+    def _assembled(
+        self, buf: bytearray | BytesAssembly, total: int, events: list[Received]
+    ) -> None:
+        """A message assembled in its buffer ``buf`` is complete (``total`` bytes)."""
         self._m_buf = None
         self._m_hint = total
-        if self.binary_as_bytes:  # on_binary was cleared meanwhile
+        if not isinstance(buf, bytearray):
+            # Its bytes buffer (binary_as_bytes when it began): the bytes
+            # object itself, whatever binary_as_bytes says now (a BinaryMessage
+            # of bytes is copied into pooled memory for on_binary).
+            self._plan = None  # (an unused plan's views would keep it exported)
+            data = _take(buf, total)
+            events.append(data if self.compact_messages else BinaryMessage(data, total))
+        elif self.binary_as_bytes:  # on_binary was cleared meanwhile
             data = bytes(memoryview(buf)[:total])
             if self._release is not None:
                 self._release(buf)

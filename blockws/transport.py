@@ -573,11 +573,11 @@ class TCPTransport(Transport):
         held = self.held
         try:
             blocking = timeout is None or timeout >= _RCVTIMEO_LONG
-            if timeout is None or blocking:
-                if not self._rcvtimeo_set:
-                    self._set_rcvtimeo(_RCVTIMEO_CAP)
-            elif not (timeout <= 0 or self._readable_within(timeout)):
-                return None
+            if timeout is not None and not blocking:
+                if not (timeout <= 0 or self._readable_within(timeout)):
+                    return None
+            elif not self._rcvtimeo_set:
+                self._set_rcvtimeo(_RCVTIMEO_CAP)
             # (recvmsg_into's count out of its tuple by a C-level call too.)
             if isinstance(target, list):
                 if blocking:

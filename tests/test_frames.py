@@ -1186,3 +1186,99 @@ def test_c_total_length_reads_the_list_again_after_a_len_that_shrinks_it() -> No
     assert frames_module.c_total_length(messages) == 6
     with pytest.raises(TypeError):
         frames_module.c_total_length((b"a",))
+
+
+# -- BytesBuffer: a bytes object read into, then handed out ------------------------------
+
+needs_bytes_buffer = pytest.mark.skipif(
+    frames_module.c_BytesBuffer is None, reason="the C speedups are not built"
+)
+
+
+@needs_bytes_buffer
+def test_bytes_buffer_hands_out_what_was_written_as_bytes() -> None:
+    make = frames_module.c_BytesBuffer
+    assert make is not None
+    buf = make(10)
+    assert len(buf) == 10
+    view = memoryview(buf)
+    assert not view.readonly and view.nbytes == 10
+    view[:4] = b"abcd"
+    view[4:] = b"efghij"
+    view.release()
+    data = buf.take(10)
+    assert type(data) is bytes and data == b"abcdefghij"
+    assert hash(data) == hash(b"abcdefghij")  # (no stale cached hash)
+    assert len(buf) == 0  # empty once taken
+    with pytest.raises(ValueError, match="taken"):
+        memoryview(buf)
+    with pytest.raises(ValueError, match="taken"):
+        buf.take(0)
+
+
+@needs_bytes_buffer
+@pytest.mark.parametrize("n", [0, 1, 5000, (1 << 20) - 1])
+def test_bytes_buffer_take_shrinks_to_the_length_asked(n: int) -> None:
+    make = frames_module.c_BytesBuffer
+    assert make is not None
+    buf = make(1 << 20)
+    payload = os.urandom(n)
+    memoryview(buf)[:n] = payload
+    assert buf.take(n) == payload
+
+
+@needs_bytes_buffer
+def test_bytes_buffer_refuses_to_be_taken_while_a_view_lives() -> None:
+    """Nothing may write into the bytes once it is out: take() waits for
+    every view (slices of a view count too) to go."""
+    make = frames_module.c_BytesBuffer
+    assert make is not None
+    buf = make(8)
+    view = memoryview(buf)
+    piece = view[2:4]
+    view.release()  # the slice still holds the export
+    with pytest.raises(BufferError, match="views"):
+        buf.take(8)
+    piece[:] = b"zz"
+    piece.release()
+    assert buf.take(8)[2:4] == b"zz"
+
+
+@needs_bytes_buffer
+def test_bytes_buffer_rejects_bad_sizes() -> None:
+    make = frames_module.c_BytesBuffer
+    assert make is not None
+    with pytest.raises(ValueError, match="negative"):
+        make(-1)
+    with pytest.raises(TypeError):
+        make("8")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        make(size=8)  # type: ignore[call-arg]
+    buf = make(4)
+    for bad in (-1, 5):
+        with pytest.raises(ValueError, match="outside"):
+            buf.take(bad)
+    assert buf.take(4) is not None
+    assert make(0).take(0) == b""
+
+
+@needs_bytes_buffer
+def test_bytes_buffers_free_their_memory() -> None:
+    """Taken or dropped (a message cut short by a failure), nothing stays."""
+    import tracemalloc
+
+    make = frames_module.c_BytesBuffer
+    assert make is not None
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            buf = make(256 * 1024)
+            memoryview(buf)[:3] = b"abc"
+            if i & 1:
+                assert buf.take(100 * 1024)[:3] == b"abc"
+            del buf
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 64 * 1024

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +22,8 @@ from hypothesis import strategies as st
 from memory import server_frame
 
 import blockws
+import blockws.frames as frames_module
+import blockws.protocol as protocol_module
 from blockws.deflate import PerMessageDeflate
 from blockws.exceptions import MessageTooBig
 from blockws.frames import Opcode, encode_header
@@ -34,9 +37,36 @@ KB = 1024
 INTO = 64 * KB  # blockws.protocol._INTO_FROM
 
 
+#: For whom client() parses: ``on_binary`` (messages in pooled buffers), or
+#: ``receive()`` (``binary_as_bytes``: messages in the bytes they become,
+#: with the C speedups). Every test here runs for both, unless it pins one.
+_FOR = ["on_binary"]
+if frames_module.bytes_buffer is not None:
+    _FOR.append("receive()")
+_consumer = ["on_binary"]
+
+
+@pytest.fixture(autouse=True, params=_FOR)
+def consumer(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs the test for each consumer; checks that no bytes message had to
+    be copied out of its buffer (a view of it left alive by the parser)."""
+    _consumer[0] = request.param
+    copied = protocol_module.copied_out
+    yield request.param
+    _consumer[0] = "on_binary"
+    assert protocol_module.copied_out == copied
+
+
+def for_on_binary(consumer: str) -> None:
+    """A test of the pooled buffers (allocate, release): once, for on_binary."""
+    if consumer != "on_binary":
+        pytest.skip("pooled buffers: on_binary only")
+
+
 def client(**kwargs: Any) -> Protocol:
     proto = Protocol(Role.CLIENT, **kwargs)
     proto.compact_messages = True
+    proto.binary_as_bytes = _consumer[0] == "receive()"
     return proto
 
 
@@ -54,6 +84,7 @@ def feed(proto: Protocol, data: bytes, into: int | None = None) -> list[Any]:
         if target is not None:
             n = min(len(target), len(data) - pos, into or len(target))
             target[:n] = data[pos : pos + n]
+            del target  # (a transport's read has returned, and its target is gone)
             events += proto.payload_received(n)
         else:
             n = min(127 * KB, len(data) - pos)
@@ -75,6 +106,7 @@ def test_a_large_message_is_read_into_its_buffer_byte_for_byte() -> None:
         targets += 1
         n = len(target)
         target[:] = wire[pos : pos + n]
+        del target  # (as a transport's read returns)
         events += proto.payload_received(n)
         pos += n
     assert targets >= 1
@@ -117,10 +149,14 @@ def test_the_target_never_reaches_past_the_frame_or_the_buffer() -> None:
     for _ in range(3):
         target = proto.payload_target()
         assert target is not None
-        sizes.append(len(target))
-        target[:] = b"y" * len(target)
-        assert proto.payload_received(len(target)) == []
-    assert max(allocated) <= 2 * (128 * KB + sum(sizes))
+        n = len(target)
+        sizes.append(n)
+        target[:] = b"y" * n
+        del target
+        assert proto.payload_received(n) == []
+    # (A bytes message's buffer is not allocate's: the one it has now is its largest.)
+    largest = max(allocated) if not proto.binary_as_bytes else len(proto._m_buf or b"")
+    assert largest <= 2 * (128 * KB + sum(sizes))
     assert sum(sizes) < announced
     # And at the frame's end the view stops there.
     proto = client()
@@ -137,7 +173,8 @@ def test_a_full_buffer_grows_and_keeps_what_it_held() -> None:
     wire = server_frame(Opcode.BINARY, payload)
     events = feed(proto, wire, into=64 * KB + 1)
     assert events == [payload]
-    assert released  # the buffers it outgrew went back
+    # The pooled buffers it outgrew went back (bytes buffers have no pool).
+    assert bool(released) is not proto.binary_as_bytes
 
 
 @unit
@@ -163,10 +200,15 @@ def test_each_frame_of_a_fragmented_message_is_read_into_the_same_buffer() -> No
     ["text", "receive()", "small rest", "server role", "deflate", "close received", "unparsed"],
 )
 @unit
-def test_no_target_where_the_bytes_must_be_parsed(case: str) -> None:
+def test_no_target_where_the_bytes_must_be_parsed(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Text, messages for receive() (built as bytes), a rest below 64 KiB,
     masked frames (the server role), compressed messages, data after the
-    peer's close, and bytes held unparsed all go through receive_data."""
+    peer's close, and bytes held unparsed all go through receive_data.
+    (Messages for receive() get targets with the C speedups: the bytes buffer.)"""
+    if case == "receive()" and frames_module.bytes_buffer is not None:
+        monkeypatch.setattr(frames_module, "bytes_buffer", None)
     size = 1 << 20
     proto = client(extensions=[PerMessageDeflate().fresh()] if case == "deflate" else [])
     frame = server_frame(Opcode.TEXT if case == "text" else Opcode.BINARY, b"a" * size)
@@ -208,9 +250,10 @@ def test_a_count_beyond_the_target_is_refused() -> None:
 
 
 @unit
-def test_receive_cleared_meanwhile_gets_bytes_and_the_buffer_back() -> None:
+def test_receive_cleared_meanwhile_gets_bytes_and_the_buffer_back(consumer: str) -> None:
     """``on_binary`` cleared between the target and the message's end: the
     message comes as ``bytes``, and its pooled buffer goes back."""
+    for_on_binary(consumer)
     released: list[int] = []
     proto = client(release=lambda b: released.append(len(b)))
     payload = os.urandom(300 * KB)
@@ -374,10 +417,12 @@ def feed_scattered(
                 view[:take] = data[at : at + take]
                 at += take
                 left -= take
+            del target, view  # (as a transport's read returns)
             events += proto.payload_received(n)
         elif target is not None:
             n = min(len(target), len(data) - pos, into or len(target), cut)
             target[:n] = data[pos : pos + n]
+            del target
             events += proto.payload_received(n)
         else:
             n = min(cut, len(data) - pos)
@@ -554,7 +599,7 @@ def test_a_scatter_plan_never_grows_the_buffer_past_double() -> None:
     target = proto.payload_target(True)
     assert isinstance(target, list)
     assert sum(map(len, target)) <= 40 * KB + 10  # one frame guessed: no hint yet
-    assert max(allocated) <= 2 * 40 * KB  # the 40 KiB buffer doubled, once
+    assert len(proto._m_buf or b"") <= 2 * 40 * KB  # the 40 KiB buffer doubled, once
 
 
 @unit
@@ -664,35 +709,50 @@ STREAMS = {
 @pytest.mark.parametrize("stream", list(STREAMS))
 @pytest.mark.parametrize("reader", ["caller", "reader thread"])
 def test_messages_read_into_their_buffers_arrive_whole(
-    reader: str, stream: str, monkeypatch: pytest.MonkeyPatch
+    reader: str, stream: str, consumer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Through ``ws.wait()`` (the caller reads) and through the reader thread
-    (the caller only pumps, once "end" was parsed): every message byte for
-    byte, in order, the pings answered, and ``bytes_received`` counts what
-    went into the buffers too."""
+    """Through ``ws.wait()`` or ``ws.receive()`` (the caller reads) and
+    through the reader thread (the caller only pumps, or receives, once "end"
+    was parsed): every message byte for byte, in order, the pings answered,
+    and ``bytes_received`` counts what went into the buffers too."""
     sends, expected = STREAMS[stream]
     into, ended = _counting(monkeypatch)
     rec = Recorder()
     with fault_server(sends) as server:
-        ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
-        ws.open()
-        if reader == "caller":
-            rec.pump_until(ws, lambda: "end" in rec.messages, what="end")
+        if consumer == "receive()":
+            ws = blockws.WebSocket(server.url, extensions=[])
+            ws.open()
+            if reader != "caller":
+                assert ended.wait(10)
+            got: list[Any] = []
+            while "end" not in got:
+                got.append(ws.receive(10))
+            assert got == expected
+            assert all(type(m) is bytes for m in got[:-1])
+            assert reader != "caller" or ws.queued_amount == 0
         else:
-            assert ended.wait(10)
-            ws.update()
-        assert rec.messages == expected
+            ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
+            ws.open()
+            if reader == "caller":
+                rec.pump_until(ws, lambda: "end" in rec.messages, what="end")
+            else:
+                assert ended.wait(10)
+                ws.update()
+            assert rec.messages == expected
         assert into, "nothing was read into a buffer"
         caller = threading.current_thread().name
         assert (caller in into) == (reader == "caller")
         assert ws.bytes_received > sum(len(m) for m in expected if isinstance(m, bytes))
         ws.close()
-        assert rec.wait_closed(ws)[0] == 1000
+        if consumer == "receive()":
+            assert ws.join(10) and ws.close_code == 1000
+        else:
+            assert rec.wait_closed(ws)[0] == 1000
 
 
 @pytest.mark.parametrize("stream", list(STREAMS))
 def test_an_interrupt_after_a_read_into_a_buffer_loses_nothing(
-    stream: str, monkeypatch: pytest.MonkeyPatch
+    stream: str, consumer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C just after a caller's read into a message's buffer (the count is
     kept, as read bytes are, and a scattered read's plan with it): the next
@@ -712,16 +772,31 @@ def test_an_interrupt_after_a_read_into_a_buffer_loses_nothing(
     monkeypatch.setattr(TCPTransport, "read", read)
     rec = Recorder()
     with fault_server(sends) as server:
-        ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
-        ws.open()
         deadline = time.monotonic() + 20
-        while "end" not in rec.messages and time.monotonic() < deadline:
-            try:
-                rec.pump_until(ws, lambda: "end" in rec.messages, what="end")
-            except KeyboardInterrupt:
-                pass
+        if consumer == "receive()":
+            ws = blockws.WebSocket(server.url, extensions=[])
+            ws.open()
+            got: list[Any] = []
+            while "end" not in got and time.monotonic() < deadline:
+                try:
+                    got.append(ws.receive(10))
+                except KeyboardInterrupt:
+                    pass
+            messages = got
+        else:
+            ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
+            ws.open()
+            while "end" not in rec.messages and time.monotonic() < deadline:
+                try:
+                    rec.pump_until(ws, lambda: "end" in rec.messages, what="end")
+                except KeyboardInterrupt:
+                    pass
+            messages = rec.messages
         assert len(interrupted) == 3
-        assert rec.messages == expected
+        assert messages == expected
         assert ws.is_open and ws.error is None
         ws.close()
-        assert rec.wait_closed(ws)[0] == 1000
+        if consumer == "receive()":
+            assert ws.join(10) and ws.close_code == 1000
+        else:
+            assert rec.wait_closed(ws)[0] == 1000

@@ -39,24 +39,39 @@ pytestmark = pytest.mark.unit
 # The receive path's loops: the pure ones (split_messages' reference, and
 # _binary_run's own continuation loop) or the C ones (split_messages and
 # copy_continuations from blockws._speedups).
-_SPLITS = [pytest.param((frames_module.py_split_messages, None), id="py-split")]
+# The C side also assembles bytes messages in the bytes they become
+# (frames.bytes_buffer); the pure side keeps their pieces and joins them.
+_SPLITS = [pytest.param((frames_module.py_split_messages, None, None), id="py-split")]
 if frames_module.c_split_messages is not None:
     _SPLITS.append(
         pytest.param(
-            (frames_module.c_split_messages, frames_module.c_copy_continuations), id="c-split"
+            (
+                frames_module.c_split_messages,
+                frames_module.c_copy_continuations,
+                frames_module.c_BytesBuffer,
+            ),
+            id="c-split",
         )
     )
 
 
-def _use_loops(loops: tuple[Any, Any]) -> None:
-    frames_module.split_messages, frames_module.copy_continuations = loops
+def _use_loops(loops: tuple[Any, Any, Any]) -> None:
+    (
+        frames_module.split_messages,
+        frames_module.copy_continuations,
+        frames_module.bytes_buffer,
+    ) = loops
 
 
 @pytest.fixture(autouse=True, scope="module", params=_SPLITS)
 def split_impl(request: pytest.FixtureRequest) -> Iterator[Any]:
     """Every test here runs on both fast receive loops (the C one and the pure
     reference): events, queued frames and the order of failures must not differ."""
-    saved = frames_module.split_messages, frames_module.copy_continuations
+    saved = (
+        frames_module.split_messages,
+        frames_module.copy_continuations,
+        frames_module.bytes_buffer,
+    )
     _use_loops(request.param)
     try:
         yield request.param
@@ -472,7 +487,11 @@ def on_every_split(check: Callable[[], None]) -> None:
     same while drawing them (most of these tests' time) is done once. A failure
     names the loop it happened on in hypothesis's report of the example.
     """
-    saved = frames_module.split_messages, frames_module.copy_continuations
+    saved = (
+        frames_module.split_messages,
+        frames_module.copy_continuations,
+        frames_module.bytes_buffer,
+    )
     try:
         for param in _SPLITS:
             (loops,) = param.values
@@ -1574,10 +1593,14 @@ def test_binary_run_takes_whole_and_cut_continuation_frames(
     assert calls == [0x02, 0x89]
 
 
-def test_binary_run_keeps_views_only_of_reads_it_mostly_uses() -> None:
-    """``binary_as_bytes``: pieces of 4 KiB or more wait for the message's end
-    as views of their read only if they make up half of it or more; else as
-    copies, so a message in progress holds no read it barely uses."""
+def test_binary_run_keeps_views_only_of_reads_it_mostly_uses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``binary_as_bytes`` without a bytes buffer (the pure path): pieces of
+    4 KiB or more wait for the message's end as views of their read only if
+    they make up half of it or more; else as copies, so a message in progress
+    holds no read it barely uses."""
+    monkeypatch.setattr(frames_module, "bytes_buffer", None)
     proto = make(Role.CLIENT)
     proto.binary_as_bytes = True
     first = _raw_frame(0x02, b"")
@@ -1591,6 +1614,57 @@ def test_binary_run_keeps_views_only_of_reads_it_mostly_uses() -> None:
     events = proto.receive_data(_raw_frame(0x80, b"c" * 3))
     assert summarize(events) == [("binary", b"b" * 16384 + b"ccc")]
     assert not proto._m_parts.parts
+
+
+@pytest.mark.parametrize("cut", [127 * 1024, 4096, 32768 + 4, 200 * 1024 + 3])
+def test_a_bytes_message_is_assembled_in_the_bytes_it_becomes(cut: int) -> None:
+    """``binary_as_bytes`` with the C speedups: a 1 MiB message in 32 KiB
+    frames, a ping among them, cut anywhere, is assembled in a bytes buffer
+    (no pieces kept) and comes out as that ``bytes``, never copied out of it;
+    the next, shorter message in the same buffer's place too. On the pure
+    path the pieces are joined: the same messages."""
+    import blockws.protocol as protocol_module
+
+    first, second = binary_of(1 << 20), binary_of(300 * 1024 + 5)[::-1]
+    frames = [
+        _raw_frame((0x80 if i + 32768 >= len(m) else 0) | (2 if i == 0 else 0), m[i : i + 32768])
+        for m in (first, second)
+        for i in range(0, len(m), 32768)
+    ]
+    frames.insert(3, _raw_frame(0x89, b"p"))
+    stream = b"".join(frames) + _raw_frame(0x82, b"small")
+    proto = make(Role.CLIENT)
+    proto.compact_messages = proto.binary_as_bytes = True
+    copied = protocol_module.copied_out
+    events: list[Received] = []
+    parts_seen = 0
+    for start in range(0, len(stream), cut):
+        events += proto.receive_data(stream[start : start + cut])
+        parts_seen += len(proto._m_parts.parts or ())
+    assert summarize(events) == [("ping", b"p"), ("binary", first), ("binary", second),
+                                 ("binary", b"small")]  # fmt: skip
+    assert all(type(e) is bytes for e in events[1:])
+    assert protocol_module.copied_out == copied
+    assert (parts_seen == 0) is (frames_module.bytes_buffer is not None)
+
+
+def test_a_bytes_message_whose_consumer_changes_midway_is_whole() -> None:
+    """Begun for ``receive()`` (in a bytes buffer where there is one), ended
+    for ``on_binary``, and the other way round: the same message either way."""
+    payload = binary_of(200 * 1024)
+    stream = b"".join(
+        _raw_frame((0x80 if i + 32768 >= len(payload) else 0) | (2 if i == 0 else 0),
+                   payload[i : i + 32768])
+        for i in range(0, len(payload), 32768)
+    )  # fmt: skip
+    for begin in (True, False):
+        proto = make(Role.CLIENT)
+        proto.compact_messages = True
+        proto.binary_as_bytes = begin
+        events = proto.receive_data(stream[:100_000])
+        proto.binary_as_bytes = not begin
+        events += proto.receive_data(stream[100_000:])
+        assert summarize(events) == [("binary", payload)]
 
 
 @pytest.mark.parametrize("mode", MODES)

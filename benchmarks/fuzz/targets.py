@@ -192,6 +192,7 @@ def _run_protocol(
     c_inflate: bool = True,
     cont_run: bool = True,
     into: bool = False,
+    bytes_buffer: bool = True,
 ) -> tuple[list[tuple[Any, ...]], list[bytes], Any]:
     server = bool(mode & 1)
     pool = _CountingPool()
@@ -206,6 +207,10 @@ def _run_protocol(
         protocol_mod._INTO_FROM, protocol_mod._SCATTER_FROM = 64, 16
     if not c_inflate:
         deflate_mod._inflate_run = None  # the fast path's pure loop: decode() per message
+    saved_bytes_buffer = frames_mod.bytes_buffer
+    if not bytes_buffer:
+        frames_mod.bytes_buffer = None  # bytes messages as pieces, joined at their end
+    copied = protocol_mod.copied_out
     try:
         proto = Protocol(
             Role.SERVER if server else Role.CLIENT,
@@ -235,6 +240,7 @@ def _run_protocol(
                     view[:take] = piece[at : at + take]
                     at += take
                     n += take
+                del target, views, view  # (gone when a transport's read returns)
                 events.extend(proto.payload_received(n))
                 sent.extend(proto.data_to_send())
                 piece = piece[n:]
@@ -245,6 +251,10 @@ def _run_protocol(
         protocol_mod._INTO_FROM, protocol_mod._SCATTER_FROM = saved_into
         protocol_mod.apply_mask = saved
         deflate_mod._inflate_run = saved_inflate
+        frames_mod.bytes_buffer = saved_bytes_buffer
+    # A bytes message is handed out as the bytes it was assembled in, never
+    # copied out of it (a view of it left alive).
+    assert protocol_mod.copied_out == copied, "a bytes message was copied out of its buffer"
     for event in events:
         size = 0
         if isinstance(event, (str, bytes)):
@@ -276,7 +286,9 @@ def target_protocol(data: bytes) -> None:
     deflate client's with and without the fast path for compressed messages, and on
     its C loop and its pure one, and a client's with and without the run of a
     fragmented binary message's continuation frames, and with reads into the
-    message's buffer (``payload_target``, scattered too) wherever it offers one."""
+    message's buffer (``payload_target``, scattered too) wherever it offers one,
+    and a client's bytes messages assembled in their bytes (``BytesBuffer``)
+    and as pieces joined at their end."""
     inp = Input(data)
     mode = inp.byte()
     stream = inp.rest()
@@ -293,6 +305,10 @@ def target_protocol(data: bytes) -> None:
         # ... and reads straight into a message's buffer, scattered over guessed frames.
         read_into = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, into=True)
         assert read_into == cut, "reads into targets and receive_data disagree"
+        if mode & 4 and frames_mod.bytes_buffer is not None:
+            # bytes messages assembled in their bytes (C) or joined from pieces
+            joined = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, bytes_buffer=False)
+            assert joined == cut, "bytes buffers and joined pieces disagree"
     if mode & 16 and not mode & 1:  # a client with permessage-deflate
         general = _run_protocol(mode, pieces(stream, cuts), py_apply_mask, general=True)
         assert general == cut, "the compressed-message fast path and the general path disagree"
