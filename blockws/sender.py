@@ -355,6 +355,10 @@ class Sender:
         elif self._waiting:
             # Only a waiting writer needs waking: a busy one looks at the queue
             # again before it waits (Condition.notify costs more than send()).
+            # And only once: cleared here, not just when its wait returns, or
+            # every send until the woken writer gets the GIL (up to a switch
+            # interval later) would notify it again -- 99 % of a flood's sends.
+            self._waiting = False
             assert self._wake is not None
             self._wake.notify()
 

@@ -944,6 +944,33 @@ def test_write_failure_after_stop_is_not_reported(rigs: Callable[..., Rig]) -> N
     assert rig.failures == []
 
 
+def test_a_waiting_writer_is_notified_once_however_many_sends_come_before_it_runs(
+    rigs: Callable[..., Rig],
+) -> None:
+    """A flood's sends that come while the woken writer waits for the GIL (or,
+    here, for the lock) wake it once: each used to notify it again, until it
+    ran -- 99 % of a 64 B flood's sends, a quarter of their cost."""
+    rig = rigs(MemoryTransport())
+    rig.enqueue(BINARY, b"first")  # starts the writer, which writes it and waits
+    rig.wait_frames(1)
+    wait_until(lambda: rig.sender._waiting)
+    wake = rig.sender._wake
+    assert wake is not None
+    notified: list[int] = []
+    real_notify = wake.notify
+
+    def notify(n: int = 1) -> None:
+        notified.append(n)
+        real_notify(n)
+
+    wake.notify = notify  # type: ignore[method-assign]
+    with rig.lock:  # the writer cannot run until all are queued
+        for i in range(100):
+            assert rig.sender.enqueue_locked(BINARY, b"m%d" % i, None, 3) is False
+    assert notified == [1]
+    assert len(rig.wait_frames(101)) == 101
+
+
 def test_idle_writer_thread_ends_and_a_new_one_starts(
     rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
