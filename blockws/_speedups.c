@@ -103,6 +103,22 @@
  * than ``limit`` bytes (-1: no limit); 5, text not UTF-8 (``detail``: the
  * decoder's reason). Other exceptions propagate.
  *
+ * SendQueue(lock, kick, write_now, refused, control, rest, direct_max, batch,
+ * uncompressed): a socket's send queue with ``buffered_amount`` and the flags
+ * ``send()`` decides on (blockws.sendqueue.PySendQueue is the reference; the
+ * two must behave alike). ``push(opcode, payload, segment, size)`` is all a
+ * ``send()`` runs: it takes the socket's lock (its bound ``acquire``, so an
+ * interrupted wait raises without holding it), raises ``refused()``'s
+ * exception when not open, else claims a direct write or queues the
+ * message, counts it and calls ``kick()`` (still under the lock) for a
+ * writer that waits or does not run; it releases the lock and, for a direct
+ * write, calls ``write_now(opcode, payload, segment)``. No Python code runs
+ * while it holds the lock but ``refused`` and ``kick``, and an exception
+ * from either propagates with the lock released. The flags are members of
+ * type object holding bools, so Python reads and sets them at the speed of
+ * an attribute. The messages are a ring of tuples, let go of when a large
+ * one empties (a flood's ring would stay as large as the flood).
+ *
  * gated_recv(sock, size) -> bytes and gated_recv_into(sock, buffer) -> int: a
  * reader thread's blocking recv() (POSIX), which, once data has come, waits
  * for the GIL behind one process-wide gate. A thread waiting for the GIL wakes
@@ -120,6 +136,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pythread.h>
+#include <structmember.h>
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
@@ -1361,6 +1378,416 @@ static PyTypeObject BytesBufferType = {
     sizeof(BytesBufferObject),                                        /* tp_basicsize */
 };
 
+/* -- SendQueue (blockws.sendqueue.PySendQueue is the reference) ----------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *acquire, *release; /* the socket lock's bound methods */
+    PyObject *kick;              /* called under the lock: wake or start the writer */
+    PyObject *write_now;         /* write_now(opcode, payload, segment), lock not held */
+    PyObject *refused;           /* refused() -> exception, under the lock */
+    /* Members Python reads and sets (under the lock): */
+    PyObject *control, *rest;                                       /* lists */
+    PyObject *open, *direct, *direct_ok, *writing, *waiting, *running, *large_direct; /* bools */
+    Py_ssize_t buffered, compress_from, direct_max, batch, uncompressed;
+    /* The messages: a ring of (opcode, payload, segment, size) tuples. */
+    PyObject **items;
+    Py_ssize_t head, count, cap;
+} SendQueueObject;
+
+static int
+sq_true(PyObject *o)
+{
+    if (o == Py_True)
+        return 1;
+    if (o == NULL || o == Py_False || o == Py_None)
+        return 0;
+    {
+        int r = PyObject_IsTrue(o);
+        if (r < 0) {
+            PyErr_Clear(); /* (the members hold bools; anything else counts as true) */
+            return 1;
+        }
+        return r;
+    }
+}
+
+static int
+sq_nonempty(PyObject *o)
+{
+    if (o != NULL && PyList_CheckExact(o))
+        return PyList_GET_SIZE(o) != 0;
+    return sq_true(o);
+}
+
+static void
+sq_set(PyObject **field, PyObject *value)
+{
+    Py_INCREF(value);
+    Py_XSETREF(*field, value);
+}
+
+static PyObject *
+SendQueue_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"lock", "kick", "write_now", "refused", "control", "rest",
+                             "direct_max", "batch", "uncompressed", NULL};
+    PyObject *lock, *kick, *write_now, *refused, *control, *rest;
+    Py_ssize_t direct_max, batch, uncompressed;
+    SendQueueObject *self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO!O!nnn:SendQueue", kwlist, &lock, &kick,
+                                     &write_now, &refused, &PyList_Type, &control, &PyList_Type,
+                                     &rest, &direct_max, &batch, &uncompressed))
+        return NULL;
+    self = (SendQueueObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->acquire = PyObject_GetAttrString(lock, "acquire");
+    self->release = PyObject_GetAttrString(lock, "release");
+    if (self->acquire == NULL || self->release == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    sq_set(&self->kick, kick);
+    sq_set(&self->write_now, write_now);
+    sq_set(&self->refused, refused);
+    sq_set(&self->control, control);
+    sq_set(&self->rest, rest);
+    sq_set(&self->open, Py_False);
+    sq_set(&self->direct, Py_False);
+    sq_set(&self->direct_ok, Py_True);
+    sq_set(&self->writing, Py_False);
+    sq_set(&self->waiting, Py_False);
+    sq_set(&self->running, Py_False);
+    sq_set(&self->large_direct, Py_False);
+    self->buffered = 0;
+    self->compress_from = PY_SSIZE_T_MAX;
+    self->direct_max = direct_max;
+    self->batch = batch;
+    self->uncompressed = uncompressed;
+    self->items = NULL;
+    self->head = self->count = self->cap = 0;
+    return (PyObject *)self;
+}
+
+static int
+SendQueue_traverse(SendQueueObject *self, visitproc visit, void *arg)
+{
+    Py_ssize_t i;
+    Py_VISIT(self->acquire);
+    Py_VISIT(self->release);
+    Py_VISIT(self->kick);
+    Py_VISIT(self->write_now);
+    Py_VISIT(self->refused);
+    Py_VISIT(self->control);
+    Py_VISIT(self->rest);
+    for (i = 0; i < self->count; i++)
+        Py_VISIT(self->items[(self->head + i) % self->cap]);
+    return 0;
+}
+
+static void
+sq_free_items(SendQueueObject *self)
+{
+    /* Detach the ring first: a payload's finalizer could come back here. */
+    PyObject **items = self->items;
+    Py_ssize_t head = self->head, count = self->count, cap = self->cap, i;
+    self->items = NULL;
+    self->head = self->count = self->cap = 0;
+    for (i = 0; i < count; i++)
+        Py_DECREF(items[(head + i) % cap]);
+    PyMem_Free(items);
+}
+
+static int
+SendQueue_clear(SendQueueObject *self)
+{
+    Py_CLEAR(self->acquire);
+    Py_CLEAR(self->release);
+    Py_CLEAR(self->kick);
+    Py_CLEAR(self->write_now);
+    Py_CLEAR(self->refused);
+    Py_CLEAR(self->control);
+    Py_CLEAR(self->rest);
+    sq_free_items(self);
+    return 0;
+}
+
+static void
+SendQueue_dealloc(SendQueueObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    SendQueue_clear(self);
+    Py_CLEAR(self->open);
+    Py_CLEAR(self->direct);
+    Py_CLEAR(self->direct_ok);
+    Py_CLEAR(self->writing);
+    Py_CLEAR(self->waiting);
+    Py_CLEAR(self->running);
+    Py_CLEAR(self->large_direct);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Append ``item`` (a new reference, stolen); -1 on error (the item is released). */
+static int
+sq_append(SendQueueObject *self, PyObject *item)
+{
+    if (self->count == self->cap) {
+        Py_ssize_t cap = self->cap ? self->cap * 2 : 8, i;
+        PyObject **items = PyMem_New(PyObject *, cap);
+        if (items == NULL) {
+            Py_DECREF(item);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (i = 0; i < self->count; i++)
+            items[i] = self->items[(self->head + i) % self->cap];
+        PyMem_Free(self->items);
+        self->items = items;
+        self->head = 0;
+        self->cap = cap;
+    }
+    self->items[(self->head + self->count) % self->cap] = item;
+    self->count++;
+    return 0;
+}
+
+/* Pop the first item (a new reference); the queue must not be empty. An
+ * emptied ring larger than its first size is let go of (a flood's ring would
+ * otherwise stay as large as the flood was). */
+static PyObject *
+sq_popleft(SendQueueObject *self)
+{
+    PyObject *item = self->items[self->head];
+    self->head = (self->head + 1) % self->cap;
+    self->count--;
+    if (self->count == 0) {
+        self->head = 0;
+        if (self->cap > 64) {
+            PyMem_Free(self->items);
+            self->items = NULL;
+            self->cap = 0;
+        }
+    }
+    return item;
+}
+
+/* The body of push_locked: 1 if the caller may write now, 0 if queued, -1 on error. */
+static int
+sq_push_locked(SendQueueObject *self, PyObject *const *args, long opcode, Py_ssize_t size)
+{
+    PyObject *item;
+    if (sq_true(self->direct) && sq_true(self->direct_ok) && !sq_true(self->writing) &&
+        self->count == 0 && !sq_nonempty(self->control) && !sq_nonempty(self->rest) &&
+        size <= self->direct_max && (size <= self->batch || sq_true(self->large_direct)) &&
+        ((opcode & self->uncompressed) || size < self->compress_from)) {
+        sq_set(&self->writing, Py_True);
+        sq_set(&self->direct_ok, Py_False);
+        return 1;
+    }
+    item = PyTuple_Pack(4, args[0], args[1], args[2], args[3]);
+    if (item == NULL || sq_append(self, item) < 0)
+        return -1;
+    self->buffered += size;
+    if (sq_true(self->waiting) || !sq_true(self->running)) {
+        PyObject *r = PyObject_CallNoArgs(self->kick);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+static int
+sq_parse(PyObject *const *args, Py_ssize_t nargs, const char *name, long *opcode,
+         Py_ssize_t *size)
+{
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "%s() takes 4 arguments (%zd given)", name, nargs);
+        return -1;
+    }
+    *opcode = PyLong_AsLong(args[0]);
+    if (*opcode == -1 && PyErr_Occurred())
+        return -1;
+    *size = PyLong_AsSsize_t(args[3]);
+    if (*size == -1 && PyErr_Occurred())
+        return -1;
+    if (*size < 0) {
+        PyErr_SetString(PyExc_ValueError, "a message's size must not be negative");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+SendQueue_push_locked(SendQueueObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long opcode;
+    Py_ssize_t size;
+    int r;
+    if (sq_parse(args, nargs, "push_locked", &opcode, &size) < 0)
+        return NULL;
+    r = sq_push_locked(self, args, opcode, size);
+    if (r < 0)
+        return NULL;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *
+SendQueue_push(SendQueueObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long opcode;
+    Py_ssize_t size;
+    int r;
+    PyObject *res, *exc = NULL, *type, *value, *tb;
+    if (sq_parse(args, nargs, "push", &opcode, &size) < 0)
+        return NULL;
+    res = PyObject_CallNoArgs(self->acquire); /* (interrupted: raises, not held) */
+    if (res == NULL)
+        return NULL;
+    Py_DECREF(res);
+    /* No Python code runs from here to the release but refused() and kick(). */
+    if (!sq_true(self->open)) {
+        exc = PyObject_CallNoArgs(self->refused);
+        r = -1;
+    }
+    else {
+        r = sq_push_locked(self, args, opcode, size);
+    }
+    PyErr_Fetch(&type, &value, &tb);
+    res = PyObject_CallNoArgs(self->release);
+    if (res == NULL) {
+        /* (cannot happen while held; keep the first error if there was one) */
+        if (type != NULL) {
+            PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+        }
+        Py_XDECREF(exc);
+        return NULL;
+    }
+    Py_DECREF(res);
+    PyErr_Restore(type, value, tb);
+    if (exc != NULL) {
+        if (PyExceptionInstance_Check(exc))
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        else
+            PyErr_SetString(PyExc_TypeError, "refused() must return an exception");
+        Py_DECREF(exc);
+        return NULL;
+    }
+    if (r < 0)
+        return NULL;
+    if (r == 1) /* claimed: write it now, on this thread, without the lock */
+        return PyObject_CallFunctionObjArgs(self->write_now, args[0], args[1], args[2], NULL);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+SendQueue_append(SendQueueObject *self, PyObject *item)
+{
+    if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 4) {
+        PyErr_SetString(PyExc_TypeError, "append() takes an (opcode, payload, segment, size) tuple");
+        return NULL;
+    }
+    Py_INCREF(item);
+    if (sq_append(self, item) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+SendQueue_take(SendQueueObject *self, PyObject *arg)
+{
+    Py_ssize_t limit = PyNumber_AsSsize_t(arg, PyExc_OverflowError), size = 0;
+    int closing = 0, segments = 0;
+    PyObject *batch;
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    batch = PyList_New(0);
+    if (batch == NULL)
+        return NULL;
+    while (self->count && size < limit) {
+        PyObject *item = sq_popleft(self);
+        Py_ssize_t n;
+        long opcode;
+        if (PyList_Append(batch, item) < 0) {
+            Py_DECREF(item);
+            Py_DECREF(batch);
+            return NULL; /* (the item is lost: only on memory exhaustion) */
+        }
+        Py_DECREF(item);
+        n = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 3));
+        opcode = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+        if ((n == -1 || opcode == -1) && PyErr_Occurred()) {
+            Py_DECREF(batch);
+            return NULL;
+        }
+        size += n;
+        if (opcode < 0)
+            closing = 1;
+        if (PyTuple_GET_ITEM(item, 2) != Py_None)
+            segments = 1;
+    }
+    return Py_BuildValue("(NnNN)", batch, size, PyBool_FromLong(closing),
+                         PyBool_FromLong(segments));
+}
+
+static PyObject *
+SendQueue_drain(SendQueueObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *out = PyList_New(self->count);
+    Py_ssize_t i = 0;
+    if (out == NULL)
+        return NULL;
+    while (self->count)
+        PyList_SET_ITEM(out, i++, sq_popleft(self));
+    return out;
+}
+
+static Py_ssize_t
+SendQueue_length(SendQueueObject *self)
+{
+    return self->count;
+}
+
+static PyMethodDef SendQueue_methods[] = {
+    {"push", (PyCFunction)(void (*)(void))SendQueue_push, METH_FASTCALL,
+     "push(opcode, payload, segment, size): queue a message, or write it now; see blockws.sendqueue."},
+    {"push_locked", (PyCFunction)(void (*)(void))SendQueue_push_locked, METH_FASTCALL,
+     "push_locked(opcode, payload, segment, size) -> bool: push's body, lock held; True: write now."},
+    {"append", (PyCFunction)SendQueue_append, METH_O,
+     "append(item): queue an (opcode, payload, segment, size) tuple as it is."},
+    {"take", (PyCFunction)SendQueue_take, METH_O,
+     "take(limit) -> (items, size, closing, segments): the writer's next batch."},
+    {"drain", (PyCFunction)SendQueue_drain, METH_NOARGS, "drain() -> list: every item, removed."},
+    {NULL, NULL, 0, NULL},
+};
+
+#define SQ_MEMBER(name, type) {#name, type, offsetof(SendQueueObject, name), 0, NULL}
+static PyMemberDef SendQueue_members[] = {
+    SQ_MEMBER(control, T_OBJECT_EX),
+    SQ_MEMBER(rest, T_OBJECT_EX),
+    SQ_MEMBER(open, T_OBJECT_EX),
+    SQ_MEMBER(direct, T_OBJECT_EX),
+    SQ_MEMBER(direct_ok, T_OBJECT_EX),
+    SQ_MEMBER(writing, T_OBJECT_EX),
+    SQ_MEMBER(waiting, T_OBJECT_EX),
+    SQ_MEMBER(running, T_OBJECT_EX),
+    SQ_MEMBER(large_direct, T_OBJECT_EX),
+    SQ_MEMBER(buffered, T_PYSSIZET),
+    SQ_MEMBER(compress_from, T_PYSSIZET),
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PySequenceMethods SendQueue_as_sequence = {
+    (lenfunc)SendQueue_length, /* sq_length */
+};
+
+static PyTypeObject SendQueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0) "blockws._speedups.SendQueue", /* tp_name */
+    sizeof(SendQueueObject),                                        /* tp_basicsize */
+};
+
 static PyMethodDef methods[] = {
     {"apply_mask", apply_mask, METH_VARARGS, "XOR data with a repeated 4-byte key."},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
@@ -1432,6 +1859,17 @@ PyInit__speedups(void)
     BytesBufferType.tp_new = BytesBuffer_new;
     if (PyType_Ready(&BytesBufferType) < 0)
         return NULL;
+    SendQueueType.tp_dealloc = (destructor)SendQueue_dealloc;
+    SendQueueType.tp_as_sequence = &SendQueue_as_sequence;
+    SendQueueType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC;
+    SendQueueType.tp_doc = "A socket's send queue and the state send() reads; see blockws.sendqueue.";
+    SendQueueType.tp_traverse = (traverseproc)SendQueue_traverse;
+    SendQueueType.tp_clear = (inquiry)SendQueue_clear;
+    SendQueueType.tp_methods = SendQueue_methods;
+    SendQueueType.tp_members = SendQueue_members;
+    SendQueueType.tp_new = SendQueue_new;
+    if (PyType_Ready(&SendQueueType) < 0)
+        return NULL;
     {
         PyObject *m = PyModule_Create(&module);
         if (m == NULL)
@@ -1439,6 +1877,12 @@ PyInit__speedups(void)
         Py_INCREF(&BytesBufferType);
         if (PyModule_AddObject(m, "BytesBuffer", (PyObject *)&BytesBufferType) < 0) {
             Py_DECREF(&BytesBufferType);
+            Py_DECREF(m);
+            return NULL;
+        }
+        Py_INCREF(&SendQueueType);
+        if (PyModule_AddObject(m, "SendQueue", (PyObject *)&SendQueueType) < 0) {
+            Py_DECREF(&SendQueueType);
             Py_DECREF(m);
             return NULL;
         }

@@ -65,3 +65,34 @@ class BytesBuffer:
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int) -> memoryview: ...
     def take(self, n: int) -> bytes: ...
+
+class SendQueue:
+    control: list[Any]
+    rest: list[Any]
+    open: bool
+    direct: bool
+    direct_ok: bool
+    writing: bool
+    waiting: bool
+    running: bool
+    large_direct: bool
+    buffered: int
+    compress_from: int
+    def __init__(
+        self,
+        lock: Any,
+        kick: Callable[[], object],
+        write_now: Callable[[int, Any, Any], object],
+        refused: Callable[[], BaseException],
+        control: list[Any],
+        rest: list[Any],
+        direct_max: int,
+        batch: int,
+        uncompressed: int,
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def push(self, opcode: int, payload: Any, segment: Any, size: int) -> None: ...
+    def push_locked(self, opcode: int, payload: Any, segment: Any, size: int) -> bool: ...
+    def append(self, item: tuple[int, Any, Any, int]) -> None: ...
+    def take(self, limit: int) -> tuple[list[tuple[int, Any, Any, int]], int, bool, bool]: ...
+    def drain(self) -> list[tuple[int, Any, Any, int]]: ...

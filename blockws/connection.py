@@ -40,7 +40,7 @@ Threads and locks
 =====================  ==============================================  ==========================
 thread                 runs                                            may take
 =====================  ==============================================  ==========================
-caller of ``send*``    ``enqueue``, a direct non-blocking write         ``lock``
+caller of ``send*``    ``push``, a direct non-blocking write            ``lock``
 caller of ``close``    ``close``: queues the close frame                ``proto_lock`` then ``lock``
 ``blockws-<id>-reader`` connects, then ``data_received`` per read      ``proto_lock`` then ``lock``
 caller of ``receive``  the same, while it holds the right to read      ``proto_lock`` then ``lock``
@@ -327,6 +327,7 @@ class Connection:
         "name",
         "options",
         "proto_lock",
+        "push",
         "sender",
         "subprotocol",
     )
@@ -364,6 +365,10 @@ class Connection:
         self._post = self.dispatcher.post_held  # held items: see "Interrupts" in blockws.dispatcher
         self._nudge = self.dispatcher.nudge
         self.sender = self._new_sender()
+        #: ``send()``'s one call: queue a message, or write it now on the
+        #: caller's thread without blocking, or raise why the socket refuses it
+        #: (:meth:`blockws.sendqueue.PySendQueue.push`, of the current link).
+        self.push: Callable[[int, Any, Any, int], None] = self.sender.queue.push
         self.keepalive = Keepalive(
             self, options.send_pings, options.ping_frequency, options.close_after_no_message
         )
@@ -419,6 +424,7 @@ class Connection:
         if _trace.enabled:
             _trace.phase(self.log.context, self._phase.name, phase.name)
         self._phase = phase
+        self.sender.queue.open = phase is _OPEN  # (what push() checks)
 
     def _closing_locked(self) -> None:
         """OPEN or CONNECTING becomes CLOSING; later phases stay."""
@@ -507,7 +513,12 @@ class Connection:
         its last write reports (a failure, a close written) is about a link
         that is gone, and must not reach the new one (see :meth:`_sender_failed`)."""
         return Sender(
-            f"{self.name}-writer", self.lock, self.log, self._sender_failed, self._sender_closed
+            f"{self.name}-writer",
+            self.lock,
+            self.log,
+            self._sender_failed,
+            self._sender_closed,
+            self._state_error_locked,
         )
 
     def _sender_failed(self, sender: Sender, exc: BaseException) -> None:
@@ -535,6 +546,7 @@ class Connection:
                 if t is not None and t.is_alive()
             )
             self.sender = self._new_sender()
+            self.push = self.sender.queue.push
             self._token = ReadToken()
             self._transport = self._proto = None
             self._held = None
@@ -682,7 +694,7 @@ class Connection:
         ``b""`` for each next one (once per read, as the read's own call).
         """
         self.last_received = _monotonic()
-        self.sender.direct_ok = True  # a reply: the next send may skip the writer
+        self.sender.queue.direct_ok = True  # a reply: the next send may skip the writer
         proto = self._proto
         if proto is None:
             return  # closed meanwhile (a caller's read racing the teardown)
@@ -922,16 +934,6 @@ class Connection:
 
     # -- sending (any thread) -------------------------------------------------------------
 
-    def enqueue(self, opcode: int, payload: Any, segment: Any, size: int) -> None:
-        """Queue a message (or write it now without blocking); see :mod:`blockws.sender`."""
-        with self.lock:
-            if self._phase is not _OPEN:
-                raise self._state_error_locked()
-            direct = self.sender.enqueue_locked(opcode, payload, segment, size)
-        if direct:
-            # Nothing queued or being written: write now, without blocking.
-            self.sender.direct_write(opcode, payload, segment)
-
     def _state_error_locked(self) -> BlockwsError:
         phase = self._phase
         if phase is _RECONNECTING or (phase is _CONNECTING and self._was_open):
@@ -942,6 +944,13 @@ class Connection:
             )
         if phase is _NEW or phase is _CONNECTING:
             return InvalidState("the socket is not open yet (wait for on_open)")
+        if phase is _OPEN:
+            # A send() that took the ended link's queue just before a
+            # reconnection replaced it (see _start_link_locked), and pushed
+            # after the new one opened: it is not queued on either.
+            return InvalidState(
+                "the socket reconnected while send() ran: the message was not sent"
+            )
         if phase is _CLOSED:
             return self.closed_exception()
         if self.error is None:

@@ -36,15 +36,17 @@ message can be queued behind the close frame.
 
 from __future__ import annotations
 
+import sys
 import threading
-from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Union
 
 from . import frames as _frames
 from .buffers import BufferSegment
+from .exceptions import InvalidState
 from .log import ContextAdapter
 from .protocol import Protocol, Role, batch_room
+from .sendqueue import SendQueue
 from .transport import Transport
 
 __all__ = [
@@ -76,6 +78,7 @@ WRITER_IDLE = 1.0
 CLOSE_FRAME = -1
 #: Set in a queued message's opcode when it must skip compression.
 UNCOMPRESSED = 0x100
+assert CLOSE_FRAME < 0  # (what blockws.sendqueue takes a pre-encoded frame by)
 _CLOSE_OPCODE = 0x8
 _PONG_OPCODE = 0xA
 _PING_PONG = (0x9, _PONG_OPCODE)
@@ -130,6 +133,12 @@ def _give_back(buf: bytearray | None) -> None:
         _pool.append(buf)
 
 
+def _not_open() -> BaseException:
+    """What ``push`` raises on a socket that is not open, by default (the
+    Connection passes its own: the error says why)."""
+    return InvalidState("the socket is not open")
+
+
 def _remaining(chunks: Sequence[BytesLike], sent: int) -> list[BytesLike]:
     """What is left of ``chunks`` after their first ``sent`` bytes went out."""
     i = 0
@@ -155,6 +164,7 @@ class Sender:
         log: ContextAdapter,
         on_failure: Callable[[Sender, BaseException], None],
         on_written: Callable[[Sender], None],
+        refused: Callable[[], BaseException] = _not_open,
     ) -> None:
         self.name = name
         self.lock = lock
@@ -167,95 +177,74 @@ class Sender:
         self._on_close_written = on_written
         # Made with the first writer thread (an idle socket has none).
         self._wake: threading.Condition | None = None
-        self._waiting = False  # the writer thread is in _wake.wait (lock held to change)
-        #: Messages waiting for the writer; made with the first (an idle socket
-        #: keeps no queue: a deque is 760 bytes before its first item).
-        self.queue: deque[Item] | None = None
         #: Control frames waiting for the writer (a few at most: a list).
         self.control: list[bytes] = []
-        #: What the kernel did not take of a direct write; written first.
-        self.rest: list[BytesLike] = []
+        #: The messages waiting for the writer, ``buffered_amount`` and the
+        #: flags ``send()`` decides on (see :mod:`blockws.sendqueue`):
+        #: ``queue.writing`` (a thread writes to the transport now),
+        #: ``queue.waiting`` (the writer thread is in ``_wake.wait``),
+        #: ``queue.running`` (a writer thread exists), ``queue.direct_ok``
+        #: (the next message may be written directly: a direct write clears
+        #: it; data arriving, a reply, or the writer going idle sets it again,
+        #: so request/response traffic skips the thread hand-off while a burst
+        #: of sends goes through the writer, one system call per batch) and
+        #: ``queue.rest`` (what the kernel did not take of a direct write;
+        #: written first). ``queue.push`` is ``send()``'s one call.
+        self.queue = SendQueue(
+            lock,
+            self._kick_locked,
+            self.direct_write,
+            refused,
+            self.control,
+            [],
+            DIRECT_MAX,
+            WRITE_BATCH,
+            UNCOMPRESSED,
+        )
         #: A large message a direct write began and left in ``rest``: its
         #: remaining batches, its payload bytes not yet encoded (counted in
         #: ``buffered``) and its segment. The writer finishes it after ``rest``
         #: (and the control frames queued meanwhile), before anything queued.
         self.unfinished: Unfinished | None = None
         self._out: memoryview | None = None  # the writer's buffer for large messages
-        #: Bytes accepted and not yet written (``buffered_amount``).
-        self.buffered = 0
         self.proto: Protocol | None = None
         self.transport: Transport | None = None
-        self._direct = False  # the transport can take non-blocking writes
         self._extensions = False  # the protocol has extensions (compression, maybe)
-        self._large_direct = False  # messages above WRITE_BATCH may be written directly
-        #: Whether the next message may be written directly. A direct write
-        #: clears it; data arriving (a reply) or the writer going idle sets it
-        #: again. Request/response traffic thus skips the thread hand-off, while
-        #: a burst of sends goes through the writer, one system call per batch.
-        self.direct_ok = True
-        self._writing = False  # a thread is writing to the transport now
         self._thread: threading.Thread | None = None
         self._stopped = False
 
     def attach(self, proto: Protocol, transport: Transport) -> None:
-        """The socket is open: start sending through ``proto`` and ``transport``."""
+        """The socket is open: start sending through ``proto`` and ``transport``
+        (with the lock held by the Connection; a test's rig may call it before
+        any other thread uses the sender)."""
         self.proto, self.transport = proto, transport
-        self._direct = transport.can_try_write
         self._extensions = bool(proto.extensions)
+        queue = self.queue
+        queue.direct = transport.can_try_write
         # A client's batches without extensions are whole fragments of
         # max_fragment_size each (the last aside): their payload is known.
-        self._large_direct = proto.role is Role.CLIENT and not proto.extensions
+        queue.large_direct = proto.role is Role.CLIENT and not proto.extensions
+        # Messages an extension compresses are never written directly.
+        queue.compress_from = min(
+            (getattr(e, "min_size", 0) for e in proto.extensions), default=sys.maxsize
+        )
+
+    @property
+    def buffered(self) -> int:
+        """Bytes accepted and not yet written (``buffered_amount``)."""
+        return int(self.queue.buffered)
+
+    @property
+    def writing(self) -> bool:
+        """Whether a thread writes to the transport now."""
+        return bool(self.queue.writing)
 
     # -- queueing (lock held) ---------------------------------------------------------
-
-    def enqueue_locked(
-        self, opcode: int, payload: Any, segment: BufferSegment | None, size: int
-    ) -> bool:
-        """Queue a message, or claim the transport for a direct write (returns True).
-
-        Direct writes skip messages that will be compressed (compression runs
-        on the writer thread, never on the caller's), messages larger than
-        :data:`DIRECT_MAX`, and messages larger than :data:`WRITE_BATCH` on a
-        socket with extensions (see :meth:`direct_write`). The lock is not
-        asserted here, on the path of every send: its one caller,
-        ``Connection.enqueue``, holds it.
-        """
-        if (
-            self._direct
-            and self.direct_ok
-            and not self._writing
-            and not self.queue
-            and not self.control
-            and not self.rest
-            and size <= DIRECT_MAX
-            and (size <= WRITE_BATCH or self._large_direct)
-            and not (self._extensions and self._will_compress(opcode, size))
-        ):
-            self._writing = True
-            self.direct_ok = False
-            return True
-        queue = self.queue
-        if queue is None:
-            queue = self.queue = deque()
-        queue.append((opcode, payload, segment, size))
-        self.buffered += size
-        if self._waiting or self._thread is None:  # else the writer is busy: it will see it
-            self._kick_locked()
-        return False
-
-    def _will_compress(self, opcode: int, size: int) -> bool:
-        proto = self.proto
-        if proto is None or not proto.extensions or opcode & UNCOMPRESSED:
-            return False
-        return any(getattr(e, "min_size", 0) <= size for e in proto.extensions)
 
     def close_frame_locked(self, frame: bytes) -> None:
         """Queue our close frame behind every message queued before it."""
         assert self.lock.locked()
-        queue = self.queue
-        if queue is None:
-            queue = self.queue = deque()
-        queue.append((CLOSE_FRAME, frame, None, 0))
+        self.queue.append((CLOSE_FRAME, frame, None, 0))
         self._kick_locked()
 
     def control_locked(self, frames: list[bytes] | tuple[bytes, ...]) -> None:
@@ -265,19 +254,19 @@ class Sender:
         only the newest pong is kept (see the module docstring).
         """
         assert self.lock.locked()
-        control = self.control
+        control, queue = self.control, self.queue
         if (
-            self._direct
-            and not self._writing
+            queue.direct
+            and not queue.writing
             and not control
-            and not self.queue
-            and not self.rest
+            and not queue
+            and not queue.rest
             and not self._stopped
             and all(f[0] & 0x0F in _PING_PONG for f in frames)
             and self._write_control_now_locked(frames)
         ):
             return
-        if self._writing and any(f[0] & 0x0F == _PONG_OPCODE for f in frames):
+        if queue.writing and any(f[0] & 0x0F == _PONG_OPCODE for f in frames):
             # Probe "pong queue without bound": answer only the most recent
             # ping while the transport is busy (RFC 6455 5.5.3).
             last = max(i for i, f in enumerate(frames) if f[0] & 0x0F == _PONG_OPCODE)
@@ -287,9 +276,9 @@ class Sender:
                 kept = [f for f in control if f[0] & 0x0F != _PONG_OPCODE]
                 control.clear()
                 control.extend(kept)
-                self.buffered -= sum(map(len, stale))
+                queue.buffered -= sum(map(len, stale))
         control.extend(frames)
-        self.buffered += sum(map(len, frames))
+        queue.buffered += sum(map(len, frames))
         self._kick_locked()
 
     def _write_control_now_locked(self, frames: list[bytes] | tuple[bytes, ...]) -> bool:
@@ -311,8 +300,9 @@ class Sender:
             return False
         total = sum(map(len, frames))
         if written < total:
-            self.rest = _remaining(list(frames), written)
-            self.buffered += total - written
+            queue = self.queue
+            queue.rest = _remaining(list(frames), written)
+            queue.buffered += total - written
             self._kick_locked()
         return True
 
@@ -320,26 +310,23 @@ class Sender:
         """Discard queued messages (releasing their segments); returns how many."""
         assert self.lock.locked()
         queue = self.queue
-        if queue is None:
-            return 0
-        dropped = len(queue)
-        for _o, _p, segment, n in queue:
-            self.buffered -= n  # a batch being written is counted off by the writer
+        items = queue.drain()
+        for _o, _p, segment, n in items:
+            queue.buffered -= n  # a batch being written is counted off by the writer
             if segment is not None and not segment.released:
                 segment.release()
-        queue.clear()
-        return dropped
+        return len(items)
 
     def _kick_locked(self) -> None:
         """Wake the writer thread, starting one if none is running."""
         if self._stopped or self.transport is None:
             return
+        queue = self.queue
         if self._thread is None:
             if self._wake is None:
                 self._wake = threading.Condition(self.lock)
-            if self.queue is None:
-                self.queue = deque()  # the writer's, from its start (see _run)
             thread = self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            queue.running = True
             try:
                 thread.start()
             except BaseException:
@@ -352,13 +339,13 @@ class Sender:
                 if transport is not None:
                     transport.abort()
                 raise
-        elif self._waiting:
+        elif queue.waiting:
             # Only a waiting writer needs waking: a busy one looks at the queue
             # again before it waits (Condition.notify costs more than send()).
             # And only once: cleared here, not just when its wait returns, or
             # every send until the woken writer gets the GIL (up to a switch
             # interval later) would notify it again -- 99 % of a flood's sends.
-            self._waiting = False
+            queue.waiting = False
             assert self._wake is not None
             self._wake.notify()
 
@@ -375,10 +362,10 @@ class Sender:
         So the caller's thread does no more than the kernel takes at once,
         and a pong waits behind at most one batch.
         """
-        proto, transport = self.proto, self.transport
+        proto, transport, queue = self.proto, self.transport, self.queue
         if proto is None or transport is None:  # the socket ended meanwhile
             with self.lock:
-                self._writing = False
+                queue.writing = False
             self._close_late()
             if segment is not None and not segment.released:
                 segment.release()
@@ -400,7 +387,7 @@ class Sender:
                 written = transport.try_write(frames)
         except BaseException as exc:  # noqa: BLE001 - reported through on_closed
             with self.lock:
-                self._writing = False
+                queue.writing = False
             if self._stopped:
                 self._close_late()
             if segment is not None and not segment.released:
@@ -413,21 +400,21 @@ class Sender:
         if written >= total and unfinished is None:
             _give_back(into)  # (else it goes on in rest and unfinished)
         with self.lock:
-            self._writing = False
+            queue.writing = False
             if written < total:
                 # The kernel took part of it: the writer sends the rest first,
                 # as the frames' remaining pieces (no copy of a large message).
-                self.rest = _remaining(frames, written)
-                self.buffered += total - written
+                queue.rest = _remaining(frames, written)
+                queue.buffered += total - written
                 if unfinished is not None:
                     if self._stopped:  # the socket ended meanwhile: no writer will
                         if segment is not None and not segment.released:
                             segment.release()
                     else:
                         self.unfinished = unfinished
-                        self.buffered += unfinished[1]
+                        queue.buffered += unfinished[1]
                 self._kick_locked()
-            elif self.queue or self.control:
+            elif queue or self.control:
                 self._kick_locked()  # others queued while we wrote
         if self._stopped:  # (set before a late close is asked for, under the lock)
             self._close_late()
@@ -470,48 +457,43 @@ class Sender:
         if proto is None or transport is None:
             return  # released before this thread ran (start() interrupted: see _kick_locked)
         lock, wake, queue, control = self.lock, self._wake, self.queue, self.control
-        assert wake is not None and queue is not None  # made before the thread was started
+        assert wake is not None  # made before the thread was started
         try:
             while True:
                 with lock:
                     while True:
                         if self._stopped:
                             return
-                        if (queue or control or self.rest) and not self._writing:
+                        if (queue or control or queue.rest) and not queue.writing:
                             break
                         # Idle (or a direct write is under way): wait; end when idle long.
-                        self._waiting = True
+                        queue.waiting = True
                         try:
                             woken = wake.wait(WRITER_IDLE)
                         finally:
-                            self._waiting = False
-                        if not woken and not self._writing and not (queue or control or self.rest):
+                            queue.waiting = False
+                        if not woken and not queue.writing and not (queue or control or queue.rest):
                             self._thread = None  # the next send starts another
-                            self.direct_ok = True
+                            queue.running = False
+                            queue.direct_ok = True
                             self._out = None  # an idle socket keeps no write buffer
                             return
-                    self._writing = True
-                    chunks: list[BytesLike] = self.rest
-                    self.rest = []
+                    queue.writing = True
+                    chunks: list[BytesLike] = queue.rest
+                    queue.rest = []
                     rest_size = sum(map(len, chunks))
                     unfinished = self.unfinished
                     self.unfinished = None
                     if unfinished is not None:
                         rest_size += unfinished[1]
-                    closing = replying = False
+                    replying = False
                     if control:
                         replying = any(frame[0] & 0x0F == _CLOSE_OPCODE for frame in control)
                         rest_size += sum(map(len, control))  # counted off once written
                         chunks.extend(control)
                         control.clear()
-                    batch: list[Item] = []
-                    size = 0
-                    while queue and size < WRITE_BATCH:
-                        item = queue.popleft()
-                        batch.append(item)
-                        size += item[3]
-                        if item[0] == CLOSE_FRAME:
-                            closing = True
+                    batch: list[Item]
+                    batch, size, closing, segments = queue.take(WRITE_BATCH)
                 try:
                     if unfinished is not None:
                         # The direct write's message first: the rest of its
@@ -526,13 +508,14 @@ class Sender:
                     closing = closing or replying
                 finally:
                     with lock:
-                        self._writing = False
-                        self.buffered -= size + rest_size
+                        queue.writing = False
+                        queue.buffered -= size + rest_size
                     if self._stopped:
                         self._close_late()
-                    for _o, _p, segment, _n in batch:  # written, or failed: either way done
-                        if segment is not None and not segment.released:
-                            segment.release()
+                    if segments:
+                        for _o, _p, segment, _n in batch:  # written, or failed: done
+                            if segment is not None and not segment.released:
+                                segment.release()
                     if unfinished is not None:
                         segment = unfinished[2]
                         if segment is not None and not segment.released:
@@ -663,7 +646,7 @@ class Sender:
             transport.write([*data, *control])  # control frames between fragments
         finally:
             with self.lock:
-                self.buffered -= sum(map(len, control))
+                self.queue.buffered -= sum(map(len, control))
         return any(frame[0] & 0x0F == _CLOSE_OPCODE for frame in control)
 
     # -- the end ----------------------------------------------------------------------
@@ -689,7 +672,7 @@ class Sender:
         fails at once, so the close waits no longer than that. Never blocks.
         """
         with self.lock:
-            if self._writing:
+            if self.queue.writing:
                 self._late_close = transport
                 return
         transport.close()
@@ -712,13 +695,15 @@ class Sender:
         """Stop for good (the socket ended); returns the thread to join, if any."""
         assert self.lock.locked()
         self._stopped = True
+        queue = self.queue
+        queue.open = False
         self.drop_locked()
-        self.buffered -= sum(map(len, self.control)) + sum(map(len, self.rest))
+        queue.buffered -= sum(map(len, self.control)) + sum(map(len, queue.rest))
         self.control.clear()
-        self.rest = []
+        queue.rest = []
         unfinished, self.unfinished = self.unfinished, None
         if unfinished is not None:
-            self.buffered -= unfinished[1]
+            queue.buffered -= unfinished[1]
             segment = unfinished[2]
             if segment is not None and not segment.released:
                 segment.release()

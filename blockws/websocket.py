@@ -466,7 +466,6 @@ class WebSocket:
         self._dispatcher.owner = self  # what on_pending is called with
         self._dispatcher.on_pending = on_pending
         # The hot paths, bound once.
-        self._enqueue = engine.enqueue
         self._pending = engine.dispatcher.pending
         self._run = engine.dispatcher.run
         # receive()'s queue, once it has one (see Delivery.new_inbox).
@@ -813,14 +812,16 @@ class WebSocket:
         would go out stale, ahead of it, and grow without bound.
         """
         if type(data) is bytes and not offset and count is None:  # the commonest: first
-            self._enqueue(_BINARY if compress else _BINARY | _UNCOMPRESSED, data, None, len(data))
+            self._engine.push(
+                _BINARY if compress else _BINARY | _UNCOMPRESSED, data, None, len(data)
+            )
             return
         flag = 0 if compress else _UNCOMPRESSED
         if isinstance(data, str):
             if offset or count is not None:
                 raise TypeError("offset and count apply to binary messages only")
             payload: bytes = data.encode("utf-8")
-            self._enqueue(_TEXT | flag, payload, None, len(payload))
+            self._engine.push(_TEXT | flag, payload, None, len(payload))
             return
         try:
             view = memoryview(data).cast("B")
@@ -834,7 +835,7 @@ class WebSocket:
                 raise ValueError(f"offset/count outside a {len(view)}-byte buffer")
             view = view[offset:end]
         payload = bytes(view)
-        self._enqueue(_BINARY | flag, payload, None, len(payload))
+        self._engine.push(_BINARY | flag, payload, None, len(payload))
 
     def send_as_binary(self, segment: BufferSegment, *, compress: bool = True) -> None:
         """Queue ``segment`` as a binary message; blockws releases it once written.
@@ -860,7 +861,7 @@ class WebSocket:
         if not isinstance(segment, BufferSegment):
             raise TypeError(f"expected a BufferSegment, not {type(segment).__name__}")
         try:
-            self._enqueue(opcode, segment.view(), segment, segment.count)
+            self._engine.push(opcode, segment.view(), segment, segment.count)
         except BaseException:
             if not segment.released:
                 segment.release()

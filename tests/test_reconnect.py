@@ -273,6 +273,30 @@ def test_send_is_refused_while_reconnecting(script: Script) -> None:
     assert ws.closed
 
 
+def test_a_send_racing_a_reconnect_onto_the_ended_link_is_refused(script: Script) -> None:
+    """``send()`` reads the link's queue, then pushes. One that read the ended
+    link's queue and pushed once the next link is open (the race, made here
+    by holding on to that queue's push) is refused with InvalidState: it is
+    queued on neither link, and says so."""
+    events = Events()
+    ws = make(events)
+    ws.open()
+    events.pump(ws, lambda: events.count("open") == 1)
+    stale_push = ws._engine.push  # what a racing send() read (the first link's)
+    script.transports[0].feed_eof()
+    events.pump(ws, lambda: events.count("open") == 2)
+    assert ws.is_open
+    with pytest.raises(blockws.InvalidState, match="reconnected while send"):
+        stale_push(2, b"late", None, 4)
+    assert ws.buffered_amount == 0
+    ws.send("on time")
+    frames = script.transports[1].wait_for(lambda fs: len(fs) == 1)
+    assert frames[0].payload == b"on time"
+    assert not script.transports[0].frames()
+    ws.close()
+    ws.join(5)
+
+
 def test_failed_attempts_retry_each_error_in_ws_error(script: Script, no_leaks: None) -> None:
     """The first open succeeds, the connection drops, attempts 1 and 2 are refused and
     attempt 3 opens: on_reconnecting sees 1, 2, 3 with the error of what came before."""

@@ -130,9 +130,9 @@ class Rig:
             assert self.events.wait_for(test, WAIT), "callback not called"
 
     def enqueue(self, opcode: int, payload: Any, segment: BufferSegment | None = None) -> bool:
-        """What Connection.enqueue does: queue, or write directly. True if direct."""
+        """What SendQueue.push does (the socket open): queue, or write directly. True if direct."""
         with self.lock:
-            direct = self.sender.enqueue_locked(opcode, payload, segment, len(payload))
+            direct = self.sender.queue.push_locked(opcode, payload, segment, len(payload))
             self._note_thread()
         if direct:
             self.sender.direct_write(opcode, payload, segment)
@@ -156,7 +156,7 @@ class Rig:
 
     def wait_idle(self) -> None:
         """Until everything accepted has been written and counted off."""
-        wait_until(lambda: self.sender.buffered == 0 and not self.sender._writing)
+        wait_until(lambda: self.sender.buffered == 0 and not self.sender.writing)
 
     def stop(self) -> threading.Thread | None:
         with self.lock:
@@ -205,8 +205,8 @@ def test_messages_are_written_in_queue_order(rigs: Callable[..., Rig]) -> None:
 def test_control_frames_go_ahead_of_queued_messages(rigs: Callable[..., Rig]) -> None:
     rig = rigs()
     with rig.lock:  # the writer cannot start until all three are queued
-        rig.sender.enqueue_locked(TEXT, b"first", None, 5)
-        rig.sender.enqueue_locked(TEXT, b"second", None, 6)
+        rig.sender.queue.push_locked(TEXT, b"first", None, 5)
+        rig.sender.queue.push_locked(TEXT, b"second", None, 6)
         rig.sender.control_locked([rig.proto.encode_control(Opcode.PING, b"ping!")])
         rig._note_thread()
     frames = rig.wait_frames(3)
@@ -242,8 +242,8 @@ def test_close_frame_goes_behind_messages_queued_before_it(rigs: Callable[..., R
     rig = rigs()
     close = rig.proto.encode_close(1000, "bye")
     with rig.lock:
-        rig.sender.enqueue_locked(TEXT, b"one", None, 3)
-        rig.sender.enqueue_locked(BINARY, b"two", None, 3)
+        rig.sender.queue.push_locked(TEXT, b"one", None, 3)
+        rig.sender.queue.push_locked(BINARY, b"two", None, 3)
         rig.sender.close_frame_locked(close)
         rig.sender.control_locked([rig.proto.encode_control(Opcode.PING, b"late ping")])
         rig._note_thread()
@@ -282,7 +282,7 @@ def test_runs_of_messages_break_at_close_frames_and_fragmented_messages(
     close = rig.proto.encode_close(1000, "bye")
     with rig.lock:  # all in one batch: the writer starts once they are queued
         for opcode, payload in queued:
-            rig.sender.enqueue_locked(opcode, payload, None, len(payload))
+            rig.sender.queue.push_locked(opcode, payload, None, len(payload))
         rig.sender.close_frame_locked(close)
         rig._note_thread()
     frames = rig.transport.wait_for(lambda fs: any(f.opcode == Opcode.CLOSE for f in fs))
@@ -420,12 +420,12 @@ def test_direct_write_happens_on_the_callers_thread(rigs: Callable[..., Rig]) ->
     assert rig.enqueue(TEXT, b"request") is True
     assert payloads(rig.transport.frames()) == [b"request"]  # written before enqueue returned
     assert rig.sender.thread is None and rig.sender.buffered == 0
-    assert rig.sender.direct_ok is False
+    assert rig.sender.queue.direct_ok is False
     # The next send goes through the writer, until a reply (or idleness) allows direct ones.
     assert rig.enqueue(TEXT, b"burst") is False
     rig.wait_frames(2)
     rig.wait_idle()
-    rig.sender.direct_ok = True  # what Connection.data_received does
+    rig.sender.queue.direct_ok = True  # what Connection.data_received does
     assert rig.enqueue(TEXT, b"after reply") is True
     assert payloads(rig.transport.frames()) == [b"request", b"burst", b"after reply"]
 
@@ -437,7 +437,7 @@ def test_direct_write_is_skipped_for_large_or_compressed_messages(
     rig = rigs(transport)
     with rig.lock:
         assert (
-            rig.sender.enqueue_locked(BINARY, b"x" * (DIRECT_MAX + 1), None, DIRECT_MAX + 1)
+            rig.sender.queue.push_locked(BINARY, b"x" * (DIRECT_MAX + 1), None, DIRECT_MAX + 1)
             is False
         )
         rig._note_thread()
@@ -453,9 +453,9 @@ def test_direct_write_is_skipped_for_large_or_compressed_messages(
     frames = rig.wait_frames(1)
     assert frames[0].rsv & 0x40  # RSV1: compressed
     rig.wait_idle()
-    rig.sender.direct_ok = True
+    rig.sender.queue.direct_ok = True
     assert rig.enqueue(TEXT | UNCOMPRESSED, big) is True  # not compressed: may go directly
-    rig.sender.direct_ok = True
+    rig.sender.queue.direct_ok = True
     assert rig.enqueue(TEXT, b"tiny") is True  # below min_size: sent uncompressed
     frames = rig.transport.frames()
     assert [(f.payload, f.rsv) for f in frames[1:]] == [(big, 0), (b"tiny", 0)]
@@ -470,7 +470,7 @@ def test_partial_direct_write_rest_goes_first_then_later_messages(
     segment = pool.get(1000)
     segment.data[:1000] = bytes(range(250)) * 4
     with rig.lock:
-        assert rig.sender.enqueue_locked(BINARY, segment.view(), segment, 1000) is True
+        assert rig.sender.queue.push_locked(BINARY, segment.view(), segment, 1000) is True
     # Another thread queues a message while the direct write is under way.
     assert rig.enqueue(TEXT, b"later") is False
     assert rig.sender.buffered == 5
@@ -520,7 +520,7 @@ def test_a_large_direct_write_goes_a_batch_at_a_time_on_the_callers_thread(
     assert [f.fin for f in frames] == [False] * 31 + [True]
     assert b"".join(payloads(frames)) == message
     assert rig.sender.thread is None and rig.sender.buffered == 0
-    assert rig.sender.unfinished is None and rig.sender.direct_ok is False
+    assert rig.sender.unfinished is None and rig.sender.queue.direct_ok is False
 
 
 def test_a_large_direct_write_the_kernel_cuts_leaves_the_rest_to_the_writer(
@@ -537,7 +537,7 @@ def test_a_large_direct_write_the_kernel_cuts_leaves_the_rest_to_the_writer(
     message = bytes(range(251)) * (ONE_MIB // 251) + bytes(ONE_MIB % 251)
     segment.data[:ONE_MIB] = message
     with rig.lock:
-        assert rig.sender.enqueue_locked(BINARY, segment.view(), segment, ONE_MIB) is True
+        assert rig.sender.queue.push_locked(BINARY, segment.view(), segment, ONE_MIB) is True
     rig.sender.direct_write(BINARY, segment.view(), segment)
     rig._note_thread()
     assert transport.try_writes == [BATCH_BYTES, BATCH_BYTES]  # the second taken in part
@@ -583,7 +583,7 @@ def test_large_direct_writes_reuse_one_pooled_buffer(
     assert rig.enqueue(BINARY, first) is True
     assert len(pool) == 1
     buffer = pool[0]
-    rig.sender.direct_ok = True  # (as a reply arriving sets it)
+    rig.sender.queue.direct_ok = True  # (as a reply arriving sets it)
     assert rig.enqueue(BINARY, second) is True
     assert pool == [buffer] and pool[0] is buffer
     assert transport.try_writes == [BATCH_BYTES] * 8
@@ -646,7 +646,7 @@ def test_the_socket_ending_drops_a_large_direct_writes_rest(rigs: Callable[..., 
     pool = BufferPool()
     segment = pool.get(ONE_MIB)
     with rig.lock:
-        assert rig.sender.enqueue_locked(BINARY, segment.view(), segment, ONE_MIB) is True
+        assert rig.sender.queue.push_locked(BINARY, segment.view(), segment, ONE_MIB) is True
     rig.sender.direct_write(BINARY, segment.view(), segment)
     rig._note_thread()
     assert rig.sender.buffered > 0
@@ -675,7 +675,7 @@ def test_a_socket_that_ends_during_a_large_direct_write_keeps_nothing_of_it(
     transport.try_write = ending  # type: ignore[method-assign]
     segment = BufferPool().get(ONE_MIB)
     with rig.lock:
-        assert rig.sender.enqueue_locked(BINARY, segment.view(), segment, ONE_MIB) is True
+        assert rig.sender.queue.push_locked(BINARY, segment.view(), segment, ONE_MIB) is True
     rig.sender.direct_write(BINARY, segment.view(), segment)
     assert transport.try_writes == [BATCH_BYTES, BATCH_BYTES]
     assert segment.released and rig.sender.unfinished is None
@@ -699,7 +699,7 @@ def test_a_large_message_goes_to_the_writer_where_its_batches_are_not_whole_frag
     rig = Rig(transport, Protocol(role, **options))
     try:
         with rig.lock:
-            queued = rig.sender.enqueue_locked(BINARY | UNCOMPRESSED, bytes(size), None, size)
+            queued = rig.sender.queue.push_locked(BINARY | UNCOMPRESSED, bytes(size), None, size)
             assert queued is False
             rig._note_thread()
         wait_until(lambda: len(transport.written()) > size)
@@ -868,7 +868,7 @@ def test_failed_write_reports_once(rigs: Callable[..., Rig]) -> None:
     rig = rigs(transport)
     with rig.lock:
         for i in range(3):
-            rig.sender.enqueue_locked(TEXT, b"m%d" % i, None, 2)
+            rig.sender.queue.push_locked(TEXT, b"m%d" % i, None, 2)
         rig._note_thread()
     writer = rig.sender.thread
     assert writer is not None
@@ -892,7 +892,7 @@ def test_failed_direct_write_reports_and_releases_the_segment(rigs: Callable[...
     assert rig.enqueue(BINARY, segment.view(), segment) is True
     assert [type(e) for e in rig.failures] == [blockws.ConnectionLost]
     assert segment.released and pool.pooled_bytes == 256
-    assert rig.sender._writing is False and rig.sender.buffered == 0
+    assert rig.sender.writing is False and rig.sender.buffered == 0
 
 
 def test_failed_batch_segments_are_released(rigs: Callable[..., Rig]) -> None:
@@ -953,7 +953,7 @@ def test_a_waiting_writer_is_notified_once_however_many_sends_come_before_it_run
     rig = rigs(MemoryTransport())
     rig.enqueue(BINARY, b"first")  # starts the writer, which writes it and waits
     rig.wait_frames(1)
-    wait_until(lambda: rig.sender._waiting)
+    wait_until(lambda: rig.sender.queue.waiting)
     wake = rig.sender._wake
     assert wake is not None
     notified: list[int] = []
@@ -966,7 +966,7 @@ def test_a_waiting_writer_is_notified_once_however_many_sends_come_before_it_run
     wake.notify = notify  # type: ignore[method-assign]
     with rig.lock:  # the writer cannot run until all are queued
         for i in range(100):
-            assert rig.sender.enqueue_locked(BINARY, b"m%d" % i, None, 3) is False
+            assert rig.sender.queue.push_locked(BINARY, b"m%d" % i, None, 3) is False
     assert notified == [1]
     assert len(rig.wait_frames(101)) == 101
 
@@ -976,7 +976,7 @@ def test_idle_writer_thread_ends_and_a_new_one_starts(
 ) -> None:
     monkeypatch.setattr(sender_module, "WRITER_IDLE", 0.05)
     rig = rigs(TryWriteTransport())
-    rig.sender.direct_ok = False  # as after a direct write: sends go to the writer
+    rig.sender.queue.direct_ok = False  # as after a direct write: sends go to the writer
     rig.enqueue(TEXT, b"one")
     first = rig.sender.thread
     assert first is not None
@@ -984,8 +984,8 @@ def test_idle_writer_thread_ends_and_a_new_one_starts(
     first.join(WAIT)
     assert not first.is_alive()
     assert rig.sender.thread is None
-    assert rig.sender.direct_ok is True  # a quiet spell: the next send may go directly
-    rig.sender.direct_ok = False
+    assert rig.sender.queue.direct_ok is True  # a quiet spell: the next send may go directly
+    rig.sender.queue.direct_ok = False
     rig.enqueue(TEXT, b"two")
     second = rig.sender.thread
     assert second is not None and second is not first
@@ -1083,13 +1083,13 @@ def test_direct_write_after_the_socket_ended_releases_the_segment(
     rig = rigs(transport)
     segment = pool.get(100)
     with rig.lock:
-        assert rig.sender.enqueue_locked(BINARY, segment.view(), segment, 100) is True
+        assert rig.sender.queue.push_locked(BINARY, segment.view(), segment, 100) is True
         rig.sender.stop_locked()
         rig.sender.release_locked()
     rig.sender.direct_write(BINARY, segment.view(), segment)
     assert segment.released and pool.pooled_bytes == 256
     assert transport.try_writes == [] and transport.written() == b""
-    assert rig.sender._writing is False and not rig.failures
+    assert rig.sender.writing is False and not rig.failures
 
 
 class ClosingTransport(TryWriteTransport):
@@ -1190,7 +1190,7 @@ def test_failed_direct_write_of_plain_bytes_reports_once(rigs: Callable[..., Rig
     rig = rigs(Broken())
     assert rig.enqueue(TEXT, b"no segment") is True
     assert [type(e) for e in rig.failures] == [blockws.ConnectionLost]
-    assert rig.sender._writing is False and rig.sender.buffered == 0
+    assert rig.sender.writing is False and rig.sender.buffered == 0
 
 
 def test_large_message_whose_last_fragment_exceeds_the_write_buffer(

@@ -1,0 +1,217 @@
+"""A socket's send queue and the state ``send()`` decides on, in one object.
+
+:class:`~blockws.sender.Sender` keeps its messages, its ``buffered_amount``
+and the flags a ``send()`` reads (is the socket open, may this message be
+written directly, must the writer be woken) in a :class:`SendQueue`, so that
+the commonest call of all, a ``send()`` that queues a message, is one call
+into it: :meth:`PySendQueue.push`. ``blockws._speedups.SendQueue`` is its C
+version; this pure-Python class is the reference, and the two must behave
+alike (``tests/test_sendqueue.py`` runs every test on both).
+
+What is shared with the Sender: the socket's lock (every member is read and
+set with it held, and :meth:`~PySendQueue.push` takes it itself), its
+``control`` list (kept in place: the same list for the queue's life) and
+its ``rest`` (rebound by the Sender as it likes). The Sender's
+``_kick_locked`` is :attr:`kick`, its ``direct_write`` is ``write_now``, and
+the Connection's ``_state_error_locked`` is ``refused``.
+
+Queue items are ``(opcode, payload, segment, size)`` tuples; a negative
+opcode marks a pre-encoded frame (our close frame), which ends what may be
+written after it.
+
+Across threads: any thread may push; one writer takes. ``push`` never waits
+for the network; it waits for the lock only as long as another thread holds
+it (never across a write). An exception from ``kick`` or ``refused``
+propagates with the lock released; a message that ``kick`` failed to wake
+the writer for stays queued (the socket is being torn down then).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections import deque
+from typing import Any, Callable
+
+__all__ = ["PySendQueue", "SendQueue", "c_SendQueue"]
+
+Item = tuple[int, Any, Any, int]
+
+
+class PySendQueue:
+    """The reference send queue (see the module docstring).
+
+    Members, all read and set with the lock held: ``open`` (``send()`` is
+    accepted), ``direct`` (the transport takes non-blocking writes),
+    ``direct_ok`` (the next message may be written directly: cleared by a
+    direct write, set again by incoming data or an idle writer), ``writing``
+    (a thread writes to the transport now), ``waiting`` (the writer waits
+    for work), ``running`` (a writer thread exists), ``large_direct``
+    (messages above ``batch`` may be written directly), ``compress_from``
+    (the smallest message an extension compresses: never written
+    directly), ``buffered`` (bytes accepted and not yet written), and the
+    ``control`` and ``rest`` lists (control frames, and what a direct write
+    left unwritten: both come before any message).
+    """
+
+    __slots__ = (
+        "lock",
+        "kick",
+        "write_now",
+        "refused",
+        "control",
+        "rest",
+        "open",
+        "direct",
+        "direct_ok",
+        "writing",
+        "waiting",
+        "running",
+        "large_direct",
+        "buffered",
+        "compress_from",
+        "direct_max",
+        "batch",
+        "uncompressed",
+        "_items",
+    )
+
+    def __init__(
+        self,
+        lock: threading.Lock,
+        kick: Callable[[], object],
+        write_now: Callable[[int, Any, Any], object],
+        refused: Callable[[], BaseException],
+        control: list[Any],
+        rest: list[Any],
+        direct_max: int,
+        batch: int,
+        uncompressed: int,
+    ) -> None:
+        self.lock = lock
+        self.kick = kick
+        self.write_now = write_now
+        self.refused = refused
+        self.control = control
+        self.rest = rest
+        self.open = False
+        self.direct = False
+        self.direct_ok = True
+        self.writing = False
+        self.waiting = False
+        self.running = False
+        self.large_direct = False
+        self.buffered = 0
+        self.compress_from = sys.maxsize
+        self.direct_max = direct_max
+        self.batch = batch
+        self.uncompressed = uncompressed
+        # Made with the first item (an idle socket keeps none: a deque is 760
+        # bytes before its first item).
+        self._items: deque[Item] | None = None
+
+    def __len__(self) -> int:
+        items = self._items
+        return 0 if items is None else len(items)
+
+    def push(self, opcode: int, payload: Any, segment: Any, size: int) -> None:
+        """Queue a message, or write it now on this thread (``write_now``,
+        without the lock) when :meth:`push_locked` says so; raises what
+        ``refused()`` returns when the socket is not open."""
+        with self.lock:
+            if not self.open:
+                raise self.refused()
+            now = self.push_locked(opcode, payload, segment, size)
+        if now:
+            self.write_now(opcode, payload, segment)
+
+    def push_locked(self, opcode: int, payload: Any, segment: Any, size: int) -> bool:
+        """With the lock held: claim the transport for a direct write (True:
+        the caller writes the message itself, ``writing`` is set and
+        ``direct_ok`` cleared), or queue the message, count it in
+        ``buffered`` and ``kick()`` a writer that waits or does not exist.
+
+        A direct write needs a transport that takes non-blocking writes,
+        ``direct_ok``, nothing written, queued, held back (``control``,
+        ``rest``); a message of at most ``direct_max`` bytes, and of at most
+        ``batch`` unless ``large_direct``; and one no extension will compress
+        (compression runs on the writer, never on the caller's thread).
+        """
+        if size < 0:
+            raise ValueError("a message's size must not be negative")
+        items = self._items
+        if (
+            self.direct
+            and self.direct_ok
+            and not self.writing
+            and not items
+            and not self.control
+            and not self.rest
+            and size <= self.direct_max
+            and (size <= self.batch or self.large_direct)
+            and (opcode & self.uncompressed or size < self.compress_from)
+        ):
+            self.writing = True
+            self.direct_ok = False
+            return True
+        if items is None:
+            items = self._items = deque()
+        items.append((opcode, payload, segment, size))
+        self.buffered += size
+        if self.waiting or not self.running:
+            self.kick()
+        return False
+
+    def append(self, item: Item) -> None:
+        """Queue ``item`` as it is (not counted in ``buffered``, no kick)."""
+        if type(item) is not tuple or len(item) != 4:
+            raise TypeError("append() takes an (opcode, payload, segment, size) tuple")
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        items.append(item)
+
+    def take(self, limit: int) -> tuple[list[Item], int, bool, bool]:
+        """The writer's next batch: items from the front while their sizes
+        add up to less than ``limit`` (at least one, if any); returns them,
+        their size, whether one is a pre-encoded close frame, and whether
+        any has a segment to release."""
+        batch: list[Item] = []
+        size = 0
+        closing = segments = False
+        items = self._items
+        while items and size < limit:
+            item = items.popleft()
+            batch.append(item)
+            size += item[3]
+            if item[0] < 0:
+                closing = True
+            if item[2] is not None:
+                segments = True
+        if items is not None and not items:
+            self._items = None  # (a flood's deque would stay as large as the flood)
+        return batch, size, closing, segments
+
+    def drain(self) -> list[Item]:
+        """Every item, removed from the queue (not counted off ``buffered``)."""
+        items = self._items
+        self._items = None
+        return [] if items is None else list(items)
+
+
+c_SendQueue: type[PySendQueue] | None
+try:  # the optional C version (setup.py builds it when a compiler is present)
+    from ._speedups import SendQueue as _CSendQueue
+
+    c_SendQueue = _CSendQueue  # type: ignore[assignment]  # (same members, duck-typed)
+except ImportError:  # pragma: no cover - depends on the install
+    c_SendQueue = None
+
+#: The send queue as used everywhere: the C version when built, else
+#: :class:`PySendQueue`; ``BLOCKWS_PURE_PYTHON=1`` forces the pure-Python one.
+SendQueue: type[PySendQueue] = (
+    c_SendQueue
+    if c_SendQueue is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
+    else PySendQueue
+)
