@@ -103,21 +103,23 @@
  * than ``limit`` bytes (-1: no limit); 5, text not UTF-8 (``detail``: the
  * decoder's reason). Other exceptions propagate.
  *
- * SendQueue(lock, kick, write_now, refused, control, rest, direct_max, batch,
+ * SendQueue(lock, owner, refused, control, rest, direct_max, batch,
  * uncompressed): a socket's send queue with ``buffered_amount`` and the flags
  * ``send()`` decides on (blockws.sendqueue.PySendQueue is the reference; the
  * two must behave alike). ``push(opcode, payload, segment, size)`` is all a
- * ``send()`` runs: it takes the socket's lock (its bound ``acquire``, so an
+ * ``send()`` runs: it takes the socket's lock (``lock.acquire()``, so an
  * interrupted wait raises without holding it), raises ``refused()``'s
  * exception when not open, else claims a direct write or queues the
- * message, counts it and calls ``kick()`` (still under the lock) for a
- * writer that waits or does not run; it releases the lock and, for a direct
- * write, calls ``write_now(opcode, payload, segment)``. No Python code runs
- * while it holds the lock but ``refused`` and ``kick``, and an exception
- * from either propagates with the lock released. The flags are members of
- * type object holding bools, so Python reads and sets them at the speed of
- * an attribute. The messages are a ring of tuples, let go of when a large
- * one empties (a flood's ring would stay as large as the flood).
+ * message, counts it and calls ``owner.kick_locked()`` (still under the
+ * lock) for a writer that waits or does not run; it releases the lock and,
+ * for a direct write, calls ``owner.direct_write(opcode, payload, segment)``.
+ * The lock's and the owner's methods are called by name, not kept as bound
+ * methods (an idle socket would carry four more objects). No Python code runs
+ * while it holds the lock but ``refused`` and ``kick_locked``, and an
+ * exception from either propagates with the lock released. The flags are
+ * bool members (a byte each; setting one to anything but a bool is a
+ * TypeError). The messages are a ring of tuples, let go of when a
+ * large one empties (a flood's ring would stay as large as the flood).
  *
  * gated_recv(sock, size) -> bytes and gated_recv_into(sock, buffer) -> int: a
  * reader thread's blocking recv() (POSIX), which, once data has come, waits
@@ -1380,16 +1382,19 @@ static PyTypeObject BytesBufferType = {
 
 /* -- SendQueue (blockws.sendqueue.PySendQueue is the reference) ----------------------- */
 
+static PyObject *str_acquire = NULL, *str_release = NULL, *str_kick_locked = NULL,
+                *str_direct_write = NULL;
+
 typedef struct {
     PyObject_HEAD
-    PyObject *acquire, *release; /* the socket lock's bound methods */
-    PyObject *kick;              /* called under the lock: wake or start the writer */
-    PyObject *write_now;         /* write_now(opcode, payload, segment), lock not held */
-    PyObject *refused;           /* refused() -> exception, under the lock */
+    PyObject *lock;    /* the socket's lock: its acquire() and release() */
+    PyObject *owner;   /* owner.kick_locked() under the lock: wake or start the writer;
+                          owner.direct_write(opcode, payload, segment), lock not held */
+    PyObject *refused; /* refused() -> exception, under the lock */
     /* Members Python reads and sets (under the lock): */
-    PyObject *control, *rest;                                       /* lists */
-    PyObject *open, *direct, *direct_ok, *writing, *waiting, *running, *large_direct; /* bools */
+    PyObject *control, *rest; /* a list; a list or a tuple (empty: ()) */
     Py_ssize_t buffered, compress_from, direct_max, batch, uncompressed;
+    char open, direct, direct_ok, writing, waiting, running, large_direct; /* T_BOOL */
     /* The messages: a ring of (opcode, payload, segment, size) tuples. */
     PyObject **items;
     Py_ssize_t head, count, cap;
@@ -1417,6 +1422,8 @@ sq_nonempty(PyObject *o)
 {
     if (o != NULL && PyList_CheckExact(o))
         return PyList_GET_SIZE(o) != 0;
+    if (o != NULL && PyTuple_CheckExact(o))
+        return PyTuple_GET_SIZE(o) != 0;
     return sq_true(o);
 }
 
@@ -1430,36 +1437,26 @@ sq_set(PyObject **field, PyObject *value)
 static PyObject *
 SendQueue_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"lock", "kick", "write_now", "refused", "control", "rest",
+    static char *kwlist[] = {"lock",       "owner", "refused",      "control", "rest",
                              "direct_max", "batch", "uncompressed", NULL};
-    PyObject *lock, *kick, *write_now, *refused, *control, *rest;
+    PyObject *lock, *owner, *refused, *control, *rest = NULL;
     Py_ssize_t direct_max, batch, uncompressed;
     SendQueueObject *self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO!O!nnn:SendQueue", kwlist, &lock, &kick,
-                                     &write_now, &refused, &PyList_Type, &control, &PyList_Type,
-                                     &rest, &direct_max, &batch, &uncompressed))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!Onnn:SendQueue", kwlist, &lock, &owner,
+                                     &refused, &PyList_Type, &control, &rest, &direct_max,
+                                     &batch, &uncompressed))
         return NULL;
     self = (SendQueueObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    self->acquire = PyObject_GetAttrString(lock, "acquire");
-    self->release = PyObject_GetAttrString(lock, "release");
-    if (self->acquire == NULL || self->release == NULL) {
-        Py_DECREF(self);
-        return NULL;
-    }
-    sq_set(&self->kick, kick);
-    sq_set(&self->write_now, write_now);
+    sq_set(&self->lock, lock);
+    sq_set(&self->owner, owner);
     sq_set(&self->refused, refused);
     sq_set(&self->control, control);
     sq_set(&self->rest, rest);
-    sq_set(&self->open, Py_False);
-    sq_set(&self->direct, Py_False);
-    sq_set(&self->direct_ok, Py_True);
-    sq_set(&self->writing, Py_False);
-    sq_set(&self->waiting, Py_False);
-    sq_set(&self->running, Py_False);
-    sq_set(&self->large_direct, Py_False);
+    self->open = self->direct = self->writing = self->waiting = self->running = 0;
+    self->large_direct = 0;
+    self->direct_ok = 1;
     self->buffered = 0;
     self->compress_from = PY_SSIZE_T_MAX;
     self->direct_max = direct_max;
@@ -1474,10 +1471,8 @@ static int
 SendQueue_traverse(SendQueueObject *self, visitproc visit, void *arg)
 {
     Py_ssize_t i;
-    Py_VISIT(self->acquire);
-    Py_VISIT(self->release);
-    Py_VISIT(self->kick);
-    Py_VISIT(self->write_now);
+    Py_VISIT(self->lock);
+    Py_VISIT(self->owner);
     Py_VISIT(self->refused);
     Py_VISIT(self->control);
     Py_VISIT(self->rest);
@@ -1502,10 +1497,8 @@ sq_free_items(SendQueueObject *self)
 static int
 SendQueue_clear(SendQueueObject *self)
 {
-    Py_CLEAR(self->acquire);
-    Py_CLEAR(self->release);
-    Py_CLEAR(self->kick);
-    Py_CLEAR(self->write_now);
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->owner);
     Py_CLEAR(self->refused);
     Py_CLEAR(self->control);
     Py_CLEAR(self->rest);
@@ -1518,13 +1511,6 @@ SendQueue_dealloc(SendQueueObject *self)
 {
     PyObject_GC_UnTrack(self);
     SendQueue_clear(self);
-    Py_CLEAR(self->open);
-    Py_CLEAR(self->direct);
-    Py_CLEAR(self->direct_ok);
-    Py_CLEAR(self->writing);
-    Py_CLEAR(self->waiting);
-    Py_CLEAR(self->running);
-    Py_CLEAR(self->large_direct);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1577,20 +1563,20 @@ static int
 sq_push_locked(SendQueueObject *self, PyObject *const *args, long opcode, Py_ssize_t size)
 {
     PyObject *item;
-    if (sq_true(self->direct) && sq_true(self->direct_ok) && !sq_true(self->writing) &&
-        self->count == 0 && !sq_nonempty(self->control) && !sq_nonempty(self->rest) &&
-        size <= self->direct_max && (size <= self->batch || sq_true(self->large_direct)) &&
+    if (self->direct && self->direct_ok && !self->writing && self->count == 0 &&
+        !sq_nonempty(self->control) && !sq_nonempty(self->rest) && size <= self->direct_max &&
+        (size <= self->batch || self->large_direct) &&
         ((opcode & self->uncompressed) || size < self->compress_from)) {
-        sq_set(&self->writing, Py_True);
-        sq_set(&self->direct_ok, Py_False);
+        self->writing = 1;
+        self->direct_ok = 0;
         return 1;
     }
     item = PyTuple_Pack(4, args[0], args[1], args[2], args[3]);
     if (item == NULL || sq_append(self, item) < 0)
         return -1;
     self->buffered += size;
-    if (sq_true(self->waiting) || !sq_true(self->running)) {
-        PyObject *r = PyObject_CallNoArgs(self->kick);
+    if (self->waiting || !self->running) {
+        PyObject *r = PyObject_CallMethodNoArgs(self->owner, str_kick_locked);
         if (r == NULL)
             return -1;
         Py_DECREF(r);
@@ -1642,12 +1628,12 @@ SendQueue_push(SendQueueObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject *res, *exc = NULL, *type, *value, *tb;
     if (sq_parse(args, nargs, "push", &opcode, &size) < 0)
         return NULL;
-    res = PyObject_CallNoArgs(self->acquire); /* (interrupted: raises, not held) */
+    res = PyObject_CallMethodNoArgs(self->lock, str_acquire); /* (interrupted: raises) */
     if (res == NULL)
         return NULL;
     Py_DECREF(res);
     /* No Python code runs from here to the release but refused() and kick(). */
-    if (!sq_true(self->open)) {
+    if (!self->open) {
         exc = PyObject_CallNoArgs(self->refused);
         r = -1;
     }
@@ -1655,7 +1641,7 @@ SendQueue_push(SendQueueObject *self, PyObject *const *args, Py_ssize_t nargs)
         r = sq_push_locked(self, args, opcode, size);
     }
     PyErr_Fetch(&type, &value, &tb);
-    res = PyObject_CallNoArgs(self->release);
+    res = PyObject_CallMethodNoArgs(self->lock, str_release);
     if (res == NULL) {
         /* (cannot happen while held; keep the first error if there was one) */
         if (type != NULL) {
@@ -1677,8 +1663,10 @@ SendQueue_push(SendQueueObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (r < 0)
         return NULL;
-    if (r == 1) /* claimed: write it now, on this thread, without the lock */
-        return PyObject_CallFunctionObjArgs(self->write_now, args[0], args[1], args[2], NULL);
+    if (r == 1) { /* claimed: write it now, on this thread, without the lock */
+        PyObject *call[4] = {self->owner, args[0], args[1], args[2]};
+        return PyObject_VectorcallMethod(str_direct_write, call, 4, NULL);
+    }
     Py_RETURN_NONE;
 }
 
@@ -1767,13 +1755,13 @@ static PyMethodDef SendQueue_methods[] = {
 static PyMemberDef SendQueue_members[] = {
     SQ_MEMBER(control, T_OBJECT_EX),
     SQ_MEMBER(rest, T_OBJECT_EX),
-    SQ_MEMBER(open, T_OBJECT_EX),
-    SQ_MEMBER(direct, T_OBJECT_EX),
-    SQ_MEMBER(direct_ok, T_OBJECT_EX),
-    SQ_MEMBER(writing, T_OBJECT_EX),
-    SQ_MEMBER(waiting, T_OBJECT_EX),
-    SQ_MEMBER(running, T_OBJECT_EX),
-    SQ_MEMBER(large_direct, T_OBJECT_EX),
+    SQ_MEMBER(open, T_BOOL),
+    SQ_MEMBER(direct, T_BOOL),
+    SQ_MEMBER(direct_ok, T_BOOL),
+    SQ_MEMBER(writing, T_BOOL),
+    SQ_MEMBER(waiting, T_BOOL),
+    SQ_MEMBER(running, T_BOOL),
+    SQ_MEMBER(large_direct, T_BOOL),
     SQ_MEMBER(buffered, T_PYSSIZET),
     SQ_MEMBER(compress_from, T_PYSSIZET),
     {NULL, 0, 0, 0, NULL},
@@ -1831,6 +1819,15 @@ PyInit__speedups(void)
         str_released = PyUnicode_InternFromString("_released");
         if (str_on_binary == NULL || str_data == NULL || str_count == NULL ||
             str_released == NULL)
+            return NULL;
+    }
+    if (str_acquire == NULL) {
+        str_acquire = PyUnicode_InternFromString("acquire");
+        str_release = PyUnicode_InternFromString("release");
+        str_kick_locked = PyUnicode_InternFromString("kick_locked");
+        str_direct_write = PyUnicode_InternFromString("direct_write");
+        if (str_acquire == NULL || str_release == NULL || str_kick_locked == NULL ||
+            str_direct_write == NULL)
             return NULL;
     }
     if (str_decompress == NULL) {

@@ -1,3 +1,4 @@
+from collections.abc import Sequence
 from typing import Any, Callable
 
 def apply_mask(data: bytes | bytearray | memoryview, key: bytes) -> bytes: ...
@@ -68,7 +69,7 @@ class BytesBuffer:
 
 class SendQueue:
     control: list[Any]
-    rest: list[Any]
+    rest: Sequence[Any]
     open: bool
     direct: bool
     direct_ok: bool
@@ -81,11 +82,10 @@ class SendQueue:
     def __init__(
         self,
         lock: Any,
-        kick: Callable[[], object],
-        write_now: Callable[[int, Any, Any], object],
+        owner: Any,
         refused: Callable[[], BaseException],
         control: list[Any],
-        rest: list[Any],
+        rest: Sequence[Any],
         direct_max: int,
         batch: int,
         uncompressed: int,

@@ -40,7 +40,7 @@ Threads and locks
 =====================  ==============================================  ==========================
 thread                 runs                                            may take
 =====================  ==============================================  ==========================
-caller of ``send*``    ``push``, a direct non-blocking write            ``lock``
+caller of ``send*``    ``queue.push``, a direct non-blocking write      ``lock``
 caller of ``close``    ``close``: queues the close frame                ``proto_lock`` then ``lock``
 ``blockws-<id>-reader`` connects, then ``data_received`` per read      ``proto_lock`` then ``lock``
 caller of ``receive``  the same, while it holds the right to read      ``proto_lock`` then ``lock``
@@ -327,7 +327,7 @@ class Connection:
         "name",
         "options",
         "proto_lock",
-        "push",
+        "queue",
         "sender",
         "subprotocol",
     )
@@ -365,10 +365,11 @@ class Connection:
         self._post = self.dispatcher.post_held  # held items: see "Interrupts" in blockws.dispatcher
         self._nudge = self.dispatcher.nudge
         self.sender = self._new_sender()
-        #: ``send()``'s one call: queue a message, or write it now on the
-        #: caller's thread without blocking, or raise why the socket refuses it
-        #: (:meth:`blockws.sendqueue.PySendQueue.push`, of the current link).
-        self.push: Callable[[int, Any, Any, int], None] = self.sender.queue.push
+        #: The current link's send queue: ``queue.push()`` is ``send()``'s one
+        #: call (queue a message, or write it now on the caller's thread
+        #: without blocking, or raise why the socket refuses it: see
+        #: :meth:`blockws.sendqueue.PySendQueue.push`).
+        self.queue = self.sender.queue
         self.keepalive = Keepalive(
             self, options.send_pings, options.ping_frequency, options.close_after_no_message
         )
@@ -424,7 +425,7 @@ class Connection:
         if _trace.enabled:
             _trace.phase(self.log.context, self._phase.name, phase.name)
         self._phase = phase
-        self.sender.queue.open = phase is _OPEN  # (what push() checks)
+        self.queue.open = phase is _OPEN  # (what push() checks)
 
     def _closing_locked(self) -> None:
         """OPEN or CONNECTING becomes CLOSING; later phases stay."""
@@ -546,7 +547,7 @@ class Connection:
                 if t is not None and t.is_alive()
             )
             self.sender = self._new_sender()
-            self.push = self.sender.queue.push
+            self.queue = self.sender.queue
             self._token = ReadToken()
             self._transport = self._proto = None
             self._held = None
@@ -694,7 +695,7 @@ class Connection:
         ``b""`` for each next one (once per read, as the read's own call).
         """
         self.last_received = _monotonic()
-        self.sender.queue.direct_ok = True  # a reply: the next send may skip the writer
+        self.queue.direct_ok = True  # a reply: the next send may skip the writer
         proto = self._proto
         if proto is None:
             return  # closed meanwhile (a caller's read racing the teardown)

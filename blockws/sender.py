@@ -152,10 +152,25 @@ def _remaining(chunks: Sequence[BytesLike], sent: int) -> list[BytesLike]:
 class Sender:
     """Queue, counters and writer thread of one socket (see the module docstring)."""
 
-    #: A transport the teardown asked to close while a write was under way
-    #: (see :meth:`close_transport`); set on the instance only then, so an
-    #: open socket carries no such field.
-    _late_close: Transport | None = None
+    # (Slots: an idle socket keeps one Sender; a dict would cost it more.)
+    __slots__ = (
+        "name",
+        "lock",
+        "log",
+        "_on_failure",
+        "_on_close_written",
+        "_wake",
+        "control",
+        "queue",
+        "unfinished",
+        "_out",
+        "proto",
+        "transport",
+        "_extensions",
+        "_thread",
+        "_stopped",
+        "_late_close",
+    )
 
     def __init__(
         self,
@@ -188,15 +203,14 @@ class Sender:
         #: it; data arriving, a reply, or the writer going idle sets it again,
         #: so request/response traffic skips the thread hand-off while a burst
         #: of sends goes through the writer, one system call per batch) and
-        #: ``queue.rest`` (what the kernel did not take of a direct write;
-        #: written first). ``queue.push`` is ``send()``'s one call.
+        #: ``queue.rest`` (what the kernel did not take of a direct write,
+        #: written first: a list, or ``()``). ``queue.push`` is ``send()``'s one call.
         self.queue = SendQueue(
             lock,
-            self._kick_locked,
-            self.direct_write,
+            self,  # (it calls kick_locked and direct_write)
             refused,
             self.control,
-            [],
+            (),  # (an empty rest is a tuple: an idle socket keeps no list)
             DIRECT_MAX,
             WRITE_BATCH,
             UNCOMPRESSED,
@@ -212,6 +226,9 @@ class Sender:
         self._extensions = False  # the protocol has extensions (compression, maybe)
         self._thread: threading.Thread | None = None
         self._stopped = False
+        #: A transport the teardown asked to close while a write was under
+        #: way (see :meth:`close_transport`).
+        self._late_close: Transport | None = None
 
     def attach(self, proto: Protocol, transport: Transport) -> None:
         """The socket is open: start sending through ``proto`` and ``transport``
@@ -245,7 +262,7 @@ class Sender:
         """Queue our close frame behind every message queued before it."""
         assert self.lock.locked()
         self.queue.append((CLOSE_FRAME, frame, None, 0))
-        self._kick_locked()
+        self.kick_locked()
 
     def control_locked(self, frames: list[bytes] | tuple[bytes, ...]) -> None:
         """Queue control frames (pongs, pings, a close reply) ahead of messages.
@@ -279,7 +296,7 @@ class Sender:
                 queue.buffered -= sum(map(len, stale))
         control.extend(frames)
         queue.buffered += sum(map(len, frames))
-        self._kick_locked()
+        self.kick_locked()
 
     def _write_control_now_locked(self, frames: list[bytes] | tuple[bytes, ...]) -> bool:
         """Pings and pongs while nothing else is queued or being written: write
@@ -303,7 +320,7 @@ class Sender:
             queue = self.queue
             queue.rest = _remaining(list(frames), written)
             queue.buffered += total - written
-            self._kick_locked()
+            self.kick_locked()
         return True
 
     def drop_locked(self) -> int:
@@ -317,7 +334,7 @@ class Sender:
                 segment.release()
         return len(items)
 
-    def _kick_locked(self) -> None:
+    def kick_locked(self) -> None:
         """Wake the writer thread, starting one if none is running."""
         if self._stopped or self.transport is None:
             return
@@ -413,9 +430,9 @@ class Sender:
                     else:
                         self.unfinished = unfinished
                         queue.buffered += unfinished[1]
-                self._kick_locked()
+                self.kick_locked()
             elif queue or self.control:
-                self._kick_locked()  # others queued while we wrote
+                self.kick_locked()  # others queued while we wrote
         if self._stopped:  # (set before a late close is asked for, under the lock)
             self._close_late()
         # A direct write is a data message: only the writer writes close frames.
@@ -455,7 +472,7 @@ class Sender:
     def _run(self) -> None:
         proto, transport = self.proto, self.transport
         if proto is None or transport is None:
-            return  # released before this thread ran (start() interrupted: see _kick_locked)
+            return  # released before this thread ran (start() interrupted: see kick_locked)
         lock, wake, queue, control = self.lock, self._wake, self.queue, self.control
         assert wake is not None  # made before the thread was started
         try:
@@ -479,8 +496,8 @@ class Sender:
                             self._out = None  # an idle socket keeps no write buffer
                             return
                     queue.writing = True
-                    chunks: list[BytesLike] = queue.rest
-                    queue.rest = []
+                    chunks: list[BytesLike] = list(queue.rest)
+                    queue.rest = ()
                     rest_size = sum(map(len, chunks))
                     unfinished = self.unfinished
                     self.unfinished = None
@@ -700,7 +717,7 @@ class Sender:
         self.drop_locked()
         queue.buffered -= sum(map(len, self.control)) + sum(map(len, queue.rest))
         self.control.clear()
-        queue.rest = []
+        queue.rest = ()
         unfinished, self.unfinished = self.unfinished, None
         if unfinished is not None:
             queue.buffered -= unfinished[1]

@@ -8,12 +8,16 @@ into it: :meth:`PySendQueue.push`. ``blockws._speedups.SendQueue`` is its C
 version; this pure-Python class is the reference, and the two must behave
 alike (``tests/test_sendqueue.py`` runs every test on both).
 
-What is shared with the Sender: the socket's lock (every member is read and
-set with it held, and :meth:`~PySendQueue.push` takes it itself), its
-``control`` list (kept in place: the same list for the queue's life) and
-its ``rest`` (rebound by the Sender as it likes). The Sender's
-``_kick_locked`` is :attr:`kick`, its ``direct_write`` is ``write_now``, and
-the Connection's ``_state_error_locked`` is ``refused``.
+What is shared with the Sender, the queue's ``owner``: the socket's lock
+(every member is read and set with it held, and :meth:`~PySendQueue.push`
+takes it itself), its ``control`` list (kept in place: the same list for the
+queue's life) and its ``rest`` (a list or, when empty, a tuple: rebound by
+the Sender as it likes). The queue
+calls ``owner.kick_locked()`` (with the lock held) to wake or start the
+writer, and ``owner.direct_write(opcode, payload, segment)`` (without it) to
+write a message on the caller's thread; ``refused()`` (the Connection's
+``_state_error_locked``, with the lock held) says why a socket that is not
+open refuses a message.
 
 Queue items are ``(opcode, payload, segment, size)`` tuples; a negative
 opcode marks a pre-encoded frame (our close frame), which ends what may be
@@ -21,8 +25,8 @@ written after it.
 
 Across threads: any thread may push; one writer takes. ``push`` never waits
 for the network; it waits for the lock only as long as another thread holds
-it (never across a write). An exception from ``kick`` or ``refused``
-propagates with the lock released; a message that ``kick`` failed to wake
+it (never across a write). An exception from ``kick_locked`` or ``refused``
+propagates with the lock released; a message that ``kick_locked`` failed to wake
 the writer for stays queued (the socket is being torn down then).
 """
 
@@ -32,6 +36,7 @@ import os
 import sys
 import threading
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Callable
 
 __all__ = ["PySendQueue", "SendQueue", "c_SendQueue"]
@@ -51,14 +56,13 @@ class PySendQueue:
     (messages above ``batch`` may be written directly), ``compress_from``
     (the smallest message an extension compresses: never written
     directly), ``buffered`` (bytes accepted and not yet written), and the
-    ``control`` and ``rest`` lists (control frames, and what a direct write
+    ``control`` and ``rest`` sequences (control frames, and what a direct write
     left unwritten: both come before any message).
     """
 
     __slots__ = (
         "lock",
-        "kick",
-        "write_now",
+        "owner",
         "refused",
         "control",
         "rest",
@@ -80,18 +84,16 @@ class PySendQueue:
     def __init__(
         self,
         lock: threading.Lock,
-        kick: Callable[[], object],
-        write_now: Callable[[int, Any, Any], object],
+        owner: Any,
         refused: Callable[[], BaseException],
         control: list[Any],
-        rest: list[Any],
+        rest: Sequence[Any],
         direct_max: int,
         batch: int,
         uncompressed: int,
     ) -> None:
         self.lock = lock
-        self.kick = kick
-        self.write_now = write_now
+        self.owner = owner
         self.refused = refused
         self.control = control
         self.rest = rest
@@ -116,21 +118,22 @@ class PySendQueue:
         return 0 if items is None else len(items)
 
     def push(self, opcode: int, payload: Any, segment: Any, size: int) -> None:
-        """Queue a message, or write it now on this thread (``write_now``,
-        without the lock) when :meth:`push_locked` says so; raises what
-        ``refused()`` returns when the socket is not open."""
+        """Queue a message, or write it now on this thread
+        (``owner.direct_write``, without the lock) when :meth:`push_locked`
+        says so; raises what ``refused()`` returns when the socket is not open."""
         with self.lock:
             if not self.open:
                 raise self.refused()
             now = self.push_locked(opcode, payload, segment, size)
         if now:
-            self.write_now(opcode, payload, segment)
+            self.owner.direct_write(opcode, payload, segment)
 
     def push_locked(self, opcode: int, payload: Any, segment: Any, size: int) -> bool:
         """With the lock held: claim the transport for a direct write (True:
         the caller writes the message itself, ``writing`` is set and
         ``direct_ok`` cleared), or queue the message, count it in
-        ``buffered`` and ``kick()`` a writer that waits or does not exist.
+        ``buffered`` and ``owner.kick_locked()`` a writer that waits or does
+        not exist.
 
         A direct write needs a transport that takes non-blocking writes,
         ``direct_ok``, nothing written, queued, held back (``control``,
@@ -160,7 +163,7 @@ class PySendQueue:
         items.append((opcode, payload, segment, size))
         self.buffered += size
         if self.waiting or not self.running:
-            self.kick()
+            self.owner.kick_locked()
         return False
 
     def append(self, item: Item) -> None:

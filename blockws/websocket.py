@@ -812,7 +812,7 @@ class WebSocket:
         would go out stale, ahead of it, and grow without bound.
         """
         if type(data) is bytes and not offset and count is None:  # the commonest: first
-            self._engine.push(
+            self._engine.queue.push(
                 _BINARY if compress else _BINARY | _UNCOMPRESSED, data, None, len(data)
             )
             return
@@ -821,7 +821,7 @@ class WebSocket:
             if offset or count is not None:
                 raise TypeError("offset and count apply to binary messages only")
             payload: bytes = data.encode("utf-8")
-            self._engine.push(_TEXT | flag, payload, None, len(payload))
+            self._engine.queue.push(_TEXT | flag, payload, None, len(payload))
             return
         try:
             view = memoryview(data).cast("B")
@@ -835,7 +835,7 @@ class WebSocket:
                 raise ValueError(f"offset/count outside a {len(view)}-byte buffer")
             view = view[offset:end]
         payload = bytes(view)
-        self._engine.push(_BINARY | flag, payload, None, len(payload))
+        self._engine.queue.push(_BINARY | flag, payload, None, len(payload))
 
     def send_as_binary(self, segment: BufferSegment, *, compress: bool = True) -> None:
         """Queue ``segment`` as a binary message; blockws releases it once written.
@@ -861,7 +861,7 @@ class WebSocket:
         if not isinstance(segment, BufferSegment):
             raise TypeError(f"expected a BufferSegment, not {type(segment).__name__}")
         try:
-            self._engine.push(opcode, segment.view(), segment, segment.count)
+            self._engine.queue.push(opcode, segment.view(), segment, segment.count)
         except BaseException:
             if not segment.released:
                 segment.release()

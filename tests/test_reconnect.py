@@ -282,7 +282,7 @@ def test_a_send_racing_a_reconnect_onto_the_ended_link_is_refused(script: Script
     ws = make(events)
     ws.open()
     events.pump(ws, lambda: events.count("open") == 1)
-    stale_push = ws._engine.push  # what a racing send() read (the first link's)
+    stale_push = ws._engine.queue.push  # what a racing send() read (the first link's)
     script.transports[0].feed_eof()
     events.pump(ws, lambda: events.count("open") == 2)
     assert ws.is_open

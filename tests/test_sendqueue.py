@@ -36,7 +36,8 @@ class Refused(Exception):
 
 
 class Host:
-    """The sender's side of a queue: what kick() and write_now() saw."""
+    """The queue's owner (the sender's side): what kick_locked() and
+    direct_write() saw."""
 
     def __init__(self, impl: Any, **queue: Any) -> None:
         self.lock = threading.Lock()
@@ -46,8 +47,7 @@ class Host:
         self.control: list[bytes] = []
         self.q = impl(
             self.lock,
-            self.kick,
-            self.write_now,
+            self,
             lambda: Refused("not open"),
             self.control,
             [],
@@ -59,11 +59,11 @@ class Host:
         for name, value in queue.items():
             setattr(self.q, name, value)
 
-    def kick(self) -> None:
+    def kick_locked(self) -> None:
         assert self.lock.locked()
         self.kicks += 1
 
-    def write_now(self, opcode: int, payload: Any, segment: Any) -> None:
+    def direct_write(self, opcode: int, payload: Any, segment: Any) -> None:
         self.locked_in_write.append(self.lock.locked())
         self.written.append((opcode, payload, segment))
 
@@ -74,7 +74,7 @@ def impl(request: pytest.FixtureRequest) -> Any:
 
 
 def test_a_new_queue_is_closed_idle_and_empty(impl: Any) -> None:
-    q = impl(threading.Lock(), print, print, Exception, [], [], 1, 1, 0)
+    q = impl(threading.Lock(), None, Exception, [], [], 1, 1, 0)
     assert len(q) == 0 and not q
     assert (q.open, q.direct, q.direct_ok, q.writing, q.waiting, q.running) == (
         False,
@@ -106,11 +106,11 @@ def test_push_raises_what_refused_raises_and_a_non_exception_is_a_type_error(
         raise KeyError("from refused")
 
     lock = threading.Lock()
-    q = impl(lock, print, print, boom, [], [], 1, 1, 0)
+    q = impl(lock, None, boom, [], [], 1, 1, 0)
     with pytest.raises(KeyError, match="from refused"):
         q.push(2, b"x", None, 1)
     assert not lock.locked()
-    q = impl(lock, print, print, lambda: "not an exception", [], [], 1, 1, 0)
+    q = impl(lock, None, lambda: "not an exception", [], [], 1, 1, 0)
     with pytest.raises(TypeError):
         q.push(2, b"x", None, 1)
     assert not lock.locked()
@@ -188,10 +188,11 @@ def test_nothing_goes_directly_past_a_queued_message_or_a_control_frame(impl: An
 def test_an_exception_from_kick_propagates_with_the_lock_released(impl: Any) -> None:
     lock = threading.Lock()
 
-    def kick() -> None:
-        raise KeyboardInterrupt
+    class Owner:
+        def kick_locked(self) -> None:
+            raise KeyboardInterrupt
 
-    q = impl(lock, kick, print, Exception, [], [], 1, 1, 0)
+    q = impl(lock, Owner(), Exception, [], [], 1, 1, 0)
     q.open = True
     with pytest.raises(KeyboardInterrupt):
         q.push(2, b"x", None, 1)
@@ -333,9 +334,7 @@ def test_a_queue_in_a_reference_cycle_is_collected(impl: Any) -> None:
 
     owner = Owner()
     payload = Owner()
-    owner.q = impl(  # type: ignore[attr-defined]
-        threading.Lock(), owner.__init__, print, Exception, [], [], 1, 1, 0
-    )
+    owner.q = impl(threading.Lock(), owner, Exception, [], [], 1, 1, 0)  # type: ignore[attr-defined]
     owner.q.append((2, payload, owner, 1))  # type: ignore[attr-defined]
     dead: list[Callable[[], object]] = [weakref.ref(owner), weakref.ref(payload)]
     del owner, payload
