@@ -385,6 +385,38 @@ def test_segments_are_released_once_written(rigs: Callable[..., Rig]) -> None:
     assert pool.pooled_bytes == 3 * 1024  # back in the pool's 1 KiB class
 
 
+def test_a_batch_mixing_segments_and_plain_payloads_releases_each_segment_once(
+    rigs: Callable[..., Rig],
+) -> None:
+    """One writer batch with segments and bytes alike (the queue flags that
+    the batch holds segments; only those are released)."""
+    pool = BufferPool()
+    rig = rigs(MemoryTransport(block_writes=True))
+    rig.enqueue(TEXT, b"first")  # the writer blocks in its write: the rest queue up
+    assert rig.transport.write_started.wait(WAIT)
+    segment = pool.get(100)
+    segment.data[:100] = b"s" * 100
+    size_class = len(segment.data)
+    rig.enqueue(BINARY, b"plain")
+    rig.enqueue(BINARY, segment.view(), segment)
+    rig.enqueue(BINARY, b"after")
+    assert not segment.released
+    rig.transport.unblock_writes()
+    rig.wait_idle()
+    assert payloads(rig.transport.frames()) == [b"first", b"plain", b"s" * 100, b"after"]
+    wait_until(lambda: segment.released)
+    assert pool.pooled_bytes == size_class  # back in the pool, once
+
+
+def test_a_queue_without_a_socket_refuses_with_invalid_state(rigs: Callable[..., Rig]) -> None:
+    """A Sender made without ``refused`` (as the tests make it) refuses a
+    push while it is not open with a plain InvalidState."""
+    rig = rigs()
+    with pytest.raises(blockws.InvalidState, match="not open"):
+        rig.sender.queue.push(BINARY, b"x", None, 1)
+    assert rig.sender.buffered == 0 and not rig.lock.locked()
+
+
 def test_drop_discards_queued_messages_and_releases_their_segments(
     rigs: Callable[..., Rig],
 ) -> None:
