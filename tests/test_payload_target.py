@@ -28,6 +28,7 @@ from blockws.deflate import PerMessageDeflate
 from blockws.exceptions import MessageTooBig
 from blockws.frames import Opcode, encode_header
 from blockws.protocol import BinaryMessage, Protocol, Role
+from blockws.readtoken import ReadToken
 from blockws.transport import TCPTransport
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -762,21 +763,53 @@ def test_an_interrupt_after_a_read_into_a_buffer_loses_nothing(
     into, _ = _counting(monkeypatch)
     real_read = TCPTransport.read
     interrupted: list[int] = []
+    caller = threading.current_thread()
+    opened = threading.Event()  # ws.open() has returned
+    caller_asks = threading.Event()  # the caller asked for the reading: the server may send
+    real_read_here = ReadToken.read_here
+
+    def read_here(self: ReadToken, *args: Any, **kwargs: Any) -> bool:
+        if threading.current_thread() is caller and opened.is_set():
+            caller_asks.set()
+        return real_read_here(self, *args, **kwargs)
 
     def read(self: TCPTransport, timeout: float | None) -> Any:
         data = real_read(self, timeout)
-        if isinstance(data, int) and data and len(interrupted) < 3:
+        if (
+            threading.current_thread() is caller
+            and isinstance(data, int)
+            and data
+            and len(interrupted) < 3
+        ):
             interrupted.append(data)
             raise KeyboardInterrupt
         return data
 
+    def gated(peer: Peer) -> None:
+        """The stream waits for the caller to ask for the reading (else, on a
+        loaded machine, the reader thread could read all of it first). The
+        reader thread then lends the reading between two of its reads."""
+        send = peer.send
+        sent = [0]  # the handshake's response, then the stream's pieces
+
+        def then_wait(data: bytes) -> None:
+            if sent[0] == 1:
+                assert caller_asks.wait(10), "the caller never asked for the reading"
+            sent[0] += 1
+            send(data)
+
+        peer.send = then_wait  # type: ignore[method-assign]
+        sends(peer)
+
+    monkeypatch.setattr(ReadToken, "read_here", read_here)
     monkeypatch.setattr(TCPTransport, "read", read)
     rec = Recorder()
-    with fault_server(sends) as server:
+    with fault_server(gated) as server:
         deadline = time.monotonic() + 20
         if consumer == "receive()":
             ws = blockws.WebSocket(server.url, extensions=[])
             ws.open()
+            opened.set()
             got: list[Any] = []
             while "end" not in got and time.monotonic() < deadline:
                 try:
@@ -787,6 +820,7 @@ def test_an_interrupt_after_a_read_into_a_buffer_loses_nothing(
         else:
             ws = blockws.WebSocket(server.url, extensions=[], **rec.callbacks())
             ws.open()
+            opened.set()
             while "end" not in rec.messages and time.monotonic() < deadline:
                 try:
                     rec.pump_until(ws, lambda: "end" in rec.messages, what="end")

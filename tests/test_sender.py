@@ -714,6 +714,67 @@ def test_a_socket_that_ends_during_a_large_direct_write_keeps_nothing_of_it(
     assert rig.sender.thread is None  # no writer started for what was left
 
 
+class GatedLock:
+    """A lock the writer thread ("sender-test-writer") cannot take until
+    ``gate`` is set: it holds the writer back at its first step, so a test
+    can act before the writer does (without relying on timing)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.gate = threading.Event()
+        self.writer_waits = threading.Event()  # the writer reached the gate
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if threading.current_thread().name == "sender-test-writer":
+            self.writer_waits.set()
+            assert self.gate.wait(WAIT), "gate never opened"
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def test_ending_before_the_writer_takes_a_large_direct_writes_rest_releases_it() -> None:
+    """The kernel cut a large direct write; the socket ends before the writer
+    it started has taken the rest: the end lets go of the message (its count in
+    buffered_amount and its segment), and the writer then writes nothing."""
+    transport = CappedTransport(BATCH_BYTES + 5000)
+    rig = Rig(transport, Protocol(Role.CLIENT))
+    gated = GatedLock()
+    rig.lock = gated  # type: ignore[assignment]
+    rig.sender = Sender(
+        "sender-test-writer", gated, ContextAdapter({}), rig._failed, rig._closed  # type: ignore[arg-type]
+    )
+    rig.sender.attach(rig.proto, transport)
+    segment = BufferPool().get(ONE_MIB)
+    with gated:
+        assert rig.sender.queue.push_locked(BINARY, segment.view(), segment, ONE_MIB) is True
+    rig.sender.direct_write(BINARY, segment.view(), segment)
+    # the second batch's rest, and the two batches not encoded yet
+    assert rig.sender.unfinished is not None
+    assert rig.sender.buffered == BATCH_BYTES - 5000 + ONE_MIB // 2
+    thread = rig.sender.thread
+    assert thread is not None
+    assert gated.writer_waits.wait(WAIT)  # held back before it took anything
+    assert rig.stop() is thread
+    assert rig.sender.unfinished is None and segment.released
+    assert rig.sender.buffered == 0
+    gated.gate.set()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert len(transport.written()) == BATCH_BYTES + 5000  # nothing more written
+    assert rig.failures == []
+
+
 @pytest.mark.parametrize("case", ["extensions", "server", "over DIRECT_MAX"])
 def test_a_large_message_goes_to_the_writer_where_its_batches_are_not_whole_fragments(
     case: str,
@@ -825,6 +886,40 @@ def test_fragment_larger_than_the_write_buffer_is_written_as_it_is(
     assert [len(f.payload) for f in frames] == [300000, 300000, 100000]
     assert [f.fin for f in frames] == [False, False, True]
     assert b"".join(payloads(frames)) == message
+
+
+def test_a_servers_fragments_overflowing_the_write_buffer_are_flushed_then_written_as_they_are(
+) -> None:
+    """A server's frames come as header and payload (unmasked: nothing is
+    encoded into a pooled buffer), so through a transport that does not gather
+    they go by the writer's buffer, whatever the speedups: the buffer is
+    flushed when the next piece does not fit, and a payload larger than the
+    buffer is written as it is."""
+    transport = HookTransport(gathers=False)
+    rig = Rig(transport, Protocol(Role.SERVER, max_fragment_size=300000))
+    try:
+        message = bytes(range(7)) * 100000
+        with rig.lock:
+            assert rig.sender.queue.push_locked(BINARY, message, None, len(message)) is False
+            rig._note_thread()
+        wait_until(lambda: len(transport.written()) >= len(message) + 3 * 10)
+        rig.wait_idle()
+        data, frames = transport.written(), []
+        while data:
+            parsed = Frame.parse(data, masked=False)
+            assert parsed is not None
+            frames.append(parsed[0])
+            data = data[parsed[1]:]
+        assert [len(f.payload) for f in frames] == [300000, 300000, 100000]
+        assert [f.fin for f in frames] == [False, False, True]
+        assert b"".join(payloads(frames)) == message
+        # header, payload, header, payload, header + last payload (which fits)
+        assert transport.writes == [10, 300000, 10, 300000, 100010]
+        assert all(len(chunks) == 1 for chunks in transport.chunks)
+    finally:
+        thread = rig.stop()
+        for t in [*rig.threads, *([thread] if thread else [])]:
+            t.join(WAIT)
 
 
 @pytest.mark.parametrize("gathers", [False, True], ids=["buffer", "gather"])
