@@ -147,6 +147,17 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 #endif
+#if defined(__linux__) || defined(__APPLE__)
+/* SendQueue's small direct writes: send(2) on the descriptor, keys from getentropy(3). */
+#define HAVE_FAST_WRITE 1
+#include <unistd.h>
+#ifdef __APPLE__
+#include <sys/random.h>
+#endif
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* (macOS: SO_NOSIGPIPE; CPython ignores SIGPIPE anyway) */
+#endif
+#endif
 
 #define RELEASE_GIL_ABOVE 65536
 
@@ -1383,7 +1394,8 @@ static PyTypeObject BytesBufferType = {
 /* -- SendQueue (blockws.sendqueue.PySendQueue is the reference) ----------------------- */
 
 static PyObject *str_acquire = NULL, *str_release = NULL, *str_kick_locked = NULL,
-                *str_direct_write = NULL;
+                *str_direct_write = NULL, *str_direct_part = NULL, *str_close_late = NULL,
+                *str_bytes_written = NULL;
 
 typedef struct {
     PyObject_HEAD
@@ -1393,7 +1405,10 @@ typedef struct {
     PyObject *refused; /* refused() -> exception, under the lock */
     /* Members Python reads and sets (under the lock): */
     PyObject *control, *rest; /* a list; a list or a tuple (empty: ()) */
-    Py_ssize_t buffered, compress_from, direct_max, batch, uncompressed;
+    Py_ssize_t buffered, compress_from;
+    int direct_max, batch, uncompressed; /* (ints: an idle socket's queue stays in 160 bytes) */
+    int fd;          /* the fast path's descriptor (with ``fast``) */
+    PyObject *fast;  /* NULL, or the TCP transport small direct writes go to in C */
     char open, direct, direct_ok, writing, waiting, running, large_direct; /* T_BOOL */
     /* The messages: a ring of (opcode, payload, segment, size) tuples. */
     PyObject **items;
@@ -1440,9 +1455,9 @@ SendQueue_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"lock",       "owner", "refused",      "control", "rest",
                              "direct_max", "batch", "uncompressed", NULL};
     PyObject *lock, *owner, *refused, *control, *rest = NULL;
-    Py_ssize_t direct_max, batch, uncompressed;
+    int direct_max, batch, uncompressed;
     SendQueueObject *self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!Onnn:SendQueue", kwlist, &lock, &owner,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO!Oiii:SendQueue", kwlist, &lock, &owner,
                                      &refused, &PyList_Type, &control, &rest, &direct_max,
                                      &batch, &uncompressed))
         return NULL;
@@ -1464,6 +1479,8 @@ SendQueue_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->uncompressed = uncompressed;
     self->items = NULL;
     self->head = self->count = self->cap = 0;
+    self->fast = NULL;
+    self->fd = -1;
     return (PyObject *)self;
 }
 
@@ -1476,6 +1493,7 @@ SendQueue_traverse(SendQueueObject *self, visitproc visit, void *arg)
     Py_VISIT(self->refused);
     Py_VISIT(self->control);
     Py_VISIT(self->rest);
+    Py_VISIT(self->fast);
     for (i = 0; i < self->count; i++)
         Py_VISIT(self->items[(self->head + i) % self->cap]);
     return 0;
@@ -1502,6 +1520,7 @@ SendQueue_clear(SendQueueObject *self)
     Py_CLEAR(self->refused);
     Py_CLEAR(self->control);
     Py_CLEAR(self->rest);
+    Py_CLEAR(self->fast);
     sq_free_items(self);
     return 0;
 }
@@ -1619,13 +1638,203 @@ SendQueue_push_locked(SendQueueObject *self, PyObject *const *args, Py_ssize_t n
     return PyBool_FromLong(r);
 }
 
+/* The largest payload the fast path writes: one frame with a 2-byte header. */
+#define SQ_FAST_MAX 125
+
+#ifdef HAVE_FAST_WRITE
+/* Mask keys for the fast path, read from the kernel 64 at a time (getentropy:
+   the source os.urandom reads). Only touched with the GIL held; after fork()
+   the child drops what is left (reset_keys, see blockws.sendqueue), so parent
+   and child never use the same key. */
+static unsigned char sq_keys[256];
+static size_t sq_keys_pos = sizeof(sq_keys);
+
+/* 0 with 4 fresh bytes at key, -1 if the kernel gave none (no exception set). */
+static int
+sq_draw_key(unsigned char *key)
+{
+    if (sq_keys_pos + 4 > sizeof(sq_keys)) {
+        if (getentropy(sq_keys, sizeof(sq_keys)) != 0)
+            return -1;
+        sq_keys_pos = 0;
+    }
+    memcpy(key, sq_keys + sq_keys_pos, 4);
+    memset(sq_keys + sq_keys_pos, 0, 4); /* (a key is used once) */
+    sq_keys_pos += 4;
+    return 0;
+}
+#endif
+
+static PyObject *
+sq_reset_keys(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+#ifdef HAVE_FAST_WRITE
+    memset(sq_keys, 0, sizeof(sq_keys));
+    sq_keys_pos = sizeof(sq_keys);
+#endif
+    Py_RETURN_NONE;
+}
+
+/* An exception kept aside while the lock is taken (see sq_acquire_surely). */
+typedef struct {
+    PyObject *type, *value, *tb;
+} SqPending;
+
+/* Take the lock whatever lands meanwhile: an exception from acquire() (a
+   signal handler's, Ctrl-C) is kept in *pending (the first one) and the acquire
+   retried, so the bookkeeping after a write always happens. */
+static void
+sq_acquire_surely(SendQueueObject *self, SqPending *pending)
+{
+    for (;;) {
+        PyObject *res = PyObject_CallMethodNoArgs(self->lock, str_acquire);
+        if (res != NULL) {
+            Py_DECREF(res);
+            return;
+        }
+        if (pending->type == NULL)
+            PyErr_Fetch(&pending->type, &pending->value, &pending->tb);
+        else
+            PyErr_Clear();
+    }
+}
+
+/* A direct write of a small message from a client without extensions, in C:
+   frame, mask and send(2) it without blocking, then the bookkeeping
+   Sender.direct_write does. 0: done (or handed on); 1: nothing was written, the
+   caller goes the usual way (Sender.direct_write writes it, or meets and
+   reports the error itself); -1: an error is set. */
+static int
+sq_fast_write(SendQueueObject *self, PyObject *transport, int fd, long opcode, PyObject *payload)
+{
+#ifdef HAVE_FAST_WRITE
+    unsigned char frame[6 + SQ_FAST_MAX];
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(payload);
+    Py_ssize_t n = PyBytes_GET_SIZE(payload), i, total = 6 + n;
+    ssize_t sent;
+    PyObject *res, *count, *sum;
+    SqPending pending = {NULL, NULL, NULL};
+    int kick, failed = 0;
+    frame[0] = (unsigned char)(0x80 | (opcode & 0x0F));
+    frame[1] = (unsigned char)(0x80 | n);
+    if (sq_draw_key(frame + 2) < 0)
+        return 1;
+    for (i = 0; i < n; i++)
+        frame[6 + i] = data[i] ^ frame[2 + (i & 3)];
+    /* Non-blocking, so the GIL stays held (a few microseconds at most). */
+    sent = send(fd, frame, (size_t)total, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (sent <= 0)
+        return 1; /* full, interrupted or failed: nothing written */
+    if (sent < total) {
+        /* The kernel took part of it: the Sender keeps the rest for its writer. */
+        PyObject *rest = PyBytes_FromStringAndSize((const char *)frame + sent, total - sent);
+        PyObject *call[3] = {self->owner, rest, NULL};
+        if (rest == NULL)
+            return -1; /* (memory exhausted: the socket is stuck writing; cannot recover) */
+        call[2] = PyLong_FromSsize_t(sent);
+        if (call[2] == NULL) {
+            Py_DECREF(rest);
+            return -1;
+        }
+        res = PyObject_VectorcallMethod(str_direct_part, call, 3, NULL);
+        Py_DECREF(rest);
+        Py_DECREF(call[2]);
+        if (res == NULL)
+            return -1;
+        Py_DECREF(res);
+        return 0;
+    }
+    /* Written whole: counted (as try_write counts, while this thread alone
+       writes), then as Sender.direct_write ends. */
+    {
+        PyObject *add = PyLong_FromSsize_t(total);
+        count = add == NULL ? NULL : PyObject_GetAttr(transport, str_bytes_written);
+        sum = count == NULL ? NULL : PyNumber_Add(count, add);
+        Py_XDECREF(add);
+        Py_XDECREF(count);
+        if (sum == NULL || PyObject_SetAttr(transport, str_bytes_written, sum) < 0)
+            failed = 1;
+        Py_XDECREF(sum);
+    }
+    if (failed) { /* (memory exhausted) kept aside while the writing is let go of */
+        PyErr_Fetch(&pending.type, &pending.value, &pending.tb);
+        failed = 0;
+    }
+    sq_acquire_surely(self, &pending);
+    self->writing = 0;
+    kick = self->count != 0 || sq_nonempty(self->control) || sq_nonempty(self->rest);
+    if (kick) {
+        res = PyObject_CallMethodNoArgs(self->owner, str_kick_locked);
+        if (res == NULL)
+            failed = 1;
+        Py_XDECREF(res);
+    }
+    {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        res = PyObject_CallMethodNoArgs(self->lock, str_release);
+        Py_XDECREF(res);
+        if (res == NULL)
+            PyErr_Clear(); /* (cannot happen while held) */
+        PyErr_Restore(type, value, tb);
+    }
+    if (!failed && !self->open) {
+        /* Stopped meanwhile: close the transport if the teardown left that to us. */
+        res = PyObject_CallMethodNoArgs(self->owner, str_close_late);
+        if (res == NULL)
+            failed = 1;
+        Py_XDECREF(res);
+    }
+    if (pending.type != NULL) {
+        if (failed)
+            PyErr_Clear(); /* (the interrupt comes first) */
+        PyErr_Restore(pending.type, pending.value, pending.tb);
+        return -1;
+    }
+    return failed ? -1 : 0;
+#else
+    (void)self;
+    (void)transport;
+    (void)fd;
+    (void)opcode;
+    (void)payload;
+    return 1;
+#endif
+}
+
+static PyObject *
+SendQueue_set_fast(SendQueueObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int fd;
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "set_fast() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    {
+        long value = PyLong_AsLong(args[1]);
+        if (value == -1 && PyErr_Occurred())
+            return NULL;
+        fd = value < 0 || value > INT_MAX ? -1 : (int)value;
+    }
+#ifdef HAVE_FAST_WRITE
+    if (args[0] != Py_None && fd >= 0) {
+        sq_set(&self->fast, args[0]);
+        self->fd = fd;
+        Py_RETURN_TRUE;
+    }
+#endif
+    Py_CLEAR(self->fast);
+    self->fd = -1;
+    Py_RETURN_FALSE;
+}
+
 static PyObject *
 SendQueue_push(SendQueueObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     long opcode;
     Py_ssize_t size;
-    int r;
-    PyObject *res, *exc = NULL, *type, *value, *tb;
+    int r, fd = -1;
+    PyObject *res, *exc = NULL, *type, *value, *tb, *fast = NULL;
     if (sq_parse(args, nargs, "push", &opcode, &size) < 0)
         return NULL;
     res = PyObject_CallMethodNoArgs(self->lock, str_acquire); /* (interrupted: raises) */
@@ -1639,6 +1848,12 @@ SendQueue_push(SendQueueObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     else {
         r = sq_push_locked(self, args, opcode, size);
+        if (r == 1 && self->fast != NULL && size <= SQ_FAST_MAX && args[2] == Py_None &&
+            PyBytes_CheckExact(args[1]) && PyBytes_GET_SIZE(args[1]) == size) {
+            fast = self->fast; /* (read with the lock held: set and cleared under it) */
+            Py_INCREF(fast);
+            fd = self->fd;
+        }
     }
     PyErr_Fetch(&type, &value, &tb);
     res = PyObject_CallMethodNoArgs(self->lock, str_release);
@@ -1649,10 +1864,19 @@ SendQueue_push(SendQueueObject *self, PyObject *const *args, Py_ssize_t nargs)
             PyErr_Restore(type, value, tb);
         }
         Py_XDECREF(exc);
+        Py_XDECREF(fast);
         return NULL;
     }
     Py_DECREF(res);
     PyErr_Restore(type, value, tb);
+    if (fast != NULL) { /* claimed, small: the fast path (r == 1, no error) */
+        r = sq_fast_write(self, fast, fd, opcode, args[1]);
+        Py_DECREF(fast);
+        if (r < 0)
+            return NULL;
+        if (r == 0)
+            Py_RETURN_NONE;
+    }
     if (exc != NULL) {
         if (PyExceptionInstance_Check(exc))
             PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
@@ -1748,6 +1972,8 @@ static PyMethodDef SendQueue_methods[] = {
     {"take", (PyCFunction)SendQueue_take, METH_O,
      "take(limit) -> (items, size, closing, segments): the writer's next batch."},
     {"drain", (PyCFunction)SendQueue_drain, METH_NOARGS, "drain() -> list: every item, removed."},
+    {"set_fast", (PyCFunction)(void (*)(void))SendQueue_set_fast, METH_FASTCALL,
+     "set_fast(transport, fd) -> bool: small direct writes in C to fd (None: none)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1793,6 +2019,8 @@ static PyMethodDef methods[] = {
      "Inflate the whole compressed messages at buf[pos:] into out; see the module's doc."},
     {"copy_continuations", (PyCFunction)(void (*)(void))copy_continuations, METH_FASTCALL,
      "Copy the whole non-final continuation frames at buf[pos:end] into target[m_len:]."},
+    {"reset_keys", sq_reset_keys, METH_NOARGS,
+     "Drop the mask keys SendQueue's fast path has read ahead (after fork, in the child)."},
     {"split_messages", (PyCFunction)(void (*)(void))split_messages, METH_FASTCALL,
      "Append the whole small unfragmented data messages at buf[pos:] to out; return the end."},
 #ifdef HAVE_GATED_RECV
@@ -1826,8 +2054,12 @@ PyInit__speedups(void)
         str_release = PyUnicode_InternFromString("release");
         str_kick_locked = PyUnicode_InternFromString("kick_locked");
         str_direct_write = PyUnicode_InternFromString("direct_write");
+        str_direct_part = PyUnicode_InternFromString("direct_part");
+        str_close_late = PyUnicode_InternFromString("close_late");
+        str_bytes_written = PyUnicode_InternFromString("bytes_written");
         if (str_acquire == NULL || str_release == NULL || str_kick_locked == NULL ||
-            str_direct_write == NULL)
+            str_direct_write == NULL || str_direct_part == NULL || str_close_late == NULL ||
+            str_bytes_written == NULL)
             return NULL;
     }
     if (str_decompress == NULL) {

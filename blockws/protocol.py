@@ -537,6 +537,15 @@ class Protocol:
             ) from None
 
     @property
+    def default_keys(self) -> bool:
+        """Whether a client's frames are masked with keys from the shared
+        source (:data:`blockws.frames.shared_mask_keys`), as every socket's
+        are, rather than a source of its own (a test's fixed keys). Where it
+        is, any other source of unpredictable keys will do as well (see
+        :meth:`blockws.sendqueue.PySendQueue.set_fast`)."""
+        return self._key_source is shared_mask_keys
+
+    @property
     def has_data_to_send(self) -> bool:
         """Whether :meth:`data_to_send` has frames waiting (a cheap test)."""
         return bool(self._outgoing)

@@ -47,7 +47,7 @@ from .exceptions import InvalidState
 from .log import ContextAdapter
 from .protocol import Protocol, Role, batch_room
 from .sendqueue import SendQueue
-from .transport import Transport
+from .transport import TCPTransport, Transport
 
 __all__ = [
     "Sender",
@@ -89,6 +89,11 @@ Item = tuple[int, Any, "BufferSegment | None", int]
 Unfinished = tuple[Iterator[tuple[list["BytesLike"], bool]], int, "BufferSegment | None"]
 BytesLike = Union[bytes, bytearray, memoryview]
 
+
+#: The largest message :meth:`SendQueue.set_fast
+#: <blockws.sendqueue.PySendQueue.set_fast>`'s path writes (one frame with
+#: a 2-byte header).
+FAST_MAX = 125
 
 #: Buffers a large message's batches are encoded into (see _batch_buffer),
 #: shared by every socket of the process: at most this many are kept.
@@ -245,6 +250,21 @@ class Sender:
         queue.compress_from = min(
             (getattr(e, "min_size", 0) for e in proto.extensions), default=sys.maxsize
         )
+        # A small message to plain TCP from a client without extensions: the
+        # C queue frames and writes it itself (see SendQueue.set_fast).
+        fast = (
+            type(transport) is TCPTransport
+            and transport.can_try_write
+            and proto.role is Role.CLIENT
+            and not proto.extensions
+            and proto.default_keys
+            and proto.max_fragment_size >= FAST_MAX
+        )
+        if fast:
+            assert isinstance(transport, TCPTransport)
+            queue.set_fast(transport, transport.sock.fileno())
+        else:
+            queue.set_fast(None, -1)
 
     @property
     def buffered(self) -> int:
@@ -383,7 +403,7 @@ class Sender:
         if proto is None or transport is None:  # the socket ended meanwhile
             with self.lock:
                 queue.writing = False
-            self._close_late()
+            self.close_late()
             if segment is not None and not segment.released:
                 segment.release()
             return
@@ -406,7 +426,7 @@ class Sender:
             with self.lock:
                 queue.writing = False
             if self._stopped:
-                self._close_late()
+                self.close_late()
             if segment is not None and not segment.released:
                 segment.release()
             self._on_failure(self, exc)
@@ -434,8 +454,25 @@ class Sender:
             elif queue or self.control:
                 self.kick_locked()  # others queued while we wrote
         if self._stopped:  # (set before a late close is asked for, under the lock)
-            self._close_late()
+            self.close_late()
         # A direct write is a data message: only the writer writes close frames.
+
+    def direct_part(self, rest: bytes, written: int) -> None:
+        """The end of a direct write the C queue made (see
+        :meth:`SendQueue.set_fast <blockws.sendqueue.PySendQueue.set_fast>`)
+        when the kernel took ``written`` bytes of the frame and not ``rest``:
+        as :meth:`direct_write` ends then, the writer sends ``rest`` first."""
+        transport = self.transport
+        if transport is not None:
+            transport.bytes_written += written
+        queue = self.queue
+        with self.lock:
+            queue.writing = False
+            queue.rest = [rest]
+            queue.buffered += len(rest)
+            self.kick_locked()
+        if self._stopped:
+            self.close_late()
 
     def _direct_batches(
         self,
@@ -528,7 +565,7 @@ class Sender:
                         queue.writing = False
                         queue.buffered -= size + rest_size
                     if self._stopped:
-                        self._close_late()
+                        self.close_late()
                     if segments:
                         for _o, _p, segment, _n in batch:  # written, or failed: done
                             if segment is not None and not segment.released:
@@ -676,6 +713,7 @@ class Sender:
         self.proto = None
         self.transport = None
         self._out = None
+        self.queue.set_fast(None, -1)
 
     def close_transport(self, transport: Transport) -> None:
         """Close ``transport`` (the teardown, after :meth:`stop_locked`) once no
@@ -694,7 +732,7 @@ class Sender:
                 return
         transport.close()
 
-    def _close_late(self) -> None:
+    def close_late(self) -> None:
         """A write that ended after :meth:`stop_locked`: close the transport if
         the teardown left that to it (see :meth:`close_transport`)."""
         with self.lock:

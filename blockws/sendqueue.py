@@ -196,6 +196,29 @@ class PySendQueue:
             self._items = None  # (a flood's deque would stay as large as the flood)
         return batch, size, closing, segments
 
+    def set_fast(self, transport: Any, fd: int) -> bool:
+        """Where small direct writes may go without ``owner.direct_write``:
+        returns whether they will.
+
+        The C queue, given a plain TCP transport and its descriptor, writes a
+        claimed direct message of up to 125 bytes (``bytes``, no segment)
+        itself: it frames and masks it (keys read from the kernel, as
+        ``os.urandom`` reads them), ``send()``-s it without blocking, adds it
+        to ``transport.bytes_written`` and ends as ``direct_write`` ends
+        (``writing`` cleared and the writer kicked for whatever was queued
+        meanwhile, under the lock; ``owner.close_late()`` once the socket is
+        no longer open). What the kernel takes part of goes to
+        ``owner.direct_part(rest, written)``; what it takes nothing of (a full
+        buffer, an error) goes to ``owner.direct_write`` as usual, which
+        writes it or reports the error. The caller (``Sender.attach``) offers
+        it only to a client without extensions masking with the shared keys.
+        ``None`` turns it off (the socket ended).
+
+        This queue has no such path (in Python, ``direct_write`` is as fast):
+        it returns False and always calls ``direct_write``.
+        """
+        return False
+
     def drain(self) -> list[Item]:
         """Every item, removed from the queue (not counted off ``buffered``)."""
         items = self._items
@@ -210,6 +233,12 @@ try:  # the optional C version (setup.py builds it when a compiler is present)
     c_SendQueue = _CSendQueue  # type: ignore[assignment]  # (same members, duck-typed)
 except ImportError:  # pragma: no cover - depends on the install
     c_SendQueue = None
+
+if c_SendQueue is not None and hasattr(os, "register_at_fork"):
+    from ._speedups import reset_keys as _reset_keys
+
+    # A child must not reuse the mask keys its parent read ahead.
+    os.register_at_fork(after_in_child=_reset_keys)
 
 #: The send queue as used everywhere: the C version when built, else
 #: :class:`PySendQueue`; ``BLOCKWS_PURE_PYTHON=1`` forces the pure-Python one.

@@ -4,6 +4,8 @@ large messages, the close callback, failures and the writer thread's life."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import zlib
@@ -22,6 +24,8 @@ from blockws.frames import Frame, Opcode, pack_close
 from blockws.log import ContextAdapter
 from blockws.protocol import Protocol, Role, batch_room
 from blockws.sender import DIRECT_MAX, UNCOMPRESSED, WRITE_BATCH, Sender
+from blockws.sendqueue import PySendQueue, SendQueue
+from blockws.transport import TCPTransport
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
 
@@ -1332,3 +1336,309 @@ def test_large_message_whose_last_fragment_exceeds_the_write_buffer(
     assert [len(f.payload) for f in frames] == [300000, 300000]
     assert b"".join(payloads(frames)) == message
     assert len(rig.transport.writes) == 2
+
+
+# -- small direct writes in C (SendQueue.set_fast) ------------------------------------------
+
+needs_c_queue = pytest.mark.skipif(
+    SendQueue is PySendQueue, reason="the pure-Python queue has no fast path"
+)
+
+
+class HookLock:
+    """A lock that runs ``after_release[n]()`` just after its n-th release and
+    raises ``KeyboardInterrupt`` from its n-th acquire for n in ``interrupt``
+    (counting from 1): to act at the points a C queue's push passes through."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.acquires = self.releases = 0
+        self.after_release: dict[int, Callable[[], None]] = {}
+        self.interrupt: set[int] = set()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        self.acquires += 1
+        if self.acquires in self.interrupt:
+            raise KeyboardInterrupt
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+        self.releases += 1
+        hook = self.after_release.pop(self.releases, None)
+        if hook is not None:
+            hook()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class TCPRig(Rig):
+    """A rig over a real TCPTransport (one end of a socketpair), open, with a
+    HookLock; ``direct_writes`` counts the calls of Sender.direct_write."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, proto: Protocol | None = None) -> None:
+        self.here, self.peer = socket.socketpair()
+        self.peer.settimeout(WAIT)
+        transport = TCPTransport(self.here)
+        super().__init__(MemoryTransport(), proto or Protocol(Role.CLIENT))
+        self.transport = transport  # type: ignore[assignment]
+        self.hook_lock = HookLock()
+        self.lock = self.hook_lock  # type: ignore[assignment]
+        self.sender = Sender(
+            "sender-test-writer", self.hook_lock, ContextAdapter({}),  # type: ignore[arg-type]
+            self._failed, self._closed,
+        )
+        with self.hook_lock:
+            self.sender.attach(self.proto, transport)
+            self.sender.queue.open = True
+        self.direct_writes: list[int] = []
+        self.keys: list[bytes] = []  # the mask keys of the small frames received
+        real = Sender.direct_write
+
+        def counted(sender: Sender, opcode: int, payload: Any, segment: Any) -> None:
+            self.direct_writes.append(len(payload))
+            real(sender, opcode, payload, segment)
+
+        monkeypatch.setattr(Sender, "direct_write", counted)
+
+    def allow_direct(self) -> None:
+        with self.hook_lock:
+            self.sender.queue.direct_ok = True
+
+    def received(self, count: int) -> list[Frame]:
+        """The next ``count`` frames the peer end reads."""
+        data, frames = b"", []
+        while len(frames) < count:
+            parsed = Frame.parse(data, masked=True)
+            if parsed is None:
+                chunk = self.peer.recv(65536)
+                assert chunk, "the connection ended"
+                data += chunk
+                continue
+            frames.append(parsed[0])
+            if data[1] & 0x7F < 126:  # a small frame's key
+                self.keys.append(data[2:6])
+            data = data[parsed[1]:]
+        assert data == b""
+        return frames
+
+    def end(self) -> None:
+        thread = self.stop()
+        for t in [*self.threads, *([thread] if thread else [])]:
+            t.join(WAIT)
+            assert not t.is_alive()
+        self.transport.close()
+        self.peer.close()
+
+
+@pytest.fixture
+def tcp_rigs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., TCPRig]]:
+    made: list[TCPRig] = []
+
+    def make(proto: Protocol | None = None) -> TCPRig:
+        rig = TCPRig(monkeypatch, proto)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.end()
+
+
+@needs_c_queue
+def test_a_small_direct_send_to_plain_tcp_is_framed_masked_and_written_in_c(
+    tcp_rigs: Callable[..., TCPRig],
+) -> None:
+    rig = tcp_rigs()
+    queue = rig.sender.queue
+    for i, payload in enumerate([b"hello", b"", bytes(range(125))]):
+        rig.allow_direct()
+        queue.push(TEXT if i == 0 else BINARY, payload, None, len(payload))
+        assert not queue.writing and not queue.direct_ok  # as a direct write leaves them
+    frames = rig.received(3)
+    assert [(f.opcode, f.fin, f.payload) for f in frames] == [
+        (Opcode.TEXT, True, b"hello"), (Opcode.BINARY, True, b""),
+        (Opcode.BINARY, True, bytes(range(125))),
+    ]
+    assert rig.direct_writes == []  # none went through Sender.direct_write
+    assert rig.transport.bytes_written == 11 + 6 + 131
+    assert queue.buffered == 0 and rig.sender.thread is None
+    # A key per frame, drawn fresh (2**-64 odds of a false alarm).
+    assert len(set(rig.keys)) == 3
+
+
+@needs_c_queue
+@pytest.mark.parametrize(
+    "case", ["126 bytes", "bytearray", "memoryview", "with a segment", "not direct"]
+)
+def test_what_the_c_path_does_not_take_goes_the_usual_way(
+    tcp_rigs: Callable[..., TCPRig], case: str
+) -> None:
+    rig = tcp_rigs()
+    payload: Any = b"x" * 126 if case == "126 bytes" else b"small"
+    segment = None
+    if case == "bytearray":
+        payload = bytearray(payload)
+    elif case == "memoryview":
+        payload = memoryview(b"a small view")
+    elif case == "with a segment":
+        segment = BufferPool().get(5)
+        segment.view()[:] = b"small"
+        payload = segment.view()
+    with rig.hook_lock:
+        rig.sender.queue.direct_ok = case != "not direct"
+    rig.sender.queue.push(BINARY, payload, segment, len(payload))
+    [frame] = rig.received(1)
+    assert frame.payload == bytes(payload)
+    assert rig.direct_writes == ([] if case == "not direct" else [len(payload)])
+    if case == "not direct":
+        assert rig.sender.thread is not None  # the writer wrote it
+        rig._note_thread()
+
+
+@pytest.mark.parametrize("case", ["own keys", "extensions", "small fragments", "server"])
+def test_the_c_path_is_only_for_a_client_without_extensions_using_the_shared_keys(
+    tcp_rigs: Callable[..., TCPRig], case: str
+) -> None:
+    options: dict[str, Any] = {}
+    if case == "own keys":
+        options["mask_keys"] = lambda: b"\x01\x02\x03\x04"
+    elif case == "extensions":
+        deflate = PerMessageDeflate()
+        deflate.accept([])
+        options["extensions"] = [deflate]
+    elif case == "small fragments":
+        options["max_fragment_size"] = 100
+    role = Role.SERVER if case == "server" else Role.CLIENT
+    rig = tcp_rigs(Protocol(role, **options))
+    rig.allow_direct()
+    rig.sender.queue.push(BINARY | UNCOMPRESSED, b"abc", None, 3)
+    assert rig.direct_writes == [3]
+    if case == "own keys":
+        rig.received(1)
+        assert rig.keys == [b"\x01\x02\x03\x04"]
+
+
+@needs_c_queue
+def test_a_send_the_kernel_takes_nothing_of_goes_to_direct_write(
+    tcp_rigs: Callable[..., TCPRig],
+) -> None:
+    """send(2) fails (here: the descriptor is a pipe's, not a socket): nothing
+    was written, and Sender.direct_write writes the message (or meets the
+    error and reports it)."""
+    rig = tcp_rigs()
+    r, w = os.pipe()
+    try:
+        with rig.hook_lock:
+            assert rig.sender.queue.set_fast(rig.transport, w) is True
+        rig.allow_direct()
+        rig.sender.queue.push(BINARY, b"abc", None, 3)
+        assert rig.direct_writes == [3]
+        assert rig.received(1)[0].payload == b"abc"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@needs_c_queue
+def test_messages_queued_during_a_c_write_are_left_to_the_writer_in_order(
+    tcp_rigs: Callable[..., TCPRig],
+) -> None:
+    rig = tcp_rigs()
+    queue = rig.sender.queue
+    rig.allow_direct()
+    start = rig.hook_lock.releases
+
+    def meanwhile() -> None:  # between the claim and the write (the lock let go)
+        with rig.hook_lock:
+            assert queue.push_locked(BINARY, b"second", None, 6) is False  # queued
+            rig._note_thread()
+
+    rig.hook_lock.after_release[start + 1] = meanwhile
+    queue.push(BINARY, b"first", None, 5)
+    assert [f.payload for f in rig.received(2)] == [b"first", b"second"]
+    assert rig.direct_writes == []
+    rig.wait_idle()
+
+
+@needs_c_queue
+def test_a_socket_stopped_during_a_c_write_has_its_transport_closed_by_it(
+    tcp_rigs: Callable[..., TCPRig],
+) -> None:
+    """The teardown left the close to the write under way (close_transport):
+    the C path closes it once written, as direct_write does."""
+    rig = tcp_rigs()
+    rig.allow_direct()
+    transport = rig.transport
+    start = rig.hook_lock.releases
+
+    def teardown() -> None:
+        with rig.hook_lock:
+            rig.sender.stop_locked()
+        rig.sender.close_transport(transport)  # writing: left to the writing thread
+
+    rig.hook_lock.after_release[start + 1] = teardown
+    rig.sender.queue.push(BINARY, b"last", None, 4)
+    assert rig.received(1)[0].payload == b"last"
+    assert transport.sock.fileno() == -1  # closed
+    assert rig.peer.recv(10) == b""
+
+
+@needs_c_queue
+def test_an_interrupt_while_a_c_write_takes_the_lock_again_loses_no_bookkeeping(
+    tcp_rigs: Callable[..., TCPRig],
+) -> None:
+    rig = tcp_rigs()
+    queue = rig.sender.queue
+    rig.allow_direct()
+    start = rig.hook_lock.acquires
+    rig.hook_lock.interrupt = {start + 2}  # the acquire after the write
+    with pytest.raises(KeyboardInterrupt):
+        queue.push(BINARY, b"data", None, 4)
+    assert rig.received(1)[0].payload == b"data"  # written once
+    assert not queue.writing and rig.transport.bytes_written == 10
+    assert not rig.hook_lock.locked()
+    queue.push(BINARY, b"next", None, 4)  # not direct (direct_ok cleared): the writer
+    rig._note_thread()
+    assert rig.received(1)[0].payload == b"next"
+
+
+def test_the_rest_of_a_frame_the_kernel_cut_is_written_first_by_the_writer(
+    rigs: Callable[..., Rig],
+) -> None:
+    """Sender.direct_part, where the C path hands a cut write: the writer
+    sends the frame's rest before anything queued after it."""
+    rig = rigs(TryWriteTransport())
+    frame = Frame(Opcode.BINARY, b"whole").serialize(b"\x01\x02\x03\x04")
+    rig.transport.write([frame[:4]])  # what the kernel took
+    with rig.lock:
+        assert rig.sender.queue.push_locked(BINARY, b"whole", None, 5) is True  # claimed
+    rig.sender.direct_part(frame[4:], 4)
+    rig._note_thread()
+    rig.enqueue(BINARY, b"after")
+    assert [f.payload for f in rig.wait_frames(2)] == [b"whole", b"after"]
+    rig.wait_idle()
+    assert rig.sender.buffered == 0 and not rig.sender.writing
+
+
+@needs_c_queue
+def test_reset_keys_drops_the_keys_read_ahead(tcp_rigs: Callable[..., TCPRig]) -> None:
+    """What a forked child runs first (so it never reuses its parent's keys)."""
+    from blockws import _speedups
+
+    rig = tcp_rigs()
+    rig.allow_direct()
+    rig.sender.queue.push(BINARY, b"a", None, 1)
+    _speedups.reset_keys()
+    rig.allow_direct()
+    rig.sender.queue.push(BINARY, b"b", None, 1)
+    first, second = rig.received(2)
+    assert (first.payload, second.payload) == (b"a", b"b")
+    assert rig.keys[0] != rig.keys[1]
