@@ -1391,11 +1391,216 @@ static PyTypeObject BytesBufferType = {
     sizeof(BytesBufferObject),                                        /* tp_basicsize */
 };
 
-/* -- SendQueue (blockws.sendqueue.PySendQueue is the reference) ----------------------- */
+/* -- Dispatcher.run (blockws.dispatcher: the Python loop is the reference) ------------- */
 
+/* (lock and owner methods: shared with SendQueue below) */
 static PyObject *str_acquire = NULL, *str_release = NULL, *str_kick_locked = NULL,
                 *str_direct_write = NULL, *str_direct_part = NULL, *str_close_late = NULL,
                 *str_bytes_written = NULL;
+
+static PyObject *str_running_in = NULL, *str_held = NULL, *str_armed = NULL,
+                *str_announce = NULL, *str_popleft = NULL, *str_appendleft = NULL;
+
+/* Set dispatcher.<name> = value; on failure the error is set and -1 returned. */
+#define RUN_SET(name, value) PyObject_SetAttr(dispatcher, (name), (value))
+
+/* run_pending(dispatcher, pending, run_lock, running, plain) -> int: what
+   Dispatcher.run() does without a budget, in C. The items pending when it
+   starts are taken from the front of ``pending`` (a deque) one at a time, each
+   becoming ``dispatcher.held`` as it leaves the deque (no Python code runs in
+   between), and run as ``fn(arg)``; its result counts (None: 1). With
+   ``run_lock`` held and ``running[ident]`` (the module's thread -> depth map)
+   and ``dispatcher.running_in`` marking this thread, both undone at the end.
+   A callback's exception propagates, and the item still ``held`` (not
+   committed) goes back to the front unless it is a ``plain`` one (a post()
+   item: entered is run). Then, whatever happened, ``dispatcher._armed`` is set
+   and ``dispatcher._announce()`` called if items are pending: as run()'s
+   ``finally``. Returns 0 at once with nothing pending, or from inside a run on
+   this thread (re-entrant). No eval-breaker point lies between any of these
+   steps: an interrupt lands inside a callback, or in the lock's wait. */
+static PyObject *
+run_pending(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *dispatcher, *pending, *lock, *running, *plain;
+    PyObject *me = NULL, *depth = NULL, *res, *ptype = NULL, *pvalue = NULL, *ptb = NULL;
+    Py_ssize_t n, i, count = 0;
+    long depth_value = 0;
+    int failed = 0;
+    (void)module;
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "run_pending() takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    dispatcher = args[0];
+    pending = args[1];
+    lock = args[2];
+    running = args[3];
+    plain = args[4];
+    if (!PyDict_CheckExact(running)) {
+        PyErr_SetString(PyExc_TypeError, "running must be a dict");
+        return NULL;
+    }
+    n = PyObject_Length(pending);
+    if (n <= 0)
+        return n < 0 ? NULL : PyLong_FromLong(0);
+    me = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (me == NULL)
+        return NULL;
+    {
+        PyObject *in = PyObject_GetAttr(dispatcher, str_running_in);
+        int same;
+        if (in == NULL) {
+            Py_DECREF(me);
+            return NULL;
+        }
+        same = PyObject_RichCompareBool(in, me, Py_EQ);
+        Py_DECREF(in);
+        if (same != 0) {
+            Py_DECREF(me);
+            return same < 0 ? NULL : PyLong_FromLong(0);
+        }
+    }
+    res = PyObject_CallMethodNoArgs(lock, str_acquire); /* (interrupted: raises, not held) */
+    if (res == NULL) {
+        failed = 1;
+        goto rearm;
+    }
+    Py_DECREF(res);
+    depth = PyDict_GetItemWithError(running, me); /* borrowed */
+    if (depth == NULL && PyErr_Occurred()) {
+        failed = 1;
+        goto unlock;
+    }
+    if (depth != NULL) {
+        depth_value = PyLong_AsLong(depth);
+        if (depth_value == -1 && PyErr_Occurred()) {
+            failed = 1;
+            goto unlock;
+        }
+    }
+    depth = PyLong_FromLong(depth_value + 1);
+    if (depth == NULL || RUN_SET(str_running_in, me) < 0 ||
+        PyDict_SetItem(running, me, depth) < 0) {
+        Py_XDECREF(depth);
+        failed = 1;
+        goto unmark;
+    }
+    Py_DECREF(depth);
+    for (i = 0; i < n; i++) {
+        PyObject *item = PyObject_CallMethodNoArgs(pending, str_popleft);
+        if (item == NULL) {
+            failed = 1;
+            break;
+        }
+        if (RUN_SET(str_held, item) < 0) { /* (cannot fail on a slot) */
+            Py_DECREF(item);
+            failed = 1;
+            break;
+        }
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            Py_DECREF(item);
+            PyErr_SetString(PyExc_TypeError, "a dispatcher item is a (function, argument) pair");
+            failed = 1;
+            break;
+        }
+        res = PyObject_CallOneArg(PyTuple_GET_ITEM(item, 0), PyTuple_GET_ITEM(item, 1));
+        Py_DECREF(item);
+        if (res == NULL) {
+            failed = 1;
+            break;
+        }
+        if (RUN_SET(str_held, Py_None) < 0) {
+            Py_DECREF(res);
+            failed = 1;
+            break;
+        }
+        if (res == Py_None) {
+            count += 1;
+        }
+        else {
+            Py_ssize_t handled = PyNumber_AsSsize_t(res, PyExc_OverflowError);
+            if (handled == -1 && PyErr_Occurred()) {
+                Py_DECREF(res);
+                failed = 1;
+                break;
+            }
+            count += handled;
+        }
+        Py_DECREF(res);
+    }
+    if (failed) {
+        /* The item being run goes back to the front unless it committed. */
+        PyObject *held;
+        PyErr_Fetch(&ptype, &pvalue, &ptb);
+        held = PyObject_GetAttr(dispatcher, str_held);
+        if (held != NULL && held != Py_None) {
+            if (RUN_SET(str_held, Py_None) == 0 && Py_TYPE(held) != (PyTypeObject *)plain) {
+                res = PyObject_CallMethodOneArg(pending, str_appendleft, held);
+                Py_XDECREF(res);
+            }
+        }
+        Py_XDECREF(held);
+        PyErr_Clear(); /* (the callback's exception is the one raised) */
+        PyErr_Restore(ptype, pvalue, ptb);
+    }
+unmark:
+    PyErr_Fetch(&ptype, &pvalue, &ptb);
+    if (RUN_SET(str_running_in, Py_None) < 0)
+        PyErr_Clear();
+    if (depth_value) {
+        depth = PyLong_FromLong(depth_value);
+        if (depth == NULL || PyDict_SetItem(running, me, depth) < 0)
+            PyErr_Clear();
+        Py_XDECREF(depth);
+    }
+    else if (PyDict_DelItem(running, me) < 0) {
+        PyErr_Clear();
+    }
+    PyErr_Restore(ptype, pvalue, ptb);
+unlock:
+    PyErr_Fetch(&ptype, &pvalue, &ptb);
+    res = PyObject_CallMethodNoArgs(lock, str_release);
+    Py_XDECREF(res);
+    if (res == NULL)
+        PyErr_Clear(); /* (cannot happen while held) */
+    PyErr_Restore(ptype, pvalue, ptb);
+rearm:
+    /* run()'s finally: armed again, and told of what is still pending. */
+    PyErr_Fetch(&ptype, &pvalue, &ptb);
+    Py_DECREF(me);
+    if (RUN_SET(str_armed, Py_True) < 0) {
+        Py_XDECREF(ptype);
+        Py_XDECREF(pvalue);
+        Py_XDECREF(ptb);
+        return NULL;
+    }
+    n = PyObject_Length(pending);
+    if (n > 0) {
+        res = PyObject_CallMethodNoArgs(dispatcher, str_announce);
+        if (res == NULL) { /* (as a raise in a finally: it replaces the first) */
+            Py_XDECREF(ptype);
+            Py_XDECREF(pvalue);
+            Py_XDECREF(ptb);
+            return NULL;
+        }
+        Py_DECREF(res);
+    }
+    else if (n < 0) {
+        PyErr_Clear();
+    }
+    if (ptype != NULL || failed) {
+        if (ptype == NULL) /* (a failure whose error was cleared: cannot happen) */
+            PyErr_SetString(PyExc_SystemError, "run_pending failed without an error");
+        else
+            PyErr_Restore(ptype, pvalue, ptb);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(count);
+}
+#undef RUN_SET
+
+/* -- SendQueue (blockws.sendqueue.PySendQueue is the reference) ----------------------- */
+
 
 typedef struct {
     PyObject_HEAD
@@ -2019,6 +2224,8 @@ static PyMethodDef methods[] = {
      "Inflate the whole compressed messages at buf[pos:] into out; see the module's doc."},
     {"copy_continuations", (PyCFunction)(void (*)(void))copy_continuations, METH_FASTCALL,
      "Copy the whole non-final continuation frames at buf[pos:end] into target[m_len:]."},
+    {"run_pending", (PyCFunction)(void (*)(void))run_pending, METH_FASTCALL,
+     "Dispatcher.run() without a budget; see blockws.dispatcher."},
     {"reset_keys", sq_reset_keys, METH_NOARGS,
      "Drop the mask keys SendQueue's fast path has read ahead (after fork, in the child)."},
     {"split_messages", (PyCFunction)(void (*)(void))split_messages, METH_FASTCALL,
@@ -2047,6 +2254,17 @@ PyInit__speedups(void)
         str_released = PyUnicode_InternFromString("_released");
         if (str_on_binary == NULL || str_data == NULL || str_count == NULL ||
             str_released == NULL)
+            return NULL;
+    }
+    if (str_running_in == NULL) {
+        str_running_in = PyUnicode_InternFromString("running_in");
+        str_held = PyUnicode_InternFromString("held");
+        str_armed = PyUnicode_InternFromString("_armed");
+        str_announce = PyUnicode_InternFromString("_announce");
+        str_popleft = PyUnicode_InternFromString("popleft");
+        str_appendleft = PyUnicode_InternFromString("appendleft");
+        if (str_running_in == NULL || str_held == NULL || str_armed == NULL ||
+            str_announce == NULL || str_popleft == NULL || str_appendleft == NULL)
             return NULL;
     }
     if (str_acquire == NULL) {

@@ -123,6 +123,17 @@ OnPending = Callable[[Any], Any]
 
 _perf = time.perf_counter
 
+#: ``run()`` without a budget in C (``blockws._speedups.run_pending``), when
+#: built; the loop in :meth:`Dispatcher.run` is its reference. Looked up per
+#: call, so that tests run either.
+_run_pending: Callable[[Any, Any, Any, dict[int, int], type], int] | None
+try:
+    from ._speedups import run_pending as _run_pending
+except ImportError:  # pragma: no cover - depends on the install
+    _run_pending = None
+if os.environ.get("BLOCKWS_PURE_PYTHON"):
+    _run_pending = None
+
 # How many dispatchers are running callbacks on this thread (nested when a
 # callback pumps another socket). Blocking helpers refuse to run inside one.
 _running: dict[int, int] = {}  # thread ident -> nesting depth; empty when no callback runs
@@ -608,6 +619,8 @@ class Dispatcher:
         pending = self.pending
         if not pending:
             return 0
+        if _run_pending is not None:  # the same, in C
+            return _run_pending(self, pending, self._run_lock, _running, _Plain)
         me = threading.get_ident()
         if self.running_in == me:
             return 0

@@ -14,6 +14,22 @@ from blockws.dispatcher import Dispatcher
 
 pytestmark = pytest.mark.unit
 
+
+_C_RUN = dispatcher_module._run_pending
+
+
+@pytest.fixture(autouse=True, params=["python run", "C run"])
+def run_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both Dispatcher.run loops: the Python one (the
+    reference) and blockws._speedups.run_pending, when built."""
+    if request.param == "C run":
+        if _C_RUN is None:
+            pytest.skip("the C speedups are not built (or BLOCKWS_PURE_PYTHON is set)")
+        monkeypatch.setattr(dispatcher_module, "_run_pending", _C_RUN)
+    else:
+        monkeypatch.setattr(dispatcher_module, "_run_pending", None)
+    return str(request.param)
+
 WAIT = 5.0
 
 
@@ -508,3 +524,62 @@ def test_update_all_that_finds_the_ready_queue_taken_ends(
     assert dispatcher_module.update_all() == 0
     assert taken == [d] and seen == []
     assert d.run() == 1 and seen == ["once"]
+
+
+def test_an_item_that_is_not_a_pair_fails_the_run_and_goes_back_to_the_front() -> None:
+    """(Items are always pairs: posted by post() and post_held(). Either loop
+    refuses another shape loudly, the item kept, the marks cleared.)"""
+    d = Dispatcher()
+    d.pending.append((print, None, "a third item"))  # type: ignore[arg-type]
+    with pytest.raises((TypeError, ValueError)):
+        d.run()
+    assert list(d.pending) == [(print, None, "a third item")]
+    assert d.held is None and d.running_in is None and not dispatcher_module.in_callback()
+
+
+def test_a_run_counts_what_each_item_says_it_handled() -> None:
+    d = Dispatcher()
+    seen: list[int] = []
+    d.post_held(lambda n: seen.append(n) or 3, 1)
+    d.post_held(seen.append, 2)  # None: one
+    assert d.run() == 4 and seen == [1, 2]
+
+
+@pytest.mark.skipif(_C_RUN is None, reason="the C speedups are not built")
+def test_run_pending_checks_its_arguments() -> None:
+    assert _C_RUN is not None
+    d = Dispatcher()
+    with pytest.raises(TypeError):
+        _C_RUN(d, d.pending, threading.Lock(), {})  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        _C_RUN(d, d.pending, threading.Lock(), [], tuple)  # type: ignore[arg-type]
+    assert _C_RUN(d, d.pending, threading.Lock(), {}, tuple) == 0  # nothing pending
+
+
+def test_an_interrupted_wait_for_the_run_lock_runs_nothing_and_rearms() -> None:
+    """Ctrl-C while another thread's run holds the lock: nothing taken, the
+    marks untouched, and the hook told again of what is pending."""
+
+    class Interrupted:
+        def acquire(self) -> bool:
+            raise KeyboardInterrupt
+
+        def release(self) -> None:  # pragma: no cover - never acquired
+            raise AssertionError
+
+        def __enter__(self) -> bool:
+            return self.acquire()
+
+        def __exit__(self, *exc: object) -> None:  # pragma: no cover
+            self.release()
+
+    told: list[Any] = []
+    d = Dispatcher(owner="ws")
+    d.set_on_pending(told.append)
+    d.post_held(print, "never")
+    assert told == ["ws"]
+    d._run_lock = Interrupted()  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        d.run()
+    assert len(d.pending) == 1 and d.held is None and d.running_in is None
+    assert told == ["ws", "ws"]  # announced again by the run's end
