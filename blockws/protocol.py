@@ -735,9 +735,27 @@ class Protocol:
             return events
         self.more = False
         self._inflated = 0
+        pos = 0
+        if (
+            not self._buf
+            and self._fast
+            and self._phase == _HEADER
+            and not self._m_opcode
+            and self.compact_messages
+            and self._whole_decode is None
+            and type(data) is bytes
+        ):
+            # _parse's first step, without its set-up: a read of whole small
+            # messages (a request/response exchange's every read) ends here.
+            limit = self.max_message_size
+            pos = _frames.split_messages(
+                data, 0, 65535 if limit is None or limit > 65535 else limit, events, None, None
+            )
+            if pos == len(data):
+                return events
         buf = self._buf + data if self._buf else data if type(data) is bytes else bytes(data)
         try:
-            pos = self._parse(buf, events)
+            pos = self._parse(buf, events, pos)
         except ProtocolError as exc:
             self._fail(exc, events)
             self._buf = b""
@@ -985,9 +1003,8 @@ class Protocol:
         events.append(Failure(exc))
         self.other_events += 1
 
-    def _parse(self, buf: bytes, events: list[Received]) -> int:
-        """Consume frames from ``buf``; returns how many bytes were used."""
-        pos = 0
+    def _parse(self, buf: bytes, events: list[Received], pos: int = 0) -> int:
+        """Consume frames from ``buf[pos:]``; returns the end of what was used."""
         end = len(buf)
         # The fast path: whole, unfragmented, unmasked, uncompressed text and
         # binary frames, which is what a client mostly receives. It makes no
