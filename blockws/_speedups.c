@@ -120,6 +120,23 @@
  * bool members (a byte each; setting one to anything but a bool is a
  * TypeError). The messages are a ring of tuples, let go of when a
  * large one empties (a flood's ring would stay as large as the flood).
+ * ``set_fast(transport, fd)`` (a client without extensions on plain TCP,
+ * masking with the shared keys: see Sender.attach) lets push() write a claimed
+ * direct message of up to 125 bytes itself: framed and masked with a key read
+ * from the kernel (getentropy, 64 keys at a time; reset_keys() drops them in a
+ * forked child), send(2) with MSG_DONTWAIT, counted in
+ * ``transport.bytes_written``, then ``writing`` cleared and the writer kicked
+ * for what was queued meanwhile (the lock taken again whatever interrupt
+ * lands, which is raised after) and ``owner.close_late()`` once no longer
+ * open; a cut write goes to ``owner.direct_part(rest, written)``, one the
+ * kernel took nothing of to ``owner.direct_write`` as usual.
+ *
+ * run_pending(dispatcher, pending, run_lock, running, plain): Dispatcher.run()
+ * without a budget (blockws.dispatcher's loop is the reference): the items
+ * pending at its start, each made ``dispatcher.held`` as it leaves the deque
+ * and run; re-entrancy marks set and undone; an uncommitted item put back on
+ * an exception; ``_armed`` set and ``_announce()`` called at the end. No
+ * eval-breaker point between its steps: interrupts land in callbacks only.
  *
  * gated_recv(sock, size) -> bytes and gated_recv_into(sock, buffer) -> int: a
  * reader thread's blocking recv() (POSIX), which, once data has come, waits

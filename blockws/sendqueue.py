@@ -32,6 +32,7 @@ the writer for stays queued (the socket is being torn down then).
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 import threading
@@ -215,8 +216,10 @@ class PySendQueue:
         ``None`` turns it off (the socket ended).
 
         This queue has no such path (in Python, ``direct_write`` is as fast):
-        it returns False and always calls ``direct_write``.
+        it returns False and always calls ``direct_write``. Raises
+        ``TypeError`` if ``fd`` is not an integer.
         """
+        operator.index(fd)
         return False
 
     def drain(self) -> list[Item]:

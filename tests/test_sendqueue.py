@@ -126,6 +126,20 @@ def test_push_writes_directly_without_the_lock_when_all_is_idle(impl: Any) -> No
     assert len(host.q) == 0 and host.q.buffered == 0 and host.kicks == 0
 
 
+def test_set_fast_says_whether_small_direct_writes_bypass_direct_write(impl: Any) -> None:
+    """Turned off (None), or in the pure-Python queue, every direct write goes
+    to owner.direct_write. (The C path's own tests, over a real socket, are in
+    test_sender.py.)"""
+    host = Host(impl, direct=True, running=True)
+    assert host.q.set_fast(None, -1) is False
+    if impl is PySendQueue:
+        assert host.q.set_fast(object(), 5) is False
+    host.q.push(2, b"abc", None, 3)
+    assert host.written == [(2, b"abc", None)]
+    with pytest.raises(TypeError):
+        host.q.set_fast(None, "not a descriptor")
+
+
 def test_push_queues_and_kicks_a_writer_that_waits_or_does_not_run(impl: Any) -> None:
     host = Host(impl, direct=True, direct_ok=False)
     host.q.push(1, b"one", None, 3)  # no writer: kicked
