@@ -1921,6 +1921,27 @@ sq_acquire_surely(SendQueueObject *self, SqPending *pending)
     }
 }
 
+/* A cut frame whose rest could not be kept (memory exhausted): the stream is
+   broken, so the write is let go of (``writing`` cleared under the lock) and
+   the transport aborted (the reader then meets the end: on_closed, 1006), and
+   the error propagates from send(). Never leaves the socket stuck writing. */
+static int
+sq_fast_abandon(SendQueueObject *self, PyObject *transport)
+{
+    SqPending pending = {NULL, NULL, NULL};
+    PyObject *res;
+    PyErr_Fetch(&pending.type, &pending.value, &pending.tb);
+    sq_acquire_surely(self, &pending);
+    self->writing = 0;
+    res = PyObject_CallMethodNoArgs(self->lock, str_release);
+    Py_XDECREF(res);
+    res = PyObject_CallMethod(transport, "abort", NULL);
+    Py_XDECREF(res);
+    PyErr_Clear();
+    PyErr_Restore(pending.type, pending.value, pending.tb);
+    return -1;
+}
+
 /* A direct write of a small message from a client without extensions, in C:
    frame, mask and send(2) it without blocking, then the bookkeeping
    Sender.direct_write does. 0: done (or handed on); 1: nothing was written, the
@@ -1952,11 +1973,11 @@ sq_fast_write(SendQueueObject *self, PyObject *transport, int fd, long opcode, P
         PyObject *rest = PyBytes_FromStringAndSize((const char *)frame + sent, total - sent);
         PyObject *call[3] = {self->owner, rest, NULL};
         if (rest == NULL)
-            return -1; /* (memory exhausted: the socket is stuck writing; cannot recover) */
+            return sq_fast_abandon(self, transport);
         call[2] = PyLong_FromSsize_t(sent);
         if (call[2] == NULL) {
             Py_DECREF(rest);
-            return -1;
+            return sq_fast_abandon(self, transport);
         }
         res = PyObject_VectorcallMethod(str_direct_part, call, 3, NULL);
         Py_DECREF(rest);

@@ -33,6 +33,24 @@ if TYPE_CHECKING:
     import trustme  # imported where used: the fast tier (-m unit) never needs it
 
 
+#: blockws._speedups.run_pending as imported (None without the C speedups).
+_C_RUN = dispatcher_module._run_pending
+
+
+@pytest.fixture(params=["python run", "C run"])
+def run_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Dispatcher.run's loop for the test: the Python one (the reference) or
+    blockws._speedups.run_pending, when built. A module runs every test on
+    both with ``pytest.mark.usefixtures("run_impl")``."""
+    if request.param == "C run":
+        if _C_RUN is None:
+            pytest.skip("the C speedups are not built (or BLOCKWS_PURE_PYTHON is set)")
+        monkeypatch.setattr(dispatcher_module, "_run_pending", _C_RUN)
+    else:
+        monkeypatch.setattr(dispatcher_module, "_run_pending", None)
+    return str(request.param)
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """With ``-m unit``, skip importing test files that mark nothing ``unit``.
 

@@ -12,23 +12,11 @@ import pytest
 import blockws.dispatcher as dispatcher_module
 from blockws.dispatcher import Dispatcher
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("run_impl")]  # both loops
 
-
+#: blockws._speedups.run_pending as imported (None without the C speedups).
 _C_RUN = dispatcher_module._run_pending
 
-
-@pytest.fixture(autouse=True, params=["python run", "C run"])
-def run_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both Dispatcher.run loops: the Python one (the
-    reference) and blockws._speedups.run_pending, when built."""
-    if request.param == "C run":
-        if _C_RUN is None:
-            pytest.skip("the C speedups are not built (or BLOCKWS_PURE_PYTHON is set)")
-        monkeypatch.setattr(dispatcher_module, "_run_pending", _C_RUN)
-    else:
-        monkeypatch.setattr(dispatcher_module, "_run_pending", None)
-    return str(request.param)
 
 WAIT = 5.0
 

@@ -45,23 +45,8 @@ from blockws.dispatcher import Budget, Dispatcher
 from blockws.frames import Opcode, pack_close
 from blockws.protocol import BinaryMessage
 
-pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(120), pytest.mark.usefixtures("run_impl")]
 
-
-_C_RUN = dispatcher_module._run_pending
-
-
-@pytest.fixture(autouse=True, params=["python run", "C run"])
-def run_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both Dispatcher.run loops: the Python one (the
-    reference) and blockws._speedups.run_pending, when built."""
-    if request.param == "C run":
-        if _C_RUN is None:
-            pytest.skip("the C speedups are not built (or BLOCKWS_PURE_PYTHON is set)")
-        monkeypatch.setattr(dispatcher_module, "_run_pending", _C_RUN)
-    else:
-        monkeypatch.setattr(dispatcher_module, "_run_pending", None)
-    return str(request.param)
 
 BLOCKWS = os.path.dirname(blockws.__file__) + os.sep
 HERE = os.path.abspath(__file__)

@@ -718,24 +718,40 @@ def test_a_socket_that_ends_during_a_large_direct_write_keeps_nothing_of_it(
     assert rig.sender.thread is None  # no writer started for what was left
 
 
-class GatedLock:
-    """A lock the writer thread ("sender-test-writer") cannot take until
-    ``gate`` is set: it holds the writer back at its first step, so a test
-    can act before the writer does (without relying on timing)."""
+class HookLock:
+    """A socket lock for tests of the points a Sender and its C queue pass
+    through: runs ``after_release[n]()`` just after its n-th release, raises
+    ``KeyboardInterrupt`` from its n-th acquire for n in ``interrupt``
+    (counting from 1), and, made ``gated``, holds the writer thread
+    ("sender-test-writer") back before it takes the lock until ``gate`` is
+    set (``writer_waits`` tells it got there): a test then acts before the
+    writer does, without relying on timing."""
 
-    def __init__(self) -> None:
+    def __init__(self, gated: bool = False) -> None:
         self._lock = threading.Lock()
+        self.acquires = self.releases = 0
+        self.after_release: dict[int, Callable[[], None]] = {}
+        self.interrupt: set[int] = set()
         self.gate = threading.Event()
-        self.writer_waits = threading.Event()  # the writer reached the gate
+        if not gated:
+            self.gate.set()
+        self.writer_waits = threading.Event()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if threading.current_thread().name == "sender-test-writer":
+        if not self.gate.is_set() and threading.current_thread().name == "sender-test-writer":
             self.writer_waits.set()
             assert self.gate.wait(WAIT), "gate never opened"
+        self.acquires += 1
+        if self.acquires in self.interrupt:
+            raise KeyboardInterrupt
         return self._lock.acquire(blocking, timeout)
 
     def release(self) -> None:
         self._lock.release()
+        self.releases += 1
+        hook = self.after_release.pop(self.releases, None)
+        if hook is not None:
+            hook()
 
     def locked(self) -> bool:
         return self._lock.locked()
@@ -753,7 +769,7 @@ def test_ending_before_the_writer_takes_a_large_direct_writes_rest_releases_it()
     buffered_amount and its segment), and the writer then writes nothing."""
     transport = CappedTransport(BATCH_BYTES + 5000)
     rig = Rig(transport, Protocol(Role.CLIENT))
-    gated = GatedLock()
+    gated = HookLock(gated=True)
     rig.lock = gated  # type: ignore[assignment]
     rig.sender = Sender(
         "sender-test-writer", gated, ContextAdapter({}), rig._failed, rig._closed  # type: ignore[arg-type]
@@ -1343,40 +1359,6 @@ def test_large_message_whose_last_fragment_exceeds_the_write_buffer(
 needs_c_queue = pytest.mark.skipif(
     SendQueue is PySendQueue, reason="the pure-Python queue has no fast path"
 )
-
-
-class HookLock:
-    """A lock that runs ``after_release[n]()`` just after its n-th release and
-    raises ``KeyboardInterrupt`` from its n-th acquire for n in ``interrupt``
-    (counting from 1): to act at the points a C queue's push passes through."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.acquires = self.releases = 0
-        self.after_release: dict[int, Callable[[], None]] = {}
-        self.interrupt: set[int] = set()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        self.acquires += 1
-        if self.acquires in self.interrupt:
-            raise KeyboardInterrupt
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-        self.releases += 1
-        hook = self.after_release.pop(self.releases, None)
-        if hook is not None:
-            hook()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 class TCPRig(Rig):
