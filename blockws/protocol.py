@@ -624,13 +624,13 @@ class Protocol:
         :func:`blockws.frames.encode_frames`.
 
         With ``into`` (at least :func:`batch_room` bytes) and the C speedups, a
-        client's batches are written there instead, each as one view of it:
-        the caller must be done with a batch (written it) before it asks for
-        the next, which overwrites it."""
+        client's batches are written there instead, each as one view of it
+        (a message of one fragment too): the caller must be done with a
+        batch (written it) before it asks for the next, which overwrites it."""
         first, payload = self._encode_payload(opcode, payload, compress)
         keys = self._mask_keys
         size = len(payload)
-        if keys is None or size <= self.max_fragment_size:
+        if keys is None or (size <= self.max_fragment_size and into is None):
             # (A server's frames come as header and payload: a batch ends
             # after a payload, never between the two.)
             step = 1 if keys is not None else 2

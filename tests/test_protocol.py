@@ -684,18 +684,19 @@ def test_data_batches_into_a_buffer_are_the_same_bytes(
     into: Any, size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client's batches encoded into a caller's buffer (one view of it a
-    batch, overwritten by the next): the same bytes as the frames, in the
-    same batches; without the encoder (the pure path), the frames as ever."""
+    batch, overwritten by the next; a message of one fragment too, and
+    fragments larger than a batch): the same bytes as the frames, in the same
+    batches; without the encoder (the pure path), the frames as ever."""
     monkeypatch.setattr(frames_module, "encode_frames_into", into)
     payload = binary_of(size)
-    for fragment, budget in ((32768, 1 << 18), (1000, 4000), (7, 100)):
+    for fragment, budget in ((32768, 1 << 18), (1000, 4000), (7, 100), (1 << 20, 1 << 18)):
         whole = b"".join(make(Role.CLIENT, max_fragment_size=fragment).encode_data(2, payload))
         buf = bytearray(batch_room(budget, fragment))
         got = []
         for batch, _last in make(Role.CLIENT, max_fragment_size=fragment).data_batches(
             2, payload, budget, into=buf
         ):
-            if into is not None and size > fragment:
+            if into is not None:
                 assert len(batch) == 1 and type(batch[0]) is memoryview
                 assert batch[0].obj is buf
             got.append(b"".join(batch))  # (copied before the next batch overwrites it)

@@ -628,6 +628,45 @@ def test_large_direct_writes_reuse_one_pooled_buffer(
     assert rig.sender.buffered == 0
 
 
+@pytest.mark.parametrize("fragment", [600_000, 1 << 20])
+def test_fragments_larger_than_a_batch_are_encoded_into_a_pooled_buffer_too(
+    rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch, fragment: int
+) -> None:
+    """With max_fragment_size above WRITE_BATCH (up to POOLED_FRAGMENT_MAX) a
+    batch is one fragment, masked into the pooled buffer, not into fresh
+    memory (which made a 1 MiB echo fault its pages in again every message):
+    here a message of one fragment and one of several, the same buffer for
+    both, back in the pool after each."""
+    if frames_module.encode_frames_into is None:
+        pytest.skip("without the C speedups the frames are sent as made")
+    assert WRITE_BATCH < fragment <= sender_module.POOLED_FRAGMENT_MAX
+    pool: list[bytearray] = []
+    monkeypatch.setattr(sender_module, "_pool", pool)
+    transport = GatheringCapped(1 << 30)
+    rig = rigs(transport, max_fragment_size=fragment)
+    one = bytes(range(256)) * 2000
+    several = bytes(range(255, -1, -1)) * (fragment // 256 + 1000)
+    assert WRITE_BATCH < len(one) <= fragment < len(several)
+    assert rig.enqueue(BINARY, one) is True  # written directly
+    assert len(pool) == 1 and len(pool[0]) == batch_room(WRITE_BATCH, fragment)
+    buffer = pool[0]
+    rig.sender.queue.direct_ok = True  # (as a reply arriving sets it)
+    rig.enqueue(BINARY, several)  # directly, or by the writer (above DIRECT_MAX)
+    rig.wait_idle()
+    assert pool == [buffer] and pool[0] is buffer
+    data = [f for f in transport.frames() if f.opcode in DATA_OPCODES]
+    assert [len(f.payload) for f in data] == [len(one)] + [
+        min(fragment, len(several) - i) for i in range(0, len(several), fragment)
+    ]
+    assert b"".join(payloads(data)) == one + several
+    assert rig.sender.buffered == 0
+
+
+def test_fragments_above_the_pooled_limit_are_masked_into_frames_as_made() -> None:
+    proto = Protocol(Role.CLIENT, max_fragment_size=sender_module.POOLED_FRAGMENT_MAX + 1)
+    assert sender_module._batch_buffer(proto, TryWriteTransport()) is None
+
+
 def test_a_pooled_buffer_the_kernel_cut_stays_with_the_writer(
     rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
