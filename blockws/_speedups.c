@@ -489,6 +489,94 @@ done:
     return result;
 }
 
+/* encode_piece_into(first, payload, start, limit, key, budget, out) -> (n, next):
+ * one piece of a masked frame larger than a batch, written into out. The
+ * message's frames are its payload cut every ``limit`` bytes; ``start`` is in
+ * one of them. At a frame's start the piece begins with the frame's header and
+ * ``key`` (a fresh key for every frame: the caller's); then at most ``budget``
+ * bytes of the frame's payload from ``start``, masked with ``key`` at their
+ * offset in the frame, never past the frame's end. A frame of any size then
+ * goes out through a buffer of ``budget`` + 14 bytes. The GIL is released
+ * while more than RELEASE_GIL_ABOVE bytes are masked. py_encode_piece_into in
+ * blockws/frames.py is the reference. */
+static PyObject *
+encode_piece_into(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long first;
+    Py_ssize_t start, limit, budget, size, off, frame_start, frame_len, n, at = 0;
+    Py_buffer data, key, out;
+    unsigned char k[4];
+    PyObject *result = NULL;
+    (void)self;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "encode_piece_into() takes 7 arguments");
+        return NULL;
+    }
+    first = PyLong_AsLong(args[0]);
+    if (first == -1 && PyErr_Occurred()) return NULL;
+    if (first < 0 || first > 127) {
+        PyErr_SetString(PyExc_ValueError, "first must be in range(128): RSV bits and opcode");
+        return NULL;
+    }
+    start = PyLong_AsSsize_t(args[2]);
+    if (start == -1 && PyErr_Occurred()) return NULL;
+    limit = PyLong_AsSsize_t(args[3]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    budget = PyLong_AsSsize_t(args[5]);
+    if (budget == -1 && PyErr_Occurred()) return NULL;
+    if (limit < 1 || budget < 1) {
+        PyErr_SetString(PyExc_ValueError, "limit and budget must be at least 1");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0) return NULL;
+    if (PyObject_GetBuffer(args[4], &key, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[6], &out, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&key);
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    size = data.len;
+    if (key.len != 4) {
+        PyErr_SetString(PyExc_ValueError, "mask key must be 4 bytes");
+        goto done;
+    }
+    if (start < 0 || start >= size) {
+        PyErr_SetString(PyExc_ValueError, "start must be in range(len(payload))");
+        goto done;
+    }
+    off = start % limit;
+    frame_start = start - off;
+    frame_len = size - frame_start < limit ? size - frame_start : limit;
+    n = frame_len - off < budget ? frame_len - off : budget;
+    if (out.len < (off ? 0 : HEAD_SIZE(frame_len) + 4) + n) {
+        PyErr_SetString(PyExc_ValueError, "out is shorter than the piece");
+        goto done;
+    }
+    if (off == 0)
+        at = write_head((unsigned char *)out.buf,
+                        (frame_start + frame_len >= size ? 0x80 : 0) |
+                            (frame_start == 0 ? (int)first : 0),
+                        frame_len, (const unsigned char *)key.buf) + 4;
+    /* The key turned to the piece's offset in its frame. */
+    for (int j = 0; j < 4; j++) k[j] = ((const unsigned char *)key.buf)[(off + j) & 3];
+    if (n > RELEASE_GIL_ABOVE) {
+        Py_BEGIN_ALLOW_THREADS
+        mask_into((unsigned char *)out.buf + at, (const unsigned char *)data.buf + start, n, k);
+        Py_END_ALLOW_THREADS
+    } else {
+        mask_into((unsigned char *)out.buf + at, (const unsigned char *)data.buf + start, n, k);
+    }
+    result = Py_BuildValue("(nn)", at + n, start + n);
+done:
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 /* The length of items[i]'s payload, or -1 with an exception set. */
 static Py_ssize_t
 payload_len(PyObject *payload)
@@ -2253,6 +2341,8 @@ static PyMethodDef methods[] = {
      "A large message's masked frames from payload[start:], until they hold budget bytes."},
     {"encode_frames_into", (PyCFunction)(void (*)(void))encode_frames_into, METH_FASTCALL,
      "encode_frames' batch written into out, one frame after the other; (length, next)."},
+    {"encode_piece_into", (PyCFunction)(void (*)(void))encode_piece_into, METH_FASTCALL,
+     "one piece of a frame larger than a batch, written into out; (length, next)."},
     {"encode_messages", (PyCFunction)(void (*)(void))encode_messages, METH_FASTCALL,
      "A run of whole messages from items[start:] as masked frames, joined; and where it stopped."},
     {"total_length", total_length, METH_O, "sum(map(len, messages)) for a list of messages."},

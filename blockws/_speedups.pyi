@@ -20,6 +20,15 @@ def encode_frames_into(
     budget: int,
     out: bytearray | memoryview,
 ) -> tuple[int, int]: ...
+def encode_piece_into(
+    first: int,
+    payload: bytes | bytearray | memoryview,
+    start: int,
+    limit: int,
+    key: bytes,
+    budget: int,
+    out: bytearray | memoryview,
+) -> tuple[int, int]: ...
 def encode_messages(
     items: list[tuple[Any, ...]], start: int, limit: int, take: Callable[[int], bytes]
 ) -> tuple[bytes, int]: ...

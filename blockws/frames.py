@@ -45,6 +45,9 @@ __all__ = [
     "encode_frames_into",
     "py_encode_frames_into",
     "c_encode_frames_into",
+    "encode_piece_into",
+    "py_encode_piece_into",
+    "c_encode_piece_into",
     "encode_messages",
     "py_encode_messages",
     "c_encode_messages",
@@ -634,6 +637,71 @@ except ImportError:  # pragma: no cover - depends on the install
 encode_frames_into: Callable[..., tuple[int, int]] | None = (
     None if os.environ.get("BLOCKWS_PURE_PYTHON") else c_encode_frames_into
 )
+
+def py_encode_piece_into(
+    first: int,
+    payload: BytesLike,
+    start: int,
+    limit: int,
+    key: bytes,
+    budget: int,
+    out: bytearray | memoryview,
+) -> tuple[int, int]:
+    """One piece of a masked frame larger than a batch, written into ``out``;
+    returns how many bytes, and where in ``payload`` the next piece starts.
+
+    The message's frames are ``payload`` cut every ``limit`` bytes (as
+    :func:`py_encode_frames` cuts it), and ``start`` lies in one of them. At
+    a frame's start, the piece begins with the frame's header and ``key``
+    (the caller draws a fresh key for each frame); then come at most
+    ``budget`` bytes of the frame's payload from ``start``, masked with
+    ``key`` at their offset in the frame, never past the frame's end. So a
+    frame of any size goes out through a buffer of ``budget`` + 14 bytes, in
+    pieces that join to the frame :func:`encode_frame` makes with that key.
+    ``ValueError`` if ``out`` is too short, ``start`` is not in the payload or
+    the key is not 4 bytes.
+
+    The reference for ``blockws._speedups.encode_piece_into`` (see
+    ``Protocol.data_batches``).
+    """
+    if not 0 <= first < 128:
+        raise ValueError("first must be in range(128): RSV bits and opcode")
+    if limit < 1 or budget < 1:
+        raise ValueError("limit and budget must be at least 1")
+    if len(key) != 4:
+        raise ValueError("mask key must be 4 bytes")
+    size = len(payload)
+    if not 0 <= start < size:
+        raise ValueError("start must be in range(len(payload))")
+    off = start % limit
+    frame_start = start - off
+    frame_len = min(limit, size - frame_start)
+    n = min(budget, frame_len - off)
+    head = b""
+    if not off:
+        fin = FIN if frame_start + frame_len >= size else 0
+        head = encode_header(fin | (first if frame_start == 0 else 0), frame_len, key)
+    if len(out) < len(head) + n:
+        raise ValueError("out is shorter than the piece")
+    view = memoryview(out)
+    view[: len(head)] = head
+    turned = key[off % 4 :] + key[: off % 4]
+    view[len(head) : len(head) + n] = py_apply_mask(memoryview(payload)[start : start + n], turned)
+    return len(head) + n, start + n
+
+
+c_encode_piece_into: Callable[..., tuple[int, int]] | None
+try:
+    from ._speedups import encode_piece_into as c_encode_piece_into
+except ImportError:  # pragma: no cover - depends on the install (or an older build)
+    c_encode_piece_into = None
+
+#: :func:`py_encode_piece_into`'s C version when built (and
+#: ``BLOCKWS_PURE_PYTHON`` unset), else ``None``: as :data:`encode_frames_into`.
+encode_piece_into: Callable[..., tuple[int, int]] | None = (
+    None if os.environ.get("BLOCKWS_PURE_PYTHON") else c_encode_piece_into
+)
+
 
 #: A small frame's first two bytes, [opcode][payload length].
 _SMALL_HEADERS = [tuple(bytes((FIN | op, MASK_BIT | n)) for n in range(126)) for op in range(16)]

@@ -85,8 +85,12 @@ _PING_PONG = (0x9, _PONG_OPCODE)
 
 # (opcode, payload, segment to release once written, size counted in buffered_amount)
 Item = tuple[int, Any, "BufferSegment | None", int]
-# (its remaining batches, its payload bytes not yet encoded, its segment)
-Unfinished = tuple[Iterator[tuple[list["BytesLike"], bool]], int, "BufferSegment | None"]
+# (its remaining batches, its payload bytes not yet encoded, its segment, and
+# whether what was written stops inside a frame: nothing may go out before the
+# frame's rest then, not even a control frame)
+Unfinished = tuple[
+    Iterator[tuple[list["BytesLike"], bool, int]], int, "BufferSegment | None", bool
+]
 BytesLike = Union[bytes, bytearray, memoryview]
 
 
@@ -130,10 +134,15 @@ def _batch_buffer(proto: Protocol, transport: Transport) -> bytearray | None:
     if (
         proto.role is not Role.CLIENT  # (a server's frames are not masked: no batch to encode)
         or _frames.encode_frames_into is None  # (the pure path sends the frames as made)
-        or proto.max_fragment_size > POOLED_FRAGMENT_MAX
     ):
         return None
-    need = batch_room(WRITE_BATCH, proto.max_fragment_size)
+    limit = proto.max_fragment_size
+    if limit > POOLED_FRAGMENT_MAX:
+        if _frames.encode_piece_into is None:
+            return None
+        need = WRITE_BATCH + 14  # a piece of a frame a batch (any pooled one will do)
+    else:
+        need = batch_room(WRITE_BATCH, limit)
     try:
         buf = _pool.pop()
     except IndexError:
@@ -502,17 +511,12 @@ class Sender:
             opcode & 0xF, payload, WRITE_BATCH, compress=False, into=into
         )
         limit = proto.max_fragment_size
-        # A whole fragment's bytes: header, key, payload.
-        frame = (2 if limit < 126 else 4 if limit < 65536 else 10) + 4 + limit
-        left = len(payload)
-        for batch, last in batches:
+        for batch, last, pos in batches:
             written = transport.try_write(batch)
             if last:
                 return batch, written, None
-            size = sum(map(len, batch))
-            left -= size // frame * limit  # whole fragments (see attach)
-            if written < size:
-                return batch, written, (batches, left, segment)
+            if written < sum(map(len, batch)):
+                return batch, written, (batches, len(payload) - pos, segment, pos % limit != 0)
         raise AssertionError("data_batches ends with a last batch")  # pragma: no cover
 
     # -- the writer thread --------------------------------------------------------------
@@ -552,7 +556,9 @@ class Sender:
                     if unfinished is not None:
                         rest_size += unfinished[1]
                     replying = False
-                    if control:
+                    # (Inside a frame, the control frames wait for its end:
+                    # _write_large writes them there.)
+                    if control and not (unfinished is not None and unfinished[3]):
                         replying = any(frame[0] & 0x0F == _CLOSE_OPCODE for frame in control)
                         rest_size += sum(map(len, control))  # counted off once written
                         chunks.extend(control)
@@ -567,7 +573,9 @@ class Sender:
                         # may follow it: the message and the batch are dropped).
                         transport.write(chunks)
                         chunks = []
-                        replying = replying or self._write_large(unfinished[0])
+                        replying = replying or self._write_large(
+                            unfinished[0], proto.max_fragment_size
+                        )
                     if not (replying and unfinished is not None):
                         closing = self._write_batch(proto, transport, chunks, batch) or closing
                     closing = closing or replying
@@ -627,7 +635,7 @@ class Sender:
                 batches = proto.data_batches(
                     opcode & 0xF, payload, WRITE_BATCH, compress=compress, into=into
                 )
-                if self._write_large(batches):
+                if self._write_large(batches, proto.max_fragment_size):
                     # A close went out mid-message: no data frame may follow it
                     # (RFC 6455 5.5.1), so the rest of the batch is dropped.
                     return True
@@ -638,7 +646,9 @@ class Sender:
             transport.write(chunks)
         return False
 
-    def _write_large(self, batches: Iterator[tuple[list[BytesLike], bool]]) -> bool:
+    def _write_large(
+        self, batches: Iterator[tuple[list[BytesLike], bool, int]], limit: int
+    ) -> bool:
         """Write a large message's frames, in the batches of about
         :data:`WRITE_BATCH` bytes :meth:`Protocol.data_batches` makes them in,
         with control frames queued meanwhile between batches; when one of them
@@ -659,17 +669,19 @@ class Sender:
         """
         transport = self.transport
         assert transport is not None
-        batch, last = next(batches)
+        batch, last, pos = next(batches)
         # The first two frames tell the fragment size (a server's frames come
         # as header and payload): every fragment but the last has it.
         # (A batch encoded into a pooled buffer is one chunk already.)
         whole = transport.gathers or len(batch) == 1
         if whole and max(map(len, batch[:2]), default=0) >= GATHER_FROM:
             while not last:
-                if self._flush_large(transport, batch):
+                # (Control frames only where a frame ends: a batch may be a
+                # piece of one, see Protocol.data_batches.)
+                if self._flush_large(transport, batch, not pos % limit):
                     return True
                 del batch
-                batch, last = next(batches)
+                batch, last, pos = next(batches)
             transport.write(batch)
             return False
         out = self._out
@@ -693,14 +705,19 @@ class Sender:
             if last:
                 break
             del batch
-            batch, last = next(batches)
+            batch, last, _ = next(batches)  # (whole frames here: see above)
         if pos:
             transport.write([out[:pos]])
         return False
 
-    def _flush_large(self, transport: Transport, data: Sequence[BytesLike]) -> bool:
-        """Write a batch of fragments and the control frames queued meanwhile;
-        True if one of those was a close frame."""
+    def _flush_large(
+        self, transport: Transport, data: Sequence[BytesLike], between: bool = True
+    ) -> bool:
+        """Write a batch of fragments and, ``between`` two frames, the control
+        frames queued meanwhile; True if one of those was a close frame."""
+        if not between:
+            transport.write(data)
+            return False
         with self.lock:
             control = list(self.control)
             self.control.clear()

@@ -613,6 +613,75 @@ def test_encode_frames_into_refuses_a_short_or_read_only_buffer(impl: Any) -> No
     assert impl(2, data, 0, 32768, Taker(), 65536, bytearray(need))[0] == need
 
 
+# -- both piece encoders (encode_piece_into) ----------------------------------------
+# A frame larger than a batch, a piece at a time into one buffer: the C version
+# (blockws._speedups.encode_piece_into) and the reference must both give, joined,
+# the frames a reference encoder makes with the same keys.
+
+from blockws.frames import c_encode_piece_into, py_encode_piece_into  # noqa: E402
+
+PIECE_ENCODERS = [pytest.param(py_encode_piece_into, id="python")]
+if c_encode_piece_into is not None:
+    PIECE_ENCODERS.append(pytest.param(c_encode_piece_into, id="c"))
+
+
+@pytest.mark.parametrize("impl", PIECE_ENCODERS)
+@pytest.mark.parametrize(
+    ("size", "limit", "budget"),
+    [(1, 1, 1), (5, 7, 1), (1000, 7, 3), (1000, 300, 64), (70_000, 65536, 4096),
+     (300_000, 1 << 20, 1 << 18), ((1 << 21) + 3, (1 << 20) + 5, 1 << 18),
+     (200_001, 70_001, 50_003)],
+)  # fmt: skip
+def test_encode_piece_into_joins_to_the_frames(
+    impl: Any, size: int, limit: int, budget: int
+) -> None:
+    data = random_bytes(size)
+    first = Opcode.BINARY | 0x40
+    keys = [os.urandom(4) for _ in range(0, size, limit)]
+    expected = b"".join(
+        reference_header(
+            (0x80 if i + 1 == len(keys) else 0) | (first if i == 0 else 0),
+            len(data[i * limit : (i + 1) * limit]),
+            key,
+        )
+        + naive_mask(data[i * limit : (i + 1) * limit], key)
+        for i, key in enumerate(keys)
+    )
+    out = bytearray(budget + 14)
+    got = []
+    start = 0
+    while start < size:
+        out[:] = b"\xee" * len(out)
+        n, nxt = impl(first, memoryview(data), start, limit, keys[start // limit], budget, out)
+        # A piece stops at the budget or at its frame's end, whichever is first.
+        assert nxt - start == min(budget, limit - start % limit, size - start)
+        assert out[n:] == b"\xee" * (len(out) - n)  # nothing written past the piece
+        got.append(bytes(out[:n]))
+        start = nxt
+    assert b"".join(got) == expected
+
+
+@pytest.mark.parametrize("impl", PIECE_ENCODERS)
+def test_encode_piece_into_refuses_bad_arguments(impl: Any) -> None:
+    data, key = bytes(1000), b"abcd"
+    assert impl(2, data, 0, 300, key, 100, bytearray(108)) == (108, 100)  # 4 + 4 + 100
+    assert impl(2, data, 100, 300, key, 100, bytearray(100)) == (100, 200)  # no header
+    with pytest.raises(ValueError, match="shorter than the piece"):
+        impl(2, data, 0, 300, key, 100, bytearray(107))
+    with pytest.raises((TypeError, BufferError)):
+        impl(2, data, 0, 300, key, 100, bytes(108))  # not writable
+    for bad in (
+        (0x80, data, 0, 300, key, 100),  # first: RSV bits and opcode only
+        (2, data, 1000, 300, key, 100),  # start past the payload
+        (2, data, -1, 300, key, 100),
+        (2, data, 0, 0, key, 100),  # limit
+        (2, data, 0, 300, key, 0),  # budget
+        (2, data, 0, 300, b"abc", 100),  # key
+    ):
+        with pytest.raises(ValueError):
+            impl(*bad, bytearray(200))
+
+
 # -- both fast receive loops (split_messages) -----------------------------------------
 # The C loop (blockws._speedups.split_messages) and the pure-Python reference
 # (frames.py_split_messages) must agree byte for byte: the messages, their types,

@@ -605,6 +605,41 @@ def test_a_scatter_plan_never_grows_the_buffer_past_double() -> None:
 
 
 @unit
+@pytest.mark.parametrize("fragment", [32 * KB, 200_000, 262_145, 300_000])
+def test_a_scatter_plan_does_not_grow_the_buffer_for_a_shorter_last_frame(
+    fragment: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages of 1 MiB in frames of a size that may not divide it: from the
+    second message on, each is assembled in one buffer of the last message's
+    size, and the guess of one more whole frame where the last message ended
+    never grows it (a doubled buffer copied the message into fresh memory,
+    every message)."""
+    allocated: list[int] = []
+
+    def allocate(size: int) -> bytearray:
+        allocated.append(size)
+        return bytearray(size)
+
+    make = frames_module.bytes_buffer
+    if make is not None:  # (receive()'s messages are assembled in a bytes buffer)
+
+        def counted(size: int) -> Any:
+            allocated.append(size)
+            return make(size)  # type: ignore[misc]
+
+        monkeypatch.setattr(frames_module, "bytes_buffer", counted)
+    messages = [os.urandom(1 << 20) for _ in range(3)]
+    proto = client(allocate=allocate)
+    events, _, _ = feed_scattered(proto, fragmented(messages[0], fragment), [fragment + 5000])
+    allocated.clear()
+    wire = b"".join(fragmented(m, fragment) for m in messages[1:])
+    more, scattered, _ = feed_scattered(proto, wire, [fragment + 5000, 64 * KB, 333])
+    assert as_values(events + more) == messages
+    assert scattered
+    assert allocated == [1 << 20] * 2  # one buffer a message: no growth
+
+
+@unit
 def test_a_count_beyond_the_scattered_buffers_is_refused() -> None:
     proto = client()
     proto.receive_data(server_frame(Opcode.BINARY, b"a" * (32 * KB), fin=False))

@@ -663,8 +663,8 @@ def test_data_batches_are_encode_data_in_batches(
         proto = make(role, max_fragment_size=fragment)
         whole = b"".join(proto.encode_data(Opcode.BINARY, payload))
         pairs = list(proto.data_batches(Opcode.BINARY, payload, budget))
-        assert [last for _, last in pairs] == [False] * (len(pairs) - 1) + [True]
-        batches = [batch for batch, _ in pairs]
+        assert [last for _, last, _ in pairs] == [False] * (len(pairs) - 1) + [True]
+        batches = [batch for batch, _, _ in pairs]
         assert b"".join(b"".join(batch) for batch in batches) == whole
         assert all(sum(map(len, batch)) >= budget for batch in batches[:-1])
         for batch in batches:
@@ -693,7 +693,7 @@ def test_data_batches_into_a_buffer_are_the_same_bytes(
         whole = b"".join(make(Role.CLIENT, max_fragment_size=fragment).encode_data(2, payload))
         buf = bytearray(batch_room(budget, fragment))
         got = []
-        for batch, _last in make(Role.CLIENT, max_fragment_size=fragment).data_batches(
+        for batch, _last, _pos in make(Role.CLIENT, max_fragment_size=fragment).data_batches(
             2, payload, budget, into=buf
         ):
             if into is not None:
@@ -704,10 +704,45 @@ def test_data_batches_into_a_buffer_are_the_same_bytes(
     # A buffer too small for a batch is not used.
     small = bytearray(100)
     batches = list(make(Role.CLIENT).data_batches(2, payload, 1 << 18, into=small))
-    assert b"".join(b"".join(b) for b, _ in batches) == b"".join(
+    assert b"".join(b"".join(b) for b, _, _ in batches) == b"".join(
         make(Role.CLIENT).encode_data(2, payload)
     )
     assert small == bytearray(100)
+
+
+@pytest.mark.parametrize(
+    "piece", [frames_module.py_encode_piece_into, frames_module.c_encode_piece_into, None]
+)
+@pytest.mark.parametrize("size", [0, 5, 70_000, 300_000, (5 << 20) // 2])
+def test_data_batches_into_a_small_buffer_are_pieces_of_frames(
+    piece: Any, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fragments larger than a batch, with a buffer of a batch and a header
+    (smaller than batch_room): each batch is a piece of one frame, one view of
+    the buffer, with the payload's position after it; joined, the same bytes
+    as the frames (with the same keys); without the encoder (the pure path),
+    the frames as ever. A message no larger than a batch is not cut."""
+    if piece is None and frames_module.c_encode_piece_into is None:
+        pytest.skip("the C piece encoder is not built")  # (the C param is None then)
+    monkeypatch.setattr(frames_module, "encode_piece_into", piece)
+    payload = binary_of(size)
+    fragment, budget = (1 << 20) + 3, 1 << 18
+    whole = b"".join(make(Role.CLIENT, max_fragment_size=fragment).encode_data(2, payload))
+    buf = bytearray(budget + 14)
+    got, positions = [], []
+    for batch, last, pos in make(Role.CLIENT, max_fragment_size=fragment).data_batches(
+        2, payload, budget, into=buf
+    ):
+        if piece is not None and size > budget:
+            assert len(batch) == 1 and type(batch[0]) is memoryview and batch[0].obj is buf
+            before = positions[-1] if positions else 0
+            # A piece stops at the budget or at its frame's end.
+            assert pos - before == min(budget, fragment - before % fragment, size - before)
+        got.append(b"".join(batch))
+        positions.append(pos)
+        assert last == (pos == size)
+    assert b"".join(got) == whole
+    assert positions[-1] == size and positions == sorted(positions)
 
 
 @pytest.mark.parametrize("batcher", _BATCHERS)
@@ -730,7 +765,7 @@ def test_a_large_messages_keys_are_taken_a_batch_at_a_time(
     keys = Counting()
     proto = Protocol(Role.CLIENT, mask_keys=keys)
     payload = bytes(range(256)) * 4096  # 1 MiB in 32 KiB fragments
-    batches = [batch for batch, _ in proto.data_batches(Opcode.BINARY, payload, 1 << 18)]
+    batches = [batch for batch, _, _ in proto.data_batches(Opcode.BINARY, payload, 1 << 18)]
     assert keys.takes == [len(batch) for batch in batches] == [8, 8, 8, 8]
     frames = [f for batch in batches for f in batch]
     assert len({f[4:8] for f in frames}) == 32  # (a 32 KiB frame's key follows 4 bytes)

@@ -662,9 +662,98 @@ def test_fragments_larger_than_a_batch_are_encoded_into_a_pooled_buffer_too(
     assert rig.sender.buffered == 0
 
 
-def test_fragments_above_the_pooled_limit_are_masked_into_frames_as_made() -> None:
+def test_fragments_above_the_pooled_limit_get_a_pooled_buffer_for_pieces() -> None:
+    """Above POOLED_FRAGMENT_MAX a batch is a piece of a fragment: any pooled
+    buffer of a batch and a header will do (none without the C speedups)."""
     proto = Protocol(Role.CLIENT, max_fragment_size=sender_module.POOLED_FRAGMENT_MAX + 1)
-    assert sender_module._batch_buffer(proto, TryWriteTransport()) is None
+    buf = sender_module._batch_buffer(proto, TryWriteTransport())
+    if frames_module.encode_piece_into is None or frames_module.encode_frames_into is None:
+        assert buf is None
+    else:
+        assert buf is not None and len(buf) >= WRITE_BATCH + 14
+
+
+BIG_FRAGMENT = sender_module.POOLED_FRAGMENT_MAX + 4000
+
+
+def pieces_pooled() -> bool:
+    """Whether fragments above the pooled limit go in pieces (the C speedups)."""
+    proto = Protocol(Role.CLIENT, max_fragment_size=BIG_FRAGMENT)
+    return sender_module._batch_buffer(proto, TryWriteTransport()) is not None
+
+
+def test_fragments_above_the_pooled_limit_go_in_pieces_with_control_frames_between_frames(
+    rigs: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer sends a fragment larger than POOLED_FRAGMENT_MAX in pieces
+    of a batch, masked into one pooled buffer (no fresh memory a fragment);
+    a ping queued during the first piece waits for the first frame's end:
+    nothing goes out inside a frame."""
+    if not pieces_pooled():
+        pytest.skip("without the C speedups the frames are sent as made")
+    pool: list[bytearray] = []
+    monkeypatch.setattr(sender_module, "_pool", pool)
+    rig: Rig
+
+    def hook(index: int) -> None:
+        if index == 0:  # during the first piece
+            rig.ping(b"between")
+
+    transport = HookTransport(hook, gathers=True)
+    rig = rigs(transport, max_fragment_size=BIG_FRAGMENT)
+    message = bytes(range(251)) * (5 * ONE_MIB // 2 // 251)  # 3 fragments, the last shorter
+    rig.enqueue(BINARY, message)
+    frames = rig.wait_frames(4)
+    assert [f.opcode for f in frames] == [Opcode.BINARY, Opcode.PING, Opcode.CONT, Opcode.CONT]
+    data = [f for f in frames if f.opcode in DATA_OPCODES]
+    assert [len(f.payload) for f in data] == [BIG_FRAGMENT] * 2 + [len(message) - 2 * BIG_FRAGMENT]
+    assert [f.fin for f in data] == [False, False, True]
+    assert b"".join(payloads(data)) == message
+    data_chunks = [c for chunks in transport.chunks for c in chunks if len(c) > 1000]
+    assert len(data_chunks) >= 10 and max(map(len, data_chunks)) <= WRITE_BATCH + 14
+    assert len({id(c.obj) for c in data_chunks}) == 1  # one buffer for every piece
+    rig.wait_idle()
+    assert pool and rig.sender.buffered == 0 and not rig.failures
+
+
+def test_a_direct_write_cut_inside_a_large_fragment_holds_control_frames_to_its_end(
+    rigs: Callable[..., Rig],
+) -> None:
+    """The kernel takes a piece of a large fragment (here a message's one
+    frame) in part: the writer sends the rest of the piece and the frame's
+    other pieces before a ping that came meanwhile (after the cut, a control
+    frame would land inside the frame); what is counted buffered is the
+    piece's rest plus the payload not yet encoded."""
+    if not pieces_pooled():
+        pytest.skip("without the C speedups the frames are sent as made")
+    piece = 10 + 4 + WRITE_BATCH  # the first: header, key, a batch of payload
+    cap = piece + 5000
+    rig: Rig
+
+    class PingDuring(GatheringCapped):
+        def try_write(self, chunks: Sequence[Any]) -> int:
+            if len(self.try_writes) == 1:  # the ping comes during the direct write
+                rig.ping(b"meanwhile")
+            return super().try_write(chunks)
+
+    transport = PingDuring(cap, block_writes=True)
+    rig = rigs(transport, max_fragment_size=BIG_FRAGMENT)
+    message = bytes(range(253)) * (DIRECT_MAX // 253)  # one frame, in 4 pieces
+    assert WRITE_BATCH * 3 < len(message) <= DIRECT_MAX
+    assert rig.enqueue(BINARY, message) is True
+    assert transport.try_writes == [piece, WRITE_BATCH]  # the second taken in part
+    # (Nothing is counted off while the writes block: the writer may have
+    # taken the work, not written it.)
+    ping = len(rig.proto.encode_control(Opcode.PING, b"meanwhile"))
+    rest = piece + WRITE_BATCH - cap
+    assert rig.sender.buffered == rest + len(message) - 2 * WRITE_BATCH + ping
+    transport.unblock_writes()
+    frames = rig.wait_frames(2)
+    assert [f.opcode for f in frames] == [Opcode.BINARY, Opcode.PING]
+    assert frames[0].fin and frames[0].payload == message
+    assert frames[1].payload == b"meanwhile"
+    rig.wait_idle()
+    assert rig.sender.buffered == 0 and rig.sender.unfinished is None and not rig.failures
 
 
 def test_a_pooled_buffer_the_kernel_cut_stays_with_the_writer(
