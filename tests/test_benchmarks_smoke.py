@@ -361,3 +361,32 @@ def test_parse_prints_each_kind_of_message_on_each_loop() -> None:
     assert set(rows) == {"text", "binary", "compressed text", "compressed binary"}
     for c, py in rows.values():
         assert float(py) > 0 and (float(c) > 0 if built else c == "-")
+
+
+@pytest.mark.timeout(120)
+def test_fragments_prints_faults_and_cpu_for_each_size() -> None:
+    """``python -m benchmarks.fragments``: against the benchmark server (picows),
+    a row per fragment size with a figure per round."""
+    pytest.importorskip("picows")
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.fragments",
+            "--sizes", "32768,2097152", "--rounds", "2", "--messages", "5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("blockws ") and "C speedups in use" in lines[0]
+    rows = {}
+    for line in lines[2:]:
+        size, faults, cpu = line.split(None, 1)[0], *line.split(None, 1)[1].rsplit("  ", 1)
+        rows[int(size)] = ([float(f) for f in faults.split(",")], [float(c) for c in cpu.split(",")])
+    assert set(rows) == {32768, 2097152}
+    for faults, cpu in rows.values():
+        assert len(faults) == len(cpu) == 2
+        assert all(f >= 0 for f in faults) and all(c > 0 for c in cpu)
