@@ -384,7 +384,8 @@ def test_fragments_prints_faults_and_cpu_for_each_size() -> None:
     assert lines[0].startswith("blockws ") and "C speedups in use" in lines[0]
     rows = {}
     for line in lines[2:]:
-        size, faults, cpu = line.split(None, 1)[0], *line.split(None, 1)[1].rsplit("  ", 1)
+        size, rest = line.split(None, 1)
+        faults, cpu = rest.rsplit("  ", 1)
         rows[int(size)] = ([float(f) for f in faults.split(",")], [float(c) for c in cpu.split(",")])
     assert set(rows) == {32768, 2097152}
     for faults, cpu in rows.values():
