@@ -386,7 +386,7 @@ def test_fragments_prints_faults_and_cpu_for_each_size() -> None:
     for line in lines[2:]:
         size, rest = line.split(None, 1)
         faults, cpu = rest.rsplit("  ", 1)
-        rows[int(size)] = ([float(f) for f in faults.split(",")], [float(c) for c in cpu.split(",")])
+        rows[int(size)] = ([float(f) for f in faults.split(",")], list(map(float, cpu.split(","))))
     assert set(rows) == {32768, 2097152}
     for faults, cpu in rows.values():
         assert len(faults) == len(cpu) == 2
