@@ -29,6 +29,18 @@ def encode_piece_into(
     budget: int,
     out: bytearray | memoryview,
 ) -> tuple[int, int]: ...
+def scatter_views(
+    into: memoryview, spare: memoryview, start: int, base: int, length: int, frames: int, head: int
+) -> list[memoryview]: ...
+def scan_scattered(
+    headers: bytes | bytearray | memoryview,
+    head: int,
+    more: bytes,
+    last: bytes,
+    n: int,
+    length: int,
+    frames: int,
+) -> tuple[int, int, int, bool, int]: ...
 def encode_messages(
     items: list[tuple[Any, ...]], start: int, limit: int, take: Callable[[int], bytes]
 ) -> tuple[bytes, int]: ...

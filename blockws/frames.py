@@ -53,6 +53,16 @@ __all__ = [
     "c_encode_messages",
     "split_messages",
     "copy_continuations",
+    "scan_scattered",
+    "scatter_views",
+    "py_scatter_views",
+    "c_scatter_views",
+    "py_scan_scattered",
+    "c_scan_scattered",
+    "SCAN_MORE",
+    "SCAN_MISMATCH",
+    "SCAN_PARTIAL",
+    "SCAN_FIN",
     "py_copy_continuations",
     "BytesAssembly",
     "bytes_buffer",
@@ -323,6 +333,121 @@ except ImportError:  # pragma: no cover - depends on the install (or an older bu
 #: own loop then does the same, frame by frame).
 copy_continuations: CopyContinuations | None = (
     c_copy_continuations if not os.environ.get("BLOCKWS_PURE_PYTHON") else None
+)
+
+
+def py_scatter_views(
+    into: memoryview, spare: memoryview, start: int, base: int, length: int, frames: int, head: int
+) -> list[memoryview]:
+    """A scatter plan's places, in the order one read fills them: the rest of
+    the current frame, ``into[start:base]`` (none when ``start == base``),
+    then for each of ``frames`` frames a header's place in ``spare`` (``head``
+    bytes each, in turn) and its payload's place in ``into`` (``length``
+    bytes each, from ``base`` on). ``ValueError`` if they do not fit.
+
+    This is the reference; ``blockws._speedups.scatter_views`` is the C
+    version (see ``Protocol.payload_target``)."""
+    if type(into) is not memoryview or type(spare) is not memoryview:
+        raise TypeError("into and spare must be memoryviews")
+    if not 0 <= start <= base or length < 1 or head < 1 or frames < 0:
+        raise ValueError("start, base, length, frames or head out of range")
+    if base + frames * length > len(into) or frames * head > len(spare):
+        raise ValueError("the frames do not fit the buffers")
+    views = [into[start:base]] if start < base else []
+    for i in range(frames):
+        views.append(spare[i * head : (i + 1) * head])
+        views.append(into[base : base + length])
+        base += length
+    return views
+
+
+ScatterViews = Callable[[memoryview, memoryview, int, int, int, int, int], "list[memoryview]"]
+c_scatter_views: ScatterViews | None
+try:
+    from ._speedups import scatter_views as c_scatter_views
+except ImportError:  # pragma: no cover - depends on the install (or an older build)
+    c_scatter_views = None
+
+#: :func:`py_scatter_views`'s C version when built (and ``BLOCKWS_PURE_PYTHON``
+#: unset), else the reference.
+scatter_views: ScatterViews = (
+    c_scatter_views
+    if c_scatter_views is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
+    else py_scatter_views
+)
+
+
+#: How :func:`py_scan_scattered` stopped: the read's bytes (or the planned
+#: frames) ran out after whole frames; a header was not the guessed one; the
+#: read ended inside a frame's payload; the message's final frame is whole.
+SCAN_MORE, SCAN_MISMATCH, SCAN_PARTIAL, SCAN_FIN = 0, 1, 2, 3
+
+
+def py_scan_scattered(
+    headers: BytesLike,
+    head: int,
+    more: bytes,
+    last: bytes,
+    n: int,
+    length: int,
+    frames: int,
+) -> tuple[int, int, int, bool, int]:
+    """The frames a scattered read filled (``Protocol.payload_received`` after
+    a scatter plan), without the per-frame Python: the read's ``n`` bytes
+    went, in turn, to a header of ``head`` bytes (``headers[j * head:]`` for
+    frame ``j``) and a payload place of ``length`` bytes, for at most
+    ``frames`` frames. Takes frame after frame while its header is the
+    guessed one, ``more`` (a continuation frame of ``length`` bytes) or
+    ``last`` (the same, final). Returns ``(matched, n, take, fin, stop)``:
+    the frames taken (the last one maybe in part), the bytes left after them,
+    the payload bytes of the last one taken and whether it was final, and why
+    it stopped (:data:`SCAN_MORE`, :data:`SCAN_MISMATCH` at frame
+    ``matched``, :data:`SCAN_PARTIAL`, :data:`SCAN_FIN`).
+
+    This is the reference; ``blockws._speedups.scan_scattered`` is the C
+    version, and the two agree (tests/test_frames.py).
+    """
+    if head < 1 or length < 1 or frames < 0 or n < 0 or len(more) != head or len(last) != head:
+        raise ValueError("head, length, frames or n out of range")
+    view = memoryview(headers)
+    if frames * head > len(view):
+        raise ValueError("headers is shorter than the frames")
+    matched = take = 0
+    fin = False
+    while n >= head and matched < frames:
+        header = view[matched * head : (matched + 1) * head]
+        if header == more:
+            fin = False
+        elif header == last:
+            fin = True
+        else:
+            return matched, n, take, fin, SCAN_MISMATCH
+        n -= head
+        take = min(n, length)
+        n -= take
+        matched += 1
+        if take < length:
+            return matched, n, take, fin, SCAN_PARTIAL
+        if fin:
+            return matched, n, take, fin, SCAN_FIN
+    return matched, n, take, fin, SCAN_MORE
+
+
+ScanScattered = Callable[
+    [BytesLike, int, bytes, bytes, int, int, int], "tuple[int, int, int, bool, int]"
+]
+c_scan_scattered: ScanScattered | None
+try:
+    from ._speedups import scan_scattered as c_scan_scattered
+except ImportError:  # pragma: no cover - depends on the install (or an older build)
+    c_scan_scattered = None
+
+#: :func:`py_scan_scattered`'s C version when built (and ``BLOCKWS_PURE_PYTHON``
+#: unset), else the reference.
+scan_scattered: ScanScattered = (
+    c_scan_scattered
+    if c_scan_scattered is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
+    else py_scan_scattered
 )
 
 

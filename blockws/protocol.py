@@ -904,13 +904,9 @@ class Protocol:
         frames = min(frames, (len(buf) - base) // length)
         head = len(_continuation_header(length, False))
         headers = bytearray(frames * head)
-        into = memoryview(buf)
-        spare = memoryview(headers)
-        views = [into[self._m_len : base]] if rest else []
-        for i in range(frames):
-            views.append(spare[i * head : (i + 1) * head])
-            views.append(into[base : base + length])
-            base += length
+        views = _frames.scatter_views(
+            memoryview(buf), memoryview(headers), self._m_len, base, length, frames, head
+        )
         self._plan = (views, rest, length, headers)
         return views
 
@@ -974,44 +970,37 @@ class Protocol:
         more = _continuation_header(length, False)
         last = _continuation_header(length, True)
         head = len(more)
+        # The frames whose headers match the guess, in one call (C when built).
         # (The plan stays within max_message_size, in bytes and in frames: a
         # frame past it is no guess, and fails in receive_data below.)
-        counted = self.max_message_size is not None
-        while n >= head:
-            header = views[i]
-            if header == more:
-                fin = False
-            elif header == last:
-                fin = True
-            else:
-                break  # not the guessed frame: parsed below
-            if counted:
-                self._m_frames += 1
-            n -= head
-            take = min(n, length)
-            n -= take
-            self._m_len += take
+        matched, n, take, fin, stop = _frames.scan_scattered(
+            plan[3], head, more, last, n, length, (len(views) - i) // 2
+        )
+        if matched:
+            if self.max_message_size is not None:
+                self._m_frames += matched
+            self._m_len += (matched - 1) * length + take  # (all but the last whole)
             self._f_opcode = 0
             self._f_fin = fin
             self._f_key = None
             self._f_key_pos = 0
-            i += 2
-            if take < length:  # the read ended in this frame
-                self._f_remaining = length - take
-                self._phase = _PAYLOAD
-                return
-            if fin:
-                # What came after the message (copied out first: _assembled
-                # hands the buffer on, or back to its pool). The views go
-                # first: a bytes buffer is handed out only once none is left.
-                after = _joined(views, i, n) if n else b""
-                views.clear()
-                self._m_opcode = 0
-                self._assembled(buf, self._m_len, events)
-                if after:
-                    events += self.receive_data(after)
-                return
-        if n:
+            i += 2 * matched
+        if stop == _frames.SCAN_PARTIAL:  # the read ended in this frame
+            self._f_remaining = length - take
+            self._phase = _PAYLOAD
+            return
+        if stop == _frames.SCAN_FIN:
+            # What came after the message (copied out first: _assembled
+            # hands the buffer on, or back to its pool). The views go
+            # first: a bytes buffer is handed out only once none is left.
+            after = _joined(views, i, n) if n else b""
+            views.clear()
+            self._m_opcode = 0
+            self._assembled(buf, self._m_len, events)
+            if after:
+                events += self.receive_data(after)
+            return
+        if n:  # (a header that is not the guess, or past the plan: parsed as ever)
             rest_of_read = _joined(views, i, n)
             views.clear()  # (as above: the message may end in what follows)
             events += self.receive_data(rest_of_read)

@@ -682,6 +682,134 @@ def test_encode_piece_into_refuses_bad_arguments(impl: Any) -> None:
             impl(*bad, bytearray(200))
 
 
+# -- both scatter helpers (scatter_views, scan_scattered) -------------------------------
+# The C versions (blockws._speedups) and the pure-Python references must agree:
+# the same places in the same order, the same frames taken and the same stop.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from blockws.frames import (  # noqa: E402
+    SCAN_FIN,
+    SCAN_MISMATCH,
+    SCAN_MORE,
+    SCAN_PARTIAL,
+    c_scan_scattered,
+    c_scatter_views,
+    py_scan_scattered,
+    py_scatter_views,
+)
+
+VIEW_MAKERS = [pytest.param(py_scatter_views, id="python")]
+if c_scatter_views is not None:
+    VIEW_MAKERS.append(pytest.param(c_scatter_views, id="c"))
+SCANNERS = [pytest.param(py_scan_scattered, id="python")]
+if c_scan_scattered is not None:
+    SCANNERS.append(pytest.param(c_scan_scattered, id="c"))
+
+
+@pytest.mark.parametrize("impl", VIEW_MAKERS)
+@pytest.mark.parametrize(("start", "base", "frames"), [(0, 0, 0), (0, 0, 3), (5, 20, 2), (7, 7, 1)])
+def test_scatter_views_are_the_rest_then_header_and_payload_places(
+    impl: Any, start: int, base: int, frames: int
+) -> None:
+    into, spare = bytearray(100), bytearray(12)
+    length, head = 25, 4
+    views = impl(memoryview(into), memoryview(spare), start, base, length, frames, head)
+    places = [(start, base, "into")] if start < base else []
+    for i in range(frames):
+        places.append((i * head, (i + 1) * head, "spare"))
+        places.append((base + i * length, base + (i + 1) * length, "into"))
+    assert len(views) == len(places)
+    for view, (a, b, which) in zip(views, places):
+        owner = into if which == "into" else spare
+        assert type(view) is memoryview and view.obj is owner and not view.readonly
+        view[:] = bytes([len(view) % 251]) * len(view)  # writes land in the owner's slice
+        assert owner[a:b] == bytes([(b - a) % 251]) * (b - a)
+
+
+@pytest.mark.parametrize("impl", VIEW_MAKERS)
+def test_scatter_views_refuse_places_past_the_buffers(impl: Any) -> None:
+    into, spare = memoryview(bytearray(100)), memoryview(bytearray(8))
+    for args in (
+        (0, 60, 25, 2, 4),  # past into
+        (0, 0, 25, 3, 4),  # past spare
+        (5, 4, 25, 1, 4),  # start after base
+        (0, 0, 0, 1, 4),
+        (0, 0, 25, -1, 4),
+    ):
+        with pytest.raises(ValueError):
+            impl(into, spare, *args)
+    with pytest.raises(TypeError):
+        impl(bytearray(100), spare, 0, 0, 25, 1, 4)
+
+
+def scatter_headers(kinds: str, length: int) -> tuple[bytes, bytes, bytes]:
+    """(headers, more, last) for frames of ``length``: ``m`` a continuation,
+    ``l`` the final one, ``x`` something else of the same size."""
+    if length < 65536:
+        size = bytes((126,)) + length.to_bytes(2, "big")
+    else:
+        size = bytes((127,)) + length.to_bytes(8, "big")
+    more, last, other = bytes((0x00,)) + size, bytes((0x80,)) + size, bytes((0x89,)) + size
+    headers = b"".join({"m": more, "l": last, "x": other}[k] for k in kinds)
+    return headers, more, last
+
+
+@pytest.mark.parametrize("impl", SCANNERS)
+@pytest.mark.parametrize(
+    ("kinds", "n", "expected"),
+    [
+        ("mmm", 0, (0, 0, 0, False, SCAN_MORE)),
+        ("mmm", 3, (0, 3, 0, False, SCAN_MORE)),  # a header cut short
+        ("mmm", 4, (1, 0, 0, False, SCAN_PARTIAL)),  # a header alone
+        ("mmm", 4 + 300, (1, 0, 300, False, SCAN_MORE)),
+        ("mmm", 2 * 304 + 10, (3, 0, 10 - 4, False, SCAN_PARTIAL)),
+        ("mmm", 3 * 304, (3, 0, 300, False, SCAN_MORE)),  # the plan's frames, whole
+        ("mml", 3 * 304 + 50, (3, 50, 300, True, SCAN_FIN)),  # and what followed
+        ("mlm", 3 * 304, (2, 304, 300, True, SCAN_FIN)),
+        ("mxm", 3 * 304, (1, 608, 300, False, SCAN_MISMATCH)),
+        ("xmm", 100, (0, 100, 0, False, SCAN_MISMATCH)),
+        ("mml", 2 * 304 + 4 + 299, (3, 0, 299, True, SCAN_PARTIAL)),
+    ],
+)  # fmt: skip
+def test_scan_scattered_takes_the_guessed_frames(
+    impl: Any, kinds: str, n: int, expected: tuple[int, int, int, bool, int]
+) -> None:
+    headers, more, last = scatter_headers(kinds, 300)
+    assert impl(bytearray(headers), 4, more, last, n, 300, len(kinds)) == expected
+
+
+@pytest.mark.parametrize("impl", SCANNERS)
+def test_scan_scattered_refuses_bad_arguments(impl: Any) -> None:
+    headers, more, last = scatter_headers("mm", 300)
+    for args in (
+        (headers, 4, more, last, 10, 300, 3),  # more frames than headers
+        (headers, 0, more, last, 10, 300, 2),
+        (headers, 4, more[:3], last, 10, 300, 2),
+        (headers, 4, more, last, -1, 300, 2),
+        (headers, 4, more, last, 10, 0, 2),
+        (headers, 4, more, last, 10, 300, -1),
+    ):
+        with pytest.raises(ValueError):
+            impl(*args)
+
+
+@given(
+    kinds=st.text(alphabet="mlx", max_size=8),
+    length=st.sampled_from([126, 300, 65535, 65536, 70_000]),
+    n=st.integers(0, 700_000),
+)
+@settings(max_examples=300, deadline=None)
+def test_hypothesis_both_scans_agree(kinds: str, length: int, n: int) -> None:
+    if c_scan_scattered is None:
+        pytest.skip("the C speedups are not built")
+    headers, more, last = scatter_headers(kinds, length)
+    head = len(more)
+    args = (bytearray(headers), head, more, last, n, length, len(kinds))
+    assert c_scan_scattered(*args) == py_scan_scattered(*args)
+
+
 # -- both fast receive loops (split_messages) -----------------------------------------
 # The C loop (blockws._speedups.split_messages) and the pure-Python reference
 # (frames.py_split_messages) must agree byte for byte: the messages, their types,
