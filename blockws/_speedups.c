@@ -1670,8 +1670,63 @@ static PyObject *str_acquire = NULL, *str_release = NULL, *str_kick_locked = NUL
 static PyObject *str_running_in = NULL, *str_held = NULL, *str_armed = NULL,
                 *str_announce = NULL, *str_popleft = NULL, *str_appendleft = NULL;
 
+/* The Dispatcher's slots run_pending reads and writes (running_in, held,
+ * _armed), found once for its type: their offsets in the object, as the
+ * type's member descriptors give them. A store there is what setattr does
+ * for a slot, without looking the name up (five a run: about a third of an
+ * update() with one item pending). Any other type (a subclass that moved
+ * them, a Python object without the slots) goes through setattr. */
+static PyTypeObject *run_type = NULL; /* (a borrowed pointer, checked by identity) */
+static Py_ssize_t off_running_in = -1, off_held = -1, off_armed = -1;
+
+static Py_ssize_t
+slot_offset(PyTypeObject *type, PyObject *name)
+{
+    PyObject *descr = PyObject_GetAttr((PyObject *)type, name); /* (a slot: its descriptor) */
+    PyMemberDef *member;
+    Py_ssize_t offset = -1;
+    if (descr == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (Py_TYPE(descr) == &PyMemberDescr_Type) {
+        member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == T_OBJECT_EX && !(member->flags & READONLY)) offset = member->offset;
+    }
+    Py_DECREF(descr);
+    return offset;
+}
+
+/* Whether dispatcher's slots are at the cached offsets (found on first use). */
+static int
+run_slots(PyObject *dispatcher)
+{
+    PyTypeObject *type = Py_TYPE(dispatcher);
+    if (type == run_type) return 1;
+    if (run_type != NULL) return 0; /* (one type is cached: the Dispatcher's) */
+    off_running_in = slot_offset(type, str_running_in);
+    off_held = slot_offset(type, str_held);
+    off_armed = slot_offset(type, str_armed);
+    if (off_running_in < 0 || off_held < 0 || off_armed < 0) return 0;
+    run_type = type; /* (Dispatcher is a module-level class: it outlives every call) */
+    Py_INCREF(type);
+    return 1;
+}
+
+static void
+slot_store(PyObject *obj, Py_ssize_t offset, PyObject *value)
+{
+    PyObject **addr = (PyObject **)((char *)obj + offset);
+    PyObject *old = *addr;
+    Py_INCREF(value);
+    *addr = value;
+    Py_XDECREF(old);
+}
+
 /* Set dispatcher.<name> = value; on failure the error is set and -1 returned. */
-#define RUN_SET(name, value) PyObject_SetAttr(dispatcher, (name), (value))
+#define RUN_SET(name, value)                                                            \
+    (fast ? (slot_store(dispatcher, off_##name, (value)), 0)                            \
+          : PyObject_SetAttr(dispatcher, str_##name, (value)))
 
 /* run_pending(dispatcher, pending, run_lock, running, plain) -> int: what
    Dispatcher.run() does without a budget, in C. The items pending when it
@@ -1694,7 +1749,7 @@ run_pending(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *me = NULL, *depth = NULL, *res, *ptype = NULL, *pvalue = NULL, *ptb = NULL;
     Py_ssize_t n, i, count = 0;
     long depth_value = 0;
-    int failed = 0;
+    int failed = 0, fast;
     (void)module;
     if (nargs != 5) {
         PyErr_Format(PyExc_TypeError, "run_pending() takes 5 arguments (%zd given)", nargs);
@@ -1705,6 +1760,7 @@ run_pending(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     lock = args[2];
     running = args[3];
     plain = args[4];
+    fast = run_slots(dispatcher);
     if (!PyDict_CheckExact(running)) {
         PyErr_SetString(PyExc_TypeError, "running must be a dict");
         return NULL;
@@ -1716,8 +1772,19 @@ run_pending(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (me == NULL)
         return NULL;
     {
-        PyObject *in = PyObject_GetAttr(dispatcher, str_running_in);
+        PyObject *in;
         int same;
+        if (fast) {
+            in = *(PyObject **)((char *)dispatcher + off_running_in);
+            if (in == NULL) { /* (unset: as getattr raises) */
+                Py_DECREF(me);
+                PyErr_SetString(PyExc_AttributeError, "running_in");
+                return NULL;
+            }
+            Py_INCREF(in);
+        } else {
+            in = PyObject_GetAttr(dispatcher, str_running_in);
+        }
         if (in == NULL) {
             Py_DECREF(me);
             return NULL;
@@ -1748,7 +1815,7 @@ run_pending(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     depth = PyLong_FromLong(depth_value + 1);
-    if (depth == NULL || RUN_SET(str_running_in, me) < 0 ||
+    if (depth == NULL || RUN_SET(running_in, me) < 0 ||
         PyDict_SetItem(running, me, depth) < 0) {
         Py_XDECREF(depth);
         failed = 1;
@@ -1761,7 +1828,7 @@ run_pending(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             failed = 1;
             break;
         }
-        if (RUN_SET(str_held, item) < 0) { /* (cannot fail on a slot) */
+        if (RUN_SET(held, item) < 0) { /* (cannot fail on a slot) */
             Py_DECREF(item);
             failed = 1;
             break;
@@ -1778,7 +1845,7 @@ run_pending(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             failed = 1;
             break;
         }
-        if (RUN_SET(str_held, Py_None) < 0) {
+        if (RUN_SET(held, Py_None) < 0) {
             Py_DECREF(res);
             failed = 1;
             break;
@@ -1803,7 +1870,7 @@ run_pending(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Fetch(&ptype, &pvalue, &ptb);
         held = PyObject_GetAttr(dispatcher, str_held);
         if (held != NULL && held != Py_None) {
-            if (RUN_SET(str_held, Py_None) == 0 && Py_TYPE(held) != (PyTypeObject *)plain) {
+            if (RUN_SET(held, Py_None) == 0 && Py_TYPE(held) != (PyTypeObject *)plain) {
                 res = PyObject_CallMethodOneArg(pending, str_appendleft, held);
                 Py_XDECREF(res);
             }
@@ -1814,7 +1881,7 @@ run_pending(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
 unmark:
     PyErr_Fetch(&ptype, &pvalue, &ptb);
-    if (RUN_SET(str_running_in, Py_None) < 0)
+    if (RUN_SET(running_in, Py_None) < 0)
         PyErr_Clear();
     if (depth_value) {
         depth = PyLong_FromLong(depth_value);
@@ -1837,7 +1904,7 @@ rearm:
     /* run()'s finally: armed again, and told of what is still pending. */
     PyErr_Fetch(&ptype, &pvalue, &ptb);
     Py_DECREF(me);
-    if (RUN_SET(str_armed, Py_True) < 0) {
+    if (RUN_SET(armed, Py_True) < 0) {
         Py_XDECREF(ptype);
         Py_XDECREF(pvalue);
         Py_XDECREF(ptb);

@@ -544,6 +544,36 @@ def test_run_pending_checks_its_arguments() -> None:
     assert _C_RUN(d, d.pending, threading.Lock(), {}, tuple) == 0  # nothing pending
 
 
+@pytest.mark.skipif(_C_RUN is None, reason="the C speedups are not built")
+def test_run_pending_stores_through_setattr_on_another_type() -> None:
+    """The C loop writes a Dispatcher's slots in place; on any other type (here
+    a subclass whose ``held`` is a property) every store goes through setattr,
+    in the same order: the item as it is taken, None once it has run."""
+    assert _C_RUN is not None
+    stores: list[Any] = []
+
+    class Watched(Dispatcher):
+        __slots__ = ("_held",)
+
+        @property  # type: ignore[override]
+        def held(self) -> Any:
+            return self._held
+
+        @held.setter
+        def held(self, value: Any) -> None:
+            stores.append(value)
+            self._held = value
+
+    for d in (Dispatcher(), Watched(), Dispatcher()):
+        ran: list[int] = []
+        d.post_held(ran.append, 1)
+        d.post_held(ran.append, 2)
+        assert _C_RUN(d, d.pending, threading.Lock(), {}, tuple) == 2 and ran == [1, 2]
+        assert d.held is None and d.running_in is None and d._armed
+    # (The first None is Dispatcher.__init__'s.)
+    assert stores == [None, (stores[1][0], 1), None, (stores[3][0], 2), None]
+
+
 def test_an_interrupted_wait_for_the_run_lock_runs_nothing_and_rearms() -> None:
     """Ctrl-C while another thread's run holds the lock: nothing taken, the
     marks untouched, and the hook told again of what is pending."""
