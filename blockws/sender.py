@@ -17,7 +17,9 @@ idle socket costs one thread (its reader), not two. It writes control frames
 first (pongs, a close reply), then messages in batches of up to
 :data:`WRITE_BATCH` bytes with one system call per batch. A message larger
 than that is framed one fragment at a time into a reusable buffer and
-written a batch at a time, with control frames slipped in between.
+written a batch at a time, with control frames slipped in between; a
+fragment larger than :data:`POOLED_FRAGMENT_MAX` goes in pieces of a batch,
+and nothing is written between two pieces of one frame.
 
 Control frames (pongs, pings, close replies) count in ``buffered_amount`` as
 their bytes on the wire, from the moment they are queued until they are
@@ -99,12 +101,14 @@ BytesLike = Union[bytes, bytearray, memoryview]
 #: a 2-byte header).
 FAST_MAX = 125
 
-#: The largest ``max_fragment_size`` whose batches are encoded into a pooled
-#: buffer (see _batch_buffer). Masking a large fragment into fresh memory
-#: instead made the heap give pages back and fault them in again: a 1 MiB
-#: echo, 4 in flight through ``receive()``, with 1 MiB fragments took 480 page
-#: faults and about 880 us of CPU a message, against 5-24 faults and about
-#: 360-420 us pooled (as with the default 32 KiB fragments).
+#: The largest ``max_fragment_size`` whose batches are whole fragments encoded
+#: into a pooled buffer (see _batch_buffer); a larger fragment goes in pieces
+#: of a batch through a pooled buffer of a batch (``encode_piece_into``).
+#: Masking a large fragment into fresh memory instead made the heap give pages
+#: back and fault them in again: a 1 MiB echo, 4 in flight through
+#: ``receive()``, with 1 MiB fragments took 480 page faults and about 880 us of
+#: CPU a message, against 5-24 faults and about 360-420 us pooled (``python -m
+#: benchmarks.fragments``).
 POOLED_FRAGMENT_MAX = 4 * WRITE_BATCH
 
 #: Buffers a large message's batches are encoded into (see _batch_buffer),
@@ -128,8 +132,9 @@ def _batch_buffer(proto: Protocol, transport: Transport) -> bytearray | None:
     :data:`POOLED_FRAGMENT_MAX`, with the C speedups (above
     :data:`WRITE_BATCH`, a batch is one fragment: the pool then keeps at
     most :data:`_POOL_MAX` buffers of about the fragment size plus
-    :data:`WRITE_BATCH`). ``list.pop()`` and ``append()`` are atomic: no
-    lock.
+    :data:`WRITE_BATCH`); for larger fragments, any pooled buffer of at least
+    a batch and a header (each batch a piece of a fragment).
+    ``list.pop()`` and ``append()`` are atomic: no lock.
     """
     if (
         proto.role is not Role.CLIENT  # (a server's frames are not masked: no batch to encode)
