@@ -26,7 +26,7 @@ import struct
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Protocol, Union
+from typing import Any, Callable, NamedTuple, Protocol, TypeVar, Union
 
 from .exceptions import InvalidPayload, ProtocolError
 
@@ -162,19 +162,38 @@ def py_apply_mask(data: BytesLike, key: bytes) -> bytes:
     return bytes(out)
 
 
-c_apply_mask: Callable[[BytesLike, bytes], bytes] | None
-try:  # the optional C version (setup.py builds it when a compiler is present)
-    from ._speedups import apply_mask as c_apply_mask
-except ImportError:  # pragma: no cover - depends on the install
-    c_apply_mask = None
+#: ``BLOCKWS_PURE_PYTHON=1`` in the environment: the pure-Python twins run even
+#: where the C speedups are built (.ci/run runs the core tests so).
+PURE_PYTHON = bool(os.environ.get("BLOCKWS_PURE_PYTHON"))
+
+
+def _compiled(name: str) -> Any:
+    """``blockws._speedups.<name>``, or None where the C speedups are not built
+    (setup.py builds them when a compiler is present) or are an older build
+    without it: the ``c_*`` names below, which tests use whatever
+    :data:`PURE_PYTHON` says."""
+    try:
+        from . import _speedups
+    except ImportError:  # pragma: no cover - depends on the install
+        return None
+    return getattr(_speedups, name, None)
+
+
+_T = TypeVar("_T")
+
+
+def _chosen(compiled: Any, reference: _T) -> _T:
+    """What the library calls: ``compiled`` where it is built and
+    :data:`PURE_PYTHON` is unset, else ``reference`` (the pure-Python twin,
+    or None where the caller then does without)."""
+    return compiled if compiled is not None and not PURE_PYTHON else reference
+
+
+c_apply_mask: Callable[[BytesLike, bytes], bytes] | None = _compiled("apply_mask")
 
 #: Masking as used everywhere: the C version when built, else the pure-Python one.
 #: ``BLOCKWS_PURE_PYTHON=1`` in the environment forces the pure-Python one.
-apply_mask: Callable[[BytesLike, bytes], bytes] = (
-    c_apply_mask
-    if c_apply_mask is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
-    else py_apply_mask
-)
+apply_mask: Callable[[BytesLike, bytes], bytes] = _chosen(c_apply_mask, py_apply_mask)
 
 
 def py_split_messages(
@@ -238,19 +257,11 @@ SplitMessages = Callable[
      "Callable[[str], Any] | None"],
     int,
 ]
-c_split_messages: SplitMessages | None
-try:
-    from ._speedups import split_messages as c_split_messages
-except ImportError:  # pragma: no cover - depends on the install (or an older build)
-    c_split_messages = None
+c_split_messages: SplitMessages | None = _compiled("split_messages")
 
 #: The fast loop as used by the protocol: the C version when built, else the
 #: pure-Python one; ``BLOCKWS_PURE_PYTHON=1`` forces the pure-Python one.
-split_messages: SplitMessages = (
-    c_split_messages
-    if c_split_messages is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
-    else py_split_messages
-)
+split_messages: SplitMessages = _chosen(c_split_messages, py_split_messages)
 
 
 def py_copy_continuations(
@@ -322,18 +333,12 @@ def py_copy_continuations(
 CopyContinuations = Callable[
     [BytesLike, int, int, "bytearray | memoryview", int, int, int], "tuple[int, int, int]"
 ]
-c_copy_continuations: CopyContinuations | None
-try:
-    from ._speedups import copy_continuations as c_copy_continuations
-except ImportError:  # pragma: no cover - depends on the install (or an older build)
-    c_copy_continuations = None
+c_copy_continuations: CopyContinuations | None = _compiled("copy_continuations")
 
 #: The continuation loop's C version as the protocol uses it, or None
 #: (without the C speedups, or with ``BLOCKWS_PURE_PYTHON=1``: the protocol's
 #: own loop then does the same, frame by frame).
-copy_continuations: CopyContinuations | None = (
-    c_copy_continuations if not os.environ.get("BLOCKWS_PURE_PYTHON") else None
-)
+copy_continuations: CopyContinuations | None = _chosen(c_copy_continuations, None)
 
 
 def py_scatter_views(
@@ -362,19 +367,11 @@ def py_scatter_views(
 
 
 ScatterViews = Callable[[memoryview, memoryview, int, int, int, int, int], "list[memoryview]"]
-c_scatter_views: ScatterViews | None
-try:
-    from ._speedups import scatter_views as c_scatter_views
-except ImportError:  # pragma: no cover - depends on the install (or an older build)
-    c_scatter_views = None
+c_scatter_views: ScatterViews | None = _compiled("scatter_views")
 
 #: :func:`py_scatter_views`'s C version when built (and ``BLOCKWS_PURE_PYTHON``
 #: unset), else the reference.
-scatter_views: ScatterViews = (
-    c_scatter_views
-    if c_scatter_views is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
-    else py_scatter_views
-)
+scatter_views: ScatterViews = _chosen(c_scatter_views, py_scatter_views)
 
 
 #: How :func:`py_scan_scattered` stopped: the read's bytes (or the planned
@@ -436,19 +433,11 @@ def py_scan_scattered(
 ScanScattered = Callable[
     [BytesLike, int, bytes, bytes, int, int, int], "tuple[int, int, int, bool, int]"
 ]
-c_scan_scattered: ScanScattered | None
-try:
-    from ._speedups import scan_scattered as c_scan_scattered
-except ImportError:  # pragma: no cover - depends on the install (or an older build)
-    c_scan_scattered = None
+c_scan_scattered: ScanScattered | None = _compiled("scan_scattered")
 
 #: :func:`py_scan_scattered`'s C version when built (and ``BLOCKWS_PURE_PYTHON``
 #: unset), else the reference.
-scan_scattered: ScanScattered = (
-    c_scan_scattered
-    if c_scan_scattered is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
-    else py_scan_scattered
-)
+scan_scattered: ScanScattered = _chosen(c_scan_scattered, py_scan_scattered)
 
 
 class BytesAssembly(Protocol):
@@ -464,20 +453,14 @@ class BytesAssembly(Protocol):
     def take(self, n: int) -> bytes: ...
 
 
-c_BytesBuffer: Callable[[int], BytesAssembly] | None
-try:
-    from ._speedups import BytesBuffer as c_BytesBuffer
-except ImportError:  # pragma: no cover - depends on the install (or an older build)
-    c_BytesBuffer = None
+c_BytesBuffer: Callable[[int], BytesAssembly] | None = _compiled("BytesBuffer")
 
 #: What the protocol assembles a ``bytes`` message in (for ``receive()``):
 #: the C ``BytesBuffer``, read into directly and handed out without a copy;
 #: or None (without the C speedups, or with ``BLOCKWS_PURE_PYTHON=1``: the
 #: message's pieces are then kept and joined at its end). Looked up per
 #: message, so tests can run the parser with and without it.
-bytes_buffer: Callable[[int], BytesAssembly] | None = (
-    c_BytesBuffer if not os.environ.get("BLOCKWS_PURE_PYTHON") else None
-)
+bytes_buffer: Callable[[int], BytesAssembly] | None = _chosen(c_BytesBuffer, None)
 
 
 def py_total_length(messages: list[Any]) -> int:
@@ -487,19 +470,11 @@ def py_total_length(messages: list[Any]) -> int:
     return sum(map(len, messages))
 
 
-c_total_length: Callable[[list[Any]], int] | None
-try:
-    from ._speedups import total_length as c_total_length
-except ImportError:  # pragma: no cover - depends on the install
-    c_total_length = None
+c_total_length: Callable[[list[Any]], int] | None = _compiled("total_length")
 
 #: What a read's messages count (see :func:`py_total_length`): the C version
 #: when built (and ``BLOCKWS_PURE_PYTHON`` unset).
-total_length: Callable[[list[Any]], int] = (
-    c_total_length
-    if c_total_length is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
-    else py_total_length
-)
+total_length: Callable[[list[Any]], int] = _chosen(c_total_length, py_total_length)
 
 
 class MaskKeys:
@@ -634,19 +609,11 @@ def py_encode_frame(first_byte: int, payload: BytesLike, mask_key: bytes) -> byt
     return bytes(out)
 
 
-c_encode_frame: Callable[[int, BytesLike, bytes], bytes] | None
-try:  # the optional C version, beside c_apply_mask
-    from ._speedups import encode_frame as c_encode_frame
-except ImportError:  # pragma: no cover - depends on the install
-    c_encode_frame = None
+c_encode_frame: Callable[[int, BytesLike, bytes], bytes] | None = _compiled("encode_frame")
 
 #: A masked frame as every client frame is made: the C version when built
 #: (and ``BLOCKWS_PURE_PYTHON`` unset), else the pure-Python one.
-encode_frame: Callable[[int, BytesLike, bytes], bytes] = (
-    c_encode_frame
-    if c_encode_frame is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
-    else py_encode_frame
-)
+encode_frame: Callable[[int, BytesLike, bytes], bytes] = _chosen(c_encode_frame, py_encode_frame)
 
 
 def py_encode_frames(
@@ -736,32 +703,18 @@ def _head_size(n: int) -> int:
     return 2 if n < 126 else 4 if n < 65536 else 10
 
 
-c_encode_frames: Callable[..., tuple[list[bytes], int]] | None
-try:
-    from ._speedups import encode_frames as c_encode_frames
-except ImportError:  # pragma: no cover - depends on the install
-    c_encode_frames = None
+c_encode_frames: Callable[..., tuple[list[bytes], int]] | None = _compiled("encode_frames")
 
 #: A large message's frames a batch at a time (see :func:`py_encode_frames`):
 #: the C version when built (and ``BLOCKWS_PURE_PYTHON`` unset).
-encode_frames: Callable[..., tuple[list[bytes], int]] = (
-    c_encode_frames
-    if c_encode_frames is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
-    else py_encode_frames
-)
+encode_frames: Callable[..., tuple[list[bytes], int]] = _chosen(c_encode_frames, py_encode_frames)
 
-c_encode_frames_into: Callable[..., tuple[int, int]] | None
-try:
-    from ._speedups import encode_frames_into as c_encode_frames_into
-except ImportError:  # pragma: no cover - depends on the install
-    c_encode_frames_into = None
+c_encode_frames_into: Callable[..., tuple[int, int]] | None = _compiled("encode_frames_into")
 
 #: :func:`py_encode_frames_into`'s C version when built (and
 #: ``BLOCKWS_PURE_PYTHON`` unset), else ``None``: a sender then sends the
 #: frames :data:`encode_frames` makes (copying them would cost more).
-encode_frames_into: Callable[..., tuple[int, int]] | None = (
-    None if os.environ.get("BLOCKWS_PURE_PYTHON") else c_encode_frames_into
-)
+encode_frames_into: Callable[..., tuple[int, int]] | None = _chosen(c_encode_frames_into, None)
 
 def py_encode_piece_into(
     first: int,
@@ -815,17 +768,11 @@ def py_encode_piece_into(
     return len(head) + n, start + n
 
 
-c_encode_piece_into: Callable[..., tuple[int, int]] | None
-try:
-    from ._speedups import encode_piece_into as c_encode_piece_into
-except ImportError:  # pragma: no cover - depends on the install (or an older build)
-    c_encode_piece_into = None
+c_encode_piece_into: Callable[..., tuple[int, int]] | None = _compiled("encode_piece_into")
 
 #: :func:`py_encode_piece_into`'s C version when built (and
 #: ``BLOCKWS_PURE_PYTHON`` unset), else ``None``: as :data:`encode_frames_into`.
-encode_piece_into: Callable[..., tuple[int, int]] | None = (
-    None if os.environ.get("BLOCKWS_PURE_PYTHON") else c_encode_piece_into
-)
+encode_piece_into: Callable[..., tuple[int, int]] | None = _chosen(c_encode_piece_into, None)
 
 
 #: A small frame's first two bytes, [opcode][payload length].
@@ -908,19 +855,11 @@ def _mask_stretch(payloads: list[BytesLike], stream: list[bytes]) -> bytes:
     return masked.to_bytes(len(plain), "little")
 
 
-c_encode_messages: Callable[..., tuple[bytes, int]] | None
-try:
-    from ._speedups import encode_messages as c_encode_messages
-except ImportError:  # pragma: no cover - depends on the install
-    c_encode_messages = None
+c_encode_messages: Callable[..., tuple[bytes, int]] | None = _compiled("encode_messages")
 
 #: A run of small messages' frames in one call (see :func:`py_encode_messages`):
 #: the C version when built (and ``BLOCKWS_PURE_PYTHON`` unset).
-encode_messages: Callable[..., tuple[bytes, int]] = (
-    c_encode_messages
-    if c_encode_messages is not None and not os.environ.get("BLOCKWS_PURE_PYTHON")
-    else py_encode_messages
-)
+encode_messages: Callable[..., tuple[bytes, int]] = _chosen(c_encode_messages, py_encode_messages)
 
 #: Every RSV bit (RFC 6455 5.2).
 RSV_ALL = RSV1 | RSV2 | RSV3
