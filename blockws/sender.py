@@ -679,7 +679,9 @@ class Sender:
         # as header and payload): every fragment but the last has it.
         # (A batch encoded into a pooled buffer is one chunk already.)
         whole = transport.gathers or len(batch) == 1
-        if whole and max(map(len, batch[:2]), default=0) >= GATHER_FROM:
+        # (One chunk goes as it is, whatever its size: it may be a piece of
+        # a frame, which the copying below could flush control frames after.)
+        if whole and (len(batch) == 1 or max(map(len, batch[:2])) >= GATHER_FROM):
             while not last:
                 # (Control frames only where a frame ends: a batch may be a
                 # piece of one, see Protocol.data_batches.)

@@ -716,6 +716,38 @@ def test_fragments_above_the_pooled_limit_go_in_pieces_with_control_frames_betwe
     assert pool and rig.sender.buffered == 0 and not rig.failures
 
 
+def test_a_direct_write_cut_before_a_fragments_short_last_piece_sends_it_as_it_is(
+    rigs: Callable[..., Rig],
+) -> None:
+    """The kernel cuts the third piece of a frame whose fourth and last piece
+    is short (smaller than GATHER_FROM): the writer sends the rest and the
+    short piece as they are, then a ping that came during the write."""
+    if not pieces_pooled():
+        pytest.skip("without the C speedups the frames are sent as made")
+    piece = 10 + 4 + WRITE_BATCH
+    cap = piece + 2 * WRITE_BATCH - 5000  # inside the third piece
+    rig: Rig
+
+    class PingDuring(GatheringCapped):
+        def try_write(self, chunks: Sequence[Any]) -> int:
+            if len(self.try_writes) == 2:
+                rig.ping(b"meanwhile")
+            return super().try_write(chunks)
+
+    transport = PingDuring(cap, block_writes=True)
+    rig = rigs(transport, max_fragment_size=BIG_FRAGMENT)
+    message = bytes(range(256)) * (3 * WRITE_BATCH // 256) + bytes(range(100))  # 4 pieces
+    assert len(message) - 3 * WRITE_BATCH == 100 < sender_module.GATHER_FROM
+    assert rig.enqueue(BINARY, message) is True
+    assert transport.try_writes == [piece, WRITE_BATCH, WRITE_BATCH]
+    transport.unblock_writes()
+    frames = rig.wait_frames(2)
+    assert [f.opcode for f in frames] == [Opcode.BINARY, Opcode.PING]
+    assert frames[0].fin and frames[0].payload == message
+    rig.wait_idle()
+    assert rig.sender.buffered == 0 and not rig.failures
+
+
 def test_a_direct_write_cut_inside_a_large_fragment_holds_control_frames_to_its_end(
     rigs: Callable[..., Rig],
 ) -> None:
