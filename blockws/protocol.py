@@ -493,7 +493,7 @@ class Protocol:
         self._m_hint = 0
         self._m_first = 0  # the length of the message's first frame
         # payload_target's scatter plan for payload_received (see there).
-        self._plan: tuple[list[memoryview], int, int, bytearray] | None = None
+        self._plan: tuple[list[memoryview], int, int, bytearray, int] | None = None
         #: Deliver every binary message as exact ``bytes``, rather than in
         #: memory from ``allocate``. For consumers that want bytes. A message
         #: that arrived in several reads or frames is assembled in the
@@ -875,7 +875,11 @@ class Protocol:
         self, buf: bytearray | BytesAssembly, rest: int
     ) -> list[memoryview] | None:
         """payload_target's list (see there), or ``None`` when no next frame
-        of the message's first frame's length fits the guess."""
+        of the message's first frame's length fits the guess.
+
+        The guess runs to where the last such message ended: whole frames of
+        the first frame's length, then, where that message's size is not a
+        multiple of it, a shorter final frame (the tail) for the rest."""
         length = self._m_first
         if length < _SCATTER_FROM:
             return None
@@ -886,28 +890,46 @@ class Protocol:
             frames = min(frames, (limit - base) // length, limit - self._m_frames)
         # Up to the size of the last such message: what a steady stream sends.
         hint = self._m_hint
-        guess = (hint - base) // length if hint > base else 0
-        frames = min(frames, max(1, guess), max(1, (_SCATTER_BYTES - rest) // length))
-        if frames < 1 or rest + length > _SCATTER_BYTES:
+        whole, tail = divmod(hint - base, length) if hint > base else (0, 0)
+        frames = min(frames, max(1, (_SCATTER_BYTES - rest) // length))
+        if frames < 1:
+            return None  # (max_message_size: not one more frame)
+        if whole > frames:
+            whole, tail = frames, 0  # (the plan ends before the message does)
+        elif not whole and not tail:
+            whole = 1  # no guess: one frame, as a steady stream sends
+        if rest + length > _SCATTER_BYTES:
             return None
-        if base + length > len(buf):
+        if whole and base + length > len(buf):
             # Doubled, as receive_data would grow it; never by the guess alone,
-            # nor where the last such message ended inside the guessed frame:
-            # a message in frames of a size that does not divide it ends in a
-            # shorter frame, which fits the buffer (sized to that message),
-            # and one more whole frame guessed there doubled it, copying the
-            # message into fresh memory (twice the CPU of a 1 MiB echo in
-            # frames of 262,145 bytes, a page fault for every 4 KiB).
+            # nor where the last such message ended inside the guessed frame.
             if base + length > 2 * len(buf) or base < hint < base + length:
                 return None
             buf = self._grow(buf, 2 * len(buf), self._m_len)
-        frames = min(frames, (len(buf) - base) // length)
+        if whole > (len(buf) - base) // length:
+            whole, tail = (len(buf) - base) // length, 0
+        end = base + whole * length
+        if tail and (
+            whole + 1 > _SCATTER_FRAMES
+            or end + tail > len(buf)
+            or end + tail - self._m_len > _SCATTER_BYTES
+            or (limit is not None and (end + tail > limit or self._m_frames + whole >= limit))
+        ):
+            tail = 0
+        if not whole and not tail:
+            return None
         head = len(_continuation_header(length, False))
-        headers = bytearray(frames * head)
+        last = _continuation_header(tail, True) if tail else b""
+        headers = bytearray(whole * head + len(last))
+        into = memoryview(buf)
         views = _frames.scatter_views(
-            memoryview(buf), memoryview(headers), self._m_len, base, length, frames, head
+            into, memoryview(headers), self._m_len, base, length, whole, head
         )
-        self._plan = (views, rest, length, headers)
+        if tail:
+            # The guessed last frame: its header's place, then its payload's.
+            views.append(memoryview(headers)[whole * head :])
+            views.append(into[end : end + tail])
+        self._plan = (views, rest, length, headers, tail)
         return views
 
     def payload_received(self, n: int) -> list[Received]:
@@ -950,13 +972,13 @@ class Protocol:
     def _scattered(
         self,
         buf: bytearray | BytesAssembly,
-        plan: tuple[list[memoryview], int, int, bytearray],
+        plan: tuple[list[memoryview], int, int, bytearray, int],
         n: int,
         events: list[Received],
     ) -> None:
         """payload_received for a scatter plan: take the frames whose headers
         match the guess, then parse the rest (copied out) as receive_data would."""
-        views, rest, length, _ = plan
+        views, rest, length, headers, tail = plan
         i = 0
         if rest:
             take = min(n, rest)
@@ -970,14 +992,16 @@ class Protocol:
         more = _continuation_header(length, False)
         last = _continuation_header(length, True)
         head = len(more)
+        whole = (len(views) - i) // 2 - (1 if tail else 0)
         # The frames whose headers match the guess, in one call (C when built).
         # (The plan stays within max_message_size, in bytes and in frames: a
         # frame past it is no guess, and fails in receive_data below.)
         matched, n, take, fin, stop = _frames.scan_scattered(
-            plan[3], head, more, last, n, length, (len(views) - i) // 2
+            headers, head, more, last, n, length, whole
         )
+        counted = self.max_message_size is not None
         if matched:
-            if self.max_message_size is not None:
+            if counted:
                 self._m_frames += matched
             self._m_len += (matched - 1) * length + take  # (all but the last whole)
             self._f_opcode = 0
@@ -990,20 +1014,54 @@ class Protocol:
             self._phase = _PAYLOAD
             return
         if stop == _frames.SCAN_FIN:
-            # What came after the message (copied out first: _assembled
-            # hands the buffer on, or back to its pool). The views go
-            # first: a bytes buffer is handed out only once none is left.
-            after = _joined(views, i, n) if n else b""
-            views.clear()
-            self._m_opcode = 0
-            self._assembled(buf, self._m_len, events)
-            if after:
-                events += self.receive_data(after)
+            self._scatter_end(buf, views, i, n, events)
             return
+        if tail and matched == whole:
+            # The guessed last frame, shorter than the others (what a message
+            # whose size the frames do not divide ends with).
+            final = _continuation_header(tail, True)
+            if n >= len(final) and headers[whole * head :] == final:
+                if counted:
+                    self._m_frames += 1
+                n -= len(final)
+                take = min(n, tail)
+                n -= take
+                self._m_len += take
+                self._f_opcode = 0
+                self._f_fin = True
+                self._f_key = None
+                self._f_key_pos = 0
+                i += 2
+                if take < tail:
+                    self._f_remaining = tail - take
+                    self._phase = _PAYLOAD
+                    return
+                self._scatter_end(buf, views, i, n, events)
+                return
         if n:  # (a header that is not the guess, or past the plan: parsed as ever)
             rest_of_read = _joined(views, i, n)
-            views.clear()  # (as above: the message may end in what follows)
+            views.clear()  # (as below: the message may end in what follows)
             events += self.receive_data(rest_of_read)
+
+    def _scatter_end(
+        self,
+        buf: bytearray | BytesAssembly,
+        views: list[memoryview],
+        i: int,
+        n: int,
+        events: list[Received],
+    ) -> None:
+        """A scattered read completed the message: hand it on, then parse the
+        ``n`` bytes the read brought after it (from ``views[i]`` on)."""
+        # What came after the message (copied out first: _assembled hands the
+        # buffer on, or back to its pool). The views go first: a bytes buffer
+        # is handed out only once none is left.
+        after = _joined(views, i, n) if n else b""
+        views.clear()
+        self._m_opcode = 0
+        self._assembled(buf, self._m_len, events)
+        if after:
+            events += self.receive_data(after)
 
     def fail(self, error: ProtocolError) -> list[Received]:
         """Fail the connection because of ``error`` found outside the parser."""

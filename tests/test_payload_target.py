@@ -640,6 +640,42 @@ def test_a_scatter_plan_does_not_grow_the_buffer_for_a_shorter_last_frame(
 
 
 @unit
+@pytest.mark.parametrize("fragment", [33 * KB, 200_000, 300_000])
+def test_a_scatter_plan_ends_with_the_last_messages_shorter_last_frame(
+    fragment: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a message in frames that do not divide it, the plan for the next
+    one of the same size ends with a place for its shorter last frame (the
+    tail): one read then takes the rest of the message, nothing copied out. A
+    longer message than the guess still parses (its last frame is no tail)."""
+    joined: list[int] = []
+    real_joined = protocol_module._joined
+
+    def counting(views: list[memoryview], i: int, n: int) -> bytes:
+        joined.append(n)
+        return real_joined(views, i, n)
+
+    monkeypatch.setattr(protocol_module, "_joined", counting)
+    first, second, longer = (os.urandom(size) for size in (1 << 20, 1 << 20, (1 << 20) + 5000))
+    proto = client()
+    events = as_values(feed(proto, fragmented(first, fragment)))
+    wire = fragmented(second, fragment)
+    head = fragment + 20  # the first frame whole, and the next frame's first bytes
+    events += as_values(proto.receive_data(wire[:head]))
+    plan = proto.payload_target(True)
+    assert isinstance(plan, list)
+    tail = len(second) % fragment
+    assert len(plan[-1]) == tail and len(plan[-2]) == (4 if tail < 65536 else 10)
+    assert sum(map(len, plan)) == len(wire) - head  # the rest of the message, exactly
+    del plan  # (as a transport lets go of its target: a view would keep the buffer exported)
+    more, scattered, _ = feed_scattered(proto, wire[head:], [len(wire) - head])
+    assert scattered == 1 and joined == []  # one read, nothing copied out
+    events += as_values(more)
+    events += as_values(feed_scattered(proto, fragmented(longer, fragment), [fragment + 5000])[0])
+    assert events == [first, second, longer]
+
+
+@unit
 def test_a_count_beyond_the_scattered_buffers_is_refused() -> None:
     proto = client()
     proto.receive_data(server_frame(Opcode.BINARY, b"a" * (32 * KB), fin=False))
