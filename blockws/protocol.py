@@ -811,7 +811,8 @@ class Protocol:
         continuations as long as the message's first (what a sender that
         fragments at a fixed size sends), a small buffer for each one's header
         and the place in the message's buffer for its payload, up to the size
-        of the last such message. :meth:`payload_received` checks every
+        of the last such message (ending with a shorter final frame where
+        that size is not a multiple of the first frame's). :meth:`payload_received` checks every
         header against that guess; from the first one that differs (a
         control frame, another length, the next message), the bytes read are
         copied out and parsed as :meth:`receive_data` parses them, so the
