@@ -144,7 +144,8 @@
  * for what was queued meanwhile (the lock taken again whatever interrupt
  * lands, which is raised after) and ``owner.close_late()`` once no longer
  * open; a cut write goes to ``owner.direct_part(rest, written)``, one the
- * kernel took nothing of to ``owner.direct_write`` as usual.
+ * kernel took nothing of to ``owner.direct_write`` as usual. (PySendQueue's
+ * path is the reference: the same steps, keys from frames.shared_mask_keys.)
  *
  * run_pending(dispatcher, pending, run_lock, running, plain): Dispatcher.run()
  * without a budget (blockws.dispatcher's loop is the reference): the items

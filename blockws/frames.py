@@ -220,6 +220,22 @@ def py_split_messages(
     This is the reference; ``blockws._speedups.split_messages`` is the C
     version, and the two agree byte for byte (tests/test_frames.py).
     """
+    if not pos and type(buf) is bytes:
+        # One whole small frame from the start, every read of a
+        # request/response exchange: the loop below without its set-up.
+        end = len(buf)
+        if 2 <= end <= 127 and buf[1] == end - 2 and end - 2 <= small:
+            b0 = buf[0]
+            if b0 == 0x82:
+                out.append(buf[2:] if wrap_binary is None else wrap_binary(buf[2:], end - 2))
+                return end
+            if b0 == 0x81:
+                try:
+                    text = buf[2:].decode("utf-8")
+                except UnicodeDecodeError:
+                    return 0  # the general parser fails the connection on it
+                out.append(text if wrap_text is None else wrap_text(text))
+                return end
     view = buf if type(buf) is bytes else bytes(buf)
     end = len(view)
     if pos < 0 or pos > end:

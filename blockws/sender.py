@@ -48,7 +48,7 @@ from .buffers import BufferSegment
 from .exceptions import InvalidState
 from .log import ContextAdapter
 from .protocol import Protocol, Role, batch_room
-from .sendqueue import SendQueue
+from .sendqueue import FAST_MAX, SendQueue
 from .transport import TCPTransport, Transport
 
 __all__ = [
@@ -95,11 +95,6 @@ Unfinished = tuple[
 ]
 BytesLike = Union[bytes, bytearray, memoryview]
 
-
-#: The largest message :meth:`SendQueue.set_fast
-#: <blockws.sendqueue.PySendQueue.set_fast>`'s path writes (one frame with
-#: a 2-byte header).
-FAST_MAX = 125
 
 #: The largest ``max_fragment_size`` whose batches are whole fragments encoded
 #: into a pooled buffer (see _batch_buffer); a larger fragment goes in pieces
@@ -276,7 +271,7 @@ class Sender:
             (getattr(e, "min_size", 0) for e in proto.extensions), default=sys.maxsize
         )
         # A small message to plain TCP from a client without extensions: the
-        # C queue frames and writes it itself (see SendQueue.set_fast).
+        # queue frames and writes it itself (see SendQueue.set_fast).
         fast = (
             type(transport) is TCPTransport
             and transport.can_try_write
@@ -483,7 +478,7 @@ class Sender:
         # A direct write is a data message: only the writer writes close frames.
 
     def direct_part(self, rest: bytes, written: int) -> None:
-        """The end of a direct write the C queue made (see
+        """The end of a direct write the queue made itself (see
         :meth:`SendQueue.set_fast <blockws.sendqueue.PySendQueue.set_fast>`)
         when the kernel took ``written`` bytes of the frame and not ``rest``:
         as :meth:`direct_write` ends then, the writer sends ``rest`` first."""

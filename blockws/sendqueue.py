@@ -15,7 +15,10 @@ queue's life) and its ``rest`` (a list or, when empty, a tuple: rebound by
 the Sender as it likes). The queue
 calls ``owner.kick_locked()`` (with the lock held) to wake or start the
 writer, and ``owner.direct_write(opcode, payload, segment)`` (without it) to
-write a message on the caller's thread; ``refused()`` (the Connection's
+write a message on the caller's thread (and, after a small direct write of
+its own, ``owner.direct_part(rest, written)`` for what the kernel cut and
+``owner.close_late()`` once the socket has stopped: see
+:meth:`PySendQueue.set_fast`); ``refused()`` (the Connection's
 ``_state_error_locked``, with the lock held) says why a socket that is not
 open refuses a message.
 
@@ -34,15 +37,33 @@ from __future__ import annotations
 
 import operator
 import os
+import socket
 import sys
 import threading
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, Callable
+from itertools import islice
+from typing import Any, Callable, NoReturn
+
+from .frames import shared_mask_keys
 
 __all__ = ["PySendQueue", "SendQueue", "c_SendQueue"]
 
 Item = tuple[int, Any, Any, int]
+
+#: The largest payload :meth:`PySendQueue.set_fast`'s path writes: one frame
+#: with a 2-byte header (``blockws.sender.FAST_MAX``, and the C queue's).
+FAST_MAX = 125
+# send(2)'s flags for it (both Linux's; without MSG_DONTWAIT there is no such path).
+_FAST_FLAGS = (getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0),)
+_HAS_FAST = hasattr(socket, "MSG_DONTWAIT")
+_draw_key = shared_mask_keys.draw
+_from_bytes = int.from_bytes
+# Masking a payload of n bytes as one integer XOR: the key repeated over n
+# bytes is ``key * _REPEAT[n] & _LOW[n]`` (little-endian: the key's bytes
+# stay in place in every 4 bytes, and the product has no carries).
+_REPEAT = [sum(1 << (32 * i) for i in range((n + 3) >> 2)) for n in range(FAST_MAX + 1)]
+_LOW = [(1 << (8 * n)) - 1 for n in range(FAST_MAX + 1)]
 
 
 class PySendQueue:
@@ -80,6 +101,7 @@ class PySendQueue:
         "batch",
         "uncompressed",
         "_items",
+        "_fast",
     )
 
     def __init__(
@@ -113,21 +135,118 @@ class PySendQueue:
         # Made with the first item (an idle socket keeps none: a deque is 760
         # bytes before its first item).
         self._items: deque[Item] | None = None
+        self._fast: Any = None  # set_fast's transport
 
     def __len__(self) -> int:
         items = self._items
         return 0 if items is None else len(items)
 
     def push(self, opcode: int, payload: Any, segment: Any, size: int) -> None:
-        """Queue a message, or write it now on this thread
-        (``owner.direct_write``, without the lock) when :meth:`push_locked`
-        says so; raises what ``refused()`` returns when the socket is not open."""
+        """Queue a message, or write it now on this thread, without the lock,
+        when :meth:`push_locked` says so: a small ``bytes`` through
+        :meth:`set_fast`'s path if it is on, else (or if the kernel takes
+        none of it) ``owner.direct_write``. Raises what ``refused()`` returns
+        when the socket is not open."""
         with self.lock:
             if not self.open:
                 raise self.refused()
-            now = self.push_locked(opcode, payload, segment, size)
-        if now:
+            if not self.push_locked(opcode, payload, segment, size):
+                return  # queued
+            fast = self._fast  # (set and cleared with the lock held)
+        if (
+            fast is None
+            or size > FAST_MAX
+            or segment is not None
+            or type(payload) is not bytes
+            or len(payload) != size
+            or not self._write_small(fast, opcode, payload)
+        ):
             self.owner.direct_write(opcode, payload, segment)
+
+    def _write_small(self, transport: Any, opcode: int, payload: bytes) -> bool:
+        """set_fast's path, for a claimed direct write of a small ``bytes``:
+        frame and mask it, ``send()`` it without blocking, then end as
+        ``Sender.direct_write`` ends. False: nothing was written (the kernel's
+        buffer is full, or the send failed), and the caller goes the usual way.
+
+        An interrupt (Ctrl-C) that lands before the send leaves nothing
+        written: the write is let go of, and the interrupt propagates from
+        ``send()`` (as one that lands before the lock is taken). One that
+        lands once the kernel took the frame propagates after the
+        bookkeeping: the count reaches a list in the send's own C-level step,
+        so it is never lost.
+        """
+        sent: list[int] = []
+        try:
+            n = len(payload)
+            key = _draw_key()
+            frame = (
+                bytes((0x80 | (opcode & 0x0F), 0x80 | n))
+                + key
+                + (
+                    _from_bytes(payload, "little")
+                    ^ (_from_bytes(key, "little") * _REPEAT[n] & _LOW[n])
+                ).to_bytes(n, "little")
+            )
+            sent.extend(map(transport.sock.send, (frame,), _FAST_FLAGS))
+            written = sent[0]
+            if written <= 0:
+                return False
+        except OSError:
+            return False  # nothing written: direct_write writes it or meets the error
+        except BaseException as exc:
+            if sent and 0 < sent[0] < len(frame):
+                self.owner.direct_part(frame[sent[0] :], sent[0])
+                raise
+            if sent:
+                transport.bytes_written += sent[0]
+            self._let_go_surely(exc)  # raises exc
+        if written < len(frame):  # the kernel cut it: the writer sends the rest first
+            self.owner.direct_part(frame[written:], written)
+            return True
+        transport.bytes_written += written
+        entered = False
+        try:
+            with self.lock:  # the end of Sender.direct_write
+                entered = True
+                self.writing = False
+                if self._items or self.control or self.rest:
+                    self.owner.kick_locked()  # for what was queued meanwhile
+                stopped = not self.open
+        except BaseException as exc:
+            if entered:
+                raise  # kick_locked's: it propagates as push()'s does
+            self._let_go_surely(exc)  # (a Ctrl-C in a contended acquire)
+        if stopped:
+            self.owner.close_late()
+        return True
+
+    def _let_go_surely(self, exc: BaseException) -> NoReturn:
+        """A direct write's end after ``exc`` interrupted it (or the wait for
+        the lock that ends it): take the lock whatever lands meanwhile, clear
+        ``writing``, kick the writer for what was queued, let the lock go,
+        ``owner.close_late()`` if the socket stopped; then raise ``exc``.
+
+        The acquire's result reaches ``got`` in the call's own C-level step,
+        so an interrupt that lands as it returns cannot hide that the lock is
+        held."""
+        lock = self.lock
+        got: list[bool] = []
+        while not got:
+            try:
+                got.extend(islice(iter(lock.acquire, None), 1))
+            except BaseException:  # noqa: BLE001, S110 - exc, the first, is raised below
+                pass
+        try:
+            self.writing = False
+            if self._items or self.control or self.rest:
+                self.owner.kick_locked()
+            stopped = not self.open
+        finally:
+            lock.release()
+        if stopped:
+            self.owner.close_late()
+        raise exc
 
     def push_locked(self, opcode: int, payload: Any, segment: Any, size: int) -> bool:
         """With the lock held: claim the transport for a direct write (True:
@@ -201,10 +320,10 @@ class PySendQueue:
         """Where small direct writes may go without ``owner.direct_write``:
         returns whether they will.
 
-        The C queue, given a plain TCP transport and its descriptor, writes a
-        claimed direct message of up to 125 bytes (``bytes``, no segment)
-        itself: it frames and masks it (keys read from the kernel, as
-        ``os.urandom`` reads them), ``send()``-s it without blocking, adds it
+        Given a plain TCP transport and its descriptor, the queue writes a
+        claimed direct message of up to :data:`FAST_MAX` bytes (``bytes``, no
+        segment) itself: it frames and masks it, ``send()``-s it without
+        blocking, adds it
         to ``transport.bytes_written`` and ends as ``direct_write`` ends
         (``writing`` cleared and the writer kicked for whatever was queued
         meanwhile, under the lock; ``owner.close_late()`` once the socket is
@@ -215,11 +334,20 @@ class PySendQueue:
         it only to a client without extensions masking with the shared keys.
         ``None`` turns it off (the socket ended).
 
-        This queue has no such path (in Python, ``direct_write`` is as fast):
-        it returns False and always calls ``direct_write``. Raises
-        ``TypeError`` if ``fd`` is not an integer.
+        The C queue masks with keys it reads from the kernel (as
+        ``os.urandom`` reads them) and writes to ``fd``; this one masks with
+        keys from :data:`blockws.frames.shared_mask_keys` and writes through
+        ``transport.sock`` (whose descriptor ``fd`` is). It skips
+        ``direct_write``'s general steps (the protocol's encoder, the
+        transport's ``try_write``). Neither has the path without ``MSG_DONTWAIT``
+        (Windows): it then returns False. Raises ``TypeError`` if ``fd`` is
+        not an integer.
         """
-        operator.index(fd)
+        fd = operator.index(fd)
+        if transport is not None and fd >= 0 and _HAS_FAST:
+            self._fast = transport
+            return True
+        self._fast = None
         return False
 
     def drain(self) -> list[Item]:

@@ -897,6 +897,32 @@ def test_split_stops_before_anything_else(impl: Any, stopper: str) -> None:
     assert got == [("str", "a"), ("bytes", b"b")]
 
 
+ALONE = {
+    **STOPPERS,
+    "text": frame(Opcode.TEXT, "héllo".encode()),
+    "empty text": frame(Opcode.TEXT, b""),
+    "binary": frame(Opcode.BINARY, b"\x00\xff" * 10),
+    "empty binary": frame(Opcode.BINARY, b""),
+    "125 bytes": frame(Opcode.BINARY, b"x" * 125),
+    "126 bytes": frame(Opcode.BINARY, b"x" * 126),
+    "a byte more": frame(Opcode.BINARY, b"ab") + b"\x82",
+    "a byte less": frame(Opcode.TEXT, b"ab")[:-1],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALONE))
+@pytest.mark.parametrize("small", [0, 1, 5, 125, 65535])
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_split_of_one_frame_agrees_with_the_loop(name: str, small: int, wrapped: bool) -> None:
+    """``bytes`` that may be one small frame take py_split_messages' shortcut;
+    a bytearray of the same bytes takes its loop; and the C loop: all agree."""
+    buf = ALONE[name]
+    expected = split_all(py_split_messages, bytearray(buf), 0, small, wrapped)
+    assert split_all(py_split_messages, buf, 0, small, wrapped) == expected
+    if c_split_messages is not None:
+        assert split_all(c_split_messages, buf, 0, small, wrapped) == expected
+
+
 @pytest.mark.parametrize("impl", SPLITS)
 def test_split_starts_at_pos_and_accepts_buffers(impl: Any) -> None:
     stream = b"junk" + frame(Opcode.BINARY, b"xy") + frame(Opcode.TEXT, b"z")

@@ -24,7 +24,7 @@ from blockws.frames import Frame, Opcode, pack_close
 from blockws.log import ContextAdapter
 from blockws.protocol import Protocol, Role, batch_room
 from blockws.sender import DIRECT_MAX, UNCOMPRESSED, WRITE_BATCH, Sender
-from blockws.sendqueue import PySendQueue, SendQueue
+from blockws.sendqueue import PySendQueue, SendQueue, c_SendQueue
 from blockws.transport import TCPTransport
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
@@ -1514,18 +1514,25 @@ def test_large_message_whose_last_fragment_exceeds_the_write_buffer(
     assert len(rig.transport.writes) == 2
 
 
-# -- small direct writes in C (SendQueue.set_fast) ------------------------------------------
+# -- small direct writes by the queue itself (SendQueue.set_fast) ----------------------------
 
-needs_c_queue = pytest.mark.skipif(
-    SendQueue is PySendQueue, reason="the pure-Python queue has no fast path"
-)
+needs_c_queue = pytest.mark.skipif(c_SendQueue is None, reason="the C speedups are not built")
+QUEUES = [pytest.param(PySendQueue, id="py")]
+if c_SendQueue is not None:
+    QUEUES.append(pytest.param(c_SendQueue, id="c"))
 
 
 class TCPRig(Rig):
     """A rig over a real TCPTransport (one end of a socketpair), open, with a
     HookLock; ``direct_writes`` counts the calls of Sender.direct_write."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, proto: Protocol | None = None) -> None:
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        proto: Protocol | None = None,
+        queue: type[PySendQueue] = SendQueue,
+    ) -> None:
+        monkeypatch.setattr(sender_module, "SendQueue", queue)
         self.here, self.peer = socket.socketpair()
         self.peer.settimeout(WAIT)
         transport = TCPTransport(self.here)
@@ -1580,12 +1587,17 @@ class TCPRig(Rig):
         self.peer.close()
 
 
-@pytest.fixture
-def tcp_rigs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., TCPRig]]:
+@pytest.fixture(params=QUEUES)
+def tcp_rigs(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., TCPRig]]:
+    """TCPRigs whose sender has the queue of the test's parameter: each test
+    of the path runs on the pure-Python queue (the reference) and the C one."""
     made: list[TCPRig] = []
 
     def make(proto: Protocol | None = None) -> TCPRig:
-        rig = TCPRig(monkeypatch, proto)
+        rig = TCPRig(monkeypatch, proto, request.param)
+        assert type(rig.sender.queue) is request.param
         made.append(rig)
         return rig
 
@@ -1594,8 +1606,7 @@ def tcp_rigs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., TCPRig]]
         rig.end()
 
 
-@needs_c_queue
-def test_a_small_direct_send_to_plain_tcp_is_framed_masked_and_written_in_c(
+def test_a_small_direct_send_to_plain_tcp_is_framed_masked_and_written_by_the_queue(
     tcp_rigs: Callable[..., TCPRig],
 ) -> None:
     rig = tcp_rigs()
@@ -1616,11 +1627,10 @@ def test_a_small_direct_send_to_plain_tcp_is_framed_masked_and_written_in_c(
     assert len(set(rig.keys)) == 3
 
 
-@needs_c_queue
 @pytest.mark.parametrize(
     "case", ["126 bytes", "bytearray", "memoryview", "with a segment", "not direct"]
 )
-def test_what_the_c_path_does_not_take_goes_the_usual_way(
+def test_what_the_fast_path_does_not_take_goes_the_usual_way(
     tcp_rigs: Callable[..., TCPRig], case: str
 ) -> None:
     rig = tcp_rigs()
@@ -1646,7 +1656,7 @@ def test_what_the_c_path_does_not_take_goes_the_usual_way(
 
 
 @pytest.mark.parametrize("case", ["own keys", "extensions", "small fragments", "server"])
-def test_the_c_path_is_only_for_a_client_without_extensions_using_the_shared_keys(
+def test_the_fast_path_is_only_for_a_client_without_extensions_using_the_shared_keys(
     tcp_rigs: Callable[..., TCPRig], case: str
 ) -> None:
     options: dict[str, Any] = {}
@@ -1668,6 +1678,11 @@ def test_the_c_path_is_only_for_a_client_without_extensions_using_the_shared_key
         assert rig.keys == [b"\x01\x02\x03\x04"]
 
 
+def c_queue_only(rig: TCPRig) -> None:
+    if type(rig.sender.queue) is PySendQueue:
+        pytest.skip("the pure-Python queue writes through transport.sock and shared_mask_keys")
+
+
 @needs_c_queue
 def test_a_send_the_kernel_takes_nothing_of_goes_to_direct_write(
     tcp_rigs: Callable[..., TCPRig],
@@ -1676,6 +1691,7 @@ def test_a_send_the_kernel_takes_nothing_of_goes_to_direct_write(
     was written, and Sender.direct_write writes the message (or meets the
     error and reports it)."""
     rig = tcp_rigs()
+    c_queue_only(rig)
     r, w = os.pipe()
     try:
         with rig.hook_lock:
@@ -1689,8 +1705,70 @@ def test_a_send_the_kernel_takes_nothing_of_goes_to_direct_write(
         os.close(w)
 
 
-@needs_c_queue
-def test_messages_queued_during_a_c_write_are_left_to_the_writer_in_order(
+def test_a_full_kernel_buffer_sends_a_small_message_through_direct_write_then_the_writer(
+    tcp_rigs: Callable[..., TCPRig],
+) -> None:
+    """The socket's buffer is full: the fast path's send() takes nothing, so
+    Sender.direct_write gets the message; its try_write takes nothing either,
+    so the writer sends it once the peer reads."""
+    rig = tcp_rigs()
+    filled = 0
+    while True:
+        try:
+            filled += rig.here.send(bytes(65536), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+    rig.allow_direct()
+    rig.sender.queue.push(BINARY, b"abc", None, 3)
+    assert rig.direct_writes == [3]
+    rig._note_thread()
+    while filled:  # what filled the buffer, then the frame
+        filled -= len(rig.peer.recv(min(filled, 65536)))
+    assert rig.received(1)[0].payload == b"abc"
+    rig.wait_idle()
+    assert rig.sender.buffered == 0 and not rig.sender.writing
+
+
+def test_an_interrupt_before_a_fast_write_sends_lets_go_of_the_write(
+    tcp_rigs: Callable[..., TCPRig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C as the pure-Python path draws the frame's key: nothing is
+    written, the interrupt propagates from send(), and the socket is not left
+    claimed: what was queued meanwhile goes to the writer, and the next
+    message goes out."""
+    rig = tcp_rigs()
+    if type(rig.sender.queue) is not PySendQueue:
+        pytest.skip("the C path runs no Python code there")
+    import blockws.sendqueue as sendqueue_module
+
+    queue = rig.sender.queue
+    rig.allow_direct()
+    start = rig.hook_lock.releases
+
+    def meanwhile() -> None:  # between the claim and the write (the lock let go)
+        with rig.hook_lock:
+            assert queue.push_locked(BINARY, b"queued", None, 6) is False
+        rig._note_thread()
+
+    def interrupted() -> bytes:
+        raise KeyboardInterrupt
+
+    rig.hook_lock.after_release[start + 1] = meanwhile
+    monkeypatch.setattr(sendqueue_module, "_draw_key", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        queue.push(BINARY, b"lost", None, 4)
+    assert not queue.writing and rig.transport.bytes_written == 0
+    assert not rig.hook_lock.locked()
+    monkeypatch.undo()
+    assert [f.payload for f in rig.received(1)] == [b"queued"]
+    rig.wait_idle()
+    rig.allow_direct()
+    queue.push(BINARY, b"next", None, 4)
+    assert [f.payload for f in rig.received(1)] == [b"next"]
+    assert rig.direct_writes == []
+
+
+def test_messages_queued_during_a_fast_write_are_left_to_the_writer_in_order(
     tcp_rigs: Callable[..., TCPRig],
 ) -> None:
     rig = tcp_rigs()
@@ -1710,12 +1788,11 @@ def test_messages_queued_during_a_c_write_are_left_to_the_writer_in_order(
     rig.wait_idle()
 
 
-@needs_c_queue
-def test_a_socket_stopped_during_a_c_write_has_its_transport_closed_by_it(
+def test_a_socket_stopped_during_a_fast_write_has_its_transport_closed_by_it(
     tcp_rigs: Callable[..., TCPRig],
 ) -> None:
     """The teardown left the close to the write under way (close_transport):
-    the C path closes it once written, as direct_write does."""
+    the queue closes it once written, as direct_write does."""
     rig = tcp_rigs()
     rig.allow_direct()
     transport = rig.transport
@@ -1733,8 +1810,7 @@ def test_a_socket_stopped_during_a_c_write_has_its_transport_closed_by_it(
     assert rig.peer.recv(10) == b""
 
 
-@needs_c_queue
-def test_an_interrupt_while_a_c_write_takes_the_lock_again_loses_no_bookkeeping(
+def test_an_interrupt_while_a_fast_write_takes_the_lock_again_loses_no_bookkeeping(
     tcp_rigs: Callable[..., TCPRig],
 ) -> None:
     rig = tcp_rigs()
@@ -1776,6 +1852,7 @@ def test_reset_keys_drops_the_keys_read_ahead(tcp_rigs: Callable[..., TCPRig]) -
     from blockws import _speedups
 
     rig = tcp_rigs()
+    c_queue_only(rig)
     rig.allow_direct()
     rig.sender.queue.push(BINARY, b"a", None, 1)
     _speedups.reset_keys()

@@ -8,6 +8,7 @@ operations on both and compares every result.
 from __future__ import annotations
 
 import gc
+import socket
 import threading
 import tracemalloc
 import weakref
@@ -127,15 +128,16 @@ def test_push_writes_directly_without_the_lock_when_all_is_idle(impl: Any) -> No
 
 
 def test_set_fast_says_whether_small_direct_writes_bypass_direct_write(impl: Any) -> None:
-    """Turned off (None), or in the pure-Python queue, every direct write goes
-    to owner.direct_write. (The C path's own tests, over a real socket, are in
-    test_sender.py.)"""
+    """On with a transport and a descriptor where send(2) has MSG_DONTWAIT;
+    turned off (None, or no descriptor), every direct write goes to
+    owner.direct_write. (The path's own tests, over a real socket, are in
+    test_sender.py, on both queues.)"""
     host = Host(impl, direct=True, running=True)
-    assert host.q.set_fast(None, -1) is False
-    if impl is PySendQueue:
-        assert host.q.set_fast(object(), 5) is False
+    assert host.q.set_fast(object(), 5) is hasattr(socket, "MSG_DONTWAIT")
+    assert host.q.set_fast(object(), -1) is False
     host.q.push(2, b"abc", None, 3)
     assert host.written == [(2, b"abc", None)]
+    assert host.q.set_fast(None, -1) is False
     with pytest.raises(TypeError):
         host.q.set_fast(None, "not a descriptor")
 
