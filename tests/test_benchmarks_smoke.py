@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -366,7 +367,7 @@ def test_parse_prints_each_kind_of_message_on_each_loop() -> None:
 @pytest.mark.timeout(120)
 def test_fragments_prints_faults_and_cpu_for_each_size() -> None:
     """``python -m benchmarks.fragments``: against the benchmark server (picows),
-    a row per fragment size with a figure per round."""
+    a row per fragment size with each figure once per round."""
     pytest.importorskip("picows")
     proc = subprocess.run(
         [
@@ -382,12 +383,14 @@ def test_fragments_prints_faults_and_cpu_for_each_size() -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("blockws ") and "C speedups in use" in lines[0]
+    assert "server CPU a message" in lines[1]
     rows = {}
     for line in lines[2:]:
-        size, rest = line.split(None, 1)
-        faults, cpu = rest.rsplit("  ", 1)
-        rows[int(size)] = ([float(f) for f in faults.split(",")], list(map(float, cpu.split(","))))
+        size, faults, cpu, server_cpu = re.split(r"\s{2,}", line.strip())
+        rows[int(size)] = [
+            [float(f) for f in column.split(",")] for column in (faults, cpu, server_cpu)
+        ]
     assert set(rows) == {32768, 2097152}
-    for faults, cpu in rows.values():
-        assert len(faults) == len(cpu) == 2
-        assert all(f >= 0 for f in faults) and all(c > 0 for c in cpu)
+    for faults, cpu, server_cpu in rows.values():
+        assert len(faults) == len(cpu) == len(server_cpu) == 2
+        assert all(f >= 0 for f in faults) and all(c > 0 for c in cpu + server_cpu)
