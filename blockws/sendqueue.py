@@ -43,7 +43,7 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from itertools import islice
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable
 
 from .frames import shared_mask_keys
 
@@ -166,8 +166,9 @@ class PySendQueue:
     def _write_small(self, transport: Any, opcode: int, payload: bytes) -> bool:
         """set_fast's path, for a claimed direct write of a small ``bytes``:
         frame and mask it, ``send()`` it without blocking, then end as
-        ``Sender.direct_write`` ends. False: nothing was written (the kernel's
-        buffer is full, or the send failed), and the caller goes the usual way.
+        ``Sender.direct_write`` ends (:meth:`_end_small`). False: nothing was
+        written (the kernel's buffer is full, or the send failed), and the
+        caller goes the usual way.
 
         An interrupt (Ctrl-C) that lands before the send leaves nothing
         written: the write is let go of, and the interrupt propagates from
@@ -189,64 +190,70 @@ class PySendQueue:
                 ).to_bytes(n, "little")
             )
             sent.extend(map(transport.sock.send, (frame,), _FAST_FLAGS))
-            written = sent[0]
-            if written <= 0:
-                return False
         except OSError:
             return False  # nothing written: direct_write writes it or meets the error
-        except BaseException as exc:
-            if sent and 0 < sent[0] < len(frame):
-                self.owner.direct_part(frame[sent[0] :], sent[0])
-                raise
-            if sent:
-                transport.bytes_written += sent[0]
-            self._let_go_surely(exc)  # raises exc
-        if written < len(frame):  # the kernel cut it: the writer sends the rest first
+        except BaseException:
+            if sent:  # written, then interrupted: the bookkeeping first
+                self._end_small(transport, frame, sent[0])
+            else:  # nothing written: the write is let go of
+                self._let_go_surely()
+            raise
+        self._end_small(transport, frame, sent[0])
+        return True
+
+    def _end_small(self, transport: Any, frame: bytes, written: int) -> None:
+        """The end of :meth:`_write_small` once the kernel took ``written``
+        bytes of ``frame``, as ``Sender.direct_write`` ends: what it cut goes
+        to ``owner.direct_part(rest, written)``; a whole frame is counted, the
+        write let go of (:meth:`_let_go_locked`), and ``owner.close_late()``
+        called if the socket stopped meanwhile. A Ctrl-C while it waits for
+        the lock (contended) does not leave the write claimed: it takes the
+        lock whatever lands (:meth:`_let_go_surely`), then lets it propagate."""
+        if written < len(frame):
             self.owner.direct_part(frame[written:], written)
-            return True
+            return
         transport.bytes_written += written
         entered = False
         try:
-            with self.lock:  # the end of Sender.direct_write
+            with self.lock:
                 entered = True
-                self.writing = False
-                if self._items or self.control or self.rest:
-                    self.owner.kick_locked()  # for what was queued meanwhile
-                stopped = not self.open
-        except BaseException as exc:
-            if entered:
-                raise  # kick_locked's: it propagates as push()'s does
-            self._let_go_surely(exc)  # (a Ctrl-C in a contended acquire)
+                stopped = self._let_go_locked()
+        except BaseException:
+            if not entered:  # (else kick_locked's: it propagates as push()'s does)
+                self._let_go_surely()
+            raise
         if stopped:
             self.owner.close_late()
-        return True
 
-    def _let_go_surely(self, exc: BaseException) -> NoReturn:
-        """A direct write's end after ``exc`` interrupted it (or the wait for
-        the lock that ends it): take the lock whatever lands meanwhile, clear
-        ``writing``, kick the writer for what was queued, let the lock go,
-        ``owner.close_late()`` if the socket stopped; then raise ``exc``.
+    def _let_go_locked(self) -> bool:
+        """With the lock held, the end of a direct write: ``writing`` cleared
+        and the writer kicked for what was queued meanwhile; returns whether
+        the socket stopped meanwhile (the caller then calls
+        ``owner.close_late()``)."""
+        self.writing = False
+        if self._items or self.control or self.rest:
+            self.owner.kick_locked()
+        return not self.open
 
-        The acquire's result reaches ``got`` in the call's own C-level step,
-        so an interrupt that lands as it returns cannot hide that the lock is
-        held."""
+    def _let_go_surely(self) -> None:
+        """:meth:`_let_go_locked` after an interrupt: takes the lock whatever
+        lands meanwhile (the first interrupt is the caller's to raise), and
+        calls ``owner.close_late()`` if the socket stopped. The acquire's
+        result reaches ``got`` in the call's own C-level step, so an
+        interrupt that lands as it returns cannot hide that the lock is held."""
         lock = self.lock
         got: list[bool] = []
         while not got:
             try:
                 got.extend(islice(iter(lock.acquire, None), 1))
-            except BaseException:  # noqa: BLE001, S110 - exc, the first, is raised below
+            except BaseException:  # noqa: BLE001, S110 - the caller raises the first one
                 pass
         try:
-            self.writing = False
-            if self._items or self.control or self.rest:
-                self.owner.kick_locked()
-            stopped = not self.open
+            stopped = self._let_go_locked()
         finally:
             lock.release()
         if stopped:
             self.owner.close_late()
-        raise exc
 
     def push_locked(self, opcode: int, payload: Any, segment: Any, size: int) -> bool:
         """With the lock held: claim the transport for a direct write (True:

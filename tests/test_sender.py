@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from types import FrameType
 from typing import Any, Callable
 
 import pytest
@@ -1813,19 +1815,159 @@ def test_a_socket_stopped_during_a_fast_write_has_its_transport_closed_by_it(
 def test_an_interrupt_while_a_fast_write_takes_the_lock_again_loses_no_bookkeeping(
     tcp_rigs: Callable[..., TCPRig],
 ) -> None:
+    """Ctrl-C in the contended acquire that ends the write, twice in a row
+    (the retry is interrupted too): the lock is taken whatever lands, the
+    write let go of, and the first interrupt propagates."""
     rig = tcp_rigs()
     queue = rig.sender.queue
     rig.allow_direct()
     start = rig.hook_lock.acquires
-    rig.hook_lock.interrupt = {start + 2}  # the acquire after the write
+    rig.hook_lock.interrupt = {start + 2, start + 3}  # the acquires after the write
     with pytest.raises(KeyboardInterrupt):
         queue.push(BINARY, b"data", None, 4)
+    assert rig.hook_lock.acquires == start + 4
     assert rig.received(1)[0].payload == b"data"  # written once
     assert not queue.writing and rig.transport.bytes_written == 10
     assert not rig.hook_lock.locked()
     queue.push(BINARY, b"next", None, 4)  # not direct (direct_ok cleared): the writer
     rig._note_thread()
     assert rig.received(1)[0].payload == b"next"
+
+
+def test_a_kick_that_raises_as_a_fast_write_ends_propagates_with_the_write_let_go(
+    tcp_rigs: Callable[..., TCPRig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message queued during the write needs the writer kicked as the write
+    ends; the kick raises: the error propagates from send(), the write is
+    not left claimed and the lock is free (the queued message waits for the
+    teardown, as push() leaves one whose kick failed)."""
+    rig = tcp_rigs()
+    queue = rig.sender.queue
+    rig.allow_direct()
+    start = rig.hook_lock.releases
+
+    def meanwhile() -> None:  # between the claim and the write (the lock let go)
+        monkeypatch.setattr(Sender, "kick_locked", boom)
+        with rig.hook_lock:
+            queue.append((BINARY, b"queued", None, 6))
+
+    def boom(sender: Sender) -> None:
+        raise RuntimeError("kick")
+
+    rig.hook_lock.after_release[start + 1] = meanwhile
+    with pytest.raises(RuntimeError, match="kick"):
+        queue.push(BINARY, b"first", None, 5)
+    assert [f.payload for f in rig.received(1)] == [b"first"]
+    assert not queue.writing and not rig.hook_lock.locked()
+    assert rig.transport.bytes_written == 11
+
+
+class CuttingSocket:
+    """A TCPTransport's socket whose next ``send()`` takes only the first
+    ``take`` bytes (the kernel cut the write); everything else is the socket's."""
+
+    def __init__(self, sock: socket.socket, take: int) -> None:
+        self._sock = sock
+        self.take = take
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        if self.take:
+            take, self.take = self.take, 0
+            return self._sock.send(bytes(data)[:take], flags)
+        return self._sock.send(data, flags)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_a_fast_write_the_kernel_cut_leaves_the_rest_to_the_writer(
+    tcp_rigs: Callable[..., TCPRig],
+) -> None:
+    """The pure-Python path's send() took part of the frame: the writer sends
+    the rest first (Sender.direct_part), then what was queued after it."""
+    rig = tcp_rigs()
+    if type(rig.sender.queue) is not PySendQueue:
+        pytest.skip("the C path writes to the descriptor, not through transport.sock")
+    rig.transport.sock = CuttingSocket(rig.here, 4)  # type: ignore[assignment]
+    rig.allow_direct()
+    rig.sender.queue.push(BINARY, b"whole", None, 5)
+    rig._note_thread()
+    rig.enqueue(BINARY, b"after")
+    assert [f.payload for f in rig.received(2)] == [b"whole", b"after"]
+    assert rig.direct_writes == []
+    rig.wait_idle()
+    assert rig.transport.bytes_written == 22 and not rig.sender.writing
+
+
+def test_an_interrupt_once_the_kernel_took_a_fast_write_keeps_its_bookkeeping(
+    tcp_rigs: Callable[..., TCPRig],
+) -> None:
+    """Ctrl-C as the pure-Python path's send() returns (the interpreter raises
+    it after the call; here a trace hook does, at the first instruction after
+    the count was kept): the frame went out once, is counted, and the write
+    is let go of before the interrupt propagates."""
+    rig = tcp_rigs()
+    queue = rig.sender.queue
+    if type(queue) is not PySendQueue:
+        pytest.skip("the C path runs no Python code there")
+    fired: list[int] = []
+    code = PySendQueue._write_small.__code__
+
+    def opcode(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "opcode" and not fired and frame.f_locals.get("sent"):
+            fired.append(frame.f_lasti)
+            raise KeyboardInterrupt
+        return opcode
+
+    def call(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "call" and frame.f_code is code:
+            frame.f_trace_opcodes = True
+            return opcode
+        return None
+
+    rig.allow_direct()
+    before = sys.gettrace()
+    sys.settrace(call)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            queue.push(BINARY, b"data", None, 4)
+    finally:
+        sys.settrace(before)
+    assert fired
+    assert [f.payload for f in rig.received(1)] == [b"data"]
+    assert not queue.writing and rig.transport.bytes_written == 10
+    assert not rig.hook_lock.locked()
+
+
+def test_an_interrupt_before_a_fast_write_of_a_stopped_socket_closes_its_transport(
+    tcp_rigs: Callable[..., TCPRig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The teardown left the close to the write under way; the write is then
+    interrupted before it sent anything: letting it go closes the transport,
+    as a write that ends does."""
+    rig = tcp_rigs()
+    if type(rig.sender.queue) is not PySendQueue:
+        pytest.skip("the C path runs no Python code there")
+    import blockws.sendqueue as sendqueue_module
+
+    rig.allow_direct()
+    transport = rig.transport
+    start = rig.hook_lock.releases
+
+    def teardown() -> None:
+        with rig.hook_lock:
+            rig.sender.stop_locked()
+        rig.sender.close_transport(transport)  # writing: left to the writing thread
+
+    def interrupted() -> bytes:
+        raise KeyboardInterrupt
+
+    rig.hook_lock.after_release[start + 1] = teardown
+    monkeypatch.setattr(sendqueue_module, "_draw_key", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rig.sender.queue.push(BINARY, b"lost", None, 4)
+    assert transport.sock.fileno() == -1  # closed
+    assert rig.peer.recv(10) == b""  # nothing was written
 
 
 def test_the_rest_of_a_frame_the_kernel_cut_is_written_first_by_the_writer(
