@@ -8,7 +8,8 @@ each size echoes 1 MiB binary messages through ``receive()`` with 4 in
 flight, against the benchmark server's ``/echo`` (which sends each fragment
 back as it came, so the client receives the same fragments). The benchmark
 server runs on one CPU, this process on the other. Printed per message, over
-``--messages`` messages after a warm-up of 24: the client's minor page
+``--messages`` messages after a warm-up of 24 (the measured ones from an
+idle socket to an idle socket, 4 in flight between): the client's minor page
 faults and its CPU (``getrusage``, every thread of this process), and the
 server's CPU (``/proc``): the server is what limits this echo (it spends
 more than the client a message), and its cost grows with the number of
@@ -55,14 +56,23 @@ def measure(port: int, fragment: int, messages: int, server_pid: int) -> tuple[f
             ws.send(payload)
         for _ in range(WARMUP):
             ws.send(ws.receive(10))
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        server_before = proc_cpu(server_pid)
-        for _ in range(messages):
-            ws.send(ws.receive(10))
-        server_after = proc_cpu(server_pid)
-        after = resource.getrusage(resource.RUSAGE_SELF)
         for _ in range(IN_FLIGHT):
             ws.receive(10)
+        # Both sides idle here and at the end, where the server's CPU is read:
+        # a running process's run time, read from another, advances by the
+        # scheduler's ticks (4 ms), so it is read with exactly ``messages``
+        # echoes done in between, and none under way.
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        server_before = proc_cpu(server_pid)
+        first = min(IN_FLIGHT, messages)
+        for _ in range(first):
+            ws.send(payload)
+        for _ in range(messages - first):
+            ws.send(ws.receive(10))
+        for _ in range(first):
+            ws.receive(10)
+        server_after = proc_cpu(server_pid)
+        after = resource.getrusage(resource.RUSAGE_SELF)
     finally:
         ws.close()
         ws.join(10)
