@@ -1563,6 +1563,19 @@ class TCPRig(Rig):
         with self.hook_lock:
             self.sender.queue.direct_ok = True
 
+    def stop_during_the_next_write(self) -> None:
+        """At the lock's next release (a direct write's claim let go), the
+        socket is torn down as its teardown does: stopped, and the closing of
+        the transport left to the write under way (close_transport)."""
+        transport = self.transport
+
+        def teardown() -> None:
+            with self.hook_lock:
+                self.sender.stop_locked()
+            self.sender.close_transport(transport)  # writing: left to the writing thread
+
+        self.hook_lock.after_release[self.hook_lock.releases + 1] = teardown
+
     def received(self, count: int) -> list[Frame]:
         """The next ``count`` frames the peer end reads."""
         data, frames = b"", []
@@ -1798,14 +1811,7 @@ def test_a_socket_stopped_during_a_fast_write_has_its_transport_closed_by_it(
     rig = tcp_rigs()
     rig.allow_direct()
     transport = rig.transport
-    start = rig.hook_lock.releases
-
-    def teardown() -> None:
-        with rig.hook_lock:
-            rig.sender.stop_locked()
-        rig.sender.close_transport(transport)  # writing: left to the writing thread
-
-    rig.hook_lock.after_release[start + 1] = teardown
+    rig.stop_during_the_next_write()
     rig.sender.queue.push(BINARY, b"last", None, 4)
     assert rig.received(1)[0].payload == b"last"
     assert transport.sock.fileno() == -1  # closed
@@ -1952,17 +1958,11 @@ def test_an_interrupt_before_a_fast_write_of_a_stopped_socket_closes_its_transpo
 
     rig.allow_direct()
     transport = rig.transport
-    start = rig.hook_lock.releases
-
-    def teardown() -> None:
-        with rig.hook_lock:
-            rig.sender.stop_locked()
-        rig.sender.close_transport(transport)  # writing: left to the writing thread
+    rig.stop_during_the_next_write()
 
     def interrupted() -> bytes:
         raise KeyboardInterrupt
 
-    rig.hook_lock.after_release[start + 1] = teardown
     monkeypatch.setattr(sendqueue_module, "_draw_key", interrupted)
     with pytest.raises(KeyboardInterrupt):
         rig.sender.queue.push(BINARY, b"lost", None, 4)
