@@ -2565,6 +2565,379 @@ static PyTypeObject SendQueueType = {
     sizeof(SendQueueObject),                                        /* tp_basicsize */
 };
 
+/* -- receive_whole: Connection.data_received's common case, in C ------------------- */
+
+/* The slots receive_whole reads and writes in a Connection, its WSProtocol,
+ * Delivery and Dispatcher: their offsets, found once for each class (as
+ * run_slots does for the Dispatcher), for up to RX_TYPES classes each (a
+ * subclass's may differ). An object of a class without them as plain slots
+ * (a test's stand-in), or of one more class, is not taken: the call returns
+ * False and the Python code does the work. */
+#define RX_MAX 12
+#define RX_TYPES 4
+typedef struct {
+    const char *names[RX_MAX];
+    PyTypeObject *types[RX_TYPES];   /* the classes found (strong references) */
+    Py_ssize_t offs[RX_TYPES][RX_MAX];
+    PyTypeObject *refused[RX_TYPES]; /* classes without them (compared by identity only) */
+} SlotTable;
+
+enum { C_PROTO, C_PROTO_LOCK, C_INFLATE_LIMIT, C_QUEUE, C_DELIVERY, C_DISPATCHER, C_TO_INBOX,
+       C_HANDLERS, C_LAST_RECEIVED, C_POST, C_DELIVER, C_NUDGE };
+static SlotTable conn_slots = {{"_proto", "proto_lock", "_inflate_limit", "queue", "delivery",
+                                "dispatcher", "_to_inbox", "handlers", "last_received", "_post",
+                                "_deliver", "_nudge"}};
+enum { P_BUF, P_FAST, P_PHASE, P_M_OPCODE, P_COMPACT, P_WHOLE_DECODE, P_MAX_SIZE, P_AS_BYTES,
+       P_OTHER, P_MORE, P_INFLATED, P_OUTGOING };
+static SlotTable proto_slots = {{"_buf", "_fast", "_phase", "_m_opcode", "compact_messages",
+                                 "_whole_decode", "max_message_size", "binary_as_bytes",
+                                 "other_events", "more", "_inflated", "_outgoing"}};
+enum { D_RECEIVED, D_LIMIT, D_DELIVERED, D_TAKEN };
+static SlotTable delivery_slots = {{"_received", "limit", "_delivered", "taken"}};
+enum { S_PENDING, S_RUNNING_IN };
+static SlotTable dispatcher_slots = {{"pending", "running_in"}};
+
+/* The offsets of the table's slots in obj's class, or NULL if it lacks them. */
+static const Py_ssize_t *
+slot_table_for(SlotTable *table, PyObject *obj)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    int i, k;
+    for (k = 0; k < RX_TYPES && table->types[k] != NULL; k++) {
+        if (table->types[k] == type) return table->offs[k];
+    }
+    if (k == RX_TYPES) return NULL;
+    for (i = 0; i < RX_TYPES; i++) {
+        if (table->refused[i] == type) return NULL;
+    }
+    for (i = 0; i < RX_MAX && table->names[i] != NULL; i++) {
+        PyObject *name = PyUnicode_InternFromString(table->names[i]);
+        if (name == NULL) {
+            PyErr_Clear();
+            return NULL;
+        }
+        table->offs[k][i] = slot_offset(type, name);
+        Py_DECREF(name);
+        if (table->offs[k][i] < 0) {
+            for (i = 0; i < RX_TYPES && table->refused[i] != NULL; i++) {
+            }
+            if (i < RX_TYPES) table->refused[i] = type;
+            return NULL;
+        }
+    }
+    Py_INCREF(type); /* (the offsets are this class's: it must outlive them) */
+    table->types[k] = type;
+    return table->offs[k];
+}
+
+/* obj's slot (NULL when unset), a borrowed reference. */
+#define SLOT(obj, off, i) (*(PyObject **)((char *)(obj) + (off)[i]))
+
+/* Whether a slot holds the int 0. */
+static int
+is_zero(PyObject *v)
+{
+    return v != NULL && PyLong_CheckExact(v) && PyObject_Not(v) == 1;
+}
+
+/* Whether data[0:n] is nothing but whole unmasked final text or binary frames
+ * of at most 65535 bytes: what split_messages takes in one go. */
+static int
+whole_small_frames(const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t pos = 0;
+    while (pos < n) {
+        Py_ssize_t len, start;
+        if (n - pos < 2 || (p[pos] != 0x81 && p[pos] != 0x82)) return 0;
+        len = p[pos + 1];
+        start = pos + 2;
+        if (len >= 126) {
+            if (len != 126 || n - pos < 4) return 0;
+            len = ((Py_ssize_t)p[pos + 2] << 8) | p[pos + 3];
+            start = pos + 4;
+        }
+        if (len > n - start) return 0;
+        pos = start + len;
+    }
+    return 1;
+}
+
+/* receive_whole(conn, data, clock) -> bool: Connection.data_received(data) for a
+ * read of whole small messages (every read of a request/response exchange),
+ * or False having done nothing that data_received would not do again.
+ *
+ * Taken when ``data`` is a ``bytes`` of at most RX_WHOLE_MAX bytes holding
+ * only whole unmasked final text and binary frames, each within the
+ * protocol's max_message_size, text valid UTF-8; the socket inflates nothing
+ * (no ``_inflate_limit``); its protocol is between messages with nothing
+ * held, without extensions, set for compact messages and with no frame of
+ * its own to send. Then, as the Python code: ``last_received = clock()``,
+ * ``queue.direct_ok = True``, the protocol's ``binary_as_bytes`` from the
+ * handlers, the messages split under ``proto_lock`` (as receive_data's first
+ * step, setting other_events, more and _inflated as it does), counted with
+ * the delivery (its slow path, at the limit, is ``delivery.received(size)``),
+ * and posted: straight to receive()'s inbox when data_received would put them
+ * there, else ``conn._post(conn._deliver, messages)``; ``conn._pause_reading()``
+ * when the delivery is full. An exception from a Python call (the lock's
+ * acquire, the post) propagates, as it would from data_received. */
+#define RX_WHOLE_MAX 4096
+static PyObject *str_new_inbox = NULL, *str_extend = NULL, *str_on_message = NULL,
+                *str_pause_reading = NULL, *str_direct_ok = NULL;
+
+static PyObject *
+receive_whole(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *conn, *data, *proto, *lock, *v, *handlers, *on_binary, *events = NULL, *res;
+    PyObject *delivery, *dispatcher;
+    const Py_ssize_t *coff, *poff = NULL, *doff = NULL, *soff = NULL;
+    const unsigned char *p;
+    Py_ssize_t n, pos = 0, small = 65535, size = 0;
+    int full = 0, inbox = 0, ok = 0;
+    (void)module;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "receive_whole() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    conn = args[0];
+    data = args[1];
+    if (!PyBytes_CheckExact(data)) Py_RETURN_FALSE;
+    n = PyBytes_GET_SIZE(data);
+    p = (const unsigned char *)PyBytes_AS_STRING(data);
+    if (n == 0 || n > RX_WHOLE_MAX || !whole_small_frames(p, n)) Py_RETURN_FALSE;
+    coff = slot_table_for(&conn_slots, conn);
+    if (coff == NULL) Py_RETURN_FALSE;
+    proto = SLOT(conn, coff, C_PROTO);
+    lock = SLOT(conn, coff, C_PROTO_LOCK);
+    delivery = SLOT(conn, coff, C_DELIVERY);
+    dispatcher = SLOT(conn, coff, C_DISPATCHER);
+    handlers = SLOT(conn, coff, C_HANDLERS);
+    if (proto == NULL || proto == Py_None || lock == NULL || delivery == NULL ||
+        dispatcher == NULL || handlers == NULL || SLOT(conn, coff, C_QUEUE) == NULL ||
+        SLOT(conn, coff, C_INFLATE_LIMIT) != Py_None ||
+        SLOT(conn, coff, C_POST) == NULL || SLOT(conn, coff, C_DELIVER) == NULL ||
+        (poff = slot_table_for(&proto_slots, proto)) == NULL ||
+        (doff = slot_table_for(&delivery_slots, delivery)) == NULL ||
+        (soff = slot_table_for(&dispatcher_slots, dispatcher)) == NULL)
+        Py_RETURN_FALSE;
+    /* Held across the calls below, which could run Python code. */
+    Py_INCREF(proto);
+    Py_INCREF(lock);
+    Py_INCREF(delivery);
+    Py_INCREF(dispatcher);
+    Py_INCREF(handlers);
+    v = PyObject_CallNoArgs(args[2]);
+    if (v == NULL) goto error;
+    slot_store(conn, coff[C_LAST_RECEIVED], v);
+    Py_DECREF(v);
+    v = SLOT(conn, coff, C_QUEUE); /* (set: clock() is time.monotonic, or a test's clock) */
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "queue");
+        goto error;
+    }
+    if (Py_TYPE(v) == &SendQueueType) {
+        ((SendQueueObject *)v)->direct_ok = 1;
+    } else if (PyObject_SetAttr(v, str_direct_ok, Py_True) < 0) {
+        goto error;
+    }
+    on_binary = PyObject_GetAttr(handlers, str_on_binary);
+    if (on_binary == NULL) goto error;
+    slot_store(proto, poff[P_AS_BYTES], on_binary == Py_None ? Py_True : Py_False);
+    Py_DECREF(on_binary);
+    res = PyObject_CallMethodNoArgs(lock, str_acquire);
+    if (res == NULL) goto error;
+    Py_DECREF(res);
+    /* -- under proto_lock -- */
+    v = SLOT(proto, poff, P_BUF);
+    if (v == NULL || !PyBytes_CheckExact(v) || PyBytes_GET_SIZE(v) != 0) goto release;
+    if (SLOT(proto, poff, P_FAST) != Py_True ||
+        SLOT(proto, poff, P_COMPACT) != Py_True ||
+        SLOT(proto, poff, P_WHOLE_DECODE) != Py_None ||
+        !is_zero(SLOT(proto, poff, P_PHASE)) ||
+        !is_zero(SLOT(proto, poff, P_M_OPCODE)))
+        goto release;
+    v = SLOT(proto, poff, P_OUTGOING);
+    if (v == NULL || !PyList_CheckExact(v) || PyList_GET_SIZE(v) != 0) goto release;
+    v = SLOT(proto, poff, P_MAX_SIZE);
+    if (v == NULL) goto release;
+    if (v != Py_None) {
+        Py_ssize_t limit;
+        if (!PyLong_CheckExact(v)) goto release;
+        limit = PyLong_AsSsize_t(v);
+        if (limit == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            goto release;
+        }
+        if (limit < small) small = limit;
+    }
+    events = PyList_New(0);
+    if (events == NULL) goto release;
+    while (pos < n) {
+        unsigned char b0 = p[pos];
+        Py_ssize_t len = p[pos + 1], start = pos + 2;
+        PyObject *item;
+        if (len == 126) {
+            len = ((Py_ssize_t)p[pos + 2] << 8) | p[pos + 3];
+            start = pos + 4;
+        }
+        if (len > small) break; /* the general parser fails the connection on it */
+        if (b0 == 0x82) {
+            item = PyBytes_FromStringAndSize((const char *)p + start, len);
+        } else {
+            item = PyUnicode_DecodeUTF8((const char *)p + start, len, NULL);
+            if (item == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                PyErr_Clear();
+                break; /* (as above) */
+            }
+        }
+        if (item == NULL) break;
+        if (PyList_Append(events, item) < 0) {
+            Py_DECREF(item);
+            break;
+        }
+        size += b0 == 0x82 ? len : PyUnicode_GET_LENGTH(item);
+        Py_DECREF(item);
+        pos = start + len;
+    }
+    if (pos == n) {
+        PyObject *zero = PyLong_FromLong(0);
+        if (zero != NULL) {
+            ok = 1;
+            slot_store(proto, poff[P_OTHER], zero);
+            slot_store(proto, poff[P_INFLATED], zero);
+            slot_store(proto, poff[P_MORE], Py_False);
+            Py_DECREF(zero);
+        }
+    }
+release:
+    {
+        /* The lock is let go whatever happened; an error kept meanwhile stands. */
+        PyObject *type, *value, *traceback;
+        PyErr_Fetch(&type, &value, &traceback);
+        res = PyObject_CallMethodNoArgs(lock, str_release);
+        if (type != NULL) {
+            Py_XDECREF(res);
+            PyErr_Restore(type, value, traceback);
+            goto error;
+        }
+        if (res == NULL) goto error;
+        Py_DECREF(res);
+    }
+    if (!ok) {
+        Py_XDECREF(events);
+        events = NULL;
+        goto declined;
+    }
+    /* delivery.received(size), its common case: under the limit. */
+    {
+        PyObject *received = SLOT(delivery, doff, D_RECEIVED),
+                 *limit = SLOT(delivery, doff, D_LIMIT),
+                 *delivered = SLOT(delivery, doff, D_DELIVERED),
+                 *taken = SLOT(delivery, doff, D_TAKEN);
+        long long r, d, t, l = 0;
+        int slow = received == NULL || limit == NULL || delivered == NULL || taken == NULL ||
+                   !PyLong_CheckExact(received) || !PyLong_CheckExact(delivered) ||
+                   !PyLong_CheckExact(taken) || (limit != Py_None && !PyLong_CheckExact(limit));
+        if (!slow) {
+            r = PyLong_AsLongLong(received);
+            d = PyLong_AsLongLong(delivered);
+            t = PyLong_AsLongLong(taken);
+            if (limit != Py_None) l = PyLong_AsLongLong(limit);
+            if (PyErr_Occurred()) {
+                PyErr_Clear();
+                slow = 1;
+            } else if (limit != Py_None && r + size - d - t >= l) {
+                slow = 1;
+            }
+        }
+        if (slow) {
+            res = PyObject_CallMethod(delivery, "received", "n", size);
+            if (res == NULL) goto error;
+            full = PyObject_IsTrue(res);
+            Py_DECREF(res);
+            if (full < 0) goto error;
+        } else {
+            v = PyLong_FromLongLong(r + size);
+            if (v == NULL) goto error;
+            slot_store(delivery, doff[D_RECEIVED], v);
+            Py_DECREF(v);
+        }
+    }
+    /* Straight to receive()'s inbox, or through the dispatcher (see data_received). */
+    if (SLOT(conn, coff, C_TO_INBOX) == Py_True) {
+        PyObject *pending = SLOT(dispatcher, soff, S_PENDING);
+        Py_ssize_t queued = pending == NULL ? 1 : PyObject_Length(pending);
+        if (queued < 0) goto error;
+        if (queued == 0 && SLOT(dispatcher, soff, S_RUNNING_IN) == Py_None) {
+            PyObject *on_message = PyObject_GetAttr(handlers, str_on_message);
+            if (on_message == NULL) goto error;
+            on_binary = on_message == Py_None ? PyObject_GetAttr(handlers, str_on_binary) : NULL;
+            Py_DECREF(on_message);
+            if (on_message == Py_None && on_binary == NULL) goto error;
+            inbox = on_binary == Py_None;
+            Py_XDECREF(on_binary);
+        }
+    }
+    if (inbox) {
+        PyObject *box = PyObject_CallMethodNoArgs(delivery, str_new_inbox);
+        if (box == NULL) goto error;
+        res = PyObject_CallMethodOneArg(box, str_extend, events);
+        Py_DECREF(box);
+        if (res == NULL) goto error;
+        Py_DECREF(res);
+        v = SLOT(conn, coff, C_NUDGE);
+        if (v == NULL) {
+            PyErr_SetString(PyExc_AttributeError, "_nudge");
+            goto error;
+        }
+        Py_INCREF(v);
+        res = PyObject_CallNoArgs(v);
+        Py_DECREF(v);
+    } else {
+        PyObject *call[3], *post = SLOT(conn, coff, C_POST), *deliver = SLOT(conn, coff, C_DELIVER);
+        if (post == NULL || deliver == NULL) {
+            PyErr_SetString(PyExc_AttributeError, post == NULL ? "_post" : "_deliver");
+            goto error;
+        }
+        Py_INCREF(post);
+        Py_INCREF(deliver);
+        call[0] = NULL;
+        call[1] = deliver;
+        call[2] = events;
+        res = PyObject_Vectorcall(post, call + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(post);
+        Py_DECREF(deliver);
+    }
+    if (res == NULL) goto error;
+    Py_DECREF(res);
+    if (full) {
+        res = PyObject_CallMethodNoArgs(conn, str_pause_reading);
+        if (res == NULL) goto error;
+        Py_DECREF(res);
+    }
+    Py_DECREF(events);
+    Py_DECREF(proto);
+    Py_DECREF(lock);
+    Py_DECREF(delivery);
+    Py_DECREF(dispatcher);
+    Py_DECREF(handlers);
+    Py_RETURN_TRUE;
+declined:
+    Py_DECREF(proto);
+    Py_DECREF(lock);
+    Py_DECREF(delivery);
+    Py_DECREF(dispatcher);
+    Py_DECREF(handlers);
+    Py_RETURN_FALSE;
+error:
+    Py_XDECREF(events);
+    Py_DECREF(proto);
+    Py_DECREF(lock);
+    Py_DECREF(delivery);
+    Py_DECREF(dispatcher);
+    Py_DECREF(handlers);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"apply_mask", apply_mask, METH_VARARGS, "XOR data with a repeated 4-byte key."},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
@@ -2592,6 +2965,8 @@ static PyMethodDef methods[] = {
      "Dispatcher.run() without a budget; see blockws.dispatcher."},
     {"reset_keys", sq_reset_keys, METH_NOARGS,
      "Drop the mask keys SendQueue's fast path has read ahead (after fork, in the child)."},
+    {"receive_whole", (PyCFunction)(void (*)(void))receive_whole, METH_FASTCALL,
+     "Connection.data_received(data) for a read of whole small messages, or False."},
     {"split_messages", (PyCFunction)(void (*)(void))split_messages, METH_FASTCALL,
      "Append the whole small unfragmented data messages at buf[pos:] to out; return the end."},
 #ifdef HAVE_GATED_RECV
@@ -2642,6 +3017,16 @@ PyInit__speedups(void)
         if (str_acquire == NULL || str_release == NULL || str_kick_locked == NULL ||
             str_direct_write == NULL || str_direct_part == NULL || str_close_late == NULL ||
             str_bytes_written == NULL)
+            return NULL;
+    }
+    if (str_new_inbox == NULL) {
+        str_new_inbox = PyUnicode_InternFromString("new_inbox");
+        str_extend = PyUnicode_InternFromString("extend");
+        str_on_message = PyUnicode_InternFromString("on_message");
+        str_pause_reading = PyUnicode_InternFromString("_pause_reading");
+        str_direct_ok = PyUnicode_InternFromString("direct_ok");
+        if (str_new_inbox == NULL || str_extend == NULL || str_on_message == NULL ||
+            str_pause_reading == NULL || str_direct_ok == NULL)
             return NULL;
     }
     if (str_decompress == NULL) {

@@ -77,6 +77,7 @@ caller of ``receive``  the same, while it holds the right to read      ``proto_l
 from __future__ import annotations
 
 import enum
+import os
 import threading
 import time
 from time import monotonic as _monotonic
@@ -167,6 +168,19 @@ FAILURE_GRACE = 0.5
 _MESSAGES = (bytes, str, BinaryMessage)
 _PING = int(Opcode.PING)
 _STATE_OPEN, _STATE_CLOSE_SENT, _STATE_CLOSED = State.OPEN, State.CLOSE_SENT, State.CLOSED
+
+#: :meth:`Connection.data_received` for a read of whole small messages, in C
+#: (``blockws._speedups.receive_whole``: the reads of a request/response
+#: exchange); it returns False, having changed nothing the Python code would
+#: not set again, for anything else. ``BLOCKWS_PURE_PYTHON=1`` goes without.
+_receive_whole: Callable[[Any, Any, Callable[[], float]], bool] | None
+try:
+    from ._speedups import receive_whole as _receive_whole
+except ImportError:  # pragma: no cover - depends on the install
+    _receive_whole = None
+if os.environ.get("BLOCKWS_PURE_PYTHON"):
+    _receive_whole = None
+
 # Guards each socket's ended flag and its join() Event, made lazily (a leaf
 # lock: nothing else is taken while it is held).
 _ended_lock = threading.Lock()
@@ -694,6 +708,8 @@ class Connection:
         the call for the read parses the first, and calls this again with
         ``b""`` for each next one (once per read, as the read's own call).
         """
+        if _receive_whole is not None and _receive_whole(self, data, _monotonic):
+            return  # all of the below, for a read of whole small messages
         self.last_received = _monotonic()
         self.queue.direct_ok = True  # a reply: the next send may skip the writer
         proto = self._proto

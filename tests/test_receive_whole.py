@@ -1,0 +1,442 @@
+"""``blockws._speedups.receive_whole``: :meth:`Connection.data_received` in C
+for a read of whole small messages. Over memory transports, without sockets.
+
+Every script of reads runs twice, with the C call and without it (the
+Python code alone), and must end the same way: the same messages delivered
+in the same order, the same close code and error. In the C run, each read's
+call is recorded, to check which reads it took (True) and which it left to
+the Python code (False).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from memory import MemoryOpener, opened, server_frame, use_memory
+
+import blockws
+import blockws.connection as connection_module
+import blockws.websocket
+from blockws.connection import Connection
+from blockws.frames import Opcode, pack_close
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
+
+_real = connection_module._receive_whole
+
+if _real is None:  # pragma: no cover - depends on the build
+    pytest.skip("the C speedups are not in use", allow_module_level=True)
+
+
+def text(payload: bytes) -> bytes:
+    return server_frame(Opcode.TEXT, payload)
+
+
+def binary(payload: bytes) -> bytes:
+    return server_frame(Opcode.BINARY, payload)
+
+
+def masked_text(payload: bytes) -> bytes:
+    key = b"\x01\x02\x03\x04"
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + key + body
+
+
+#: name -> (the reads, what the C call returns for each read).
+SCRIPTS: dict[str, tuple[list[bytes], list[bool]]] = {
+    "one text": ([text(b"hello")], [True]),
+    "empty messages": ([text(b"") + binary(b"")], [True]),
+    "text and binary in one read": (
+        [text(b"one") + binary(b"\x00\xfftwo") + text("é€😀".encode())],
+        [True],
+    ),
+    "a 16-bit length": ([binary(bytes(range(256)) * 2) + text(b"x" * 126)], [True]),
+    "reads in a row": ([text(b"a"), binary(b"b"), text(b"c")], [True, True, True]),
+    "a frame cut across reads": (
+        [text(b"first") + text(b"second")[:3], text(b"second")[3:] + text(b"third")],
+        [False, False],
+    ),
+    "a ping among messages": (
+        [text(b"a") + server_frame(Opcode.PING, b"p") + text(b"b"), text(b"after")],
+        [False, True],
+    ),
+    "fragments": (
+        [
+            server_frame(Opcode.TEXT, b"fr", fin=False),
+            server_frame(0, b"ag"),
+            text(b"whole"),
+        ],
+        [False, False, True],
+    ),
+    "a fragment started in the same read": (
+        [text(b"a") + server_frame(Opcode.TEXT, b"fr", fin=False), server_frame(0, b"ag")],
+        [False, False],
+    ),
+    "a read over 4 KiB": ([text(b"x" * 100) * 50, text(b"y")], [False, True]),
+    "a 64-bit length": ([binary(b"z" * 70_000), text(b"next")], [False, True]),  # (limit 100 kB)
+    "a masked frame (1002)": ([text(b"ok") + masked_text(b"bad")], [False]),
+    "an RSV bit (1002)": ([text(b"ok") + server_frame(Opcode.TEXT, b"r", rsv=0x40)], [False]),
+    "invalid UTF-8 (1007)": ([text(b"ok"), text(b"\xff\xfe")], [True, False]),
+    "UTF-8 cut inside a message (1007)": ([text("é".encode()[:1])], [False]),
+    "too large (1009)": ([text(b"ok"), binary(b"q" * 2000)], [True, False]),
+    "a reserved opcode (1002)": ([text(b"ok") + server_frame(3, b"")], [False]),
+}
+
+
+#: The server's close frame that ends each run (after the script's reads).
+CLOSE = server_frame(Opcode.CLOSE, pack_close(1000))
+
+
+class Recorder:
+    """Stands in for ``_receive_whole``: calls the C one and keeps what it returned."""
+
+    def __init__(self) -> None:
+        self.results: list[bool] = []
+
+    def __call__(self, conn: Any, data: Any, clock: Any) -> bool:
+        result = _real(conn, data, clock)
+        if data and data != CLOSE:  # (the script's reads only)
+            self.results.append(result)
+        return result
+
+
+def run(
+    memory: MemoryOpener, reads: list[bytes], mode: str, **options: Any
+) -> tuple[list[Any], int | None, str]:
+    """Feed the reads and a close; what was delivered, the close code, the error's type."""
+    got: list[Any] = []
+    codes: list[int] = []
+    if mode == "callbacks":
+        options["on_message"] = lambda ws, message: got.append(message)
+        options["on_binary"] = lambda ws, segment: got.append(bytes(segment))
+    options["on_closed"] = lambda ws, code, reason: codes.append(code)
+    options.setdefault("max_message_size", 100_000 if any(len(r) > 65_536 for r in reads) else 1024)
+    ws, transport = opened(memory, **options)
+    for read in reads:
+        transport.feed(read)
+    transport.feed(CLOSE)
+    transport.feed_eof()
+    deadline = time.monotonic() + 10
+    if mode == "receive":
+        while True:
+            try:
+                got.append(ws.receive(5))
+            except blockws.ConnectionClosed:
+                break
+    while not codes:
+        assert time.monotonic() < deadline, "the socket did not close"
+        ws.wait(0.05)
+        ws.update()
+    assert ws.join(5)
+    return got, codes[0], type(ws.error).__name__
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+    recorder = Recorder()
+    monkeypatch.setattr(connection_module, "_receive_whole", recorder)
+    yield recorder
+
+
+@pytest.mark.parametrize("mode", ["callbacks", "receive"])
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_the_c_call_ends_every_script_as_the_python_code_does(
+    monkeypatch: pytest.MonkeyPatch, name: str, mode: str
+) -> None:
+    reads, taken = SCRIPTS[name]
+    recorder = Recorder()
+    with use_memory(monkeypatch) as memory:
+        monkeypatch.setattr(connection_module, "_receive_whole", None)
+        expected = run(memory, reads, mode)
+        monkeypatch.setattr(connection_module, "_receive_whole", recorder)
+        actual = run(memory, reads, mode)
+    assert actual == expected
+    # Each read has its own data_received call, until a failure stops reading.
+    if expected[1] == 1000:
+        assert recorder.results == taken
+    else:
+        assert recorder.results
+        assert recorder.results == taken[: len(recorder.results)]
+
+
+def test_a_clean_script_delivers_what_it_should(recorder: Recorder, memory: MemoryOpener) -> None:
+    """Not only the same both ways: right (the differential test's anchor)."""
+    reads = SCRIPTS["text and binary in one read"][0] + SCRIPTS["reads in a row"][0]
+    got, code, error = run(memory, reads, "callbacks")
+    assert got == ["one", b"\x00\xfftwo", "é€😀", "a", b"b", "c"]
+    assert (code, error) == (1000, "NoneType")
+    assert recorder.results == [True, True, True, True]
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "error"),
+    [
+        ("invalid UTF-8 (1007)", 1007, "ProtocolError"),
+        ("too large (1009)", 1009, "MessageTooBig"),
+        ("a masked frame (1002)", 1002, "ProtocolError"),
+    ],
+)
+def test_a_bad_read_fails_the_connection_with_its_code(
+    recorder: Recorder, memory: MemoryOpener, name: str, code: int, error: str
+) -> None:
+    got, actual_code, actual_error = run(memory, SCRIPTS[name][0], "callbacks")
+    assert got == ["ok"]
+    assert actual_code == code
+    assert issubclass(getattr(blockws, actual_error), getattr(blockws, error))
+
+
+def test_what_the_call_sets_as_data_received_does(memory: MemoryOpener) -> None:
+    """The engine's state after a taken read: the clock, the send queue's
+    reply flag, the protocol's per-read fields and the delivery's count."""
+    ws, transport = opened(memory, on_message=lambda ws, message: None)
+    engine = ws._engine  # noqa: SLF001 - the engine under test
+    proto = engine._proto  # noqa: SLF001
+    queued = engine.delivery.queued
+    engine.queue.direct_ok = False
+    proto.other_events, proto.more, proto._inflated = 7, True, 9  # noqa: SLF001
+    proto.binary_as_bytes = True
+    assert _real(engine, text(b"abc") + binary(b"de"), lambda: 12345.0) is True
+    assert engine.last_received == 12345.0
+    assert engine.queue.direct_ok is True
+    assert (proto.other_events, proto.more, proto._inflated) == (0, False, 0)  # noqa: SLF001
+    assert proto.binary_as_bytes is True  # no on_binary: binary messages come as bytes
+    assert engine.delivery.queued == queued + 5
+    assert engine.dispatcher.pending  # posted, for update()
+    got: list[Any] = []
+    ws.on_message = lambda ws, message: got.append(message)
+    ws.on_binary = lambda ws, segment: got.append(bytes(segment))
+    ws.update()
+    assert got == ["abc", b"de"]
+    assert engine.delivery.queued == queued
+    assert _real(engine, text(b"f"), lambda: 1.0) is True
+    assert proto.binary_as_bytes is False  # on_binary now set
+    ws.close()
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
+    transport.feed_eof()
+    assert ws.join(5)
+
+
+def test_an_exception_from_the_clock_changes_nothing(memory: MemoryOpener) -> None:
+    """The first Python call fails: nothing is parsed, and the read still
+    goes through data_received afterwards."""
+    got: list[str] = []
+    ws, transport = opened(memory, on_message=lambda ws, message: got.append(message))
+    engine = ws._engine  # noqa: SLF001
+
+    def broken() -> float:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _real(engine, text(b"kept"), broken)
+    assert not engine.dispatcher.pending
+    engine.data_received(text(b"kept"))
+    ws.update()
+    assert got == ["kept"]
+    ws.close()
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
+    transport.feed_eof()
+    assert ws.join(5)
+
+
+class _FailingLock:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def acquire(self) -> bool:
+        raise self.exc
+
+    def release(self) -> None:  # pragma: no cover - never acquired
+        raise AssertionError
+
+
+def test_an_interrupt_in_the_locks_wait_parses_nothing(memory: MemoryOpener) -> None:
+    """proto_lock's acquire raising (Ctrl-C while another thread holds it):
+    the exception propagates and the read is not parsed."""
+    ws, transport = opened(memory, on_message=lambda ws, message: None)
+    engine = ws._engine  # noqa: SLF001
+    lock = engine.proto_lock
+    engine.proto_lock = _FailingLock(KeyboardInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _real(engine, text(b"x"), time.monotonic)
+    finally:
+        engine.proto_lock = lock
+    assert not engine.dispatcher.pending
+    assert engine._proto._buf == b""  # noqa: SLF001
+    ws.close()
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
+    transport.feed_eof()
+    assert ws.join(5)
+
+
+def test_declined_without_a_change_when_the_protocol_holds_a_partial_frame(
+    memory: MemoryOpener,
+) -> None:
+    ws, transport = opened(memory, on_message=lambda ws, message: None)
+    engine = ws._engine  # noqa: SLF001
+    engine.data_received(text(b"held")[:2])  # a header without its payload
+    proto = engine._proto  # noqa: SLF001
+
+    def state() -> tuple[Any, ...]:
+        return (proto._buf, proto._phase, len(engine.dispatcher.pending))  # noqa: SLF001
+
+    before = state()
+    assert _real(engine, text(b"y"), time.monotonic) is False
+    assert state() == before
+    ws.close()
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
+    transport.feed_eof()
+    assert ws.join(5)
+
+
+@pytest.mark.parametrize("data", [bytearray(b"\x81\x01a"), memoryview(b"\x81\x01a"), 3, b""])
+def test_declined_for_what_is_not_a_bytes_read(memory: MemoryOpener, data: Any) -> None:
+    ws, transport = opened(memory)
+    engine = ws._engine  # noqa: SLF001
+    assert _real(engine, data, time.monotonic) is False
+    assert not engine.dispatcher.pending
+    ws.close()
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
+    transport.feed_eof()
+    assert ws.join(5)
+
+
+def test_declined_for_a_stand_in_without_the_slots() -> None:
+    class StandIn:
+        pass
+
+    assert _real(StandIn(), text(b"x"), time.monotonic) is False
+    with pytest.raises(TypeError):
+        _real(StandIn(), text(b"x"))  # type: ignore[call-arg]
+
+
+def test_a_subclass_is_taken_and_the_class_still_is(
+    monkeypatch: pytest.MonkeyPatch, recorder: Recorder, memory: MemoryOpener
+) -> None:
+    """The slots' offsets are found per class: a subclass (seen first in a
+    process that runs this test alone) does not keep the engine's own class
+    from the C call."""
+
+    class Engine(Connection):
+        __slots__ = ("extra",)
+
+    monkeypatch.setattr(blockws.websocket, "Connection", Engine)
+    sub = run(memory, [text(b"sub")], "callbacks")
+    monkeypatch.setattr(blockws.websocket, "Connection", Connection)
+    base = run(memory, [text(b"base")], "callbacks")
+    assert (sub, base) == ((["sub"], 1000, "NoneType"), (["base"], 1000, "NoneType"))
+    assert recorder.results == [True, True]
+
+
+def test_backpressure_pauses_reading_at_the_limit(recorder: Recorder, memory: MemoryOpener) -> None:
+    """The delivery's slow path (at max_queued_bytes) runs from the C call:
+    reading stops until update() drains the queue."""
+    got: list[str] = []
+    ws, transport = opened(
+        memory,
+        on_message=lambda ws, message: got.append(message),
+        max_queued_bytes=100,
+        max_message_size=100,
+    )
+    for i in range(5):
+        transport.feed(text(b"%02d" % i + b"x" * 38))
+    deadline = time.monotonic() + 5
+    while not ws._engine.delivery.paused:  # noqa: SLF001
+        assert time.monotonic() < deadline, "reading did not pause"
+        time.sleep(0.01)
+    # The third read (120 bytes queued: over the limit) waits inside its call.
+    assert recorder.results == [True, True]
+    assert ws.queued_amount == 120
+    while len(got) < 5:
+        assert time.monotonic() < deadline
+        ws.wait(0.05)
+        ws.update()
+    assert [m[:2] for m in got] == ["00", "01", "02", "03", "04"]
+    assert recorder.results == [True] * 5
+    ws.close()
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
+    transport.feed_eof()
+    assert ws.join(5)
+
+
+def test_no_reference_leaks_on_any_path(memory: MemoryOpener) -> None:
+    """Taken, declined and failing calls leave every object's count as it was,
+    and 20,000 taken calls leave no memory behind (tracemalloc)."""
+    import sys
+    import tracemalloc
+
+    ws, transport = opened(memory, on_message=lambda ws, message: None)
+    engine = ws._engine  # noqa: SLF001
+    proto, lock = engine._proto, engine.proto_lock  # noqa: SLF001
+    data = text(b"count me")
+    watched = [data, proto, lock, engine.delivery, engine.dispatcher, ws, engine.queue]
+
+    def counts() -> list[int]:
+        return [sys.getrefcount(o) for o in watched]
+
+    def broken() -> float:
+        raise RuntimeError
+
+    assert _real(engine, data, time.monotonic) is True
+    ws.update()
+    before = counts()
+    for _ in range(100):
+        assert _real(engine, data, time.monotonic) is True
+        ws.update()
+        assert _real(engine, data + data[:1], time.monotonic) is False  # not whole
+        with pytest.raises(RuntimeError):
+            _real(engine, data, broken)
+        engine.proto_lock = _FailingLock(RuntimeError())
+        with pytest.raises(RuntimeError):
+            _real(engine, data, time.monotonic)
+        engine.proto_lock = lock
+        assert _real(engine, text(b"\xff"), time.monotonic) is False  # invalid UTF-8
+    assert counts() == before
+    tracemalloc.start()
+    try:
+        for _ in range(1000):
+            _real(engine, data, time.monotonic)
+            ws.update()
+        start = tracemalloc.get_traced_memory()[0]
+        for _ in range(20_000):
+            _real(engine, data, time.monotonic)
+            ws.update()
+        grown = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert grown < 16_384, grown
+    ws.close()
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
+    transport.feed_eof()
+    assert ws.join(5)
+
+
+def test_straight_to_the_inbox_only_when_data_received_would(memory: MemoryOpener) -> None:
+    """A thread in receive() (``_to_inbox``), nothing queued or running, no
+    handler: the messages go to the inbox, and the waiter is nudged; else
+    through the dispatcher."""
+    ws, transport = opened(memory)
+    engine = ws._engine  # noqa: SLF001
+    nudged: list[int] = []
+    engine._nudge = lambda: nudged.append(1)  # noqa: SLF001
+    engine._to_inbox = True  # noqa: SLF001
+    try:
+        assert _real(engine, text(b"in") + binary(b"box"), time.monotonic) is True
+        assert list(engine.delivery.inbox) == ["in", b"box"]
+        assert not engine.dispatcher.pending and nudged == [1]
+        ws.on_message = lambda ws, message: None  # a handler: through the dispatcher
+        assert _real(engine, text(b"cb"), time.monotonic) is True
+        assert len(engine.dispatcher.pending) == 1 and nudged == [1]
+        ws.on_message = None
+        assert _real(engine, text(b"behind"), time.monotonic) is True  # queued before it
+        assert len(engine.dispatcher.pending) == 2 and nudged == [1]
+    finally:
+        engine._to_inbox = False  # noqa: SLF001
+    assert [ws.receive(1) for _ in range(4)] == ["in", b"box", "cb", "behind"]
+    ws.close()
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
+    transport.feed_eof()
+    assert ws.join(5)
