@@ -708,8 +708,11 @@ class Connection:
         the call for the read parses the first, and calls this again with
         ``b""`` for each next one (once per read, as the read's own call).
         """
-        if _receive_whole is not None and _receive_whole(self, data, _monotonic):
-            return  # all of the below, for a read of whole small messages
+        if _receive_whole is not None:
+            if _receive_whole(self, data, _monotonic):
+                return  # all of the below, for a read of whole small messages
+        elif type(data) is bytes and self._receive_one(data):
+            return  # the same in Python, for a read of one small message
         self.last_received = _monotonic()
         self.queue.direct_ok = True  # a reply: the next send may skip the writer
         proto = self._proto
@@ -763,27 +766,7 @@ class Connection:
                 items.insert(0, (self._deliver, messages))
             self.dispatcher.post_many(items)
         elif messages:
-            dispatcher = self.dispatcher
-            handlers = self.handlers
-            if (
-                self._to_inbox
-                and not dispatcher.pending
-                and dispatcher.running_in is None
-                and handlers.on_message is None
-                and handlers.on_binary is None
-                and BinaryMessage not in map(type, messages)
-            ):
-                # A thread is in receive() (reading here, or asking for the token
-                # while the reader thread parsed this): nothing is queued or
-                # running before these messages, so they go where
-                # Delivery.messages would put them, without a dispatcher round
-                # (W1: a third of receive()'s own work). Counted as received
-                # above, taken by receive(); a thread waiting in receive() is
-                # woken (its wait watches the inbox: see wait_for_message).
-                self.delivery.new_inbox().extend(messages)
-                self._nudge()
-            else:
-                self._post(self._deliver, messages)
+            self._post_messages(messages)
         if before is _STATE_CLOSE_SENT and proto.state is _STATE_CLOSED:
             self._finish_stream()  # the server answered our close, which was written
         if full:
@@ -791,6 +774,53 @@ class Connection:
         if data and proto.more:  # the next installments of this read (see above)
             while (proto := self._proto) is not None and proto.more:
                 self.data_received(b"")
+
+    def _post_messages(self, messages: list[Any]) -> None:
+        """Post the messages of a read (counted as received) for delivery."""
+        dispatcher = self.dispatcher
+        handlers = self.handlers
+        if (
+            self._to_inbox
+            and not dispatcher.pending
+            and dispatcher.running_in is None
+            and handlers.on_message is None
+            and handlers.on_binary is None
+            and BinaryMessage not in map(type, messages)
+        ):
+            # A thread is in receive() (reading here, or asking for the token
+            # while the reader thread parsed this): nothing is queued or
+            # running before these messages, so they go where
+            # Delivery.messages would put them, without a dispatcher round
+            # (W1: a third of receive()'s own work). Counted as received
+            # above, taken by receive(); a thread waiting in receive() is
+            # woken (its wait watches the inbox: see wait_for_message).
+            self.delivery.new_inbox().extend(messages)
+            self._nudge()
+        else:
+            self._post(self._deliver, messages)
+
+    def _receive_one(self, data: bytes) -> bool:
+        """:meth:`data_received` for a read of exactly one small whole message
+        (a request/response exchange's every read), without the C speedups
+        (``receive_whole`` is their twin, for any run of whole small
+        messages). False, having changed nothing, when the protocol does not
+        take the read whole (:meth:`WSProtocol.receive_one
+        <blockws.protocol.Protocol.receive_one>`) or the socket inflates."""
+        proto = self._proto
+        if len(data) > 127 or proto is None or self._inflate_limit is not None:
+            return False  # (more than one small frame, at least)
+        with self.proto_lock:
+            message = proto.receive_one(data)
+        if message is None:
+            return False
+        self.last_received = _monotonic()
+        self.queue.direct_ok = True  # a reply: the next send may skip the writer
+        proto.binary_as_bytes = self.handlers.on_binary is None
+        full = self.delivery.received(len(message))
+        self._post_messages([message])
+        if full:
+            self._pause_reading()
+        return True
 
     def _pause_reading(self) -> None:
         """More than ``max_queued_bytes`` wait for ``update()``/``receive()``: stop

@@ -787,6 +787,45 @@ class Protocol:
         self._buf = buf[pos:] if pos < len(buf) else b""
         return events
 
+    def receive_one(self, data: bytes) -> str | bytes | None:
+        """:meth:`receive_data` for ``data`` that is exactly one whole small
+        (up to 125 bytes) unmasked text or binary frame, arriving between
+        messages with nothing held, without extensions and with
+        ``compact_messages``: its message. ``None``, with nothing changed,
+        for anything else, or for a frame the general parser would fail on
+        (invalid UTF-8, over ``max_message_size``): then call
+        :meth:`receive_data`."""
+        n = len(data) - 2
+        if (
+            not 0 <= n <= 125  # (126 and 127 announce a longer length)
+            or data[1] != n  # (so does the MASK bit, set: 128 or more)
+            or self._buf
+            or not self._fast
+            or self._phase  # (not _HEADER, 0)
+            or self._m_opcode
+            or not self.compact_messages
+            or self._whole_decode is not None
+            or self._outgoing
+        ):
+            return None
+        limit = self.max_message_size
+        if limit is not None and n > limit:
+            return None
+        first = data[0]
+        if first == 0x81:
+            try:
+                message: str | bytes = data[2:].decode()
+            except UnicodeDecodeError:
+                return None
+        elif first == 0x82:
+            message = data[2:]
+        else:
+            return None
+        self.other_events = 0
+        self.more = False
+        self._inflated = 0
+        return message
+
     def payload_target(self, scatter: bool = False) -> memoryview | list[memoryview] | None:
         """Where the next bytes read may go directly, if anywhere: a view of the
         message's buffer, from the message's end so far, for the rest of the

@@ -1,11 +1,14 @@
-"""``blockws._speedups.receive_whole``: :meth:`Connection.data_received` in C
-for a read of whole small messages. Over memory transports, without sockets.
+"""A read of whole small messages, without the general parsing path:
+``blockws._speedups.receive_whole`` (C: :meth:`Connection.data_received` for
+any run of them) and, without the C speedups, ``Connection._receive_one``
+with ``WSProtocol.receive_one`` (Python: a read of exactly one). Over memory
+transports, without sockets.
 
-Every script of reads runs twice, with the C call and without it (the
-Python code alone), and must end the same way: the same messages delivered
-in the same order, the same close code and error. In the C run, each read's
-call is recorded, to check which reads it took (True) and which it left to
-the Python code (False).
+Every script of reads runs with the general code alone, then with each fast
+path, and must end the same way: the same messages delivered in the same
+order, the same close code and error. Each read's fast-path call is
+recorded, to check which reads it took (True) and which it left to the
+general code (False).
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import blockws.connection as connection_module
 import blockws.websocket
 from blockws.connection import Connection
 from blockws.frames import Opcode, pack_close
+from blockws.protocol import Protocol as WSProtocol
+from blockws.protocol import Role
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
 _real = connection_module._receive_whole
+_real_one = Connection._receive_one
 
-if _real is None:  # pragma: no cover - depends on the build
-    pytest.skip("the C speedups are not in use", allow_module_level=True)
+needs_c = pytest.mark.skipif(_real is None, reason="the C speedups are not in use")
 
 
 def text(payload: bytes) -> bytes:
@@ -45,44 +50,97 @@ def masked_text(payload: bytes) -> bytes:
     return bytes([0x81, 0x80 | len(payload)]) + key + body
 
 
-#: name -> (the reads, what the C call returns for each read).
-SCRIPTS: dict[str, tuple[list[bytes], list[bool]]] = {
-    "one text": ([text(b"hello")], [True]),
-    "empty messages": ([text(b"") + binary(b"")], [True]),
+#: name -> (the reads, what the C call returns for each, what the Python one
+#: does, the socket's max_message_size).
+SCRIPTS: dict[str, tuple[list[bytes], list[bool], list[bool], int]] = {
+    "one text": ([text(b"hello")], [True], [True], 1024),
+    "125 bytes alone": ([binary(b"m" * 125)], [True], [True], 1024),
+    "126 bytes alone (a 16-bit length)": ([binary(b"m" * 126)], [True], [False], 1024),
+    "empty messages": ([text(b""), text(b"") + binary(b"")], [True, True], [True, False], 1024),
     "text and binary in one read": (
         [text(b"one") + binary(b"\x00\xfftwo") + text("é€😀".encode())],
         [True],
+        [False],
+        1024,
     ),
-    "a 16-bit length": ([binary(bytes(range(256)) * 2) + text(b"x" * 126)], [True]),
-    "reads in a row": ([text(b"a"), binary(b"b"), text(b"c")], [True, True, True]),
+    "a 16-bit length": (
+        [binary(bytes(range(256)) * 2) + text(b"x" * 126)],
+        [True],
+        [False],
+        1024,
+    ),
+    "reads in a row": (
+        [text(b"a"), binary(b"b"), text("€".encode())],
+        [True, True, True],
+        [True, True, True],
+        1024,
+    ),
     "a frame cut across reads": (
         [text(b"first") + text(b"second")[:3], text(b"second")[3:] + text(b"third")],
         [False, False],
+        [False, False],
+        1024,
+    ),
+    "a frame cut after its header": (
+        [text(b"cut")[:2], text(b"cut")[2:], text(b"next")],
+        [False, False, True],
+        [False, False, True],
+        1024,
     ),
     "a ping among messages": (
         [text(b"a") + server_frame(Opcode.PING, b"p") + text(b"b"), text(b"after")],
         [False, True],
+        [False, True],
+        1024,
+    ),
+    "a ping alone": (
+        [server_frame(Opcode.PING, b"p"), text(b"after")],
+        [False, True],
+        [False, True],
+        1024,
     ),
     "fragments": (
-        [
-            server_frame(Opcode.TEXT, b"fr", fin=False),
-            server_frame(0, b"ag"),
-            text(b"whole"),
-        ],
+        [server_frame(Opcode.TEXT, b"fr", fin=False), server_frame(0, b"ag"), text(b"whole")],
         [False, False, True],
+        [False, False, True],
+        1024,
     ),
     "a fragment started in the same read": (
         [text(b"a") + server_frame(Opcode.TEXT, b"fr", fin=False), server_frame(0, b"ag")],
         [False, False],
+        [False, False],
+        1024,
     ),
-    "a read over 4 KiB": ([text(b"x" * 100) * 50, text(b"y")], [False, True]),
-    "a 64-bit length": ([binary(b"z" * 70_000), text(b"next")], [False, True]),  # (limit 100 kB)
-    "a masked frame (1002)": ([text(b"ok") + masked_text(b"bad")], [False]),
-    "an RSV bit (1002)": ([text(b"ok") + server_frame(Opcode.TEXT, b"r", rsv=0x40)], [False]),
-    "invalid UTF-8 (1007)": ([text(b"ok"), text(b"\xff\xfe")], [True, False]),
-    "UTF-8 cut inside a message (1007)": ([text("é".encode()[:1])], [False]),
-    "too large (1009)": ([text(b"ok"), binary(b"q" * 2000)], [True, False]),
-    "a reserved opcode (1002)": ([text(b"ok") + server_frame(3, b"")], [False]),
+    "a read over 4 KiB": (
+        [text(b"x" * 100) * 50, text(b"y")],
+        [False, True],
+        [False, True],
+        1024,
+    ),
+    "a 64-bit length": (
+        [binary(b"z" * 70_000), text(b"next")],
+        [False, True],
+        [False, True],
+        100_000,
+    ),
+    "a masked frame (1002)": ([masked_text(b"bad")], [False], [False], 1024),
+    "a masked frame after a message (1002)": (
+        [text(b"ok") + masked_text(b"bad")],
+        [False],
+        [False],
+        1024,
+    ),
+    "an RSV bit (1002)": ([server_frame(Opcode.TEXT, b"r", rsv=0x40)], [False], [False], 1024),
+    "invalid UTF-8 (1007)": ([text(b"ok"), text(b"\xff\xfe")], [True, False], [True, False], 1024),
+    "UTF-8 cut inside a message (1007)": ([text("é".encode()[:1])], [False], [False], 1024),
+    "too large (1009)": ([text(b"ok"), binary(b"q" * 2000)], [True, False], [True, False], 1024),
+    "too large for a small limit (1009)": (
+        [text(b"ok"), binary(b"q" * 65)],
+        [True, False],
+        [True, False],
+        64,
+    ),
+    "a reserved opcode (1002)": ([server_frame(3, b"")], [False], [False], 1024),
 }
 
 
@@ -103,6 +161,29 @@ class Recorder:
         return result
 
 
+class OneRecorder:
+    """Stands in for ``Connection._receive_one``: keeps what it returned."""
+
+    def __init__(self) -> None:
+        self.results: list[bool] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        def receive_one(conn: Connection, data: bytes) -> bool:
+            result = _real_one(conn, data)
+            if data and data != CLOSE:
+                self.results.append(result)
+            return result
+
+        monkeypatch.setattr(connection_module, "_receive_whole", None)
+        monkeypatch.setattr(Connection, "_receive_one", receive_one)
+
+
+def general_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither fast path: every read through the general code."""
+    monkeypatch.setattr(connection_module, "_receive_whole", None)
+    monkeypatch.setattr(Connection, "_receive_one", lambda conn, data: False)
+
+
 def run(
     memory: MemoryOpener, reads: list[bytes], mode: str, **options: Any
 ) -> tuple[list[Any], int | None, str]:
@@ -113,7 +194,7 @@ def run(
         options["on_message"] = lambda ws, message: got.append(message)
         options["on_binary"] = lambda ws, segment: got.append(bytes(segment))
     options["on_closed"] = lambda ws, code, reason: codes.append(code)
-    options.setdefault("max_message_size", 100_000 if any(len(r) > 65_536 for r in reads) else 1024)
+    options.setdefault("max_message_size", 1024)
     ws, transport = opened(memory, **options)
     for read in reads:
         transport.feed(read)
@@ -136,23 +217,35 @@ def run(
 
 @pytest.fixture
 def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
+    if _real is None:  # pragma: no cover - depends on the build
+        pytest.skip("the C speedups are not in use")
     recorder = Recorder()
     monkeypatch.setattr(connection_module, "_receive_whole", recorder)
     yield recorder
 
 
 @pytest.mark.parametrize("mode", ["callbacks", "receive"])
+@pytest.mark.parametrize("path", ["c", "python"])
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_the_c_call_ends_every_script_as_the_python_code_does(
-    monkeypatch: pytest.MonkeyPatch, name: str, mode: str
+def test_each_fast_path_ends_every_script_as_the_general_code_does(
+    monkeypatch: pytest.MonkeyPatch, name: str, path: str, mode: str
 ) -> None:
-    reads, taken = SCRIPTS[name]
-    recorder = Recorder()
+    reads, c_taken, py_taken, limit = SCRIPTS[name]
+    if path == "c" and _real is None:  # pragma: no cover - depends on the build
+        pytest.skip("the C speedups are not in use")
     with use_memory(monkeypatch) as memory:
-        monkeypatch.setattr(connection_module, "_receive_whole", None)
-        expected = run(memory, reads, mode)
+        general_only(monkeypatch)
+        expected = run(memory, reads, mode, max_message_size=limit)
+        monkeypatch.undo()
+    recorder: Recorder | OneRecorder
+    if path == "c":
+        recorder, taken = Recorder(), c_taken
         monkeypatch.setattr(connection_module, "_receive_whole", recorder)
-        actual = run(memory, reads, mode)
+    else:
+        recorder, taken = OneRecorder(), py_taken
+        recorder.install(monkeypatch)
+    with use_memory(monkeypatch) as memory:
+        actual = run(memory, reads, mode, max_message_size=limit)
     assert actual == expected
     # Each read has its own data_received call, until a failure stops reading.
     if expected[1] == 1000:
@@ -162,13 +255,25 @@ def test_the_c_call_ends_every_script_as_the_python_code_does(
         assert recorder.results == taken[: len(recorder.results)]
 
 
-def test_a_clean_script_delivers_what_it_should(recorder: Recorder, memory: MemoryOpener) -> None:
-    """Not only the same both ways: right (the differential test's anchor)."""
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_a_clean_script_delivers_what_it_should(
+    monkeypatch: pytest.MonkeyPatch, memory: MemoryOpener, path: str
+) -> None:
+    """Not only the same every way: right (the differential test's anchor)."""
+    if path == "c" and _real is None:  # pragma: no cover - depends on the build
+        pytest.skip("the C speedups are not in use")
+    recorder: Recorder | OneRecorder
+    if path == "c":
+        recorder = Recorder()
+        monkeypatch.setattr(connection_module, "_receive_whole", recorder)
+    else:
+        recorder = OneRecorder()
+        recorder.install(monkeypatch)
     reads = SCRIPTS["text and binary in one read"][0] + SCRIPTS["reads in a row"][0]
     got, code, error = run(memory, reads, "callbacks")
-    assert got == ["one", b"\x00\xfftwo", "é€😀", "a", b"b", "c"]
+    assert got == ["one", b"\x00\xfftwo", "é€😀", "a", b"b", "€"]
     assert (code, error) == (1000, "NoneType")
-    assert recorder.results == [True, True, True, True]
+    assert recorder.results == ([True] * 4 if path == "c" else [False, True, True, True])
 
 
 @pytest.mark.parametrize(
@@ -176,18 +281,21 @@ def test_a_clean_script_delivers_what_it_should(recorder: Recorder, memory: Memo
     [
         ("invalid UTF-8 (1007)", 1007, "ProtocolError"),
         ("too large (1009)", 1009, "MessageTooBig"),
-        ("a masked frame (1002)", 1002, "ProtocolError"),
+        ("a masked frame after a message (1002)", 1002, "ProtocolError"),
     ],
 )
 def test_a_bad_read_fails_the_connection_with_its_code(
-    recorder: Recorder, memory: MemoryOpener, name: str, code: int, error: str
+    monkeypatch: pytest.MonkeyPatch, memory: MemoryOpener, name: str, code: int, error: str
 ) -> None:
+    if _real is None:  # (the Python fast path, then)
+        OneRecorder().install(monkeypatch)
     got, actual_code, actual_error = run(memory, SCRIPTS[name][0], "callbacks")
     assert got == ["ok"]
     assert actual_code == code
     assert issubclass(getattr(blockws, actual_error), getattr(blockws, error))
 
 
+@needs_c
 def test_what_the_call_sets_as_data_received_does(memory: MemoryOpener) -> None:
     """The engine's state after a taken read: the clock, the send queue's
     reply flag, the protocol's per-read fields and the delivery's count."""
@@ -219,6 +327,7 @@ def test_what_the_call_sets_as_data_received_does(memory: MemoryOpener) -> None:
     assert ws.join(5)
 
 
+@needs_c
 def test_an_exception_from_the_clock_changes_nothing(memory: MemoryOpener) -> None:
     """The first Python call fails: nothing is parsed, and the read still
     goes through data_received afterwards."""
@@ -252,6 +361,7 @@ class _FailingLock:
         raise AssertionError
 
 
+@needs_c
 def test_an_interrupt_in_the_locks_wait_parses_nothing(memory: MemoryOpener) -> None:
     """proto_lock's acquire raising (Ctrl-C while another thread holds it):
     the exception propagates and the read is not parsed."""
@@ -272,6 +382,7 @@ def test_an_interrupt_in_the_locks_wait_parses_nothing(memory: MemoryOpener) -> 
     assert ws.join(5)
 
 
+@needs_c
 def test_declined_without_a_change_when_the_protocol_holds_a_partial_frame(
     memory: MemoryOpener,
 ) -> None:
@@ -292,6 +403,7 @@ def test_declined_without_a_change_when_the_protocol_holds_a_partial_frame(
     assert ws.join(5)
 
 
+@needs_c
 @pytest.mark.parametrize("data", [bytearray(b"\x81\x01a"), memoryview(b"\x81\x01a"), 3, b""])
 def test_declined_for_what_is_not_a_bytes_read(memory: MemoryOpener, data: Any) -> None:
     ws, transport = opened(memory)
@@ -304,6 +416,7 @@ def test_declined_for_what_is_not_a_bytes_read(memory: MemoryOpener, data: Any) 
     assert ws.join(5)
 
 
+@needs_c
 def test_declined_for_a_stand_in_without_the_slots() -> None:
     class StandIn:
         pass
@@ -331,9 +444,21 @@ def test_a_subclass_is_taken_and_the_class_still_is(
     assert recorder.results == [True, True]
 
 
-def test_backpressure_pauses_reading_at_the_limit(recorder: Recorder, memory: MemoryOpener) -> None:
-    """The delivery's slow path (at max_queued_bytes) runs from the C call:
-    reading stops until update() drains the queue."""
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_backpressure_pauses_reading_at_the_limit(
+    monkeypatch: pytest.MonkeyPatch, memory: MemoryOpener, path: str
+) -> None:
+    """The delivery's slow path (at max_queued_bytes) runs from the fast
+    path: reading stops until update() drains the queue."""
+    recorder: Recorder | OneRecorder
+    if path == "c":
+        if _real is None:  # pragma: no cover - depends on the build
+            pytest.skip("the C speedups are not in use")
+        recorder = Recorder()
+        monkeypatch.setattr(connection_module, "_receive_whole", recorder)
+    else:
+        recorder = OneRecorder()
+        recorder.install(monkeypatch)
     got: list[str] = []
     ws, transport = opened(
         memory,
@@ -362,6 +487,7 @@ def test_backpressure_pauses_reading_at_the_limit(recorder: Recorder, memory: Me
     assert ws.join(5)
 
 
+@needs_c
 def test_no_reference_leaks_on_any_path(memory: MemoryOpener) -> None:
     """Taken, declined and failing calls leave every object's count as it was,
     and 20,000 taken calls leave no memory behind (tracemalloc)."""
@@ -414,6 +540,7 @@ def test_no_reference_leaks_on_any_path(memory: MemoryOpener) -> None:
     assert ws.join(5)
 
 
+@needs_c
 def test_straight_to_the_inbox_only_when_data_received_would(memory: MemoryOpener) -> None:
     """A thread in receive() (``_to_inbox``), nothing queued or running, no
     handler: the messages go to the inbox, and the waiter is nudged; else
@@ -436,6 +563,91 @@ def test_straight_to_the_inbox_only_when_data_received_would(memory: MemoryOpene
     finally:
         engine._to_inbox = False  # noqa: SLF001
     assert [ws.receive(1) for _ in range(4)] == ["in", b"box", "cb", "behind"]
+    ws.close()
+    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
+    transport.feed_eof()
+    assert ws.join(5)
+
+
+def fresh_protocol(limit: int | None = 1024) -> WSProtocol:
+    proto = WSProtocol(Role.CLIENT, max_message_size=limit)
+    proto.compact_messages = True
+    return proto
+
+
+def state(proto: WSProtocol) -> list[Any]:
+    """The protocol's slots: values compared as values, other objects (the
+    pieces of a message, bound methods) by their class."""
+    plain = (int, bytes, str, list, tuple, type(None))
+    values = [getattr(proto, name, None) for name in WSProtocol.__slots__]
+    return [v if isinstance(v, plain) else type(v).__name__ for v in values]
+
+
+@pytest.mark.parametrize("limit", [None, 1024, 64, 0])
+@pytest.mark.parametrize("first", [0x81, 0x82, 0x01, 0x02, 0x80, 0x88, 0x89, 0xC1, 0x91, 0x83])
+@pytest.mark.parametrize("length", [0, 1, 64, 65, 125, 126, 127, 128, 255])
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+@pytest.mark.parametrize("payload", [b"plain", "é€😀".encode(), b"\xff\xfe", "é".encode()[:1]])
+def test_receive_one_agrees_with_receive_data_or_changes_nothing(
+    limit: int | None, first: int, length: int, extra: int, payload: bytes
+) -> None:
+    """WSProtocol.receive_one gives receive_data's one message and leaves the
+    protocol as receive_data does, or returns None and changes nothing; it
+    takes exactly the reads of one whole small valid text or binary frame."""
+    body = (payload * (length // len(payload) + 1))[: max(length + extra, 0)]
+    data = bytes([first, length]) + body
+    proto, reference = fresh_protocol(limit), fresh_protocol(limit)
+    before = state(proto)
+    message = proto.receive_one(data)
+    try:
+        body.decode()
+        valid = True
+    except UnicodeDecodeError:
+        valid = False
+    takes = (
+        first in (0x81, 0x82)
+        and len(body) == length <= 125
+        and (limit is None or length <= limit)
+        and (first == 0x82 or valid)
+    )
+    assert (message is not None) == takes
+    if message is None:
+        assert state(proto) == before
+    else:
+        assert reference.receive_data(data) == [message]
+        assert state(proto) == state(reference)
+
+
+def test_receive_one_only_between_messages() -> None:
+    """Inside a fragmented message, or with a partial frame held: None."""
+    proto = fresh_protocol()
+    assert proto.receive_data(server_frame(Opcode.TEXT, b"fr", fin=False)) == []
+    assert proto.receive_one(text(b"x")) is None
+    assert proto.receive_data(server_frame(0, b"ag")) == ["frag"]
+    assert proto.receive_one(text(b"x")) == "x"
+    assert proto.receive_data(text(b"held")[:3]) == []
+    assert proto.receive_one(text(b"x")) is None
+    masked = WSProtocol(Role.SERVER)  # a server's protocol expects masked frames
+    masked.compact_messages = True
+    assert masked.receive_one(text(b"x")) is None
+    plain = WSProtocol(Role.CLIENT)  # not compact: messages as event objects
+    assert plain.receive_one(text(b"x")) is None
+
+
+def test_neither_fast_path_takes_a_read_of_a_socket_that_inflates(memory: MemoryOpener) -> None:
+    """Compressed reads are parsed in installments (see data_received)."""
+    ws, transport = opened(memory)
+    engine = ws._engine  # noqa: SLF001
+    engine._inflate_limit = 1 << 20  # noqa: SLF001 - as with permessage-deflate accepted
+    try:
+        if _real is not None:
+            assert _real(engine, text(b"x"), time.monotonic) is False
+        assert engine._receive_one(text(b"x")) is False  # noqa: SLF001
+        assert not engine.dispatcher.pending
+    finally:
+        engine._inflate_limit = None  # noqa: SLF001
+    assert engine._receive_one(text(b"x")) is True  # noqa: SLF001
+    assert ws.receive(1) == "x"
     ws.close()
     transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
     transport.feed_eof()
