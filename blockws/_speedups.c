@@ -154,6 +154,13 @@
  * an exception; ``_armed`` set and ``_announce()`` called at the end. No
  * eval-breaker point between its steps: interrupts land in callbacks only.
  *
+ * receive_whole(conn, data, clock) -> bool: Connection.data_received(data)
+ * for a read of nothing but whole small text and binary messages (at most
+ * 4 KiB; a request/response exchange's every read), split, counted and posted
+ * in one call; False, having changed nothing the Python code does not set
+ * again, for any other read (the Python code is the reference; without C,
+ * Connection._receive_one takes a read of exactly one small message).
+ *
  * gated_recv(sock, size) -> bytes and gated_recv_into(sock, buffer) -> int: a
  * reader thread's blocking recv() (POSIX), which, once data has come, waits
  * for the GIL behind one process-wide gate. A thread waiting for the GIL wakes
