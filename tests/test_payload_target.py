@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 from memory import server_frame
 
 import blockws
+import blockws.connection
 import blockws.frames as frames_module
 import blockws.protocol as protocol_module
+from blockws.connection import Connection
 from blockws.deflate import PerMessageDeflate
 from blockws.exceptions import MessageTooBig
 from blockws.frames import Opcode, encode_header
@@ -371,6 +373,10 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], threading.Eve
 
     monkeypatch.setattr(Protocol, "payload_received", payload_received)
     monkeypatch.setattr(Protocol, "receive_data", receive_data)
+    # Every read through receive_data, where "end" is watched for: not the
+    # fast paths of a read of whole small messages ("end" comes alone).
+    monkeypatch.setattr(blockws.connection, "_receive_whole", None)
+    monkeypatch.setattr(Connection, "_receive_one", lambda conn, data: False)
     return into, ended
 
 

@@ -56,6 +56,12 @@ SCRIPTS: dict[str, tuple[list[bytes], list[bool], list[bool], int]] = {
     "one text": ([text(b"hello")], [True], [True], 1024),
     "125 bytes alone": ([binary(b"m" * 125)], [True], [True], 1024),
     "126 bytes alone (a 16-bit length)": ([binary(b"m" * 126)], [True], [False], 1024),
+    "a non-minimal 16-bit length (accepted)": (
+        [bytes([0x81, 126, 0, 5]) + b"hello"],
+        [True],
+        [False],
+        1024,
+    ),
     "empty messages": ([text(b""), text(b"") + binary(b"")], [True, True], [True, False], 1024),
     "text and binary in one read": (
         [text(b"one") + binary(b"\x00\xfftwo") + text("é€😀".encode())],
