@@ -13,6 +13,7 @@ general code (False).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -589,39 +590,48 @@ def state(proto: WSProtocol) -> list[Any]:
     return [v if isinstance(v, plain) else type(v).__name__ for v in values]
 
 
-@pytest.mark.parametrize("limit", [None, 1024, 64, 0])
-@pytest.mark.parametrize("first", [0x81, 0x82, 0x01, 0x02, 0x80, 0x88, 0x89, 0xC1, 0x91, 0x83])
-@pytest.mark.parametrize("length", [0, 1, 64, 65, 125, 126, 127, 128, 255])
-@pytest.mark.parametrize("extra", [-1, 0, 1])
-@pytest.mark.parametrize("payload", [b"plain", "é€😀".encode(), b"\xff\xfe", "é".encode()[:1]])
-def test_receive_one_agrees_with_receive_data_or_changes_nothing(
-    limit: int | None, first: int, length: int, extra: int, payload: bytes
-) -> None:
+#: Frames receive_one is tried on: every first byte here, length byte, body
+#: length against it, body content and message size limit.
+FIRSTS = [0x81, 0x82, 0x01, 0x02, 0x80, 0x88, 0x89, 0xC1, 0x91, 0x83]
+LENGTHS = [0, 1, 64, 65, 125, 126, 127, 128, 255]
+BODIES = [b"plain", "é€😀".encode(), b"\xff\xfe", "é".encode()[:1]]
+
+
+def test_receive_one_agrees_with_receive_data_or_changes_nothing() -> None:
     """WSProtocol.receive_one gives receive_data's one message and leaves the
     protocol as receive_data does, or returns None and changes nothing; it
-    takes exactly the reads of one whole small valid text or binary frame."""
-    body = (payload * (length // len(payload) + 1))[: max(length + extra, 0)]
-    data = bytes([first, length]) + body
-    proto, reference = fresh_protocol(limit), fresh_protocol(limit)
-    before = state(proto)
-    message = proto.receive_one(data)
-    try:
-        body.decode()
-        valid = True
-    except UnicodeDecodeError:
-        valid = False
-    takes = (
-        first in (0x81, 0x82)
-        and len(body) == length <= 125
-        and (limit is None or length <= limit)
-        and (first == 0x82 or valid)
-    )
-    assert (message is not None) == takes
-    if message is None:
-        assert state(proto) == before
-    else:
-        assert reference.receive_data(data) == [message]
-        assert state(proto) == state(reference)
+    takes exactly the reads of one whole small valid text or binary frame
+    (4,320 frames, in one test: a test each cost a minute of CI's run)."""
+    tried = taken = 0
+    for limit, first, length, extra, payload in itertools.product(
+        [None, 1024, 64, 0], FIRSTS, LENGTHS, [-1, 0, 1], BODIES
+    ):
+        case = (limit, hex(first), length, extra, payload)
+        body = (payload * (length // len(payload) + 1))[: max(length + extra, 0)]
+        data = bytes([first, length]) + body
+        proto, reference = fresh_protocol(limit), fresh_protocol(limit)
+        before = state(proto)
+        message = proto.receive_one(data)
+        try:
+            body.decode()
+            valid = True
+        except UnicodeDecodeError:
+            valid = False
+        takes = (
+            first in (0x81, 0x82)
+            and len(body) == length <= 125
+            and (limit is None or length <= limit)
+            and (first == 0x82 or valid)
+        )
+        assert (message is not None) == takes, case
+        if message is None:
+            assert state(proto) == before, case
+        else:
+            assert reference.receive_data(data) == [message], case
+            assert state(proto) == state(reference), case
+            taken += 1
+        tried += 1
+    assert (tried, taken) == (4320, 116)
 
 
 def test_receive_one_only_between_messages() -> None:
