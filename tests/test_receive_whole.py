@@ -185,6 +185,14 @@ class OneRecorder:
         monkeypatch.setattr(Connection, "_receive_one", receive_one)
 
 
+def close_cleanly(ws: blockws.WebSocket, transport: Any) -> None:
+    """Close, the server answering: the socket's threads end."""
+    ws.close()
+    transport.feed(CLOSE)
+    transport.feed_eof()
+    assert ws.join(5)
+
+
 def general_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Neither fast path: every read through the general code."""
     monkeypatch.setattr(connection_module, "_receive_whole", None)
@@ -328,10 +336,7 @@ def test_what_the_call_sets_as_data_received_does(memory: MemoryOpener) -> None:
     assert engine.delivery.queued == queued
     assert _real(engine, text(b"f"), lambda: 1.0) is True
     assert proto.binary_as_bytes is False  # on_binary now set
-    ws.close()
-    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
-    transport.feed_eof()
-    assert ws.join(5)
+    close_cleanly(ws, transport)
 
 
 @needs_c
@@ -351,10 +356,7 @@ def test_an_exception_from_the_clock_changes_nothing(memory: MemoryOpener) -> No
     engine.data_received(text(b"kept"))
     ws.update()
     assert got == ["kept"]
-    ws.close()
-    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
-    transport.feed_eof()
-    assert ws.join(5)
+    close_cleanly(ws, transport)
 
 
 class _FailingLock:
@@ -383,10 +385,7 @@ def test_an_interrupt_in_the_locks_wait_parses_nothing(memory: MemoryOpener) -> 
         engine.proto_lock = lock
     assert not engine.dispatcher.pending
     assert engine._proto._buf == b""  # noqa: SLF001
-    ws.close()
-    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
-    transport.feed_eof()
-    assert ws.join(5)
+    close_cleanly(ws, transport)
 
 
 @needs_c
@@ -404,10 +403,7 @@ def test_declined_without_a_change_when_the_protocol_holds_a_partial_frame(
     before = state()
     assert _real(engine, text(b"y"), time.monotonic) is False
     assert state() == before
-    ws.close()
-    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
-    transport.feed_eof()
-    assert ws.join(5)
+    close_cleanly(ws, transport)
 
 
 @needs_c
@@ -417,10 +413,7 @@ def test_declined_for_what_is_not_a_bytes_read(memory: MemoryOpener, data: Any) 
     engine = ws._engine  # noqa: SLF001
     assert _real(engine, data, time.monotonic) is False
     assert not engine.dispatcher.pending
-    ws.close()
-    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
-    transport.feed_eof()
-    assert ws.join(5)
+    close_cleanly(ws, transport)
 
 
 @needs_c
@@ -488,10 +481,7 @@ def test_backpressure_pauses_reading_at_the_limit(
         ws.update()
     assert [m[:2] for m in got] == ["00", "01", "02", "03", "04"]
     assert recorder.results == [True] * 5
-    ws.close()
-    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
-    transport.feed_eof()
-    assert ws.join(5)
+    close_cleanly(ws, transport)
 
 
 @needs_c
@@ -541,10 +531,7 @@ def test_no_reference_leaks_on_any_path(memory: MemoryOpener) -> None:
     finally:
         tracemalloc.stop()
     assert grown < 16_384, grown
-    ws.close()
-    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
-    transport.feed_eof()
-    assert ws.join(5)
+    close_cleanly(ws, transport)
 
 
 @needs_c
@@ -570,10 +557,7 @@ def test_straight_to_the_inbox_only_when_data_received_would(memory: MemoryOpene
     finally:
         engine._to_inbox = False  # noqa: SLF001
     assert [ws.receive(1) for _ in range(4)] == ["in", b"box", "cb", "behind"]
-    ws.close()
-    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
-    transport.feed_eof()
-    assert ws.join(5)
+    close_cleanly(ws, transport)
 
 
 def fresh_protocol(limit: int | None = 1024) -> WSProtocol:
@@ -664,7 +648,4 @@ def test_neither_fast_path_takes_a_read_of_a_socket_that_inflates(memory: Memory
         engine._inflate_limit = None  # noqa: SLF001
     assert engine._receive_one(text(b"x")) is True  # noqa: SLF001
     assert ws.receive(1) == "x"
-    ws.close()
-    transport.feed(server_frame(Opcode.CLOSE, pack_close(1000)))
-    transport.feed_eof()
-    assert ws.join(5)
+    close_cleanly(ws, transport)
