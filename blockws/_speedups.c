@@ -2876,12 +2876,16 @@ release:
         if (queued < 0) goto error;
         if (queued == 0 && SLOT(dispatcher, soff, S_RUNNING_IN) == Py_None) {
             PyObject *on_message = PyObject_GetAttr(handlers, str_on_message);
+            int no_handler;
             if (on_message == NULL) goto error;
-            on_binary = on_message == Py_None ? PyObject_GetAttr(handlers, str_on_binary) : NULL;
+            no_handler = on_message == Py_None;
             Py_DECREF(on_message);
-            if (on_message == Py_None && on_binary == NULL) goto error;
-            inbox = on_binary == Py_None;
-            Py_XDECREF(on_binary);
+            if (no_handler) {
+                on_binary = PyObject_GetAttr(handlers, str_on_binary);
+                if (on_binary == NULL) goto error;
+                inbox = on_binary == Py_None;
+                Py_DECREF(on_binary);
+            }
         }
     }
     if (inbox) {
