@@ -397,12 +397,12 @@ def test_declined_without_a_change_when_the_protocol_holds_a_partial_frame(
     engine.data_received(text(b"held")[:2])  # a header without its payload
     proto = engine._proto  # noqa: SLF001
 
-    def state() -> tuple[Any, ...]:
+    def snapshot() -> tuple[Any, ...]:
         return (proto._buf, proto._phase, len(engine.dispatcher.pending))  # noqa: SLF001
 
-    before = state()
+    before = snapshot()
     assert _real(engine, text(b"y"), time.monotonic) is False
-    assert state() == before
+    assert snapshot() == before
     close_cleanly(ws, transport)
 
 
