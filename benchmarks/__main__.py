@@ -4,6 +4,7 @@
     python -m benchmarks                    # the full run: 3 rounds, 6-10 minutes
     python -m benchmarks --workloads W1,W4 --clients blockws-cb,picows,probe
     python -m benchmarks --profile blockws-cb:W4     # cProfile one child, every thread
+    python -m benchmarks --server node --workloads W2,W5 # against benchmarks/server.js
 
 Clients: blockws twice (callbacks pumped by ``ws.wait(); ws.update()``, and
 the blocking ``ws.receive()``), websocket-client without and with wsaccel,
@@ -12,8 +13,9 @@ websockets' sync client, picows (asyncio + Cython); plus two references, a
 every real client, which shows the server is not the bottleneck) and
 ``tcp``, the same payload bytes over plain TCP (the ceiling).
 
-The server (``benchmarks/server.py``, picows with coalesced writes) runs in
-its own process, pinned to one CPU; each measurement runs in a fresh
+The server (``benchmarks/server.py``, picows with coalesced writes; with
+``--server node``, its Node.js twin ``benchmarks/server.js``, W1-W7 only)
+runs in its own process, pinned to one CPU; each measurement runs in a fresh
 interpreter pinned to the other CPU, except W1, where a cross-CPU wake-up
 (about 70 us on this VM) would dominate a round trip: there the server is
 moved to the client's CPU. Clients are interleaved round by round (A B C,
@@ -72,6 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--no-gameloop", action="store_true", help="skip benchmarks/gameloop.py")
     ap.add_argument(
+        "--server",
+        choices=SERVERS,
+        default="picows",
+        help="picows: benchmarks/server.py (default); node: benchmarks/server.js, whose /sink "
+        "counts frames without unmasking them (W1-W7; no W8, no game loop)",
+    )
+    ap.add_argument(
         "--json",
         default=os.path.join(ROOT, ".benchmarks", "results.json"),
         help="write every run and the summary here (default .benchmarks/results.json)",
@@ -111,6 +120,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.budget is None:
         args.budget = 0.4 if quick else 2.0
     return args
+
+
+#: The benchmark servers (``--server``): the command after the two ports.
+SERVERS = ("picows", "node")
+
+
+def server_cmd(name: str, ports: tuple[int, int]) -> list[str]:
+    if name == "node":
+        return ["node", os.path.join(ROOT, "benchmarks", "server.js"), str(ports[0]), str(ports[1])]
+    return [sys.executable, "-m", "benchmarks.server", str(ports[0]), str(ports[1])]
+
+
+def node_version() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        raise SystemExit(f"--server node: cannot run node ({exc})") from None
+    return out.stdout.strip()
 
 
 def cpu_plan() -> tuple[int, int]:
@@ -164,13 +193,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for name in workloads:
         if name not in WORKLOADS:
             raise SystemExit(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    node = ""
+    if args.server == "node":
+        node = node_version()
+        left = [w for w in workloads if w == "W8"]
+        if left:
+            raise SystemExit("--server node: no /pulse endpoint for W8; leave it out")
+        args.no_gameloop = True  # its /stream endpoint is server.py's alone
     server_cpu, client_cpu = cpu_plan()
     ports = (free_port(), free_port())
     runs: list[dict[str, Any]] = []
     gameloop: list[dict[str, Any]] = []
     started = time.time()
     with tempfile.NamedTemporaryFile(prefix="blockws-bench-server-", suffix=".log") as errlog:
-        cmd = [sys.executable, "-m", "benchmarks.server", str(ports[0]), str(ports[1])]
+        cmd = server_cmd(args.server, ports)
         with server(cmd, ports[0], log=errlog.name) as proc:
             pin(proc.pid, {server_cpu})
 
@@ -206,6 +242,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 for wname in workloads:
                     same = WORKLOADS[wname].same_cpu
                     pin(proc.pid, {client_cpu} if same else {server_cpu})
+                    if args.server == "node":
+                        # Node compiles its hot functions as they run: one untimed
+                        # probe first, so that no client measures the warm-up.
+                        one(wname, -1, "probe")
                     for rnd in range(args.rounds):
                         for client in clients:  # interleaved: A B C, A B C, ...
                             if not runs_on(wname, client):
@@ -230,6 +270,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "cpus": {"server": server_cpu, "client": client_cpu},
+            "server": "benchmarks/server.py (picows)"
+            if args.server == "picows"
+            else f"benchmarks/server.js (Node.js {node})",
             "rounds": args.rounds,
             "scale": args.scale,
             "budget_s": args.budget,
@@ -557,7 +600,8 @@ def report(data: dict[str, Any]) -> str:
         "# blockws benchmarks",
         "",
         f"{meta['started']}, {meta['seconds']} s; Python {meta['python']}, {meta['platform']}; "
-        f"server on CPU {meta['cpus']['server']}, clients on CPU {meta['cpus']['client']} "
+        f"server {meta.get('server', 'benchmarks/server.py (picows)')} "
+        f"on CPU {meta['cpus']['server']}, clients on CPU {meta['cpus']['client']} "
         "(W1: both on the client's CPU). "
         f"{meta['rounds']} round(s), counts x{meta['scale']}, budget {meta['budget_s']} s per "
         "measurement; medians.",
@@ -741,7 +785,7 @@ def profile(args: argparse.Namespace) -> None:
     server_cpu, client_cpu = cpu_plan()
     ports = (free_port(), free_port())
     out = os.path.join(tempfile.gettempdir(), f"blockws-bench-{client}-{wname}.prof")
-    cmd = [sys.executable, "-m", "benchmarks.server", str(ports[0]), str(ports[1])]
+    cmd = server_cmd(args.server, ports)
     with tempfile.NamedTemporaryFile(suffix=".log") as errlog:
         with server(cmd, ports[0], log=errlog.name) as proc:
             pin(proc.pid, {client_cpu} if w.same_cpu else {server_cpu})

@@ -152,6 +152,35 @@ def test_a_column_without_its_compiled_build_is_refused(tmp_path: Path) -> None:
     assert "blockws-cb **INVALID build**" in md and "INVALID: blockws-speedups" in md
 
 
+@pytest.mark.timeout(240)
+def test_the_node_server_serves_every_client_on_w1_to_w7(tmp_path: Path) -> None:
+    # benchmarks/server.js, the server with headroom: the same endpoints and
+    # replies as server.py for W1-W7. Each child checks what it got back (the
+    # echoes, the flood's count, the sink's "COUNT BYTES"), so a run without
+    # errors is a run the Node server answered as server.py does.
+    workloads = [w for w in WORKLOADS if w != "W8"]
+    proc, data, md = harness(
+        tmp_path, "--server", "node", "--smoke", "--workloads", ",".join(workloads)
+    )
+    assert proc.returncode in (0, 3), proc.stderr[-4000:]
+    failed = [
+        f"{r['workload']} {r['client']}: {r['error'][-600:]}" for r in data["runs"] if "error" in r
+    ]
+    assert not failed, "\n".join(failed)
+    rows = {(r["workload"], r["client"]) for r in data["rows"]}
+    assert rows == {(w, c) for w in workloads for c in CLIENTS}
+    assert data["meta"]["server"].startswith("benchmarks/server.js (Node.js v")
+    assert "server benchmarks/server.js (Node.js v" in md
+    assert data["gameloop"] == []  # its /stream endpoint is server.py's alone
+
+
+@pytest.mark.timeout(60)
+def test_the_node_server_has_no_w8(tmp_path: Path) -> None:
+    proc, data, _ = harness(tmp_path, "--server", "node", "--smoke", "--workloads", "W8")
+    assert proc.returncode != 0 and data is None
+    assert "no /pulse endpoint for W8" in proc.stderr
+
+
 def _speedups_file() -> str | None:
     try:
         from blockws import _speedups
