@@ -2949,6 +2949,343 @@ error:
     return NULL;
 }
 
+/* -- read_here: ReadToken.read_here, in C ------------------------------------------- */
+
+/* The ReadToken's slots read_here reads and writes (see SlotTable). */
+enum { T_LOCK, T_COND, T_LENT, T_BUSY, T_READS, T_ENDED, T_WAKE, T_CANCELLED, T_HELD,
+       T_WANTED };
+static SlotTable token_slots = {{"_lock", "_cond", "_lent", "_busy", "_reads", "_ended",
+                                 "_wake", "_cancelled", "_held", "wanted"}};
+static PyObject *str_read_here = NULL, *str_notify_all = NULL, *str_data_received = NULL,
+                *connection_lost = NULL, *py_read_here = NULL;
+
+/* token._reads += 1 (an int slot); -1 with an error set on failure. */
+static int
+token_count_read(PyObject *token, const Py_ssize_t *toff)
+{
+    PyObject *reads = SLOT(token, toff, T_READS), *v;
+    if (reads == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "_reads");
+        return -1;
+    }
+    {
+        long long r = PyLong_AsLongLong(reads);
+        if (r == -1 && PyErr_Occurred()) return -1;
+        v = PyLong_FromLongLong(r + 1);
+    }
+    if (v == NULL) return -1;
+    slot_store(token, toff[T_READS], v);
+    Py_DECREF(v);
+    return 0;
+}
+
+/* ConnectionLost("interrupted (Name) while parsing incoming data") from exc,
+ * its __cause__; NULL with an error set if it cannot be made. */
+static PyObject *
+interrupted_while_parsing(PyObject *exc)
+{
+    PyObject *lost;
+    if (connection_lost == NULL) {
+        PyObject *mod = PyImport_ImportModule("blockws.exceptions");
+        if (mod == NULL) return NULL;
+        connection_lost = PyObject_GetAttrString(mod, "ConnectionLost");
+        Py_DECREF(mod);
+        if (connection_lost == NULL) return NULL;
+    }
+    lost = PyObject_CallFunction(connection_lost, "N",
+                                 PyUnicode_FromFormat("interrupted (%s) while parsing incoming data",
+                                                      _PyType_Name(Py_TYPE(exc))));
+    if (lost == NULL) return NULL;
+    Py_INCREF(exc);
+    PyException_SetCause(lost, exc); /* (steals the reference) */
+    return lost;
+}
+
+/* read_here(token, read, sink, timeout, wake, held) -> bool: what
+ * ReadToken.read_here(token, read, sink, timeout, wake, held) does (the Python
+ * method is the reference, and is what this calls for a token of a class
+ * without the slots, or a ``held`` that is not a list). The steps are the
+ * same; between them no eval-breaker point comes, so an interrupt lands only
+ * inside the Python calls it makes (the lock's acquire, ``read``,
+ * ``sink.data_received``, the condition's notify), each handled where the
+ * Python method handles it. */
+static PyObject *
+read_here(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *token, *read, *sink, *timeout, *wake, *held, *lock, *res, *data = NULL;
+    PyObject *ended = NULL; /* (what ended the stream: a tuple, as the Python code's) */
+    const Py_ssize_t *toff;
+    int busy = 0, parsing = 0, failed = 0;
+    (void)module;
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "read_here() takes 6 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    token = args[0];
+    read = args[1];
+    sink = args[2];
+    timeout = args[3];
+    wake = args[4];
+    held = args[5];
+    toff = slot_table_for(&token_slots, token);
+    if (toff == NULL || (held != Py_None && !PyList_CheckExact(held)) ||
+        SLOT(token, toff, T_LOCK) == NULL) {
+        /* The reference: blockws.readtoken.ReadToken.read_here (the function, not
+         * the token's method, which may be this one). */
+        if (py_read_here == NULL) {
+            PyObject *mod = PyImport_ImportModule("blockws.readtoken"), *cls;
+            if (mod == NULL) return NULL;
+            cls = PyObject_GetAttrString(mod, "ReadToken");
+            Py_DECREF(mod);
+            if (cls == NULL) return NULL;
+            py_read_here = PyObject_GetAttr(cls, str_read_here);
+            Py_DECREF(cls);
+            if (py_read_here == NULL) return NULL;
+        }
+        return PyObject_Vectorcall(py_read_here, args, 6, NULL);
+    }
+    lock = SLOT(token, toff, T_LOCK);
+    Py_INCREF(lock);
+    /* with lock: lent to a caller, and no caller inside a read? */
+    res = PyObject_CallMethodNoArgs(lock, str_acquire); /* (interrupted: raises, not held) */
+    if (res == NULL) {
+        Py_DECREF(lock);
+        return NULL;
+    }
+    Py_DECREF(res);
+    if (SLOT(token, toff, T_LENT) != Py_True || SLOT(token, toff, T_BUSY) != Py_False ||
+        SLOT(token, toff, T_CANCELLED) != Py_False) {
+        int wish = 0;
+        if (SLOT(token, toff, T_LENT) == Py_False && SLOT(token, toff, T_ENDED) == Py_None &&
+            SLOT(token, toff, T_CANCELLED) == Py_False) {
+            if (timeout == Py_None) {
+                wish = 1;
+            } else {
+                PyObject *zero = PyLong_FromLong(0);
+                wish = zero == NULL ? -1 : PyObject_RichCompareBool(timeout, zero, Py_NE);
+                Py_XDECREF(zero);
+            }
+        }
+        if (wish > 0) {
+            slot_store(token, toff[T_WANTED], Py_True);
+            slot_store(token, toff[T_WAKE], wake);
+        }
+        /* (the lock is let go whatever happened; an error kept meanwhile stands) */
+        {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            res = PyObject_CallMethodNoArgs(lock, str_release);
+            Py_DECREF(lock);
+            if (type != NULL) {
+                Py_XDECREF(res);
+                PyErr_Restore(type, value, tb);
+                return NULL;
+            }
+            if (res == NULL) return NULL;
+            Py_DECREF(res);
+        }
+        Py_RETURN_FALSE;
+    }
+    busy = 1;
+    slot_store(token, toff[T_BUSY], Py_True);
+    res = PyObject_CallMethodNoArgs(lock, str_release);
+    if (res == NULL) {
+        failed = 1;
+        goto done;
+    }
+    Py_DECREF(res);
+    if (held == Py_None) {
+        held = SLOT(token, toff, T_HELD);
+        if (held == NULL || held == Py_None) {
+            PyObject *fresh = PyList_New(0);
+            if (fresh == NULL) {
+                failed = 1;
+                goto done;
+            }
+            slot_store(token, toff[T_HELD], fresh);
+            Py_DECREF(fresh);
+            held = SLOT(token, toff, T_HELD);
+        } else if (!PyList_CheckExact(held)) {
+            PyErr_SetString(PyExc_TypeError, "ReadToken._held must be a list");
+            failed = 1;
+            goto done;
+        }
+    }
+    Py_INCREF(held);
+    /* data = held[0] if held else read(timeout); a network failure is handed on. */
+    if (PyList_GET_SIZE(held) > 0) {
+        data = PyList_GET_ITEM(held, 0);
+        Py_INCREF(data);
+    } else {
+        data = PyObject_CallOneArg(read, timeout);
+        if (data == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                /* (A KeyboardInterrupt while waiting propagates; what was read stays held.) */
+                failed = 1;
+                goto done_held;
+            }
+            {
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                PyErr_NormalizeException(&type, &value, &tb);
+                if (tb != NULL) PyException_SetTraceback(value, tb);
+                Py_XDECREF(type);
+                Py_XDECREF(tb);
+                ended = PyTuple_Pack(1, value);
+                Py_DECREF(value);
+                if (ended == NULL) {
+                    failed = 1;
+                    goto done_held;
+                }
+            }
+        }
+    }
+    if (data != NULL) {
+        int truth = PyObject_IsTrue(data);
+        Py_ssize_t k = PyList_GET_SIZE(held);
+        if (truth < 0) {
+            failed = 1;
+            goto done_held;
+        }
+        if (truth && (k == 0 || (PyList_GET_ITEM(held, k - 1) != data &&
+                                 PyList_GET_ITEM(held, 0) != data))) {
+            if (PyList_Append(held, data) < 0) {
+                failed = 1;
+                goto done_held;
+            }
+        } else if (!truth && data != Py_None && ended == NULL) {
+            ended = PyTuple_Pack(1, Py_None); /* end of stream */
+            if (ended == NULL) {
+                failed = 1;
+                goto done_held;
+            }
+        }
+    }
+    if (PyList_GET_SIZE(held) > 0 && ended == NULL) {
+        PyObject *first = PyList_GET_ITEM(held, 0);
+        Py_INCREF(first);
+        parsing = 1;
+        res = PyObject_CallMethodOneArg(sink, str_data_received, first);
+        Py_DECREF(first);
+        if (res == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                /* Interrupted inside the parser: the stream cannot be resumed. */
+                PyObject *type, *value, *tb, *lost;
+                PyErr_Fetch(&type, &value, &tb);
+                PyErr_NormalizeException(&type, &value, &tb);
+                if (tb != NULL) PyException_SetTraceback(value, tb);
+                lost = interrupted_while_parsing(value);
+                if (lost == NULL) {
+                    PyErr_Clear();
+                    lost = Py_NewRef(value); /* (cannot make it: the interrupt itself) */
+                }
+                ended = PyTuple_Pack(1, lost);
+                Py_DECREF(lost);
+                if (ended == NULL) PyErr_Clear(); /* (the interrupt still propagates) */
+                PyErr_Restore(type, value, tb);
+                failed = 1;
+                goto done_held; /* (raised, as the Python method does: held not dropped) */
+            }
+            {
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                PyErr_NormalizeException(&type, &value, &tb);
+                if (tb != NULL) PyException_SetTraceback(value, tb);
+                Py_XDECREF(type);
+                Py_XDECREF(tb);
+                ended = PyTuple_Pack(1, value);
+                Py_DECREF(value);
+                if (ended == NULL) {
+                    failed = 1;
+                    goto done_held;
+                }
+            }
+        } else {
+            Py_DECREF(res);
+        }
+        if (PyList_GET_SIZE(held) > 0 && PyList_SetSlice(held, 0, 1, NULL) < 0) {
+            failed = 1;
+            goto done_held;
+        }
+        parsing = 0;
+    }
+done_held:
+    Py_XDECREF(data);
+    Py_DECREF(held);
+done:
+    (void)parsing;
+    /* finally: the read counted and the right kept, or handed to the reader thread. */
+    if (busy) {
+        PyObject *type = NULL, *value = NULL, *tb = NULL;
+        if (failed) PyErr_Fetch(&type, &value, &tb);
+        if (ended == NULL) {
+            /* The common case, without the lock: only the holder writes these two,
+             * and in this order (see the Python method). */
+            if (token_count_read(token, toff) < 0) {
+                if (type == NULL) {
+                    failed = 1;
+                    PyErr_Fetch(&type, &value, &tb);
+                } else {
+                    PyErr_Clear();
+                }
+            }
+            slot_store(token, toff[T_BUSY], Py_False);
+        } else {
+            int step = 0; /* 1: the lock is held */
+            res = PyObject_CallMethodNoArgs(lock, str_acquire);
+            if (res != NULL) {
+                Py_DECREF(res);
+                step = 1;
+            }
+            if (step) {
+                PyObject *cond;
+                int counted = token_count_read(token, toff);
+                slot_store(token, toff[T_BUSY], Py_False);
+                slot_store(token, toff[T_ENDED], ended);
+                slot_store(token, toff[T_LENT], Py_False);
+                cond = SLOT(token, toff, T_COND);
+                res = NULL;
+                if (counted == 0 && cond != NULL && cond != Py_None) {
+                    Py_INCREF(cond);
+                    res = PyObject_CallMethodNoArgs(cond, str_notify_all);
+                    Py_DECREF(cond);
+                } else if (counted == 0) {
+                    PyErr_SetString(PyExc_AssertionError, "lend() made the condition");
+                }
+                Py_XDECREF(res);
+                if (res == NULL) {
+                    if (type == NULL) {
+                        failed = 1;
+                        PyErr_Fetch(&type, &value, &tb);
+                    } else {
+                        PyErr_Clear();
+                    }
+                }
+                res = PyObject_CallMethodNoArgs(lock, str_release);
+                Py_XDECREF(res);
+                if (res == NULL) {
+                    if (type == NULL) {
+                        failed = 1;
+                        PyErr_Fetch(&type, &value, &tb);
+                    } else {
+                        PyErr_Clear();
+                    }
+                }
+            } else if (type == NULL) {
+                failed = 1;
+                PyErr_Fetch(&type, &value, &tb);
+            } else {
+                PyErr_Clear();
+            }
+        }
+        if (type != NULL) PyErr_Restore(type, value, tb);
+    }
+    Py_XDECREF(ended);
+    Py_DECREF(lock);
+    if (failed) return NULL;
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"apply_mask", apply_mask, METH_VARARGS, "XOR data with a repeated 4-byte key."},
     {"encode_frame", (PyCFunction)(void (*)(void))encode_frame, METH_FASTCALL,
@@ -2976,6 +3313,8 @@ static PyMethodDef methods[] = {
      "Dispatcher.run() without a budget; see blockws.dispatcher."},
     {"reset_keys", sq_reset_keys, METH_NOARGS,
      "Drop the mask keys SendQueue's fast path has read ahead (after fork, in the child)."},
+    {"read_here", (PyCFunction)(void (*)(void))read_here, METH_FASTCALL,
+     "ReadToken.read_here(token, read, sink, timeout, wake, held), in C."},
     {"receive_whole", (PyCFunction)(void (*)(void))receive_whole, METH_FASTCALL,
      "Connection.data_received(data) for a read of whole small messages, or False."},
     {"split_messages", (PyCFunction)(void (*)(void))split_messages, METH_FASTCALL,
@@ -3028,6 +3367,13 @@ PyInit__speedups(void)
         if (str_acquire == NULL || str_release == NULL || str_kick_locked == NULL ||
             str_direct_write == NULL || str_direct_part == NULL || str_close_late == NULL ||
             str_bytes_written == NULL)
+            return NULL;
+    }
+    if (str_read_here == NULL) {
+        str_read_here = PyUnicode_InternFromString("read_here");
+        str_notify_all = PyUnicode_InternFromString("notify_all");
+        str_data_received = PyUnicode_InternFromString("data_received");
+        if (str_read_here == NULL || str_notify_all == NULL || str_data_received == NULL)
             return NULL;
     }
     if (str_new_inbox == NULL) {

@@ -77,6 +77,14 @@ def copy_continuations(
     m_frames: int,
 ) -> tuple[int, int, int]: ...
 
+def read_here(
+    token: Any,
+    read: Callable[[float | None], bytes | int | None],
+    sink: Any,
+    timeout: float | None,
+    wake: Callable[[], None],
+    held: list[bytes | int] | None,
+) -> bool: ...
 def receive_whole(conn: Any, data: Any, clock: Callable[[], float]) -> bool: ...
 def reset_keys() -> None: ...
 def run_pending(

@@ -111,6 +111,7 @@ from .options import Options, check_fragment_size
 from .protocol import BinaryMessage, CloseReceived, Failure, Pong, Role, State
 from .protocol import Protocol as WSProtocol
 from .readtoken import ReadToken
+from .readtoken import read_here as _read_here
 from .reconnect import Backoff
 from .redirects import follow_redirects
 from .sender import Sender
@@ -921,7 +922,7 @@ class Connection:
             read is None
             # Paused for backpressure: the reader thread holds off, and so does this one.
             or self.delivery.paused
-            or not token.read_here(read, self, timeout, self._nudge, held)
+            or not _read_here(token, read, self, timeout, self._nudge, held)
         ):
             self.dispatcher.wait(timeout)
 
@@ -936,7 +937,7 @@ class Connection:
         if read is not None:
             self._to_inbox = True
             try:
-                if token.read_here(read, self, timeout, self._nudge, held):
+                if _read_here(token, read, self, timeout, self._nudge, held):
                     return
             finally:
                 self._to_inbox = False

@@ -42,13 +42,14 @@ is unit-tested without one (``tests/test_readtoken.py``).
 
 from __future__ import annotations
 
+import os
 import threading
 from time import monotonic as _monotonic
 from typing import Callable, Optional, Protocol
 
 from .exceptions import ConnectionLost
 
-__all__ = ["ReadToken", "READ_LEASE", "Ended"]
+__all__ = ["ReadToken", "READ_LEASE", "Ended", "read_here"]
 
 #: The right lent to a caller lapses once this many seconds pass without a
 #: read by it (between one and two leases after its last read, or up to
@@ -298,3 +299,19 @@ class ReadToken:
     def busy(self) -> bool:
         """Whether the caller holding the right is inside a read now."""
         return self._busy
+
+
+#: ``read_here(token, read, sink, timeout, wake, held)``: what the
+#: connection calls for ``token.read_here(read, sink, timeout, wake, held)``,
+#: once per message a caller reads. With the C speedups,
+#: ``blockws._speedups.read_here``: the same steps without the bytecode
+#: (:meth:`ReadToken.read_here` is its reference, and what it calls for a
+#: token without these slots); else that method itself.
+read_here: Callable[..., bool] = ReadToken.read_here
+_c_read_here: Callable[..., bool] | None
+try:
+    from ._speedups import read_here as _c_read_here
+except ImportError:  # pragma: no cover - depends on the install
+    _c_read_here = None
+if _c_read_here is not None and not os.environ.get("BLOCKWS_PURE_PYTHON"):
+    read_here = _c_read_here

@@ -17,9 +17,26 @@ from typing import Callable
 import pytest
 
 from blockws.exceptions import ConnectionLost
-from blockws.readtoken import Ended, ReadToken
+from blockws.readtoken import Ended, ReadToken, _c_read_here
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
+
+
+class CReadToken(ReadToken):
+    """A token whose ``read_here`` is the C speedup's (``blockws._speedups.read_here``,
+    what the connection calls when it is built): every test below runs on both."""
+
+    __slots__ = ()
+
+    def read_here(  # type: ignore[override]
+        self,
+        read: Callable[[float | None], bytes | int | None],
+        sink: object,
+        timeout: float | None,
+        wake: Callable[[], None],
+        held: list[bytes | int] | None = None,
+    ) -> bool:
+        return bool(_c_read_here(self, read, sink, timeout, wake, held))
 
 
 class Sink:
@@ -61,13 +78,18 @@ class Reader:
         assert not self.thread.is_alive()
 
 
-@pytest.fixture
-def token(monkeypatch: pytest.MonkeyPatch) -> Iterator[ReadToken]:
+@pytest.fixture(params=["python", "c"])
+def token(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[ReadToken]:
     # A lease long enough for a test to read after the grant on a loaded machine
     # (5 ms lapsed there before a new thread or the test's next line ran); the
     # tests of the lapse set their own.
     monkeypatch.setattr("blockws.readtoken.READ_LEASE", 1.0)
-    yield ReadToken()
+    if request.param == "c":
+        if _c_read_here is None:
+            pytest.skip("blockws' C speedups are not built")
+        yield CReadToken()
+    else:
+        yield ReadToken()
 
 
 def grant(token: ReadToken) -> threading.Event:
@@ -214,13 +236,14 @@ def test_an_interrupt_while_waiting_leaves_the_stream_going(token: ReadToken) ->
         reader.finish()
 
 
+@pytest.mark.parametrize("kind", [list, deque])  # the transport's; a stand-in (C: Python's)
 def test_bytes_read_before_an_interrupt_are_parsed_by_the_next_reader(
-    token: ReadToken,
+    token: ReadToken, kind: type
 ) -> None:
     """Probe "data loss on Ctrl-C" (issue 11, item 1): a KeyboardInterrupt just after
     the read returned (before parsing) threw the bytes away. They are now held until
     parsed: the next read parses them first, in order, and the socket goes on."""
-    held: deque[bytes] = deque()
+    held = kind()
 
     def read_then_interrupted(timeout: float | None) -> bytes | None:
         held.extend([b"first"])  # what TCPTransport.read does, in one C-level step
@@ -314,7 +337,15 @@ class _InterruptOnRelease:
         return self.lock.__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        self.lock.__exit__(*exc)
+        self.release()
+
+    # (The C read_here takes and lets go of the lock by these, as a lock's
+    # __enter__ and __exit__ do.)
+    def acquire(self) -> bool:
+        return self.lock.acquire()
+
+    def release(self) -> None:
+        self.lock.release()
         if self.armed:
             self.armed = False
             raise KeyboardInterrupt
@@ -414,3 +445,56 @@ def test_cancel_ends_a_watch_at_once(token: ReadToken) -> None:
         wait_lapsed(token, within=1.0)  # not the watch's 60 s
     finally:
         reader.finish()
+
+
+# -- the C read_here: what it holds and lets go -------------------------------------------
+
+
+def test_the_c_read_here_leaks_no_references() -> None:
+    """Every path of the C function (declined, read and parsed, nothing came, an
+    error from the read, from the sink, an end of stream, an interrupt in the
+    read and in the parse) leaves every object it touched with the references
+    it had, but those the token keeps on purpose (what ended the stream)."""
+    import gc
+    import sys
+
+    if _c_read_here is None:
+        pytest.skip("blockws' C speedups are not built")
+
+    def lent() -> ReadToken:
+        token = CReadToken()
+        token._lent = True
+        token._cond = threading.Condition(token._lock)
+        return token
+
+    data, error, interrupt, bad = b"payload", OSError("down"), KeyboardInterrupt(), ValueError()
+    sink, failing, stopping = Sink(), Sink(raises=bad), Sink(raises=interrupt)
+    watched = [data, error, interrupt, sink, failing, stopping]
+
+    def one_of_each() -> None:
+        ReadToken().read_here(reads(data), sink, 0, print)  # declined: not lent
+        _c_read_here(ReadToken(), reads(data), sink, 0, print, None)
+        _c_read_here(lent(), reads(data), sink, 1.0, print, None)
+        _c_read_here(lent(), reads(None), sink, 1.0, print, [])
+        _c_read_here(lent(), reads(data), failing, 1.0, print, [])
+        _c_read_here(lent(), reads(error), sink, 1.0, print, [])
+        _c_read_here(lent(), reads(b""), sink, 1.0, print, None)
+        with contextlib.suppress(KeyboardInterrupt):
+            _c_read_here(lent(), reads(interrupt), sink, 1.0, print, [])
+        with contextlib.suppress(KeyboardInterrupt):
+            _c_read_here(lent(), reads(data), stopping, 1.0, print, [])
+        sink.data.clear()
+
+    def settle() -> list[int]:
+        # (an exception raised again keeps every frame it passed in its traceback)
+        for exc in (error, interrupt, bad):
+            exc.__traceback__ = None
+            exc.__context__ = None
+        gc.collect()
+        return [sys.getrefcount(x) for x in watched]
+
+    one_of_each()  # (first calls: the module's cached names and classes)
+    before = settle()
+    for _ in range(50):
+        one_of_each()
+    assert settle() == before
