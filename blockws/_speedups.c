@@ -161,6 +161,12 @@
  * again, for any other read (the Python code is the reference; without C,
  * Connection._receive_one takes a read of exactly one small message).
  *
+ * read_here(token, read, sink, timeout, wake, held) -> bool:
+ * ReadToken.read_here (the Python method is the reference, and what it calls
+ * for a token of a class without the slots): a caller's read with the reading
+ * lent to it, its bytes held until parsed, what ended the stream handed to
+ * the reader thread. Interrupts land only inside the Python calls it makes.
+ *
  * gated_recv(sock, size) -> bytes and gated_recv_into(sock, buffer) -> int: a
  * reader thread's blocking recv() (POSIX), which, once data has come, waits
  * for the GIL behind one process-wide gate. A thread waiting for the GIL wakes
