@@ -3007,6 +3007,36 @@ interrupted_while_parsing(PyObject *exc)
     return lost;
 }
 
+/* The exception being raised as a 1-tuple, (exc,) with its traceback, and the
+ * error cleared: what ``except Exception as exc: ended = (exc,)`` keeps. NULL
+ * with an error set if the tuple cannot be made. */
+static PyObject *
+caught_as_ended(void)
+{
+    PyObject *type, *value, *tb, *ended;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    ended = PyTuple_Pack(1, value);
+    Py_DECREF(value);
+    return ended;
+}
+
+/* A step of read_here's ``finally`` failed: its error is the one raised if no
+ * error is kept yet (*type NULL), else it is dropped for the one kept. */
+static void
+keep_first_error(PyObject **type, PyObject **value, PyObject **tb, int *failed)
+{
+    if (*type == NULL) {
+        *failed = 1;
+        PyErr_Fetch(type, value, tb);
+    } else {
+        PyErr_Clear();
+    }
+}
+
 /* read_here(token, read, sink, timeout, wake, held) -> bool: what
  * ReadToken.read_here(token, read, sink, timeout, wake, held) does (the Python
  * method is the reference, and is what this calls for a token of a class
@@ -3130,19 +3160,10 @@ read_here(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 failed = 1;
                 goto done_held;
             }
-            {
-                PyObject *type, *value, *tb;
-                PyErr_Fetch(&type, &value, &tb);
-                PyErr_NormalizeException(&type, &value, &tb);
-                if (tb != NULL) PyException_SetTraceback(value, tb);
-                Py_XDECREF(type);
-                Py_XDECREF(tb);
-                ended = PyTuple_Pack(1, value);
-                Py_DECREF(value);
-                if (ended == NULL) {
-                    failed = 1;
-                    goto done_held;
-                }
+            ended = caught_as_ended();
+            if (ended == NULL) {
+                failed = 1;
+                goto done_held;
             }
         }
     }
@@ -3192,19 +3213,10 @@ read_here(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 failed = 1;
                 goto done_held; /* (raised, as the Python method does: held not dropped) */
             }
-            {
-                PyObject *type, *value, *tb;
-                PyErr_Fetch(&type, &value, &tb);
-                PyErr_NormalizeException(&type, &value, &tb);
-                if (tb != NULL) PyException_SetTraceback(value, tb);
-                Py_XDECREF(type);
-                Py_XDECREF(tb);
-                ended = PyTuple_Pack(1, value);
-                Py_DECREF(value);
-                if (ended == NULL) {
-                    failed = 1;
-                    goto done_held;
-                }
+            ended = caught_as_ended();
+            if (ended == NULL) {
+                failed = 1;
+                goto done_held;
             }
         } else {
             Py_DECREF(res);
@@ -3227,25 +3239,16 @@ done:
         if (ended == NULL) {
             /* The common case, without the lock: only the holder writes these two,
              * and in this order (see the Python method). */
-            if (token_count_read(token, toff) < 0) {
-                if (type == NULL) {
-                    failed = 1;
-                    PyErr_Fetch(&type, &value, &tb);
-                } else {
-                    PyErr_Clear();
-                }
-            }
+            if (token_count_read(token, toff) < 0) keep_first_error(&type, &value, &tb, &failed);
             slot_store(token, toff[T_BUSY], Py_False);
         } else {
-            int step = 0; /* 1: the lock is held */
             res = PyObject_CallMethodNoArgs(lock, str_acquire);
-            if (res != NULL) {
-                Py_DECREF(res);
-                step = 1;
-            }
-            if (step) {
+            if (res == NULL) {
+                keep_first_error(&type, &value, &tb, &failed);
+            } else {
                 PyObject *cond;
                 int counted = token_count_read(token, toff);
+                Py_DECREF(res);
                 slot_store(token, toff[T_BUSY], Py_False);
                 slot_store(token, toff[T_ENDED], ended);
                 slot_store(token, toff[T_LENT], Py_False);
@@ -3258,30 +3261,11 @@ done:
                 } else if (counted == 0) {
                     PyErr_SetString(PyExc_AssertionError, "lend() made the condition");
                 }
+                if (res == NULL) keep_first_error(&type, &value, &tb, &failed);
                 Py_XDECREF(res);
-                if (res == NULL) {
-                    if (type == NULL) {
-                        failed = 1;
-                        PyErr_Fetch(&type, &value, &tb);
-                    } else {
-                        PyErr_Clear();
-                    }
-                }
                 res = PyObject_CallMethodNoArgs(lock, str_release);
+                if (res == NULL) keep_first_error(&type, &value, &tb, &failed);
                 Py_XDECREF(res);
-                if (res == NULL) {
-                    if (type == NULL) {
-                        failed = 1;
-                        PyErr_Fetch(&type, &value, &tb);
-                    } else {
-                        PyErr_Clear();
-                    }
-                }
-            } else if (type == NULL) {
-                failed = 1;
-                PyErr_Fetch(&type, &value, &tb);
-            } else {
-                PyErr_Clear();
             }
         }
         if (type != NULL) PyErr_Restore(type, value, tb);
