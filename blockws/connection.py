@@ -977,7 +977,7 @@ class Connection:
             came[0] = came[0] or data is not None
             return data
 
-        token.read_here(once, self, 0, self._nudge, held)
+        _read_here(token, once, self, 0, self._nudge, held)
         return came[0]
 
     # -- sending (any thread) -------------------------------------------------------------
